@@ -1,0 +1,13 @@
+"""Exceptions raised for bad user input, each with a message that says what to change."""
+
+
+class BottleneckError(ValueError):
+    """Base class for megatron-bottleneck's input errors."""
+
+
+class HeadConfigError(BottleneckError):
+    """A head cannot be built or installed with the given settings."""
+
+
+class ConfigError(BottleneckError):
+    """A configuration key has a bad value; the message names the key."""

@@ -1,0 +1,185 @@
+"""Put a :class:`LowRankOutputLayer` into Megatron-Core language models, before DDP wrapping.
+
+Three entry points, one mechanism (:func:`install_low_rank_head`):
+
+* ``install_low_rank_head(model, rank)`` swaps the head of a built GPTModel / HybridModel in place.
+* ``low_rank_head_hook(rank)`` returns a pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]``
+  for Megatron-LM's ``get_model`` / Megatron-Bridge: it installs the head on every model chunk that
+  holds one (the last pipeline stage) and leaves the others alone.
+* ``build_gpt_model(config, ..., head_rank=r)`` builds a GPTModel and installs the head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from ..errors import HeadConfigError
+from .low_rank import INIT_METHODS, LowRankOutputLayer, validate_head_shape
+
+__all__ = [
+    "LowRankHeadConfig",
+    "install_low_rank_head",
+    "low_rank_head_hook",
+    "build_gpt_model",
+    "padded_vocab_size",
+]
+
+
+@dataclass
+class LowRankHeadConfig:
+    """How to build the head: rank r, init method ('balanced' | 'orthogonal' | 'from_dense'),
+    init std (None: ``config.init_method_std``) and seed (None: ``torch.initial_seed()``)."""
+
+    rank: int
+    init: str = "balanced"
+    init_std: Optional[float] = None
+    seed: Optional[int] = None
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
+    """Megatron-LM's padding: the smallest multiple of ``divisible_by * tp`` that holds the vocab."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def _unwrap(model):
+    from megatron.core.distributed import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) or type(model).__name__ in (
+        "DistributedDataParallel",
+        "FullyShardedDataParallel",
+        "TorchFullyShardedDataParallel",
+    ):
+        raise HeadConfigError(
+            "the model is already wrapped in data parallelism: install the low-rank head before DDP "
+            "wrapping (use low_rank_head_hook(rank) as Megatron's pre-wrap hook)."
+        )
+    return getattr(model, "module", model) if type(model).__name__ == "Float16Module" else model
+
+
+def _check_model(model) -> None:
+    config = model.config
+    if getattr(model, "share_embeddings_and_output_weights", False):
+        raise HeadConfigError(
+            "the model ties its input embedding and output weights, so its head cannot be factorised. "
+            "Untie them: GPTModel(..., share_embeddings_and_output_weights=False) "
+            "(Megatron-LM: --untie-embeddings-and-output-weights; Megatron-Bridge: "
+            "share_embeddings_and_output_weights=False in the model provider)."
+        )
+    if getattr(config, "mtp_num_layers", None):
+        raise HeadConfigError(
+            f"multi-token prediction (mtp_num_layers={config.mtp_num_layers}) is not supported with a "
+            "low-rank head yet: set mtp_num_layers=None."
+        )
+    if getattr(config, "defer_embedding_wgrad_compute", False):
+        raise HeadConfigError(
+            "defer_embedding_wgrad_compute=True is not supported with a low-rank head (Megatron's "
+            "deferred path recomputes a dense output weight gradient): set it to False."
+        )
+
+
+def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=None):
+    """Replace ``model.output_layer`` by a rank-``head.rank`` :class:`LowRankOutputLayer` in place.
+
+    ``model`` is a Megatron-Core language model (GPTModel, HybridModel) not yet wrapped in DDP.
+    Models without a head (not the last pipeline stage) are returned unchanged. With
+    ``init='from_dense'`` the new head starts from the best rank-r approximation of the current one.
+    Returns the model.
+    """
+    if isinstance(head, int) and not isinstance(head, bool):
+        head = LowRankHeadConfig(rank=head)
+    if head.init not in INIT_METHODS:
+        raise HeadConfigError(f"init={head.init!r} is not one of {INIT_METHODS}.")
+    model = _unwrap(model)
+    old = getattr(model, "output_layer", None)
+    if old is None or not getattr(model, "post_process", True):
+        return model
+    if isinstance(old, LowRankOutputLayer):
+        raise HeadConfigError("the model already has a LowRankOutputLayer; build a fresh model to change it.")
+    _check_model(model)
+    if tp_group is None:
+        tp_group = getattr(old, "tp_group", None)
+    config = model.config
+    hidden, vocab = old.input_size, old.output_size
+    tp = vocab // old.output_size_per_partition
+    validate_head_shape(hidden, vocab, head.rank, tp)
+    new = LowRankOutputLayer(
+        hidden,
+        vocab,
+        head.rank,
+        config=config,
+        init=head.init,
+        init_std=head.init_std,
+        init_weight=old.weight if head.init == "from_dense" else None,
+        seed=head.seed,
+        gather_output=old.gather_output,
+        tp_group=tp_group,
+        device=old.weight.device if old.weight is not None else None,
+    )
+    model.output_layer = new
+    return model
+
+
+def low_rank_head_hook(head: "LowRankHeadConfig | int") -> Callable[[List], List]:
+    """A pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]`` installing the head."""
+
+    def hook(models: List) -> List:
+        return [install_low_rank_head(m, head) for m in models]
+
+    hook.head = head
+    return hook
+
+
+def build_gpt_model(
+    config,
+    vocab_size: int,
+    max_sequence_length: int,
+    *,
+    head_rank: Optional[int] = None,
+    head: Optional[LowRankHeadConfig] = None,
+    layer_spec=None,
+    position_embedding_type: str = "rope",
+    vp_stage: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    **gpt_kwargs,
+):
+    """Build a GPTModel (untied embeddings) for this pipeline stage, with a rank-r head if asked.
+
+    ``vocab_size`` must already be padded for TP (see :func:`padded_vocab_size`). ``layer_spec``
+    defaults to :func:`megatron_bottleneck.specs.llama_block_spec`. ``head_rank=None`` keeps
+    Megatron's dense head.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from ..specs import llama_block_spec
+
+    if head is None and head_rank is not None:
+        head = LowRankHeadConfig(rank=head_rank)
+    if head is not None:
+        validate_head_shape(config.hidden_size, vocab_size, head.rank, config.tensor_model_parallel_size)
+    gpt_kwargs.setdefault("share_embeddings_and_output_weights", False)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if layer_spec is None:
+        layer_spec = llama_block_spec(config, vp_stage=vp_stage)
+    extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        position_embedding_type=position_embedding_type,
+        **extra,
+        **gpt_kwargs,
+    )
+    if head is not None:
+        install_low_rank_head(model, head)
+    return model

@@ -1,0 +1,238 @@
+"""A rank-r LM head for Megatron-Core, vocab-parallel: W = A B.
+
+Shapes and names (V vocab, padded by Megatron to a multiple of the TP size; D hidden; r rank):
+
+* ``weight`` = A, ``(V / tp) x r``: sharded over the vocabulary like Megatron's output-layer weight,
+  so every code path that reads ``output_layer.weight`` (checkpoint shape-mismatch handling, the
+  embedding/output tag, decoupled learning rates) sees the vocab-sharded factor.
+* ``input_proj`` = B, ``r x D``: replicated over TP ranks; its gradient is identical on every rank.
+
+Forward on hidden states H (``[s, b, D]``; ``[s / tp, b, D]`` under sequence parallelism)::
+
+    U = H B^T                      # [s, b, r]     (under SP: on the local sequence shard)
+    U <- all-gather(U) over TP     # SP only: gathers s x b x r instead of s x b x D
+    logits = U A_local^T           # [s, b, V / tp], vocab-sharded
+
+Backward: dL/dU is a sum over vocab shards, so it is all-reduced over TP (reduce-scattered under
+SP). Without SP, dL/dB = dU^T H is then identical on every rank; under SP each rank holds the part of
+dL/dB from its sequence shard, and ``input_proj.sequence_parallel = True`` makes Megatron's
+``finalize_model_grads`` all-reduce it over TP (exactly as for layer-norm weights).
+
+Initialisation (``init``), with sigma the dense head's init std (``config.init_method_std``):
+
+* ``"balanced"`` (default): A, B ~ N(0, sigma / sqrt(r)) entry-wise, so (A B)_ij has variance
+  r (sigma / sqrt r)^2 = sigma^2: the per-entry std of the dense head.
+* ``"orthogonal"``: B has orthonormal rows, A ~ N(0, sigma^2 D / r); E[(A B)_ij^2] = sigma^2.
+* ``"from_dense"``: from a dense weight W (``init_weight``): B = V_r^T, A = W V_r with V_r the top-r
+  right singular vectors of W (eigenvectors of W^T W, a D x D all-reduce), the best rank-r
+  approximation (Eckart-Young). For r == D, A = W and B = I exactly.
+
+Draws are TP-invariant: the full A is drawn on CPU from a generator seeded with ``seed`` and each
+rank keeps its shard, so a model has the same head at every TP size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.nn import Parameter
+
+from ..errors import HeadConfigError
+
+INIT_METHODS = ("balanced", "orthogonal", "from_dense")
+
+
+def _default_tp_group():
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _group_rank(group) -> int:
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+class LowRankOutputLayer(torch.nn.Module):
+    """Drop-in replacement for ``GPTModel.output_layer`` with W = A B of rank ``rank``.
+
+    Contract of Megatron's ``ColumnParallelLinear`` head: ``forward(input_, weight=None,
+    runtime_gather_output=None) -> (logits, None)``, logits vocab-sharded ``[s, b, V/tp]`` unless
+    gathered (``gather_output`` or ``runtime_gather_output=True``). ``weight`` overrides A.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        rank: int,
+        *,
+        config,
+        init: str = "balanced",
+        init_std: Optional[float] = None,
+        init_weight: Optional[torch.Tensor] = None,
+        seed: Optional[int] = None,
+        gather_output: bool = False,
+        tp_group=None,
+        device=None,
+    ):
+        super().__init__()
+        self.tp_group = tp_group if tp_group is not None else _default_tp_group()
+        tp = _group_size(self.tp_group)
+        validate_head_shape(hidden_size, vocab_size, rank, tp)
+        if init not in INIT_METHODS:
+            raise HeadConfigError(f"init={init!r} is not one of {INIT_METHODS}.")
+        if init == "from_dense" and init_weight is None:
+            raise HeadConfigError("init='from_dense' needs init_weight (the local dense shard).")
+
+        self.config = config
+        self.input_size = hidden_size
+        self.output_size = vocab_size
+        self.rank = rank
+        self.output_size_per_partition = vocab_size // tp
+        self.gather_output = gather_output
+        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False)) and tp > 1
+        if device is None:
+            device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        dtype = config.params_dtype
+
+        a, b = self._initial_factors(init, init_std, init_weight, seed, tp)
+        self.weight = Parameter(a.to(device=device, dtype=dtype))
+        self.input_proj = Parameter(b.to(device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+        self._tag_parameters()
+
+    # ------------------------------------------------------------------ init
+    def _initial_factors(self, init, init_std, init_weight, seed, tp) -> Tuple[torch.Tensor, ...]:
+        r, d, v = self.rank, self.input_size, self.output_size
+        if init == "from_dense":
+            return self._factors_from_dense(init_weight.detach())
+        sigma = init_std if init_std is not None else getattr(self.config, "init_method_std", 0.02)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(seed if seed is not None else torch.initial_seed()) % (2**63))
+        if init == "balanced":
+            std = math.sqrt(sigma / math.sqrt(r))
+            b = torch.randn(r, d, generator=gen, dtype=torch.float32) * std
+            a_full = torch.randn(v, r, generator=gen, dtype=torch.float32) * std
+        else:  # orthogonal
+            q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+            b = q.t().contiguous().float()
+            a_full = torch.randn(v, r, generator=gen, dtype=torch.float32) * (sigma * math.sqrt(d / r))
+        rank_in_tp = _group_rank(self.tp_group)
+        rows = self.output_size_per_partition
+        a = a_full[rank_in_tp * rows : (rank_in_tp + 1) * rows].clone()
+        return a, b
+
+    def _factors_from_dense(self, w_local: torch.Tensor):
+        if tuple(w_local.shape) != (self.output_size_per_partition, self.input_size):
+            raise HeadConfigError(
+                f"init_weight has shape {tuple(w_local.shape)}, expected the local dense shard "
+                f"({self.output_size_per_partition}, {self.input_size})."
+            )
+        w = w_local.double()
+        if self.rank == self.input_size:
+            return w.float().cpu(), torch.eye(self.input_size, dtype=torch.float32)
+        gram = w.t() @ w  # D x D, a sum over vocab shards
+        if _group_size(self.tp_group) > 1:
+            dist.all_reduce(gram, group=self.tp_group)
+        _, vecs = torch.linalg.eigh(gram)  # ascending
+        v_r = vecs[:, -self.rank :].flip(-1)  # D x r, top-r right singular vectors of W
+        return (w @ v_r).float().cpu(), v_r.t().contiguous().float().cpu()
+
+    def _tag_parameters(self) -> None:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+        for p in (self.weight, self.input_proj):
+            p.allreduce = True  # data-parallel all-reduce, as Megatron's own head
+            p.is_embedding_or_output_parameter = True
+        # Under SP each rank computes dL/dB from its sequence shard: finalize_model_grads sums them.
+        self.input_proj.sequence_parallel = self.sequence_parallel
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ) -> Tuple[torch.Tensor, None]:
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+            gather_from_tensor_model_parallel_region,
+        )
+
+        if weight is None:
+            weight = self.weight
+        elif tuple(weight.shape) != tuple(self.weight.shape):
+            raise RuntimeError(
+                f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
+                f"{tuple(self.weight.shape)} (a LowRankOutputLayer's weight is A, (V/tp) x r)"
+            )
+        tp = _group_size(self.tp_group)
+        projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
+        if self.sequence_parallel:
+            projected = gather_from_sequence_parallel_region(projected, group=self.tp_group)
+        elif tp > 1:
+            projected = copy_to_tensor_model_parallel_region(projected, group=self.tp_group)
+        logits = torch.matmul(projected, weight.t())  # [s, b, V/tp]
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and tp > 1:
+            logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+        return logits, None
+
+    # ------------------------------------------------------------ checkpoint
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """A sharded along the vocabulary (axis 0) over TP; B replicated."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        dp_cp_group = (metadata or {}).get("dp_cp_group")
+        if dp_cp_group is None:
+            from megatron.core import parallel_state
+
+            dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict,
+            prefix,
+            {"weight": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=dp_cp_group,
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The local shard of W = A B, ``(V/tp) x D`` (materialised: for tests and analysis)."""
+        return self.weight @ self.input_proj
+
+    def extra_repr(self) -> str:
+        tp = self.output_size // self.output_size_per_partition
+        return (
+            f"in_features={self.input_size}, out_features={self.output_size}, rank={self.rank}, "
+            f"TP={tp}, sequence_parallel={self.sequence_parallel}"
+        )
+
+
+def validate_head_shape(hidden_size: int, vocab_size: int, rank: int, tp_size: int) -> None:
+    """Raise :class:`HeadConfigError` for a rank or vocabulary that cannot form a head."""
+    if not isinstance(rank, int) or rank < 1:
+        raise HeadConfigError(f"head rank must be an integer >= 1, got {rank!r}.")
+    if rank > hidden_size:
+        raise HeadConfigError(
+            f"head rank {rank} exceeds the hidden size {hidden_size}: W = A B with B of shape "
+            f"(r x {hidden_size}) has rank at most {hidden_size}. Use rank <= {hidden_size} "
+            f"(rank == hidden size is a full-rank factorised head)."
+        )
+    if vocab_size % tp_size:
+        raise HeadConfigError(
+            f"vocabulary size {vocab_size} is not divisible by the tensor-parallel size {tp_size}. "
+            f"Pad the vocabulary to a multiple of it (Megatron-LM: --make-vocab-size-divisible-by; "
+            f"megatron_bottleneck.padded_vocab_size(vocab, tp))."
+        )

@@ -1,0 +1,33 @@
+"""megatron-bottleneck: measure and remove the LM-head gradient bottleneck in Megatron-Core.
+
+torch is deliberately *not* pinned to a CUDA build: GPU clusters keep the torch they have. On a
+CPU-only machine install the CPU wheel first (see README), then this package.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-bottleneck",
+    version="0.1.0",
+    description="Low-rank LM heads and an exact gradient-bottleneck probe for Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_bottleneck", "megatron_bottleneck.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Supported range: torch 2.6+ (tested 2.13.0 CPU and 2.14.1), megatron-core 0.16 to 0.19.
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "pyyaml",
+        "packaging",
+        "psutil",  # megatron.core.dist_checkpointing needs it to save
+    ],
+    extras_require={
+        "test": ["pytest>=7", "tensorboard", "sentencepiece", "matplotlib", "lightning"],
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "plot": ["matplotlib"],
+        "data": ["sentencepiece"],
+        "log": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["megatron-bottleneck=megatron_bottleneck.cli:main"]},
+)
