@@ -208,6 +208,18 @@ class LowRankOutputLayer(torch.nn.Module):
             dp_cp_group=dp_cp_group,
         )
 
+    def probe_view(self, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None):
+        """For the gradient probe: col(W) = col(A) (B has full rank r), W = A B."""
+        from ..probe.math import HeadView
+
+        a = (self.weight if weight is None else weight).detach()
+        return HeadView(
+            basis=a,
+            mix=self.input_proj.detach(),
+            vocab_start=_group_rank(self.tp_group) * self.output_size_per_partition,
+            vocab_size=self.output_size if vocab_size is None else vocab_size,
+        )
+
     def dense_weight(self) -> torch.Tensor:
         """The local shard of W = A B, ``(V/tp) x D`` (materialised: for tests and analysis)."""
         return self.weight @ self.input_proj
