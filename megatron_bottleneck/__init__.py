@@ -12,7 +12,9 @@ from .heads import (
     low_rank_head_hook,
     padded_vocab_size,
 )
+from . import probe
 from .parallel import destroy_parallel, initialize_parallel
+from .probe import GradientProbe, ProbeConfig, wrap_forward_step
 from .specs import SequenceParallelNorm, llama_block_spec, llama_config
 
 __version__ = "0.1.0"
@@ -29,6 +31,10 @@ __all__ = [
     "low_rank_head_hook",
     "build_gpt_model",
     "padded_vocab_size",
+    "GradientProbe",
+    "ProbeConfig",
+    "wrap_forward_step",
+    "probe",
     "SequenceParallelNorm",
     "llama_block_spec",
     "llama_config",

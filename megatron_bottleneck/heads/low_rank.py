@@ -210,7 +210,7 @@ class LowRankOutputLayer(torch.nn.Module):
 
     def probe_view(self, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None):
         """For the gradient probe: col(W) = col(A) (B has full rank r), W = A B."""
-        from ..probe.math import HeadView
+        from ..probe.stats import HeadView
 
         a = (self.weight if weight is None else weight).detach()
         return HeadView(

@@ -1,0 +1,286 @@
+"""``GradientProbe``: measure the LM-head gradient bottleneck on the real training step.
+
+How it works. ``watch(model)`` puts a forward hook on the head (``output_layer``) of the model chunk
+that holds it (last pipeline stage; elsewhere the probe stays idle). On a step due for measurement
+the hook registers a tensor hook on the logits, so the backward pass hands over the logit gradient
+G of that micro-batch (its vocab shard) together with the head input H and the head's
+:class:`~megatron_bottleneck.probe.math.HeadView`. The math (``probe.math``, ``probe.rank``) does
+only local work per micro-batch; when the micro-batch that completes the step has gone through
+backward, the few small all-reduces over the TP group run and one record per step is logged. There
+is no second backward and nothing is written into gradients or RNG state (the hooks return None).
+
+Intervals (0 = off): ``interval`` for the cheap figures (norms, destroyed ratio, visible cosine,
+isotropic baseline); ``update_interval`` for cos(-G, dZ), which costs one extra T x D x V/tp
+product; ``rank_interval`` for the Gram-based rank figures, accumulated over micro-batches and steps
+until ``rank_token_budget`` tokens.
+
+Reporting: the probe runs on every rank holding the head; the figures describe the micro-batches of
+data-parallel rank 0 and are logged by its TP rank 0 (``is_reporter``). Failures inside the probe
+(any exception) are logged as a warning and switch the probe off: training never stops for it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .spectrum import GramAccumulator
+from .stats import HeadView, StepAccumulator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeConfig:
+    """What to measure and how often. Intervals count optimizer steps; 0 disables."""
+
+    interval: int = 1
+    update_interval: int = 0
+    rank_interval: int = 0
+    rank_token_budget: int = 2048
+    rank_rtol: Optional[float] = None
+    energy_ks: Sequence[int] = (1, 10, 100, 1000)
+    num_buckets: int = 0
+    vocab_size: Optional[int] = None
+    log_dir: Optional[str] = None
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+    def __post_init__(self):
+        from ..errors import ConfigError
+
+        for key in ("interval", "update_interval", "rank_interval", "num_buckets"):
+            if int(getattr(self, key)) < 0:
+                raise ConfigError(f"probe.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
+        if self.rank_interval and self.rank_token_budget < 2:
+            raise ConfigError(f"probe.rank_token_budget must be >= 2, got {self.rank_token_budget}")
+
+
+def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> HeadView:
+    """The probe's view of a head module: a basis F of col(W) (vocab shard) and W = F M.
+
+    Heads may define ``probe_view(weight, vocab_size) -> HeadView`` (the low-rank head does);
+    otherwise a dense head with ``weight`` of shape (V/tp, D) is assumed (Megatron's
+    ``ColumnParallelLinear``, ``torch.nn.Linear``). ``weight`` is the one passed to forward, if any
+    (tied embeddings).
+    """
+    if hasattr(head, "probe_view"):
+        return head.probe_view(weight=weight, vocab_size=vocab_size)
+    w = head.weight if weight is None else weight
+    rows = w.shape[0]
+    tp_rank = 0
+    group = getattr(head, "tp_group", None)
+    if group is not None and dist.is_initialized():
+        tp_rank = dist.get_rank(group)
+    total = getattr(head, "output_size", rows * (dist.get_world_size(group) if group is not None and dist.is_initialized() else 1))
+    return HeadView(basis=w.detach(), mix=None, vocab_start=tp_rank * rows,
+                    vocab_size=vocab_size if vocab_size is not None else total)
+
+
+def _find_head(model) -> Optional[torch.nn.Module]:
+    m = model
+    while not hasattr(m, "output_layer") and hasattr(m, "module"):
+        m = m.module
+    if getattr(m, "post_process", True) is False:
+        return None
+    return getattr(m, "output_layer", None)
+
+
+class GradientProbe:
+    """Measures how much of the logit gradient survives the LM head, during training."""
+
+    def __init__(self, config: Optional[ProbeConfig] = None, tp_group=None, dp_group=None,
+                 logger=None, **overrides):
+        self.config = config or ProbeConfig(**overrides)
+        self.tp_group = tp_group
+        self.dp_group = dp_group
+        self.step = 0
+        self.num_microbatches = 1
+        self.enabled = True
+        self.history: List[Dict[str, float]] = []
+        self._logger = logger
+        self._handles = []
+        self._head = None
+        self._seen = 0
+        self._step_acc: Optional[StepAccumulator] = None
+        self._gram: Optional[GramAccumulator] = None
+        self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
+
+    # ------------------------------------------------------------------ setup
+    def watch(self, model, num_microbatches: Optional[int] = None) -> "GradientProbe":
+        """Attach to the head of ``model`` (a module or list of chunks); idempotent.
+
+        ``num_microbatches`` per optimizer step; default: Megatron's num-microbatches calculator if
+        initialised, else 1.
+        """
+        if num_microbatches is None:
+            num_microbatches = _megatron_num_microbatches()
+        self.num_microbatches = int(num_microbatches)
+        if self._head is not None:
+            return self
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        heads = [h for h in (_find_head(c) for c in chunks) if h is not None]
+        if not heads:
+            return self  # not the last pipeline stage: idle
+        return self.watch_head(heads[-1], self.num_microbatches)
+
+    def watch_head(self, head: torch.nn.Module, num_microbatches: int = 1) -> "GradientProbe":
+        """Attach to a head module directly (any module whose logits are linear in its weight)."""
+        self.num_microbatches = int(num_microbatches)
+        if self._head is not None:
+            return self
+        self._head = head
+        if self.tp_group is None:
+            self.tp_group = getattr(self._head, "tp_group", None) or _default_group("tp")
+        if self.dp_group is None:
+            self.dp_group = _default_group("dp")
+        self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
+        return self
+
+    def on_record(self, fn: Callable[[int, Dict[str, float]], None]) -> None:
+        """Call ``fn(step, figures)`` for every finalised step (on every probing rank)."""
+        self._callbacks.append(fn)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._head = None
+        if self._logger is not None:
+            self._logger.close()
+
+    @property
+    def is_reporter(self) -> bool:
+        return self._head is not None and _rank(self.tp_group) == 0 and _rank(self.dp_group) == 0
+
+    # ------------------------------------------------------------- schedule
+    def _due(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    def _on_forward(self, module, args, kwargs, output):
+        if not (self.enabled and module.training and torch.is_grad_enabled()):
+            return None
+        cfg = self.config
+        cheap, update = self._due(cfg.interval), self._due(cfg.update_interval)
+        rank = self._due(cfg.rank_interval) or (self._gram is not None and not self._gram.full)
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        if not (cheap or update or rank) or not logits.requires_grad:
+            self._count_microbatch(None)
+            return None
+        try:
+            hidden = args[0] if args else kwargs["input_"]
+            view = head_view(module, kwargs.get("weight"), cfg.vocab_size)
+            sp = bool(getattr(module, "sequence_parallel", False))
+            full = _gather_sequence(hidden, self.tp_group) if (update and sp) else hidden.detach()
+        except Exception as exc:  # never break training
+            self._disable(exc)
+            return None
+        if (cheap or update) and self._step_acc is None:
+            self._step_acc = StepAccumulator(update=update, sequence_parallel=sp,
+                                             num_buckets=cfg.num_buckets, tp_group=self.tp_group)
+        if rank and self._gram is None:
+            self._gram = GramAccumulator(cfg.rank_token_budget)
+        acc = self._step_acc if (cheap or update) else None
+        gram = self._gram if rank else None
+        watch_hidden = acc is not None and hidden.requires_grad
+        logits.register_hook(lambda g: self._on_logit_grad(g, view, full, acc, gram, not watch_hidden))
+        if watch_hidden:
+            h = hidden.detach()
+            hidden.register_hook(lambda dh: self._on_hidden_grad(dh, h, acc))
+        return None
+
+    def _on_logit_grad(self, grad, view, full_hidden, acc, gram, last):
+        try:
+            if acc is not None:
+                acc.add_logit_grad(grad, view, full_hidden if acc.update else None)
+            if gram is not None:
+                gram.add(grad, view)
+            if last:
+                self._count_microbatch(view.basis.shape[-1] if view.mix is None else view.mix.shape[-1])
+        except Exception as exc:  # never break training
+            self._disable(exc)
+        return None
+
+    def _on_hidden_grad(self, hidden_grad, hidden, acc):
+        try:
+            acc.add_hidden_grad(hidden_grad, hidden if acc.update else None)
+            self._count_microbatch(hidden.shape[-1])
+        except Exception as exc:  # never break training
+            self._disable(exc)
+        return None
+
+    def _count_microbatch(self, hidden_size: Optional[int]) -> None:
+        self._seen += 1
+        if self._seen < self.num_microbatches:
+            return
+        self._seen = 0
+        figures: Dict[str, float] = {}
+        if self._step_acc is not None:
+            figures.update(self._step_acc.finalize(self.tp_group))
+            self._step_acc = None
+        if self._gram is not None and self._gram.full:
+            kw = {"rtol": self.config.rank_rtol, "energy_ks": tuple(self.config.energy_ks)}
+            if hidden_size:
+                kw["residual_ranks"] = (2 * hidden_size,)
+            figures.update(self._gram.finalize(self.tp_group, **kw))
+            self._gram = None
+        if figures:
+            self._record(figures)
+        self.step += 1
+
+    def _record(self, figures: Dict[str, float]) -> None:
+        self.history.append({"step": self.step, **figures})
+        for fn in self._callbacks:
+            fn(self.step, figures)
+        if self.is_reporter:
+            if self._logger is None and self.config.log_dir:
+                from .sinks import MetricsLogger
+
+                self._logger = MetricsLogger(self.config.log_dir, "probe.jsonl", self.config.tensorboard,
+                                             self.config.wandb_project)
+            if self._logger is not None:
+                self._logger.log(self.step, figures, prefix="probe/")
+
+    def _disable(self, exc: BaseException) -> None:
+        log.warning("GradientProbe switched off after an error (training continues): %r", exc)
+        self.enabled = False
+        self._step_acc = None
+        self._gram = None
+
+
+def _megatron_num_microbatches() -> int:
+    try:
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        return int(get_num_microbatches())
+    except Exception:  # calculator not initialised: one micro-batch per step
+        return 1
+
+
+def _default_group(kind: str):
+    try:
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return None
+        return ps.get_tensor_model_parallel_group() if kind == "tp" else ps.get_data_parallel_group()
+    except Exception:
+        return None
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
+    """All-gather a sequence-sharded [s/tp, b, D] tensor along dim 0 (no autograd)."""
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    if world == 1:
+        return hidden
+    h = hidden.detach().contiguous()
+    out = torch.empty((h.shape[0] * world,) + tuple(h.shape[1:]), dtype=h.dtype, device=h.device)
+    dist.all_gather_into_tensor(out, h, group=group)
+    return out

@@ -1,0 +1,269 @@
+"""The probe's math for one optimizer step: exact, vocab-parallel, no V-sized gathers.
+
+Notation: T tokens, D hidden, V vocabulary (real, unpadded); G = dL/dZ (T x V), head W (V x D),
+H (T x D) the head input, dH = dL/dH = G W. Under vocab-parallel TP each rank holds a vocab shard of G
+and W; dH is already summed over shards by the head's backward (Megatron all-reduces or, under sequence
+parallelism, reduce-scatters it), so the probe reads it from a hook on H instead of recomputing G W.
+
+Cheap figures (every probed step). With Q an orthonormal basis of col(W):
+
+    ||G Q Q^T||_F^2 = tr( dH (W^T W)^+ dH^T ) = tr( K (W^T W)^+ ),   K = dH^T dH   (D x D)
+    destroyed ratio r = sqrt(1 - ||G Q Q^T||^2 / ||G||^2),  visible cosine c = sqrt(1 - r^2)
+    ||dL/dH||_F^2 = tr(K),   isotropic baseline sqrt(1 - rank(W) / (V - 1))
+
+W^T W = M^T (F^T F) M from the head's view (F a basis factor of W, M the mix: dense F = W, M = I;
+low rank F = A, M = B), so only the k x k matrix F^T F is summed over TP; ||G||^2 is a sum of local
+squares. With a padded vocabulary (Megatron pads V to a multiple of TP), padded columns are excluded
+everywhere: dH is corrected by the padded columns' share G_pad W_pad (one T x D all-reduce per
+micro-batch). (W^T W)^+ is an eigen-pseudo-inverse in float64 with relative cut ``PINV_RTOL``.
+
+Update-direction figures (``update=True``). One SGD step on (H, W) changes the logits, to first order,
+by dZ = -(G W W^T + H P) with P = H^T G (D x V) summed over the step. Then, with all sums over the step:
+
+    <G, -dZ>          = tr(K) + ||P||^2
+    ||dZ||^2          = tr(K W^T W) + tr( (H^T H)(P P^T) ) + 2 ||H^T dH||^2
+    update cosine     = <G, -dZ> / (||G|| ||dZ||)
+
+P P^T (D x D) and ||P||^2 are sums over vocab shards; H^T H, H^T dH and K are sums over tokens (over
+TP ranks too under sequence parallelism). P costs one T x D x V/tp product per micro-batch: that is why
+these figures have their own interval.
+
+Numerics: per-micro-batch products run in float32 (bf16/fp16 inputs are upcast), sums are kept in
+float64. A non-finite G or dH makes every figure NaN and sets ``nonfinite_grad`` = 1; nothing raises.
+Nothing here modifies its inputs or touches any RNG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+PINV_RTOL = 1e-10
+
+
+@dataclass
+class HeadView:
+    """What the probe needs of a head on this TP rank. ``col(W) = col(basis)``, ``W = basis @ mix``.
+
+    basis: F, local vocab shard (V_local x k). mix: M (k x D), replicated; None = identity (dense).
+    vocab_start: global index of basis row 0. vocab_size: real (unpadded) V; rows beyond it are padding.
+    """
+
+    basis: torch.Tensor
+    mix: Optional[torch.Tensor]
+    vocab_start: int
+    vocab_size: int
+
+    def valid_rows(self) -> int:
+        return int(max(0, min(self.basis.shape[0], self.vocab_size - self.vocab_start)))
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+def pinv_psd(a: torch.Tensor, rtol: float = PINV_RTOL):
+    """Pseudo-inverse and numerical rank of a symmetric PSD matrix (float64 eigendecomposition)."""
+    vals, vecs = torch.linalg.eigh(a.double())
+    cut = vals.max().clamp(min=0) * rtol
+    keep = vals > cut
+    inv = (vecs[:, keep] / vals[keep]) @ vecs[:, keep].t()
+    return inv, int(keep.sum())
+
+
+def isotropic_baseline(head_rank: int, vocab_size: int) -> float:
+    """Destroyed ratio of an isotropic gradient against a random rank-``head_rank`` subspace."""
+    return max(0.0, 1.0 - head_rank / max(vocab_size - 1, 1)) ** 0.5
+
+
+class StepAccumulator:
+    """Collects one step's micro-batches (local work only) and finalises the figures.
+
+    Call :meth:`add_logit_grad` with each micro-batch's logit-gradient shard and :meth:`add_hidden_grad`
+    with its dL/dH (both from backward hooks), then :meth:`finalize` once per step (it runs the
+    all-reduces). ``sequence_parallel``: dH and H are sequence shards (token sums then add over TP).
+    """
+
+    def __init__(self, update: bool = False, sequence_parallel: bool = False, num_buckets: int = 0,
+                 seq_length: Optional[int] = None, tp_group=None):
+        self.tp_group = tp_group
+        self.update = update
+        self.sequence_parallel = sequence_parallel
+        self.num_buckets = num_buckets
+        self.seq_length = seq_length
+        self.view: Optional[HeadView] = None
+        self.g2 = torch.zeros((), dtype=torch.float64)
+        self.k = None  # dH^T dH, D x D
+        self.p = None  # H^T G (local vocab shard), D x V_valid
+        self.hth = None  # H^T H
+        self.htdh = None  # H^T dH
+        self.g2_buckets = None
+        self.vis_tokens = []  # per micro-batch dH rows, kept only for buckets
+        self.pad_corrections = []  # per micro-batch G_pad W_pad (T x D), only with a padded vocabulary
+
+    # ------------------------------------------------------------ local work
+    def add_logit_grad(self, grad: torch.Tensor, view: HeadView, hidden_full: Optional[torch.Tensor] = None) -> None:
+        """grad: [s, b, V_local] (or [T, V_local]) logit gradient shard; hidden_full: [s, b, D] full-sequence
+        head input (needed only for update figures)."""
+        self.view = view
+        n = view.valid_rows()
+        g = grad.reshape(-1, grad.shape[-1])[:, :n].float()
+        sq = g.square().sum(dim=1)
+        self.g2 = self.g2.to(g.device) + sq.sum().double()
+        if self.num_buckets:
+            rows = grad.shape[0] if grad.dim() == 3 else g.shape[0]
+            batch = g.shape[0] // rows
+            pos = torch.arange(rows, device=g.device).repeat_interleave(batch)
+            self._bucket_add("g2_buckets", sq.double(), pos, rows)
+        if view.vocab_size < _world(self.tp_group) * view.basis.shape[0]:
+            self.pad_corrections.append(self._padding_part(grad.reshape(-1, grad.shape[-1]), view, n))
+        if self.update:
+            h = hidden_full.reshape(-1, hidden_full.shape[-1]).float()
+            p = h.t() @ g  # D x V_valid
+            self.p = p.double() if self.p is None else self.p + p.double()
+
+    def add_hidden_grad(self, hidden_grad: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> None:
+        """hidden_grad: dL/dH at the head input, [s(/tp), b, D]; hidden: H of the same shape (update)."""
+        dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).float()
+        if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - G_pad W_pad
+            c = self.pad_corrections.pop(0)
+            if self.sequence_parallel:
+                c = c.reshape(_world(self.tp_group), -1, c.shape[-1])[_rank(self.tp_group)]
+            dh = dh - c
+        k = (dh.t() @ dh).double()
+        self.k = k if self.k is None else self.k + k
+        if self.num_buckets:
+            self.vis_tokens.append((dh, hidden_grad.shape[0] if hidden_grad.dim() == 3 else dh.shape[0]))
+        if self.update:
+            h = hidden.reshape(-1, hidden.shape[-1]).float()
+            hth, htdh = (h.t() @ h).double(), (h.t() @ dh).double()
+            self.hth = hth if self.hth is None else self.hth + hth
+            self.htdh = htdh if self.htdh is None else self.htdh + htdh
+
+    def _padding_part(self, g_all: torch.Tensor, view: HeadView, n: int) -> torch.Tensor:
+        """G_pad W_pad summed over TP (T x D): what padded vocabulary columns added to dH. One
+        T x D all-reduce per micro-batch, only when the vocabulary is padded."""
+        d = view.mix.shape[1] if view.mix is not None else view.basis.shape[1]
+        g_pad = g_all[:, n:].float()
+        if g_pad.shape[1]:
+            w_pad = view.basis[n:].float()
+            if view.mix is not None:
+                w_pad = w_pad @ view.mix.float()
+            c = g_pad @ w_pad
+        else:
+            c = torch.zeros(g_all.shape[0], d, dtype=torch.float32, device=g_all.device)
+        if _world(self.tp_group) > 1:
+            dist.all_reduce(c, group=self.tp_group)
+        return c
+
+    def _bucket_add(self, name, values, pos, rows):
+        seq = self.seq_length or rows
+        idx = (pos * self.num_buckets // seq).clamp(max=self.num_buckets - 1)
+        acc = torch.zeros(self.num_buckets, dtype=torch.float64, device=values.device).index_add_(0, idx, values)
+        cur = getattr(self, name)
+        setattr(self, name, acc if cur is None else cur + acc)
+
+    # ------------------------------------------------------------- finalise
+    def finalize(self, tp_group=None) -> Dict[str, float]:
+        """All-reduce the step's partial sums over TP and return the figures (Python floats)."""
+        view = self.view
+        if view is None or self.k is None:
+            return {}
+        device = self.k.device
+        n = view.valid_rows()
+        f = view.basis[:n].double()
+        ftf = f.t() @ f
+        # Replicated quantities (token sums without SP) are counted on TP rank 0 only, so one SUM
+        # all-reduce yields every total.
+        own = 1.0 if (self.sequence_parallel or _rank(tp_group) == 0) else 0.0
+        parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * self.k.reshape(-1)]
+        if self.num_buckets:
+            parts.append(self.g2_buckets.to(device))
+        if self.update:
+            ppt = self.p @ self.p.t()
+            parts += [self.p.square().sum().reshape(1), ppt.reshape(-1), own * self.hth.reshape(-1),
+                      own * self.htdh.reshape(-1)]
+        flat = torch.cat([p.reshape(-1).to(device) for p in parts])  # NaN/inf propagate into the sums
+        if _world(tp_group) > 1:
+            dist.all_reduce(flat, group=tp_group)
+        return self._figures(flat, ftf.shape[0], tp_group)
+
+    def _figures(self, flat, k_dim, tp_group) -> Dict[str, float]:
+        d = self.k.shape[0]
+        view = self.view
+        it = iter_split(flat)
+        g2 = it(1)[0]
+        ftf = it(k_dim * k_dim).reshape(k_dim, k_dim)
+        k = it(d * d).reshape(d, d)
+        g2_buckets = it(self.num_buckets) if self.num_buckets else None
+        if self.update:
+            p2 = it(1)[0]
+            ppt, hth, htdh = (it(d * d).reshape(d, d) for _ in range(3))
+        nonfinite = not bool(torch.isfinite(flat).all())
+        nan = float("nan")
+        if nonfinite:
+            out = {key: nan for key in ("grad_norm", "hidden_grad_norm", "destroyed_ratio",
+                                        "visible_cosine", "isotropic_baseline", "head_rank")}
+            if self.update:
+                out["update_cosine"] = nan
+            out["nonfinite_grad"] = 1.0
+            return out
+        mix = view.mix.double().to(ftf.device) if view.mix is not None else None
+        wtw = ftf if mix is None else mix.t() @ ftf @ mix
+        wtw_pinv, head_rank = pinv_psd(wtw)
+        vis2 = float((k * wtw_pinv).sum())
+        g2f = float(g2)
+        ratio2 = min(max(1.0 - vis2 / g2f, 0.0), 1.0) if g2f > 0 else nan
+        out = {
+            "grad_norm": g2f ** 0.5,
+            "hidden_grad_norm": max(float(torch.trace(k)), 0.0) ** 0.5,
+            "destroyed_ratio": ratio2 ** 0.5,
+            "visible_cosine": (1.0 - ratio2) ** 0.5,
+            "isotropic_baseline": isotropic_baseline(head_rank, view.vocab_size),
+            "head_rank": float(head_rank),
+            "nonfinite_grad": 0.0,
+        }
+        if self.num_buckets:
+            vis_b = self._vis_buckets(wtw_pinv, tp_group)
+            for i in range(self.num_buckets):
+                gb = float(g2_buckets[i])
+                out[f"destroyed_ratio_bucket{i}"] = (max(0.0, 1 - float(vis_b[i]) / gb) ** 0.5) if gb > 0 else nan
+        if self.update:
+            inner = float(torch.trace(k)) + float(p2)
+            dz2 = float((k * wtw).sum()) + float((hth * ppt).sum()) + 2.0 * float(htdh.square().sum())
+            out["update_cosine"] = inner / (g2f ** 0.5 * max(dz2, 0.0) ** 0.5) if dz2 > 0 else nan
+        return out
+
+    def _vis_buckets(self, wtw_pinv, tp_group):
+        """Per-position-bucket ||G_vis||^2 from the stored dH rows (token sums over TP under SP)."""
+        device = wtw_pinv.device
+        acc = torch.zeros(self.num_buckets, dtype=torch.float64, device=device)
+        offset = _rank(tp_group) if self.sequence_parallel else 0
+        for dh, rows in self.vis_tokens:
+            vis_t = ((dh.double() @ wtw_pinv.to(dh.device)) * dh.double()).sum(dim=1)
+            batch = dh.shape[0] // rows
+            pos = (torch.arange(rows, device=dh.device) + offset * rows).repeat_interleave(batch)
+            seq = self.seq_length or rows * (_world(tp_group) if self.sequence_parallel else 1)
+            idx = (pos * self.num_buckets // seq).clamp(max=self.num_buckets - 1)
+            acc += torch.zeros_like(acc).index_add_(0, idx.to(device), vis_t.to(device))
+        if self.sequence_parallel and _world(tp_group) > 1:
+            dist.all_reduce(acc, group=tp_group)
+        return acc
+
+
+def iter_split(flat: torch.Tensor):
+    """Consume a flat tensor in pieces: ``take = iter_split(x); a = take(3); b = take(4)``."""
+    pos = [0]
+
+    def take(n: int) -> torch.Tensor:
+        out = flat[pos[0] : pos[0] + n]
+        pos[0] += n
+        return out
+
+    return take

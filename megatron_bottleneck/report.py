@@ -1,0 +1,271 @@
+"""Markdown + PNG report from run logs (one directory per run, as the trainer and sweep write them).
+
+A run directory holds ``run.json`` (what varies: ``vocab_size``, ``hidden_size``, ``head_rank`` (None =
+dense), ``lr``, optional ``coverage``), ``logs/metrics.jsonl`` (``step``, ``tokens``, ``loss``,
+``valid_loss``) and, with the probe on, ``logs/probe.jsonl`` (``probe/destroyed_ratio``, ...).
+
+Figures: loss curves per vocabulary size and per head rank, destroyed ratio against V/D and against the
+head rank (with the isotropic baseline), the logit-gradient rank against batch tokens, and
+tokens-to-reach-a-loss ratios (the paper's "up to 16x"). Every number in the markdown is read from the
+logs; nothing is assumed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .probe.sinks import read_jsonl
+
+
+@dataclass
+class Run:
+    name: str
+    path: str
+    params: Dict
+    metrics: List[Dict] = field(default_factory=list)
+    probe: List[Dict] = field(default_factory=list)
+
+    @property
+    def vocab(self) -> int:
+        return int(self.params["vocab_size"])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.params["hidden_size"])
+
+    @property
+    def rank(self) -> int:
+        r = self.params.get("head_rank")
+        return self.hidden if r is None else int(r)
+
+    def series(self, key: str, source: str = "metrics"):
+        rows = self.metrics if source == "metrics" else self.probe
+        return [(r.get("tokens", r["step"]), r[key]) for r in rows if r.get(key) is not None]
+
+    def final(self, key: str, source: str = "metrics", last: int = 1) -> Optional[float]:
+        vals = [v for _, v in self.series(key, source)][-last:]
+        return sum(vals) / len(vals) if vals else None
+
+    def mean_probe(self, key: str) -> Optional[float]:
+        vals = [v for _, v in self.series("probe/" + key, "probe") if v is not None and math.isfinite(v)]
+        return sum(vals) / len(vals) if vals else None
+
+
+def load_runs(root: str) -> List[Run]:
+    """Every run under ``root`` (directories with a run.json), sorted by name."""
+    runs = []
+    for dirpath, _dirs, files in os.walk(root):
+        if "run.json" not in files:
+            continue
+        with open(os.path.join(dirpath, "run.json"), encoding="utf-8") as f:
+            params = json.load(f)
+        run = Run(os.path.relpath(dirpath, root), dirpath, params)
+        for attr, fname in (("metrics", "metrics.jsonl"), ("probe", "probe.jsonl")):
+            path = os.path.join(dirpath, "logs", fname)
+            if os.path.exists(path):
+                setattr(run, attr, read_jsonl(path))
+        runs.append(run)
+    return sorted(runs, key=lambda r: r.name)
+
+
+def tokens_to_reach(run: Run, target: float, key: str = "valid_loss") -> Optional[float]:
+    """First token count at which ``key`` <= target (linear interpolation between logged points)."""
+    pts = run.series(key)
+    for (t0, v0), (t1, v1) in zip([(0, float("inf"))] + pts[:-1], pts):
+        if v1 <= target:
+            if not math.isfinite(v0) or v0 == v1:
+                return float(t1)
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
+    return None
+
+
+def value_at_tokens(run: Run, tokens: float, key: str = "valid_loss") -> Optional[float]:
+    """``key`` at a token count (interpolated; None if the run never got that far)."""
+    pts = run.series(key)
+    prev = None
+    for t, v in pts:
+        if t >= tokens:
+            if prev is None or t == prev[0]:
+                return v
+            return prev[1] + (v - prev[1]) * (tokens - prev[0]) / (t - prev[0])
+        prev = (t, v)
+    return None
+
+
+def best_lr_runs(runs: List[Run], group_key) -> Dict:
+    """For each group (e.g. vocabulary size) the run with the lowest final valid loss over LRs."""
+    best: Dict = {}
+    for run in runs:
+        key = group_key(run)
+        loss = run.final("valid_loss")
+        if loss is None:
+            continue
+        if key not in best or loss < best[key].final("valid_loss"):
+            best[key] = run
+    return dict(sorted(best.items()))
+
+
+def _plot_curves(path: str, title: str, curves: Dict[str, List], ylabel: str, logx: bool = False) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None,
+                    label=label)
+    ax.set_title(title)
+    ax.set_xlabel("tokens" if not logx else "tokens (log)")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _plot_xy(path, title, series: Dict[str, List], xlabel, ylabel, logx=True) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in series.items():
+        pts = sorted(p for p in pts if p[1] is not None)
+        if pts:
+            style = "--" if "baseline" in label else "-o"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradient bottleneck report") -> str:
+    """Write ``report.md`` and PNG plots for the runs under ``root``; returns the markdown path."""
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no runs (directories with run.json) under {root!r}")
+    out_dir = out_dir or root
+    os.makedirs(out_dir, exist_ok=True)
+    lines = [f"# {title}", "", f"{len(runs)} runs under `{root}`. Every figure below is read from the run logs.", ""]
+
+    # Per-run table.
+    lines += ["## Runs", "",
+              "| run | V | D | head rank | lr | tokens | final train loss | final valid loss | "
+              "destroyed ratio | visible cosine | isotropic baseline | symbol count min / median |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        cov = r.params.get("coverage") or {}
+        lines.append(
+            f"| {r.name} | {r.vocab} | {r.hidden} | {r.params.get('head_rank') or 'dense'} | "
+            f"{_fmt(r.params.get('lr'), 4)} | {_fmt(r.final('tokens'), 0)} | {_fmt(r.final('loss', last=5))} | "
+            f"{_fmt(r.final('valid_loss'))} | {_fmt(r.mean_probe('destroyed_ratio'), 4)} | "
+            f"{_fmt(r.mean_probe('visible_cosine'), 4)} | {_fmt(r.mean_probe('isotropic_baseline'), 4)} | "
+            f"{cov.get('min', '-')} / {cov.get('median', '-')} |"
+        )
+    lines.append("")
+
+    dense = [r for r in runs if r.params.get("head_rank") is None]
+    # Vocabulary sweep: best LR per vocabulary, curves and the LR table.
+    by_vocab = best_lr_runs(dense, lambda r: r.vocab)
+    if by_vocab:
+        png = _plot_curves(os.path.join(out_dir, "loss_by_vocab.png"), "Validation loss by vocabulary (best LR)",
+                           {f"V={v} (V/D={v / r.hidden:g}, lr={r.params.get('lr')})": r.series("valid_loss")
+                            for v, r in by_vocab.items()}, "valid loss")
+        lines += ["## Vocabulary sweep (dense head, best learning rate per V)", "", f"![]({png})", "",
+                  "| V | V/D | best lr | final valid loss | all LRs: final valid loss |", "|---|---|---|---|---|"]
+        for v, best in by_vocab.items():
+            per_lr = ", ".join(f"{_fmt(r.params.get('lr'), 4)}: {_fmt(r.final('valid_loss'))}"
+                               for r in sorted(dense, key=lambda r: r.params.get("lr") or 0) if r.vocab == v)
+            lines.append(f"| {v} | {v / best.hidden:g} | {best.params.get('lr')} | "
+                         f"{_fmt(best.final('valid_loss'))} | {per_lr} |")
+        lines.append("")
+        # Equal per-symbol coverage: loss when each symbol has been drawn about c times on average.
+        cov_target = min((r.params.get("tokens_per_symbol_total") or 0) for r in by_vocab.values())
+        if cov_target:
+            c = cov_target / 4
+            lines += [f"### At equal per-symbol coverage ({c:g} tokens per symbol on average)", "",
+                      "| V | tokens | valid loss |", "|---|---|---|"]
+            for v, r in by_vocab.items():
+                t = c * v
+                lines.append(f"| {v} | {t:.0f} | {_fmt(value_at_tokens(r, t))} |")
+            lines.append("")
+
+    # Destroyed ratio vs V/D and vs head rank.
+    dr_vd = [(r.vocab / r.hidden, r.mean_probe("destroyed_ratio")) for r in by_vocab.values()]
+    base_vd = [(r.vocab / r.hidden, r.mean_probe("isotropic_baseline")) for r in by_vocab.values()]
+    ranked = [r for r in runs if r.params.get("rank_sweep")]
+    dr_rank = [(r.rank, r.mean_probe("destroyed_ratio")) for r in ranked]
+    base_rank = [(r.rank, r.mean_probe("isotropic_baseline")) for r in ranked]
+    if any(v is not None for _, v in dr_vd + dr_rank):
+        lines += ["## Destroyed ratio", ""]
+        if any(v is not None for _, v in dr_vd):
+            png = _plot_xy(os.path.join(out_dir, "destroyed_vs_vd.png"), "Destroyed ratio vs V/D",
+                           {"measured": dr_vd, "isotropic baseline": base_vd}, "V/D", "destroyed ratio")
+            lines += [f"![]({png})", ""]
+        if any(v is not None for _, v in dr_rank):
+            png = _plot_xy(os.path.join(out_dir, "destroyed_vs_rank.png"), "Destroyed ratio vs head rank",
+                           {"measured": dr_rank, "isotropic baseline": base_rank}, "head rank r",
+                           "destroyed ratio")
+            lines += [f"![]({png})", ""]
+
+    # Rank sweep: loss curves and tokens-to-reach-a-loss.
+    if ranked:
+        png = _plot_curves(os.path.join(out_dir, "loss_by_rank.png"),
+                           f"Validation loss by head rank (V={ranked[0].vocab})",
+                           {f"r={r.rank}": r.series("valid_loss") for r in sorted(ranked, key=lambda r: r.rank)},
+                           "valid loss")
+        lines += ["## Head-rank sweep", "", f"![]({png})", ""]
+        worst = max(ranked, key=lambda r: r.final("valid_loss") or float("inf"))
+        target = worst.final("valid_loss")
+        full = max(ranked, key=lambda r: r.rank)
+        t_full = tokens_to_reach(full, target) if target is not None else None
+        lines += [f"Tokens to reach the loss {_fmt(target)} (the final loss of r={worst.rank}):", "",
+                  "| head rank | tokens to reach | ratio vs r=" + str(full.rank) + " |", "|---|---|---|"]
+        for r in sorted(ranked, key=lambda r: r.rank):
+            t = tokens_to_reach(r, target) if target is not None else None
+            ratio = (t / t_full) if (t and t_full) else None
+            lines.append(f"| {r.rank} | {_fmt(t, 0)} | {_fmt(ratio, 2)}x |")
+        lines.append("")
+
+    # Rank of the logit gradient vs batch tokens.
+    curves = {}
+    for r in runs:
+        rows = [p for p in r.probe if "probe/rank_curve" in p]
+        if rows:
+            curve = rows[-1]["probe/rank_curve"]
+            curves[r.name] = [(c["tokens"], c["numerical_rank"]) for c in curve]
+    if curves:
+        png = _plot_curves(os.path.join(out_dir, "rank_vs_tokens.png"), "Numerical rank of G vs batch tokens",
+                           curves, "numerical rank", logx=True)
+        lines += ["## Rank of the logit gradient", "", f"![]({png})", ""]
+
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
