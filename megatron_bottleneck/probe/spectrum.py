@@ -14,7 +14,8 @@ gather. Eigenvalues of K are sigma_i^2. Reported (sigma sorted descending):
   block of K (the Gram of those tokens), t on a doubling grid.
 
 :class:`GramAccumulator` gathers tokens across micro-batches and steps until a token budget: it keeps
-the local G rows seen so far (float32, on their device) to form the cross terms of each new block.
+the local G rows seen so far (float64, on their device) to form the cross terms of each new block, and
+forms every product in float64 (the rank tolerance sits below what a float32 Gram resolves).
 Masked tokens (zero rows) are kept and count toward the budget.
 """
 from __future__ import annotations
@@ -100,10 +101,12 @@ class GramAccumulator:
             return
         self.vocab_size = view.vocab_size
         self.eps = torch.finfo(grad.dtype).eps if grad.is_floating_point() else self.eps
-        x = grad.reshape(-1, grad.shape[-1])[:, : view.valid_rows()].float()
-        x = x[: self.token_budget - self.tokens]
-        self.blocks.append([(x @ r.t()).double() for r in self.rows] + [(x @ x.t()).double()])
-        self.rows.append(x.detach().clone())
+        x = grad.reshape(-1, grad.shape[-1])[:, : view.valid_rows()]
+        x = x[: self.token_budget - self.tokens].detach().double()
+        # float64 products: sigma_i = sqrt(eigenvalue), so a float32 Gram would blur every
+        # sigma below sqrt(eps32) * sigma_max ~ 3e-4 sigma_max, above the rank tolerance.
+        self.blocks.append([x @ r.t() for r in self.rows] + [x @ x.t()])
+        self.rows.append(x)
         self.tokens += x.shape[0]
 
     def gram(self) -> torch.Tensor:
