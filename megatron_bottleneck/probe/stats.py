@@ -28,8 +28,8 @@ P P^T (D x D) and ||P||^2 are sums over vocab shards; H^T H, H^T dH and K are su
 TP ranks too under sequence parallelism). P costs one T x D x V/tp product per micro-batch: that is why
 these figures have their own interval.
 
-Numerics: per-micro-batch products run in float32 (bf16/fp16 inputs are upcast), sums are kept in
-float64. A non-finite G or dH makes every figure NaN and sets ``nonfinite_grad`` = 1; nothing raises.
+Numerics: products run in float64 on GPUs and float32 on CPUs (bf16/fp16 inputs are upcast), sums
+are kept in float64. A non-finite G or dH makes every figure NaN and sets ``nonfinite_grad`` = 1; nothing raises.
 Nothing here modifies its inputs or touches any RNG.
 """
 from __future__ import annotations
@@ -58,6 +58,12 @@ class HeadView:
 
     def valid_rows(self) -> int:
         return int(max(0, min(self.basis.shape[0], self.vocab_size - self.vocab_start)))
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype of the per-micro-batch products: float64 on GPUs (cheap there, and immune to TF32),
+    float32 on CPUs (float64 halves CPU matmul speed; the products' relative error stays ~1e-6)."""
+    return torch.float64 if t.is_cuda else torch.float32
 
 
 def _world(group) -> int:
@@ -113,35 +119,37 @@ class StepAccumulator:
         head input (needed only for update figures)."""
         self.view = view
         n = view.valid_rows()
-        g = grad.reshape(-1, grad.shape[-1])[:, :n].float()
-        sq = g.square().sum(dim=1)
-        self.g2 = self.g2.to(g.device) + sq.sum().double()
+        g = grad.reshape(-1, grad.shape[-1])[:, :n]
+        # float32 accumulation (cascade sum, relative error ~1e-7); a float64 cast of G costs 15x more.
+        self.g2 = self.g2.to(g.device) + torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
         if self.num_buckets:
+            sq = torch.linalg.vector_norm(g, dim=1, dtype=torch.float32).double().square()
             rows = grad.shape[0] if grad.dim() == 3 else g.shape[0]
             batch = g.shape[0] // rows
             pos = torch.arange(rows, device=g.device).repeat_interleave(batch)
-            self._bucket_add("g2_buckets", sq.double(), pos, rows)
+            self._bucket_add("g2_buckets", sq, pos, rows)
         if view.vocab_size < _world(self.tp_group) * view.basis.shape[0]:
             self.pad_corrections.append(self._padding_part(grad.reshape(-1, grad.shape[-1]), view, n))
         if self.update:
-            h = hidden_full.reshape(-1, hidden_full.shape[-1]).float()
-            p = h.t() @ g  # D x V_valid
+            dt = _work_dtype(g)
+            h = hidden_full.reshape(-1, hidden_full.shape[-1]).to(dt)
+            p = h.t() @ g.to(dt)  # D x V_valid
             self.p = p.double() if self.p is None else self.p + p.double()
 
     def add_hidden_grad(self, hidden_grad: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> None:
         """hidden_grad: dL/dH at the head input, [s(/tp), b, D]; hidden: H of the same shape (update)."""
-        dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).float()
+        dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).to(_work_dtype(hidden_grad))
         if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - G_pad W_pad
             c = self.pad_corrections.pop(0)
             if self.sequence_parallel:
                 c = c.reshape(_world(self.tp_group), -1, c.shape[-1])[_rank(self.tp_group)]
-            dh = dh - c
+            dh = dh - c.to(dh.dtype)
         k = (dh.t() @ dh).double()
         self.k = k if self.k is None else self.k + k
         if self.num_buckets:
             self.vis_tokens.append((dh, hidden_grad.shape[0] if hidden_grad.dim() == 3 else dh.shape[0]))
         if self.update:
-            h = hidden.reshape(-1, hidden.shape[-1]).float()
+            h = hidden.reshape(-1, hidden.shape[-1]).to(dh.dtype)
             hth, htdh = (h.t() @ h).double(), (h.t() @ dh).double()
             self.hth = hth if self.hth is None else self.hth + hth
             self.htdh = htdh if self.htdh is None else self.htdh + htdh
@@ -150,14 +158,15 @@ class StepAccumulator:
         """G_pad W_pad summed over TP (T x D): what padded vocabulary columns added to dH. One
         T x D all-reduce per micro-batch, only when the vocabulary is padded."""
         d = view.mix.shape[1] if view.mix is not None else view.basis.shape[1]
-        g_pad = g_all[:, n:].float()
+        dt = _work_dtype(g_all)
+        g_pad = g_all[:, n:].to(dt)
         if g_pad.shape[1]:
-            w_pad = view.basis[n:].float()
+            w_pad = view.basis[n:].to(dt)
             if view.mix is not None:
-                w_pad = w_pad @ view.mix.float()
+                w_pad = w_pad @ view.mix.to(dt)
             c = g_pad @ w_pad
         else:
-            c = torch.zeros(g_all.shape[0], d, dtype=torch.float32, device=g_all.device)
+            c = torch.zeros(g_all.shape[0], d, dtype=dt, device=g_all.device)
         if _world(self.tp_group) > 1:
             dist.all_reduce(c, group=self.tp_group)
         return c
@@ -177,8 +186,8 @@ class StepAccumulator:
             return {}
         device = self.k.device
         n = view.valid_rows()
-        f = view.basis[:n].double()
-        ftf = f.t() @ f
+        f = view.basis[:n].to(_work_dtype(view.basis))
+        ftf = (f.t() @ f).double()  # k x k: V k^2 flops, the largest product of a cheap step
         # Replicated quantities (token sums without SP) are counted on TP rank 0 only, so one SUM
         # all-reduce yields every total.
         own = 1.0 if (self.sequence_parallel or _rank(tp_group) == 0) else 0.0

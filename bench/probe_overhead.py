@@ -1,0 +1,109 @@
+"""Step time with the gradient probe on vs off, on a CPU GPTModel step of realistic proportions.
+
+    python bench/probe_overhead.py [--hidden 256] [--vocab 16384] [--seq 256] [--micro 4] [--reps 12]
+
+One process (CPU mode, Megatron's schedule, DDP). The configurations are interleaved rep by rep so
+that machine noise hits them alike; the table reports medians and the ratio to "off" measured in the
+same run. Writes bench/results/probe_overhead.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import megatron_bottleneck as mb
+
+MODES = {
+    "off": None,
+    "cheap every step": dict(interval=1),
+    "cheap + update every step": dict(interval=1, update_interval=1),
+    "rank every step": dict(interval=0, rank_interval=1),
+}
+
+
+def run(args):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    mb.initialize_parallel(1, 1, seed=0)
+    cfg = mb.llama_config(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
+                          ffn_hidden_size=4 * args.hidden, use_cpu_initialization=True)
+    model = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(),
+                                    module=mb.build_gpt_model(cfg, args.vocab, args.seq))
+    tokens_per_step = args.seq * args.micro * args.num_micro
+    probes = {}
+    for name, kw in MODES.items():
+        if kw is None:
+            continue
+        p = mb.GradientProbe(mb.ProbeConfig(rank_token_budget=tokens_per_step, **kw))
+        p.watch(model, num_microbatches=args.num_micro)
+        p.enabled = False
+        probes[name] = p
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        data = iter([torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
+                     for _ in range(args.num_micro)])
+
+        def fwd(it, m):
+            t = next(it)
+            out = m(t[:, :-1], torch.arange(args.seq).expand(args.micro, -1), None, labels=t[:, 1:])
+            return out, lambda o: (o.float().mean(), {})
+
+        model.zero_grad_buffer()
+        get_forward_backward_func()(forward_step_func=fwd, data_iterator=data, model=model,
+                                    num_microbatches=args.num_micro, seq_length=args.seq,
+                                    micro_batch_size=args.micro)
+        finalize_model_grads([model])
+
+    times = {name: [] for name in MODES}
+    step()  # warm-up
+    for _ in range(args.reps):
+        for name in MODES:
+            for p_name, p in probes.items():
+                p.enabled = p_name == name
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["off"])
+    rows = []
+    for name in MODES:
+        med = statistics.median(times[name])
+        rows.append({"mode": name, "median_s": med, "ratio_vs_off": med / base,
+                     "overhead_pct": 100 * (med / base - 1),
+                     "overhead_ms_per_1k_tokens": 1000 * (med - base) / (tokens_per_step / 1000)})
+    return {"config": vars(args), "tokens_per_step": tokens_per_step, "V_over_D": args.vocab / args.hidden,
+            "torch": torch.__version__, "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--num-micro", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_overhead.json"))
+    args = ap.parse_args()
+    result = mb.launch(run, 1, args, timeout=3600)[0]
+    print(f"CPU GPT step: D={args.hidden}, V={args.vocab} (V/D={result['V_over_D']:g}), {args.layers} layers, "
+          f"{result['tokens_per_step']} tokens/step, torch {result['torch']}")
+    print(f"{'mode':28s} {'median step (s)':>16s} {'x off':>7s} {'overhead %':>11s} {'ms / 1k tokens':>15s}")
+    for r in result["rows"]:
+        print(f"{r['mode']:28s} {r['median_s']:16.4f} {r['ratio_vs_off']:7.3f} {r['overhead_pct']:11.2f} "
+              f"{r['overhead_ms_per_1k_tokens']:15.2f}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
