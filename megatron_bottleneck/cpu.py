@@ -14,6 +14,7 @@ CUDA RNG state (tracker ``add``/``fork``)         a private CPU ``torch.Generato
 ``device="cuda"`` / ``Tensor.cuda()``             CPU, through a ``TorchFunctionMode``
 batched pipeline p2p (``batch_p2p_comm``)        Megatron's unbatched p2p (gloo can swap the
                                                   two directions' messages on a 2-stage ring)
+optimizer gradient clipping (asserts CUDA)       the same scaling on CPU tensors
 ==============================================  ==============================================
 
 Nothing changes until :func:`enable_cpu_mode` is called; on a CUDA machine, simply do not call it.
@@ -104,6 +105,18 @@ def _unbatched_p2p_ops(**kwargs):
     return list(p2p_communication._p2p_ops(**kwargs).values())
 
 
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip_grad_by_total_norm_fp32 asserts CUDA float tensors; same scaling on CPU."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff >= 1.0:
+        return
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    for p in parameters:
+        g = getattr(p, attr, None)
+        if g is not None:
+            g.detach().mul_(coeff)
+
+
 def is_cpu_mode() -> bool:
     """True once :func:`enable_cpu_mode` has run in this process."""
     return _ENABLED
@@ -139,6 +152,10 @@ def enable_cpu_mode() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     p2p_communication._batched_p2p_ops = _unbatched_p2p_ops
+
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
     mrandom._get_cuda_rng_state = _shadow_get_state_megatron
     mrandom._set_cuda_rng_state = _shadow_set_state

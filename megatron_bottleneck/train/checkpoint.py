@@ -1,0 +1,117 @@
+"""Atomic, resumable checkpoints: Megatron distributed checkpointing for the model, per-rank files for
+optimizer, scheduler, RNG and data position.
+
+Layout under ``dir``::
+
+    iter_0000100/          model (dist_checkpointing, re-shardable across TP/PP) + rank_<r>.pt + config.yaml
+    iter_0000200.tmp/      a save in progress (or killed mid-way): ignored by resume, removed by the next save
+    latest                 "iter_0000200", replaced atomically (write-temp-then-os.replace) after the rename
+
+A save writes into ``iter_N.tmp``, all ranks meet at a barrier, rank 0 renames it to ``iter_N`` and then
+points ``latest`` at it, so a crash at any moment leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def _name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
+    """Path of the newest complete checkpoint under ``directory`` (None if there is none)."""
+    if not directory:
+        return None
+    path = os.path.join(directory, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        name = f.read().strip()
+    full = os.path.join(directory, name)
+    return full if os.path.isdir(full) else None
+
+
+def _model_state(chunks) -> Dict:
+    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, config=None,
+                    keep_last: int = 2) -> str:
+    """Save atomically; ``extra`` is this rank's picklable state (optimizer, scheduler, RNG, data)."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = os.path.join(directory, _name(iteration))
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        for stale in os.listdir(directory):
+            if stale.endswith(".tmp"):
+                shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(_model_state(chunks), tmp)
+    torch.save(extra, os.path.join(tmp, f"rank_{rank}.pt"))
+    if rank == 0 and config is not None:
+        config.save(os.path.join(tmp, "config.yaml"))
+    _barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = os.path.join(directory, LATEST + ".tmp")
+        with open(pointer, "w", encoding="utf-8") as f:
+            f.write(_name(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer, os.path.join(directory, LATEST))
+        _prune(directory, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(directory: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(d for d in os.listdir(directory) if d.startswith("iter_") and not d.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+
+
+def load_checkpoint(path: str, chunks: List) -> Dict:
+    """Load the model into ``chunks`` (any TP/PP layout) and return this rank's extra state."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_model_state(chunks), path)
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"chunk{i}"], strict=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    extra_path = os.path.join(path, f"rank_{rank}.pt")
+    if not os.path.exists(extra_path):
+        raise FileNotFoundError(
+            f"{extra_path} is missing: optimizer state is saved per rank, so resume with the same number "
+            "of ranks (the model alone loads at any TP/PP size: load_model_only)."
+        )
+    return torch.load(extra_path, weights_only=False)
+
+
+def load_model_only(path: str, chunks: List) -> None:
+    """Load just the model weights (any TP/PP layout)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_model_state(chunks), path)
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"chunk{i}"], strict=False)

@@ -1,0 +1,331 @@
+"""A lean Megatron-Core trainer: GPTModel (dense or low-rank head), Megatron DDP and optimizer (AdamW),
+warmup + cosine schedule, clipping, micro-batches through Megatron's schedule, validation, the gradient
+probe, JSONL / TensorBoard / console logging, atomic checkpoints and exact resume.
+
+Runs under ``torchrun`` (NCCL on GPUs, gloo on CPUs) or through :func:`run` (CPU ranks on 127.0.0.1).
+SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step and return.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import initialize_parallel
+from ..heads import LowRankHeadConfig, build_gpt_model
+from ..probe import GradientProbe, MetricsLogger, ProbeConfig
+from ..specs import llama_config
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, _frame):
+        self.signal = signum
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def build_models(cfg: TrainConfig):
+    """Megatron config and model chunks (one per virtual pipeline stage) for this rank."""
+    m, p = cfg.model, cfg.parallel
+    bf16 = _precision(cfg) == "bf16"
+    tcfg = llama_config(
+        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
+        use_cpu_initialization=True, init_method_std=m.init_method_std,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+    head = None if m.head_rank is None else LowRankHeadConfig(rank=m.head_rank, init=m.head_init,
+                                                             seed=cfg.train.seed)
+    vpp = p.virtual_pipeline_model_parallel_size
+    chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None))
+              for i in range(vpp or 1)]
+    if torch.cuda.is_available():
+        chunks = [c.cuda() for c in chunks]
+    return tcfg, chunks
+
+
+class Trainer:
+    """``Trainer(config, probe=None).train()``; ``on_step(step, record)`` is called after each step."""
+
+    def __init__(self, config: TrainConfig, probe: Optional[GradientProbe] = None,
+                 on_step: Optional[Callable[[int, Dict], None]] = None):
+        self.cfg = config
+        self.on_step = on_step
+        self.stop = _StopFlag()
+        initialize_parallel(config.parallel.tensor_model_parallel_size,
+                            config.parallel.pipeline_model_parallel_size,
+                            config.parallel.virtual_pipeline_model_parallel_size, seed=config.train.seed)
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.ps = ps
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        t = config.train
+        if t.global_batch_size % (t.micro_batch_size * self.dp_size):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {self.dp_size})")
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.tcfg, chunks = build_models(config)
+        bf16 = _precision(config) == "bf16"
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=False)
+        self.models = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp, module=c,
+                                               disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        o = config.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                            clip_grad=o.clip_grad, bf16=bf16, params_dtype=self.tcfg.params_dtype,
+                            use_distributed_optimizer=False),
+            self.models)
+        steps = t.train_steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=min(o.warmup_steps, steps - 1), lr_decay_steps=steps, lr_decay_style="cosine",
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
+        self.probe = probe
+        if self.probe is None and config.probe:
+            kw = dict(config.probe)
+            kw.setdefault("log_dir", config.logging.dir)
+            kw.setdefault("tensorboard", config.logging.tensorboard)
+            self.probe = GradientProbe(ProbeConfig(**kw))
+        if self.probe is not None:
+            self.probe.watch(self.models, num_microbatches=self.num_micro)
+        self.iteration = 0
+        self.consumed = 0
+        self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                          and self.dp_rank == 0)
+        self.logger = None
+        if self.is_logger:
+            self.logger = MetricsLogger(config.logging.dir, "metrics.jsonl", config.logging.tensorboard,
+                                        config.logging.wandb_project)
+            config.save(os.path.join(config.logging.dir, "config.yaml"))
+        self._data()
+        ckpt = latest_checkpoint(config.checkpoint.dir) if config.checkpoint.resume else None
+        if ckpt:
+            self._restore(ckpt)
+
+    # ---------------------------------------------------------------- data
+    def _data(self):
+        from ..data import IndexedSequences
+
+        d = self.cfg.data
+        if not d.train_prefix:
+            from ..errors import ConfigError
+
+            raise ConfigError("data.train_prefix is empty: point it at an indexed dataset prefix")
+        self.train_data = IndexedSequences(d.train_prefix)
+        self.valid_data = IndexedSequences(d.valid_prefix) if d.valid_prefix else None
+        for name, ds in (("train", self.train_data), ("valid", self.valid_data)):
+            if ds is not None and ds.doc_length != self.cfg.model.seq_length + 1:
+                from ..errors import ConfigError
+
+                raise ConfigError(f"model.seq_length={self.cfg.model.seq_length} but the {name} documents have "
+                                  f"{ds.doc_length} tokens (expected seq_length + 1)")
+
+    def _stream(self, data, consumed, seed):
+        from ..data import batch_stream
+
+        return batch_stream(data, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size, seed,
+                            consumed, self.dp_rank, self.dp_size)
+
+    # ---------------------------------------------------------------- steps
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        tokens, labels, mask = (batch[k].to(dev) for k in ("tokens", "labels", "loss_mask"))
+        pos = torch.arange(tokens.shape[1], device=dev).expand(tokens.shape[0], -1)
+        out = model(tokens, pos, None, labels=labels)
+
+        def loss_func(output):
+            loss = (output.float() * mask).sum() / mask.sum()
+            return loss, {"loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    def _run(self, batches: List, forward_only: bool) -> Optional[float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        iters = [iter(batches) for _ in self.models]
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(self.models) > 1 else iters[0],
+            model=self.models if len(self.models) > 1 else self.models[0],
+            num_microbatches=len(batches), seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+        if not self.ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        loss = torch.stack([o["loss"].float() for o in out]).mean()
+        if self.dp_size > 1:
+            dist.all_reduce(loss, group=self.ps.get_data_parallel_group())
+            loss /= self.dp_size
+        return float(loss)
+
+    def _train_step(self, stream) -> Dict:
+        from megatron.core.distributed import finalize_model_grads
+
+        for m in self.models:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if self.probe is not None:
+            self.probe.step = self.iteration
+        batches = [next(stream) for _ in range(self.num_micro)]
+        loss = self._run(batches, forward_only=False)
+        finalize_model_grads(self.models)
+        _ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed += self.cfg.train.global_batch_size
+        return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def evaluate(self) -> Optional[float]:
+        if self.valid_data is None:
+            return None
+        for m in self.models:
+            m.eval()
+        stream = self._stream(self.valid_data, 0, self.cfg.train.seed + 1)
+        losses = []
+        with torch.no_grad():
+            for _ in range(self.cfg.train.eval_iters):
+                losses.append(self._run([next(stream) for _ in range(self.num_micro)], forward_only=True))
+        for m in self.models:
+            m.train()
+        return None if losses[0] is None else sum(losses) / len(losses)
+
+    # ------------------------------------------------------------ checkpoint
+    def _extra_state(self) -> Dict:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        return {"iteration": self.iteration, "consumed": self.consumed,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(), "rng_tracker": get_cuda_rng_tracker().get_states(),
+                "probe_step": None if self.probe is None else self.probe.step}
+
+    def save(self) -> Optional[str]:
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return None
+        return save_checkpoint(c.dir, self.iteration, [m.module for m in self.models], self._extra_state(),
+                               self.cfg, c.keep_last)
+
+    def _restore(self, path: str) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        extra = load_checkpoint(path, [m.module for m in self.models])
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng_cpu"])
+        get_cuda_rng_tracker().set_states(extra["rng_tracker"])
+        self.iteration, self.consumed = extra["iteration"], extra["consumed"]
+        if self.is_logger:
+            print(f"resumed from {path} at step {self.iteration}", flush=True)
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> Dict:
+        cfg, t = self.cfg, self.cfg.train
+        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        stream = self._stream(self.train_data, self.consumed, t.seed)
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        history, t0 = [], time.perf_counter()
+        try:
+            while self.iteration < t.train_steps:
+                rec = self._train_step(stream)
+                rec["tokens"] = self.iteration * tokens_per_step
+                dt = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rec["tokens_per_s"] = tokens_per_step / dt if dt > 0 else None
+                if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_steps):
+                    rec["valid_loss"] = self.evaluate()
+                history.append({"step": self.iteration, **rec})
+                self._log(rec)
+                if self.on_step is not None:
+                    self.on_step(self.iteration, rec)
+                c = cfg.checkpoint
+                stop = self._stop_requested()
+                if c.dir and (stop or (c.save_interval and self.iteration % c.save_interval == 0)
+                              or self.iteration == t.train_steps):
+                    self.save()
+                if stop:
+                    if self.is_logger:
+                        print(f"received signal {self.stop.signal}: saved at step {self.iteration}, exiting",
+                              flush=True)
+                    break
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if self.logger is not None:
+                self.logger.close()
+            if self.probe is not None:
+                self.probe.remove()
+        return {"iteration": self.iteration, "history": history, "stopped_by_signal": self.stop.signal}
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
+        if dist.is_initialized():
+            if torch.cuda.is_available():
+                flag = flag.cuda()
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _log(self, rec: Dict) -> None:
+        if not self.is_logger:
+            return
+        self.logger.log(self.iteration, {k: v for k, v in rec.items() if v is not None})
+        li = self.cfg.train.log_interval
+        if self.cfg.logging.console and (self.iteration % li == 0 or self.iteration == self.cfg.train.train_steps):
+            valid = f" valid {rec['valid_loss']:.4f}" if rec.get("valid_loss") is not None else ""
+            tps = rec.get("tokens_per_s") or 0.0
+            print(f"[{self.iteration:>6d}/{self.cfg.train.train_steps}] loss {rec['loss']:.4f}{valid} "
+                  f"lr {rec['lr']:.2e} | {tps:,.0f} tok/s", flush=True)
+
+
+def _train_entry(cfg_dict: Dict) -> Dict:
+    cfg = TrainConfig.from_dict(cfg_dict)
+    out = Trainer(cfg).train()
+    return out if (dist.get_rank() == dist.get_world_size() - 1) else {"iteration": out["iteration"]}
+
+
+def run(config: TrainConfig, nproc: Optional[int] = None) -> Dict:
+    """Train on this machine: under torchrun use its ranks; otherwise launch ``nproc`` CPU ranks
+    (default: tensor x pipeline parallel size). Returns the last rank's summary."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+            if backend == "gloo":
+                from ..cpu import enable_cpu_mode
+
+                enable_cpu_mode()
+        return Trainer(config).train()
+    from ..cpu import launch
+
+    p = config.parallel
+    world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    return launch(_train_entry, world, config.to_dict(), timeout=24 * 3600)[-1]

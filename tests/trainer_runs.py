@@ -1,0 +1,41 @@
+"""Rank functions for the trainer tests (real Megatron training on CPU ranks)."""
+import os
+import signal
+
+import megatron_bottleneck as mb
+from megatron_bottleneck.train import Trainer, TrainConfig
+
+
+def config(tmp, data, ckpt=None, steps=12, **sections):
+    d = {
+        "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8, "head_rank": 8},
+        "parallel": {"tensor_model_parallel_size": 2},
+        "train": {"train_steps": steps, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 4,
+                  "log_interval": 4},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "data": {"train_prefix": data["train_prefix"], "valid_prefix": data["valid_prefix"]},
+        "checkpoint": {"dir": ckpt, "save_interval": 5, "keep_last": 2},
+        "logging": {"dir": os.path.join(tmp, "logs"), "console": False},
+        "probe": {"interval": 2},
+    }
+    for k, v in sections.items():
+        d[k].update(v)
+    return TrainConfig.from_dict(d)
+
+
+def uninterrupted_then_killed(tmp, data):
+    full = Trainer(config(os.path.join(tmp, "a"), data)).train()
+
+    def kill_at_7(step, _rec):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = Trainer(config(os.path.join(tmp, "b"), data, ckpt=os.path.join(tmp, "ckpt")), on_step=kill_at_7).train()
+    return {"full": [h["loss"] for h in full["history"]], "part": [h["loss"] for h in part["history"]],
+            "stopped": part["stopped_by_signal"], "iteration": part["iteration"]}
+
+
+def resume(tmp, data):
+    out = Trainer(config(os.path.join(tmp, "b"), data, ckpt=os.path.join(tmp, "ckpt"))).train()
+    return {"losses": [h["loss"] for h in out["history"]], "steps": [h["step"] for h in out["history"]],
+            "valid": [h.get("valid_loss") for h in out["history"]]}
