@@ -74,13 +74,12 @@ def expected_min_count(num_draws: int, num_symbols: int) -> float:
 
 
 def _write(prefix: str, symbols: np.ndarray, length: int, vocab_size: int) -> None:
-    import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     dtype = DType.optimal_dtype(vocab_size)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     for s in symbols:
-        builder.add_document(torch.full((length,), int(s), dtype=torch.int64), [length])
+        builder.add_document(np.full(length, int(s), dtype=dtype), [length])
     builder.finalize(prefix + ".idx")
 
 

@@ -145,16 +145,21 @@ class GradientProbe:
         self._callbacks.append(fn)
 
     def remove(self) -> None:
+        """Detach from the head and close the logs (``is_reporter`` keeps its last value)."""
+        self._was_reporter = self.is_reporter
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._head = None
         if self._logger is not None:
             self._logger.close()
+            self._logger = None
 
     @property
     def is_reporter(self) -> bool:
-        return self._head is not None and _rank(self.tp_group) == 0 and _rank(self.dp_group) == 0
+        if self._head is None:
+            return getattr(self, "_was_reporter", False)
+        return _rank(self.tp_group) == 0 and _rank(self.dp_group) == 0
 
     # ------------------------------------------------------------- schedule
     def _due(self, interval: int) -> bool:

@@ -1,0 +1,151 @@
+"""``megatron-bottleneck``: spamlang | train | sweep | probe | report | demo.
+
+Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``.
+Errors in user input print one line (``error: ...``) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import BottleneckError
+
+
+def _floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ranks(text):
+    return [None if x in ("dense", "none") else int(x) for x in text.split(",") if x]
+
+
+def cmd_spamlang(a):
+    from .data import SpamLangConfig, generate_spamlang
+
+    meta = generate_spamlang(SpamLangConfig(a.vocab_size, a.seq_length, a.num_sequences, a.distribution,
+                                            a.zipf_exponent, a.seed, a.valid_fraction), a.output)
+    print(json.dumps({k: meta[k] for k in ("train_prefix", "valid_prefix", "train_sequences",
+                                           "coverage_sequences")}, indent=2))
+
+
+def cmd_train(a):
+    from .train import TrainConfig, run
+
+    cfg = TrainConfig.load(a.config, a.overrides)
+    out = run(cfg, nproc=a.nproc)
+    print(f"finished at step {out['iteration']}" + (" (stopped by signal)" if out.get("stopped_by_signal") else ""))
+
+
+def cmd_sweep(a):
+    from .sweep import SweepPlan, run_sweep
+    from .train import TrainConfig
+
+    base = TrainConfig.load(a.config, a.overrides)
+    plan = SweepPlan(base=base, vocab_sizes=[int(v) for v in a.vocab_sizes.split(",")], lrs=_floats(a.lrs),
+                     head_ranks=_ranks(a.head_ranks), spamlang_seed=a.seed)
+    run_sweep(plan, a.out, workers=a.workers)
+    from .report import write_report
+
+    print("report:", write_report(a.out, a.out, title="Sweep report"))
+
+
+def cmd_probe(a):
+    from .probe.offline import probe_checkpoint
+
+    figures = probe_checkpoint(a.checkpoint, a.data, batches=a.batches, nproc=a.nproc)
+    text = json.dumps(figures, indent=2)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    print(text)
+
+
+def cmd_report(a):
+    from .report import write_report
+
+    print("report:", write_report(a.runs, a.out or a.runs))
+
+
+def cmd_demo(a):
+    from .report import write_report
+    from .sweep import demo_plan, run_sweep
+
+    t0 = time.time()
+    plan = demo_plan(quick=a.quick)
+    print(f"SpamLang demo: D={plan.base.model.hidden_size}, V in {list(plan.vocab_sizes)}, lr in {list(plan.lrs)}, "
+          f"head ranks {list(plan.rank_sweep_ranks)} on V={plan.rank_sweep_vocab}; "
+          f"{plan.base.train.train_steps} steps x {plan.base.train.global_batch_size} sequences per run -> {a.out}")
+    run_sweep(plan, a.out, workers=a.workers)
+    path = write_report(a.out, a.out, title="SpamLang demo: the LM-head gradient bottleneck on a CPU")
+    print(open(path, encoding="utf-8").read())
+    print(f"report: {path} ({time.time() - t0:.0f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-bottleneck", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("spamlang", help="generate a SpamLang dataset (Megatron indexed format)")
+    s.add_argument("--vocab-size", type=int, required=True)
+    s.add_argument("--seq-length", type=int, default=64)
+    s.add_argument("--num-sequences", type=int, default=100_000)
+    s.add_argument("--distribution", choices=("uniform", "zipf"), default="uniform")
+    s.add_argument("--zipf-exponent", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--valid-fraction", type=float, default=0.02)
+    s.add_argument("--output", required=True, help="output prefix (writes <prefix>_train/_valid/.json)")
+    s.set_defaults(fn=cmd_spamlang)
+
+    s = sub.add_parser("train", help="train from a YAML config (section.key=value overrides)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--nproc", type=int, default=None, help="CPU ranks (default: TP x PP); ignored under torchrun")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sweep", help="grid over vocabulary size, head rank and learning rate on SpamLang")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--vocab-sizes", required=True, help="e.g. 256,4096")
+    s.add_argument("--head-ranks", default="dense", help="e.g. dense,64,16")
+    s.add_argument("--lrs", default="1e-3", help="e.g. 3e-4,1e-3")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("probe", help="bottleneck figures of a saved checkpoint on a dataset")
+    s.add_argument("checkpoint", help="checkpoint directory (the one holding 'latest', or an iter_* dir)")
+    s.add_argument("--data", required=True, help="indexed dataset prefix")
+    s.add_argument("--batches", type=int, default=4)
+    s.add_argument("--nproc", type=int, default=None)
+    s.add_argument("--out", default=None, help="write the figures as JSON here")
+    s.set_defaults(fn=cmd_probe)
+
+    s = sub.add_parser("report", help="markdown + PNG report from run logs")
+    s.add_argument("runs", help="directory holding run directories (with run.json)")
+    s.add_argument("--out", default=None)
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("demo", help="the CPU demo: SpamLang vocabulary, learning-rate and head-rank sweep + report")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--quick", action="store_true", help="a 1-minute smoke version (too short to learn)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (BottleneckError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
