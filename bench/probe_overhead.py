@@ -29,12 +29,16 @@ def run(args):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(os.cpu_count() or 1)
     mb.initialize_parallel(1, 1, seed=0)
-    cfg = mb.llama_config(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
+    cfg = mb.llama_config(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=max(4, args.hidden // 128),
                           ffn_hidden_size=4 * args.hidden, use_cpu_initialization=True)
+    module = mb.build_gpt_model(cfg, args.vocab, args.seq, head_rank=args.head_rank)
     model = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(),
-                                    module=mb.build_gpt_model(cfg, args.vocab, args.seq))
+                                    module=module.cuda() if cuda else module)
+    dev = "cuda" if cuda else "cpu"
     tokens_per_step = args.seq * args.micro * args.num_micro
     probes = {}
     for name, kw in MODES.items():
@@ -47,12 +51,12 @@ def run(args):
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        data = iter([torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
+        data = iter([torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen).to(dev)
                      for _ in range(args.num_micro)])
 
         def fwd(it, m):
             t = next(it)
-            out = m(t[:, :-1], torch.arange(args.seq).expand(args.micro, -1), None, labels=t[:, 1:])
+            out = m(t[:, :-1], torch.arange(args.seq, device=dev).expand(args.micro, -1), None, labels=t[:, 1:])
             return out, lambda o: (o.float().mean(), {})
 
         model.zero_grad_buffer()
@@ -60,6 +64,8 @@ def run(args):
                                     num_microbatches=args.num_micro, seq_length=args.seq,
                                     micro_batch_size=args.micro)
         finalize_model_grads([model])
+        if cuda:
+            torch.cuda.synchronize()
 
     times = {name: [] for name in MODES}
     step()  # warm-up
@@ -78,7 +84,7 @@ def run(args):
                      "overhead_pct": 100 * (med / base - 1),
                      "overhead_ms_per_1k_tokens": 1000 * (med - base) / (tokens_per_step / 1000)})
     return {"config": vars(args), "tokens_per_step": tokens_per_step, "V_over_D": args.vocab / args.hidden,
-            "torch": torch.__version__, "rows": rows}
+            "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
 
 
 def main():
@@ -90,10 +96,18 @@ def main():
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--num-micro", type=int, default=2)
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--head-rank", type=int, default=None, help="low-rank head (default: Megatron's dense head)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_overhead.json"))
     args = ap.parse_args()
-    result = mb.launch(run, 1, args, timeout=3600)[0]
-    print(f"CPU GPT step: D={args.hidden}, V={args.vocab} (V/D={result['V_over_D']:g}), {args.layers} layers, "
+    if torch.cuda.is_available():  # one GPU, NCCL
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(mb.cpu.free_port()))
+        torch.cuda.set_device(0)
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+        result = run(args)
+    else:
+        result = mb.launch(run, 1, args, timeout=3600)[0]
+    print(f"{result['device']} GPT step: D={args.hidden}, V={args.vocab} (V/D={result['V_over_D']:g}), {args.layers} layers, "
           f"{result['tokens_per_step']} tokens/step, torch {result['torch']}")
     print(f"{'mode':28s} {'median step (s)':>16s} {'x off':>7s} {'overhead %':>11s} {'ms / 1k tokens':>15s}")
     for r in result["rows"]:

@@ -170,3 +170,23 @@ def test_tensor_parallel_equals_single_process():
         assert cheap["hidden_grad_norm"] == pytest.approx(want["hidden_grad_norm"], rel=1e-5)
         assert rank["numerical_rank"] == want_rank["numerical_rank"]
         assert rank["effective_rank"] == pytest.approx(want_rank["effective_rank"], rel=1e-6)
+
+
+def test_position_buckets_and_degenerate_factors():
+    T, V, D, s, b = 32, 80, 8, 8, 4  # tokens ordered [s, b]
+    G = logit_grad(T, V, seed=30)
+    gen = torch.Generator().manual_seed(31)
+    A = torch.randn(V, 3, generator=gen, dtype=torch.float64)
+    B = torch.randn(3, D, generator=gen, dtype=torch.float64)
+    B[2] = B[0]  # M without full row rank: the exact fallback must take over
+    W = A @ B
+    acc = StepAccumulator(num_buckets=2)
+    view = HeadView(A.float(), B.float(), 0, V)
+    acc.add_logit_grad(G.float().reshape(s, b, V), view)
+    acc.add_hidden_grad((G @ W).float().reshape(s, b, D))
+    got = acc.finalize()
+    assert got["destroyed_ratio"] == pytest.approx(brute(G, W)["destroyed_ratio"], rel=1e-5)
+    assert got["head_rank"] == 2
+    rows = torch.arange(T) // b  # sequence position of each token
+    for i, part in enumerate((rows < 4, rows >= 4)):
+        assert got[f"destroyed_ratio_bucket{i}"] == pytest.approx(brute(G[part], W)["destroyed_ratio"], rel=1e-5)

@@ -83,6 +83,34 @@ def pinv_psd(a: torch.Tensor, rtol: float = PINV_RTOL):
     return inv, int(keep.sum())
 
 
+def _visible_energy(k, ftf, mix, wtw, need_pinv: bool = False):
+    """||G Q Q^T||^2 = tr(K (W^T W)^+), its head rank, and (W^T W)^+ when asked.
+
+    Fast path, F and M of full rank k: with G F = dH M^T (M M^T)^-1 the trace lives in k x k,
+    tr(S M K M^T S (F^T F)^-1) with S = (M M^T)^-1 (M = I for a dense head), by Cholesky. A
+    near-singular F^T F (condition beyond 1/PINV_RTOL) falls back to the eigen-pseudo-inverse of W^T W.
+    """
+    kk = ftf.shape[0]
+    if not need_pinv:
+        chol, info = torch.linalg.cholesky_ex(ftf)
+        diag = chol.diagonal() ** 2 if int(info) == 0 else None
+        if diag is not None and float(diag.min()) > PINV_RTOL * float(diag.max()):
+            k_basis = k
+            if mix is not None:
+                mchol, minfo = torch.linalg.cholesky_ex(mix @ mix.t())
+                mdiag = mchol.diagonal() ** 2
+                if int(minfo) != 0 or float(mdiag.min()) <= PINV_RTOL * float(mdiag.max()):
+                    k_basis = None  # M not of full row rank
+                else:
+                    s = torch.cholesky_inverse(mchol)
+                    k_basis = s @ (mix @ k @ mix.t()) @ s
+            if k_basis is not None:
+                vis2 = float(torch.cholesky_solve(k_basis, chol).diagonal().sum())
+                return vis2, kk, None
+    pinv, rank = pinv_psd(wtw)
+    return float((k * pinv).sum()), rank, pinv
+
+
 def isotropic_baseline(head_rank: int, vocab_size: int) -> float:
     """Destroyed ratio of an isotropic gradient against a random rank-``head_rank`` subspace."""
     return max(0.0, 1.0 - head_rank / max(vocab_size - 1, 1)) ** 0.5
@@ -225,8 +253,7 @@ class StepAccumulator:
             return out
         mix = view.mix.double().to(ftf.device) if view.mix is not None else None
         wtw = ftf if mix is None else mix.t() @ ftf @ mix
-        wtw_pinv, head_rank = pinv_psd(wtw)
-        vis2 = float((k * wtw_pinv).sum())
+        vis2, head_rank, wtw_pinv = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets))
         g2f = float(g2)
         ratio2 = min(max(1.0 - vis2 / g2f, 0.0), 1.0) if g2f > 0 else nan
         out = {
