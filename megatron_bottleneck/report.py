@@ -177,7 +177,7 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
     # Per-run table.
     lines += ["## Runs", "",
               "| run | V | D | head rank | lr | tokens | final train loss | final valid loss | "
-              "destroyed ratio | visible cosine | isotropic baseline | symbol count min / median |",
+              "destroyed ratio | visible cosine | isotropic baseline | draws per symbol min / median |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         cov = r.params.get("coverage") or {}

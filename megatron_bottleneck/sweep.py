@@ -121,7 +121,7 @@ def run_sweep(plan: SweepPlan, out: str, workers: int = 2, log=print) -> List[st
         data = meta[run["vocab_size"]]
         train_symbols = draw_symbols(SpamLangConfig(**data["config"]))[: data["train_sequences"]]
         seen = train_symbols[: base.train.train_steps * base.train.global_batch_size]
-        cov = coverage(seen, SpamLangConfig(**data["config"]), tokens_per_sequence=base.model.seq_length)
+        cov = coverage(seen, SpamLangConfig(**data["config"]))  # draws (sequences) per symbol
         params = {**run, "hidden_size": base.model.hidden_size, "seq_length": base.model.seq_length,
                   "train_steps": base.train.train_steps, "coverage": cov,
                   "tokens_per_symbol_total": base.train.train_steps * base.train.global_batch_size

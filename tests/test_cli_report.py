@@ -33,6 +33,17 @@ def test_spamlang_reads_back_exactly_and_is_deterministic(tmp_path):
     assert (other != symbols).any()
 
 
+def test_megatron_gptdataset_reads_back_the_generated_sequences(tmp_path):
+    from megatron_bottleneck.data import spamlang_gpt_dataset
+
+    cfg = SpamLangConfig(vocab_size=50, seq_length=12, num_sequences=400, seed=7, valid_fraction=0.1)
+    meta = generate_spamlang(cfg, str(tmp_path / "a"))
+    ds = spamlang_gpt_dataset(meta["train_prefix"], 50, 12, str(tmp_path / "cache"))
+    samples = [ds[i]["tokens"].numpy() for i in range(len(ds))]
+    assert len(samples) == 360 and all(s.shape == (13,) and (s == s[0]).all() for s in samples)
+    assert sorted(int(s[0]) for s in samples) == sorted(draw_symbols(cfg)[:360].tolist())
+
+
 def test_zipf_is_skewed_and_bad_input_is_refused():
     z = draw_symbols(SpamLangConfig(100, 4, 20000, distribution="zipf", zipf_exponent=1.2, seed=0))
     c = np.bincount(z, minlength=100)

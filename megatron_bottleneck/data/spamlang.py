@@ -98,3 +98,33 @@ def generate_spamlang(cfg: SpamLangConfig, output_prefix: str) -> Dict:
     with open(output_prefix + ".json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     return meta
+
+
+class SpamLangTokenizer:
+    """The attributes Megatron's GPTDataset reads from a tokenizer (id 0 is EOD and padding)."""
+
+    eod = 0
+    pad = 0
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.unique_identifiers = {"class": "SpamLangTokenizer", "vocab_size": vocab_size}
+
+
+def spamlang_gpt_dataset(prefix: str, vocab_size: int, seq_length: int, cache_dir: str, seed: int = 0):
+    """A megatron.core ``GPTDataset`` over a SpamLang split whose samples are the generated sequences.
+
+    Each document has ``seq_length + 1`` tokens; with ``sequence_length = seq_length + 1`` and
+    ``add_extra_token_to_sequence=False`` every sample is exactly one document (in GPTDataset's
+    shuffled order): ``sample["tokens"]`` is the sequence, shift it for inputs and labels.
+    """
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    indexed = IndexedDataset(prefix)
+    config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length + 1,
+                              tokenizer=SpamLangTokenizer(vocab_size), reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False,
+                              add_extra_token_to_sequence=False, path_to_cache=cache_dir, split="100,0,0")
+    return GPTDataset(indexed, prefix, np.arange(len(indexed)), len(indexed), Split.train, config)
