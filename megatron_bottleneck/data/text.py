@@ -1,0 +1,141 @@
+"""Real text: train a SentencePiece tokenizer and tokenise text / JSONL into a Megatron indexed dataset.
+
+Documents: in ``.txt`` files, paragraphs separated by blank lines; in ``.jsonl`` files, one JSON object per
+line with the text under ``text_key``. Each document is tokenised and followed by EOD. Tokenisation runs
+in ``workers`` processes; the output keeps the input order. Special ids: unk 0, EOD 1, pad 2 (no BOS).
+"""
+from __future__ import annotations
+
+import json
+import os
+from multiprocessing import get_context
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+
+from ..errors import BottleneckError
+
+SPECIAL_TOKENS = 3  # unk, eod, pad
+
+
+class DataError(BottleneckError):
+    """Unusable input data; the message says what to fix."""
+
+
+def _sentencepiece():
+    try:
+        import sentencepiece as spm
+    except ImportError as exc:
+        raise DataError("real-text data needs SentencePiece: pip install sentencepiece "
+                        "(or pip install 'megatron-bottleneck[data]')") from exc
+    return spm
+
+
+def _check_files(paths: Sequence[str]) -> List[str]:
+    if not paths:
+        raise DataError("no input files given")
+    out = []
+    for p in paths:
+        if not os.path.isfile(p) or not os.access(p, os.R_OK):
+            raise DataError(f"cannot read input file {p!r} (missing or not readable)")
+        out.append(p)
+    return out
+
+
+def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
+    """Documents of one file (see the module docstring for the formats)."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                if text_key not in obj:
+                    raise DataError(f"{path}:{n}: no {text_key!r} key (set text_key to the field holding the text)")
+                yield str(obj[text_key])
+        else:
+            para: List[str] = []
+            for line in f:
+                if line.strip():
+                    para.append(line.rstrip("\n"))
+                elif para:
+                    yield "\n".join(para)
+                    para = []
+            if para:
+                yield "\n".join(para)
+
+
+def train_tokenizer(input_files: Sequence[str], vocab_size: int, model_prefix: str, model_type: str = "bpe",
+                    text_key: str = "text", character_coverage: float = 1.0) -> str:
+    """Train a SentencePiece model on the documents of ``input_files``; returns ``<prefix>.model``."""
+    spm = _sentencepiece()
+    files = _check_files(input_files)
+    if vocab_size <= SPECIAL_TOKENS:
+        raise DataError(f"vocab_size={vocab_size} must exceed the {SPECIAL_TOKENS} special tokens (unk, eod, pad)")
+    docs = [d for p in files for d in read_documents(p, text_key) if d.strip()]
+    if not docs:
+        raise DataError(f"no text in {list(files)}: the files are empty")
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(docs), model_prefix=model_prefix, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage, unk_id=0, eos_id=1, pad_id=2,
+            bos_id=-1, minloglevel=2, hard_vocab_limit=True)
+    except RuntimeError as exc:
+        raise DataError(f"SentencePiece could not train a {vocab_size}-token {model_type} model on this data: "
+                        f"{exc}. Use a smaller vocab_size or more text.") from None
+    return model_prefix + ".model"
+
+
+_PROCESSOR = None
+
+
+def _init_worker(model_file: str) -> None:
+    global _PROCESSOR
+    _PROCESSOR = _sentencepiece().SentencePieceProcessor(model_file=model_file)
+
+
+def _encode(docs: List[str]) -> List[List[int]]:
+    eod = _PROCESSOR.eos_id()
+    return [ids + [eod] for ids in _PROCESSOR.encode(docs)]
+
+
+def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_prefix: str, workers: int = 1,
+                        text_key: str = "text", chunk_size: int = 256) -> Dict:
+    """Tokenise every document (+ EOD) into ``<output_prefix>.bin/.idx``; returns counts."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    files = _check_files(input_files)
+    if not os.path.isfile(model_file):
+        raise DataError(f"tokenizer model {model_file!r} not found (train one with train_tokenizer)")
+    _init_worker(model_file)
+    vocab = _PROCESSOR.vocab_size()
+    docs = [d for p in files for d in read_documents(p, text_key) if d.strip()]
+    if not docs:
+        raise DataError(f"no text in {list(files)}: the files are empty")
+    chunks = [docs[i:i + chunk_size] for i in range(0, len(docs), chunk_size)]
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    dtype = DType.optimal_dtype(vocab)
+    builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=dtype)
+    tokens = 0
+    if workers > 1:
+        with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(model_file,)) as pool:
+            results = pool.imap(_encode, chunks)  # ordered
+            for encoded in results:
+                tokens += _add(builder, encoded, dtype)
+    else:
+        for chunk in chunks:
+            tokens += _add(builder, _encode(chunk), dtype)
+    builder.finalize(output_prefix + ".idx")
+    return {"documents": len(docs), "tokens": tokens, "vocab_size": vocab, "prefix": output_prefix}
+
+
+def _add(builder, encoded: List[List[int]], dtype) -> int:
+    n = 0
+    for ids in encoded:
+        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+        n += len(ids)
+    return n

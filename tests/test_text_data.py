@@ -1,0 +1,57 @@
+"""SentencePiece tokenizer and multi-process tokenisation into a Megatron indexed dataset."""
+import json
+import random
+
+import pytest
+
+spm = pytest.importorskip("sentencepiece")
+
+from megatron_bottleneck.data.text import DataError, read_documents, tokenize_to_indexed, train_tokenizer  # noqa: E402
+
+WORDS = ("gradient bottleneck softmax vocabulary hidden rank head logit token model train learn "
+         "the a of to and in is was for on with as by at from").split()
+
+
+def corpus(path, docs=300, seed=0):
+    rng = random.Random(seed)
+    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(docs)]
+    path.write_text("\n\n".join(paras) + "\n")
+    return paras
+
+
+def test_tokenizer_round_trip_and_parallel_tokenisation(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    paras = corpus(tmp_path / "a.txt")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paras[:50]) + "\n")
+    model = train_tokenizer([str(tmp_path / "a.txt")], 120, str(tmp_path / "tok" / "sp"))
+    sp = spm.SentencePieceProcessor(model_file=model)
+    for p in paras[:20]:
+        assert sp.decode(sp.encode(p)) == p
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    one = tokenize_to_indexed(files, model, str(tmp_path / "one"), workers=1, chunk_size=16)
+    two = tokenize_to_indexed(files, model, str(tmp_path / "two"), workers=2, chunk_size=16)
+    assert one["documents"] == two["documents"] == 350
+    assert open(tmp_path / "one.bin", "rb").read() == open(tmp_path / "two.bin", "rb").read()
+    ds = IndexedDataset(str(tmp_path / "two"))
+    assert len(ds) == 350
+    assert list(ds[3]) == sp.encode(paras[3]) + [sp.eos_id()]
+    assert sp.decode(list(ds[320][:-1])) == paras[20]  # jsonl documents follow the txt ones, in order
+
+
+def test_bad_text_input_is_explained(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="the files are empty"):
+        train_tokenizer([str(empty)], 100, str(tmp_path / "x"))
+    with pytest.raises(DataError, match="cannot read input file"):
+        train_tokenizer([str(tmp_path / "missing.txt")], 100, str(tmp_path / "x"))
+    corpus(tmp_path / "a.txt", docs=20)
+    with pytest.raises(DataError, match="must exceed the 3 special tokens"):
+        train_tokenizer([str(tmp_path / "a.txt")], 3, str(tmp_path / "x"))
+    with pytest.raises(DataError, match="Use a smaller vocab_size or more text"):
+        train_tokenizer([str(tmp_path / "a.txt")], 50000, str(tmp_path / "x"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(DataError, match="no 'text' key"):
+        list(read_documents(str(bad)))
