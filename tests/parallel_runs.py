@@ -259,6 +259,7 @@ def validation_errors() -> Dict[str, str]:
         "tied": _error(lambda: build(head_rank=8, share_embeddings_and_output_weights=True)),
         "mtp": _error(lambda: build(config(mtp_num_layers=1), head_rank=8)),
         "bad_init": _error(lambda: build(head=mb.LowRankHeadConfig(rank=8, init="svd"))),
+        "fp8_without_te": _error(lambda: build(config(fp8="hybrid"), head_rank=8)),
     }
     model = build(head_rank=8)
     errors["twice"] = _error(lambda: mb.install_low_rank_head(model, 8))

@@ -83,6 +83,7 @@ def test_checkpoint_resharding_between_tp_sizes(runs):
         ("bad_init", r"init='svd' is not one of"),
         ("twice", r"already has a LowRankOutputLayer"),
         ("wrapped", r"before DDP wrapping"),
+        ("fp8_without_te", r"fp8='hybrid' needs NVIDIA Transformer Engine.*megatron-bottleneck\[te\]"),
     ],
 )
 def test_validation_errors(runs, key, pattern):

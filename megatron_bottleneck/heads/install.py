@@ -59,8 +59,22 @@ def _unwrap(model):
     return getattr(model, "module", model) if type(model).__name__ == "Float16Module" else model
 
 
+def require_transformer_engine_for_fp8(config) -> None:
+    """FP8 runs through Transformer Engine only: refuse it clearly when TE is not installed."""
+    if not getattr(config, "fp8", None):
+        return
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise HeadConfigError(
+            f"fp8={config.fp8!r} needs NVIDIA Transformer Engine, which is not installed: "
+            "pip install 'megatron-bottleneck[te]' on a CUDA machine, or set fp8=None."
+        ) from None
+
+
 def _check_model(model) -> None:
     config = model.config
+    require_transformer_engine_for_fp8(config)
     if getattr(model, "share_embeddings_and_output_weights", False):
         raise HeadConfigError(
             "the model ties its input embedding and output weights, so its head cannot be factorised. "
@@ -157,6 +171,7 @@ def build_gpt_model(
 
     from ..specs import llama_block_spec
 
+    require_transformer_engine_for_fp8(config)
     if head is None and head_rank is not None:
         head = LowRankHeadConfig(rank=head_rank)
     if head is not None:
