@@ -108,31 +108,9 @@ def best_lr_runs(runs: List[Run], group_key) -> Dict:
     return dict(sorted(best.items()))
 
 
-def _plot_curves(path: str, title: str, curves: Dict[str, List], ylabel: str, logx: bool = False) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in curves.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None,
-                    label=label)
-    ax.set_title(title)
-    ax.set_xlabel("tokens" if not logx else "tokens (log)")
-    if logx:
-        ax.set_xscale("log")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.path.basename(path)
-
-
-def _plot_xy(path, title, series: Dict[str, List], xlabel, ylabel, logx=True) -> str:
+def _plot(path: str, title: str, series: Dict[str, List], xlabel: str, ylabel: str,
+          xscale_base: Optional[int] = None) -> str:
+    """One PNG of x-y series (a label containing 'baseline' is drawn dashed); returns its file name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,21 +118,29 @@ def _plot_xy(path, title, series: Dict[str, List], xlabel, ylabel, logx=True) ->
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in series.items():
-        pts = sorted(p for p in pts if p[1] is not None)
+        pts = [p for p in pts if p[1] is not None]
         if pts:
-            style = "--" if "baseline" in label else "-o"
+            style = "--" if "baseline" in label else ("-o" if len(pts) < 20 else "-")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if logx:
-        ax.set_xscale("log", base=2)
+    if xscale_base:
+        ax.set_xscale("log", base=xscale_base)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return os.path.basename(path)
+
+
+def _plot_curves(path: str, title: str, curves: Dict[str, List], ylabel: str, logx: bool = False) -> str:
+    return _plot(path, title, curves, "tokens", ylabel, 10 if logx else None)
+
+
+def _plot_xy(path, title, series: Dict[str, List], xlabel, ylabel) -> str:
+    return _plot(path, title, {k: sorted(v) for k, v in series.items()}, xlabel, ylabel, 2)
 
 
 def _fmt(v, digits=3) -> str:
