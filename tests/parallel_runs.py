@@ -268,6 +268,8 @@ def validation_errors() -> Dict[str, str]:
     )
     errors["wrapped"] = _error(lambda: mb.install_low_rank_head(ddp, 8))
     errors["full_rank_ok"] = str(type(build(head_rank=HIDDEN).output_layer).__name__)
+    hooked = mb.low_rank_head_hook(mb.LowRankHeadConfig(rank=4))([build(), build()])
+    errors["hook"] = ",".join(f"{type(m.output_layer).__name__}:{m.output_layer.rank}" for m in hooked)
     return errors
 
 

@@ -94,4 +94,5 @@ def test_validation_errors(runs, key, pattern):
 
 def test_full_rank_is_allowed_and_vocab_must_divide_tp(runs):
     assert runs["one"]["errors"]["full_rank_ok"] == "LowRankOutputLayer"
+    assert runs["one"]["errors"]["hook"] == "LowRankOutputLayer:4,LowRankOutputLayer:4"  # pre-wrap hook
     assert "not divisible by the tensor-parallel size 2" in runs["two"][0]["vocab_error"]

@@ -106,10 +106,10 @@ def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=No
         head = LowRankHeadConfig(rank=head)
     if head.init not in INIT_METHODS:
         raise HeadConfigError(f"init={head.init!r} is not one of {INIT_METHODS}.")
-    model = _unwrap(model)
+    outer, model = model, _unwrap(model)
     old = getattr(model, "output_layer", None)
     if old is None or not getattr(model, "post_process", True):
-        return model
+        return outer
     if isinstance(old, LowRankOutputLayer):
         raise HeadConfigError("the model already has a LowRankOutputLayer; build a fresh model to change it.")
     _check_model(model)
@@ -133,7 +133,7 @@ def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=No
         device=old.weight.device if old.weight is not None else None,
     )
     model.output_layer = new
-    return model
+    return outer
 
 
 def low_rank_head_hook(head: "LowRankHeadConfig | int") -> Callable[[List], List]:
