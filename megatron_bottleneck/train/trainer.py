@@ -300,7 +300,9 @@ class Trainer:
         if self.cfg.logging.console and (self.iteration % li == 0 or self.iteration == self.cfg.train.train_steps):
             valid = f" valid {rec['valid_loss']:.4f}" if rec.get("valid_loss") is not None else ""
             tps = rec.get("tokens_per_s") or 0.0
-            print(f"[{self.iteration:>6d}/{self.cfg.train.train_steps}] loss {rec['loss']:.4f}{valid} "
+            total = self.cfg.train.train_steps
+            done = int(20 * self.iteration / total)
+            print(f"[{'#' * done}{'.' * (20 - done)}] {self.iteration:>6d}/{total} loss {rec['loss']:.4f}{valid} "
                   f"lr {rec['lr']:.2e} | {tps:,.0f} tok/s", flush=True)
 
 
