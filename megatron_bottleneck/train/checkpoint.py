@@ -1,5 +1,5 @@
-"""Atomic, resumable checkpoints: Megatron distributed checkpointing for the model, per-rank files for
-optimizer, scheduler, RNG and data position.
+"""Atomic, resumable checkpoints: Megatron distributed checkpointing for the model and the optimizer
+(its sharded state), per-rank files for scheduler, RNG and data position.
 
 Layout under ``dir``::
 
@@ -48,9 +48,17 @@ def _barrier():
         dist.barrier()
 
 
+def _full_state(chunks, optimizer, is_loading: bool) -> Dict:
+    model = _model_state(chunks)
+    state = {"model": model}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading)
+    return state
+
+
 def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, config=None,
-                    keep_last: int = 2) -> str:
-    """Save atomically; ``extra`` is this rank's picklable state (optimizer, scheduler, RNG, data)."""
+                    keep_last: int = 2, optimizer=None) -> str:
+    """Save atomically; ``extra`` is this rank's picklable state (scheduler, RNG, data position)."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -63,7 +71,7 @@ def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, c
                 shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(_model_state(chunks), tmp)
+    dist_checkpointing.save(_full_state(chunks, optimizer, is_loading=False), tmp)
     torch.save(extra, os.path.join(tmp, f"rank_{rank}.pt"))
     if rank == 0 and config is not None:
         config.save(os.path.join(tmp, "config.yaml"))
@@ -91,19 +99,21 @@ def _prune(directory: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
 
 
-def load_checkpoint(path: str, chunks: List) -> Dict:
-    """Load the model into ``chunks`` (any TP/PP layout) and return this rank's extra state."""
+def load_checkpoint(path: str, chunks: List, optimizer=None) -> Dict:
+    """Load the model into ``chunks`` and the optimizer state, and return this rank's extra state."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_model_state(chunks), path)
+    state = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True), path)
     for i, c in enumerate(chunks):
-        c.load_state_dict(state[f"chunk{i}"], strict=False)
+        c.load_state_dict(state["model"][f"chunk{i}"], strict=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     extra_path = os.path.join(path, f"rank_{rank}.pt")
     if not os.path.exists(extra_path):
         raise FileNotFoundError(
-            f"{extra_path} is missing: optimizer state is saved per rank, so resume with the same number "
-            "of ranks (the model alone loads at any TP/PP size: load_model_only)."
+            f"{extra_path} is missing: scheduler/RNG/data state is saved per rank, so resume with the same "
+            "number of ranks (the model alone loads at any TP/PP size: load_model_only)."
         )
     return torch.load(extra_path, weights_only=False)
 

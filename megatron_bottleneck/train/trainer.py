@@ -1,4 +1,5 @@
-"""A lean Megatron-Core trainer: GPTModel (dense or low-rank head), Megatron DDP and optimizer (AdamW),
+"""A lean Megatron-Core trainer: GPTModel (dense or low-rank head), Megatron DDP and Megatron's
+optimizer (Adam, decoupled weight decay),
 warmup + cosine schedule, clipping, micro-batches through Megatron's schedule, validation, the gradient
 probe, JSONL / TensorBoard / console logging, atomic checkpoints and exact resume.
 
@@ -90,8 +91,9 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.tcfg, chunks = build_models(config)
         bf16 = _precision(config) == "bf16"
+        dist_opt = False  # Megatron's DistributedOptimizer: not yet supported by this trainer (see CHANGELOG)
         ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=False)
+                                            use_distributed_optimizer=dist_opt)
         self.models = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp, module=c,
                                                disable_bucketing=i > 0) for i, c in enumerate(chunks)]
         o = config.optim
@@ -99,7 +101,7 @@ class Trainer:
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                             clip_grad=o.clip_grad, bf16=bf16, params_dtype=self.tcfg.params_dtype,
-                            use_distributed_optimizer=False),
+                            use_distributed_optimizer=dist_opt),
             self.models)
         steps = t.train_steps
         self.scheduler = OptimizerParamScheduler(
@@ -221,8 +223,7 @@ class Trainer:
     def _extra_state(self) -> Dict:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        return {"iteration": self.iteration, "consumed": self.consumed,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"iteration": self.iteration, "consumed": self.consumed, "scheduler": self.scheduler.state_dict(),
                 "rng_cpu": torch.get_rng_state(), "rng_tracker": get_cuda_rng_tracker().get_states(),
                 "probe_step": None if self.probe is None else self.probe.step}
 
@@ -231,13 +232,12 @@ class Trainer:
         if not c.dir:
             return None
         return save_checkpoint(c.dir, self.iteration, [m.module for m in self.models], self._extra_state(),
-                               self.cfg, c.keep_last)
+                               self.cfg, c.keep_last, optimizer=self.optimizer)
 
     def _restore(self, path: str) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        extra = load_checkpoint(path, [m.module for m in self.models])
-        self.optimizer.load_state_dict(extra["optimizer"])
+        extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng_cpu"])
         get_cuda_rng_tracker().set_states(extra["rng_tracker"])
