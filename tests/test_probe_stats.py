@@ -190,3 +190,13 @@ def test_position_buckets_and_degenerate_factors():
     rows = torch.arange(T) // b  # sequence position of each token
     for i, part in enumerate((rows < 4, rows >= 4)):
         assert got[f"destroyed_ratio_bucket{i}"] == pytest.approx(brute(G[part], W)["destroyed_ratio"], rel=1e-5)
+
+
+def test_bf16_gradients_get_a_usable_rank_tolerance():
+    G = logit_grad(64, 500, seed=40).to(torch.bfloat16)
+    gram = GramAccumulator(token_budget=64)
+    gram.add(G, HeadView(torch.zeros(500, 1), None, 0, 500))
+    out = gram.finalize()
+    s = torch.linalg.svdvals(G.double())
+    tol = s[0] * 500 * torch.finfo(torch.float32).eps
+    assert out["numerical_rank"] == int((s > tol).sum()) > 32

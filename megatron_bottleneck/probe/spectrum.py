@@ -3,8 +3,9 @@
 Under vocab-parallel TP, K = sum over vocab shards of G_s G_s^T: one T x T all-reduce, never a V-sized
 gather. Eigenvalues of K are sigma_i^2. Reported (sigma sorted descending):
 
-* numerical rank: #{sigma_i > tol}, tol = sigma_max * max(T, V) * eps(dtype of G) unless ``rtol`` is
-  given (then tol = sigma_max * rtol);
+* numerical rank: #{sigma_i > tol}, tol = sigma_max * max(T, V) * eps unless ``rtol`` is given (then
+  tol = sigma_max * rtol); eps is float32's for float32/bf16/fp16 gradients (bf16's would exceed 1/V)
+  and float64's for float64 gradients;
 * effective rank (Roy & Vetterli 2007): exp(-sum p_i log p_i), p_i = sigma_i / sum sigma;
 * energy of the top k components: sum_{i<=k} sigma_i^2 / sum sigma_i^2, and the number of components
   that hold 70 / 90 / 99 / 99.9 % of it;
@@ -100,7 +101,9 @@ class GramAccumulator:
         if self.full:
             return
         self.vocab_size = view.vocab_size
-        self.eps = torch.finfo(grad.dtype).eps if grad.is_floating_point() else self.eps
+        # eps of the compute dtype: at least float32's. bf16/fp16 gradients still come from a float32
+        # cross-entropy, and bf16's eps (2^-8) times max(T, V) would put the tolerance above sigma_max.
+        self.eps = torch.finfo(torch.float64 if grad.dtype == torch.float64 else torch.float32).eps
         x = grad.reshape(-1, grad.shape[-1])[:, : view.valid_rows()]
         x = x[: self.token_budget - self.tokens].detach().double()
         # float64 products: sigma_i = sqrt(eigenvalue), so a float32 Gram would blur every
