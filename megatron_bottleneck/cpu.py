@@ -15,6 +15,8 @@ CUDA RNG state (tracker ``add``/``fork``)         a private CPU ``torch.Generato
 batched pipeline p2p (``batch_p2p_comm``)        Megatron's unbatched p2p (gloo can swap the
                                                   two directions' messages on a 2-stage ring)
 optimizer gradient clipping (asserts CUDA)       the same scaling on CPU tensors
+``Tensor.type()`` (DistributedOptimizer accepts   ``'torch.cuda.FloatTensor'`` etc. for CPU tensors
+only CUDA parameter types)                        (only the no-argument form; casts are untouched)
 ==============================================  ==============================================
 
 Nothing changes until :func:`enable_cpu_mode` is called; on a CUDA machine, simply do not call it.
@@ -73,6 +75,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)  # DistributedOptimizer accepts only 'torch.cuda.*Tensor' parameters
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if _is_cuda(kwargs.get("device")):
             kwargs = dict(kwargs, device="cpu")
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

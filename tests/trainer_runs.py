@@ -23,8 +23,18 @@ def config(tmp, data, ckpt=None, steps=12, **sections):
     return TrainConfig.from_dict(d)
 
 
+def adam_state_numel(trainer):
+    """Adam moments held on this rank (the distributed optimizer keeps only this DP rank's shard)."""
+    subs = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    return sum(st["exp_avg"].numel() for sub in subs for st in sub.optimizer.state.values())
+
+
 def uninterrupted_then_killed(tmp, data):
-    full = Trainer(config(os.path.join(tmp, "a"), data)).train()
+    """4 ranks: TP=2 x DP=2, Megatron's distributed optimizer (the default) against the regular one."""
+    sharded = Trainer(config(os.path.join(tmp, "a"), data))
+    full = sharded.train()
+    replicated = Trainer(config(os.path.join(tmp, "c"), data, parallel={"distributed_optimizer": False}))
+    plain = replicated.train()
 
     def kill_at_7(step, _rec):
         if step == 7:
@@ -32,7 +42,8 @@ def uninterrupted_then_killed(tmp, data):
 
     part = Trainer(config(os.path.join(tmp, "b"), data, ckpt=os.path.join(tmp, "ckpt")), on_step=kill_at_7).train()
     return {"full": [h["loss"] for h in full["history"]], "part": [h["loss"] for h in part["history"]],
-            "stopped": part["stopped_by_signal"], "iteration": part["iteration"]}
+            "plain": [h["loss"] for h in plain["history"]], "stopped": part["stopped_by_signal"],
+            "iteration": part["iteration"], "numel": (adam_state_numel(sharded), adam_state_numel(replicated))}
 
 
 def resume(tmp, data):

@@ -48,11 +48,60 @@ def _barrier():
         dist.barrier()
 
 
+# Megatron's DistributedOptimizer saves its Adam state as each data-parallel rank's buffer shard
+# (Megatron-LM's default "dp_reshardable": parallel save and load, no gather). On megatron-core 0.16 the
+# other formats fail on the torch-Adam path: "fully_sharded_model_space" (flattened_range unsupported),
+# "fully_reshardable" (KeyError 'step').
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _sub_optimizers(optimizer) -> List:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give every parameter Adam state (zeros, step 1) before a load, so the sharded state dict has the
+    shapes the checkpoint fills in. Megatron does this with a dummy step for some formats only."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None or all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
+        saved = [(p.grad, p.data.clone()) for p in params]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p, (grad, data) in zip(params, saved):
+            p.grad = grad
+            p.data.copy_(data)  # undo weight decay; the checkpoint overwrites the values anyway
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Megatron's DistributedOptimizer on the torch-Adam path (no Apex/TE) keeps the step count in its
+    param groups; at load it writes one shared ``step`` tensor into every parameter's state, and the
+    dp_reshardable per-parameter copy comes back with the pre-load value. torch Adam increments each
+    parameter's step in place, so a shared tensor would also advance once per parameter per step. Give
+    each parameter its own step, equal to its group's saved count (Adam's bias correction depends on it)."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        for group in (inner.param_groups if inner is not None else ()):
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                old = st.get("step") if st else None
+                if torch.is_tensor(old):
+                    st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
+
+
 def _full_state(chunks, optimizer, is_loading: bool) -> Dict:
     model = _model_state(chunks)
     state = {"model": model}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading)
+        if is_loading:
+            _ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
     return state
 
 
@@ -107,7 +156,9 @@ def load_checkpoint(path: str, chunks: List, optimizer=None) -> Dict:
     for i, c in enumerate(chunks):
         c.load_state_dict(state["model"][f"chunk{i}"], strict=False)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer)
     rank = dist.get_rank() if dist.is_initialized() else 0
     extra_path = os.path.join(path, f"rank_{rank}.pt")
     if not os.path.exists(extra_path):

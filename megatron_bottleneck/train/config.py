@@ -35,6 +35,7 @@ class ParallelSection:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
+    distributed_optimizer: bool = True  # Megatron's DistributedOptimizer: Adam state sharded over data-parallel ranks
 
 
 @dataclass
@@ -169,7 +170,8 @@ class TrainConfig:
             bad = set(self.probe) - {f.name for f in dataclasses.fields(ProbeConfig)}
             if bad:
                 name = sorted(bad)[0]
-                raise ConfigError(f"unknown key 'probe.{name}'{_suggest(name, [f.name for f in dataclasses.fields(ProbeConfig)], 'probe.')}")
+                known = [f.name for f in dataclasses.fields(ProbeConfig)]
+                raise ConfigError(f"unknown key 'probe.{name}'{_suggest(name, known, 'probe.')}")
 
 
 def _suggest(name: str, options: List[str], prefix: str = "") -> str:

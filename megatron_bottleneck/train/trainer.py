@@ -1,7 +1,7 @@
 """A lean Megatron-Core trainer: GPTModel (dense or low-rank head), Megatron DDP and Megatron's
-optimizer (Adam, decoupled weight decay),
-warmup + cosine schedule, clipping, micro-batches through Megatron's schedule, validation, the gradient
-probe, JSONL / TensorBoard / console logging, atomic checkpoints and exact resume.
+distributed optimizer (AdamW, state sharded over data-parallel ranks), warmup + cosine schedule,
+clipping, micro-batches through Megatron's schedule, validation, the gradient probe, JSONL / TensorBoard /
+console logging, atomic checkpoints and exact resume.
 
 Runs under ``torchrun`` (NCCL on GPUs, gloo on CPUs) or through :func:`run` (CPU ranks on 127.0.0.1).
 SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step and return.
@@ -91,7 +91,7 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.tcfg, chunks = build_models(config)
         bf16 = _precision(config) == "bf16"
-        dist_opt = False  # Megatron's DistributedOptimizer: not yet supported by this trainer (see CHANGELOG)
+        dist_opt = config.parallel.distributed_optimizer
         ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                             use_distributed_optimizer=dist_opt)
         self.models = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp, module=c,
