@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -192,7 +193,9 @@ class Trainer:
         for m in self.models:
             m.train()
             m.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        with warnings.catch_warnings():  # fp32 distributed optimizer: its main params are views (non-leaf)
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            self.optimizer.zero_grad()
         if self.probe is not None:
             self.probe.step = self.iteration
         batches = [next(stream) for _ in range(self.num_micro)]
