@@ -3,7 +3,7 @@
 Importing this package does not import Megatron-Core or change anything; see ``cpu.enable_cpu_mode``.
 """
 from .cpu import enable_cpu_mode, is_cpu_mode, launch
-from .errors import BottleneckError, ConfigError, HeadConfigError
+from .errors import BottleneckError, CheckpointError, ConfigError, HeadConfigError
 from .heads import (
     LowRankHeadConfig,
     LowRankOutputLayer,
@@ -40,5 +40,6 @@ __all__ = [
     "llama_config",
     "BottleneckError",
     "ConfigError",
+    "CheckpointError",
     "HeadConfigError",
 ]

@@ -11,3 +11,7 @@ class HeadConfigError(BottleneckError):
 
 class ConfigError(BottleneckError):
     """A configuration key has a bad value; the message names the key."""
+
+
+class CheckpointError(BottleneckError):
+    """A checkpoint cannot be loaded as asked (e.g. saved with another parallel layout)."""

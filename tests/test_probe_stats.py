@@ -135,7 +135,8 @@ def test_rank_figures_and_curve_match_svd():
         math.sqrt((s[2 * D:] ** 2).sum().item() / (s ** 2).sum().item()), rel=1e-6)
     for point in out["rank_curve"]:
         sv = torch.linalg.svdvals(Gb[: point["tokens"]])
-        assert point["numerical_rank"] == int((sv > sv[0] * max(point["tokens"], V) * torch.finfo(torch.float32).eps).sum())
+        tol = sv[0] * max(point["tokens"], V) * torch.finfo(torch.float32).eps
+        assert point["numerical_rank"] == int((sv > tol).sum())
     assert out["rank_curve"][-1]["tokens"] == 48
 
 

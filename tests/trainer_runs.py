@@ -50,3 +50,14 @@ def resume(tmp, data):
     out = Trainer(config(os.path.join(tmp, "b"), data, ckpt=os.path.join(tmp, "ckpt"))).train()
     return {"losses": [h["loss"] for h in out["history"]], "steps": [h["step"] for h in out["history"]],
             "valid": [h.get("valid_loss") for h in out["history"]]}
+
+
+def resume_with_other_layout(tmp, data):
+    """2 ranks (TP=2, DP=1) pointed at the 4-rank checkpoint: a clear error before anything loads."""
+    from megatron_bottleneck.errors import CheckpointError
+
+    try:
+        Trainer(config(os.path.join(tmp, "d"), data, ckpt=os.path.join(tmp, "ckpt")))
+    except CheckpointError as e:
+        return str(e)
+    return None

@@ -27,7 +27,8 @@ class ProbeCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        head = self._head(pl_module) if callable(self._head) and not isinstance(self._head, torch.nn.Module) else self._head
+        find = callable(self._head) and not isinstance(self._head, torch.nn.Module)
+        head = self._head(pl_module) if find else self._head
         if head is None:
             self.probe.watch(pl_module, accumulate)
             if self.probe._head is None:

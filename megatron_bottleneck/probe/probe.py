@@ -75,7 +75,8 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
     group = getattr(head, "tp_group", None)
     if group is not None and dist.is_initialized():
         tp_rank = dist.get_rank(group)
-    total = getattr(head, "output_size", rows * (dist.get_world_size(group) if group is not None and dist.is_initialized() else 1))
+    shards = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    total = getattr(head, "output_size", rows * shards)
     return HeadView(basis=w.detach(), mix=None, vocab_start=tp_rank * rows,
                     vocab_size=vocab_size if vocab_size is not None else total)
 

@@ -1,7 +1,7 @@
 """The lean Megatron-Core trainer: config, loop, checkpoints."""
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_only, save_checkpoint
+from .checkpoint import check_layout, latest_checkpoint, load_checkpoint, load_model_only, save_checkpoint
 from .config import TrainConfig
 from .trainer import Trainer, build_models, run
 
 __all__ = ["TrainConfig", "Trainer", "run", "build_models", "save_checkpoint", "load_checkpoint",
-           "load_model_only", "latest_checkpoint"]
+           "load_model_only", "latest_checkpoint", "check_layout"]

@@ -12,6 +12,7 @@ points ``latest`` at it, so a crash at any moment leaves the previous checkpoint
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Dict, List, Optional
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+LAYOUT = "layout.json"
 
 
 def _name(iteration: int) -> str:
@@ -106,8 +108,9 @@ def _full_state(chunks, optimizer, is_loading: bool) -> Dict:
 
 
 def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, config=None,
-                    keep_last: int = 2, optimizer=None) -> str:
-    """Save atomically; ``extra`` is this rank's picklable state (scheduler, RNG, data position)."""
+                    keep_last: int = 2, optimizer=None, layout: Optional[Dict] = None) -> str:
+    """Save atomically; ``extra`` is this rank's picklable state (scheduler, RNG, data position);
+    ``layout`` (e.g. world size and TP/PP/DP sizes) is recorded and checked by :func:`load_checkpoint`."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -124,6 +127,9 @@ def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, c
     torch.save(extra, os.path.join(tmp, f"rank_{rank}.pt"))
     if rank == 0 and config is not None:
         config.save(os.path.join(tmp, "config.yaml"))
+    if rank == 0 and layout is not None:
+        with open(os.path.join(tmp, LAYOUT), "w", encoding="utf-8") as f:
+            json.dump(layout, f)
     _barrier()
     if rank == 0:
         if os.path.exists(final):
@@ -148,10 +154,42 @@ def _prune(directory: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
 
 
-def load_checkpoint(path: str, chunks: List, optimizer=None) -> Dict:
+def check_layout(path: str, layout: Dict) -> None:
+    """Raise a :class:`CheckpointError` before loading if ``path`` was saved with another parallel layout
+    (the optimizer shards and the per-rank scheduler/RNG/data state only fit the layout they came from)."""
+    from ..errors import CheckpointError
+
+    file = os.path.join(path, LAYOUT)
+    if not os.path.exists(file):
+        return
+    with open(file, encoding="utf-8") as f:
+        saved = json.load(f)
+    diff = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(
+            f"cannot resume from {path}: it was saved with another parallel layout ({what}). Resume with the "
+            "saved layout, or start a new run from its weights only (megatron_bottleneck.train.load_model_only "
+            "loads the model at any TP/PP size), or set checkpoint.resume=false."
+        )
+
+
+def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Dict] = None) -> Dict:
     """Load the model into ``chunks`` and the optimizer state, and return this rank's extra state."""
     from megatron.core import dist_checkpointing
 
+    from ..errors import CheckpointError
+
+    if layout is not None:
+        check_layout(path, layout)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_ranks = len([f for f in os.listdir(path) if f.startswith("rank_") and f.endswith(".pt")])
+    if saved_ranks != world:  # the same answer on every rank, so all ranks stop together
+        raise CheckpointError(
+            f"cannot resume from {path}: it holds the scheduler/RNG/data state of {saved_ranks} ranks and this "
+            f"run has {world}. Resume with {saved_ranks} ranks, or load the weights alone with "
+            "megatron_bottleneck.train.load_model_only (any TP/PP size)."
+        )
     state = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True), path)
     for i, c in enumerate(chunks):
         c.load_state_dict(state["model"][f"chunk{i}"], strict=False)
@@ -160,13 +198,7 @@ def load_checkpoint(path: str, chunks: List, optimizer=None) -> Dict:
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    extra_path = os.path.join(path, f"rank_{rank}.pt")
-    if not os.path.exists(extra_path):
-        raise FileNotFoundError(
-            f"{extra_path} is missing: scheduler/RNG/data state is saved per rank, so resume with the same "
-            "number of ranks (the model alone loads at any TP/PP size: load_model_only)."
-        )
-    return torch.load(extra_path, weights_only=False)
+    return torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=False)
 
 
 def load_model_only(path: str, chunks: List) -> None:

@@ -235,12 +235,22 @@ class Trainer:
         if not c.dir:
             return None
         return save_checkpoint(c.dir, self.iteration, [m.module for m in self.models], self._extra_state(),
-                               self.cfg, c.keep_last, optimizer=self.optimizer)
+                               self.cfg, c.keep_last, optimizer=self.optimizer, layout=self.layout())
+
+    def layout(self) -> Dict:
+        """What a resume must match: world size, the parallel sizes and the optimizer kind."""
+        p = self.cfg.parallel
+        return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "tensor_model_parallel_size": p.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+                "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer}
 
     def _restore(self, path: str) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer)
+        extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer,
+                                layout=self.layout())
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng_cpu"])
         get_cuda_rng_tracker().set_states(extra["rng_tracker"])
