@@ -21,9 +21,9 @@ def runs(tmp_path_factory):
     listing = sorted(os.listdir(ckpt))
     os.makedirs(os.path.join(ckpt, "iter_0000099.tmp"))  # a save killed mid-way: must be ignored
     second = mb.launch(functools.partial(tr.resume, tmp, data), 4, timeout=600)[-1]
-    other = mb.launch(functools.partial(tr.resume_with_other_layout, tmp, data), 2, timeout=600)
+    other = mb.launch(functools.partial(tr.two_rank_checks, tmp, data), 2, timeout=600)
     return {"first": first, "second": second, "listing": listing, "tmp": tmp, "final": sorted(os.listdir(ckpt)),
-            "other_layout": other}
+            "two_rank": other}
 
 
 def test_sigterm_saves_and_resume_is_exact(runs):
@@ -42,9 +42,15 @@ def test_distributed_optimizer_shards_state_and_matches_regular_adam(runs):
 
 
 def test_resume_with_another_layout_is_refused_clearly(runs):
-    for message in runs["other_layout"]:  # every rank stops with the same message
+    for rank in runs["two_rank"]:  # every rank stops with the same message
+        message = rank["message"]
         assert message is not None and "another parallel layout" in message
         assert "data_parallel_size: saved 2, now 1" in message and "world_size: saved 4, now 2" in message
+
+
+def test_resume_is_exact_with_the_replicated_optimizer_too(runs):
+    last = runs["two_rank"][-1]
+    assert len(last["full"]) == 6 and last["resumed"] == last["full"][3:]
 
 
 def test_checkpoints_are_atomic_and_pruned(runs):

@@ -52,12 +52,25 @@ def resume(tmp, data):
             "valid": [h.get("valid_loss") for h in out["history"]]}
 
 
-def resume_with_other_layout(tmp, data):
-    """2 ranks (TP=2, DP=1) pointed at the 4-rank checkpoint: a clear error before anything loads."""
+def two_rank_checks(tmp, data):
+    """2 ranks (TP=2, DP=1): (1) pointed at the 4-rank checkpoint, a clear error before anything loads;
+    (2) exact resume with the replicated (non-distributed) optimizer."""
     from megatron_bottleneck.errors import CheckpointError
 
+    message = None
     try:
         Trainer(config(os.path.join(tmp, "d"), data, ckpt=os.path.join(tmp, "ckpt")))
     except CheckpointError as e:
-        return str(e)
-    return None
+        message = str(e)
+    plain = {"distributed_optimizer": False}
+    full = Trainer(config(os.path.join(tmp, "e"), data, steps=6, parallel=plain)).train()
+
+    def kill_at_3(step, _rec):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    ckpt = os.path.join(tmp, "ckpt_replicated")
+    Trainer(config(os.path.join(tmp, "f"), data, ckpt=ckpt, steps=6, parallel=plain), on_step=kill_at_3).train()
+    rest = Trainer(config(os.path.join(tmp, "f"), data, ckpt=ckpt, steps=6, parallel=plain)).train()
+    return {"message": message, "full": [h["loss"] for h in full["history"]],
+            "resumed": [h["loss"] for h in rest["history"]]}
