@@ -5,7 +5,21 @@ from typing import Optional
 
 import torch
 
-__all__ = ["initialize_parallel", "destroy_parallel"]
+__all__ = ["initialize_parallel", "destroy_parallel", "group_size", "group_rank"]
+
+
+def group_size(group) -> int:
+    """Size of ``group``; 1 when there is no group or torch.distributed is not initialised."""
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank in ``group``; 0 when there is no group or torch.distributed is not initialised."""
+    if group is None or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank(group)
 
 
 def initialize_parallel(

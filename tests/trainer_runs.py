@@ -29,6 +29,14 @@ def adam_state_numel(trainer):
     return sum(st["exp_avg"].numel() for sub in subs for st in sub.optimizer.state.values())
 
 
+def sigterm_at(stop_step):
+    """An ``on_step`` callback that sends this process SIGTERM after step ``stop_step``."""
+    def on_step(step, _rec):
+        if step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
 def uninterrupted_then_killed(tmp, data):
     """4 ranks: TP=2 x DP=2, Megatron's distributed optimizer (the default) against the regular one."""
     sharded = Trainer(config(os.path.join(tmp, "a"), data))
@@ -36,11 +44,7 @@ def uninterrupted_then_killed(tmp, data):
     replicated = Trainer(config(os.path.join(tmp, "c"), data, parallel={"distributed_optimizer": False}))
     plain = replicated.train()
 
-    def kill_at_7(step, _rec):
-        if step == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    part = Trainer(config(os.path.join(tmp, "b"), data, ckpt=os.path.join(tmp, "ckpt")), on_step=kill_at_7).train()
+    part = Trainer(config(os.path.join(tmp, "b"), data, ckpt=os.path.join(tmp, "ckpt")), on_step=sigterm_at(7)).train()
     return {"full": [h["loss"] for h in full["history"]], "part": [h["loss"] for h in part["history"]],
             "plain": [h["loss"] for h in plain["history"]], "stopped": part["stopped_by_signal"],
             "iteration": part["iteration"], "numel": (adam_state_numel(sharded), adam_state_numel(replicated))}
@@ -65,12 +69,8 @@ def two_rank_checks(tmp, data):
     plain = {"distributed_optimizer": False}
     full = Trainer(config(os.path.join(tmp, "e"), data, steps=6, parallel=plain)).train()
 
-    def kill_at_3(step, _rec):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     ckpt = os.path.join(tmp, "ckpt_replicated")
-    Trainer(config(os.path.join(tmp, "f"), data, ckpt=ckpt, steps=6, parallel=plain), on_step=kill_at_3).train()
+    Trainer(config(os.path.join(tmp, "f"), data, ckpt=ckpt, steps=6, parallel=plain), on_step=sigterm_at(3)).train()
     rest = Trainer(config(os.path.join(tmp, "f"), data, ckpt=ckpt, steps=6, parallel=plain)).train()
     return {"message": message, "full": [h["loss"] for h in full["history"]],
             "resumed": [h["loss"] for h in rest["history"]]}

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.nn import Parameter
 
 from ..errors import HeadConfigError
+from ..parallel import group_rank, group_size
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
 
@@ -50,14 +51,6 @@ def _default_tp_group():
     if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_group()
     return None
-
-
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def _group_rank(group) -> int:
-    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
 
 
 class LowRankOutputLayer(torch.nn.Module):
@@ -85,7 +78,7 @@ class LowRankOutputLayer(torch.nn.Module):
     ):
         super().__init__()
         self.tp_group = tp_group if tp_group is not None else _default_tp_group()
-        tp = _group_size(self.tp_group)
+        tp = group_size(self.tp_group)
         validate_head_shape(hidden_size, vocab_size, rank, tp)
         if init not in INIT_METHODS:
             raise HeadConfigError(f"init={init!r} is not one of {INIT_METHODS}.")
@@ -125,7 +118,7 @@ class LowRankOutputLayer(torch.nn.Module):
             q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
             b = q.t().contiguous().float()
             a_full = torch.randn(v, r, generator=gen, dtype=torch.float32) * (sigma * math.sqrt(d / r))
-        rank_in_tp = _group_rank(self.tp_group)
+        rank_in_tp = group_rank(self.tp_group)
         rows = self.output_size_per_partition
         a = a_full[rank_in_tp * rows : (rank_in_tp + 1) * rows].clone()
         return a, b
@@ -140,7 +133,7 @@ class LowRankOutputLayer(torch.nn.Module):
         if self.rank == self.input_size:
             return w.float().cpu(), torch.eye(self.input_size, dtype=torch.float32)
         gram = w.t() @ w  # D x D, a sum over vocab shards
-        if _group_size(self.tp_group) > 1:
+        if group_size(self.tp_group) > 1:
             dist.all_reduce(gram, group=self.tp_group)
         _, vecs = torch.linalg.eigh(gram)  # ascending
         v_r = vecs[:, -self.rank :].flip(-1)  # D x r, top-r right singular vectors of W
@@ -176,7 +169,7 @@ class LowRankOutputLayer(torch.nn.Module):
                 f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
                 f"{tuple(self.weight.shape)} (a LowRankOutputLayer's weight is A, (V/tp) x r)"
             )
-        tp = _group_size(self.tp_group)
+        tp = group_size(self.tp_group)
         projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
         if self.sequence_parallel:
             projected = gather_from_sequence_parallel_region(projected, group=self.tp_group)
@@ -216,7 +209,7 @@ class LowRankOutputLayer(torch.nn.Module):
         return HeadView(
             basis=a,
             mix=self.input_proj.detach(),
-            vocab_start=_group_rank(self.tp_group) * self.output_size_per_partition,
+            vocab_start=group_rank(self.tp_group) * self.output_size_per_partition,
             vocab_size=self.output_size if vocab_size is None else vocab_size,
         )
 

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..parallel import group_rank, group_size
 from .spectrum import GramAccumulator
 from .stats import HeadView, StepAccumulator
 
@@ -71,13 +72,9 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
         return head.probe_view(weight=weight, vocab_size=vocab_size)
     w = head.weight if weight is None else weight
     rows = w.shape[0]
-    tp_rank = 0
     group = getattr(head, "tp_group", None)
-    if group is not None and dist.is_initialized():
-        tp_rank = dist.get_rank(group)
-    shards = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    total = getattr(head, "output_size", rows * shards)
-    return HeadView(basis=w.detach(), mix=None, vocab_start=tp_rank * rows,
+    total = getattr(head, "output_size", rows * group_size(group))
+    return HeadView(basis=w.detach(), mix=None, vocab_start=group_rank(group) * rows,
                     vocab_size=vocab_size if vocab_size is not None else total)
 
 
@@ -160,7 +157,7 @@ class GradientProbe:
     def is_reporter(self) -> bool:
         if self._head is None:
             return getattr(self, "_was_reporter", False)
-        return _rank(self.tp_group) == 0 and _rank(self.dp_group) == 0
+        return group_rank(self.tp_group) == 0 and group_rank(self.dp_group) == 0
 
     # ------------------------------------------------------------- schedule
     def _due(self, interval: int) -> bool:
@@ -277,13 +274,9 @@ def _default_group(kind: str):
         return None
 
 
-def _rank(group) -> int:
-    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
-
-
 def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
     """All-gather a sequence-sharded [s/tp, b, D] tensor along dim 0 (no autograd)."""
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    world = group_size(group)
     if world == 1:
         return hidden
     h = hidden.detach().contiguous()

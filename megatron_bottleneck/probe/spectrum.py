@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..parallel import group_size
 from .stats import HeadView
 
 ENERGY_LEVELS = (0.7, 0.9, 0.99, 0.999)
@@ -126,7 +127,7 @@ class GramAccumulator:
         if not self.rows:
             return {}
         k = self.gram()
-        if tp_group is not None and dist.is_initialized() and dist.get_world_size(tp_group) > 1:
+        if group_size(tp_group) > 1:
             dist.all_reduce(k, group=tp_group)
         out: Dict = {}
         if not bool(torch.isfinite(k).all()):

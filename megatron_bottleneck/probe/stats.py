@@ -40,6 +40,8 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ..parallel import group_rank, group_size
+
 PINV_RTOL = 1e-10
 
 
@@ -64,14 +66,6 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     """Dtype of the per-micro-batch products: float64 on GPUs (cheap there, and immune to TF32),
     float32 on CPUs (float64 halves CPU matmul speed; the products' relative error stays ~1e-6)."""
     return torch.float64 if t.is_cuda else torch.float32
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def _rank(group) -> int:
-    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
 
 
 def pinv_psd(a: torch.Tensor, rtol: float = PINV_RTOL):
@@ -156,7 +150,7 @@ class StepAccumulator:
             batch = g.shape[0] // rows
             pos = torch.arange(rows, device=g.device).repeat_interleave(batch)
             self._bucket_add("g2_buckets", sq, pos, rows)
-        if view.vocab_size < _world(self.tp_group) * view.basis.shape[0]:
+        if view.vocab_size < group_size(self.tp_group) * view.basis.shape[0]:
             self.pad_corrections.append(self._padding_part(grad.reshape(-1, grad.shape[-1]), view, n))
         if self.update:
             dt = _work_dtype(g)
@@ -170,7 +164,7 @@ class StepAccumulator:
         if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - G_pad W_pad
             c = self.pad_corrections.pop(0)
             if self.sequence_parallel:
-                c = c.reshape(_world(self.tp_group), -1, c.shape[-1])[_rank(self.tp_group)]
+                c = c.reshape(group_size(self.tp_group), -1, c.shape[-1])[group_rank(self.tp_group)]
             dh = dh - c.to(dh.dtype)
         k = (dh.t() @ dh).double()
         self.k = k if self.k is None else self.k + k
@@ -195,7 +189,7 @@ class StepAccumulator:
             c = g_pad @ w_pad
         else:
             c = torch.zeros(g_all.shape[0], d, dtype=dt, device=g_all.device)
-        if _world(self.tp_group) > 1:
+        if group_size(self.tp_group) > 1:
             dist.all_reduce(c, group=self.tp_group)
         return c
 
@@ -218,7 +212,7 @@ class StepAccumulator:
         ftf = (f.t() @ f).double()  # k x k: V k^2 flops, the largest product of a cheap step
         # Replicated quantities (token sums without SP) are counted on TP rank 0 only, so one SUM
         # all-reduce yields every total.
-        own = 1.0 if (self.sequence_parallel or _rank(tp_group) == 0) else 0.0
+        own = 1.0 if (self.sequence_parallel or group_rank(tp_group) == 0) else 0.0
         parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * self.k.reshape(-1)]
         if self.num_buckets:
             parts.append(self.g2_buckets.to(device))
@@ -227,7 +221,7 @@ class StepAccumulator:
             parts += [self.p.square().sum().reshape(1), ppt.reshape(-1), own * self.hth.reshape(-1),
                       own * self.htdh.reshape(-1)]
         flat = torch.cat([p.reshape(-1).to(device) for p in parts])  # NaN/inf propagate into the sums
-        if _world(tp_group) > 1:
+        if group_size(tp_group) > 1:
             dist.all_reduce(flat, group=tp_group)
         return self._figures(flat, ftf.shape[0], tp_group)
 
@@ -280,15 +274,15 @@ class StepAccumulator:
         """Per-position-bucket ||G_vis||^2 from the stored dH rows (token sums over TP under SP)."""
         device = wtw_pinv.device
         acc = torch.zeros(self.num_buckets, dtype=torch.float64, device=device)
-        offset = _rank(tp_group) if self.sequence_parallel else 0
+        offset = group_rank(tp_group) if self.sequence_parallel else 0
         for dh, rows in self.vis_tokens:
             vis_t = ((dh.double() @ wtw_pinv.to(dh.device)) * dh.double()).sum(dim=1)
             batch = dh.shape[0] // rows
             pos = (torch.arange(rows, device=dh.device) + offset * rows).repeat_interleave(batch)
-            seq = self.seq_length or rows * (_world(tp_group) if self.sequence_parallel else 1)
+            seq = self.seq_length or rows * (group_size(tp_group) if self.sequence_parallel else 1)
             idx = (pos * self.num_buckets // seq).clamp(max=self.num_buckets - 1)
             acc += torch.zeros_like(acc).index_add_(0, idx.to(device), vis_t.to(device))
-        if self.sequence_parallel and _world(tp_group) > 1:
+        if self.sequence_parallel and group_size(tp_group) > 1:
             dist.all_reduce(acc, group=tp_group)
         return acc
 

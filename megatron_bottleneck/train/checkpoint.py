@@ -63,19 +63,21 @@ def _sub_optimizers(optimizer) -> List:
 
 def _ensure_optimizer_state(optimizer) -> None:
     """Give every parameter Adam state (zeros, step 1) before a load, so the sharded state dict has the
-    shapes the checkpoint fills in. Megatron does this with a dummy step for some formats only."""
+    shapes the checkpoint fills in. Megatron does this with a dummy step for some formats only. The
+    step uses zero gradients and lr 0, so AdamW leaves the weights exactly as they are."""
     for sub in _sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         if inner is None or all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
             continue
-        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
-        saved = [(p.grad, p.data.clone()) for p in params]
-        for p in params:
-            p.grad = torch.zeros_like(p)
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
         inner.step()
-        for p, (grad, data) in zip(params, saved):
-            p.grad = grad
-            p.data.copy_(data)  # undo weight decay; the checkpoint overwrites the values anyway
+        inner.zero_grad(set_to_none=True)  # a load precedes training: no gradients to keep
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
 
 
 def _restore_adam_steps(optimizer) -> None:
