@@ -3,11 +3,17 @@
 torch is deliberately *not* pinned to a CUDA build: GPU clusters keep the torch they have. On a
 CPU-only machine install the CPU wheel first (see README), then this package.
 """
+import re
+
 from setuptools import find_packages, setup
+
+# The version is written once, in megatron_bottleneck/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("megatron_bottleneck/__init__.py", encoding="utf-8").read(),
+                    re.M).group(1)
 
 setup(
     name="megatron-bottleneck",
-    version="0.1.0",
+    version=VERSION,
     description="Low-rank LM heads and an exact gradient-bottleneck probe for Megatron-Core",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -26,8 +26,6 @@ MODES = {
 
 def run(args):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -38,32 +36,23 @@ def run(args):
     module = mb.build_gpt_model(cfg, args.vocab, args.seq, head_rank=args.head_rank)
     model = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(),
                                     module=module.cuda() if cuda else module)
-    dev = "cuda" if cuda else "cpu"
     tokens_per_step = args.seq * args.micro * args.num_micro
     probes = {}
     for name, kw in MODES.items():
         if kw is None:
             continue
-        p = mb.GradientProbe(mb.ProbeConfig(rank_token_budget=tokens_per_step, **kw))
+        p = mb.GradientProbe(mb.ProbeConfig(rank_token_budget=tokens_per_step, vocab_size=args.vocab, **kw))
         p.watch(model, num_microbatches=args.num_micro)
         p.enabled = False
         probes[name] = p
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        data = iter([torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen).to(dev)
-                     for _ in range(args.num_micro)])
-
-        def fwd(it, m):
-            t = next(it)
-            out = m(t[:, :-1], torch.arange(args.seq, device=dev).expand(args.micro, -1), None, labels=t[:, 1:])
-            return out, lambda o: (o.float().mean(), {})
-
-        model.zero_grad_buffer()
-        get_forward_backward_func()(forward_step_func=fwd, data_iterator=data, model=model,
-                                    num_microbatches=args.num_micro, seq_length=args.seq,
-                                    micro_batch_size=args.micro)
-        finalize_model_grads([model])
+        batches = []
+        for _ in range(args.num_micro):
+            t = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
+            batches.append({"tokens": t[:, :-1], "labels": t[:, 1:]})
+        mb.forward_backward(model, batches)
         if cuda:
             torch.cuda.synchronize()
 
@@ -101,7 +90,7 @@ def main():
     args = ap.parse_args()
     if torch.cuda.is_available():  # one GPU, NCCL
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(mb.cpu.free_port()))
+        os.environ.setdefault("MASTER_PORT", str(mb.integrations.free_port()))
         torch.cuda.set_device(0)
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)
         result = run(args)

@@ -8,7 +8,7 @@ import torch
 import megatron_bottleneck as mb
 
 SEQ, MICRO, VOCAB = 32, 4, 2048
-probe = mb.GradientProbe(mb.ProbeConfig(interval=1, log_dir="runs/probe_example"))
+probe = mb.GradientProbe(mb.ProbeConfig(interval=1, log_dir="runs/probe_example", vocab_size=VOCAB))
 
 
 def forward_step(data_iterator, model):
@@ -26,8 +26,6 @@ def forward_step(data_iterator, model):
 
 def main():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mb.initialize_parallel(tensor_model_parallel_size=2)
     config = mb.llama_config(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
@@ -36,11 +34,9 @@ def main():
                                     module=mb.build_gpt_model(config, VOCAB, SEQ, head_rank=16))
     gen = torch.Generator().manual_seed(0)
     for step in range(3):
-        data = iter([torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=gen) for _ in range(2)])
-        model.zero_grad_buffer()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=model,
-                                    num_microbatches=2, seq_length=SEQ, micro_batch_size=MICRO)
-        finalize_model_grads([model])
+        batches = [torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=gen) for _ in range(2)]
+        # Megatron's schedule over the micro-batches, then finalize_model_grads (an optimizer would step here).
+        mb.forward_backward(model, batches, forward_step=forward_step, seq_length=SEQ, micro_batch_size=MICRO)
         if probe.is_reporter:
             h = probe.history[-1]
             print(f"step {step}: destroyed ratio {h['destroyed_ratio']:.4f} (isotropic baseline "

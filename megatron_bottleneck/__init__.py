@@ -1,45 +1,74 @@
 """megatron-bottleneck: low-rank LM heads and an exact gradient-bottleneck probe for Megatron-Core.
 
-Importing this package does not import Megatron-Core or change anything; see ``cpu.enable_cpu_mode``.
+Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
+
+* ``base``: errors, the head view the probe reads, head lookup, default process groups, metric sinks (torch only);
+* ``ops``: the head's math kernels (torch only);
+* ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT builder, Llama spec) over heads;
+* ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
+* the application: ``train``, ``data``, ``sweep``, ``report``, ``cli``.
+
+``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:
+the names below load their module on first use.
 """
-from .cpu import enable_cpu_mode, is_cpu_mode, launch
-from .errors import BottleneckError, CheckpointError, ConfigError, HeadConfigError
-from .heads import (
-    LowRankHeadConfig,
-    LowRankOutputLayer,
-    build_gpt_model,
-    install_low_rank_head,
-    low_rank_head_hook,
-    padded_vocab_size,
-)
-from . import probe
-from .parallel import destroy_parallel, initialize_parallel
-from .probe import GradientProbe, ProbeConfig, wrap_forward_step
-from .specs import SequenceParallelNorm, llama_block_spec, llama_config
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "enable_cpu_mode",
-    "is_cpu_mode",
-    "launch",
-    "initialize_parallel",
-    "destroy_parallel",
-    "LowRankOutputLayer",
-    "LowRankHeadConfig",
-    "install_low_rank_head",
-    "low_rank_head_hook",
-    "build_gpt_model",
-    "padded_vocab_size",
-    "GradientProbe",
-    "ProbeConfig",
-    "wrap_forward_step",
-    "probe",
-    "SequenceParallelNorm",
-    "llama_block_spec",
-    "llama_config",
-    "BottleneckError",
-    "ConfigError",
-    "CheckpointError",
-    "HeadConfigError",
-]
+from .base.errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError,
+                          HeadConfigError, RankFailure)
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    # integrations
+    "enable_cpu_mode": "integrations.cpu", "disable_cpu_mode": "integrations.cpu", "cpu_mode": "integrations.cpu",
+    "is_cpu_mode": "integrations.cpu", "launch": "integrations.launch",
+    "initialize_parallel": "integrations.parallel", "destroy_parallel": "integrations.parallel",
+    "forward_backward": "integrations.schedule", "gpt_forward_step": "integrations.schedule",
+    "wrap_forward_step": "integrations.forward_step",
+    # heads and models
+    "LowRankOutputLayer": "heads.low_rank", "LowRankHeadConfig": "heads.install",
+    "install_low_rank_head": "heads.install", "low_rank_head_hook": "heads.install",
+    "build_gpt_model": "models.gpt", "padded_vocab_size": "models.gpt",
+    "SequenceParallelNorm": "models.llama", "llama_block_spec": "models.llama", "llama_config": "models.llama",
+    # probe and base
+    "GradientProbe": "probe.probe", "ProbeConfig": "probe.probe",
+    "HeadView": "base.head", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
+}
+
+__all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError",
+                                "HeadConfigError", "RankFailure", "__version__"])
+
+
+_SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "cli")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from .base.head import HeadView, find_head  # noqa: F401
+    from .base.sinks import MetricsLogger, read_jsonl  # noqa: F401
+    from .heads.install import LowRankHeadConfig, install_low_rank_head, low_rank_head_hook  # noqa: F401
+    from .heads.low_rank import LowRankOutputLayer  # noqa: F401
+    from .integrations.cpu import cpu_mode, disable_cpu_mode, enable_cpu_mode, is_cpu_mode  # noqa: F401
+    from .integrations.forward_step import wrap_forward_step  # noqa: F401
+    from .integrations.launch import launch  # noqa: F401
+    from .integrations.parallel import destroy_parallel, initialize_parallel  # noqa: F401
+    from .integrations.schedule import forward_backward, gpt_forward_step  # noqa: F401
+    from .models.gpt import build_gpt_model, padded_vocab_size  # noqa: F401
+    from .models.llama import SequenceParallelNorm, llama_block_spec, llama_config  # noqa: F401
+    from .probe.probe import GradientProbe, ProbeConfig  # noqa: F401

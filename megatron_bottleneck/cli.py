@@ -1,17 +1,21 @@
 """``megatron-bottleneck``: spamlang | train | sweep | probe | report | demo.
 
-Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``.
-Errors in user input print one line (``error: ...``) and exit with status 2.
+Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``. Options and
+``section.key=value`` overrides may come in any order. Errors print one line per distinct message
+(``error: ...``), whichever rank raised them, and exit with status 2 for bad input (1 for anything else);
+``--debug`` adds the tracebacks.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import sys
 import time
+import traceback
 
-from .errors import BottleneckError
+from .base.errors import BottleneckError, RankFailure, error_messages
+from .base.quiet import quiet_megatron_warnings
 
 
 def _floats(text):
@@ -23,7 +27,7 @@ def _ranks(text):
 
 
 def cmd_spamlang(a):
-    from .data import SpamLangConfig, generate_spamlang
+    from .data import SpamLangConfig, generate_spamlang  # function-level: keeps `--help` free of megatron-core
 
     meta = generate_spamlang(SpamLangConfig(a.vocab_size, a.seq_length, a.num_sequences, a.distribution,
                                             a.zipf_exponent, a.seed, a.valid_fraction), a.output)
@@ -53,7 +57,7 @@ def cmd_sweep(a):
 
 
 def cmd_probe(a):
-    from .probe.offline import probe_checkpoint
+    from .train import probe_checkpoint
 
     figures = probe_checkpoint(a.checkpoint, a.data, batches=a.batches, nproc=a.nproc)
     text = json.dumps(figures, indent=2)
@@ -86,6 +90,7 @@ def cmd_demo(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-bottleneck", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("spamlang", help="generate a SpamLang dataset (Megatron indexed format)")
@@ -101,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train from a YAML config (section.key=value overrides)")
     s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.add_argument("--nproc", type=int, default=None, help="CPU ranks (default: TP x PP); ignored under torchrun")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sweep", help="grid over vocabulary size, head rank and learning rate on SpamLang")
     s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.add_argument("--vocab-sizes", required=True, help="e.g. 256,4096")
     s.add_argument("--head-ranks", default="dense", help="e.g. dense,64,16")
     s.add_argument("--lrs", default="1e-3", help="e.g. 3e-4,1e-3")
@@ -137,14 +142,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Options, positionals and ``key=value`` overrides in any order (``train CONFIG --nproc 2 a.b=1``)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((i for i, a in enumerate(argv) if a in subparsers.choices), None)
+    if command is None:
+        return parser.parse_args(argv)  # prints usage / help and exits
+    args = subparsers.choices[argv[command]].parse_intermixed_args(argv[:command] + argv[command + 1:])
+    args.command, args.debug = argv[command], debug
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    quiet_megatron_warnings("ignore")  # they concern the ranks, which show each once
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (BottleneckError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (BottleneckError, RankFailure, FileNotFoundError) as exc:
+        for message in error_messages(exc):
+            print(f"error: {message}", file=sys.stderr)
+        _debug_output(exc, args.debug)
+        return 2 if isinstance(exc, (BottleneckError, FileNotFoundError)) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _debug_output(exc: BaseException, debug: bool) -> None:
+    tracebacks = getattr(exc, "tracebacks", None) or {}
+    if not debug:
+        if isinstance(exc, RankFailure):
+            print("(run with --debug for the tracebacks)", file=sys.stderr)
+        return
+    for rank, text in sorted(tracebacks.items()):
+        print(f"--- rank {rank} ---\n{text}", file=sys.stderr)
+    if not tracebacks:
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 if __name__ == "__main__":

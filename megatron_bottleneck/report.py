@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .probe.sinks import read_jsonl
+from .base.sinks import read_jsonl
 
 
 @dataclass

@@ -7,19 +7,28 @@ Layout of a sweep directory::
     report.md, *.png                                                 written by ``report``
 
 A run with ``DONE`` is skipped; an unfinished one resumes from its last checkpoint. Runs go to
-``workers`` CPU processes (one thread each) in parallel.
+``workers`` CPU processes (one thread each) in parallel. While they run, :class:`Progress` reports runs
+finished / total, each worker's current run and step, and an ETA (one refreshed line on a terminal), and
+one line per finished run (also appended to ``<out>/sweep.log``).
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
+
+from .base.sinks import read_jsonl
 from .data import SpamLangConfig, coverage, draw_symbols, generate_spamlang
-from .train import TrainConfig
+from .integrations.launch import launch
+from .train import TrainConfig, Trainer
 
 
 @dataclass
@@ -34,7 +43,6 @@ class SweepPlan:
     spamlang_seed: int = 0
     distribution: str = "uniform"
     valid_sequences: int = 1024
-    runs: List[Dict] = field(default_factory=list)
 
     def expand(self) -> List[Dict]:
         runs = []
@@ -93,10 +101,6 @@ def _run_config(plan: SweepPlan, run: Dict, data: Dict, run_dir: str) -> TrainCo
 
 def _run_many(items: List[Dict]) -> List[str]:
     """One CPU process, several runs in sequence (each resumable)."""
-    import torch
-
-    from .train import Trainer
-
     torch.set_num_threads(1)
     done = []
     for item in items:
@@ -108,10 +112,81 @@ def _run_many(items: List[Dict]) -> List[str]:
     return done
 
 
+class Progress:
+    """Watches the run directories of a sweep (their ``logs/metrics.jsonl`` and ``DONE``) from the parent
+    process and reports progress; see the module docstring."""
+
+    def __init__(self, items: List[Dict], groups: List[List[Dict]], out: str, log: Callable[[str], None],
+                 interval: float = 2.0, stream=None):
+        self.items, self.groups, self.log, self.interval = items, groups, log, interval
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.logfile = os.path.join(out, "sweep.log")
+        self.total_steps = sum(i["config"]["train"]["train_steps"] for i in items) or 1
+        self.done: set = set()
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.poll(final=True)
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    @staticmethod
+    def _step(item: Dict) -> int:
+        path = os.path.join(item["config"]["logging"]["dir"], "metrics.jsonl")
+        try:
+            with open(path, "rb") as f:
+                last = f.read().splitlines()[-1:]
+            return json.loads(last[0])["step"] if last else 0
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def poll(self, final: bool = False) -> None:
+        steps = 0
+        for item in self.items:
+            name = os.path.basename(item["dir"])
+            finished = os.path.exists(os.path.join(item["dir"], "DONE"))
+            steps += item["config"]["train"]["train_steps"] if finished else self._step(item)
+            if finished and name not in self.done:
+                self.done.add(name)
+                self._finished(item, name)
+        if self.tty and not final:
+            elapsed = time.monotonic() - self.t0
+            eta = elapsed * (self.total_steps - steps) / steps if steps else float("nan")
+            current = []
+            for w, group in enumerate(self.groups):
+                item = next((i for i in group if os.path.basename(i["dir"]) not in self.done), None)
+                if item is not None:
+                    total = item["config"]["train"]["train_steps"]
+                    current.append(f"w{w}: {os.path.basename(item['dir'])} {self._step(item)}/{total}")
+            eta_s = f"{eta:.0f} s" if eta == eta else "?"
+            self.stream.write(f"\r[{len(self.done)}/{len(self.items)} runs] {' | '.join(current)} | ETA {eta_s}\033[K")
+            self.stream.flush()
+
+    def _finished(self, item: Dict, name: str) -> None:
+        rows = read_jsonl(os.path.join(item["config"]["logging"]["dir"], "metrics.jsonl"))
+        valid = [r["valid_loss"] for r in rows if r.get("valid_loss") is not None]
+        line = (f"[{len(self.done)}/{len(self.items)}] {name} finished at {time.monotonic() - self.t0:.0f} s: "
+                f"final loss {rows[-1]['loss']:.4g}" + (f", valid loss {valid[-1]:.4g}" if valid else ""))
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.log(line)
+        with open(self.logfile, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
 def run_sweep(plan: SweepPlan, out: str, workers: int = 2, log=print) -> List[str]:
     """Generate data, run every pending run, return the run directories."""
-    from .cpu import launch
-
     meta = _prepare_data(plan, out)
     base = plan.base
     items = []
@@ -133,9 +208,9 @@ def run_sweep(plan: SweepPlan, out: str, workers: int = 2, log=print) -> List[st
             continue
         items.append({"dir": d, "config": _run_config(plan, run, data, d).to_dict()})
     log(f"{len(items)} runs to do on {workers} worker(s)")
-    groups = [items[i::workers] for i in range(max(1, workers))]
-    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-        list(pool.map(lambda g: launch(_run_many, 1, g, timeout=24 * 3600) if g else None, groups))
+    groups = [g for g in (items[i::workers] for i in range(max(1, workers))) if g]
+    with Progress(items, groups, out, log), ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        list(pool.map(lambda g: launch(_run_many, 1, g, timeout=24 * 3600), groups))
     return [os.path.join(out, "runs", run_name(r)) for r in plan.expand()]
 
 

@@ -1,4 +1,4 @@
-"""SpamLang (PAPER.md section 4): each sequence repeats one symbol for its whole length.
+"""SpamLang (Godey & Artzi 2026, section on synthetic languages): each sequence repeats one symbol for its whole length.
 
 The rule "next token = current token" is trivial and representable with a tiny hidden size, so a model
 that fails to learn it fails for optimisation reasons. Symbols are drawn from the non-special ids
@@ -19,7 +19,11 @@ from typing import Dict
 
 import numpy as np
 
-from ..errors import ConfigError
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.utils import Split
+
+from ..base.errors import ConfigError
 
 
 @dataclass
@@ -67,15 +71,7 @@ def coverage(symbols: np.ndarray, cfg: SpamLangConfig, tokens_per_sequence: int 
             "never_drawn": int((counts == 0).sum()), "symbols": int(counts.size)}
 
 
-def expected_min_count(num_draws: int, num_symbols: int) -> float:
-    """Rough expected minimum count of a uniform draw (normal approximation), for budget planning."""
-    mean = num_draws / num_symbols
-    return max(0.0, mean - np.sqrt(mean) * np.sqrt(2 * np.log(max(num_symbols, 2))))
-
-
 def _write(prefix: str, symbols: np.ndarray, length: int, vocab_size: int) -> None:
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     dtype = DType.optimal_dtype(vocab_size)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     for s in symbols:
@@ -118,10 +114,6 @@ def spamlang_gpt_dataset(prefix: str, vocab_size: int, seq_length: int, cache_di
     ``add_extra_token_to_sequence=False`` every sample is exactly one document (in GPTDataset's
     shuffled order): ``sample["tokens"]`` is the sequence, shift it for inputs and labels.
     """
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megatron.core.datasets.utils import Split
-
     indexed = IndexedDataset(prefix)
     config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length + 1,
                               tokenizer=SpamLangTokenizer(vocab_size), reset_position_ids=False,

@@ -7,23 +7,22 @@ in ``workers`` processes; the output keeps the input order. Special ids: unk 0, 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-from multiprocessing import get_context
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from ..errors import BottleneckError
+from ..base.errors import DataError
 
 SPECIAL_TOKENS = 3  # unk, eod, pad
 
 
-class DataError(BottleneckError):
-    """Unusable input data; the message says what to fix."""
-
-
 def _sentencepiece():
-    try:
+    try:  # optional dependency (the [data] extra)
         import sentencepiece as spm
     except ImportError as exc:
         raise DataError("real-text data needs SentencePiece: pip install sentencepiece "
@@ -105,9 +104,12 @@ def _encode(docs: List[str]) -> List[List[int]]:
 
 def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_prefix: str, workers: int = 1,
                         text_key: str = "text", chunk_size: int = 256) -> Dict:
-    """Tokenise every document (+ EOD) into ``<output_prefix>.bin/.idx``; returns counts."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    """Tokenise every document (+ EOD) into ``<output_prefix>.bin/.idx``; returns counts.
 
+    ``workers > 1`` tokenises in that many spawned processes. They re-import the calling script, so it
+    needs an ``if __name__ == "__main__":`` guard and a file (not ``python - < script.py``); a worker that
+    cannot start raises :class:`DataError` instead of hanging.
+    """
     files = _check_files(input_files)
     if not os.path.isfile(model_file):
         raise DataError(f"tokenizer model {model_file!r} not found (train one with train_tokenizer)")
@@ -122,10 +124,15 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
     builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=dtype)
     tokens = 0
     if workers > 1:
-        with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(model_file,)) as pool:
-            results = pool.imap(_encode, chunks)  # ordered
-            for encoded in results:
-                tokens += _add(builder, encoded, dtype)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(model_file,)) as pool:
+                for encoded in pool.map(_encode, chunks):  # in order
+                    tokens += _add(builder, encoded, dtype)
+        except BrokenProcessPool:
+            raise DataError(f"tokenize_to_indexed: its {workers} worker processes could not start. Spawned workers "
+                            "re-import the calling script: run it from a file with an `if __name__ == "
+                            "\"__main__\":` guard (not from standard input), or pass workers=1.") from None
     else:
         for chunk in chunks:
             tokens += _add(builder, _encode(chunk), dtype)

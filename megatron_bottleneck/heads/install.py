@@ -1,52 +1,43 @@
 """Put a :class:`LowRankOutputLayer` into Megatron-Core language models, before DDP wrapping.
 
-Three entry points, one mechanism (:func:`install_low_rank_head`):
+Two entry points, one mechanism (:func:`install_low_rank_head`):
 
 * ``install_low_rank_head(model, rank)`` swaps the head of a built GPTModel / HybridModel in place.
 * ``low_rank_head_hook(rank)`` returns a pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]``
   for Megatron-LM's ``get_model`` / Megatron-Bridge: it installs the head on every model chunk that
   holds one (the last pipeline stage) and leaves the others alone.
-* ``build_gpt_model(config, ..., head_rank=r)`` builds a GPTModel and installs the head.
+
+(``megatron_bottleneck.models.build_gpt_model(config, ..., head_rank=r)`` builds a GPTModel with it.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Literal, Optional
 
-import torch
+from megatron.core.distributed import DistributedDataParallel
 
-from ..errors import HeadConfigError
+from ..base.errors import HeadConfigError
 from .low_rank import INIT_METHODS, LowRankOutputLayer, validate_head_shape
 
-__all__ = [
-    "LowRankHeadConfig",
-    "install_low_rank_head",
-    "low_rank_head_hook",
-    "build_gpt_model",
-    "padded_vocab_size",
-]
+__all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "require_transformer_engine_for_fp8"]
 
 
 @dataclass
 class LowRankHeadConfig:
-    """How to build the head: rank r, init method ('balanced' | 'orthogonal' | 'from_dense'),
-    init std (None: ``config.init_method_std``) and seed (None: ``torch.initial_seed()``)."""
+    """How to build a low-rank head."""
 
     rank: int
-    init: str = "balanced"
+    """r: W = A B with A (V x r) and B (r x D); 1 <= r <= D."""
+    init: Literal["balanced", "orthogonal", "from_dense"] = "balanced"
+    """balanced: A, B ~ N(0, sigma/sqrt r); orthogonal: B orthonormal rows; from_dense: best rank-r
+    approximation of the model's current head."""
     init_std: Optional[float] = None
+    """sigma, the per-entry std of A B; None: ``config.init_method_std``."""
     seed: Optional[int] = None
-
-
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
-    """Megatron-LM's padding: the smallest multiple of ``divisible_by * tp`` that holds the vocab."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+    """Seed of the (TP-invariant) draws; None: ``torch.initial_seed()``."""
 
 
 def _unwrap(model):
-    from megatron.core.distributed import DistributedDataParallel
-
     if isinstance(model, DistributedDataParallel) or type(model).__name__ in (
         "DistributedDataParallel",
         "FullyShardedDataParallel",
@@ -142,59 +133,4 @@ def low_rank_head_hook(head: "LowRankHeadConfig | int") -> Callable[[List], List
     def hook(models: List) -> List:
         return [install_low_rank_head(m, head) for m in models]
 
-    hook.head = head
     return hook
-
-
-def build_gpt_model(
-    config,
-    vocab_size: int,
-    max_sequence_length: int,
-    *,
-    head_rank: Optional[int] = None,
-    head: Optional[LowRankHeadConfig] = None,
-    layer_spec=None,
-    position_embedding_type: str = "rope",
-    vp_stage: Optional[int] = None,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-    **gpt_kwargs,
-):
-    """Build a GPTModel (untied embeddings) for this pipeline stage, with a rank-r head if asked.
-
-    ``vocab_size`` must already be padded for TP (see :func:`padded_vocab_size`). ``layer_spec``
-    defaults to :func:`megatron_bottleneck.specs.llama_block_spec`. ``head_rank=None`` keeps
-    Megatron's dense head.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    from ..specs import llama_block_spec
-
-    require_transformer_engine_for_fp8(config)
-    if head is None and head_rank is not None:
-        head = LowRankHeadConfig(rank=head_rank)
-    if head is not None:
-        validate_head_shape(config.hidden_size, vocab_size, head.rank, config.tensor_model_parallel_size)
-    gpt_kwargs.setdefault("share_embeddings_and_output_weights", False)
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if layer_spec is None:
-        layer_spec = llama_block_spec(config, vp_stage=vp_stage)
-    extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        position_embedding_type=position_embedding_type,
-        **extra,
-        **gpt_kwargs,
-    )
-    if head is not None:
-        install_low_rank_head(model, head)
-    return model

@@ -37,20 +37,22 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.nn import Parameter
 
-from ..errors import HeadConfigError
-from ..parallel import group_rank, group_size
+from ..base.errors import HeadConfigError
+from ..base.groups import default_tp_group
+from ..base.head import HeadView
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
-
-
-def _default_tp_group():
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
 
 
 class LowRankOutputLayer(torch.nn.Module):
@@ -77,8 +79,8 @@ class LowRankOutputLayer(torch.nn.Module):
         device=None,
     ):
         super().__init__()
-        self.tp_group = tp_group if tp_group is not None else _default_tp_group()
-        tp = group_size(self.tp_group)
+        self.tp_group = default_tp_group(tp_group)
+        tp = get_pg_size(self.tp_group)
         validate_head_shape(hidden_size, vocab_size, rank, tp)
         if init not in INIT_METHODS:
             raise HeadConfigError(f"init={init!r} is not one of {INIT_METHODS}.")
@@ -118,7 +120,7 @@ class LowRankOutputLayer(torch.nn.Module):
             q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
             b = q.t().contiguous().float()
             a_full = torch.randn(v, r, generator=gen, dtype=torch.float32) * (sigma * math.sqrt(d / r))
-        rank_in_tp = group_rank(self.tp_group)
+        rank_in_tp = get_pg_rank(self.tp_group)
         rows = self.output_size_per_partition
         a = a_full[rank_in_tp * rows : (rank_in_tp + 1) * rows].clone()
         return a, b
@@ -133,15 +135,13 @@ class LowRankOutputLayer(torch.nn.Module):
         if self.rank == self.input_size:
             return w.float().cpu(), torch.eye(self.input_size, dtype=torch.float32)
         gram = w.t() @ w  # D x D, a sum over vocab shards
-        if group_size(self.tp_group) > 1:
+        if get_pg_size(self.tp_group) > 1:
             dist.all_reduce(gram, group=self.tp_group)
         _, vecs = torch.linalg.eigh(gram)  # ascending
         v_r = vecs[:, -self.rank :].flip(-1)  # D x r, top-r right singular vectors of W
         return (w @ v_r).float().cpu(), v_r.t().contiguous().float().cpu()
 
     def _tag_parameters(self) -> None:
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
         for p in (self.weight, self.input_proj):
             p.allreduce = True  # data-parallel all-reduce, as Megatron's own head
@@ -156,12 +156,6 @@ class LowRankOutputLayer(torch.nn.Module):
         weight: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, None]:
-        from megatron.core.tensor_parallel.mappings import (
-            copy_to_tensor_model_parallel_region,
-            gather_from_sequence_parallel_region,
-            gather_from_tensor_model_parallel_region,
-        )
-
         if weight is None:
             weight = self.weight
         elif tuple(weight.shape) != tuple(self.weight.shape):
@@ -169,7 +163,7 @@ class LowRankOutputLayer(torch.nn.Module):
                 f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
                 f"{tuple(self.weight.shape)} (a LowRankOutputLayer's weight is A, (V/tp) x r)"
             )
-        tp = group_size(self.tp_group)
+        tp = get_pg_size(self.tp_group)
         projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
         if self.sequence_parallel:
             projected = gather_from_sequence_parallel_region(projected, group=self.tp_group)
@@ -184,12 +178,8 @@ class LowRankOutputLayer(torch.nn.Module):
     # ------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """A sharded along the vocabulary (axis 0) over TP; B replicated."""
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
         dp_cp_group = (metadata or {}).get("dp_cp_group")
         if dp_cp_group is None:
-            from megatron.core import parallel_state
-
             dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
@@ -203,13 +193,11 @@ class LowRankOutputLayer(torch.nn.Module):
 
     def probe_view(self, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None):
         """For the gradient probe: col(W) = col(A) (B has full rank r), W = A B."""
-        from ..probe.stats import HeadView
-
         a = (self.weight if weight is None else weight).detach()
         return HeadView(
             basis=a,
             mix=self.input_proj.detach(),
-            vocab_start=group_rank(self.tp_group) * self.output_size_per_partition,
+            vocab_start=get_pg_rank(self.tp_group) * self.output_size_per_partition,
             vocab_size=self.output_size if vocab_size is None else vocab_size,
         )
 

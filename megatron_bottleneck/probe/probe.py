@@ -4,7 +4,7 @@ How it works. ``watch(model)`` puts a forward hook on the head (``output_layer``
 that holds it (last pipeline stage; elsewhere the probe stays idle). On a step due for measurement
 the hook registers a tensor hook on the logits, so the backward pass hands over the logit gradient
 G of that micro-batch (its vocab shard) together with the head input H and the head's
-:class:`~megatron_bottleneck.probe.math.HeadView`. The math (``probe.math``, ``probe.rank``) does
+:class:`~megatron_bottleneck.base.head.HeadView`. The math (:mod:`.stats`, :mod:`.spectrum`) does
 only local work per micro-batch; when the micro-batch that completes the step has gone through
 backward, the few small all-reduces over the TP group run and one record per step is logged. There
 is no second backward and nothing is written into gradients or RNG state (the hooks return None).
@@ -21,15 +21,20 @@ data-parallel rank 0 and are logged by its TP rank 0 (``is_reporter``). Failures
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.utils import get_pg_rank, get_pg_size
 
-from ..parallel import group_rank, group_size
+from ..base.errors import ConfigError
+from ..base.groups import default_dp_group, default_tp_group
+from ..base.head import HeadView, find_head
+from ..base.sinks import MetricsLogger
 from .spectrum import GramAccumulator
-from .stats import HeadView, StepAccumulator
+from .stats import StepAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +44,30 @@ class ProbeConfig:
     """What to measure and how often. Intervals count optimizer steps; 0 disables."""
 
     interval: int = 1
+    """Cheap figures (norms, destroyed ratio, visible cosine, isotropic baseline) every N steps."""
     update_interval: int = 0
+    """Update-direction cosine cos(-G, dZ) every N steps (one extra T x D x V/tp product per micro-batch)."""
     rank_interval: int = 0
+    """Rank figures of G (Gram-based) every N steps, accumulated up to ``rank_token_budget`` tokens."""
     rank_token_budget: int = 2048
+    """Tokens gathered for the rank figures (cost grows as T^2 V)."""
     rank_rtol: Optional[float] = None
+    """Numerical-rank tolerance relative to sigma_max; None: max(T, V) x eps of the gradient's dtype."""
     energy_ks: Sequence[int] = (1, 10, 100, 1000)
+    """k of the reported ``energy_top{k}`` (share of ||G||^2 in the top-k singular values)."""
     num_buckets: int = 0
+    """Destroyed ratio per token-position bucket (0: off)."""
     vocab_size: Optional[int] = None
+    """Real (unpadded) vocabulary; columns beyond it are Megatron's padding and excluded. None: the head's
+    ``real_vocab_size`` if it has one, else its full (padded) size, with a warning when that is padded."""
     log_dir: Optional[str] = None
+    """Where ``probe.jsonl`` (and ``tensorboard/``) go; None: keep figures in ``history`` only."""
     tensorboard: bool = True
+    """Also write TensorBoard events (skipped with one warning when tensorboard is not installed)."""
     wandb_project: Optional[str] = None
+    """Also log to this W&B project (skipped with one warning when wandb is not installed)."""
 
     def __post_init__(self):
-        from ..errors import ConfigError
-
         for key in ("interval", "update_interval", "rank_interval", "num_buckets"):
             if int(getattr(self, key)) < 0:
                 raise ConfigError(f"probe.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
@@ -66,25 +81,18 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
     Heads may define ``probe_view(weight, vocab_size) -> HeadView`` (the low-rank head does);
     otherwise a dense head with ``weight`` of shape (V/tp, D) is assumed (Megatron's
     ``ColumnParallelLinear``, ``torch.nn.Linear``). ``weight`` is the one passed to forward, if any
-    (tied embeddings).
+    (tied embeddings). ``vocab_size``: the real vocabulary (None: the head's ``real_vocab_size`` if set).
     """
+    if vocab_size is None:
+        vocab_size = getattr(head, "real_vocab_size", None)
     if hasattr(head, "probe_view"):
         return head.probe_view(weight=weight, vocab_size=vocab_size)
     w = head.weight if weight is None else weight
     rows = w.shape[0]
     group = getattr(head, "tp_group", None)
-    total = getattr(head, "output_size", rows * group_size(group))
-    return HeadView(basis=w.detach(), mix=None, vocab_start=group_rank(group) * rows,
+    total = getattr(head, "output_size", rows * get_pg_size(group))
+    return HeadView(basis=w.detach(), mix=None, vocab_start=get_pg_rank(group) * rows,
                     vocab_size=vocab_size if vocab_size is not None else total)
-
-
-def _find_head(model) -> Optional[torch.nn.Module]:
-    m = model
-    while not hasattr(m, "output_layer") and hasattr(m, "module"):
-        m = m.module
-    if getattr(m, "post_process", True) is False:
-        return None
-    return getattr(m, "output_layer", None)
 
 
 class GradientProbe:
@@ -105,7 +113,6 @@ class GradientProbe:
         self._seen = 0
         self._step_acc: Optional[StepAccumulator] = None
         self._gram: Optional[GramAccumulator] = None
-        self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
 
     # ------------------------------------------------------------------ setup
     def watch(self, model, num_microbatches: Optional[int] = None) -> "GradientProbe":
@@ -119,11 +126,10 @@ class GradientProbe:
         self.num_microbatches = int(num_microbatches)
         if self._head is not None:
             return self
-        chunks = model if isinstance(model, (list, tuple)) else [model]
-        heads = [h for h in (_find_head(c) for c in chunks) if h is not None]
-        if not heads:
+        head = find_head(model)
+        if head is None:
             return self  # not the last pipeline stage: idle
-        return self.watch_head(heads[-1], self.num_microbatches)
+        return self.watch_head(head, self.num_microbatches)
 
     def watch_head(self, head: torch.nn.Module, num_microbatches: int = 1) -> "GradientProbe":
         """Attach to a head module directly (any module whose logits are linear in its weight)."""
@@ -131,16 +137,11 @@ class GradientProbe:
         if self._head is not None:
             return self
         self._head = head
-        if self.tp_group is None:
-            self.tp_group = getattr(self._head, "tp_group", None) or _default_group("tp")
-        if self.dp_group is None:
-            self.dp_group = _default_group("dp")
+        self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
+        self.dp_group = default_dp_group(self.dp_group)
+        self._warn_if_vocab_unknown(head)
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
         return self
-
-    def on_record(self, fn: Callable[[int, Dict[str, float]], None]) -> None:
-        """Call ``fn(step, figures)`` for every finalised step (on every probing rank)."""
-        self._callbacks.append(fn)
 
     def remove(self) -> None:
         """Detach from the head and close the logs (``is_reporter`` keeps its last value)."""
@@ -153,11 +154,22 @@ class GradientProbe:
             self._logger.close()
             self._logger = None
 
+    def _warn_if_vocab_unknown(self, head) -> None:
+        """Megatron pads V to a multiple of 128 x TP; without the real size the padded columns would count."""
+        if self.config.vocab_size is not None or getattr(head, "real_vocab_size", None) is not None:
+            return
+        view = head_view(head)
+        total = view.basis.shape[0] * get_pg_size(self.tp_group)
+        if total % 128 == 0:
+            log.warning("GradientProbe: the real vocabulary size is unknown, so its figures count all %d columns "
+                        "of the head, which may include Megatron's padding (and then differ across TP sizes). "
+                        "Pass ProbeConfig(vocab_size=<tokenizer vocab size>).", total)
+
     @property
     def is_reporter(self) -> bool:
         if self._head is None:
             return getattr(self, "_was_reporter", False)
-        return group_rank(self.tp_group) == 0 and group_rank(self.dp_group) == 0
+        return get_pg_rank(self.tp_group) == 0 and get_pg_rank(self.dp_group) == 0
 
     # ------------------------------------------------------------- schedule
     def _due(self, interval: int) -> bool:
@@ -236,12 +248,8 @@ class GradientProbe:
 
     def _record(self, figures: Dict[str, float]) -> None:
         self.history.append({"step": self.step, **figures})
-        for fn in self._callbacks:
-            fn(self.step, figures)
         if self.is_reporter:
             if self._logger is None and self.config.log_dir:
-                from .sinks import MetricsLogger
-
                 self._logger = MetricsLogger(self.config.log_dir, "probe.jsonl", self.config.tensorboard,
                                              self.config.wandb_project)
             if self._logger is not None:
@@ -256,27 +264,14 @@ class GradientProbe:
 
 def _megatron_num_microbatches() -> int:
     try:
-        from megatron.core.num_microbatches_calculator import get_num_microbatches
-
         return int(get_num_microbatches())
     except Exception:  # calculator not initialised: one micro-batch per step
         return 1
 
 
-def _default_group(kind: str):
-    try:
-        from megatron.core import parallel_state as ps
-
-        if not ps.model_parallel_is_initialized():
-            return None
-        return ps.get_tensor_model_parallel_group() if kind == "tp" else ps.get_data_parallel_group()
-    except Exception:
-        return None
-
-
 def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
     """All-gather a sequence-sharded [s/tp, b, D] tensor along dim 0 (no autograd)."""
-    world = group_size(group)
+    world = get_pg_size(group)
     if world == 1:
         return hidden
     h = hidden.detach().contiguous()

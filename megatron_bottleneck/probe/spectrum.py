@@ -27,8 +27,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..parallel import group_size
-from .stats import HeadView
+from megatron.core.utils import get_pg_size
+
+from ..base.head import HeadView
 
 ENERGY_LEVELS = (0.7, 0.9, 0.99, 0.999)
 
@@ -127,7 +128,7 @@ class GramAccumulator:
         if not self.rows:
             return {}
         k = self.gram()
-        if group_size(tp_group) > 1:
+        if get_pg_size(tp_group) > 1:
             dist.all_reduce(k, group=tp_group)
         out: Dict = {}
         if not bool(torch.isfinite(k).all()):

@@ -34,32 +34,15 @@ Nothing here modifies its inputs or touches any RNG.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import get_pg_rank, get_pg_size
 
-from ..parallel import group_rank, group_size
+from ..base.head import HeadView
 
 PINV_RTOL = 1e-10
-
-
-@dataclass
-class HeadView:
-    """What the probe needs of a head on this TP rank. ``col(W) = col(basis)``, ``W = basis @ mix``.
-
-    basis: F, local vocab shard (V_local x k). mix: M (k x D), replicated; None = identity (dense).
-    vocab_start: global index of basis row 0. vocab_size: real (unpadded) V; rows beyond it are padding.
-    """
-
-    basis: torch.Tensor
-    mix: Optional[torch.Tensor]
-    vocab_start: int
-    vocab_size: int
-
-    def valid_rows(self) -> int:
-        return int(max(0, min(self.basis.shape[0], self.vocab_size - self.vocab_start)))
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -119,12 +102,11 @@ class StepAccumulator:
     """
 
     def __init__(self, update: bool = False, sequence_parallel: bool = False, num_buckets: int = 0,
-                 seq_length: Optional[int] = None, tp_group=None):
+                 tp_group=None):
         self.tp_group = tp_group
         self.update = update
         self.sequence_parallel = sequence_parallel
         self.num_buckets = num_buckets
-        self.seq_length = seq_length
         self.view: Optional[HeadView] = None
         self.g2 = torch.zeros((), dtype=torch.float64)
         self.k = None  # dH^T dH, D x D
@@ -150,7 +132,7 @@ class StepAccumulator:
             batch = g.shape[0] // rows
             pos = torch.arange(rows, device=g.device).repeat_interleave(batch)
             self._bucket_add("g2_buckets", sq, pos, rows)
-        if view.vocab_size < group_size(self.tp_group) * view.basis.shape[0]:
+        if view.vocab_size < get_pg_size(self.tp_group) * view.basis.shape[0]:
             self.pad_corrections.append(self._padding_part(grad.reshape(-1, grad.shape[-1]), view, n))
         if self.update:
             dt = _work_dtype(g)
@@ -164,7 +146,7 @@ class StepAccumulator:
         if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - G_pad W_pad
             c = self.pad_corrections.pop(0)
             if self.sequence_parallel:
-                c = c.reshape(group_size(self.tp_group), -1, c.shape[-1])[group_rank(self.tp_group)]
+                c = c.reshape(get_pg_size(self.tp_group), -1, c.shape[-1])[get_pg_rank(self.tp_group)]
             dh = dh - c.to(dh.dtype)
         k = (dh.t() @ dh).double()
         self.k = k if self.k is None else self.k + k
@@ -189,13 +171,12 @@ class StepAccumulator:
             c = g_pad @ w_pad
         else:
             c = torch.zeros(g_all.shape[0], d, dtype=dt, device=g_all.device)
-        if group_size(self.tp_group) > 1:
+        if get_pg_size(self.tp_group) > 1:
             dist.all_reduce(c, group=self.tp_group)
         return c
 
     def _bucket_add(self, name, values, pos, rows):
-        seq = self.seq_length or rows
-        idx = (pos * self.num_buckets // seq).clamp(max=self.num_buckets - 1)
+        idx = (pos * self.num_buckets // rows).clamp(max=self.num_buckets - 1)
         acc = torch.zeros(self.num_buckets, dtype=torch.float64, device=values.device).index_add_(0, idx, values)
         cur = getattr(self, name)
         setattr(self, name, acc if cur is None else cur + acc)
@@ -212,7 +193,7 @@ class StepAccumulator:
         ftf = (f.t() @ f).double()  # k x k: V k^2 flops, the largest product of a cheap step
         # Replicated quantities (token sums without SP) are counted on TP rank 0 only, so one SUM
         # all-reduce yields every total.
-        own = 1.0 if (self.sequence_parallel or group_rank(tp_group) == 0) else 0.0
+        own = 1.0 if (self.sequence_parallel or get_pg_rank(tp_group) == 0) else 0.0
         parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * self.k.reshape(-1)]
         if self.num_buckets:
             parts.append(self.g2_buckets.to(device))
@@ -221,7 +202,7 @@ class StepAccumulator:
             parts += [self.p.square().sum().reshape(1), ppt.reshape(-1), own * self.hth.reshape(-1),
                       own * self.htdh.reshape(-1)]
         flat = torch.cat([p.reshape(-1).to(device) for p in parts])  # NaN/inf propagate into the sums
-        if group_size(tp_group) > 1:
+        if get_pg_size(tp_group) > 1:
             dist.all_reduce(flat, group=tp_group)
         return self._figures(flat, ftf.shape[0], tp_group)
 
@@ -274,15 +255,15 @@ class StepAccumulator:
         """Per-position-bucket ||G_vis||^2 from the stored dH rows (token sums over TP under SP)."""
         device = wtw_pinv.device
         acc = torch.zeros(self.num_buckets, dtype=torch.float64, device=device)
-        offset = group_rank(tp_group) if self.sequence_parallel else 0
+        offset = get_pg_rank(tp_group) if self.sequence_parallel else 0
         for dh, rows in self.vis_tokens:
             vis_t = ((dh.double() @ wtw_pinv.to(dh.device)) * dh.double()).sum(dim=1)
             batch = dh.shape[0] // rows
             pos = (torch.arange(rows, device=dh.device) + offset * rows).repeat_interleave(batch)
-            seq = self.seq_length or rows * (group_size(tp_group) if self.sequence_parallel else 1)
+            seq = rows * (get_pg_size(tp_group) if self.sequence_parallel else 1)
             idx = (pos * self.num_buckets // seq).clamp(max=self.num_buckets - 1)
             acc += torch.zeros_like(acc).index_add_(0, idx.to(device), vis_t.to(device))
-        if self.sequence_parallel and group_size(tp_group) > 1:
+        if self.sequence_parallel and get_pg_size(tp_group) > 1:
             dist.all_reduce(acc, group=tp_group)
         return acc
 

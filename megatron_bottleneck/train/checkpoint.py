@@ -19,6 +19,9 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from ..base.errors import CheckpointError
 
 LATEST = "latest"
 LAYOUT = "layout.json"
@@ -113,8 +116,6 @@ def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, c
                     keep_last: int = 2, optimizer=None, layout: Optional[Dict] = None) -> str:
     """Save atomically; ``extra`` is this rank's picklable state (scheduler, RNG, data position);
     ``layout`` (e.g. world size and TP/PP/DP sizes) is recorded and checked by :func:`load_checkpoint`."""
-    from megatron.core import dist_checkpointing
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = os.path.join(directory, _name(iteration))
     tmp = final + ".tmp"
@@ -159,8 +160,6 @@ def _prune(directory: str, keep_last: int) -> None:
 def check_layout(path: str, layout: Dict) -> None:
     """Raise a :class:`CheckpointError` before loading if ``path`` was saved with another parallel layout
     (the optimizer shards and the per-rank scheduler/RNG/data state only fit the layout they came from)."""
-    from ..errors import CheckpointError
-
     file = os.path.join(path, LAYOUT)
     if not os.path.exists(file):
         return
@@ -178,10 +177,6 @@ def check_layout(path: str, layout: Dict) -> None:
 
 def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Dict] = None) -> Dict:
     """Load the model into ``chunks`` and the optimizer state, and return this rank's extra state."""
-    from megatron.core import dist_checkpointing
-
-    from ..errors import CheckpointError
-
     if layout is not None:
         check_layout(path, layout)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -205,8 +200,6 @@ def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Di
 
 def load_model_only(path: str, chunks: List) -> None:
     """Load just the model weights (any TP/PP layout)."""
-    from megatron.core import dist_checkpointing
-
     state = dist_checkpointing.load(_model_state(chunks), path)
     for i, c in enumerate(chunks):
         c.load_state_dict(state[f"chunk{i}"], strict=False)

@@ -8,80 +8,137 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
+from ..data import check_dataset
+from ..probe import ProbeConfig
 
 
 @dataclass
 class ModelSection:
+    """The Llama-style GPT (RMSNorm, SwiGLU, RoPE, grouped-query attention, untied embeddings)."""
+
     num_layers: int = 2
+    """Transformer layers."""
     hidden_size: int = 32
+    """D, the hidden width."""
     num_attention_heads: int = 4
+    """Attention heads (must divide hidden_size and be divisible by the TP size)."""
     num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None: one per attention head."""
     ffn_hidden_size: Optional[int] = None
+    """SwiGLU inner width; None: 4 x hidden_size."""
     seq_length: int = 16
+    """Tokens per training sequence."""
     vocab_size: int = 128
-    head_rank: Optional[int] = None  # None: Megatron's dense head
-    head_init: str = "balanced"
+    """V, the model's vocabulary (a multiple of the TP size; data token ids must be below it)."""
+    head_rank: Optional[int] = None
+    """r of the low-rank head W = A B (1 <= r <= hidden_size); None: Megatron's dense head."""
+    head_init: Literal["balanced", "orthogonal", "from_dense"] = "balanced"
+    """Initialisation of A and B (see LowRankOutputLayer)."""
     init_method_std: float = 0.02
+    """Std of the weight init (and of each entry of A B for the low-rank head)."""
 
 
 @dataclass
 class ParallelSection:
+    """Megatron parallelism; data parallelism is what is left: world size / (TP x PP)."""
+
     tensor_model_parallel_size: int = 1
+    """TP: ranks sharing each layer (vocab-parallel head included)."""
     pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage (interleaved schedule); None: off."""
     sequence_parallel: bool = False
-    distributed_optimizer: bool = True  # Megatron's DistributedOptimizer: Adam state sharded over data-parallel ranks
+    """Shard activations over the sequence inside TP regions (TP > 1 only)."""
+    distributed_optimizer: bool = True
+    """Megatron's DistributedOptimizer: Adam state and fp32 main weights sharded over data-parallel ranks."""
 
 
 @dataclass
 class OptimSection:
+    """AdamW with linear warmup then cosine decay to ``min_lr``."""
+
     lr: float = 1e-3
+    """Peak learning rate."""
     min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.1
+    """Decoupled weight decay."""
     adam_beta1: float = 0.9
+    """Adam beta1."""
     adam_beta2: float = 0.95
+    """Adam beta2."""
     adam_eps: float = 1e-8
+    """Adam epsilon."""
     clip_grad: float = 1.0
+    """Global gradient-norm clipping (0: off)."""
     warmup_steps: int = 10
+    """Linear warmup steps from 0 to ``lr``."""
 
 
 @dataclass
 class TrainSection:
+    """Batches, length of the run, evaluation and logging cadence."""
+
     global_batch_size: int = 32
+    """Sequences per optimizer step (a multiple of micro_batch_size x data-parallel size)."""
     micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank."""
     train_steps: int = 100
+    """Optimizer steps."""
     eval_interval: int = 20
+    """Validation every N steps (and at the last step); 0: never."""
     eval_iters: int = 2
+    """Global batches per validation."""
     log_interval: int = 10
+    """Console line every N steps (metrics.jsonl gets every step)."""
     seed: int = 1234
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    """Seed of weights, data order and dropout."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPUs, fp32 on CPUs."""
 
 
 @dataclass
 class DataSection:
+    """Megatron indexed datasets (``<prefix>.bin`` / ``.idx``)."""
+
     train_prefix: str = ""
+    """Training data prefix (required)."""
     valid_prefix: Optional[str] = None
+    """Validation data prefix; None: no validation loss."""
 
 
 @dataclass
 class CheckpointSection:
+    """Atomic distributed checkpoints with exact resume."""
+
     dir: Optional[str] = None
+    """Checkpoint directory; None: no checkpoints."""
     save_interval: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 2
+    """Checkpoints kept (older ones are removed)."""
     resume: bool = True
+    """Resume from ``dir``'s latest checkpoint when there is one."""
 
 
 @dataclass
 class LoggingSection:
+    """Where metrics go (``metrics.jsonl`` always)."""
+
     dir: str = "runs/train"
+    """Run directory: metrics.jsonl, probe.jsonl, config.yaml, tensorboard/."""
     tensorboard: bool = True
+    """Also write TensorBoard events (skipped with one warning when tensorboard is not installed)."""
     wandb_project: Optional[str] = None
+    """Also log to this W&B project."""
     console: bool = True
+    """Print a progress line every ``train.log_interval`` steps."""
 
 
 @dataclass
@@ -93,7 +150,8 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    probe: Dict[str, Any] = field(default_factory=dict)  # ProbeConfig keyword arguments; {} = no probe
+    probe: Dict[str, Any] = field(default_factory=dict)
+    """GradientProbe settings (ProbeConfig fields, e.g. ``{interval: 10, rank_interval: 500}``); {}: no probe."""
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -160,18 +218,38 @@ class TrainConfig:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                               f"train.micro_batch_size={t.micro_batch_size}")
-        if t.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
         if self.probe:
-            from ..probe import ProbeConfig
-
             bad = set(self.probe) - {f.name for f in dataclasses.fields(ProbeConfig)}
             if bad:
                 name = sorted(bad)[0]
                 known = [f.name for f in dataclasses.fields(ProbeConfig)]
                 raise ConfigError(f"unknown key 'probe.{name}'{_suggest(name, known, 'probe.')}")
+
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need no process: the layout against ``world_size`` ranks, batch sizes against the
+        data-parallel size, and the data (files present, token ids within the vocabulary)."""
+        p, t = self.parallel, self.train
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        if world_size % mp:
+            raise ConfigError(f"{world_size} ranks cannot hold parallel.tensor_model_parallel_size="
+                              f"{p.tensor_model_parallel_size} x parallel.pipeline_model_parallel_size="
+                              f"{p.pipeline_model_parallel_size}: use a multiple of {mp} ranks (--nproc).")
+        dp = world_size // mp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp} with "
+                              f"{world_size} ranks): change the batch sizes or the number of ranks.")
+        if not self.data.train_prefix:
+            raise ConfigError("data.train_prefix is empty: point it at an indexed dataset prefix "
+                              "(data.train_prefix=path/to/prefix, without .bin/.idx)")
+        for key in ("train_prefix", "valid_prefix"):
+            prefix = getattr(self.data, key)
+            if prefix:
+                check_dataset(prefix, f"data.{key}", vocab_size=self.model.vocab_size,
+                              seq_length=self.model.seq_length)
 
 
 def _suggest(name: str, options: List[str], prefix: str = "") -> str:
@@ -209,6 +287,10 @@ def _set(cfg: TrainConfig, section: str, values: Any, where: str) -> None:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
     if typing.get_origin(hint) is typing.Union:
         if value is None and type(None) in args:
             return None

@@ -8,20 +8,29 @@ SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from .. import initialize_parallel
-from ..heads import LowRankHeadConfig, build_gpt_model
-from ..probe import GradientProbe, MetricsLogger, ProbeConfig
-from ..specs import llama_config
+from ..base.sinks import MetricsLogger
+from ..data import IndexedSequences, batch_stream
+from ..heads import LowRankHeadConfig
+from ..integrations.cpu import enable_cpu_mode
+from ..integrations.launch import launch
+from ..integrations.parallel import initialize_parallel
+from ..integrations.schedule import StepResult, forward_backward
+from ..models import build_gpt_model, llama_config
+from ..probe import GradientProbe, ProbeConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
@@ -57,7 +66,8 @@ def build_models(cfg: TrainConfig):
     head = None if m.head_rank is None else LowRankHeadConfig(rank=m.head_rank, init=m.head_init,
                                                              seed=cfg.train.seed)
     vpp = p.virtual_pipeline_model_parallel_size
-    chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None))
+    chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
+                              real_vocab_size=m.vocab_size)
               for i in range(vpp or 1)]
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
@@ -72,23 +82,14 @@ class Trainer:
         self.cfg = config
         self.on_step = on_step
         self.stop = _StopFlag()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        config.check_world(world)
         initialize_parallel(config.parallel.tensor_model_parallel_size,
                             config.parallel.pipeline_model_parallel_size,
                             config.parallel.virtual_pipeline_model_parallel_size, seed=config.train.seed)
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        self.ps = ps
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         t = config.train
-        if t.global_batch_size % (t.micro_batch_size * self.dp_size):
-            from ..errors import ConfigError
-
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                              f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {self.dp_size})")
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.tcfg, chunks = build_models(config)
         bf16 = _precision(config) == "bf16"
@@ -133,74 +134,34 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def _data(self):
-        from ..data import IndexedSequences
-
         d = self.cfg.data
-        if not d.train_prefix:
-            from ..errors import ConfigError
-
-            raise ConfigError("data.train_prefix is empty: point it at an indexed dataset prefix")
         self.train_data = IndexedSequences(d.train_prefix)
         self.valid_data = IndexedSequences(d.valid_prefix) if d.valid_prefix else None
-        for name, ds in (("train", self.train_data), ("valid", self.valid_data)):
-            if ds is not None and ds.doc_length != self.cfg.model.seq_length + 1:
-                from ..errors import ConfigError
 
-                raise ConfigError(f"model.seq_length={self.cfg.model.seq_length} but the {name} documents have "
-                                  f"{ds.doc_length} tokens (expected seq_length + 1)")
-
-    def _stream(self, data, consumed, seed):
-        from ..data import batch_stream
-
+    def batches(self, split: str = "train", consumed: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+        """This data-parallel rank's micro-batches of ``split`` ('train' | 'valid'), starting after
+        ``consumed`` sequences (global count): the same stream a training run reads."""
+        data = self.train_data if split == "train" else self.valid_data
+        seed = self.cfg.train.seed + (0 if split == "train" else 1)
         return batch_stream(data, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size, seed,
                             consumed, self.dp_rank, self.dp_size)
 
     # ---------------------------------------------------------------- steps
-    def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        tokens, labels, mask = (batch[k].to(dev) for k in ("tokens", "labels", "loss_mask"))
-        pos = torch.arange(tokens.shape[1], device=dev).expand(tokens.shape[0], -1)
-        out = model(tokens, pos, None, labels=labels)
-
-        def loss_func(output):
-            loss = (output.float() * mask).sum() / mask.sum()
-            return loss, {"loss": loss.detach().clone()}
-
-        return out, loss_func
-
-    def _run(self, batches: List, forward_only: bool) -> Optional[float]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        iters = [iter(batches) for _ in self.models]
-        out = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iters if len(self.models) > 1 else iters[0],
-            model=self.models if len(self.models) > 1 else self.models[0],
-            num_microbatches=len(batches), seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
-        if not self.ps.is_pipeline_last_stage(ignore_virtual=True):
-            return None
-        loss = torch.stack([o["loss"].float() for o in out]).mean()
-        if self.dp_size > 1:
-            dist.all_reduce(loss, group=self.ps.get_data_parallel_group())
-            loss /= self.dp_size
-        return float(loss)
+    def forward_backward(self, batches: List, forward_only: bool = False) -> StepResult:
+        """One global batch (this rank's micro-batches) through Megatron's schedule; gradients reduced."""
+        return forward_backward(self.models, batches, forward_only=forward_only,
+                                seq_length=self.cfg.model.seq_length,
+                                micro_batch_size=self.cfg.train.micro_batch_size)
 
     def _train_step(self, stream) -> Dict:
-        from megatron.core.distributed import finalize_model_grads
-
         for m in self.models:
             m.train()
-            m.zero_grad_buffer()
         with warnings.catch_warnings():  # fp32 distributed optimizer: its main params are views (non-leaf)
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             self.optimizer.zero_grad()
         if self.probe is not None:
             self.probe.step = self.iteration
-        batches = [next(stream) for _ in range(self.num_micro)]
-        loss = self._run(batches, forward_only=False)
-        finalize_model_grads(self.models)
+        loss = self.forward_backward([next(stream) for _ in range(self.num_micro)]).loss
         _ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.iteration += 1
@@ -213,19 +174,17 @@ class Trainer:
             return None
         for m in self.models:
             m.eval()
-        stream = self._stream(self.valid_data, 0, self.cfg.train.seed + 1)
+        stream = self.batches("valid")
         losses = []
         with torch.no_grad():
             for _ in range(self.cfg.train.eval_iters):
-                losses.append(self._run([next(stream) for _ in range(self.num_micro)], forward_only=True))
+                losses.append(self.forward_backward([next(stream) for _ in range(self.num_micro)], True).loss)
         for m in self.models:
             m.train()
         return None if losses[0] is None else sum(losses) / len(losses)
 
     # ------------------------------------------------------------ checkpoint
     def _extra_state(self) -> Dict:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
         return {"iteration": self.iteration, "consumed": self.consumed, "scheduler": self.scheduler.state_dict(),
                 "rng_cpu": torch.get_rng_state(), "rng_tracker": get_cuda_rng_tracker().get_states(),
                 "probe_step": None if self.probe is None else self.probe.step}
@@ -247,8 +206,6 @@ class Trainer:
                 "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer}
 
     def _restore(self, path: str) -> None:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
         extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer,
                                 layout=self.layout())
         self.scheduler.load_state_dict(extra["scheduler"])
@@ -262,7 +219,7 @@ class Trainer:
     def train(self) -> Dict:
         cfg, t = self.cfg, self.cfg.train
         previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        stream = self._stream(self.train_data, self.consumed, t.seed)
+        stream = self.batches("train", self.consumed)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         history, t0 = [], time.perf_counter()
         try:
@@ -335,12 +292,9 @@ def run(config: TrainConfig, nproc: Optional[int] = None) -> Dict:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)
             if backend == "gloo":
-                from ..cpu import enable_cpu_mode
-
                 enable_cpu_mode()
         return Trainer(config).train()
-    from ..cpu import launch
-
     p = config.parallel
     world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    config.check_world(world)  # everything that needs no process, before spawning
     return launch(_train_entry, world, config.to_dict(), timeout=24 * 3600)[-1]

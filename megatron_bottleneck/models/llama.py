@@ -15,6 +15,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from ..base.groups import default_tp_group
 
 __all__ = ["SequenceParallelNorm", "llama_block_spec", "llama_config"]
 
@@ -28,7 +35,7 @@ class SequenceParallelNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, tp_group=None):
         super().__init__()
         self.config = config
-        self.tp_group = tp_group
+        self.tp_group = default_tp_group(tp_group)
         self.eps = eps
         self.rms = getattr(config, "normalization", "LayerNorm") == "RMSNorm"
         if getattr(config, "layernorm_zero_centered_gamma", False):
@@ -48,27 +55,17 @@ class SequenceParallelNorm(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Replicated over TP (one main replica per TP group) for distributed checkpointing."""
-        from megatron.core import parallel_state
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        tp_group = self.tp_group or parallel_state.get_tensor_model_parallel_group()
         dp_cp_group = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
             with_context_parallel=True
         )
         return make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
-            tp_group=tp_group, dp_cp_group=dp_cp_group,
+            tp_group=self.tp_group, dp_cp_group=dp_cp_group,
         )
 
 
 def llama_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
     """``TransformerBlockSubmodules`` for this pipeline stage: local layers, SP-capable norms."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-
     layer = get_gpt_layer_local_spec(normalization=getattr(config, "normalization", "LayerNorm"))
     layer = dataclasses.replace(
         layer,
@@ -95,8 +92,6 @@ def llama_config(
     Pass the model with ``position_embedding_type='rope'`` (the default of
     :func:`megatron_bottleneck.build_gpt_model`). Other keyword arguments go to TransformerConfig.
     """
-    from megatron.core.transformer import TransformerConfig
-
     defaults = dict(
         normalization="RMSNorm",
         gated_linear_unit=True,

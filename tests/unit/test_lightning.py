@@ -6,8 +6,9 @@ import torch
 
 lightning = pytest.importorskip("lightning")
 
-from megatron_bottleneck.probe import ProbeConfig, read_jsonl  # noqa: E402
-from megatron_bottleneck.probe.lightning import ProbeCallback  # noqa: E402
+from megatron_bottleneck import read_jsonl  # noqa: E402
+from megatron_bottleneck.integrations.lightning import ProbeCallback  # noqa: E402
+from megatron_bottleneck.probe import ProbeConfig  # noqa: E402
 
 V, D, T = 300, 12, 64
 

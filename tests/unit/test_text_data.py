@@ -6,7 +6,8 @@ import pytest
 
 spm = pytest.importorskip("sentencepiece")
 
-from megatron_bottleneck.data.text import DataError, read_documents, tokenize_to_indexed, train_tokenizer  # noqa: E402
+from megatron_bottleneck.base.errors import DataError  # noqa: E402
+from megatron_bottleneck.data.text import read_documents, tokenize_to_indexed, train_tokenizer  # noqa: E402
 
 WORDS = ("gradient bottleneck softmax vocabulary hidden rank head logit token model train learn "
          "the a of to and in is was for on with as by at from").split()

@@ -1,4 +1,4 @@
-"""Rank functions for the GradientProbe tests: real GPTModel steps through Megatron's schedule.
+"""Rank functions for the GradientProbe tests: real GPTModel steps through the schedule driver.
 
 The reference is independent of the probe: a second tensor hook captures each micro-batch's logit
 gradient, the test gathers the vocab shards (which the probe never does) and computes every figure by
@@ -12,16 +12,12 @@ import torch
 import torch.distributed as dist
 
 import megatron_bottleneck as mb
-import parallel_runs as pr
+from tests import support as pr
 
 
 def _capture(model_chunks, store: List):
     """Independent capture of (G shard, H, W shard) per micro-batch for the reference."""
-    head = None
-    for c in model_chunks:
-        m = getattr(c, "module", c)
-        if getattr(m, "post_process", False):
-            head = m.output_layer
+    head = mb.find_head(model_chunks)
     if head is None:
         return None
 
@@ -83,13 +79,9 @@ def probed_training(tp: int, pp: int, sp: bool, rank, steps: int, probe_on: bool
                     nan_step: int = -1) -> Dict:
     """``steps`` SGD steps through Megatron's schedule; the probe on or off; NaN injected at a step."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cfg, chunks = pr.build_chunks(tp, pp, None, sp, rank)
-    models = [DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(), module=c)
-              for c in chunks]
+    models = pr.wrap_ddp(cfg, chunks)
     probe = None
     if probe_on:
         probe = mb.GradientProbe(mb.ProbeConfig(interval=1, update_interval=1, log_dir=log_dir,
@@ -104,27 +96,18 @@ def probed_training(tp: int, pp: int, sp: bool, rank, steps: int, probe_on: bool
         poison = step == nan_step
 
         def forward_step(it, model):
-            batch = next(it)
-            pos = torch.arange(pr.SEQ).unsqueeze(0).expand(pr.MICRO, -1)
-            out = model(batch["tokens"], pos, None, labels=batch["labels"])
+            output, loss_func = mb.gpt_forward_step(it, model)
 
-            def loss_func(output):
-                mean = output.float().mean()
-                if poison:
-                    mean = mean * float("nan")
-                return mean, {"loss": mean.detach().clone()}
+            def poisoned(out):
+                loss, report = loss_func(out)
+                return loss * float("nan"), {"loss": report["loss"] * float("nan")}
 
-            return out, loss_func
+            return output, (poisoned if poison else loss_func)
 
-        for m in models:
-            m.zero_grad_buffer()
         captured.clear()
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(data), model=models[0],
-            num_microbatches=len(data), seq_length=pr.SEQ, micro_batch_size=pr.MICRO, forward_only=False)
-        finalize_model_grads(models)
+        result = mb.forward_backward(models, data, forward_step=forward_step)
         if ps.is_pipeline_last_stage():
-            losses.append(torch.stack([o["loss"] for o in out]).mean().item())
+            losses.append(result.loss)
             if probe_on and not poison:
                 refs.append(reference_figures(captured, tp_group, pr.VOCAB - 5, sp and tp > 1))
         with torch.no_grad():

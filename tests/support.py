@@ -1,10 +1,9 @@
-"""Functions run on real CPU ranks (``megatron_bottleneck.launch``) by the parallelism tests.
+"""Shared pieces of the distributed tests, run on real CPU ranks (``megatron_bottleneck.launch``).
 
-Each builds a small Llama-style GPTModel for one parallel layout, loads a shared distributed
-checkpoint (so every layout starts from the same weights), runs one real forward-backward through
-Megatron's pipeline schedule with Megatron DDP and ``finalize_model_grads``, and returns losses and
-gradients keyed by a layout-independent name, with the tensor-parallel metadata needed to reassemble
-full tensors in the parent process.
+A small Llama-style GPTModel per parallel layout, deterministic batches, distributed checkpoints shared
+by layouts (so every layout starts from the same weights), one real step through the project's schedule
+driver (Megatron's pipeline schedule, Megatron DDP, ``finalize_model_grads``), and gradients keyed by a
+layout-independent name with the tensor-parallel metadata needed to reassemble full tensors in the parent.
 """
 from __future__ import annotations
 
@@ -87,43 +86,21 @@ def load(chunks, path):
         c.load_state_dict(sd[f"chunk{i}"], strict=False)
 
 
+def wrap_ddp(cfg, chunks):
+    """Megatron DDP around each chunk (replicated optimizer layout, no overlap)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
+    return [DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
+            for i, c in enumerate(chunks)]
+
+
 def train_step(cfg, chunks, data) -> Dict:
     """One forward-backward with Megatron DDP; returns losses and canonical gradients."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
-    models = [
-        DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
-        for i, c in enumerate(chunks)
-    ]
-    for m in models:
-        m.zero_grad_buffer()
-
-    def forward_step(it, model):
-        batch = next(it)
-        pos = torch.arange(SEQ).unsqueeze(0).expand(MICRO, -1)
-        loss = model(batch["tokens"], pos, None, labels=batch["labels"])
-
-        def loss_func(output):
-            mean = output.float().mean()
-            return mean, {"loss": mean.detach().clone()}
-
-        return loss, loss_func
-
-    iters = [iter(data) for _ in models]
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iters if len(models) > 1 else iters[0],
-        model=models if len(models) > 1 else models[0],
-        num_microbatches=len(data),
-        seq_length=SEQ,
-        micro_batch_size=MICRO,
-        forward_only=False,
-    )
-    finalize_model_grads(models)
+    models = wrap_ddp(cfg, chunks)
+    result = mb.forward_backward(models, data)
     grads = {}
     for m in models:
         for name, p in canonical_params(m):
@@ -134,7 +111,7 @@ def train_step(cfg, chunks, data) -> Dict:
                 "stride": getattr(p, "partition_stride", 1),
             }
     return {
-        "losses": [o["loss"].item() for o in out] if ps.is_pipeline_last_stage() else None,
+        "losses": result.losses,
         "grads": grads,
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "dp_rank": ps.get_data_parallel_rank(),
@@ -188,26 +165,15 @@ def save_reference(rank: int, ckpt: str) -> Optional[Dict]:
     return train_step(cfg, chunks, batches())
 
 
-# ----------------------------------------------------------------------------- grouped checks
-def _error(fn) -> str:
-    try:
-        fn()
-    except mb.BottleneckError as e:
-        return f"{type(e).__name__}: {e}"
-    return "no error"
-
-
 def head_input_and_loss(model, batch):
     """Loss and dL/dH at the head input for one batch (single process, no DDP)."""
     captured = {}
 
     def pre_hook(_module, args):
-        h = args[0]
-        h.retain_grad()
-        captured["h"] = h
-        return None
+        args[0].retain_grad()
+        captured["h"] = args[0]
 
-    handle = model.output_layer.register_forward_pre_hook(pre_hook)
+    handle = mb.find_head(model).register_forward_pre_hook(pre_hook)
     pos = torch.arange(SEQ).unsqueeze(0).expand(MICRO, -1)
     loss = model(batch["tokens"], pos, None, labels=batch["labels"]).float().mean()
     loss.backward()
@@ -225,7 +191,7 @@ def float64_head_grads(h, labels, a, b):
     return loss.item(), a64.grad, b64.grad
 
 
-def dense_vs_factorised(tp: int) -> Dict:
+def dense_vs_factorised(tp: int):
     """Megatron's dense head vs the factorised head with A = W, B = I (rank = D)."""
     _, (dense,) = build_chunks(tp, 1, None, False, None)
     _, (factorised,) = build_chunks(tp, 1, None, False, None)
@@ -233,83 +199,16 @@ def dense_vs_factorised(tp: int) -> Dict:
     mb.install_low_rank_head(factorised, mb.LowRankHeadConfig(rank=HIDDEN, init="from_dense"))
     batch = batches()[0]
     ld, gd, _ = head_input_and_loss(dense, batch)
-    lf, gf, h = head_input_and_loss(factorised, batch)
-    out = {"dense_loss": ld, "factorised_loss": lf, "dh_max_diff": (gd - gf).abs().max().item(),
-           "dh_norm": gd.norm().item()}
-    if tp == 1:
-        _, (lowrank,) = build_chunks(1, 1, None, False, 16)
-        loss, _, h = head_input_and_loss(lowrank, batch)
-        ref_loss, ga, gb = float64_head_grads(h, batch["labels"], lowrank.output_layer.weight,
-                                              lowrank.output_layer.input_proj)
-        out.update(lowrank_loss=loss, ref_loss=ref_loss,
-                   a_grad=lowrank.output_layer.weight.grad.double(), a_ref=ga,
-                   b_grad=lowrank.output_layer.input_proj.grad.double(), b_ref=gb)
-    return out
+    lf, gf, _ = head_input_and_loss(factorised, batch)
+    return {"dense_loss": ld, "factorised_loss": lf, "dh_max_diff": (gd - gf).abs().max().item(),
+            "dh_norm": gd.norm().item()}
 
 
-def validation_errors() -> Dict[str, str]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    mb.initialize_parallel(1, 1, seed=1)
-    cfg = config()
-    build = lambda c=cfg, **kw: mb.build_gpt_model(c, VOCAB, SEQ, **kw)  # noqa: E731
-    errors = {
-        "rank0": _error(lambda: build(head_rank=0)),
-        "rank_too_big": _error(lambda: build(head_rank=HIDDEN + 1)),
-        "tied": _error(lambda: build(head_rank=8, share_embeddings_and_output_weights=True)),
-        "mtp": _error(lambda: build(config(mtp_num_layers=1), head_rank=8)),
-        "bad_init": _error(lambda: build(head=mb.LowRankHeadConfig(rank=8, init="svd"))),
-        "fp8_without_te": _error(lambda: build(config(fp8="hybrid"), head_rank=8)),
-    }
-    model = build(head_rank=8)
-    errors["twice"] = _error(lambda: mb.install_low_rank_head(model, 8))
-    ddp = DistributedDataParallel(
-        config=cfg, ddp_config=DistributedDataParallelConfig(), module=build()
-    )
-    errors["wrapped"] = _error(lambda: mb.install_low_rank_head(ddp, 8))
-    errors["full_rank_ok"] = str(type(build(head_rank=HIDDEN).output_layer).__name__)
-    hooked = mb.low_rank_head_hook(mb.LowRankHeadConfig(rank=4))([build(), build()])
-    errors["hook"] = ",".join(f"{type(m.output_layer).__name__}:{m.output_layer.rank}" for m in hooked)
-    return errors
-
-
-def world1(tmp: str) -> Dict:
-    ref = save_reference(16, f"{tmp}/ref")
-    return {"ref": ref, "dense": dense_vs_factorised(1), "errors": validation_errors()}
-
-
-def world2(tmp: str) -> Dict:
-    out = {}
-    for name, layout in {
-        "tp2": (2, 1, None, False),
-        "tp2_sp": (2, 1, None, True),
-        "pp2": (1, 2, None, False),
-        "pp2_vpp2": (1, 2, 2, False),
-    }.items():
-        out[name] = step_layout(*layout, 16, f"{tmp}/ref")
-    out["dense"] = dense_vs_factorised(2)
-    # A TP=2 model with its own weights: save, and remember its loss for the TP=1 load.
-    _, chunks = build_chunks(2, 1, None, False, 16)
-    with torch.no_grad():
-        for p in chunks[0].parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    save(chunks, f"{tmp}/tp2")
-    out["tp2_saved_loss"] = loss_of(chunks, batches(1))
-    _, chunks = build_chunks(2, 1, None, False, 16)
-    load(chunks, f"{tmp}/ref")
-    out["tp2_loaded_ref_loss"] = loss_of(chunks, batches(1))
-    out["vocab_error"] = _error(lambda: mb.build_gpt_model(config(2), 255, SEQ, head_rank=8))
-    return out
-
-
-def world4(tmp: str) -> Dict:
-    out = {}
-    for name, layout in {"tp2_pp2": (2, 2, None, False), "tp2_pp2_sp": (2, 2, None, True)}.items():
-        out[name] = step_layout(*layout, 16, f"{tmp}/ref")
-    _, chunks = build_chunks(1, 1, None, False, 16)
-    load(chunks, f"{tmp}/tp2")
-    out["tp1_loaded_tp2_loss"] = loss_of(chunks, batches(1))
-    _, chunks = build_chunks(1, 1, None, False, 16)
-    load(chunks, f"{tmp}/ref")
-    out["tp1_loaded_ref_loss"] = loss_of(chunks, batches(1))
-    return out
+def low_rank_against_float64():
+    _, (lowrank,) = build_chunks(1, 1, None, False, 16)
+    batch = batches()[0]
+    loss, _, h = head_input_and_loss(lowrank, batch)
+    head = lowrank.output_layer
+    ref_loss, ga, gb = float64_head_grads(h, batch["labels"], head.weight, head.input_proj)
+    return {"loss": loss, "ref_loss": ref_loss, "a_grad": head.weight.grad.double(), "a_ref": ga,
+            "b_grad": head.input_proj.grad.double(), "b_ref": gb}

@@ -1,0 +1,11 @@
+"""The torch-only base every other layer builds on: errors, the head view and head lookup, default
+process groups, metrics sinks."""
+from .errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError, HeadConfigError,
+                     RankFailure, error_messages)
+from .groups import default_dp_group, default_tp_group
+from .head import HeadView, find_head
+from .sinks import MetricsLogger, read_jsonl
+
+__all__ = ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "HeadConfigError",
+           "RankFailure", "error_messages",
+           "HeadView", "find_head", "default_tp_group", "default_dp_group", "MetricsLogger", "read_jsonl"]

@@ -1,0 +1,33 @@
+"""Default process groups: an explicit group wins, else Megatron's parallel state, else none.
+
+Sizes and ranks of a group come from ``megatron.core.utils.get_pg_size`` / ``get_pg_rank`` (1 and 0 for
+no group), used directly by the modules that need them.
+"""
+from __future__ import annotations
+
+__all__ = ["default_tp_group", "default_dp_group"]
+
+
+def _parallel_state():
+    # Function-level import: keeps the base importable without megatron-core (torch only).
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return None
+    return parallel_state if parallel_state.model_parallel_is_initialized() else None
+
+
+def default_tp_group(group=None):
+    """``group`` if given, else Megatron's tensor-parallel group when initialised, else None (one rank)."""
+    if group is not None:
+        return group
+    ps = _parallel_state()
+    return ps.get_tensor_model_parallel_group() if ps is not None else None
+
+
+def default_dp_group(group=None):
+    """``group`` if given, else Megatron's data-parallel group when initialised, else None (one rank)."""
+    if group is not None:
+        return group
+    ps = _parallel_state()
+    return ps.get_data_parallel_group() if ps is not None else None

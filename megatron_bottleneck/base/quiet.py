@@ -1,0 +1,16 @@
+"""Warnings Megatron-Core prints that say nothing new after the first time (torch only, so it can run
+before megatron-core is imported)."""
+import warnings
+
+__all__ = ["quiet_megatron_warnings"]
+
+
+def quiet_megatron_warnings(missing_extensions: str = "once") -> None:
+    """Show Megatron-Core's import-time warnings about missing Apex / Transformer Engine ``"once"`` per
+    process (or ``"ignore"`` them), and silence the ones it repeats every step on CPU
+    (CUDA_DEVICE_MAX_CONNECTIONS, torch deprecations inside Megatron); nothing else is filtered."""
+    warnings.filterwarnings(missing_extensions, message=".*(Apex|Transformer Engine|transformer_engine|apex).*")
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*(ShardedTensor|deprecated).*")

@@ -1,0 +1,148 @@
+"""Run a function on N local CPU ranks (``torch.multiprocessing`` spawn, gloo on 127.0.0.1).
+
+Each rank has ``torch.distributed`` initialised and CPU mode on; Megatron's parallel state is up to the
+function (:func:`megatron_bottleneck.initialize_parallel`). Failures come back to the caller as one
+exception:
+
+* a rank raised one of our errors (:class:`~megatron_bottleneck.base.errors.BottleneckError`): that error
+  is raised again in the parent, same type and message (other ranks' failures, typically a collective
+  broken by the failed rank's exit, are consequences: their tracebacks are kept, their messages dropped);
+* otherwise :class:`~megatron_bottleneck.base.errors.RankFailure` (a ``RuntimeError``) with a one-line
+  message per distinct failure.
+
+Either way the exception carries ``messages`` (the distinct messages, in rank order) and ``tracebacks``
+(each failing rank's traceback), so a command line can print one line per message and the traceback
+only when asked.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import queue as queue_mod
+import socket
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+from ..base.errors import BottleneckError, RankFailure
+from ..base.quiet import quiet_megatron_warnings
+from .cpu import enable_cpu_mode
+
+__all__ = ["launch", "free_port"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _describe(exc: BaseException) -> Dict[str, Any]:
+    cls = type(exc)
+    return {"type": f"{cls.__module__}:{cls.__qualname__}", "message": str(exc),
+            "ours": isinstance(exc, BottleneckError), "traceback": traceback.format_exc()}
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    quiet_megatron_warnings()
+    try:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        enable_cpu_mode()
+        # Plain pickle: torch's queue reducers share tensors through file descriptors, which die
+        # with this process.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
+    except BaseException as exc:  # report every failure to the parent
+        queue.put((rank, False, _describe(exc)))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _rebuild(failures: Dict[int, Dict[str, Any]]) -> BaseException:
+    """The exception the parent raises for the ranks' failures (see the module docstring)."""
+    tracebacks = {r: f["traceback"] for r, f in failures.items()}
+    ours = {r: f for r, f in failures.items() if f["ours"]}
+    shown = ours or failures
+    messages: List[str] = []
+    for rank in sorted(shown):
+        f = shown[rank]
+        line = f["message"] if f["ours"] else f"rank {rank}: {f['type'].split(':')[-1]}: {f['message']}"
+        if line not in messages:
+            messages.append(line)
+    first = shown[min(shown)]
+    if ours:
+        module, _, name = first["type"].partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            exc = cls(first["message"])
+        except Exception:  # not re-creatable with one message: fall through to RankFailure
+            exc = None
+        if isinstance(exc, BottleneckError):
+            exc.messages, exc.tracebacks = messages, tracebacks
+            return exc
+    return RankFailure(messages, tracebacks)
+
+
+def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) -> List[Any]:
+    """Run ``fn(*args)`` on ``world_size`` CPU ranks and return their results in rank order.
+
+    ``fn`` must be importable (a module-level function) and its result picklable. Raises the ranks'
+    error as described in the module docstring; a rank that dies without a result (or a run past
+    ``timeout`` seconds) raises :class:`RankFailure`.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    previous = os.environ.get("PYTHONWARNINGS")
+    # Each rank shows a warning text once: Megatron-Core repeats its missing-Apex/TE warnings on import,
+    # before _worker could install a filter.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [previous, "once::UserWarning"]))
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
+    results: Dict[int, Any] = {}
+    failures: Dict[int, Dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(failures) < world_size:
+            try:
+                rank, ok, payload = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                if failures:  # the others may wait forever on a collective with the failed rank
+                    break
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead and queue.empty():
+                    return_codes = [procs[i].exitcode for i in dead]
+                    raise RankFailure([f"ranks {dead} died without a result (exit codes {return_codes})"], {})
+                if time.monotonic() > deadline:
+                    raise RankFailure([f"no result after {timeout:.0f} s"], {})
+                continue
+            if ok:
+                results[rank] = pickle.loads(payload)
+            else:
+                failures[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failures else 60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    if failures:
+        raise _rebuild(failures)
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,101 @@
+"""The one Megatron schedule driver: micro-batches through ``get_forward_backward_func``, loss reduction,
+``finalize_model_grads``. The trainer, the tests, the benchmarks and the examples all step through
+:func:`forward_backward`.
+
+A batch is a dict with ``tokens`` and ``labels`` (``[b, s]`` int64) and optionally ``loss_mask``
+(``[b, s]``, 1 = counted) and ``position_ids``; :func:`gpt_forward_step` turns it into GPTModel's per-token
+losses and their masked mean. Pass your own ``forward_step(data_iterator, model) -> (output, loss_func)``
+to drive anything else (Megatron's contract).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+__all__ = ["forward_backward", "gpt_forward_step", "StepResult"]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gpt_forward_step(data_iterator, model):
+    """Megatron ``forward_step`` for GPTModel on dict batches: masked mean of the per-token losses."""
+    batch = next(data_iterator)
+    dev = _device()
+    tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(tokens.shape[1], device=dev).expand(tokens.shape[0], -1)
+    mask = batch.get("loss_mask")
+    mask = None if mask is None else mask.to(dev).float()
+    output = model(tokens, positions.to(dev), None, labels=labels)
+
+    def loss_func(per_token):
+        per_token = per_token.float()
+        loss = per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+@dataclass
+class StepResult:
+    """``losses``: this rank's per-micro-batch losses (last pipeline stage only, else None);
+    ``loss``: their mean averaged over data-parallel ranks (last stage only, else None)."""
+
+    losses: Optional[List[float]]
+    loss: Optional[float]
+
+
+def forward_backward(
+    models: "torch.nn.Module | Sequence[torch.nn.Module]",
+    batches: Sequence,
+    *,
+    forward_step: Callable = gpt_forward_step,
+    forward_only: bool = False,
+    seq_length: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+    finalize: bool = True,
+) -> StepResult:
+    """One step over ``batches`` (one per micro-batch) through Megatron's pipeline schedule.
+
+    ``models``: a Megatron-DDP-wrapped model or its virtual-pipeline chunks. Unless ``forward_only``, the
+    grad buffers are zeroed first and, with ``finalize``, ``finalize_model_grads`` runs after (data-parallel
+    and layer-norm/SP all-reduces). ``seq_length`` / ``micro_batch_size`` default to the first batch's
+    ``tokens`` shape (needed by pipeline communication).
+    """
+    chunks = list(models) if isinstance(models, (list, tuple)) else [models]
+    if seq_length is None or micro_batch_size is None:
+        shape = batches[0]["tokens"].shape
+        micro_batch_size = micro_batch_size or shape[0]
+        seq_length = seq_length or shape[1]
+    if not forward_only:
+        for m in chunks:
+            m.zero_grad_buffer()
+    iters = [iter(batches) for _ in chunks]
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+    if finalize and not forward_only:
+        finalize_model_grads(chunks)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return StepResult(None, None)
+    losses = [float(o["loss"] if "loss" in o else next(iter(o.values()))) for o in out if o]
+    if not losses:  # a forward_step whose loss_func reports nothing
+        return StepResult([], None)
+    mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=_device())
+    dp = parallel_state.get_data_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(dp) > 1:
+        dist.all_reduce(mean, group=dp)
+        mean /= dist.get_world_size(dp)
+    return StepResult(losses, float(mean))

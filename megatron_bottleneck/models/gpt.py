@@ -1,0 +1,72 @@
+"""Build a Megatron-Core GPTModel for this pipeline stage, with a low-rank head if asked."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from ..heads.install import LowRankHeadConfig, install_low_rank_head, require_transformer_engine_for_fp8
+from ..heads.low_rank import validate_head_shape
+from .llama import llama_block_spec
+
+__all__ = ["build_gpt_model", "padded_vocab_size"]
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
+    """Megatron-LM's padding: the smallest multiple of ``divisible_by * tp`` that holds the vocab."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def build_gpt_model(
+    config,
+    vocab_size: int,
+    max_sequence_length: int,
+    *,
+    head_rank: Optional[int] = None,
+    head: Optional[LowRankHeadConfig] = None,
+    layer_spec=None,
+    position_embedding_type: str = "rope",
+    vp_stage: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    real_vocab_size: Optional[int] = None,
+    **gpt_kwargs,
+):
+    """Build a GPTModel (untied embeddings) for this pipeline stage, with a rank-r head if asked.
+
+    ``vocab_size`` must already be padded for TP (see :func:`padded_vocab_size`). ``layer_spec``
+    defaults to :func:`megatron_bottleneck.models.llama_block_spec`. ``head_rank=None`` keeps
+    Megatron's dense head. ``real_vocab_size``: the tokenizer's vocabulary before padding, recorded on the
+    head as ``real_vocab_size`` so the probe leaves the padding out (pass ``vocab_size`` when nothing is padded).
+    """
+    require_transformer_engine_for_fp8(config)
+    if head is None and head_rank is not None:
+        head = LowRankHeadConfig(rank=head_rank)
+    if head is not None:
+        validate_head_shape(config.hidden_size, vocab_size, head.rank, config.tensor_model_parallel_size)
+    gpt_kwargs.setdefault("share_embeddings_and_output_weights", False)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if layer_spec is None:
+        layer_spec = llama_block_spec(config, vp_stage=vp_stage)
+    extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        position_embedding_type=position_embedding_type,
+        **extra,
+        **gpt_kwargs,
+    )
+    if head is not None:
+        install_low_rank_head(model, head)
+    if post_process and real_vocab_size is not None:
+        model.output_layer.real_vocab_size = real_vocab_size
+    return model

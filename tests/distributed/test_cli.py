@@ -1,0 +1,106 @@
+"""The command line on real runs: sweep + report, probe of a checkpoint, progress lines, one-line errors
+whichever rank raised them, options and overrides in any order."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron_bottleneck.cli import main
+from megatron_bottleneck.report import load_runs
+
+TINY = {"model": {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "seq_length": 8, "vocab_size": 64},
+        "train": {"train_steps": 16, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 4,
+                  "log_interval": 8},
+        "optim": {"lr": 0.02, "warmup_steps": 2},
+        "checkpoint": {"save_interval": 8},
+        "logging": {"tensorboard": False, "console": False},
+        "probe": {"interval": 2, "rank_interval": 8, "rank_token_budget": 128}}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = tmp / "base.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    out = tmp / "out"
+    assert main(["sweep", str(path), "--vocab-sizes", "64", "--head-ranks", "dense,2", "--lrs", "0.02",
+                 "--workers", "2", "--out", str(out)]) == 0
+    return tmp, out
+
+
+def test_sweep_runs_and_report(sweep):
+    tmp, out = sweep
+    runs = load_runs(str(out))
+    assert sorted(r.name for r in runs) == ["runs/V64_dense_lr0.02", "runs/V64_r2_lr0.02"]
+    for r in runs:
+        assert os.path.exists(os.path.join(r.path, "DONE"))
+        assert [m["step"] for m in r.metrics] == list(range(1, 17))
+        assert r.params["coverage"]["median"] > 0
+    report = open(out / "report.md").read()
+    assert "loss_by_vocab.png" in report and "destroyed_vs_vd.png" in report
+    for png in ("loss_by_vocab.png", "destroyed_vs_vd.png", "rank_vs_tokens.png"):
+        assert (out / png).stat().st_size > 1000
+    dense = next(r for r in runs if r.params["head_rank"] is None)
+    assert f"{dense.final('valid_loss'):.3f}" in report
+    rank2 = next(r for r in runs if r.params["head_rank"] == 2)
+    assert rank2.mean_probe("destroyed_ratio") > dense.mean_probe("destroyed_ratio")
+    assert main(["report", str(out)]) == 0
+    log = (out / "sweep.log").read_text().splitlines()  # one line per finished run
+    assert len(log) == 2 and all(line.startswith(("[1/2]", "[2/2]")) and "finished" in line for line in log)
+
+
+def test_probe_command_on_a_checkpoint(sweep, capsys):
+    tmp, out = sweep
+    ckpt = out / "runs" / "V64_dense_lr0.02" / "ckpt"
+    assert main(["probe", str(ckpt), "--data", str(out / "data" / "V64_valid"), "--batches", "2",
+                 "--out", str(tmp / "fig.json")]) == 0
+    fig = json.load(open(tmp / "fig.json"))
+    assert 0 < fig["destroyed_ratio"] < 1 and fig["numerical_rank"] >= 1
+
+
+def _cli(*args, cwd=None):
+    """The installed command line in a fresh process: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "megatron_bottleneck.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_batch_size_that_dp_cannot_split_is_one_line_before_spawning(tmp_path, spamlang):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, train=dict(TINY["train"], global_batch_size=24))))
+    code, _, err = _cli("train", str(cfg), "--nproc", "2", f"data.train_prefix={spamlang['train_prefix']}")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: train.global_batch_size=24 must be a multiple of train.micro_batch_size"
+                                        " x data-parallel size (8 x 2 with 2 ranks): change the batch sizes or the "
+                                        "number of ranks."]
+
+
+def test_data_problems_are_one_line_before_spawning(tmp_path, spamlang):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    code, _, err = _cli("train", str(cfg), "data.train_prefix=/nonexistent/data")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: data.train_prefix: no indexed dataset at '/nonexistent/data' (expected /nonexistent/data.bin and "
+        "/nonexistent/data.idx); generate one with `megatron-bottleneck spamlang` or tokenise text first."]
+    code, _, err = _cli("train", str(cfg), f"data.train_prefix={spamlang['train_prefix']}", "model.vocab_size=32")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "beyond model.vocab_size=32: set model.vocab_size >= " in err
+
+
+def test_an_error_raised_inside_the_ranks_is_one_line(tmp_path, spamlang):
+    # Layout checks that only the ranks can make: a checkpoint saved by another layout.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    ckpt = tmp_path / "ckpt"
+    over = [f"data.train_prefix={spamlang['train_prefix']}", f"checkpoint.dir={ckpt}", "train.train_steps=2",
+            f"logging.dir={tmp_path / 'logs'}", "train.eval_interval=0"]
+    assert _cli("train", str(cfg), *over)[0] == 0
+    code, _, err = _cli("train", str(cfg), "--nproc", "2", *over, "train.train_steps=4")
+    assert code == 2 and "Traceback" not in err  # the ranks' own output is Megatron's warnings, once each
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot resume from ") and "world_size: saved 1, now 2" in lines[0]
+    code, _, err = _cli("--debug", "train", str(cfg), "--nproc", "2", *over, "train.train_steps=4")
+    assert code == 2 and "--- rank 0 ---" in err and "Traceback" in err

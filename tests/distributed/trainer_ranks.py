@@ -1,0 +1,59 @@
+"""Rank functions for the trainer tests (real Megatron training on CPU ranks)."""
+import os
+import signal
+from typing import Dict, Optional
+
+from megatron_bottleneck.base.errors import CheckpointError
+from megatron_bottleneck.train import Trainer, TrainConfig
+
+
+def config(log_dir, data, ckpt=None, steps=12, **sections):
+    d = {
+        "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8, "head_rank": 8},
+        "parallel": {"tensor_model_parallel_size": 2},
+        "train": {"train_steps": steps, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 4,
+                  "log_interval": 4},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "data": {"train_prefix": data["train_prefix"], "valid_prefix": data["valid_prefix"]},
+        "checkpoint": {"dir": ckpt, "save_interval": 5, "keep_last": 2},
+        "logging": {"dir": log_dir, "console": False},
+        "probe": {"interval": 2},
+    }
+    for k, v in sections.items():
+        d[k].update(v)
+    return TrainConfig.from_dict(d)
+
+
+def adam_state_numel(trainer):
+    """Adam moments held on this rank (the distributed optimizer keeps only this DP rank's shard)."""
+    subs = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    return sum(st["exp_avg"].numel() for sub in subs for st in sub.optimizer.state.values())
+
+
+def sigterm_at(stop_step):
+    """An ``on_step`` callback that sends this process SIGTERM after step ``stop_step``."""
+    def on_step(step, _rec):
+        if step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
+def train_run(log_dir: str, data: Dict, ckpt: Optional[str] = None, stop_at: Optional[int] = None,
+              steps: int = 12, distributed_optimizer: bool = True) -> Dict:
+    """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``."""
+    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, parallel={"distributed_optimizer": distributed_optimizer})
+    trainer = Trainer(cfg, on_step=None if stop_at is None else sigterm_at(stop_at))
+    out = trainer.train()
+    numel = adam_state_numel(trainer)
+    hist = out["history"]
+    return {"losses": [h["loss"] for h in hist], "steps": [h["step"] for h in hist],
+            "valid": [h.get("valid_loss") for h in hist], "stopped": out["stopped_by_signal"],
+            "iteration": out["iteration"], "numel": numel}
+
+
+def resume_error(log_dir: str, data: Dict, ckpt: str) -> Optional[str]:
+    try:
+        Trainer(config(log_dir, data, ckpt=ckpt))
+    except CheckpointError as e:
+        return str(e)
+    return None

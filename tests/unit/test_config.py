@@ -1,0 +1,63 @@
+"""The training config and the command line's parsing: key-naming errors, Literal choices, checks that need
+no process, options and overrides in any order, one-line errors."""
+import pytest
+
+from megatron_bottleneck.base.errors import ConfigError, DataError
+from megatron_bottleneck.cli import main, parse_args
+from megatron_bottleneck.train import TrainConfig
+
+
+def test_config_typo_names_the_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        TrainConfig.from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"unknown section 'trian' \(did you mean 'train'\?\)"):
+        TrainConfig.from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size must be int, got 'eight'"):
+        TrainConfig.from_dict({"train": {"micro_batch_size": "eight"}})
+    with pytest.raises(ConfigError, match=r"unknown key 'probe.intervall' \(did you mean 'probe.interval'\?\)"):
+        TrainConfig.from_dict({"probe": {"intervall": 3}})
+
+
+def test_literal_fields_name_their_choices():
+    with pytest.raises(ConfigError, match=r"train.precision must be one of auto, fp32, bf16; got 'fp16'"):
+        TrainConfig.from_dict({"train": {"precision": "fp16"}})
+    with pytest.raises(ConfigError, match=r"model.head_init must be one of balanced, orthogonal, from_dense"):
+        TrainConfig.from_dict({"model": {"head_init": "svd"}})
+    assert TrainConfig.from_dict({"model": {"head_init": "orthogonal"}}).model.head_init == "orthogonal"
+
+
+def test_checks_against_the_world_size_need_no_process(spamlang):
+    cfg = TrainConfig.from_dict({"train": {"global_batch_size": 24, "micro_batch_size": 8},
+                                 "model": {"vocab_size": 64, "seq_length": 8},
+                                 "data": {"train_prefix": spamlang["train_prefix"]}})
+    cfg.check_world(1)
+    with pytest.raises(ConfigError, match=r"must be a multiple of train.micro_batch_size x data-parallel size"):
+        cfg.check_world(2)
+    cfg.parallel.tensor_model_parallel_size = 2
+    with pytest.raises(ConfigError, match=r"3 ranks cannot hold .* use a multiple of 2 ranks"):
+        cfg.check_world(3)
+    cfg.parallel.tensor_model_parallel_size = 1
+    cfg.model.seq_length = 16
+    with pytest.raises(DataError, match=r"have 9 tokens but model.seq_length=16 .* set model.seq_length=8"):
+        cfg.check_world(1)
+    cfg.model.seq_length, cfg.model.vocab_size = 8, 16
+    with pytest.raises(DataError, match=r"beyond model.vocab_size=16: set model.vocab_size >= "):
+        cfg.check_world(1)
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lrr: 0.1}\n")
+    assert main(["train", str(bad)]) == 2
+    assert capsys.readouterr().err == "error: unknown key 'optim.lrr' (did you mean 'optim.lr'?)\n"
+    assert main(["probe", str(tmp_path), "--data", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: no checkpoint at")
+
+
+def test_options_and_overrides_in_any_order():
+    a = parse_args(["train", "cfg.yaml", "--nproc", "2", "optim.lr=0.1", "train.seed=3"])
+    b = parse_args(["train", "--nproc", "2", "cfg.yaml", "optim.lr=0.1", "train.seed=3"])
+    c = parse_args(["--debug", "train", "cfg.yaml", "optim.lr=0.1", "--nproc", "2", "train.seed=3"])
+    for args in (a, b, c):
+        assert (args.config, args.nproc, args.overrides) == ("cfg.yaml", 2, ["optim.lr=0.1", "train.seed=3"])
+    assert c.debug and not a.debug
