@@ -1,0 +1,57 @@
+"""Megatron-Bridge integration (optional dependency): the gradient probe as a Bridge callback.
+
+    from megatron_bottleneck.integrations.bridge import ProbeCallback
+    pretrain(config, forward_step, callbacks=[ProbeCallback(probe)])
+
+``on_train_start`` attaches the probe to ``context.model`` (the DDP-wrapped chunks) and sets
+``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_end``
+detaches it. Bridge is imported only when the class is first requested, so importing this module
+does not need Bridge. For the low-rank head use Bridge's pre-wrap hooks with
+``megatron_bottleneck.heads.install.low_rank_head_hook(rank)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ProbeCallback", "make_probe_callback_class"]
+
+_CLASS = None
+
+
+def make_probe_callback_class():
+    """The ``ProbeCallback`` class, subclassing ``megatron.bridge.training.callbacks.Callback``."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    try:
+        from megatron.bridge.training.callbacks import Callback
+    except ImportError as exc:
+        raise ImportError(
+            f"ProbeCallback needs Megatron-Bridge (megatron.bridge.training.callbacks): {exc}"
+        ) from None
+
+    class ProbeCallback(Callback):
+        """Attach a :class:`~megatron_bottleneck.probe.GradientProbe` for a Bridge ``pretrain``."""
+
+        def __init__(self, probe, num_microbatches=None):
+            self.probe = probe
+            self.num_microbatches = num_microbatches
+
+        def on_train_start(self, context) -> None:
+            state = getattr(context, "state", None)
+            train_state = getattr(state, "train_state", None)
+            if train_state is not None and getattr(train_state, "step", None) is not None:
+                self.probe.step = int(train_state.step)
+            self.probe.watch(context.model, self.num_microbatches)
+
+        def on_train_end(self, context) -> None:
+            self.probe.remove()
+
+    _CLASS = ProbeCallback
+    return _CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ProbeCallback":
+        return make_probe_callback_class()
+    raise AttributeError(name)
