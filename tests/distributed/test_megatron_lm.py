@@ -200,3 +200,25 @@ def test_without_tensorboard_jsonl_complete_and_one_warning(tmp_path):
     assert [r["step"] for r in records(log_dir)] == list(range(6))
     assert out.count("megatron-bottleneck: warning: tensorboard is not installed") == 1, out[-3000:]
     assert not (log_dir / "tensorboard").exists()
+
+
+def test_one_line_edit_of_pretrain_gpt(tmp_path):
+    """The minimal edit: one line after ``import torch`` in pretrain_gpt.py, run with plain python."""
+    src = open(os.path.join(MLM, "pretrain_gpt.py")).read()
+    line = "import megatron_bottleneck.megatron_lm as mbl; mbl.patch()"
+    edited = src.replace("\nimport torch\n", f"\nimport torch\n{line}\n", 1)
+    assert edited.count(line) == 1
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text(edited)
+    log_dir = tmp_path / "probe"
+    e = dict(os.environ)
+    e.pop("WORLD_SIZE", None)
+    e["PYTHONPATH"] = os.pathsep.join([REPO, MLM, e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(script), *BASE, "--train-iters", "3", *HEAD,
+                        "--probe-log-dir", str(log_dir)],
+                       cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    _ok(p.returncode, p.stdout)
+    assert "installed a rank-16 low-rank LM head" in p.stdout
+    assert sorted(losses(p.stdout)) == [1, 2, 3]
+    assert [r["step"] for r in records(log_dir)] == [0, 1, 2]
