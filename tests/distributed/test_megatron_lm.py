@@ -108,10 +108,12 @@ def tp_runs(tmp_path_factory):
         log_dir = root / f"probe_tp{tp}"
         extra = ["--tensor-model-parallel-size", str(tp), "--probe-log-dir", str(log_dir)]
         if tp == 2:
-            extra += ["--save", str(root / "ckpt"), "--save-interval", "6", "--ckpt-format", "torch_dist"]
+            extra += ["--save", str(root / "ckpt"), "--save-interval", "6", "--ckpt-format", "torch_dist",
+                      "--tensorboard-dir", str(root / "tb")]
         rc, text = run(tp, HEAD + extra)
         out[tp] = (rc, text, log_dir)
     out["ckpt"] = root / "ckpt"
+    out["tb"] = root / "tb"
     out["root"] = root
     return out
 
@@ -154,6 +156,20 @@ def test_probe_equal_across_tp_on_real_vocab(tp_runs):
         # isotropic baseline = sqrt(1 - r / (V - 1)) with V the real vocabulary, not the padded one
         assert a["probe/isotropic_baseline"] == pytest.approx((1 - 16 / (vocab - 1)) ** 0.5, rel=1e-12)
         assert a["probe/isotropic_baseline"] != pytest.approx((1 - 16 / (padded - 1)) ** 0.5, rel=1e-9)
+
+
+def test_probe_figures_in_megatron_tensorboard(tp_runs):
+    """Probe figures also go to Megatron-LM's own TensorBoard writer (it lives on the last rank)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _ok(*tp_runs[2][:2])
+    acc = EventAccumulator(str(tp_runs["tb"]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "probe/destroyed_ratio" in tags and "lm loss" in tags, tags
+    assert [e.step for e in acc.Scalars("probe/destroyed_ratio")] == list(range(6))
+    assert not (tp_runs[2][2] / "tensorboard").exists()  # no second writer of our own
 
 
 def test_save_tp2_load_tp1_probe_continues(tp_runs, tmp_path):
