@@ -7,7 +7,21 @@
 ``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_end``
 detaches it. Bridge is imported only when the class is first requested, so importing this module
 does not need Bridge. For the low-rank head use Bridge's pre-wrap hooks with
-``megatron_bottleneck.heads.install.low_rank_head_hook(rank)``.
+``megatron_bottleneck.heads.install.low_rank_head_hook(rank)``. For the forward step use
+:func:`megatron_bottleneck.integrations.forward_step.wrap_forward_step` (it keeps Bridge's
+state-first detection working), not ``probe.integrations.wrap_forward_step``.
+
+Installing Bridge 0.6.2 on CPU (Python 3.12, torch 2.14.1, megatron-core 0.19.2; measured 2026-11-30):
+``pip install --no-deps megatron-bridge==0.6.2``; then ``transformers>=5.8,<=5.12.1 omegaconf einops``
+and ``datasets`` with their dependencies; ``nvidia-resiliency-ext megatron-energon nvidia-modelopt``
+with ``--no-deps`` (they require torch) plus their non-torch requirements (braceexpand filetype
+mfusepy multi-storage-client pillow rapidyaml s3fs webdataset nvidia-ml-py pulp rich scipy
+defusedxml psutil pynvml ninja). ``import megatron.bridge`` then needs two stand-ins: a stub
+``transformer_engine.pytorch`` (``peft/lora_layers.py`` imports it unconditionally; installed after
+megatron-core has been imported, with ``__version__ = "0.0.0"``, since a model module calls
+``is_te_min_version`` at import) and ``nvidia_resiliency_ext.checkpointing.async_ckpt.core`` marked
+absent (nvrx 0.4.1 has no ``__version__``; megatron-core then asserts >= 0.6.0). See
+``tests/distributed/bridge_import_check.py``.
 """
 from __future__ import annotations
 
