@@ -238,3 +238,12 @@ def test_one_line_edit_of_pretrain_gpt(tmp_path):
     assert "installed a rank-16 low-rank LM head" in p.stdout
     assert sorted(losses(p.stdout)) == [1, 2, 3]
     assert [r["step"] for r in records(log_dir)] == [0, 1, 2]
+
+
+def test_rank_above_hidden_refused_in_one_line():
+    """A head rank above the hidden size: our message once, exit status 2, no traceback."""
+    rc, out = run(1, ["--untie-embeddings-and-output-weights", "--lm-head-rank", "128"], train_iters=1)
+    assert rc == 2, out[-3000:]
+    lines = [l for l in out.splitlines() if "megatron-bottleneck: error:" in l]
+    assert len(lines) == 1 and "exceeds the hidden size 64" in lines[0], out[-3000:]
+    assert "Traceback" not in out
