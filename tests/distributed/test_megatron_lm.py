@@ -247,3 +247,43 @@ def test_rank_above_hidden_refused_in_one_line():
     lines = [l for l in out.splitlines() if "megatron-bottleneck: error:" in l]
     assert len(lines) == 1 and "exceeds the hidden size 64" in lines[0], out[-3000:]
     assert "Traceback" not in out
+
+
+def test_explicit_edit_of_pretrain_gpt(tmp_path):
+    """The explicit edit documented in docs/megatron_lm.md (no patch() of pretrain): wrapped model
+    provider (core_v0.16) or pre-wrap hook (core_v0.19), wrapped forward_step, chained arguments.
+    On CPU the CPU mode and the training patches are set up by hand."""
+    src = open(os.path.join(MLM, "pretrain_gpt.py")).read()
+    setup = ("import megatron_bottleneck.megatron_lm as mbl\n"
+             "from megatron_bottleneck.cpu import enable_cpu_mode\n"
+             "from megatron_bottleneck.integrations.megatron_training_cpu import apply_training_cpu_patches\n"
+             "enable_cpu_mode(); apply_training_cpu_patches()\n")
+    edits = [("\nimport torch\n", "\nimport torch\n" + setup),
+             ("        forward_step,\n", "        mbl.wrap_forward_step(forward_step),\n"),
+             ("extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,",
+              "extra_args_provider=mbl.extra_args_provider(add_modelopt_args if has_nvidia_modelopt else None),")]
+    if "partial(model_provider, gpt_builder),\n" in src:  # core_v0.16: pretrain takes a model provider
+        edits.append(("        partial(model_provider, gpt_builder),\n",
+                      "        mbl.wrap_model_provider(partial(model_provider, gpt_builder)),\n"))
+    else:  # core_v0.19: the model is built from the config container
+        edits.append(("    full_config = pretrain_cfg_container_from_args(args, model_cfg)\n",
+                      "    model_cfg.pre_wrap_hooks.append(mbl.install_head_from_args)\n"
+                      "    full_config = pretrain_cfg_container_from_args(args, model_cfg)\n"))
+    for old, new in edits:
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text(src)
+    log_dir = tmp_path / "probe"
+    e = dict(os.environ)
+    e.pop("WORLD_SIZE", None)
+    e["PYTHONPATH"] = os.pathsep.join([REPO, MLM, e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(script), *BASE, "--train-iters", "3", *HEAD,
+                        "--probe-log-dir", str(log_dir)],
+                       cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    _ok(p.returncode, p.stdout)
+    assert "megatron-bottleneck: patched" not in p.stdout
+    assert p.stdout.count("installed a rank-16 low-rank LM head") == 1
+    assert sorted(losses(p.stdout)) == [1, 2, 3]
+    assert [r["step"] for r in records(log_dir)] == [0, 1, 2]
