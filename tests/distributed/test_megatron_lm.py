@@ -287,3 +287,36 @@ def test_explicit_edit_of_pretrain_gpt(tmp_path):
     assert p.stdout.count("installed a rank-16 low-rank LM head") == 1
     assert sorted(losses(p.stdout)) == [1, 2, 3]
     assert [r["step"] for r in records(log_dir)] == [0, 1, 2]
+
+
+def test_patch_records_apply_undo_and_missing_target(monkeypatch):
+    """Each record names an existing target and wraps its original; apply/undo round-trips; a
+    missing target raises one line naming the megatron-core version."""
+    monkeypatch.syspath_prepend(MLM)
+    import importlib
+
+    from megatron_bottleneck.integrations import megatron_training_cpu as mtc
+
+    patches = mtc.training_cpu_patches()
+    names = {(p.module_name, p.attribute_name) for p in patches}
+    assert ("megatron.training.initialize", "_warmup_jit_function") in names
+    assert ("megatron.training.initialize", "_initialize_distributed") in names
+    originals = {}
+    for p in patches:
+        mod = importlib.import_module(p.module_name)
+        originals[(p.module_name, p.attribute_name)] = getattr(mod, p.attribute_name)
+        assert p.replacement.__megatron_bottleneck_original__ is getattr(mod, p.attribute_name)
+        assert p.why and "\n" not in p.why
+    assert mtc.apply_training_cpu_patches(patches) == patches
+    try:
+        for p in patches:
+            assert getattr(importlib.import_module(p.module_name), p.attribute_name) is p.replacement
+    finally:
+        mtc.undo_training_cpu_patches()
+    for (m, a), orig in originals.items():
+        assert getattr(importlib.import_module(m), a) is orig
+    with pytest.raises(RuntimeError) as exc:
+        mtc._target("megatron.training.initialize", "no_such_function")
+    from megatron.core import package_info
+
+    assert package_info.__version__ in str(exc.value) and "\n" not in str(exc.value)
