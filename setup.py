@@ -34,6 +34,8 @@ setup(
         "plot": ["matplotlib"],
         "data": ["sentencepiece"],
         "log": ["tensorboard"],
+        # What Megatron-LM's own training code (megatron/training, pretrain_gpt.py) imports besides megatron-core.
+        "megatron-lm": ["six", "regex", "pydantic", "triton", "pybind11"],
     },
     entry_points={"console_scripts": ["megatron-bottleneck=megatron_bottleneck.cli:main"]},
 )

@@ -10,5 +10,5 @@ python=${PYTHON:-python3.11}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,megatron-lm]"
 .venv/bin/python -c "import torch, megatron.core as m; print('ready: torch', torch.__version__, '| megatron-core', m.__version__)"

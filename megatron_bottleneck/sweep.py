@@ -136,6 +136,9 @@ class Progress:
         self._stop.set()
         self._thread.join()
         self.poll(final=True)
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
     def _loop(self):
         while not self._stop.wait(self.interval):

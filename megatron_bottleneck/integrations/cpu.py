@@ -39,7 +39,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
@@ -47,28 +46,13 @@ from megatron.core.pipeline_parallel import p2p_communication
 from torch.overrides import TorchFunctionMode
 
 from ..base.errors import CpuModeError
+from .megatron_training_cpu import training_patches
+from .patching import Patch
 
 __all__ = ["enable_cpu_mode", "disable_cpu_mode", "cpu_mode", "is_cpu_mode", "cpu_mode_patches", "Patch",
            "register_patch_set"]
 
 log = logging.getLogger("megatron_bottleneck")
-
-
-@dataclass(frozen=True)
-class Patch:
-    """Replace ``<module>.<attr>`` (``attr`` may be ``Class.method``) while CPU mode is on.
-
-    ``make(original) -> replacement`` builds the replacement from the original (so a patch can wrap it).
-    """
-
-    module: str
-    attr: str
-    make: Callable[[Any], Any]
-    why: str
-
-    @property
-    def target(self) -> str:
-        return f"{self.module}.{self.attr}"
 
 
 class _NullStream:
@@ -171,8 +155,8 @@ CORE_PATCHES: Tuple[Patch, ...] = (
           "Megatron's clipping asserts CUDA tensors"),
 )
 
-# name -> (package that must import for the set to apply, () -> patches)
-_PATCH_SETS: dict = {}
+# name -> (package that must be importable for the set to apply, () -> patches)
+_PATCH_SETS: dict = {"megatron-lm": ("megatron.training", training_patches)}
 
 
 def register_patch_set(name: str, package: str, patches: Callable[[], List[Patch]]) -> None:
@@ -214,12 +198,12 @@ def _resolve(patch: Patch) -> Tuple[Any, str, Any]:
 def _active_patches() -> List[Patch]:
     patches = list(CORE_PATCHES)
     for package, make in _PATCH_SETS.values():
-        if importlib.util.find_spec(package.split(".")[0]) is None:
-            continue
         try:
-            importlib.import_module(package)
-        except ImportError:
+            if importlib.util.find_spec(package) is None:
+                continue
+        except ImportError:  # its parent package is absent
             continue
+        importlib.import_module(package)
         patches.extend(make())
     return patches
 

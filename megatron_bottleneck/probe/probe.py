@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -113,6 +113,7 @@ class GradientProbe:
         self._seen = 0
         self._step_acc: Optional[StepAccumulator] = None
         self._gram: Optional[GramAccumulator] = None
+        self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
 
     # ------------------------------------------------------------------ setup
     def watch(self, model, num_microbatches: Optional[int] = None) -> "GradientProbe":
@@ -142,6 +143,12 @@ class GradientProbe:
         self._warn_if_vocab_unknown(head)
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
         return self
+
+    def on_record(self, fn: Callable[[int, Dict[str, float]], None]) -> None:
+        """Also call ``fn(step, figures)`` for every finalised step, on every rank that probes (the
+        Megatron-LM integration writes to Megatron-LM's own TensorBoard / W&B writers this way, on the
+        rank that owns them)."""
+        self._callbacks.append(fn)
 
     def remove(self) -> None:
         """Detach from the head and close the logs (``is_reporter`` keeps its last value)."""
@@ -248,6 +255,8 @@ class GradientProbe:
 
     def _record(self, figures: Dict[str, float]) -> None:
         self.history.append({"step": self.step, **figures})
+        for fn in self._callbacks:
+            fn(self.step, figures)
         if self.is_reporter:
             if self._logger is None and self.config.log_dir:
                 self._logger = MetricsLogger(self.config.log_dir, "probe.jsonl", self.config.tensorboard,

@@ -1,0 +1,377 @@
+"""Megatron-LM entry point: low-rank LM head and gradient probe from command-line arguments.
+
+Three ways to use it, from least to most explicit:
+
+* zero edit: ``python -m megatron_bottleneck.megatron_lm pretrain_gpt.py <Megatron args> --lm-head-rank 64``
+  (or under ``torchrun``) runs the unchanged script after :func:`patch`;
+* one line at the top of ``pretrain_gpt.py`` (before ``from megatron.training import pretrain``)::
+
+      import megatron_bottleneck.megatron_lm as mbl; mbl.patch()
+
+* explicit wrapping in the ``pretrain(...)`` call (Megatron-LM core_v0.16-style, whose ``pretrain``
+  takes a model provider): ``mbl.wrap_model_provider(...)``, ``mbl.wrap_forward_step(forward_step)``,
+  ``extra_args_provider=mbl.add_arguments``.
+
+:func:`patch` wraps ``megatron.training.pretrain`` so that its model provider installs the head
+(core_v0.16) or a pre-wrap hook is added to the config container's model (core_v0.19, whose
+``pretrain`` builds the model from ``cfg_container.model``), its ``forward_step`` attaches the probe,
+and the arguments below are parsed (``extra_args_provider`` of ``pretrain`` for core_v0.16,
+``megatron.training.arguments.parse_and_validate_args`` for core_v0.19). Without CUDA it also
+enables the CPU mode and :mod:`.megatron_training_cpu`'s patches.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import runpy
+import sys
+from typing import Any, Callable, List, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+
+from ..base.errors import HeadConfigError
+from ..base.quiet import quiet_megatron_warnings
+from ..heads.install import LowRankHeadConfig, install_low_rank_head
+from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
+from ..probe.probe import GradientProbe, ProbeConfig
+from .cpu import enable_cpu_mode
+from .forward_step import wrap_forward_step as _wrap_forward_step
+from .launch import free_port
+
+__all__ = [
+    "add_arguments",
+    "extra_args_provider",
+    "wrap_model_provider",
+    "wrap_forward_step",
+    "install_head_from_args",
+    "get_probe",
+    "real_vocab_size",
+    "patch",
+    "main",
+]
+
+PREFIX = "megatron-bottleneck:"
+_WRAPPED = "__megatron_bottleneck_wrapped__"
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _print0(msg: str) -> None:
+    if _rank() == 0:
+        print(f"{PREFIX} {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------- arguments
+def add_arguments(parser):
+    """Megatron-LM ``extra_args_provider``: adds the group "megatron-bottleneck" (idempotent)."""
+    if any(getattr(a, "dest", None) == "lm_head_rank" for a in parser._actions):
+        return parser
+
+    g = parser.add_argument_group(title="megatron-bottleneck")
+    g.add_argument("--lm-head-rank", type=int, default=None,
+                   help="Replace the LM head by a rank-r factorised head W = A B (needs "
+                        "--untie-embeddings-and-output-weights). Default: keep the dense head.")
+    g.add_argument("--lm-head-init", choices=INIT_METHODS, default="balanced",
+                   help="Initialisation of the low-rank head.")
+    g.add_argument("--probe-interval", type=int, default=0,
+                   help="Gradient-probe cheap figures every N steps (0: probe off).")
+    g.add_argument("--probe-update-interval", type=int, default=0,
+                   help="Probe cos(-G, dZ) every N steps (0: off).")
+    g.add_argument("--probe-rank-interval", type=int, default=0,
+                   help="Probe rank figures every N steps (0: off).")
+    g.add_argument("--probe-rank-token-budget", type=int, default=2048,
+                   help="Tokens accumulated for the probe's rank figures.")
+    g.add_argument("--probe-log-dir", type=str, default=None,
+                   help="Directory for probe.jsonl (and TensorBoard when Megatron-LM has no "
+                        "--tensorboard-dir). Default: no JSONL.")
+    return parser
+
+
+def extra_args_provider(other: Optional[Callable] = None) -> Callable:
+    """``add_arguments`` chained after another ``extra_args_provider`` (or alone for None)."""
+    if other is None or getattr(other, _WRAPPED, False):
+        return add_arguments if other is None else other
+
+    def provider(parser):
+        parser = other(parser)
+        return add_arguments(parser)
+
+    setattr(provider, _WRAPPED, True)
+    return provider
+
+
+def _get_args():
+    from megatron.training import get_args
+
+    return get_args()
+
+
+# ------------------------------------------------------------------------------------- head
+def _fail(exc: BaseException) -> None:
+    """One line from one rank, then a clean exit of every rank that got here (no traceback)."""
+    try:
+        first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    except Exception:
+        first = True
+    if first:
+        print(f"{PREFIX} error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+_HEAD_LOGGED = False
+
+
+def install_head_from_args(models, args=None):
+    """Install the low-rank head from ``--lm-head-rank``/``--lm-head-init`` on every model (chunk)
+    that has an output layer; a model or a list of models; returns what it was given."""
+    global _HEAD_LOGGED
+    args = _get_args() if args is None else args
+    rank = getattr(args, "lm_head_rank", None)
+    if not rank:
+        return models
+    head = LowRankHeadConfig(rank=int(rank), init=getattr(args, "lm_head_init", "balanced"))
+    chunks = models if isinstance(models, (list, tuple)) else [models]
+    installed = 0
+    try:
+        for m in chunks:
+            before = getattr(m, "output_layer", None)
+            install_low_rank_head(m, head)
+            if isinstance(getattr(m, "output_layer", None), LowRankOutputLayer) and before is not m.output_layer:
+                installed += 1
+    except HeadConfigError as exc:
+        _fail(exc)
+    if installed and not _HEAD_LOGGED:
+        _HEAD_LOGGED = True
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            print(f"{PREFIX} installed a rank-{head.rank} low-rank LM head (init={head.init}) "
+                  f"on the output layer", flush=True)
+    return models
+
+
+def wrap_model_provider(model_provider: Callable) -> Callable:
+    """A model provider that builds the user's model, then installs the low-rank head from the
+    parsed arguments (each virtual-pipeline chunk is its own provider call). Idempotent."""
+    if getattr(model_provider, _WRAPPED, False):
+        return model_provider
+
+    @functools.wraps(model_provider)
+    def provider(*args, **kwargs):
+        return install_head_from_args(model_provider(*args, **kwargs))
+
+    setattr(provider, _WRAPPED, True)
+    return provider
+
+
+def _pre_wrap_hook(models: List) -> List:
+    install_head_from_args(models)
+    return models
+
+
+# ------------------------------------------------------------------------------------ probe
+_PROBE: Any = None
+_PROBE_MADE = False
+_WARNED: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        _print0(f"warning: {msg}")
+
+
+def real_vocab_size(args=None) -> Optional[int]:
+    """The unpadded vocabulary: the tokenizer's ``vocab_size`` (what Megatron-LM pads to
+    ``args.padded_vocab_size``), else ``args.vocab_size``."""
+    args = _get_args() if args is None else args
+    try:
+        from megatron.training.global_vars import get_tokenizer
+
+        tok = get_tokenizer()
+        if tok is not None and getattr(tok, "vocab_size", None):
+            return int(tok.vocab_size)
+    except Exception:
+        pass
+    return int(args.vocab_size) if getattr(args, "vocab_size", None) else None
+
+
+def _tensorboard_importable() -> bool:
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+    except Exception:
+        return False
+    return True
+
+
+def _to_megatron_writers(step: int, figures) -> None:
+    from megatron.training import global_vars
+
+    scalars = {f"probe/{k}": float(v) for k, v in figures.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tb = global_vars.get_tensorboard_writer()
+    if tb is not None:
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, step)
+    wb = global_vars.get_wandb_writer()
+    if wb is not None:
+        wb.log(scalars, step)
+
+
+def get_probe():
+    """The run's :class:`GradientProbe` (built at the first call, after Megatron-LM has parsed its
+    arguments and loaded the checkpoint), or None when ``--probe-*-interval`` are all 0."""
+    global _PROBE, _PROBE_MADE
+    if _PROBE_MADE:
+        return _PROBE
+    _PROBE_MADE = True
+    args = _get_args()
+    intervals = [getattr(args, k, 0) or 0 for k in ("probe_interval", "probe_update_interval",
+                                                     "probe_rank_interval")]
+    if not any(intervals):
+        return None
+    log_dir = getattr(args, "probe_log_dir", None)
+    own_tb = False
+    if not getattr(args, "tensorboard_dir", None) and log_dir:
+        own_tb = _tensorboard_importable()
+        if not own_tb:
+            _warn_once("tb", "tensorboard is not installed: probe figures go to "
+                             f"{os.path.join(log_dir, 'probe.jsonl')} only")
+    vocab = real_vocab_size(args)
+    cfg = ProbeConfig(interval=intervals[0], update_interval=intervals[1], rank_interval=intervals[2],
+                      rank_token_budget=args.probe_rank_token_budget, vocab_size=vocab,
+                      log_dir=log_dir, tensorboard=own_tb)
+    probe = GradientProbe(cfg)
+    probe.step = int(getattr(args, "iteration", 0) or 0)
+    probe.on_record(_to_megatron_writers)
+    _print0(f"gradient probe on (interval={cfg.interval}, update_interval={cfg.update_interval}, "
+            f"rank_interval={cfg.rank_interval}; vocabulary {vocab}, padded "
+            f"{getattr(args, 'padded_vocab_size', None)}; starting at step {probe.step})")
+    _PROBE = probe
+    return probe
+
+
+def wrap_forward_step(forward_step: Callable) -> Callable:
+    """Megatron-LM ``forward_step`` that attaches the run's probe (from the arguments) to the
+    model it is given. Idempotent; a no-op when the probe is off."""
+    if getattr(forward_step, _WRAPPED, False):
+        return forward_step
+    wrapped = _wrap_forward_step(forward_step, get_probe)
+    setattr(wrapped, _WRAPPED, True)
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------ patch
+def _wrap_pretrain(pretrain: Callable) -> Callable:
+    if getattr(pretrain, _WRAPPED, False):
+        return pretrain
+    sig = inspect.signature(pretrain)
+
+    @functools.wraps(pretrain)
+    def wrapped(*args, **kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        a = bound.arguments
+        if a.get("model_provider") is not None:
+            a["model_provider"] = wrap_model_provider(a["model_provider"])
+        cfg = a.get("cfg_container")
+        model_cfg = getattr(cfg, "model", None) if cfg is not None else None
+        if model_cfg is not None and hasattr(model_cfg, "pre_wrap_hooks"):
+            if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
+                model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
+        if a.get("forward_step_func") is not None:
+            a["forward_step_func"] = wrap_forward_step(a["forward_step_func"])
+        if "extra_args_provider" in sig.parameters:
+            a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
+        return pretrain(*bound.args, **bound.kwargs)
+
+    setattr(wrapped, _WRAPPED, True)
+    return wrapped
+
+
+def _wrap_parse(parse: Callable) -> Callable:
+    if getattr(parse, _WRAPPED, False):
+        return parse
+    sig = inspect.signature(parse)
+
+    @functools.wraps(parse)
+    def wrapped(*args, **kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
+        return parse(*bound.args, **bound.kwargs)
+
+    setattr(wrapped, _WRAPPED, True)
+    return wrapped
+
+
+_PATCHED = False
+
+
+def patch(cpu: Optional[bool] = None) -> None:
+    """Wrap Megatron-LM's ``pretrain`` (and, for core_v0.19, ``parse_and_validate_args``) so a
+    ``pretrain_gpt.py`` gets the head, the probe and their arguments. Idempotent. ``cpu=None``:
+    enable the CPU mode and the training CPU patches when CUDA is not available.
+    Call it before the script runs ``from megatron.training import pretrain``."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    done = []
+    if cpu:
+        quiet_megatron_warnings()
+        enable_cpu_mode()  # megatron-core's redirections and, megatron.training being importable, its own
+        done.append("CPU mode (megatron-core and megatron/training)")
+    import megatron.training as mt
+    import megatron.training.training as mtt
+
+    if not hasattr(mtt, "pretrain"):
+        raise RuntimeError(f"{PREFIX} megatron.training.training.pretrain not found; this "
+                           "Megatron-LM version is not supported.")
+    wrapped = _wrap_pretrain(mtt.pretrain)
+    mtt.pretrain = wrapped
+    if hasattr(mt, "pretrain"):
+        mt.pretrain = wrapped
+    done.append("megatron.training.pretrain")
+    arguments = importlib.import_module("megatron.training.arguments")
+    if hasattr(arguments, "parse_and_validate_args"):
+        arguments.parse_and_validate_args = _wrap_parse(arguments.parse_and_validate_args)
+        done.append("megatron.training.arguments.parse_and_validate_args")
+    _PATCHED = True
+    _print0("patched " + ", ".join(done))
+
+
+# ------------------------------------------------------------------------------------- main
+USAGE = ("usage: python -m megatron_bottleneck.megatron_lm path/to/pretrain_gpt.py <Megatron-LM args> "
+         "[--lm-head-rank R] [--lm-head-init {balanced,orthogonal,from_dense}] [--probe-interval N] "
+         "[--probe-update-interval N] [--probe-rank-interval N] [--probe-rank-token-budget T] "
+         "[--probe-log-dir DIR]")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run an unchanged Megatron-LM training script with :func:`patch` applied."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    script, rest = argv[0], argv[1:]
+    if not os.path.isfile(script):
+        print(f"{PREFIX} error: no such script: {script}", file=sys.stderr)
+        raise SystemExit(2)
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        if "--distributed-backend" not in rest:
+            rest += ["--distributed-backend", "gloo"]
+        if "WORLD_SIZE" not in os.environ:  # plain `python`: one process, a local rendezvous
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+    script_dir = os.path.dirname(os.path.abspath(script))
+    if script_dir not in sys.path:
+        sys.path.insert(0, script_dir)
+    patch(cpu=cpu)
+    sys.argv = [script] + rest
+    runpy.run_path(script, run_name="__main__")
