@@ -120,9 +120,19 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """SIGTERM the daemons this object started (by PID), then SIGKILL whatever is left after 10 s."""
-        if getattr(self, "conf", None) and "slurmctld" in self.procs:
-            subprocess.run(["scancel", "--full", "--signal=KILL", "-u", "root"], env=self.env,
-                           capture_output=True, timeout=20)
+        if getattr(self, "conf", None) and self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            try:  # end the jobs' processes first (slurmstepd and the tasks outlive slurmd otherwise)
+                subprocess.run(["scancel", "--full", "--signal=KILL", "-u", "root"], env=self.env,
+                               capture_output=True, timeout=20)
+                deadline = time.time() + 15
+                while time.time() < deadline:
+                    r = subprocess.run(["squeue", "-h", "-t", "RUNNING,COMPLETING"], env=self.env,
+                                       capture_output=True, text=True, timeout=20)
+                    if r.returncode or not r.stdout.strip():
+                        break
+                    time.sleep(0.3)
+            except subprocess.TimeoutExpired:
+                pass
         for name in reversed(list(self.procs)):
             p = self.procs[name]
             if p.poll() is None:
@@ -255,6 +265,10 @@ class SlurmCluster:
 
 
 if __name__ == "__main__":
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     c = SlurmCluster()
     c.start()
     print(f"cluster up in {c.startup_s:.1f} s; export SLURM_CONF={c.conf}  (Ctrl-C stops it)", flush=True)
