@@ -1,4 +1,4 @@
-"""``megatron-bottleneck``: spamlang | train | sweep | probe | report | demo.
+"""``megatron-bottleneck``: spamlang | train | sweep | probe | report | demo | bench-train.
 
 Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``. Options and
 ``section.key=value`` overrides may come in any order. Errors print one line per distinct message
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -88,6 +89,21 @@ def cmd_demo(a):
     print(f"report: {path} ({time.time() - t0:.0f} s)")
 
 
+def cmd_bench_train(a):
+    from .bench_train import bench_train, format_table, write_json
+    from .train import TrainConfig
+
+    cfg = TrainConfig.load(a.config, a.overrides)
+    rows = bench_train(cfg, steps=a.steps, warmup=a.warmup, nproc=a.nproc,
+                       head_ranks=_ranks(a.head_ranks) if a.head_ranks else ())
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the rows: rank 0 reports
+        return
+    print(format_table(rows))
+    if a.out:
+        write_json(rows, a.out)
+        print("wrote", a.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-bottleneck", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
@@ -139,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--quick", action="store_true", help="a 1-minute smoke version (too short to learn)")
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("bench-train", help="tokens/s, step-time shares, MFU and peak memory of N training steps")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--nproc", type=int, default=None, help="CPU ranks (default: TP x PP); ignored under torchrun")
+    s.add_argument("--head-ranks", default=None, help="one row per head rank, e.g. dense,256,32")
+    s.add_argument("--out", default=None, help="write the rows (per rank and aggregated) as JSON here")
+    s.set_defaults(fn=cmd_bench_train)
     return p
 
 

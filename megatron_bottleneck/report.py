@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import yaml
+
 from .base.sinks import read_jsonl
 
 
@@ -54,14 +56,29 @@ class Run:
         return sum(vals) / len(vals) if vals else None
 
 
+def _params_from_config(path: str) -> Dict:
+    """What varies, read from a trainer's saved ``logs/config.yaml`` (runs launched one by one, e.g. by the
+    Slurm job array over head ranks, have no run.json): they count as a head-rank sweep."""
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    m = cfg["model"]
+    return {"vocab_size": m["vocab_size"], "hidden_size": m["hidden_size"], "head_rank": m.get("head_rank"),
+            "lr": cfg["optim"]["lr"], "rank_sweep": True}
+
+
 def load_runs(root: str) -> List[Run]:
-    """Every run under ``root`` (directories with a run.json), sorted by name."""
+    """Every run under ``root``, sorted by name: directories with a run.json (the sweep and demo write one),
+    or else a trainer's ``logs/config.yaml``."""
     runs = []
     for dirpath, _dirs, files in os.walk(root):
-        if "run.json" not in files:
+        config = os.path.join(dirpath, "logs", "config.yaml")
+        if "run.json" in files:
+            with open(os.path.join(dirpath, "run.json"), encoding="utf-8") as f:
+                params = json.load(f)
+        elif os.path.exists(config):
+            params = _params_from_config(config)
+        else:
             continue
-        with open(os.path.join(dirpath, "run.json"), encoding="utf-8") as f:
-            params = json.load(f)
         run = Run(os.path.relpath(dirpath, root), dirpath, params)
         for attr, fname in (("metrics", "metrics.jsonl"), ("probe", "probe.jsonl")):
             path = os.path.join(dirpath, "logs", fname)
@@ -71,15 +88,35 @@ def load_runs(root: str) -> List[Run]:
     return sorted(runs, key=lambda r: r.name)
 
 
-def tokens_to_reach(run: Run, target: float, key: str = "valid_loss") -> Optional[float]:
-    """First token count at which ``key`` <= target (linear interpolation between logged points)."""
-    pts = run.series(key)
-    for (t0, v0), (t1, v1) in zip([(0, float("inf"))] + pts[:-1], pts):
+def smoothed(points: List, window: int) -> List:
+    """Centred moving average of ``(x, y)`` points over ``window`` points (fewer at the ends)."""
+    half = max(0, window // 2)
+    ys = [y for _, y in points]
+    out = []
+    for i, (x, _) in enumerate(points):
+        part = ys[max(0, i - half): i + half + 1]
+        out.append((x, sum(part) / len(part)))
+    return out
+
+
+def loss_curve(run: Run, points_per_window: int = 0) -> List:
+    """The training loss at every logged step against tokens, smoothed over ~2% of the run (at least 1)."""
+    pts = run.series("loss")
+    window = points_per_window or max(1, len(pts) // 50) | 1
+    return smoothed(pts, window)
+
+
+def tokens_to_reach(curve: List, target: float):
+    """``(tokens, censored)``: the first token count at which the curve is <= ``target`` (linear interpolation
+    between logged points); ``censored`` when it is already there at the first point (the true figure is at
+    most that). ``(None, False)`` if never reached."""
+    for i, (t1, v1) in enumerate(curve):
         if v1 <= target:
-            if not math.isfinite(v0) or v0 == v1:
-                return float(t1)
-            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
-    return None
+            if i == 0:
+                return float(t1), True
+            t0, v0 = curve[i - 1]
+            return (float(t1) if v0 == v1 else t0 + (t1 - t0) * (v0 - target) / (v0 - v1)), False
+    return None, False
 
 
 def value_at_tokens(run: Run, tokens: float, key: str = "valid_loss") -> Optional[float]:
@@ -155,7 +192,7 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
     """Write ``report.md`` and PNG plots for the runs under ``root``; returns the markdown path."""
     runs = load_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no runs (directories with run.json) under {root!r}")
+        raise FileNotFoundError(f"no runs (directories with run.json or logs/config.yaml) under {root!r}")
     out_dir = out_dir or root
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# {title}", "", f"{len(runs)} runs under `{root}`. Every figure below is read from the run logs.", ""]
@@ -227,17 +264,26 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
                            {f"r={r.rank}": r.series("valid_loss") for r in sorted(ranked, key=lambda r: r.rank)},
                            "valid loss")
         lines += ["## Head-rank sweep", "", f"![]({png})", ""]
-        worst = max(ranked, key=lambda r: r.final("valid_loss") or float("inf"))
-        target = worst.final("valid_loss")
+        curves = {r.name: loss_curve(r) for r in ranked}
+        finals = {r.name: curves[r.name][-1][1] for r in ranked if curves[r.name]}
+        worst = max((r for r in ranked if r.name in finals), key=lambda r: finals[r.name], default=None)
         full = max(ranked, key=lambda r: r.rank)
-        t_full = tokens_to_reach(full, target) if target is not None else None
-        lines += [f"Tokens to reach the loss {_fmt(target)} (the final loss of r={worst.rank}):", "",
-                  "| head rank | tokens to reach | ratio vs r=" + str(full.rank) + " |", "|---|---|---|"]
-        for r in sorted(ranked, key=lambda r: r.rank):
-            t = tokens_to_reach(r, target) if target is not None else None
-            ratio = (t / t_full) if (t and t_full) else None
-            lines.append(f"| {r.rank} | {_fmt(t, 0)} | {_fmt(ratio, 2)}x |")
-        lines.append("")
+        if worst is not None:
+            target = finals[worst.name]
+            t_full, full_censored = tokens_to_reach(curves[full.name], target)
+            lines += [f"Tokens to reach the training loss {_fmt(target)} (the final loss of r={worst.rank}), on the "
+                      "training loss of every step smoothed over ~2% of the run. A ratio marked >= is censored: the "
+                      f"r={full.rank} run was already below the target at its first logged step.", "",
+                      "| head rank | tokens to reach | ratio vs r=" + str(full.rank) + " |", "|---|---|---|"]
+            for r in sorted(ranked, key=lambda r: r.rank):
+                t, censored = tokens_to_reach(curves[r.name], target)
+                if t is None or not t_full:
+                    ratio = "-"
+                else:
+                    bound = ">= " if full_censored and not (censored and r is full) else ""
+                    ratio = f"{bound}{_fmt(t / t_full, 2)}x"
+                lines.append(f"| {r.rank} | {'<= ' if censored else ''}{_fmt(t, 0)} | {ratio} |")
+            lines.append("")
 
     # Rank of the logit gradient vs batch tokens.
     curves = {}

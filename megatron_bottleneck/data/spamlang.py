@@ -8,20 +8,19 @@ Generator seeded by ``seed``: the same config always gives the same bytes.
 Each sequence is one document of ``seq_length + 1`` tokens (inputs and shifted labels), written to a
 Megatron indexed dataset (``<prefix>_train`` / ``<prefix>_valid`` ``.bin``/``.idx``) with
 megatron.core's own ``IndexedDatasetBuilder``; ``<prefix>.json`` holds the config and the coverage of the
-training split (how often each symbol was drawn), since a symbol never drawn cannot be learned.
+training split (how often each symbol was drawn), since a symbol never drawn cannot be learned. The trainer
+reads it through megatron-core's GPTDataset with one sequence per sample (``data.sample: document``).
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
-from megatron.core.datasets.utils import Split
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from ..base.errors import ConfigError
 
@@ -96,27 +95,13 @@ def generate_spamlang(cfg: SpamLangConfig, output_prefix: str) -> Dict:
     return meta
 
 
-class SpamLangTokenizer:
-    """The attributes Megatron's GPTDataset reads from a tokenizer (id 0 is EOD and padding)."""
-
-    eod = 0
-    pad = 0
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.unique_identifiers = {"class": "SpamLangTokenizer", "vocab_size": vocab_size}
-
-
-def spamlang_gpt_dataset(prefix: str, vocab_size: int, seq_length: int, cache_dir: str, seed: int = 0):
-    """A megatron.core ``GPTDataset`` over a SpamLang split whose samples are the generated sequences.
-
-    Each document has ``seq_length + 1`` tokens; with ``sequence_length = seq_length + 1`` and
-    ``add_extra_token_to_sequence=False`` every sample is exactly one document (in GPTDataset's
-    shuffled order): ``sample["tokens"]`` is the sequence, shift it for inputs and labels.
-    """
-    indexed = IndexedDataset(prefix)
-    config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length + 1,
-                              tokenizer=SpamLangTokenizer(vocab_size), reset_position_ids=False,
-                              reset_attention_mask=False, eod_mask_loss=False,
-                              add_extra_token_to_sequence=False, path_to_cache=cache_dir, split="100,0,0")
-    return GPTDataset(indexed, prefix, np.arange(len(indexed)), len(indexed), Split.train, config)
+def spamlang_sequence_tokens(prefix: str) -> Optional[int]:
+    """Tokens per sequence of a SpamLang split (``<output>_train`` / ``<output>_valid``, read from
+    ``<output>.json``), or None when ``prefix`` is not SpamLang."""
+    head, _, tail = prefix.rpartition("_")
+    path = head + ".json"
+    if tail not in ("train", "valid") or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    return int(meta["sequence_tokens"]) if "sequence_tokens" in meta and "config" in meta else None

@@ -21,6 +21,7 @@ data-parallel rank 0 and are logged by its TP rank 0 (``is_reporter``). Failures
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -37,6 +38,25 @@ from .spectrum import GramAccumulator
 from .stats import StepAccumulator
 
 log = logging.getLogger(__name__)
+
+
+def _timed(fn):
+    """Count the wrapped hook's time in ``seconds`` when ``time_hooks`` is on (synchronising CUDA)."""
+
+    def timed(self, *args):
+        if not self.time_hooks:
+            return fn(self, *args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t0
+
+    return timed
 
 
 @dataclass
@@ -106,6 +126,8 @@ class GradientProbe:
         self.step = 0
         self.num_microbatches = 1
         self.enabled = True
+        self.time_hooks = False  # benchmarking: accumulate the time spent in the probe in `seconds`
+        self.seconds = 0.0
         self.history: List[Dict[str, float]] = []
         self._logger = logger
         self._handles = []
@@ -182,6 +204,7 @@ class GradientProbe:
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
 
+    @_timed
     def _on_forward(self, module, args, kwargs, output):
         if not (self.enabled and module.training and torch.is_grad_enabled()):
             return None
@@ -214,6 +237,7 @@ class GradientProbe:
             hidden.register_hook(lambda dh: self._on_hidden_grad(dh, h, acc))
         return None
 
+    @_timed
     def _on_logit_grad(self, grad, view, full_hidden, acc, gram, last):
         try:
             if acc is not None:
@@ -226,6 +250,7 @@ class GradientProbe:
             self._disable(exc)
         return None
 
+    @_timed
     def _on_hidden_grad(self, hidden_grad, hidden, acc):
         try:
             acc.add_hidden_grad(hidden_grad, hidden if acc.update else None)

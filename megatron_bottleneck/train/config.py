@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
-from ..base.errors import ConfigError
-from ..data import check_dataset
+from ..base.errors import ConfigError, DataError
+from ..data import spamlang_sequence_tokens, validate_gpt_data
 from ..probe import ProbeConfig
 
 
@@ -105,12 +105,19 @@ class TrainSection:
 
 @dataclass
 class DataSection:
-    """Megatron indexed datasets (``<prefix>.bin`` / ``.idx``)."""
+    """Megatron indexed datasets (``<prefix>.bin`` / ``.idx``) through megatron-core's GPTDataset."""
 
     train_prefix: str = ""
-    """Training data prefix (required)."""
+    """Training data: a prefix or a Megatron-LM blend ``"0.7 path/a 0.3 path/b"`` (required unless mock)."""
     valid_prefix: Optional[str] = None
-    """Validation data prefix; None: no validation loss."""
+    """Validation data (prefix or blend); None: the ``split`` of train_prefix gives it."""
+    split: str = "969,30,1"
+    """train,valid,test shares of train_prefix's documents when valid_prefix is None."""
+    sample: Literal["auto", "packed", "document"] = "auto"
+    """packed: documents concatenated and cut into seq_length + 1 windows (Megatron-LM's way); document: each
+    sample is one document of exactly seq_length + 1 tokens (SpamLang); auto: document for SpamLang data."""
+    mock: bool = False
+    """Megatron's MockGPTDataset (random documents, no files)."""
 
 
 @dataclass
@@ -242,14 +249,32 @@ class TrainConfig:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                               f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp} with "
                               f"{world_size} ranks): change the batch sizes or the number of ranks.")
-        if not self.data.train_prefix:
+        d = self.data
+        if not d.train_prefix and not d.mock:
             raise ConfigError("data.train_prefix is empty: point it at an indexed dataset prefix "
-                              "(data.train_prefix=path/to/prefix, without .bin/.idx)")
-        for key in ("train_prefix", "valid_prefix"):
-            prefix = getattr(self.data, key)
-            if prefix:
-                check_dataset(prefix, f"data.{key}", vocab_size=self.model.vocab_size,
-                              seq_length=self.model.seq_length)
+                              "(data.train_prefix=path/to/prefix, without .bin/.idx) or a blend, or set data.mock=true")
+        validate_gpt_data(d.train_prefix or None, d.valid_prefix, None, vocab_size=self.model.vocab_size,
+                          split=d.split, num_samples=self.num_samples(), mock=d.mock)
+        if self.document_samples():
+            for prefix in filter(None, (d.train_prefix, d.valid_prefix)):
+                length = spamlang_sequence_tokens(prefix)
+                if length is not None and length != self.model.seq_length + 1:
+                    raise DataError(f"data: the SpamLang sequences of {prefix!r} have {length} tokens but "
+                                    f"model.seq_length={self.model.seq_length} reads seq_length + 1 = "
+                                    f"{self.model.seq_length + 1}: set model.seq_length={length - 1}.")
+
+    def num_samples(self):
+        """Samples each split is read for: (train steps x global batch, eval iters x global batch, 0)."""
+        t = self.train
+        return (t.train_steps * t.global_batch_size, t.eval_iters * t.global_batch_size if t.eval_interval else 0, 0)
+
+    def document_samples(self) -> bool:
+        """Whether a sample is one whole document (``data.sample``; auto: every dataset is SpamLang)."""
+        d = self.data
+        if d.sample != "auto":
+            return d.sample == "document"
+        prefixes = [p for p in (d.train_prefix, d.valid_prefix) if p]
+        return bool(prefixes) and not d.mock and all(spamlang_sequence_tokens(p) is not None for p in prefixes)
 
 
 def _suggest(name: str, options: List[str], prefix: str = "") -> str:

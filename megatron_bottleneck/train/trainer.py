@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from ..base.sinks import MetricsLogger
-from ..data import IndexedSequences, batch_stream
+from ..data import IdTokenizer, batches, build_gpt_datasets
 from ..heads import LowRankHeadConfig
 from ..integrations.cpu import enable_cpu_mode
 from ..integrations.launch import launch
@@ -134,17 +134,23 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def _data(self):
-        d = self.cfg.data
-        self.train_data = IndexedSequences(d.train_prefix)
-        self.valid_data = IndexedSequences(d.valid_prefix) if d.valid_prefix else None
+        """megatron-core GPTDatasets (every rank builds; rank 0 writes the index cache first)."""
+        cfg = self.cfg
+        d = cfg.data
+        self.document_samples = cfg.document_samples()
+        # eod = pad: GPTDataset then masks no label as padding (the data holds no padding).
+        self.train_data, self.valid_data, _ = build_gpt_datasets(
+            d.train_prefix or None, d.valid_prefix, None, seq_length=cfg.model.seq_length,
+            vocab_size=cfg.model.vocab_size, cache_dir=os.path.join(cfg.logging.dir, "data_cache"),
+            seed=cfg.train.seed, split=d.split, tokenizer=IdTokenizer(cfg.model.vocab_size, eod=0, pad=0),
+            mock=d.mock, num_samples=cfg.num_samples(), validate=False, document_aligned=self.document_samples)
 
     def batches(self, split: str = "train", consumed: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
         """This data-parallel rank's micro-batches of ``split`` ('train' | 'valid'), starting after
-        ``consumed`` sequences (global count): the same stream a training run reads."""
+        ``consumed`` samples (global count): the same stream a training run reads."""
         data = self.train_data if split == "train" else self.valid_data
-        seed = self.cfg.train.seed + (0 if split == "train" else 1)
-        return batch_stream(data, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size, seed,
-                            consumed, self.dp_rank, self.dp_size)
+        return batches(data, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size, consumed,
+                       self.dp_rank, self.dp_size, document_aligned=self.document_samples)
 
     # ---------------------------------------------------------------- steps
     def forward_backward(self, batches: List, forward_only: bool = False) -> StepResult:
@@ -282,17 +288,23 @@ def _train_entry(cfg_dict: Dict) -> Dict:
     return out if (dist.get_rank() == dist.get_world_size() - 1) else {"iteration": out["iteration"]}
 
 
+def init_distributed() -> None:
+    """Under torchrun (RANK / WORLD_SIZE set): the process group, NCCL on GPUs, gloo + CPU mode on CPUs."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    if backend == "gloo":
+        enable_cpu_mode()
+
+
 def run(config: TrainConfig, nproc: Optional[int] = None) -> Dict:
     """Train on this machine: under torchrun use its ranks; otherwise launch ``nproc`` CPU ranks
     (default: tensor x pipeline parallel size). Returns the last rank's summary."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
-            if backend == "gloo":
-                enable_cpu_mode()
+        init_distributed()
         return Trainer(config).train()
     p = config.parallel
     world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size

@@ -82,12 +82,11 @@ def test_data_problems_are_one_line_before_spawning(tmp_path, spamlang):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
     code, _, err = _cli("train", str(cfg), "data.train_prefix=/nonexistent/data")
-    assert code == 2 and err.strip().splitlines() == [
-        "error: data.train_prefix: no indexed dataset at '/nonexistent/data' (expected /nonexistent/data.bin and "
-        "/nonexistent/data.idx); generate one with `megatron-bottleneck spamlang` or tokenise text first."]
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: data: no indexed dataset at '/nonexistent/data' (missing /nonexistent/data.bin")
     code, _, err = _cli("train", str(cfg), f"data.train_prefix={spamlang['train_prefix']}", "model.vocab_size=32")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "beyond model.vocab_size=32: set model.vocab_size >= " in err
+    assert "but the model's vocabulary has 32 ids; set model.vocab_size >= 64" in err
 
 
 def test_an_error_raised_inside_the_ranks_is_one_line(tmp_path, spamlang):
@@ -104,3 +103,21 @@ def test_an_error_raised_inside_the_ranks_is_one_line(tmp_path, spamlang):
     assert len(lines) == 1 and lines[0].startswith("error: cannot resume from ") and "world_size: saved 1, now 2" in lines[0]
     code, _, err = _cli("--debug", "train", str(cfg), "--nproc", "2", *over, "train.train_steps=4")
     assert code == 2 and "--- rank 0 ---" in err and "Traceback" in err
+
+
+def test_bench_train_reports_shares_mfu_and_memory_per_head_rank(tmp_path, spamlang):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "bench.json"
+    code, stdout, err = _cli("bench-train", str(cfg), "--nproc", "2", f"data.train_prefix={spamlang['train_prefix']}",
+                             "--steps", "3", "--warmup", "1", "--head-ranks", "dense,2", "--out", str(out),
+                             "train.micro_batch_size=8", "probe.interval=1")
+    assert code == 0, err[-3000:]
+    rows = json.load(open(out))
+    assert [r["head_rank"] for r in rows] == [None, 2] and "| dense | 2 |" in stdout and "| 2 | 2 |" in stdout
+    for r in rows:
+        assert r["world"] == 2 and len(r["per_rank"]) == 2 and r["tokens_per_s"] > 0
+        assert 0 < r["mfu"] < 1 and r["peak_gflops_min"] > 0 and r["peak_memory_mib_max"] > 0
+        assert r["shares"]["head_loss"] > 0 and r["shares"]["probe"] > 0 and r["shares"]["optimizer"] > 0
+        assert sum(r["shares"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert rows[1]["flops_per_token"] < rows[0]["flops_per_token"]  # the rank-2 head has fewer FLOPs

@@ -41,7 +41,10 @@ def test_checks_against_the_world_size_need_no_process(spamlang):
     with pytest.raises(DataError, match=r"have 9 tokens but model.seq_length=16 .* set model.seq_length=8"):
         cfg.check_world(1)
     cfg.model.seq_length, cfg.model.vocab_size = 8, 16
-    with pytest.raises(DataError, match=r"beyond model.vocab_size=16: set model.vocab_size >= "):
+    with pytest.raises(DataError, match=r"has token id 63 but the model's vocabulary has 16 ids; set model.vocab_size >= 64"):
+        cfg.check_world(1)
+    cfg.model.vocab_size, cfg.data.train_prefix = 64, "/nonexistent/corpus"
+    with pytest.raises(DataError, match=r"no indexed dataset at '/nonexistent/corpus'"):
         cfg.check_world(1)
 
 
