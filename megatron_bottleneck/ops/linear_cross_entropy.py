@@ -133,39 +133,64 @@ class _Fp8Cache:
         return fp8_ops.dequantize(self.w8[:n], self.sw)
 
 
-def _chunk_logits(u, weight, c0, c1, q: Optional[_Fp8Cache]) -> torch.Tensor:
+def _chunk_logits(u, weight, c0, c1, q: Optional[_Fp8Cache], buf: torch.Tensor) -> torch.Tensor:
+    """float32 logits [T, c1 - c0] of rows c0:c1, written into (a view of) the flat buffer ``buf``.
+
+    One buffer serves every chunk: a fresh T x C allocation per chunk costs page faults comparable to
+    the chunk's exp pass (CPU), or allocator traffic (GPU)."""
+    t, c = u.shape[0], c1 - c0
+    z = buf[: t * c].view(t, c)
     if q is not None:
-        return q.logits(c0, c1)[:, : c1 - c0]
-    z = torch.mm(u, weight[c0:c1].t())
-    return z if z.dtype == torch.float32 else z.float()
+        z.copy_(q.logits(c0, c1)[:, :c])
+    elif u.dtype == torch.float32:
+        torch.mm(u, weight[c0:c1].t(), out=z)
+    else:
+        z.copy_(torch.mm(u, weight[c0:c1].t()))
+    return z
 
 
 def _forward_chunks(u, weight, n_real, chunk, want_p2, q):
-    """Local log-sum-exp over rows [0, n_real) of weight: lse [T] and (optional) log sum exp(2 z) [T]."""
+    """Local online log-sum-exp over rows [0, n_real) of weight.
+
+    Returns lse [T] and, if ``want_p2``, log sum_i exp(2 z_i) [T] (float32; -inf where n_real == 0).
+    Per chunk: m' = max(m, max_i z_i); S <- S e^(m - m') + sum_i e^(z_i - m'); S2 likewise with squares.
+    """
     t = u.shape[0]
-    lse = torch.full((t,), float("-inf"), dtype=torch.float32, device=u.device)
-    lse2 = torch.full_like(lse, float("-inf")) if want_p2 else None
+    m = torch.full((t,), float("-inf"), dtype=torch.float32, device=u.device)
+    s1 = torch.zeros_like(m)
+    s2 = torch.zeros_like(m) if want_p2 else None
+    if n_real == 0:
+        return m, (m.clone() if want_p2 else None)
+    buf = torch.empty(t * min(chunk, n_real), dtype=torch.float32, device=u.device)
     for c0 in range(0, n_real, chunk):
-        z = _chunk_logits(u, weight, c0, min(c0 + chunk, n_real), q)
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+        z = _chunk_logits(u, weight, c0, min(c0 + chunk, n_real), q, buf)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        rescale = torch.exp(m - m_new)
+        z.sub_(m_new.unsqueeze(1)).exp_()
+        s1.mul_(rescale).add_(z.sum(dim=1))
         if want_p2:
-            lse2 = torch.logaddexp(lse2, torch.logsumexp(z.mul_(2.0), dim=1))
-    return lse, lse2
+            s2.mul_(rescale.square()).add_(torch.linalg.vector_norm(z, dim=1).square())
+        m = m_new
+    lse = m + torch.log(s1)
+    return lse, (2 * m + torch.log(s2) if want_p2 else None)
 
 
 def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w):
     """grad_u [T, k] (float32) += sum_c P_c F_c; grad_w[c] = P_c^T u, with P_c = coef * exp(z_c - lse)."""
+    if n_real == 0:
+        return
     t = u.shape[0]
     positive = bool((coef >= 0).all())
-    if positive:  # fold the row scale into the exponent: exp(z - lse + log coef)
+    if positive:  # fold the row scale into the exponent: exp(z - lse + log coef); coef 0 gives 0
         shift = (lse - torch.log(coef)).unsqueeze(1)
     else:
         shift = lse.unsqueeze(1)
     low_precision = u.dtype != torch.float32
+    buf = torch.empty(t * min(chunk, n_real), dtype=torch.float32, device=u.device)
     for c0 in range(0, n_real, chunk):
         c1 = min(c0 + chunk, n_real)
         if q is not None:
-            p = q.logits(c0, c1)
+            p = q.logits(c0, c1)  # [T, C rounded up to 16]
             p.sub_(shift).exp_()
             if not positive:
                 p.mul_(coef.unsqueeze(1))
@@ -176,15 +201,11 @@ def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w):
             gw = fp8_ops.scaled_matmul(p8.t(), q.u8, scale_a=sp, scale_b=q.su)
             grad_w[c0:c1] = gw[: c1 - c0].to(grad_w.dtype)
             continue
-        w_c = weight[c0:c1]
-        if low_precision:
-            p = torch.mm(u, w_c.t()).float()
-            p.sub_(shift)
-        else:
-            p = torch.addmm(shift.expand(t, c1 - c0), u, w_c.t(), beta=-1.0)
-        p.exp_()
+        p = _chunk_logits(u, weight, c0, c1, None, buf)
+        p.sub_(shift).exp_()
         if not positive:
             p.mul_(coef.unsqueeze(1))
+        w_c = weight[c0:c1]
         if low_precision:
             pl = p.to(u.dtype)
             grad_u += torch.mm(pl, w_c).float()
