@@ -12,8 +12,9 @@ not leak between them. Rows:
 * torch chunked low-rank / dense: ``torch.nn.functional.linear_cross_entropy(..., options=
   LinearCrossEntropyOptions())`` on (U, A) / (H, W), where the installed torch has it (else n/a)
 
-Columns: minimum and median wall time of the timed fwd+bwd steps (after one warm-up step; the
-minimum is the figure least disturbed by other load on a shared machine), working memory = peak RSS during
+Columns: minimum and median wall time of the timed fwd+bwd steps (after one warm-up step), the
+minimum process CPU time of a step (``time.process_time``; with ``--threads 1`` it is the work done and
+hardly moved by other load on a shared machine, so the "x megatron" time ratio uses it), working memory = peak RSS during
 one step above the RSS just before it, measured in a second fresh process (Linux: VmHWM reset through
 /proc/self/clear_refs; allocations >= 128 KiB are mmapped there via MALLOC_MMAP_THRESHOLD_ and so leave
 RSS when freed: RSS tracks live memory; the persistent .grad buffers exist before the step), the
@@ -148,11 +149,12 @@ def child(args) -> dict:
         step()
         return dict(name=name, rank=r if low_rank else None, mem_mib=(_status_kib("VmHWM") - base) / 1024)
     peak = _matmul_peak(reps=3, n=1024)  # this process, right before its timed steps
-    times = []
+    times, cpu = [], []
     for _ in range(args.reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     flops = 6 * t * r * (d + v) if low_rank else 6 * t * v * d
     med = statistics.median(times)
     best = min(times)
@@ -166,6 +168,8 @@ def child(args) -> dict:
         time_s=med,
         time_min_s=best,
         times_s=times,
+        cpu_min_s=min(cpu),
+        cpu_s=cpu,
         gflops=flops / best / 1e9,
         row_matmul_peak_gflops=peak,
         threads=torch.get_num_threads(),
@@ -227,16 +231,14 @@ def main(argv=None) -> None:
     ranks = [int(x) for x in args.ranks.split(",") if int(x) < args.D]
     peak = run_child(args, "peak").get("matmul_peak_gflops")
     rows = []
-    for name, low_rank, _ in CONFIGS:
-        if low_rank:
-            continue
-        rows.append(run_child(args, name))
-        print(f"  done: {name}", file=sys.stderr, flush=True)
-    for r in ranks:
-        for name, low_rank, _ in CONFIGS:
-            if low_rank:
-                rows.append(run_child(args, name, r))
-                print(f"  done: {name} r={r}", file=sys.stderr, flush=True)
+    jobs = [(name, r) for r in ranks for name, low_rank, _ in CONFIGS if low_rank]
+    jobs += [(name, None) for name, low_rank, _ in CONFIGS if not low_rank]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    for name, r in jobs:
+        rows.append(run_child(args, name, r))
+        print(f"  done: {name}" + (f" r={r}" if r else "") + f": {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        with open(args.out + ".partial", "w") as f:
+            json.dump(dict(T=args.T, D=args.D, V=args.V, matmul_peak_gflops=peak, rows=rows), f, indent=1)
 
     def ref_for(row):
         target = "megatron dense" if not row.get("low_rank") else "megatron low-rank (unfused)"
@@ -247,20 +249,21 @@ def main(argv=None) -> None:
               f"torch threads {rows[0].get('threads', '?') if rows else '?'}; matmul peak at start "
               f"{fmt(peak, '.1f')} GFLOP/s (2048^3 sgemm)")
     lines = [header, "",
-             "| config | r | time min (s) | median (s) | x megatron (min) | working mem (MiB) | x megatron "
-             "| GFLOP/s (at min) | row's matmul peak | % of it |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | r | wall min (s) | wall median (s) | CPU min (s) | x megatron (CPU) | working mem (MiB) "
+             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = "" if row.get("rank") is None else str(row["rank"])
         if not row.get("available"):
-            lines.append(f"| {row['name']} | {r} | n/a | | | | | | | |")
+            lines.append(f"| {row['name']} | {r} | n/a | | | | | | | | |")
             continue
         ref = ref_for(row)
-        tr = row["time_min_s"] / ref["time_min_s"] if ref else None
+        tr = row["cpu_min_s"] / ref["cpu_min_s"] if ref else None
         mr = row["mem_mib"] / ref["mem_mib"] if ref and row.get("mem_mib") is not None and ref.get("mem_mib") else None
         rp = row.get("row_matmul_peak_gflops")
         pct = 100 * row["gflops"] / rp if rp else None
-        lines.append(f"| {row['name']} | {r} | {row['time_min_s']:.3f} | {row['time_s']:.3f} | {fmt(tr, '.2f')} | "
+        lines.append(f"| {row['name']} | {r} | {row['time_min_s']:.3f} | {row['time_s']:.3f} | "
+                     f"{row['cpu_min_s']:.3f} | {fmt(tr, '.2f')} | "
                      f"{fmt(row.get('mem_mib'), '.0f')} | {fmt(mr, '.3f')} | {row['gflops']:.1f} | "
                      f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} |")
     print("\n".join(lines))
