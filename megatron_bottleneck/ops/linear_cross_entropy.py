@@ -215,6 +215,22 @@ def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w):
             torch.mm(p.t(), u, out=grad_w[c0:c1])
 
 
+def _add_target_terms(grad_u, grad_w, u_f, w_real, g, local, idx, s, vocab_size) -> None:
+    """Add the -(1 - s) g_t [i = y_t] and -(s / V) g_t terms of dL/dz to dL/du and dL/dF (float32 u_f,
+    w_real = the n_real real rows): a row gather / index_add and a rank-one update, no chunk loop."""
+    n_real = w_real.shape[0]
+    safe = idx.clamp(max=n_real - 1)
+    b = torch.where(local, g * (1.0 - s), g.new_zeros(()))
+    grad_u -= b.unsqueeze(1) * w_real.index_select(0, safe)
+    gw = torch.zeros(n_real, u_f.shape[1], dtype=torch.float32, device=u_f.device)
+    gw.index_add_(0, safe, -(b.unsqueeze(1) * u_f))
+    if s > 0:
+        e = g * (s / vocab_size)
+        grad_u -= e.unsqueeze(1) * w_real.sum(0).unsqueeze(0)
+        gw -= (e @ u_f).unsqueeze(0)
+    grad_w[:n_real] += gw.to(grad_w.dtype)
+
+
 # ----------------------------------------------------------------------------- autograd
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -301,16 +317,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if n_real:
             u_f = q.u() if q is not None else u.float()
             w_real = q.w(n_real) if q is not None else weight[:n_real].float()
-            # one-hot term: -(1 - s) g_t at (t, y_t)
-            b = torch.where(local, g * (1.0 - s), g.new_zeros(()))
-            grad_u -= b.unsqueeze(1) * w_real.index_select(0, idx.clamp(max=n_real - 1))
-            gw_onehot = torch.zeros(n_real, u.shape[1], dtype=torch.float32, device=u.device)
-            gw_onehot.index_add_(0, idx.clamp(max=n_real - 1), -(b.unsqueeze(1) * u_f))
-            if s > 0:  # uniform term: -(s / V) g_t on every real class (rank one)
-                e = g * (s / vocab_size)
-                grad_u -= e.unsqueeze(1) * w_real.sum(0).unsqueeze(0)
-                gw_onehot -= (e @ u_f).unsqueeze(0)
-            grad_w[:n_real] += gw_onehot.to(grad_w.dtype)
+            _add_target_terms(grad_u, grad_w, u_f, w_real, g, local, idx, s, vocab_size)
 
         if cfg["reduce_grad_input"] and ctx.tp > 1:
             dist.all_reduce(grad_u, group=cfg["tp_group"])
@@ -335,6 +342,7 @@ def linear_cross_entropy(
     fp8: Optional[str] = None,
     reduce_grad_input: bool = False,
     check_labels: bool = True,
+    reduction: str = "none",
 ) -> torch.Tensor:
     """Per-token cross-entropy of logits u F^T over the vocabulary, without materialising them.
 
@@ -349,7 +357,8 @@ def linear_cross_entropy(
         ignore_index: label of tokens with loss 0 and no gradient.
         label_smoothing: alpha in [0, 1), Megatron's semantics over the V real classes.
         z_loss_weight: w >= 0, adds w lse^2 per token.
-        chunk_size: vocab rows per chunk; None picks it so ~2 float32 [T, C] tensors fit
+        chunk_size: vocab rows per chunk (reduction="none") or tokens per chunk (reduction "sum" /
+            "mean"); None picks it so that the one float32 chunk buffer takes about half of
             ``memory_budget_bytes``.
         stats: a :class:`HeadLossStats` to fill (sum p^2, p_target, lse per token).
         fp8: None or "e4m3": logit GEMMs in float8_e4m3fn, gradient GEMMs with the softmax chunk in
@@ -357,10 +366,17 @@ def linear_cross_entropy(
         reduce_grad_input: all-reduce dL/du over ``tp_group`` inside the op (default: the caller's
             TP region does it, see the module docstring).
         check_labels: raise ValueError for labels outside [0, V) other than ignore_index (one host sync).
+        reduction: "none" (per-token loss; backward recomputes the logits: 4 GEMMs), or "sum" / "mean"
+            (mean over non-ignored tokens) for a scalar loss whose gradients are computed in the forward
+            pass (3 GEMMs, see :mod:`.reduced`; no fp8).
 
-    Returns: loss [T] or [s, b], float32.
+    Returns: loss [T] or [s, b] (reduction="none") or a scalar, float32.
     """
     _validate(u, weight, labels, label_smoothing, z_loss_weight, chunk_size, fp8)
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}.")
+    if fp8 is not None and reduction != "none":
+        raise ValueError("fp8 is only implemented for reduction='none'; drop fp8 or reduce the per-token loss yourself.")
     tp = _group_size(tp_group)
     v_local = weight.shape[0]
     if vocab_start is None:
@@ -395,6 +411,15 @@ def linear_cross_entropy(
         fp8=fp8,
         reduce_grad_input=reduce_grad_input,
     )
+    if reduction != "none":
+        from .reduced import _ReducedLinearCrossEntropy
+
+        cfg.update(reduction=reduction, token_chunk=chunk_size)
+        loss = _ReducedLinearCrossEntropy.apply(u2, weight, y, cfg, stats)
+        if stats is not None and len(lead) != 1:
+            for name in ("sum_p2", "p_target", "lse", "valid"):
+                setattr(stats, name, getattr(stats, name).reshape(lead))
+        return loss
     loss = _LinearCrossEntropy.apply(u2, weight, y, cfg, stats)
     if stats is not None and len(lead) != 1:
         for name in ("sum_p2", "p_target", "lse", "valid"):

@@ -222,3 +222,50 @@ def test_bad_input_raises_value_error(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(args.pop("u"), args.pop("weight"), args.pop("labels"), **args)
+
+
+# ------------------------------------------------------------------ reduction="sum" / "mean"
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_reduced_matches_reference(case, reduction, chunk_size):
+    """Scalar loss with gradients computed in forward: equal to the reference's sum / mean over
+    non-ignored tokens, for a non-unit incoming gradient (0.7)."""
+    kw = dict(CASES[case])
+    ignore = kw.pop("ignore", 0)
+    h, w, y, _ = make(vocab=kw.get("vocab_size", V_ROWS), ignore_every=ignore, seed=6)
+    u64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = linear_cross_entropy_reference(u64, w64, y, **kw).sum()
+    if reduction == "mean":
+        ref = ref / (y != -100).sum()
+    (0.7 * ref).backward()
+    u32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    out = linear_cross_entropy(u32, w32, y, chunk_size=chunk_size, reduction=reduction, **kw)
+    (0.7 * out).backward()
+    assert out.dim() == 0
+    assert abs(float(out) / float(ref) - 1) < 1e-6
+    assert rel(u32.grad, u64.grad) < 1e-5
+    assert rel(w32.grad, w64.grad) < 1e-5
+
+
+def test_reduced_stats_and_layout():
+    h, w, y, _ = make(ignore_every=4, seed=7)
+    kw = dict(label_smoothing=0.1, z_loss_weight=1e-3, vocab_size=95)
+    y = y.clamp(max=94)
+    a, b = HeadLossStats(), HeadLossStats()
+    per_token = linear_cross_entropy(h.float().reshape(12, 4, D), w.float(), y.reshape(12, 4), stats=a, **kw)
+    mean = linear_cross_entropy(h.float().reshape(12, 4, D), w.float(), y.reshape(12, 4), stats=b,
+                                reduction="mean", chunk_size=5, **kw)
+    n = int((y != -100).sum())
+    assert abs(float(mean) - float(per_token.sum()) / n) < 1e-6 * abs(float(mean))
+    assert b.sum_p2.shape == (12, 4)
+    gout = (y != -100).double().reshape(12, 4) / n
+    assert rel(b.logit_grad_sq_norm(gout), a.logit_grad_sq_norm(gout)) < 1e-5
+
+
+def test_reduction_errors():
+    args = (torch.randn(32, 32), torch.randn(64, 32), torch.zeros(32, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction must be"):
+        linear_cross_entropy(*args, reduction="avg")
+    with pytest.raises(ValueError, match="fp8 is only implemented for reduction='none'"):
+        linear_cross_entropy(*args, reduction="mean", fp8="e4m3")
