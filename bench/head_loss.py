@@ -8,7 +8,10 @@ not leak between them. Rows:
 * megatron dense: logits = H W^T, Megatron's ``vocab_parallel_cross_entropy`` (TP=1, a 1-rank gloo group)
 * megatron low-rank (unfused): U = H B^T, logits = U A^T, ``vocab_parallel_cross_entropy``
 * fused low-rank: U = H B^T, ``megatron_bottleneck.ops.linear_cross_entropy(U, A, y)``
-* fused dense: ``linear_cross_entropy(H, W, y)``
+* fused dense: ``linear_cross_entropy(H, W, y)`` (per-token loss, then ``.mean()``; backward recomputes
+  the logits: 4 GEMMs)
+* fused low-rank / dense (mean): ``linear_cross_entropy(..., reduction="mean")``, gradients computed in
+  the forward pass (3 GEMMs)
 * torch chunked low-rank / dense: ``torch.nn.functional.linear_cross_entropy(..., options=
   LinearCrossEntropyOptions())`` on (U, A) / (H, W), where the installed torch has it (else n/a)
 
@@ -45,6 +48,8 @@ CONFIGS = [  # (name, low_rank, kind)
     ("megatron low-rank (unfused)", True, "megatron"),
     ("torch chunked low-rank", True, "torch"),
     ("fused low-rank", True, "fused"),
+    ("fused low-rank (mean)", True, "fused-mean"),
+    ("fused dense (mean)", False, "fused-mean"),
 ]
 
 
@@ -126,11 +131,16 @@ def child(args) -> dict:
 
         def loss_fn(x, f, labels):
             return F.linear_cross_entropy(x, f, labels, reduction="mean", options=opts)
-    else:
+    elif kind == "fused":
         from megatron_bottleneck.ops import linear_cross_entropy
 
         def loss_fn(x, f, labels):
             return linear_cross_entropy(x, f, labels, memory_budget_bytes=args.budget_mib * 2**20).mean()
+    else:  # fused-mean: scalar loss, gradients computed in forward
+        from megatron_bottleneck.ops import linear_cross_entropy
+
+        def loss_fn(x, f, labels):
+            return linear_cross_entropy(x, f, labels, memory_budget_bytes=args.budget_mib * 2**20, reduction="mean")
 
     def step():
         if low_rank:
