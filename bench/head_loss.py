@@ -230,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-mib", type=int, default=64, help="fused op's memory_budget_bytes, MiB")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "head_loss.json"))
+    p.add_argument("--merge", default="", help="JSON of an earlier run: add its rows for configs not run now")
     p.add_argument("--only", default="", help="comma list: run only configs whose name contains one of these")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--measure", default="time", choices=("time", "memory"), help=argparse.SUPPRESS)
@@ -252,6 +253,16 @@ def main(argv=None) -> None:
         print(f"  done: {name}" + (f" r={r}" if r else "") + f": {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         with open(args.out + ".partial", "w") as f:
             json.dump(dict(T=args.T, D=args.D, V=args.V, matmul_peak_gflops=peak, rows=rows), f, indent=1)
+
+    if args.merge:  # rows of configurations not run now, from an earlier run with the same shape
+        with open(args.merge) as f:
+            old = json.load(f)
+        if (old["T"], old["D"], old["V"]) != (args.T, args.D, args.V):
+            raise SystemExit(f"--merge {args.merge} has another shape; run it again or drop --merge.")
+        have = {(x["name"], x.get("rank")) for x in rows}
+        rows += [x for x in old["rows"] if (x["name"], x.get("rank")) not in have]
+        order = [(n, r) for r in ranks for n, lr, _ in CONFIGS if lr] + [(n, None) for n, lr, _ in CONFIGS if not lr]
+        rows.sort(key=lambda x: order.index((x["name"], x.get("rank"))) if (x["name"], x.get("rank")) in order else 1e9)
 
     def ref_for(row):
         target = "megatron dense" if not row.get("low_rank") else "megatron low-rank (unfused)"
@@ -284,7 +295,7 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         json.dump(dict(T=args.T, D=args.D, V=args.V, reps=args.reps, budget_mib=args.budget_mib,
                        matmul_peak_gflops=peak, rows=rows, table="\n".join(lines),
-                       command=" ".join(sys.argv)), f, indent=1)
+                       command=" ".join(sys.argv), merged_from=args.merge or None), f, indent=1)
 
 
 if __name__ == "__main__":

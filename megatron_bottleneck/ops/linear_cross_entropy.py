@@ -222,13 +222,12 @@ def _add_target_terms(grad_u, grad_w, u_f, w_real, g, local, idx, s, vocab_size)
     safe = idx.clamp(max=n_real - 1)
     b = torch.where(local, g * (1.0 - s), g.new_zeros(()))
     grad_u -= b.unsqueeze(1) * w_real.index_select(0, safe)
-    gw = torch.zeros(n_real, u_f.shape[1], dtype=torch.float32, device=u_f.device)
-    gw.index_add_(0, safe, -(b.unsqueeze(1) * u_f))
+    gw = grad_w[:n_real]  # updated in place: no second [V_local, k] tensor
+    gw.index_add_(0, safe, (-(b.unsqueeze(1) * u_f)).to(gw.dtype))
     if s > 0:
         e = g * (s / vocab_size)
         grad_u -= e.unsqueeze(1) * w_real.sum(0).unsqueeze(0)
-        gw -= (e @ u_f).unsqueeze(0)
-    grad_w[:n_real] += gw.to(grad_w.dtype)
+        gw -= (e @ u_f).to(gw.dtype).unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- autograd
