@@ -101,9 +101,11 @@ def _group_rank(group) -> int:
 
 
 def choose_chunk_size(num_tokens: int, num_rows: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
-    """Vocab rows per chunk so that ~2 float32 [T, C] tensors fit ``memory_budget_bytes``.
+    """Vocab rows per chunk C so that 2 float32 [T, C] tensors fit ``memory_budget_bytes``.
 
-    A multiple of 16 (FP8 GEMMs and tensor cores want it), at least 16, at most ``num_rows``.
+    The op holds one such buffer (forward and backward each); the other half of the budget covers the
+    bf16 / fp8 paths' casts. A multiple of 16 (FP8 GEMMs and tensor cores want it), at least 16, at
+    most ``num_rows``. The [T, k] and [V_local, k] gradients come on top (they are outputs).
     """
     c = int(memory_budget_bytes) // max(1, 8 * num_tokens)
     c = max(_MIN_CHUNK, c - c % _MIN_CHUNK)

@@ -12,8 +12,9 @@ tokens in chunks of ``Tc`` rows, each with complete (all-class) logit rows [Tc, 
 
 three GEMMs over T x V x k against four for ``reduction="none"`` (which must recompute the logits in
 backward because dL/dloss_t is only known there). The one-hot / smoothing terms are added as in the
-per-token op. dL/du and dL/dF are kept from forward to backward and scaled by the incoming scalar
-gradient there (memory: one [T, k] and one [V_local, k] float32 tensor, which backward allocates anyway).
+per-token op. dL/du and dL/dF are kept from forward to backward and scaled in place by the incoming
+scalar gradient there (memory: one [T, k] and one [V_local, k] float32 tensor, which backward allocates
+anyway); one backward per forward.
 Two [Tc]-sized all-reduces per token chunk under TP. FP8 is not offered on this path.
 """
 from __future__ import annotations
@@ -118,13 +119,19 @@ class _ReducedLinearCrossEntropy(torch.autograd.Function):
             stats.lse, stats.valid = lse, valid
             stats.label_smoothing, stats.z_loss_weight, stats.vocab_size = cfg["label_smoothing"], zw, vocab_size
             stats.extra["token_weight"] = a
-        ctx.save_for_backward(grad_u, grad_w)
+        # Kept as attributes, not saved tensors: backward scales them in place and releases them (no
+        # second [V_local, k] tensor); a second backward through the same graph raises.
+        ctx.grads = (grad_u, grad_w)
         ctx.dtypes = (u.dtype, weight.dtype)
         return (loss_t * a).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_u, grad_w = ctx.saved_tensors
-        gu = (grad_u * grad_out).to(ctx.dtypes[0])
-        gw = (grad_w * grad_out).to(ctx.dtypes[1])
-        return gu, gw, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy(reduction=...) supports one backward per forward.")
+        grad_u, grad_w = ctx.grads
+        ctx.grads = None
+        if not (grad_out.numel() == 1 and float(grad_out) == 1.0):
+            grad_u.mul_(grad_out)
+            grad_w.mul_(grad_out)
+        return grad_u.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
