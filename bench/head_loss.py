@@ -296,6 +296,8 @@ def main(argv=None) -> None:
         json.dump(dict(T=args.T, D=args.D, V=args.V, reps=args.reps, budget_mib=args.budget_mib,
                        matmul_peak_gflops=peak, rows=rows, table="\n".join(lines),
                        command=" ".join(sys.argv), merged_from=args.merge or None), f, indent=1)
+    if os.path.exists(args.out + ".partial"):
+        os.remove(args.out + ".partial")
 
 
 if __name__ == "__main__":
