@@ -231,7 +231,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "head_loss.json"))
     p.add_argument("--merge", default="", help="JSON of an earlier run: add its rows for configs not run now")
-    p.add_argument("--only", default="", help="comma list: run only configs whose name contains one of these")
+    p.add_argument("--only", default="", help="comma list: run only configs whose name starts with one of these")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--measure", default="time", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
     jobs = [(name, r) for r in ranks for name, low_rank, _ in CONFIGS if low_rank]
     jobs += [(name, None) for name, low_rank, _ in CONFIGS if not low_rank]
     if args.only:
-        jobs = [j for j in jobs if any(w.strip() in j[0] for w in args.only.split(","))]
+        jobs = [j for j in jobs if any(j[0].startswith(w.strip()) for w in args.only.split(","))]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for name, r in jobs:
         rows.append(run_child(args, name, r))

@@ -12,7 +12,13 @@ p = softmax(z_t), label y_t, label smoothing alpha, s = alpha V / (V - 1), z-los
            = (1 - s)(lse_t - z_ty) - s mean_i log p_ti + w lse_t^2      (Megatron's smoothing, K = V)
     dloss_t/dz_ti = (1 + 2 w lse_t) p_ti - (1 - s) [i = y_t] - s / V
 
-and loss_t = 0, gradient 0, where y_t == ignore_index. The classes are split over the TP group; each
+and loss_t = 0, gradient 0, where y_t == ignore_index.
+
+Against Megatron's ``vocab_parallel_cross_entropy``: equal (loss and gradients, tested) without padding
+at any TP size when alpha = 0, and at TP = 1 with smoothing. Two deliberate differences: (1) padded
+classes are excluded here, while Megatron keeps them in the softmax; (2) with smoothing under TP > 1,
+Megatron uses the local shard size V/tp for K and the local mean of log p (so its loss depends on the
+TP size); here K = V and the mean is over all V real classes, the TP = 1 value at every TP size. The classes are split over the TP group; each
 rank walks its shard in vocab chunks of ``chunk_size`` rows (online log-sum-exp), then one MAX and one
 SUM all-reduce (over [T]-sized vectors, never V-sized) combine the ranks, as Megatron's
 ``vocab_parallel_cross_entropy`` does. Backward recomputes each chunk's logits and accumulates
