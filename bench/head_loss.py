@@ -1,0 +1,304 @@
+"""LM head + cross-entropy, fwd+bwd: Megatron's unfused path vs the fused op vs torch's chunked one.
+
+    python bench/head_loss.py [--quick] [--reps 3] [--T 4096] [--D 1024] [--V 49152] [--ranks 32,64,128,512]
+
+Every configuration runs in its own fresh process (this script with ``--child``), so memory figures do
+not leak between them. Rows:
+
+* megatron dense: logits = H W^T, Megatron's ``vocab_parallel_cross_entropy`` (TP=1, a 1-rank gloo group)
+* megatron low-rank (unfused): U = H B^T, logits = U A^T, ``vocab_parallel_cross_entropy``
+* fused low-rank: U = H B^T, ``megatron_bottleneck.ops.linear_cross_entropy(U, A, y)``
+* fused dense: ``linear_cross_entropy(H, W, y)`` (per-token loss, then ``.mean()``; backward recomputes
+  the logits: 4 GEMMs)
+* fused low-rank / dense (mean): ``linear_cross_entropy(..., reduction="mean")``, gradients computed in
+  the forward pass (3 GEMMs)
+* torch chunked low-rank / dense: ``torch.nn.functional.linear_cross_entropy(..., options=
+  LinearCrossEntropyOptions())`` on (U, A) / (H, W), where the installed torch has it (else n/a)
+
+Columns: minimum and median wall time of the timed fwd+bwd steps (after one warm-up step), the
+minimum process CPU time of a step (``time.process_time``; with ``--threads 1`` it is the work done and
+hardly moved by other load on a shared machine, so the "x megatron" time ratio uses it), working memory = peak RSS during
+one step above the RSS just before it, measured in a second fresh process (Linux: VmHWM reset through
+/proc/self/clear_refs; allocations >= 128 KiB are mmapped there via MALLOC_MMAP_THRESHOLD_ and so leave
+RSS when freed: RSS tracks live memory; the persistent .grad buffers exist before the step), the
+achieved GFLOP/s on model FLOPs (dense 6 T V D; low-rank 6 T r (D + V); the fused op's logit
+recompute is not counted) at the minimum time, and float32 matmul peaks measured in the same run: once
+at the start (2048^3) and in each row's process right before its timed steps (1024^3), the latter
+being the "% of peak" reference since machine load varies between rows. Loss is the mean over
+tokens (grad_out = 1/T). Writes bench/results/head_loss.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+CONFIGS = [  # (name, low_rank, kind)
+    ("megatron dense", False, "megatron"),
+    ("torch chunked dense", False, "torch"),
+    ("fused dense", False, "fused"),
+    ("megatron low-rank (unfused)", True, "megatron"),
+    ("torch chunked low-rank", True, "torch"),
+    ("fused low-rank", True, "fused"),
+    ("fused low-rank (mean)", True, "fused-mean"),
+    ("fused dense (mean)", False, "fused-mean"),
+]
+
+
+# ---------------------------------------------------------------------------------- child side
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _init_megatron():
+    import torch.distributed as dist
+
+    import megatron_bottleneck as mb
+
+    mb.cpu.quiet_cpu_warnings()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(mb.cpu.free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mb.enable_cpu_mode()
+    mb.initialize_parallel(1)
+
+
+def _matmul_peak(reps: int = 5, n: int = 2048) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def child(args) -> dict:
+    import gc
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child == "peak":
+        return dict(matmul_peak_gflops=_matmul_peak())
+    name, low_rank, kind = CONFIGS[[c[0] for c in CONFIGS].index(args.child)]
+    t, d, v, r = args.T, args.D, args.V, args.rank
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(t, d, generator=gen).requires_grad_()
+    y = torch.randint(0, v, (t,), generator=gen)
+    if low_rank:
+        a = (torch.randn(v, r, generator=gen) * (0.02 / r**0.5) ** 0.5).requires_grad_()
+        b = (torch.randn(r, d, generator=gen) * (0.02 / r**0.5) ** 0.5).requires_grad_()
+        params = [h, a, b]
+    else:
+        w = (torch.randn(v, d, generator=gen) * 0.02).requires_grad_()
+        params = [h, w]
+
+    if kind == "megatron":
+        _init_megatron()
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        def loss_fn(x, f, labels):  # [T, k] -> Megatron's [s, b, V] layout with b = 1
+            return vocab_parallel_cross_entropy((x @ f.t()).unsqueeze(1), labels.unsqueeze(1)).mean()
+    elif kind == "torch":
+        import torch.nn.functional as F
+
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return dict(name=name, rank=r if low_rank else None, available=False)
+        opts = torch.nn.LinearCrossEntropyOptions()
+
+        def loss_fn(x, f, labels):
+            return F.linear_cross_entropy(x, f, labels, reduction="mean", options=opts)
+    elif kind == "fused":
+        from megatron_bottleneck.ops import linear_cross_entropy
+
+        def loss_fn(x, f, labels):
+            return linear_cross_entropy(x, f, labels, memory_budget_bytes=args.budget_mib * 2**20).mean()
+    else:  # fused-mean: scalar loss, gradients computed in forward
+        from megatron_bottleneck.ops import linear_cross_entropy
+
+        def loss_fn(x, f, labels):
+            return linear_cross_entropy(x, f, labels, memory_budget_bytes=args.budget_mib * 2**20, reduction="mean")
+
+    def step():
+        if low_rank:
+            loss = loss_fn(h @ b.t(), a, y)
+        else:
+            loss = loss_fn(h, w, y)
+        loss.backward()
+        return float(loss)
+
+    loss0 = step()  # warm-up; allocates the persistent .grad buffers
+    gc.collect()
+    if args.measure == "memory":
+        if not _reset_peak():
+            return dict(name=name, rank=r if low_rank else None, mem_mib=None)
+        base = _status_kib("VmRSS")
+        step()
+        return dict(name=name, rank=r if low_rank else None, mem_mib=(_status_kib("VmHWM") - base) / 1024)
+    peak = _matmul_peak(reps=3, n=1024)  # this process, right before its timed steps
+    times, cpu = [], []
+    for _ in range(args.reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    flops = 6 * t * r * (d + v) if low_rank else 6 * t * v * d
+    med = statistics.median(times)
+    best = min(times)
+    return dict(
+        name=name,
+        kind=kind,
+        low_rank=low_rank,
+        rank=r if low_rank else None,
+        available=True,
+        loss=loss0,
+        time_s=med,
+        time_min_s=best,
+        times_s=times,
+        cpu_min_s=min(cpu),
+        cpu_s=cpu,
+        gflops=flops / best / 1e9,
+        row_matmul_peak_gflops=peak,
+        threads=torch.get_num_threads(),
+    )
+
+
+# --------------------------------------------------------------------------------- parent side
+def _child_cmd(args, name, rank, measure):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--T", str(args.T), "--D", str(args.D),
+           "--V", str(args.V), "--reps", str(args.reps), "--budget-mib", str(args.budget_mib),
+           "--threads", str(args.threads), "--measure", measure]
+    return cmd + (["--rank", str(rank)] if rank is not None else [])
+
+
+def run_child(args, name, rank=None) -> dict:
+    """Time in one fresh process (default allocator), memory in another (large blocks mmapped, so
+    that freed memory leaves RSS and the peak above the baseline is the step's live working set)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    res = {}
+    for measure, extra in (("time", {}), ("memory", dict(MALLOC_MMAP_THRESHOLD_="131072",
+                                                         MALLOC_TRIM_THRESHOLD_="131072"))):
+        if name == "peak" and measure == "memory":
+            break
+        out = subprocess.run(_child_cmd(args, name, rank, measure), env=dict(env, **extra),
+                             capture_output=True, text=True)
+        if out.returncode:
+            return dict(name=name, rank=rank, available=False, error=out.stderr.strip().splitlines()[-1:])
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if got.get("available") is False:
+            return got
+        res.update(got)
+    return res
+
+
+def fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="T=512, D=256, V=8192, ranks 32,64,128")
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--D", type=int, default=1024)
+    p.add_argument("--V", type=int, default=49152)
+    p.add_argument("--ranks", default="32,64,128,512")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--budget-mib", type=int, default=64, help="fused op's memory_budget_bytes, MiB")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "head_loss.json"))
+    p.add_argument("--merge", default="", help="JSON of an earlier run: add its rows for configs not run now")
+    p.add_argument("--only", default="", help="comma list: run only configs whose name starts with one of these")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--measure", default="time", choices=("time", "memory"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    if args.quick:
+        args.T, args.D, args.V, args.ranks = 512, 256, 8192, "32,64,128"
+    ranks = [int(x) for x in args.ranks.split(",") if int(x) < args.D]
+    peak = run_child(args, "peak").get("matmul_peak_gflops")
+    rows = []
+    jobs = [(name, r) for r in ranks for name, low_rank, _ in CONFIGS if low_rank]
+    jobs += [(name, None) for name, low_rank, _ in CONFIGS if not low_rank]
+    if args.only:
+        jobs = [j for j in jobs if any(j[0].startswith(w.strip()) for w in args.only.split(","))]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    for name, r in jobs:
+        rows.append(run_child(args, name, r))
+        print(f"  done: {name}" + (f" r={r}" if r else "") + f": {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        with open(args.out + ".partial", "w") as f:
+            json.dump(dict(T=args.T, D=args.D, V=args.V, matmul_peak_gflops=peak, rows=rows), f, indent=1)
+
+    if args.merge:  # rows of configurations not run now, from an earlier run with the same shape
+        with open(args.merge) as f:
+            old = json.load(f)
+        if (old["T"], old["D"], old["V"]) != (args.T, args.D, args.V):
+            raise SystemExit(f"--merge {args.merge} has another shape; run it again or drop --merge.")
+        have = {(x["name"], x.get("rank")) for x in rows}
+        rows += [x for x in old["rows"] if (x["name"], x.get("rank")) not in have]
+        order = [(n, r) for r in ranks for n, lr, _ in CONFIGS if lr] + [(n, None) for n, lr, _ in CONFIGS if not lr]
+        rows.sort(key=lambda x: order.index((x["name"], x.get("rank"))) if (x["name"], x.get("rank")) in order else 1e9)
+
+    def ref_for(row):
+        target = "megatron dense" if not row.get("low_rank") else "megatron low-rank (unfused)"
+        return next((x for x in rows if x.get("name") == target and x.get("rank") == row.get("rank")
+                     and x.get("available")), None)
+
+    header = (f"T={args.T} D={args.D} V={args.V} float32, {args.reps} timed fwd+bwd steps after a warm-up, "
+              f"torch threads {rows[0].get('threads', '?') if rows else '?'}; matmul peak at start "
+              f"{fmt(peak, '.1f')} GFLOP/s (2048^3 sgemm)")
+    lines = [header, "",
+             "| config | r | wall min (s) | wall median (s) | CPU min (s) | x megatron (CPU) | working mem (MiB) "
+             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = "" if row.get("rank") is None else str(row["rank"])
+        if not row.get("available"):
+            lines.append(f"| {row['name']} | {r} | n/a | | | | | | | | |")
+            continue
+        ref = ref_for(row)
+        tr = row["cpu_min_s"] / ref["cpu_min_s"] if ref else None
+        mr = row["mem_mib"] / ref["mem_mib"] if ref and row.get("mem_mib") is not None and ref.get("mem_mib") else None
+        rp = row.get("row_matmul_peak_gflops")
+        pct = 100 * row["gflops"] / rp if rp else None
+        lines.append(f"| {row['name']} | {r} | {row['time_min_s']:.3f} | {row['time_s']:.3f} | "
+                     f"{row['cpu_min_s']:.3f} | {fmt(tr, '.2f')} | "
+                     f"{fmt(row.get('mem_mib'), '.0f')} | {fmt(mr, '.3f')} | {row['gflops']:.1f} | "
+                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} |")
+    print("\n".join(lines))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(T=args.T, D=args.D, V=args.V, reps=args.reps, budget_mib=args.budget_mib,
+                       matmul_peak_gflops=peak, rows=rows, table="\n".join(lines),
+                       command=" ".join(sys.argv), merged_from=args.merge or None), f, indent=1)
+    if os.path.exists(args.out + ".partial"):
+        os.remove(args.out + ".partial")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Fused head + loss operators (torch only; no Megatron import). See :mod:`.linear_cross_entropy`."""
+from .fp8 import quantize, scaled_matmul
+from .linear_cross_entropy import HeadLossStats, choose_chunk_size, linear_cross_entropy
+from .reference import linear_cross_entropy_reference
+
+__all__ = [
+    "HeadLossStats",
+    "choose_chunk_size",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "quantize",
+    "scaled_matmul",
+]
