@@ -17,10 +17,12 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """The TP=1 rank-16 reference: its checkpoint (shared by every layout test) and its step's results."""
-    path = str(tmp_path_factory.mktemp("reference") / "ckpt")
-    result = mb.launch(support.save_reference, 1, 16, path, timeout=300)[0]
-    return {"ckpt": path, "result": result}
+    """The TP=1 references, their checkpoints shared by every layout test: the rank-16 model (and its step's
+    results) and the dense-head model."""
+    root = tmp_path_factory.mktemp("reference")
+    result = mb.launch(support.save_reference, 1, 16, str(root / "ckpt"), timeout=300)[0]
+    mb.launch(support.save_reference, 1, None, str(root / "dense_ckpt"), timeout=300)
+    return {"ckpt": str(root / "ckpt"), "dense_ckpt": str(root / "dense_ckpt"), "result": result}
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from typing import Callable, List, Literal, Optional
 from megatron.core.distributed import DistributedDataParallel
 
 from ..base.errors import HeadConfigError
+from .fused import FusedLossConfig, disable_fused_loss, enable_fused_loss
 from .low_rank import INIT_METHODS, LowRankOutputLayer, validate_head_shape
 
 __all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "require_transformer_engine_for_fp8"]
@@ -35,6 +36,8 @@ class LowRankHeadConfig:
     """sigma, the per-entry std of A B; None: ``config.init_method_std``."""
     seed: Optional[int] = None
     """Seed of the (TP-invariant) draws; None: ``torch.initial_seed()``."""
+    fused_loss: "bool | FusedLossConfig" = False
+    """The model's forward with labels computes the loss fused with the head (no T x V logits)."""
 
 
 def _unwrap(model):
@@ -123,7 +126,13 @@ def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=No
         tp_group=tp_group,
         device=old.weight.device if old.weight is not None else None,
     )
+    fused = getattr(model, "_fused_head", None)  # a fused loss set up for the old head moves to the new one
+    if fused is not None:
+        disable_fused_loss(model)
     model.output_layer = new
+    if head.fused_loss or fused is not None:
+        config = head.fused_loss if isinstance(head.fused_loss, FusedLossConfig) else getattr(fused, "config", None)
+        enable_fused_loss(model, config)
     return outer
 
 

@@ -51,6 +51,7 @@ from torch.nn import Parameter
 from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadView
+from ..ops import DEFAULT_MEMORY_BUDGET, HeadLossStats, linear_cross_entropy
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
 
@@ -163,17 +164,42 @@ class LowRankOutputLayer(torch.nn.Module):
                 f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
                 f"{tuple(self.weight.shape)} (a LowRankOutputLayer's weight is A, (V/tp) x r)"
             )
-        tp = get_pg_size(self.tp_group)
-        projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
-        if self.sequence_parallel:
-            projected = gather_from_sequence_parallel_region(projected, group=self.tp_group)
-        elif tp > 1:
-            projected = copy_to_tensor_model_parallel_region(projected, group=self.tp_group)
-        logits = torch.matmul(projected, weight.t())  # [s, b, V/tp]
+        logits = torch.matmul(self.project(input_), weight.t())  # [s, b, V/tp]
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
-        if gather and tp > 1:
+        if gather and get_pg_size(self.tp_group) > 1:
             logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
         return logits, None
+
+    def project(self, input_: torch.Tensor) -> torch.Tensor:
+        """U = H B^T, ``[s, b, r]`` over the full sequence, in the TP region: under sequence parallelism B
+        is applied to the local shard ``[s/tp, b, D]`` and U all-gathered (backward: reduce-scatter); else
+        U is copied into the region (backward: all-reduce of dL/dU over the vocab shards)."""
+        projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(projected, group=self.tp_group)
+        if get_pg_size(self.tp_group) > 1:
+            return copy_to_tensor_model_parallel_region(projected, group=self.tp_group)
+        return projected
+
+    def loss(self, input_: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+             label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+             memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, fp8: Optional[str] = None,
+             stats: Optional[HeadLossStats] = None) -> torch.Tensor:
+        """Per-token cross-entropy ``[s, b]`` of this head's logits, never building them.
+
+        ``input_``: H ``[s, b, D]`` (``[s/tp, b, D]`` under sequence parallelism); ``labels``: ``[s, b]``
+        (the layout of ``vocab_parallel_cross_entropy``'s target). U = :meth:`project` (H), then
+        :func:`megatron_bottleneck.ops.linear_cross_entropy` over A's vocab shard in chunks (online
+        log-sum-exp, recomputing backward; max and sum-exp all-reduced over TP; rows beyond
+        ``real_vocab_size`` excluded). Gradients reach A, B and H as through :meth:`forward` + CE.
+        """
+        a = self.weight if weight is None else weight
+        vocab = getattr(self, "real_vocab_size", None) or self.output_size
+        return linear_cross_entropy(
+            self.project(input_), a, labels, tp_group=self.tp_group,
+            vocab_start=get_pg_rank(self.tp_group) * self.output_size_per_partition, vocab_size=vocab,
+            label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, memory_budget_bytes=memory_budget_bytes,
+            fp8=fp8, stats=stats, check_labels=False)
 
     # ------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):

@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 
 from ..base.errors import HeadConfigError
 from ..base.quiet import quiet_megatron_warnings
+from ..heads.fused import enable_fused_loss
 from ..heads.install import LowRankHeadConfig, install_low_rank_head
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
 from ..probe.probe import GradientProbe, ProbeConfig
@@ -80,6 +81,8 @@ def add_arguments(parser):
                         "--untie-embeddings-and-output-weights). Default: keep the dense head.")
     g.add_argument("--lm-head-init", choices=INIT_METHODS, default="balanced",
                    help="Initialisation of the low-rank head.")
+    g.add_argument("--lm-head-fused-loss", action="store_true",
+                   help="Compute the loss fused with the LM head (dense or low-rank): no [s, b, V/tp] logits.")
     g.add_argument("--probe-interval", type=int, default=0,
                    help="Gradient-probe cheap figures every N steps (0: probe off).")
     g.add_argument("--probe-update-interval", type=int, default=0,
@@ -130,11 +133,18 @@ _HEAD_LOGGED = False
 
 def install_head_from_args(models, args=None):
     """Install the low-rank head from ``--lm-head-rank``/``--lm-head-init`` on every model (chunk)
-    that has an output layer; a model or a list of models; returns what it was given."""
+    that has an output layer, and the fused head + loss with ``--lm-head-fused-loss``; a model or a list
+    of models; returns what it was given."""
     global _HEAD_LOGGED
     args = _get_args() if args is None else args
     rank = getattr(args, "lm_head_rank", None)
+    fused = getattr(args, "lm_head_fused_loss", False)
     if not rank:
+        if fused:
+            try:
+                enable_fused_loss(models)
+            except HeadConfigError as exc:
+                _fail(exc)
         return models
     head = LowRankHeadConfig(rank=int(rank), init=getattr(args, "lm_head_init", "balanced"))
     chunks = models if isinstance(models, (list, tuple)) else [models]
@@ -147,6 +157,8 @@ def install_head_from_args(models, args=None):
                 installed += 1
     except HeadConfigError as exc:
         _fail(exc)
+    if fused:
+        enable_fused_loss(models)
     if installed and not _HEAD_LOGGED:
         _HEAD_LOGGED = True
         if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:

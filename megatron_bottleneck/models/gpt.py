@@ -6,6 +6,7 @@ from typing import Optional
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from ..heads.fused import FusedLossConfig, enable_fused_loss
 from ..heads.install import LowRankHeadConfig, install_low_rank_head, require_transformer_engine_for_fp8
 from ..heads.low_rank import validate_head_shape
 from .llama import llama_block_spec
@@ -32,6 +33,7 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     real_vocab_size: Optional[int] = None,
+    fused_loss: "bool | FusedLossConfig" = False,
     **gpt_kwargs,
 ):
     """Build a GPTModel (untied embeddings) for this pipeline stage, with a rank-r head if asked.
@@ -40,6 +42,8 @@ def build_gpt_model(
     defaults to :func:`megatron_bottleneck.models.llama_block_spec`. ``head_rank=None`` keeps
     Megatron's dense head. ``real_vocab_size``: the tokenizer's vocabulary before padding, recorded on the
     head as ``real_vocab_size`` so the probe leaves the padding out (pass ``vocab_size`` when nothing is padded).
+    ``fused_loss`` (True or a :class:`~megatron_bottleneck.heads.FusedLossConfig`): the forward with labels
+    computes the loss with the fused head + cross-entropy (no T x V logits; dense or low-rank head).
     """
     require_transformer_engine_for_fp8(config)
     if head is None and head_rank is not None:
@@ -69,4 +73,6 @@ def build_gpt_model(
         install_low_rank_head(model, head)
     if post_process and real_vocab_size is not None:
         model.output_layer.real_vocab_size = real_vocab_size
+    if fused_loss:
+        enable_fused_loss(model, fused_loss if isinstance(fused_loss, FusedLossConfig) else None)
     return model

@@ -163,6 +163,8 @@ class GradientProbe:
         self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
         self.dp_group = default_dp_group(self.dp_group)
         self._warn_if_vocab_unknown(head)
+        head.collect_loss_stats = True  # a fused head + loss then keeps what the cheap figures need
+        self._handles.append(head.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
         return self
 
@@ -178,6 +180,8 @@ class GradientProbe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._head is not None:
+            self._head.collect_loss_stats = self._head.materialize_logits = False
         self._head = None
         if self._logger is not None:
             self._logger.close()
@@ -215,6 +219,8 @@ class GradientProbe:
         if not (cheap or update or rank) or not logits.requires_grad:
             self._count_microbatch(None)
             return None
+        stats = getattr(module, "last_loss_stats", None)
+        fused = stats is not None and getattr(module, "last_fused_loss", None) is logits  # per-token loss, no G
         try:
             hidden = args[0] if args else kwargs["input_"]
             view = head_view(module, kwargs.get("weight"), cfg.vocab_size)
@@ -231,10 +237,34 @@ class GradientProbe:
         acc = self._step_acc if (cheap or update) else None
         gram = self._gram if rank else None
         watch_hidden = acc is not None and hidden.requires_grad
-        logits.register_hook(lambda g: self._on_logit_grad(g, view, full, acc, gram, not watch_hidden))
+        if fused:  # ||G||^2 per token from the fused pass's statistics and dL/dloss_t; dH as always
+            logits.register_hook(lambda g: self._on_loss_grad(g, stats, view, acc, not watch_hidden))
+        else:
+            logits.register_hook(lambda g: self._on_logit_grad(g, view, full, acc, gram, not watch_hidden))
         if watch_hidden:
             h = hidden.detach()
             hidden.register_hook(lambda dh: self._on_hidden_grad(dh, h, acc))
+        return None
+
+    @_timed
+    def _on_loss_grad(self, grad_out, stats, view, acc, last):
+        try:
+            if acc is not None:
+                acc.add_logit_sq_norms(stats.logit_grad_sq_norm(grad_out), view)
+            if last:
+                self._count_microbatch(view.basis.shape[-1] if view.mix is None else view.mix.shape[-1])
+        except Exception as exc:  # never break training
+            self._disable(exc)
+        return None
+
+    @_timed
+    def _before_forward(self, module, args, kwargs):
+        """A fused head + loss gives the probe ||G||^2 but not G: on steps that need G itself (update or
+        rank figures) ask the head to build the logits."""
+        cfg = self.config
+        need_g = self._due(cfg.update_interval) or self._due(cfg.rank_interval) or (
+            self._gram is not None and not self._gram.full)
+        module.materialize_logits = bool(self.enabled and need_g)
         return None
 
     @_timed

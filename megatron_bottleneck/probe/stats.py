@@ -140,6 +140,20 @@ class StepAccumulator:
             p = h.t() @ g.to(dt)  # D x V_valid
             self.p = p.double() if self.p is None else self.p + p.double()
 
+    def add_logit_sq_norms(self, sq: torch.Tensor, view: HeadView) -> None:
+        """A fused head + loss's micro-batch: per-token ||dL/dz_t||^2 ``[s, b]`` (or ``[T]``), already summed over
+        vocab shards and without padded columns (the fused pass excludes them from the softmax), instead of
+        the logit gradient itself. Update figures need G: not available from this."""
+        self.view = view
+        # Every TP rank holds the same totals and finalize sums g2 over TP: count them on TP rank 0 only.
+        sq = sq.double() * (1.0 if get_pg_rank(self.tp_group) == 0 else 0.0)
+        self.g2 = self.g2.to(sq.device) + sq.sum()
+        if self.num_buckets:
+            rows = sq.shape[0]
+            per_token = sq.reshape(rows, -1)
+            pos = torch.arange(rows, device=sq.device).repeat_interleave(per_token.shape[1])
+            self._bucket_add("g2_buckets", per_token.reshape(-1), pos, rows)
+
     def add_hidden_grad(self, hidden_grad: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> None:
         """hidden_grad: dL/dH at the head input, [s(/tp), b, D]; hidden: H of the same shape (update)."""
         dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).to(_work_dtype(hidden_grad))

@@ -39,6 +39,11 @@ class ModelSection:
     """r of the low-rank head W = A B (1 <= r <= hidden_size); None: Megatron's dense head."""
     head_init: Literal["balanced", "orthogonal", "from_dense"] = "balanced"
     """Initialisation of A and B (see LowRankOutputLayer)."""
+    fused_loss: bool = False
+    """Head and cross-entropy fused: no T x V logits (dense or low-rank head; see heads/fused.py)."""
+    head_fp8: Optional[Literal["e4m3"]] = None
+    """With fused_loss: the head's GEMMs in FP8 (e4m3 forward, e5m2 gradients, torch._scaled_mm); tokens per
+    micro-batch and the head's input width must be multiples of 16."""
     init_method_std: float = 0.02
     """Std of the weight init (and of each entry of A B for the low-rank head)."""
 
@@ -213,6 +218,15 @@ class TrainConfig:
         if m.head_rank is not None and not 1 <= m.head_rank <= m.hidden_size:
             raise ConfigError(f"model.head_rank must be in [1, model.hidden_size={m.hidden_size}] or null "
                               f"(dense head), got {m.head_rank}")
+        if m.head_fp8 and not m.fused_loss:
+            raise ConfigError("model.head_fp8 needs model.fused_loss=true (FP8 runs inside the fused head + loss)")
+        if m.head_fp8:
+            width = m.head_rank or m.hidden_size
+            tokens = t.micro_batch_size * m.seq_length
+            for name, value in (("the head's input width (model.head_rank or model.hidden_size)", width),
+                                ("tokens per micro-batch (train.micro_batch_size x model.seq_length)", tokens)):
+                if value % 16:
+                    raise ConfigError(f"model.head_fp8: {name} is {value}, not a multiple of 16 as FP8 GEMMs need")
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                               f"model.num_attention_heads={m.num_attention_heads}")

@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from ..base.sinks import MetricsLogger
 from ..data import IdTokenizer, batches, build_gpt_datasets
-from ..heads import LowRankHeadConfig
+from ..heads import FusedLossConfig, LowRankHeadConfig
 from ..integrations.cpu import enable_cpu_mode
 from ..integrations.launch import launch
 from ..integrations.parallel import initialize_parallel
@@ -67,7 +67,8 @@ def build_models(cfg: TrainConfig):
                                                              seed=cfg.train.seed)
     vpp = p.virtual_pipeline_model_parallel_size
     chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
-                              real_vocab_size=m.vocab_size)
+                              real_vocab_size=m.vocab_size,
+                              fused_loss=FusedLossConfig(fp8=m.head_fp8) if m.fused_loss else False)
               for i in range(vpp or 1)]
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]

@@ -64,3 +64,13 @@ def test_options_and_overrides_in_any_order():
     for args in (a, b, c):
         assert (args.config, args.nproc, args.overrides) == ("cfg.yaml", 2, ["optim.lr=0.1", "train.seed=3"])
     assert c.debug and not a.debug
+
+
+def test_head_fp8_needs_the_fused_loss_and_multiples_of_16():
+    with pytest.raises(ConfigError, match=r"model.head_fp8 needs model.fused_loss=true"):
+        TrainConfig.from_dict({"model": {"head_fp8": "e4m3"}})
+    with pytest.raises(ConfigError, match=r"head's input width .* is 8, not a multiple of 16"):
+        TrainConfig.from_dict({"model": {"head_fp8": "e4m3", "fused_loss": True, "head_rank": 8, "hidden_size": 32}})
+    with pytest.raises(ConfigError, match=r"tokens per micro-batch .* is 24, not a multiple of 16"):
+        TrainConfig.from_dict({"model": {"head_fp8": "e4m3", "fused_loss": True, "seq_length": 3, "hidden_size": 32},
+                               "train": {"micro_batch_size": 8, "global_batch_size": 8}})
