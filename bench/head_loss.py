@@ -72,10 +72,12 @@ def _init_megatron():
     import torch.distributed as dist
 
     import megatron_bottleneck as mb
+    from megatron_bottleneck.base.quiet import quiet_megatron_warnings
+    from megatron_bottleneck.integrations.launch import free_port
 
-    mb.cpu.quiet_cpu_warnings()
+    quiet_megatron_warnings()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(mb.cpu.free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     mb.enable_cpu_mode()
     mb.initialize_parallel(1)

@@ -63,6 +63,20 @@ def _wrapping(make: Callable[[Callable], Callable]) -> Callable[[Callable], Call
     return lambda original: functools.wraps(original)(make(original))
 
 
+def _under_on_cpu(context: Callable) -> Callable[[Callable], Callable]:
+    """A patch that runs the original inside ``context()`` when there is no CUDA, as is otherwise."""
+
+    def make(original):
+        def wrapper(*args, **kwargs):
+            if not _no_cuda():
+                return original(*args, **kwargs)
+            with context():
+                return original(*args, **kwargs)
+        return wrapper
+
+    return _wrapping(make)
+
+
 def _helpers_cpp_importable() -> bool:
     try:
         importlib.import_module("megatron.core.datasets.helpers_cpp")
@@ -89,30 +103,14 @@ def training_patches() -> List[Patch]:
         "initialize_megatron asserts torch.cuda.is_available() unless allow_no_cuda=True"))
 
     # 2. _initialize_distributed builds the model-parallel groups only if device_count() > 0.
-    def make_dist(original):
-        def _initialize_distributed(*args, **kwargs):
-            if not _no_cuda():
-                return original(*args, **kwargs)
-            with _one_fake_device():
-                return original(*args, **kwargs)
-        return _initialize_distributed
-
     patches.append(Patch(
-        "megatron.training.initialize", "_initialize_distributed", _wrapping(make_dist),
+        "megatron.training.initialize", "_initialize_distributed", _under_on_cpu(_one_fake_device),
         "with torch.cuda.device_count() == 0 the tensor/pipeline/data-parallel groups are never built "
         "(runs with device_count() == 1 and a no-op torch.cuda.set_device)"))
 
     # 3. _set_random_seed seeds the TP RNG tracker only if device_count() > 0.
-    def make_seed(original):
-        def _set_random_seed(*args, **kwargs):
-            if not _no_cuda():
-                return original(*args, **kwargs)
-            with _one_fake_device():
-                return original(*args, **kwargs)
-        return _set_random_seed
-
     patches.append(Patch(
-        "megatron.training.initialize", "_set_random_seed", _wrapping(make_seed),
+        "megatron.training.initialize", "_set_random_seed", _under_on_cpu(_one_fake_device),
         "with torch.cuda.device_count() == 0 the tensor-parallel RNG tracker is never seeded "
         "(attention's tracker.fork() then fails); CPU mode keeps its state on a CPU generator"))
 
@@ -144,16 +142,8 @@ def training_patches() -> List[Patch]:
             "fused_kernels.load() runs $CUDA_HOME/bin/nvcc -V (no CUDA: nothing to load)"))
 
     # 6. get_model creates a torch.cuda.Stream for DDP wrapping.
-    def make_get_model(original):
-        def get_model(*args, **kwargs):
-            if not _no_cuda():
-                return original(*args, **kwargs)
-            with _null_streams():
-                return original(*args, **kwargs)
-        return get_model
-
     patches.append(Patch(
-        "megatron.training.training", "get_model", _wrapping(make_get_model),
+        "megatron.training.training", "get_model", _under_on_cpu(_null_streams),
         "get_model() creates torch.cuda.Stream() around DDP wrapping (no-op stream on CPU)"))
 
     # 6b. 0.19 builds models from the config container in models/dist_utils.py, whose _ddp_wrap
@@ -161,7 +151,7 @@ def training_patches() -> List[Patch]:
     if importlib.util.find_spec("megatron.training.models") is not None and \
             importlib.util.find_spec("megatron.training.models.dist_utils") is not None:
         patches.append(Patch(
-            "megatron.training.models.dist_utils", "_ddp_wrap", _wrapping(make_get_model),
+            "megatron.training.models.dist_utils", "_ddp_wrap", _under_on_cpu(_null_streams),
             "_ddp_wrap() (0.19 config-container model build) creates torch.cuda.Stream() around DDP "
             "wrapping (no-op stream on CPU)"))
 
@@ -182,16 +172,9 @@ def training_patches() -> List[Patch]:
 
     # 8. _warmup_jit_function draws torch.rand(..., device="cuda") with TP-dependent shapes; on CPU
     #    that consumes the CPU generator, so TP sizes would build different weights.
-    def make_warmup(original):
-        def _warmup_jit_function(*args, **kwargs):
-            if not _no_cuda():
-                return original(*args, **kwargs)
-            with torch.random.fork_rng(devices=[]):
-                return original(*args, **kwargs)
-        return _warmup_jit_function
-
     patches.append(Patch(
-        "megatron.training.initialize", "_warmup_jit_function", _wrapping(make_warmup),
+        "megatron.training.initialize", "_warmup_jit_function",
+        _under_on_cpu(lambda: torch.random.fork_rng(devices=[])),
         "_warmup_jit_function() draws TP-dependent random tensors from the CPU generator on CPU: run "
         "under torch.random.fork_rng(devices=[]) so TP=1 and TP=2 build the same weights"))
     return patches
