@@ -116,7 +116,14 @@ def jobs(slurm_cluster, tmp_path_factory):
         time.sleep(0.2)
     out["b"]["pending"] = c.job(b)
     out["b"]["steps_before_requeue"] = len(_metrics(os.path.join(tmp, "b")))
-    c.run(["scontrol", "update", f"JobId={b}", "StartTime=now"])  # a requeued job otherwise waits ~120 s
+    # A requeued job otherwise waits ~120 s. Start it only once both nodes have finished cleaning up the
+    # first run: a launch racing that cleanup is refused by slurmd ("Job credential revoked").
+    while "COMPLETING" in c.run(["scontrol", "show", "nodes"]).stdout or \
+            "COMPLETING" in c.run(["squeue", "-h", "-t", "CG", "-o", "%T"]).stdout:
+        assert time.time() < deadline, "the nodes did not finish cleaning up job B's first run"
+        time.sleep(0.2)
+    time.sleep(3)
+    c.run(["scontrol", "update", f"JobId={b}", "StartTime=now"])
 
     out["states"] = c.wait([a, b, f"{sweep}_0", f"{sweep}_1", f"{sweep}_2", dry, f"{dry_sweep}_1"], timeout=300)
     out["b"]["final"] = c.job(b)
