@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from ..base.errors import CheckpointError
 
@@ -110,6 +113,25 @@ def _full_state(chunks, optimizer, is_loading: bool) -> Dict:
         state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
                                                           metadata=OPTIMIZER_METADATA)
     return state
+
+
+def start_writer_helpers() -> None:
+    """Start the helper process megatron-core's checkpoint writer uses (a multiprocessing manager, made at the
+    first save) now, with SIGUSR1 and SIGTERM ignored so that it inherits that: a preemption signal sent to
+    every process of the job (Slurm, or torchrun forwarding it) would otherwise kill it in the middle of the
+    very save the signal asked for (EOFError). Call it before training, from the main thread."""
+    make = getattr(filesystem_async, "get_write_results_queue", None) or getattr(  # 0.19 / 0.16
+        filesystem_async, "_get_write_results_queue", None)
+    if make is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        make()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, config=None,

@@ -31,7 +31,7 @@ from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward
 from ..models import build_gpt_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, start_writer_helpers
 from .config import TrainConfig
 
 
@@ -129,6 +129,8 @@ class Trainer:
                                         config.logging.wandb_project)
             config.save(os.path.join(config.logging.dir, "config.yaml"))
         self._data()
+        if config.checkpoint.dir:
+            start_writer_helpers()  # before any preemption signal can arrive
         ckpt = latest_checkpoint(config.checkpoint.dir) if config.checkpoint.resume else None
         if ckpt:
             self._restore(ckpt)
