@@ -29,10 +29,10 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing needs it to save
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorboard", "sentencepiece", "matplotlib", "lightning"],
+        "test": ["pytest>=7", "tensorboard", "sentencepiece", "tokenizers", "matplotlib", "lightning"],
         "te": ["transformer-engine[pytorch]>=2.0"],
         "plot": ["matplotlib"],
-        "data": ["sentencepiece"],
+        "data": ["sentencepiece", "tokenizers"],
         "log": ["tensorboard"],
         # What Megatron-LM's own training code (megatron/training, pretrain_gpt.py) imports besides megatron-core.
         "megatron-lm": ["six", "regex", "pydantic", "triton", "pybind11"],

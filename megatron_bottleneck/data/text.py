@@ -11,7 +11,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -92,19 +92,53 @@ def train_tokenizer(input_files: Sequence[str], vocab_size: int, model_prefix: s
 _PROCESSOR = None
 
 
-def _init_worker(model_file: str) -> None:
+EOD_TOKENS = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+
+class _Tokenizer:
+    """SentencePiece (``*.model``) or HuggingFace ``tokenizers`` (``tokenizer.json``): batch encode, EOD id,
+    vocabulary size."""
+
+    def __init__(self, model_file: str, eod_token: Optional[str] = None):
+        if model_file.endswith(".json"):
+            try:  # optional dependency
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise DataError("a tokenizer.json needs the tokenizers package: pip install tokenizers") from None
+            self.hf = Tokenizer.from_file(model_file)
+            self.vocab_size = self.hf.get_vocab_size()
+            names = [eod_token] if eod_token else list(EOD_TOKENS)
+            ids = [self.hf.token_to_id(n) for n in names]
+            self.eod = next((i for i in ids if i is not None), None)
+            if self.eod is None:
+                raise DataError(f"{model_file}: no end-of-document token among {names}; pass eod_token= with the "
+                                "token this tokenizer ends documents with")
+            self.sp = None
+        else:
+            self.sp = _sentencepiece().SentencePieceProcessor(model_file=model_file)
+            self.vocab_size, self.eod = self.sp.vocab_size(), self.sp.eos_id()
+
+    def encode(self, docs: List[str]) -> List[List[int]]:
+        if self.sp is not None:
+            return self.sp.encode(docs)
+        return [e.ids for e in self.hf.encode_batch(docs, add_special_tokens=False)]
+
+
+def _init_worker(model_file: str, eod_token: Optional[str] = None) -> None:
     global _PROCESSOR
-    _PROCESSOR = _sentencepiece().SentencePieceProcessor(model_file=model_file)
+    _PROCESSOR = _Tokenizer(model_file, eod_token)
 
 
 def _encode(docs: List[str]) -> List[List[int]]:
-    eod = _PROCESSOR.eos_id()
-    return [ids + [eod] for ids in _PROCESSOR.encode(docs)]
+    return [ids + [_PROCESSOR.eod] for ids in _PROCESSOR.encode(docs)]
 
 
 def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_prefix: str, workers: int = 1,
-                        text_key: str = "text", chunk_size: int = 256) -> Dict:
+                        text_key: str = "text", chunk_size: int = 256, eod_token: Optional[str] = None) -> Dict:
     """Tokenise every document (+ EOD) into ``<output_prefix>.bin/.idx``; returns counts.
+
+    ``model_file``: a SentencePiece ``.model`` or a HuggingFace ``tokenizer.json`` (the ``tokenizers``
+    package; the EOD token is ``eod_token`` or the first of ``EOD_TOKENS`` the vocabulary has).
 
     ``workers > 1`` tokenises in that many spawned processes. They re-import the calling script, so it
     needs an ``if __name__ == "__main__":`` guard and a file (not ``python - < script.py``); a worker that
@@ -112,9 +146,10 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
     """
     files = _check_files(input_files)
     if not os.path.isfile(model_file):
-        raise DataError(f"tokenizer model {model_file!r} not found (train one with train_tokenizer)")
-    _init_worker(model_file)
-    vocab = _PROCESSOR.vocab_size()
+        raise DataError(f"tokenizer model {model_file!r} not found (train one with train_tokenizer, or pass a "
+                        "HuggingFace tokenizer.json)")
+    _init_worker(model_file, eod_token)
+    vocab = _PROCESSOR.vocab_size
     docs = [d for p in files for d in read_documents(p, text_key) if d.strip()]
     if not docs:
         raise DataError(f"no text in {list(files)}: the files are empty")
@@ -126,7 +161,7 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
     if workers > 1:
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(model_file,)) as pool:
+                                     initializer=_init_worker, initargs=(model_file, eod_token)) as pool:
                 for encoded in pool.map(_encode, chunks):  # in order
                     tokens += _add(builder, encoded, dtype)
         except BrokenProcessPool:

@@ -56,3 +56,23 @@ def test_bad_text_input_is_explained(tmp_path):
     bad.write_text(json.dumps({"content": "hello"}) + "\n")
     with pytest.raises(DataError, match="no 'text' key"):
         list(read_documents(str(bad)))
+
+
+def test_huggingface_tokenizer_json(tmp_path):
+    """A HuggingFace tokenizer.json (the tokenizers package) tokenises to the same indexed format."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    paras = corpus(tmp_path / "a.txt", docs=120)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train([str(tmp_path / "a.txt")], tokenizers.trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "</s>"]))
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    out = tokenize_to_indexed([str(tmp_path / "a.txt")], path, str(tmp_path / "hf"), workers=2, chunk_size=16)
+    eod = tok.token_to_id("</s>")
+    assert out["documents"] == 120 and out["vocab_size"] == tok.get_vocab_size()
+    ds = IndexedDataset(str(tmp_path / "hf"))
+    assert list(ds[5]) == tok.encode(paras[5], add_special_tokens=False).ids + [eod]
+    with pytest.raises(DataError, match=r"no end-of-document token among \['<eod>'\]; pass eod_token="):
+        tokenize_to_indexed([str(tmp_path / "a.txt")], path, str(tmp_path / "x"), eod_token="<eod>")
