@@ -61,7 +61,7 @@ def find_model_argument(fn: Callable) -> Tuple[Optional[int], Optional[str]]:
     return index, name
 
 
-def wrap_forward_step(forward_step: Callable, probe: Union["GradientProbe", Callable[[], object]],
+def wrap_forward_step(forward_step: Callable, probe: Union[object, Callable[[], object]],
                       num_microbatches: Optional[int] = None) -> Callable:
     """``forward_step`` that calls ``probe.watch(model, num_microbatches)`` first.
 

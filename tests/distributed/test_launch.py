@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 import megatron_bottleneck as mb
-from megatron_bottleneck.base.errors import ConfigError, DataError
+from megatron_bottleneck.base.errors import DataError
 
 
 def raise_ours(on_ranks):
