@@ -33,7 +33,8 @@ def run(args):
     mb.initialize_parallel(1, 1, seed=0)
     cfg = mb.llama_config(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=max(4, args.hidden // 128),
                           ffn_hidden_size=4 * args.hidden, use_cpu_initialization=True)
-    module = mb.build_gpt_model(cfg, args.vocab, args.seq, head_rank=args.head_rank)
+    module = mb.build_gpt_model(cfg, args.vocab, args.seq, head_rank=args.head_rank, real_vocab_size=args.vocab,
+                                fused_loss=args.fused_loss)
     model = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(),
                                     module=module.cuda() if cuda else module)
     tokens_per_step = args.seq * args.micro * args.num_micro
@@ -86,6 +87,7 @@ def main():
     ap.add_argument("--num-micro", type=int, default=2)
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--head-rank", type=int, default=None, help="low-rank head (default: Megatron's dense head)")
+    ap.add_argument("--fused-loss", action="store_true", help="the fused head + loss (the probe reads its statistics)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_overhead.json"))
     args = ap.parse_args()
     if torch.cuda.is_available():  # one GPU, NCCL

@@ -221,6 +221,11 @@ class GradientProbe:
             return None
         stats = getattr(module, "last_loss_stats", None)
         fused = stats is not None and getattr(module, "last_fused_loss", None) is logits  # per-token loss, no G
+        if fused:  # G itself is not there: only the cheap figures this time
+            update, rank = False, False
+            if not cheap:
+                self._count_microbatch(None)
+                return None
         try:
             hidden = args[0] if args else kwargs["input_"]
             view = head_view(module, kwargs.get("weight"), cfg.vocab_size)
@@ -261,10 +266,11 @@ class GradientProbe:
     def _before_forward(self, module, args, kwargs):
         """A fused head + loss gives the probe ||G||^2 but not G: on steps that need G itself (update or
         rank figures) ask the head to build the logits."""
+        if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
+            return None
         cfg = self.config
-        need_g = self._due(cfg.update_interval) or self._due(cfg.rank_interval) or (
-            self._gram is not None and not self._gram.full)
-        module.materialize_logits = bool(self.enabled and need_g)
+        module.materialize_logits = bool(self._due(cfg.update_interval) or self._due(cfg.rank_interval) or (
+            self._gram is not None and not self._gram.full))
         return None
 
     @_timed
