@@ -163,7 +163,6 @@ class GradientProbe:
         self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
         self.dp_group = default_dp_group(self.dp_group)
         self._warn_if_vocab_unknown(head)
-        head.collect_loss_stats = True  # a fused head + loss then keeps what the cheap figures need
         self._handles.append(head.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
         return self
@@ -264,13 +263,15 @@ class GradientProbe:
 
     @_timed
     def _before_forward(self, module, args, kwargs):
-        """A fused head + loss gives the probe ||G||^2 but not G: on steps that need G itself (update or
-        rank figures) ask the head to build the logits."""
+        """A fused head + loss gives the probe ||G||^2 (from statistics it keeps when asked, on steps with
+        cheap figures) but not G: on steps that need G itself (update or rank figures) ask the head to build
+        the logits."""
         if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
             return None
         cfg = self.config
         module.materialize_logits = bool(self._due(cfg.update_interval) or self._due(cfg.rank_interval) or (
             self._gram is not None and not self._gram.full))
+        module.collect_loss_stats = self._due(cfg.interval)  # the fused pass's statistics, only when used
         return None
 
     @_timed
