@@ -36,8 +36,11 @@ TP contract for dL/du: by default the op returns this rank's partial sum over it
 :class:`~megatron_bottleneck.heads.low_rank.LowRankOutputLayer` already does for U. Standalone callers
 pass ``reduce_grad_input=True`` and the op all-reduces dL/du itself.
 
-Kernels: :func:`_forward_chunks` and :func:`_backward_chunks` are the only loops; a Triton (or other)
-kernel replaces them with the same inputs and outputs (u, F, lse, scale -> lse_local; dU, dF).
+Kernels: :func:`_forward_chunks` and :func:`_backward_chunks` are the only loops (u, F, lse, coef ->
+lse_local; dU, dF). On CUDA with Triton installed (float32 / bfloat16 / float16, not fp8) the Triton
+kernels of :mod:`.triton_linear_cross_entropy` replace them with the same inputs and outputs, never
+holding a [T, C] chunk in HBM; env ``MB_FUSED_KERNEL=torch`` keeps the torch loops, ``=triton`` forces
+the kernels (see :func:`.triton_linear_cross_entropy.should_use`).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import fp8 as fp8_ops
+from . import triton_linear_cross_entropy as triton_lce
 from .common import _add_target_terms, _group_rank, _group_size
 from .reduced import _ReducedLinearCrossEntropy
 
@@ -235,7 +239,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         u_f = q.u() if q is not None else u.float()
         w_real = q.w(n_real) if q is not None else weight[:n_real].float()
-        lse, lse2 = _forward_chunks(u, weight, n_real, chunk, stats is not None, q)
+        if triton_lce.should_use(u, q):
+            lse, lse2 = triton_lce.forward_chunks(u, weight, n_real, stats is not None)
+        else:
+            lse, lse2 = _forward_chunks(u, weight, n_real, chunk, stats is not None, q)
         if n_real:
             rows = w_real.index_select(0, idx.clamp(max=n_real - 1))
             z_y = torch.where(local, (u_f * rows).sum(1), lse.new_zeros(()))
@@ -294,7 +301,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         q = _Fp8Cache(u, weight, n_real) if cfg["fp8"] else None
         grad_u = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32 if q is not None else weight.dtype, device=weight.device)
-        _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w)
+        if triton_lce.should_use(u, q):
+            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w)
+        else:
+            _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w)
 
         if n_real:
             u_f = q.u() if q is not None else u.float()

@@ -1,0 +1,256 @@
+"""Triton kernels for the two vocab loops of :mod:`.linear_cross_entropy` (``reduction="none"``, no fp8).
+
+Shapes: u [T, k] (head input), weight [V_local, k] (this rank's vocab shard F), of which the first
+``n_real`` rows are real classes; logits z_ti = u_t . F_i for i < n_real (never stored in HBM).
+dtypes: float32 (dots in IEEE fp32, no TF32: matches torch fp32 to ~1e-6), bfloat16 and float16
+(tensor-core dots, float32 accumulation; the logits stay float32, where the torch loop's 16-bit mm rounds
+them, so lse is nearer the float64 value). No [T, C] chunk is held, so chunk_size / the memory budget do
+not apply on this path.
+
+Forward, :func:`forward_chunks` (u, F, n_real -> lse [T], lse2 [T] or None, float32)::
+
+    lse_t = log sum_{i < n_real} exp(z_ti),      lse2_t = log sum_{i < n_real} exp(2 z_ti)
+
+Grid (T / BLOCK_T, S): each program holds BLOCK_T tokens and walks every S-th vocab tile of BLOCK_V
+rows (the z tile is built with an inner loop over k in BLOCK_K pieces), keeping an online running max m,
+sum_i exp(z - m) and sum_i exp(2 (z - m)) in registers; it writes its partial lse / lse2 to [S, T] and
+torch takes a logsumexp over the S splits. S > 1 only when T / BLOCK_T programs alone would leave SMs
+idle (small T, big vocab).
+
+Backward, :func:`backward_chunks` (adds to grad_u [T, k] float32, sets grad_w[:n_real] [n_real, k])::
+
+    P = coef[:, None] * exp(z - lse[:, None])       [T, n_real] (coef may be negative or 0)
+    grad_u += P @ F[:n_real],                         grad_w[:n_real] = P^T @ u
+
+Grid (T / BLOCK_T, n_real / BLOCK_V), as in Apple's cut-cross-entropy: each program recomputes its
+BLOCK_T x BLOCK_V logit tile, forms P in registers (cast to u's dtype for the 16-bit dots), then loops
+over k in BLOCK_K pieces adding P F_tile to grad_u and P^T u_tile to grad_w with float32
+``tl.atomic_add`` (grad_w goes through a float32 buffer when it is not float32). Tiles whose P is all
+zero (ignored tokens, coef = 0) skip the GEMMs. Choice: atomics, so the float32 sums are
+NOT bitwise deterministic run to run (order of the adds); the atomic-free alternative (a dU kernel over
+token blocks, a dF kernel over vocab blocks) computes the logits once more and needs a [BLOCK_T, k]
+accumulator. Block sizes are fixed (no autotune): BLOCK_T = 64, BLOCK_V = 128,
+BLOCK_K = 64 for 16-bit inputs (32 for float32), 8 warps on the GPU.
+
+:func:`should_use` picks this path (env ``MB_FUSED_KERNEL``: unset / "auto" = Triton on CUDA when
+available, "torch" = never, "triton" = always, an error if Triton or CUDA is missing; under
+``TRITON_INTERPRET=1`` CPU tensors are allowed so the kernels run in Triton's interpreter, which
+multiplies bfloat16 dot operands as raw bits: there the bfloat16 tiles are upcast to float32 first).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:  # optional dependency: the module imports without it, available() says False
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_T, BLOCK_V = 64, 128
+
+
+def available() -> bool:
+    """True when Triton imported."""
+    return triton is not None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def should_use(u: torch.Tensor, q) -> bool:
+    """Whether the per-token op should run these kernels for head input ``u`` (q: the op's fp8 cache).
+
+    Never for fp8 (q is not None) or other dtypes than float32 / bfloat16 / float16. MB_FUSED_KERNEL:
+    "torch" -> False; "triton" -> True (ValueError if Triton or CUDA is missing; CPU tensors are fine
+    under TRITON_INTERPRET=1); unset or "auto" -> True on CUDA when Triton is available.
+    """
+    mode = os.environ.get("MB_FUSED_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"MB_FUSED_KERNEL must be 'auto', 'torch' or 'triton', got {mode!r}.")
+    if mode == "torch" or q is not None or u.dtype not in _DTYPES:
+        return False
+    if mode == "triton":
+        if not available():
+            raise ValueError("MB_FUSED_KERNEL=triton but triton is not importable; install triton or unset it.")
+        if not (u.is_cuda or _interpret()):
+            raise ValueError("MB_FUSED_KERNEL=triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors).")
+        return True
+    return available() and u.is_cuda
+
+
+def _block_k(dtype) -> int:
+    return 32 if dtype == torch.float32 else 64
+
+
+def _precision(u: torch.Tensor):
+    """(input_precision, upcast) for tl.dot: IEEE fp32 for float32 (no TF32), the backend's default for
+    16-bit inputs; see _mma for the upcast."""
+    up = u.dtype == torch.bfloat16 and not u.is_cuda and _interpret()
+    return ("ieee" if u.dtype == torch.float32 else None), up
+
+
+def _launch_opts(x: torch.Tensor) -> dict:
+    return {} if not x.is_cuda else dict(num_warps=8, num_stages=3, enable_fp_fusion=True)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, acc, PREC: tl.constexpr, UP: tl.constexpr):
+        """acc + a @ b (float32). UP: upcast to float32 first (Triton's CPU interpreter multiplies
+        bfloat16 operands as raw uint16 bits, so bfloat16 runs there in float32; never on a GPU)."""
+        if UP:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+    @triton.jit
+    def _lse_fwd_kernel(u_ptr, w_ptr, lse_ptr, lse2_ptr, T, K, n_real, n_split,
+                        s_ut, s_uk, s_wv, s_wk, WANT_P2: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+                        BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        pid_t = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_t = pid_t * BT + tl.arange(0, BT)
+        offs_v0 = tl.arange(0, BV)
+        offs_k0 = tl.arange(0, BK)
+        mask_t = offs_t < T
+        u_rows = u_ptr + offs_t.to(tl.int64)[:, None] * s_ut
+        m = tl.full((BT,), float("-inf"), tl.float32)
+        s1 = tl.zeros((BT,), tl.float32)
+        s2 = tl.zeros((BT,), tl.float32)
+        for v0 in range(split * BV, n_real, n_split * BV):
+            offs_v = v0 + offs_v0
+            mask_v = offs_v < n_real
+            w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * s_wv
+            z = tl.zeros((BT, BV), tl.float32)
+            for k0 in range(0, K, BK):
+                offs_k = k0 + offs_k0
+                mask_k = offs_k < K
+                a = tl.load(u_rows + offs_k[None, :] * s_uk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w_cols + offs_k[:, None] * s_wk, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+                z = _mma(a, b, z, PREC, UP)
+            z = tl.where(mask_v[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            e = tl.exp(z - m_new[:, None])
+            r = tl.exp(m - m_new)
+            s1 = s1 * r + tl.sum(e, axis=1)
+            if WANT_P2:
+                s2 = s2 * r * r + tl.sum(e * e, axis=1)
+            m = m_new
+        out = split * T + offs_t
+        tl.store(lse_ptr + out, m + tl.log(s1), mask=mask_t)
+        if WANT_P2:
+            tl.store(lse2_ptr + out, 2 * m + tl.log(s2), mask=mask_t)
+
+    @triton.jit
+    def _lse_bwd_kernel(u_ptr, w_ptr, lse_ptr, coef_ptr, gu_ptr, gw_ptr, T, K, n_real,
+                        s_ut, s_uk, s_wv, s_wk, s_gut, s_guk, s_gwv, s_gwk, PREC: tl.constexpr, UP: tl.constexpr,
+                        BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        pid_t = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        offs_t = pid_t * BT + tl.arange(0, BT)
+        offs_v = pid_v * BV + tl.arange(0, BV)
+        offs_k0 = tl.arange(0, BK)
+        mask_t = offs_t < T
+        mask_v = offs_v < n_real
+        t64 = offs_t.to(tl.int64)
+        v64 = offs_v.to(tl.int64)
+        u_rows = u_ptr + t64[:, None] * s_ut
+        w_cols = w_ptr + v64[None, :] * s_wv
+        coef = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
+        if tl.max(tl.abs(coef), axis=0) > 0:
+            lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
+            z = tl.zeros((BT, BV), tl.float32)
+            for k0 in range(0, K, BK):
+                offs_k = k0 + offs_k0
+                mask_k = offs_k < K
+                a = tl.load(u_rows + offs_k[None, :] * s_uk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w_cols + offs_k[:, None] * s_wk, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+                z = _mma(a, b, z, PREC, UP)
+            p = coef[:, None] * tl.exp(z - lse[:, None])
+            p = tl.where(mask_t[:, None] & mask_v[None, :], p, 0.0).to(u_ptr.dtype.element_ty)
+            pt = tl.trans(p)
+            for k0 in range(0, K, BK):
+                offs_k = k0 + offs_k0
+                mask_k = offs_k < K
+                # dU[t, k] += sum_v P[t, v] F[v, k]   (F tile loaded as [BV, BK])
+                w_tile = tl.load(w_ptr + v64[:, None] * s_wv + offs_k[None, :] * s_wk,
+                                 mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+                du = _mma(p, w_tile, tl.zeros((BT, BK), tl.float32), PREC, UP)
+                tl.atomic_add(gu_ptr + t64[:, None] * s_gut + offs_k[None, :] * s_guk, du,
+                              mask=mask_t[:, None] & mask_k[None, :], sem="relaxed")
+                # dF[v, k] += sum_t P[t, v] u[t, k]
+                u_tile = tl.load(u_rows + offs_k[None, :] * s_uk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                dw = _mma(pt, u_tile, tl.zeros((BV, BK), tl.float32), PREC, UP)
+                tl.atomic_add(gw_ptr + v64[:, None] * s_gwv + offs_k[None, :] * s_gwk, dw,
+                              mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
+
+
+def _check(u: torch.Tensor, weight: torch.Tensor) -> None:
+    if not available():
+        raise RuntimeError("triton is not importable; use the torch path (MB_FUSED_KERNEL=torch).")
+    if u.dtype not in _DTYPES or weight.dtype != u.dtype:
+        raise ValueError(f"Triton LCE kernels take float32 / bfloat16 / float16 u and weight of one dtype, "
+                         f"got {u.dtype} and {weight.dtype}.")
+
+
+def _num_splits(t_blocks: int, v_tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return min(2, v_tiles)  # the interpreter: exercise the split combine, cheaply
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // t_blocks)  # about two programs per SM
+    return max(1, min(want, v_tiles // 4 or 1))  # each split keeps >= 4 vocab tiles
+
+
+def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int,
+                   want_p2: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """lse [T] and (if ``want_p2``) lse2 [T], float32, over rows [0, n_real) of weight (-inf if n_real == 0)."""
+    _check(u, weight)
+    t, k = u.shape
+    if n_real == 0 or t == 0:
+        m = torch.full((t,), float("-inf"), dtype=torch.float32, device=u.device)
+        return m, (m.clone() if want_p2 else None)
+    t_blocks, v_tiles = triton.cdiv(t, BLOCK_T), triton.cdiv(n_real, BLOCK_V)
+    n_split = _num_splits(t_blocks, v_tiles, u.device)
+    lse = torch.empty((n_split, t), dtype=torch.float32, device=u.device)
+    lse2 = torch.empty_like(lse) if want_p2 else lse
+    prec, up = _precision(u)
+    _lse_fwd_kernel[(t_blocks, n_split)](
+        u, weight, lse, lse2, t, k, n_real, n_split, u.stride(0), u.stride(1), weight.stride(0), weight.stride(1),
+        WANT_P2=bool(want_p2), PREC=prec, UP=up, BT=BLOCK_T, BV=BLOCK_V, BK=_block_k(u.dtype), **_launch_opts(u))
+    if n_split == 1:
+        return lse[0], (lse2[0] if want_p2 else None)
+    return torch.logsumexp(lse, 0), (torch.logsumexp(lse2, 0) if want_p2 else None)
+
+
+def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: torch.Tensor, coef: torch.Tensor,
+                    grad_u: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """grad_u [T, k] float32 += P F[:n_real]; grad_w[:n_real] = P^T u, P = coef[:, None] exp(z - lse[:, None])."""
+    _check(u, weight)
+    t, k = u.shape
+    if n_real == 0 or t == 0:
+        return
+    if grad_u.dtype != torch.float32 or grad_u.shape != u.shape:
+        raise ValueError(f"grad_u must be float32 {tuple(u.shape)}, got {grad_u.dtype} {tuple(grad_u.shape)}.")
+    gw = grad_w[:n_real]
+    direct = gw.dtype == torch.float32
+    if direct:
+        gw.zero_()
+    else:
+        gw = torch.zeros(gw.shape, dtype=torch.float32, device=u.device)
+    lse = lse.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    prec, up = _precision(u)
+    grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(n_real, BLOCK_V))
+    _lse_bwd_kernel[grid](
+        u, weight, lse, coef, grad_u, gw, t, k, n_real, u.stride(0), u.stride(1), weight.stride(0), weight.stride(1),
+        grad_u.stride(0), grad_u.stride(1), gw.stride(0), gw.stride(1),
+        PREC=prec, UP=up, BT=BLOCK_T, BV=BLOCK_V, BK=_block_k(u.dtype), **_launch_opts(u))
+    if not direct:
+        grad_w[:n_real].copy_(gw)

@@ -1,0 +1,83 @@
+"""Triton kernels of the fused LM head + cross-entropy (megatron_bottleneck.ops.triton_linear_cross_entropy).
+
+CPU: the kernels run in Triton's interpreter, which needs TRITON_INTERPRET=1 before triton is imported
+(other tests import it earlier), so the checks of ``tests/unit/triton_lce_checks.py`` run in a
+subprocess at tiny shapes. GPU: the same checks in process on CUDA at bigger shapes. Tolerances are in
+that module's docstring (float32: loss / lse 1e-5, gradients 1e-4 against float64; bfloat16 2e-2 and
+float16 5e-3 for gradients). Note: the interpreter multiplies bfloat16 dot operands as raw bits, so
+under it the kernels upcast bfloat16 tiles to float32 before ``tl.dot`` (never on a GPU).
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_bottleneck.ops import triton_linear_cross_entropy as tk
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(code_or_module, env_extra, module=False):
+    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["-m", code_or_module] if module else ["-c", code_or_module]
+    return subprocess.run([sys.executable, "-W", "ignore", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_triton_kernels_match_torch_and_reference_in_interpreter():
+    pytest.importorskip("triton")
+    out = _run("tests.unit.triton_lce_checks", {"TRITON_INTERPRET": "1", "MB_FUSED_KERNEL": "triton"}, module=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("OK"), out.stdout
+
+
+def test_module_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None; import torch, os\n"
+            "from megatron_bottleneck.ops import triton_linear_cross_entropy as tk, linear_cross_entropy\n"
+            "assert not tk.available(); u = torch.randn(4, 8)\n"
+            "assert not tk.should_use(u, None)\n"
+            "loss = linear_cross_entropy(u, torch.randn(10, 8), torch.tensor([1, 2, 3, 4]))\n"
+            "os.environ['MB_FUSED_KERNEL'] = 'triton'\n"
+            "try:\n    tk.should_use(u, None)\nexcept ValueError as e:\n    print('raised', e)\n")
+    out = _run(code, {"MB_FUSED_KERNEL": "auto"})
+    assert out.returncode == 0, out.stderr
+    assert "raised" in out.stdout and "not importable" in out.stdout
+
+
+def test_should_use(monkeypatch):
+    u = torch.randn(4, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MB_FUSED_KERNEL", "torch")
+    assert not tk.should_use(u, None)
+    monkeypatch.setenv("MB_FUSED_KERNEL", "auto")
+    assert tk.should_use(u, None) == (tk.available() and u.is_cuda)  # False: CPU tensor
+    monkeypatch.setenv("MB_FUSED_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="MB_FUSED_KERNEL"):
+        tk.should_use(u, None)
+    monkeypatch.setenv("MB_FUSED_KERNEL", "triton")
+    assert not tk.should_use(u, object())  # fp8 stays on torch
+    assert not tk.should_use(u.double(), None)  # float64 stays on torch
+    with pytest.raises(ValueError, match="MB_FUSED_KERNEL=triton"):
+        tk.should_use(u, None)  # CPU tensor without the interpreter (or no triton)
+    if tk.available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert tk.should_use(u, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernels_on_gpu(monkeypatch):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set: the GPU test runs compiled kernels")
+    from tests.unit import triton_lce_checks as checks
+
+    monkeypatch.setenv("MB_FUSED_KERNEL", "triton")
+    chunk_cases = [(dt, 1000, 256, 5000, 4990, tr) for dt, tr in
+                   ((torch.float32, False), (torch.bfloat16, True), (torch.float16, False))]
+    chunk_cases += [(torch.float32, 37, 40, 300, 290, False), (torch.bfloat16, 4096, 512, 4096, 4000, False)]
+    public_cases = [(1000, 96, 3000, 2990, 7, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
+                    (333, 200, 1000, 1000, 0, {})]
+    assert checks.run_all("cuda", chunk_cases, public_cases) == len(chunk_cases) + len(public_cases)

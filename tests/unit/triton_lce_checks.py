@@ -1,0 +1,141 @@
+"""Checks of the Triton LCE kernels against the torch loops and the float64 reference.
+
+Run as ``python -m tests.unit.triton_lce_checks`` under TRITON_INTERPRET=1 (CPU, tiny shapes) by
+``test_ops_triton.py``; its GPU test imports the same functions and runs them on CUDA at bigger shapes.
+Tolerances (max-abs error relative to the reference's max-abs): float32 against the float64 math of the
+same inputs, lse 1e-5, gradients 1e-4 (loss 1e-5 through the public op); bfloat16 / float16 inputs: lse
+1e-5 (float32 accumulation of exact products), gradients 2e-2 / 5e-3 (P is rounded to the input dtype
+for the GEMMs, and grad_w is stored in it).
+"""
+import os
+import sys
+import time
+
+import torch
+
+from megatron_bottleneck.ops import linear_cross_entropy, linear_cross_entropy_reference
+from megatron_bottleneck.ops import triton_linear_cross_entropy as tk
+from megatron_bottleneck.ops.linear_cross_entropy import HeadLossStats, _backward_chunks, _forward_chunks
+
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def _close(name, a, b, tol):
+    e = rel(a, b)
+    assert e <= tol, f"{name}: relative error {e:.3g} > {tol:g}"
+
+
+def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, seed=0):
+    """forward_chunks / backward_chunks against float64 math (and the torch loops in float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(k, t, generator=gen).t() if transposed_u else torch.randn(t, k, generator=gen)
+    w = torch.randn(v_rows, k, generator=gen) / k**0.25
+    u, w = u.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
+    assert tk.should_use(u, None), "the Triton path was not selected"
+    coef = torch.randn(t, generator=gen)
+    coef[::5] = 0.0  # zeros and negatives
+    if t > tk.BLOCK_T:
+        coef[: tk.BLOCK_T] = 0.0  # a whole token block of zeros: its tiles skip the GEMMs
+    coef = coef.to(device)
+
+    lse, lse2 = tk.forward_chunks(u, w, n_real, True)
+    z = u.double() @ w[:n_real].double().t()
+    ref_lse, ref_lse2 = torch.logsumexp(z, 1), torch.logsumexp(2 * z, 1)
+    if n_real == 0:
+        assert bool(torch.isneginf(lse).all()) and bool(torch.isneginf(lse2).all())
+        return
+    _close("lse", lse, ref_lse, 1e-5)
+    _close("lse2", lse2, ref_lse2, 1e-5)
+    assert tk.forward_chunks(u, w, n_real, False)[1] is None
+
+    gu = torch.full((t, k), 0.5, dtype=torch.float32, device=device)  # "+=" semantics
+    gw = torch.zeros(v_rows, k, dtype=dtype, device=device)
+    tk.backward_chunks(u, w, n_real, ref_lse.float(), coef, gu, gw)
+    p = coef.double()[:, None] * torch.exp(z - ref_lse[:, None])
+    tol = GRAD_TOL[dtype]
+    _close("grad_u", gu - 0.5, p @ w[:n_real].double(), tol)
+    _close("grad_w", gw[:n_real], p.t() @ u.double(), tol)
+    assert bool((gw[n_real:] == 0).all()), "padding rows got a gradient"
+
+    if dtype == torch.float32:  # and the torch loops, same inputs
+        tl_lse, tl_lse2 = _forward_chunks(u, w, n_real, 16, True, None)
+        _close("lse vs torch", lse, tl_lse, 1e-5)
+        _close("lse2 vs torch", lse2, tl_lse2, 1e-5)
+        gu2 = torch.full((t, k), 0.5, dtype=torch.float32, device=device)
+        gw2 = torch.zeros(v_rows, k, dtype=dtype, device=device)
+        _backward_chunks(u, w, n_real, 16, ref_lse.float(), coef, None, gu2, gw2)
+        _close("grad_u vs torch", gu, gu2, 1e-4)
+        _close("grad_w vs torch", gw, gw2, 1e-4)
+
+
+def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **kw):
+    """linear_cross_entropy on the Triton path (float32) against the float64 reference and the torch path."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(t, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(v_rows, k, generator=gen, dtype=torch.float64) / k**0.25
+    y = torch.randint(0, vocab, (t,), generator=gen)
+    if ignore_every:
+        y[::ignore_every] = -100
+    g = torch.rand(t, generator=gen, dtype=torch.float64)
+    u, w, y, g = u.to(device), w.to(device), y.to(device), g.to(device)
+
+    u64, w64 = u.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = linear_cross_entropy_reference(u64, w64, y, vocab_size=vocab, **kw)
+    (ref.double() * g).sum().backward()
+
+    outs = {}
+    for mode in ("triton", "torch"):
+        os.environ["MB_FUSED_KERNEL"] = mode
+        u32, w32 = u.float().requires_grad_(), w.float().requires_grad_()
+        assert tk.should_use(u32, None) == (mode == "triton")
+        stats = HeadLossStats()
+        out = linear_cross_entropy(u32, w32, y, vocab_size=vocab, stats=stats, **kw)
+        (out * g.float()).sum().backward()
+        outs[mode] = (out, u32.grad, w32.grad, stats.sum_p2)
+    os.environ["MB_FUSED_KERNEL"] = "triton"
+    out, du, dw, p2 = outs["triton"]
+    _close("loss", out, ref, 1e-5)
+    _close("du", du, u64.grad, 1e-4)
+    _close("dw", dw, w64.grad, 1e-4)
+    assert bool((dw[vocab:] == 0).all()), "padding rows got a gradient"
+    _close("loss vs torch", out, outs["torch"][0], 1e-5)
+    _close("du vs torch", du, outs["torch"][1], 1e-4)
+    _close("dw vs torch", dw, outs["torch"][2], 1e-4)
+    _close("sum_p2 vs torch", p2, outs["torch"][3], 1e-4)
+
+
+CHUNK_CASES = [  # (dtype, T, k, V_rows, n_real, transposed u)
+    (torch.float32, 50, 40, 300, 290, False),
+    (torch.float32, 96, 24, 130, 130, True),
+    (torch.float32, 20, 16, 40, 0, False),
+    (torch.bfloat16, 50, 40, 200, 190, False),
+    (torch.float16, 33, 24, 150, 150, False),
+]
+PUBLIC_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
+    (50, 24, 300, 300, 0, {}),
+    (50, 40, 300, 280, 4, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
+    (64, 24, 140, 130, 3, dict(label_smoothing=0.2)),
+]
+
+
+def run_all(device, chunk_cases=CHUNK_CASES, public_cases=PUBLIC_CASES):
+    os.environ["MB_FUSED_KERNEL"] = "triton"
+    n = 0
+    for dtype, t, k, v_rows, n_real, tr in chunk_cases:
+        check_chunks(device, dtype, t, k, v_rows, n_real, tr)
+        n += 1
+    for t, k, v_rows, vocab, ign, kw in public_cases:
+        check_public(device, t, k, v_rows, vocab, ign, **kw)
+        n += 1
+    return n
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    n = run_all(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print(f"OK {n} checks in {time.time() - t0:.1f}s")
