@@ -14,6 +14,15 @@ not leak between them. Rows:
   the forward pass (3 GEMMs)
 * torch chunked low-rank / dense: ``torch.nn.functional.linear_cross_entropy(..., options=
   LinearCrossEntropyOptions())`` on (U, A) / (H, W), where the installed torch has it (else n/a)
+* GPU only (n/a on a CPU, or when the package is missing): fused low-rank / dense (triton), the op with
+  ``MB_FUSED_KERNEL=triton``; liger low-rank / dense, Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
+  (``pip install liger-kernel``); cce low-rank / dense, Apple's ``cut_cross_entropy.linear_cross_entropy``
+  (``pip install cut-cross-entropy``)
+
+On a GPU (``--device cuda``, the default when CUDA is there) tensors are bfloat16 unless ``--dtype``
+says otherwise, working memory is ``max_memory_allocated`` during one step above the allocation before
+it, times are synchronised wall times and the ratios use them; the matmul peak is an 8192^3 GEMM in the
+run's dtype.
 
 Columns: minimum and median wall time of the timed fwd+bwd steps (after one warm-up step), the
 minimum process CPU time of a step (``time.process_time``; with ``--threads 1`` it is the work done and
@@ -24,8 +33,9 @@ RSS when freed: RSS tracks live memory; the persistent .grad buffers exist befor
 achieved GFLOP/s on model FLOPs (dense 6 T V D; low-rank 6 T r (D + V); the fused op's logit
 recompute is not counted) at the minimum time, and float32 matmul peaks measured in the same run: once
 at the start (2048^3) and in each row's process right before its timed steps (1024^3), the latter
-being the "% of peak" reference since machine load varies between rows. Loss is the mean over
-tokens (grad_out = 1/T). Writes bench/results/head_loss.json.
+being the "% of peak" reference since machine load varies between rows. "x ideal" is the row's time
+relative to megatron dense divided by its FLOPs relative to megatron dense (1.0: as fast per FLOP as the
+dense head). Loss is the mean over tokens (grad_out = 1/T). Writes bench/results/head_loss.json.
 """
 from __future__ import annotations
 
@@ -50,7 +60,14 @@ CONFIGS = [  # (name, low_rank, kind)
     ("fused low-rank", True, "fused"),
     ("fused low-rank (mean)", True, "fused-mean"),
     ("fused dense (mean)", False, "fused-mean"),
+    ("fused low-rank (triton)", True, "fused-triton"),
+    ("fused dense (triton)", False, "fused-triton"),
+    ("liger low-rank", True, "liger"),
+    ("liger dense", False, "liger"),
+    ("cce low-rank", True, "cce"),
+    ("cce dense", False, "cce"),
 ]
+GPU_ONLY = ("fused-triton", "liger", "cce")
 
 
 # ---------------------------------------------------------------------------------- child side
@@ -68,7 +85,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _init_megatron():
+def _init_megatron(cuda: bool):
     import torch.distributed as dist
 
     import megatron_bottleneck as mb
@@ -78,22 +95,38 @@ def _init_megatron():
     quiet_megatron_warnings()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    mb.enable_cpu_mode()
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    if not cuda:
+        mb.enable_cpu_mode()
     mb.initialize_parallel(1)
 
 
-def _matmul_peak(reps: int = 5, n: int = 2048) -> float:
+def _matmul_peak(reps: int = 5, n: int = 2048, device: str = "cpu", dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _budget(args):
+    """The fused op's memory_budget_bytes: --budget-mib, else None (the op's own default)."""
+    return None if args.budget_mib is None else int(args.budget_mib * 2**20)
 
 
 def child(args) -> dict:
@@ -103,23 +136,30 @@ def child(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev, dtype = args.device, getattr(torch, args.dtype)
     if args.child == "peak":
+        if dev == "cuda":
+            return dict(matmul_peak_gflops=_matmul_peak(n=8192, device=dev, dtype=dtype))
         return dict(matmul_peak_gflops=_matmul_peak())
     name, low_rank, kind = CONFIGS[[c[0] for c in CONFIGS].index(args.child)]
     t, d, v, r = args.T, args.D, args.V, args.rank
+    if kind in GPU_ONLY and dev != "cuda":
+        return dict(name=name, rank=r if low_rank else None, available=False, why="GPU only")
     gen = torch.Generator().manual_seed(0)
-    h = torch.randn(t, d, generator=gen).requires_grad_()
-    y = torch.randint(0, v, (t,), generator=gen)
+
+    def param(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=dev, dtype=dtype).requires_grad_()
+
+    h = param(t, d)
+    y = torch.randint(0, v, (t,), generator=gen).to(dev)
     if low_rank:
-        a = (torch.randn(v, r, generator=gen) * (0.02 / r**0.5) ** 0.5).requires_grad_()
-        b = (torch.randn(r, d, generator=gen) * (0.02 / r**0.5) ** 0.5).requires_grad_()
-        params = [h, a, b]
+        a = param(v, r, std=(0.02 / r**0.5) ** 0.5)
+        b = param(r, d, std=(0.02 / r**0.5) ** 0.5)
     else:
-        w = (torch.randn(v, d, generator=gen) * 0.02).requires_grad_()
-        params = [h, w]
+        w = param(v, d, std=0.02)
 
     if kind == "megatron":
-        _init_megatron()
+        _init_megatron(dev == "cuda")
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         def loss_fn(x, f, labels):  # [T, k] -> Megatron's [s, b, V] layout with b = 1
@@ -133,16 +173,34 @@ def child(args) -> dict:
 
         def loss_fn(x, f, labels):
             return F.linear_cross_entropy(x, f, labels, reduction="mean", options=opts)
-    elif kind == "fused":
+    elif kind in ("fused", "fused-triton"):
         from megatron_bottleneck.ops import linear_cross_entropy
 
         def loss_fn(x, f, labels):
-            return linear_cross_entropy(x, f, labels, memory_budget_bytes=args.budget_mib * 2**20).mean()
-    else:  # fused-mean: scalar loss, gradients computed in forward
+            return linear_cross_entropy(x, f, labels, memory_budget_bytes=_budget(args)).mean()
+    elif kind == "fused-mean":  # scalar loss, gradients computed in forward
         from megatron_bottleneck.ops import linear_cross_entropy
 
         def loss_fn(x, f, labels):
-            return linear_cross_entropy(x, f, labels, memory_budget_bytes=args.budget_mib * 2**20, reduction="mean")
+            return linear_cross_entropy(x, f, labels, memory_budget_bytes=_budget(args), reduction="mean")
+    elif kind == "liger":
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return dict(name=name, rank=r if low_rank else None, available=False, why="pip install liger-kernel")
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def loss_fn(x, f, labels):
+            out = liger(f, x, labels)
+            return out[0] if isinstance(out, tuple) else out
+    else:  # cce
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+        except ImportError:
+            return dict(name=name, rank=r if low_rank else None, available=False, why="pip install cut-cross-entropy")
+
+        def loss_fn(x, f, labels):
+            return cce(x, f, labels)
 
     def step():
         if low_rank:
@@ -154,17 +212,27 @@ def child(args) -> dict:
 
     loss0 = step()  # warm-up; allocates the persistent .grad buffers
     gc.collect()
-    if args.measure == "memory":
+    mem = None
+    if dev == "cuda":  # memory and time from the same process
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+    elif args.measure == "memory":
         if not _reset_peak():
             return dict(name=name, rank=r if low_rank else None, mem_mib=None)
         base = _status_kib("VmRSS")
         step()
         return dict(name=name, rank=r if low_rank else None, mem_mib=(_status_kib("VmHWM") - base) / 1024)
-    peak = _matmul_peak(reps=3, n=1024)  # this process, right before its timed steps
+    # this process, right before its timed steps
+    peak = _matmul_peak(reps=3, n=8192, device=dev, dtype=dtype) if dev == "cuda" else _matmul_peak(reps=3, n=1024)
     times, cpu = [], []
     for _ in range(args.reps):
+        _sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         step()
+        _sync(dev)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     flops = 6 * t * r * (d + v) if low_rank else 6 * t * v * d
@@ -185,14 +253,18 @@ def child(args) -> dict:
         gflops=flops / best / 1e9,
         row_matmul_peak_gflops=peak,
         threads=torch.get_num_threads(),
+        flops=flops,
+        **({"mem_mib": mem} if mem is not None else {}),
     )
 
 
 # --------------------------------------------------------------------------------- parent side
 def _child_cmd(args, name, rank, measure):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--T", str(args.T), "--D", str(args.D),
-           "--V", str(args.V), "--reps", str(args.reps), "--budget-mib", str(args.budget_mib),
-           "--threads", str(args.threads), "--measure", measure]
+           "--V", str(args.V), "--reps", str(args.reps), "--threads", str(args.threads), "--measure", measure,
+           "--device", args.device, "--dtype", args.dtype]
+    if args.budget_mib is not None:
+        cmd += ["--budget-mib", str(args.budget_mib)]
     return cmd + (["--rank", str(rank)] if rank is not None else [])
 
 
@@ -200,10 +272,12 @@ def run_child(args, name, rank=None) -> dict:
     """Time in one fresh process (default allocator), memory in another (large blocks mmapped, so
     that freed memory leaves RSS and the peak above the baseline is the step's live working set)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    kind = next((c[2] for c in CONFIGS if c[0] == name), None)
+    env["MB_FUSED_KERNEL"] = "triton" if kind == "fused-triton" else "torch"
     res = {}
     for measure, extra in (("time", {}), ("memory", dict(MALLOC_MMAP_THRESHOLD_="131072",
                                                          MALLOC_TRIM_THRESHOLD_="131072"))):
-        if name == "peak" and measure == "memory":
+        if (name == "peak" or args.device == "cuda") and measure == "memory":
             break
         out = subprocess.run(_child_cmd(args, name, rank, measure), env=dict(env, **extra),
                              capture_output=True, text=True)
@@ -229,14 +303,23 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", default="32,64,128,512")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--budget-mib", type=int, default=64, help="fused op's memory_budget_bytes, MiB")
+    p.add_argument("--budget-mib", type=float, default=None,
+                   help="fused op's memory_budget_bytes, MiB (default: the op's, 16 on CPU per-token, else 64)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--out", default=os.path.join(HERE, "results", "head_loss.json"))
     p.add_argument("--merge", default="", help="JSON of an earlier run: add its rows for configs not run now")
     p.add_argument("--only", default="", help="comma list: run only configs whose name starts with one of these")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--measure", default="time", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device is None or args.dtype is None:
+        import torch
+
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -266,36 +349,44 @@ def main(argv=None) -> None:
         order = [(n, r) for r in ranks for n, lr, _ in CONFIGS if lr] + [(n, None) for n, lr, _ in CONFIGS if not lr]
         rows.sort(key=lambda x: order.index((x["name"], x.get("rank"))) if (x["name"], x.get("rank")) in order else 1e9)
 
-    def ref_for(row):
-        target = "megatron dense" if not row.get("low_rank") else "megatron low-rank (unfused)"
-        return next((x for x in rows if x.get("name") == target and x.get("rank") == row.get("rank")
-                     and x.get("available")), None)
+    def ref_for(row, target=None):
+        if target is None:
+            target = "megatron dense" if not row.get("low_rank") else "megatron low-rank (unfused)"
+        rank = row.get("rank") if target != "megatron dense" else None
+        return next((x for x in rows if x.get("name") == target and x.get("rank") == rank and x.get("available")), None)
 
-    header = (f"T={args.T} D={args.D} V={args.V} float32, {args.reps} timed fwd+bwd steps after a warm-up, "
-              f"torch threads {rows[0].get('threads', '?') if rows else '?'}; matmul peak at start "
-              f"{fmt(peak, '.1f')} GFLOP/s (2048^3 sgemm)")
+    key = "cpu_min_s" if args.device == "cpu" else "time_min_s"  # the time the ratios use
+    dense = ref_for({}, "megatron dense")
+    header = (f"T={args.T} D={args.D} V={args.V} {args.dtype} on {args.device}, {args.reps} timed fwd+bwd steps "
+              f"after a warm-up, torch threads {rows[0].get('threads', '?') if rows else '?'}; matmul peak at start "
+              f"{fmt(peak, '.1f')} GFLOP/s; ratios use {'process CPU' if key == 'cpu_min_s' else 'wall'} time")
     lines = [header, "",
-             "| config | r | wall min (s) | wall median (s) | CPU min (s) | x megatron (CPU) | working mem (MiB) "
-             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | r | wall min (s) | wall median (s) | CPU min (s) | x megatron (time) | working mem (MiB) "
+             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it | x ideal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = "" if row.get("rank") is None else str(row["rank"])
         if not row.get("available"):
-            lines.append(f"| {row['name']} | {r} | n/a | | | | | | | | |")
+            why = row.get("why") or " ".join(row.get("error") or [])
+            lines.append(f"| {row['name']} | {r} | n/a{': ' + why if why else ''} | | | | | | | | | |")
             continue
         ref = ref_for(row)
-        tr = row["cpu_min_s"] / ref["cpu_min_s"] if ref else None
+        tr = row[key] / ref[key] if ref else None
         mr = row["mem_mib"] / ref["mem_mib"] if ref and row.get("mem_mib") is not None and ref.get("mem_mib") else None
         rp = row.get("row_matmul_peak_gflops")
         pct = 100 * row["gflops"] / rp if rp else None
+        ideal = None
+        if dense and row.get("flops") and dense.get("flops"):
+            ideal = (row[key] / dense[key]) / (row["flops"] / dense["flops"])
         lines.append(f"| {row['name']} | {r} | {row['time_min_s']:.3f} | {row['time_s']:.3f} | "
                      f"{row['cpu_min_s']:.3f} | {fmt(tr, '.2f')} | "
                      f"{fmt(row.get('mem_mib'), '.0f')} | {fmt(mr, '.3f')} | {row['gflops']:.1f} | "
-                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} |")
+                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} | {fmt(ideal, '.2f')} |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(T=args.T, D=args.D, V=args.V, reps=args.reps, budget_mib=args.budget_mib,
+                       device=args.device, dtype=args.dtype,
                        matmul_peak_gflops=peak, rows=rows, table="\n".join(lines),
                        command=" ".join(sys.argv), merged_from=args.merge or None), f, indent=1)
     if os.path.exists(args.out + ".partial"):

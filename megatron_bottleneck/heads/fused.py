@@ -50,8 +50,9 @@ class FusedLossConfig:
     """alpha in [0, 1): Megatron's label smoothing over the real vocabulary."""
     z_loss_weight: float = 0.0
     """w >= 0: adds w lse^2 per token (PaLM's z-loss)."""
-    memory_budget_mib: int = 64
-    """Working memory of the chunk loop; the vocabulary chunk is chosen to fit it."""
+    memory_budget_mib: Optional[float] = None
+    """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs,
+    64 MiB on GPUs (``ops.default_memory_budget``)."""
     fp8: Optional[Literal["e4m3"]] = None
     """e4m3: the head's GEMMs in FP8 through ``torch._scaled_mm`` (opt-in; tokens and width multiples of 16)."""
 
@@ -76,7 +77,8 @@ def head_loss(head, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional
     """
     config = config or FusedLossConfig()
     options = dict(label_smoothing=config.label_smoothing, z_loss_weight=config.z_loss_weight,
-                   memory_budget_bytes=config.memory_budget_mib * 2 ** 20, fp8=config.fp8, stats=stats)
+                   memory_budget_bytes=(None if config.memory_budget_mib is None
+                                        else int(config.memory_budget_mib * 2 ** 20)), fp8=config.fp8, stats=stats)
     if isinstance(head, LowRankOutputLayer):
         return head.loss(hidden, labels, weight, **options)
     w = head.weight if weight is None else weight

@@ -51,7 +51,7 @@ from torch.nn import Parameter
 from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadView
-from ..ops import DEFAULT_MEMORY_BUDGET, HeadLossStats, linear_cross_entropy
+from ..ops import HeadLossStats, linear_cross_entropy
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
 
@@ -183,7 +183,7 @@ class LowRankOutputLayer(torch.nn.Module):
 
     def loss(self, input_: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
              label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
-             memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, fp8: Optional[str] = None,
+             memory_budget_bytes: Optional[int] = None, fp8: Optional[str] = None,
              stats: Optional[HeadLossStats] = None) -> torch.Tensor:
         """Per-token cross-entropy ``[s, b]`` of this head's logits, never building them.
 

@@ -1,12 +1,19 @@
 """Fused head + loss operators (torch only; no Megatron import). See :mod:`.linear_cross_entropy`."""
 from .fp8 import quantize, scaled_matmul
-from .linear_cross_entropy import DEFAULT_MEMORY_BUDGET, HeadLossStats, choose_chunk_size, linear_cross_entropy
+from .linear_cross_entropy import (
+    DEFAULT_MEMORY_BUDGET,
+    HeadLossStats,
+    choose_chunk_size,
+    default_memory_budget,
+    linear_cross_entropy,
+)
 from .reference import linear_cross_entropy_reference
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "HeadLossStats",
     "choose_chunk_size",
+    "default_memory_budget",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "quantize",

@@ -13,7 +13,10 @@ Cheap figures (every probed step). With Q an orthonormal basis of col(W):
 
 W^T W = M^T (F^T F) M from the head's view (F a basis factor of W, M the mix: dense F = W, M = I;
 low rank F = A, M = B), so only the k x k matrix F^T F is summed over TP; ||G||^2 is a sum of local
-squares. With a padded vocabulary (Megatron pads V to a multiple of TP), padded columns are excluded
+squares. For a low-rank head (M of shape r x D, r < D) the rows of dH = G F M lie in row(M): with Q
+(D x r) an orthonormal basis of it (QR of M^T, once per step), K = Q (Y^T Y) Q^T with Y = dH Q (T x r),
+so each micro-batch costs T D r + T r^2 instead of T D^2, and only r x r sums cross TP; tr(K) is taken
+from ||dH||_F^2 directly. With a padded vocabulary (Megatron pads V to a multiple of TP), padded columns are excluded
 everywhere: dH is corrected by the padded columns' share G_pad W_pad (one T x D all-reduce per
 micro-batch). (W^T W)^+ is an eigen-pseudo-inverse in float64 with relative cut ``PINV_RTOL``.
 
@@ -60,7 +63,7 @@ def pinv_psd(a: torch.Tensor, rtol: float = PINV_RTOL):
     return inv, int(keep.sum())
 
 
-def _visible_energy(k, ftf, mix, wtw, need_pinv: bool = False):
+def _visible_energy(k, ftf, mix, wtw, need_pinv: bool = False, rtol: float = PINV_RTOL):
     """||G Q Q^T||^2 = tr(K (W^T W)^+), its head rank, and (W^T W)^+ when asked.
 
     Fast path, F and M of full rank k: with G F = dH M^T (M M^T)^-1 the trace lives in k x k,
@@ -84,7 +87,7 @@ def _visible_energy(k, ftf, mix, wtw, need_pinv: bool = False):
             if k_basis is not None:
                 vis2 = float(torch.cholesky_solve(k_basis, chol).diagonal().sum())
                 return vis2, kk, None
-    pinv, rank = pinv_psd(wtw)
+    pinv, rank = pinv_psd(wtw, rtol)
     return float((k * pinv).sum()), rank, pinv
 
 
@@ -114,6 +117,9 @@ class StepAccumulator:
         self.hth = None  # H^T H
         self.htdh = None  # H^T dH
         self.g2_buckets = None
+        self.q = None  # D x r basis of row(M) when K is kept reduced (low-rank head, cheap figures only)
+        self.k_red = None  # Y^T Y = Q^T K Q, r x r
+        self.trk = None  # ||dH||_F^2
         self.vis_tokens = []  # per micro-batch dH rows, kept only for buckets
         self.pad_corrections = []  # per micro-batch G_pad W_pad (T x D), only with a padded vocabulary
 
@@ -162,8 +168,16 @@ class StepAccumulator:
             if self.sequence_parallel:
                 c = c.reshape(get_pg_size(self.tp_group), -1, c.shape[-1])[get_pg_rank(self.tp_group)]
             dh = dh - c.to(dh.dtype)
-        k = (dh.t() @ dh).double()
-        self.k = k if self.k is None else self.k + k
+        if self._reduced():
+            if self.q is None:
+                self.q = torch.linalg.qr(self.view.mix.t().to(dh.dtype))[0]  # D x r, its span contains row(M)
+            y = dh @ self.q.to(dh.device)
+            k_red, trk = (y.t() @ y).double(), torch.linalg.vector_norm(dh).double().square()
+            self.k_red = k_red if self.k_red is None else self.k_red + k_red
+            self.trk = trk if self.trk is None else self.trk + trk
+        else:
+            k = (dh.t() @ dh).double()
+            self.k = k if self.k is None else self.k + k
         if self.num_buckets:
             self.vis_tokens.append((dh, hidden_grad.shape[0] if hidden_grad.dim() == 3 else dh.shape[0]))
         if self.update:
@@ -171,6 +185,12 @@ class StepAccumulator:
             hth, htdh = (h.t() @ h).double(), (h.t() @ dh).double()
             self.hth = hth if self.hth is None else self.hth + hth
             self.htdh = htdh if self.htdh is None else self.htdh + htdh
+
+    def _reduced(self) -> bool:
+        """Keep K as Q^T K Q: a low-rank head's mix (r < D) and neither update figures nor buckets (they use
+        the full D x D products)."""
+        mix = self.view.mix if self.view is not None else None
+        return mix is not None and mix.shape[0] < mix.shape[1] and not self.update and not self.num_buckets
 
     def _padding_part(self, g_all: torch.Tensor, view: HeadView, n: int) -> torch.Tensor:
         """G_pad W_pad summed over TP (T x D): what padded vocabulary columns added to dH. One
@@ -199,16 +219,17 @@ class StepAccumulator:
     def finalize(self, tp_group=None) -> Dict[str, float]:
         """All-reduce the step's partial sums over TP and return the figures (Python floats)."""
         view = self.view
-        if view is None or self.k is None:
+        if view is None or (self.k is None and self.k_red is None):
             return {}
-        device = self.k.device
+        k_part = self.k if self.k_red is None else torch.cat([self.k_red.reshape(-1), self.trk.reshape(1)])
+        device = k_part.device
         n = view.valid_rows()
         f = view.basis[:n].to(_work_dtype(view.basis))
         ftf = (f.t() @ f).double()  # k x k: V k^2 flops, the largest product of a cheap step
         # Replicated quantities (token sums without SP) are counted on TP rank 0 only, so one SUM
         # all-reduce yields every total.
         own = 1.0 if (self.sequence_parallel or get_pg_rank(tp_group) == 0) else 0.0
-        parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * self.k.reshape(-1)]
+        parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * k_part.reshape(-1)]
         if self.num_buckets:
             parts.append(self.g2_buckets.to(device))
         if self.update:
@@ -221,12 +242,17 @@ class StepAccumulator:
         return self._figures(flat, ftf.shape[0], tp_group)
 
     def _figures(self, flat, k_dim, tp_group) -> Dict[str, float]:
-        d = self.k.shape[0]
         view = self.view
         it = iter_split(flat)
         g2 = it(1)[0]
         ftf = it(k_dim * k_dim).reshape(k_dim, k_dim)
-        k = it(d * d).reshape(d, d)
+        if self.k_red is None:
+            d = self.k.shape[0]
+            k = it(d * d).reshape(d, d)
+            trk = torch.trace(k)
+        else:  # Q^T K Q; K = Q (Q^T K Q) Q^T exactly, since dH's rows lie in span(Q)
+            d = self.k_red.shape[0]
+            k, trk = it(d * d).reshape(d, d), it(1)[0]
         g2_buckets = it(self.num_buckets) if self.num_buckets else None
         if self.update:
             p2 = it(1)[0]
@@ -241,13 +267,18 @@ class StepAccumulator:
             out["nonfinite_grad"] = 1.0
             return out
         mix = view.mix.double().to(ftf.device) if view.mix is not None else None
+        rtol = PINV_RTOL
+        if self.k_red is not None:  # everything in span(Q): W Q = F (M Q), an r x r problem
+            mix = mix @ self.q.double().to(ftf.device)
+            # float32 factors put noise of ~eps * lambda_max into F^T F: keep it out of the (r x r) rank
+            rtol = max(PINV_RTOL, 8 * d * torch.finfo(view.basis.dtype).eps)
         wtw = ftf if mix is None else mix.t() @ ftf @ mix
-        vis2, head_rank, wtw_pinv = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets))
+        vis2, head_rank, wtw_pinv = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets), rtol=rtol)
         g2f = float(g2)
         ratio2 = min(max(1.0 - vis2 / g2f, 0.0), 1.0) if g2f > 0 else nan
         out = {
             "grad_norm": g2f ** 0.5,
-            "hidden_grad_norm": max(float(torch.trace(k)), 0.0) ** 0.5,
+            "hidden_grad_norm": max(float(trk), 0.0) ** 0.5,
             "destroyed_ratio": ratio2 ** 0.5,
             "visible_cosine": (1.0 - ratio2) ** 0.5,
             "isotropic_baseline": isotropic_baseline(head_rank, view.vocab_size),

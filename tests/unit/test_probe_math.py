@@ -77,6 +77,37 @@ def test_padded_vocabulary_is_excluded():
     assert got["hidden_grad_norm"] == pytest.approx(want["hidden_grad_norm"], rel=1e-5)
 
 
+@pytest.mark.parametrize("case", ["padded", "rank_deficient_mix", "micro_batches"])
+def test_low_rank_head_reduced_hidden_gram_matches_bruteforce(case):
+    """A low-rank head keeps dH^T dH as the r x r Q^T K Q (Q a basis of row(B)): the figures must still equal
+    the brute-force ones, with a padded vocabulary (dH corrected by G_pad W_pad), over micro-batches, and for a
+    B whose rows are linearly dependent (the pseudo-inverse fallback)."""
+    T, V, D, r = 48, 120, 20, 6
+    G = logit_grad(T, V, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    A = torch.randn(V, r, generator=gen, dtype=torch.float64)
+    B = torch.randn(r, D, generator=gen, dtype=torch.float64)
+    vocab, micro = V, 1
+    if case == "padded":
+        vocab = 111
+    elif case == "rank_deficient_mix":
+        B[-1] = B[0] + B[1]  # rank(W) = r - 1
+    else:
+        micro = 4
+    acc_probe = StepAccumulator()
+    view = HeadView(A.float(), B.float(), 0, vocab)
+    for gs in G.chunk(micro):
+        acc_probe.add_logit_grad(gs.float(), view)
+        acc_probe.add_hidden_grad((gs @ A @ B).float())
+    assert acc_probe.k is None and acc_probe.k_red.shape == (r, r)  # the reduced path was taken
+    got = acc_probe.finalize()
+    want = brute(G[:, :vocab], (A @ B)[:vocab])
+    for key in ("destroyed_ratio", "visible_cosine", "grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["hidden_grad_norm"] == pytest.approx(want["hidden_grad_norm"], rel=1e-5)
+    assert got["head_rank"] == want["rank"]
+
+
 def test_limits_full_rank_head_and_rank_one_head():
     T, V = 30, 16
     G = logit_grad(T, V, seed=7)
