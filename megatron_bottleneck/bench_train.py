@@ -16,7 +16,9 @@ rank and aggregated:
 * peak memory: CUDA ``max_memory_allocated`` on GPUs; on CPUs the process's peak RSS.
 
 On GPUs the hooks synchronise the device so that their times are real (a small cost, for benchmarking only).
-``head_ranks`` runs one configuration per head rank (``None`` = dense) and returns one row each.
+``head_ranks`` runs one configuration per head rank (``None`` = dense) and returns one row each; ``fp8_recipes``
+(e.g. ``[None, "delayed", "tensorwise"]``) does the same per backbone FP8 recipe (``model.fp8``), rank within recipe,
+so BF16 and FP8 steps are compared in one run.
 """
 from __future__ import annotations
 
@@ -173,17 +175,23 @@ def _bench_rank(cfg_dict: Dict, steps: int, warmup: int) -> Dict:
 
 
 def bench_train(config: TrainConfig, steps: int = 10, warmup: int = 2, nproc: Optional[int] = None,
-                head_ranks: Sequence[Optional[int]] = ()) -> List[Dict]:
-    """One row per head rank (or one for the config as it is): per-rank figures and their aggregate."""
-    rows = []
-    for rank in (head_ranks or [config.model.head_rank]):
-        cfg = copy.deepcopy(config)
-        cfg.model.head_rank = rank
+                head_ranks: Sequence[Optional[int]] = (), fp8_recipes: Sequence[Optional[str]] = ()) -> List[Dict]:
+    """One row per (FP8 recipe, head rank) (or one for the config as it is): per-rank figures and their aggregate.
+
+    Every configuration is validated before the first one runs, so a bad rank or recipe fails in one line first."""
+    rows, configs = [], []
+    for recipe in (fp8_recipes or [config.model.fp8]):
+        for rank in (head_ranks or [config.model.head_rank]):
+            d = copy.deepcopy(config.to_dict())
+            d["model"].update(head_rank=rank, fp8=recipe)
+            configs.append(TrainConfig.from_dict(d))  # checks the recipe's name
+    for cfg in configs:
         cfg.checkpoint.dir = None
         cfg.train.train_steps = max(cfg.train.train_steps, steps + warmup)
         cfg.train.eval_interval = 0
         cfg.logging.console = False
         cfg.validate()
+    for cfg in configs:
         p = cfg.parallel
         world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: these are the ranks
@@ -201,7 +209,7 @@ def _aggregate(cfg: TrainConfig, per_rank: List[Dict]) -> Dict:
     slowest = max(per_rank, key=lambda r: r["median_s"]["step"])
     mean = slowest["mean_s"]  # shares from means: they add up to the step
     shares = {k: mean[k] / mean["step"] for k in mean if k != "step"}
-    return {"head_rank": cfg.model.head_rank, "world": slowest["world"], "step_s": slowest["median_s"]["step"],
+    return {"head_rank": cfg.model.head_rank, "fp8": cfg.model.fp8, "world": slowest["world"], "step_s": slowest["median_s"]["step"],
             "tokens_per_s": slowest["tokens_per_s"], "mfu": slowest["mfu"], "shares": shares,
             "peak_gflops_min": min(r["peak_gflops"] for r in per_rank),
             "peak_memory_mib_max": max(r["peak_memory_mib"] for r in per_rank),
@@ -209,12 +217,12 @@ def _aggregate(cfg: TrainConfig, per_rank: List[Dict]) -> Dict:
 
 
 def format_table(rows: List[Dict]) -> str:
-    head = ("| head rank | ranks | step (s) | tokens/s | MFU | head+loss | probe | grad sync | optimizer | backbone | "
-            "peak GFLOP/s | peak memory (MiB) |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| head rank | fp8 | ranks | step (s) | tokens/s | MFU | head+loss | probe | grad sync | optimizer | "
+            "backbone | peak GFLOP/s | peak memory (MiB) |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         s = r["shares"]
-        lines.append(f"| {r['head_rank'] or 'dense'} | {r['world']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {r['head_rank'] or 'dense'} | {r.get('fp8') or 'off'} | {r['world']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
                      f"{100 * r['mfu']:.2f}% | {100 * s['head_loss']:.1f}% | {100 * s['probe']:.1f}% | "
                      f"{100 * s['grad_sync']:.1f}% | {100 * s['optimizer']:.1f}% | {100 * s['backbone']:.1f}% | "
                      f"{r['peak_gflops_min']:.1f} | {r['peak_memory_mib_max']:.0f} |")

@@ -95,7 +95,8 @@ def cmd_bench_train(a):
 
     cfg = TrainConfig.load(a.config, a.overrides)
     rows = bench_train(cfg, steps=a.steps, warmup=a.warmup, nproc=a.nproc,
-                       head_ranks=_ranks(a.head_ranks) if a.head_ranks else ())
+                       head_ranks=_ranks(a.head_ranks) if a.head_ranks else (),
+                       fp8_recipes=[None if x == "none" else x for x in a.fp8.split(",")] if a.fp8 else ())
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the rows: rank 0 reports
         return
     print(format_table(rows))
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--nproc", type=int, default=None, help="CPU ranks (default: TP x PP); ignored under torchrun")
     s.add_argument("--head-ranks", default=None, help="one row per head rank, e.g. dense,256,32")
+    s.add_argument("--fp8", default=None, help="one row per backbone FP8 recipe (x head rank), e.g. "
+                   "none,delayed,tensorwise (Transformer Engine and a GPU)")
     s.add_argument("--out", default=None, help="write the rows (per rank and aggregated) as JSON here")
     s.set_defaults(fn=cmd_bench_train)
     return p

@@ -20,7 +20,8 @@ from ..base.errors import HeadConfigError
 from .fused import FusedLossConfig, disable_fused_loss, enable_fused_loss
 from .low_rank import INIT_METHODS, LowRankOutputLayer, validate_head_shape
 
-__all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "require_transformer_engine_for_fp8"]
+__all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "require_transformer_engine",
+           "require_transformer_engine_for_fp8"]
 
 
 @dataclass
@@ -53,17 +54,21 @@ def _unwrap(model):
     return getattr(model, "module", model) if type(model).__name__ == "Float16Module" else model
 
 
+def require_transformer_engine(what: str, error=HeadConfigError) -> None:
+    """Raise ``error`` (one line naming ``what``) when NVIDIA Transformer Engine cannot be imported."""
+    try:
+        import transformer_engine  # noqa: F401  (optional dependency)
+    except ImportError:
+        raise error(
+            f"{what} needs NVIDIA Transformer Engine, which is not installed: "
+            "pip install 'megatron-bottleneck[te]' on a CUDA machine, or leave FP8 off."
+        ) from None
+
+
 def require_transformer_engine_for_fp8(config) -> None:
     """FP8 runs through Transformer Engine only: refuse it clearly when TE is not installed."""
-    if not getattr(config, "fp8", None):
-        return
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        raise HeadConfigError(
-            f"fp8={config.fp8!r} needs NVIDIA Transformer Engine, which is not installed: "
-            "pip install 'megatron-bottleneck[te]' on a CUDA machine, or set fp8=None."
-        ) from None
+    if getattr(config, "fp8", None):
+        require_transformer_engine(f"fp8={config.fp8!r}")
 
 
 def _check_model(model) -> None:

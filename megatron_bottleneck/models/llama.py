@@ -5,7 +5,9 @@
   its sequence shard and its weight gradient is partial, so the weight (and bias) are marked
   ``sequence_parallel = True`` and ``finalize_model_grads`` all-reduces them over TP.
 * :func:`llama_block_spec`: a Llama-style block (RoPE is chosen on the model; RMSNorm, SwiGLU and
-  grouped-query attention come from the config, see :func:`llama_config`) using that norm.
+  grouped-query attention come from the config, see :func:`llama_config`) using that norm; or, with
+  ``transformer_engine=True`` (the default when ``config.fp8`` is set), Megatron's Transformer Engine layer
+  spec, whose linear layers run in FP8 under Megatron's FP8 autocast (``config.fp8`` / ``config.fp8_recipe``).
 * :func:`llama_config`: a ``TransformerConfig`` with Llama's choices.
 """
 from __future__ import annotations
@@ -16,12 +18,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..base.groups import default_tp_group
+from ..heads.install import require_transformer_engine
 
 __all__ = ["SequenceParallelNorm", "llama_block_spec", "llama_config"]
 
@@ -64,8 +70,21 @@ class SequenceParallelNorm(torch.nn.Module):
         )
 
 
-def llama_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
-    """``TransformerBlockSubmodules`` for this pipeline stage: local layers, SP-capable norms."""
+def llama_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None,
+                     transformer_engine: Optional[bool] = None):
+    """``TransformerBlockSubmodules`` for this pipeline stage: local layers with SP-capable norms, or
+    Transformer Engine layers (``transformer_engine``; None: when ``config.fp8`` is set, since Megatron runs
+    FP8 only through TE). TE must be installed for the latter (:class:`HeadConfigError` otherwise)."""
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if transformer_engine is None:
+        transformer_engine = bool(getattr(config, "fp8", None))
+    if transformer_engine:
+        require_transformer_engine("the Transformer Engine layer spec" + (
+            f" (fp8={config.fp8!r})" if getattr(config, "fp8", None) else ""))
+        from megatron.core.extensions.transformer_engine import TENorm  # optional: imports transformer_engine
+
+        return TransformerBlockSubmodules(layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * num_layers,
+                                          layer_norm=TENorm)
     layer = get_gpt_layer_local_spec(normalization=getattr(config, "normalization", "LayerNorm"))
     layer = dataclasses.replace(
         layer,
@@ -75,7 +94,6 @@ def llama_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[i
             pre_mlp_layernorm=SequenceParallelNorm,
         ),
     )
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm)
 
 

@@ -10,9 +10,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
+import torch
 import yaml
 
 from ..base.errors import ConfigError, DataError
+from ..heads.install import require_transformer_engine
 from ..data import spamlang_sequence_tokens, validate_gpt_data
 from ..probe import ProbeConfig
 
@@ -44,6 +46,11 @@ class ModelSection:
     head_fp8: Optional[Literal["e4m3"]] = None
     """With fused_loss: the head's GEMMs in FP8 (e4m3 forward, e5m2 gradients, torch._scaled_mm); tokens per
     micro-batch and the head's input width must be multiples of 16."""
+    fp8: Optional[Literal["delayed", "tensorwise", "mxfp8", "blockwise"]] = None
+    """The backbone's linear layers in FP8 through Transformer Engine with this scaling recipe (Megatron's TE
+    layer spec and FP8 autocast, fp8='hybrid': e4m3 forward, e5m2 gradients); None: off. Needs TE, a CUDA
+    GPU and bf16 (train.precision bf16 or auto); mxfp8 needs a Blackwell GPU. The head stays in bf16 (Megatron's
+    FP8 autocast wraps only the decoder); ``head_fp8`` puts it in FP8 too."""
     init_method_std: float = 0.02
     """Std of the weight init (and of each entry of A B for the low-rank head)."""
 
@@ -204,6 +211,24 @@ class TrainConfig:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     # ----------------------------------------------------------- validation
+    def _validate_fp8(self) -> None:
+        """model.fp8: shapes TE's FP8 GEMMs accept, bf16, then the environment (TE and a GPU)."""
+        m, t = self.model, self.train
+        if t.precision == "fp32":
+            raise ConfigError(f"model.fp8={m.fp8} runs on bf16 weights: set train.precision=bf16 (or auto)")
+        align = 32 if m.fp8 == "mxfp8" else 16
+        ffn = m.ffn_hidden_size or 4 * m.hidden_size
+        for name, value in (("model.hidden_size", m.hidden_size), ("model.ffn_hidden_size", ffn),
+                            ("tokens per micro-batch (train.micro_batch_size x model.seq_length)",
+                             t.micro_batch_size * m.seq_length)):
+            if value % align:
+                raise ConfigError(f"model.fp8={m.fp8}: {name} is {value}, not a multiple of {align} as its FP8 "
+                                  f"GEMMs need")
+        require_transformer_engine(f"model.fp8={m.fp8}", error=ConfigError)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.fp8={m.fp8} needs a CUDA GPU (Transformer Engine's FP8 GEMMs); "
+                              "none is visible here")
+
     def validate(self) -> None:
         m, p, t = self.model, self.parallel, self.train
         positive = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
@@ -227,6 +252,8 @@ class TrainConfig:
                                 ("tokens per micro-batch (train.micro_batch_size x model.seq_length)", tokens)):
                 if value % 16:
                     raise ConfigError(f"model.head_fp8: {name} is {value}, not a multiple of 16 as FP8 GEMMs need")
+        if m.fp8:
+            self._validate_fp8()
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                               f"model.num_attention_heads={m.num_attention_heads}")
@@ -334,6 +361,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
+        if typing.get_origin(hint) is Literal:  # Optional[Literal[...]]
+            return _coerce(value, hint, key)
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -62,6 +62,7 @@ def build_models(cfg: TrainConfig):
         use_cpu_initialization=True, init_method_std=m.init_method_std,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}),
     )
     head = None if m.head_rank is None else LowRankHeadConfig(rank=m.head_rank, init=m.head_init,
                                                              seed=cfg.train.seed)

@@ -74,3 +74,32 @@ def test_head_fp8_needs_the_fused_loss_and_multiples_of_16():
     with pytest.raises(ConfigError, match=r"tokens per micro-batch .* is 24, not a multiple of 16"):
         TrainConfig.from_dict({"model": {"head_fp8": "e4m3", "fused_loss": True, "seq_length": 3, "hidden_size": 32},
                                "train": {"micro_batch_size": 8, "global_batch_size": 8}})
+
+
+def _has_transformer_engine():
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_backbone_fp8_is_checked_before_anything_runs(capsys):
+    """model.fp8 (Transformer Engine recipes): the recipe name, bf16, FP8-friendly shapes, then TE and a GPU,
+    each refused in one line; the command line says it before spawning any rank."""
+    fp8_model = {"hidden_size": 64, "num_attention_heads": 4}
+    with pytest.raises(ConfigError, match=r"model.fp8 must be one of delayed, tensorwise, mxfp8, blockwise; got 'e4m3'"):
+        TrainConfig.from_dict({"model": {**fp8_model, "fp8": "e4m3"}})
+    with pytest.raises(ConfigError, match=r"model.fp8=delayed runs on bf16 weights: set train.precision=bf16"):
+        TrainConfig.from_dict({"model": {**fp8_model, "fp8": "delayed"}, "train": {"precision": "fp32"}})
+    with pytest.raises(ConfigError, match=r"model.fp8=tensorwise: model.hidden_size is 40, not a multiple of 16"):
+        TrainConfig.from_dict({"model": {"hidden_size": 40, "num_attention_heads": 4, "fp8": "tensorwise"}})
+    with pytest.raises(ConfigError, match=r"model.fp8=mxfp8: model.hidden_size is 48, not a multiple of 32"):
+        TrainConfig.from_dict({"model": {"hidden_size": 48, "num_attention_heads": 4, "fp8": "mxfp8"}})
+    if _has_transformer_engine():
+        pytest.skip("Transformer Engine is installed: its absence cannot be tested here")
+    with pytest.raises(ConfigError, match=r"model.fp8=delayed needs NVIDIA Transformer Engine, which is not installed"):
+        TrainConfig.from_dict({"model": {**fp8_model, "fp8": "delayed"}})
+    assert main(["bench-train", "examples/cpu_demo.yaml", "model.hidden_size=64", "--fp8", "none,delayed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model.fp8=delayed needs NVIDIA Transformer Engine"), err
