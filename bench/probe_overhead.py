@@ -63,6 +63,8 @@ def run(args):
         for name in MODES:
             for p_name, p in probes.items():
                 p.enabled = p_name == name
+            head = mb.find_head(model)  # a disabled probe leaves the head's flags as the last mode set them
+            head.materialize_logits = head.collect_loss_stats = False
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)

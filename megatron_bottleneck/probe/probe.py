@@ -329,6 +329,8 @@ class GradientProbe:
     def _disable(self, exc: BaseException) -> None:
         log.warning("GradientProbe switched off after an error (training continues): %r", exc)
         self.enabled = False
+        if self._head is not None:  # the head goes back to its fused path without statistics
+            self._head.collect_loss_stats = self._head.materialize_logits = False
         self._step_acc = None
         self._gram = None
 
