@@ -113,6 +113,20 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PREC)
 
     @triton.jit
+    def _logit_tile(u_rows, w_cols, mask_t, mask_v, K, s_uk, s_wk, PREC: tl.constexpr, UP: tl.constexpr,
+                    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        """z [BT, BV] float32 = u[t-block] F[v-tile]^T, accumulated over k in BK pieces (edges masked to 0)."""
+        offs_k0 = tl.arange(0, BK)
+        z = tl.zeros((BT, BV), tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + offs_k0
+            mask_k = offs_k < K
+            a = tl.load(u_rows + offs_k[None, :] * s_uk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_cols + offs_k[:, None] * s_wk, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+            z = _mma(a, b, z, PREC, UP)
+        return z
+
+    @triton.jit
     def _lse_fwd_kernel(u_ptr, w_ptr, lse_ptr, lse2_ptr, T, K, n_real, n_split,
                         s_ut, s_uk, s_wv, s_wk, WANT_P2: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
                         BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
@@ -120,7 +134,6 @@ if triton is not None:
         split = tl.program_id(1)
         offs_t = pid_t * BT + tl.arange(0, BT)
         offs_v0 = tl.arange(0, BV)
-        offs_k0 = tl.arange(0, BK)
         mask_t = offs_t < T
         u_rows = u_ptr + offs_t.to(tl.int64)[:, None] * s_ut
         m = tl.full((BT,), float("-inf"), tl.float32)
@@ -130,13 +143,7 @@ if triton is not None:
             offs_v = v0 + offs_v0
             mask_v = offs_v < n_real
             w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * s_wv
-            z = tl.zeros((BT, BV), tl.float32)
-            for k0 in range(0, K, BK):
-                offs_k = k0 + offs_k0
-                mask_k = offs_k < K
-                a = tl.load(u_rows + offs_k[None, :] * s_uk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_cols + offs_k[:, None] * s_wk, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-                z = _mma(a, b, z, PREC, UP)
+            z = _logit_tile(u_rows, w_cols, mask_t, mask_v, K, s_uk, s_wk, PREC, UP, BT, BV, BK)
             z = tl.where(mask_v[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             e = tl.exp(z - m_new[:, None])
@@ -168,13 +175,7 @@ if triton is not None:
         coef = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
         if tl.max(tl.abs(coef), axis=0) > 0:
             lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
-            z = tl.zeros((BT, BV), tl.float32)
-            for k0 in range(0, K, BK):
-                offs_k = k0 + offs_k0
-                mask_k = offs_k < K
-                a = tl.load(u_rows + offs_k[None, :] * s_uk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_cols + offs_k[:, None] * s_wk, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-                z = _mma(a, b, z, PREC, UP)
+            z = _logit_tile(u_rows, w_cols, mask_t, mask_v, K, s_uk, s_wk, PREC, UP, BT, BV, BK)
             p = coef[:, None] * tl.exp(z - lse[:, None])
             p = tl.where(mask_t[:, None] & mask_v[None, :], p, 0.0).to(u_ptr.dtype.element_ty)
             pt = tl.trans(p)
