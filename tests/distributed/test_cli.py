@@ -114,7 +114,7 @@ def test_bench_train_reports_shares_mfu_and_memory_per_head_rank(tmp_path, spaml
                              "train.micro_batch_size=8", "probe.interval=1")
     assert code == 0, err[-3000:]
     rows = json.load(open(out))
-    assert [r["head_rank"] for r in rows] == [None, 2] and "| dense | 2 |" in stdout and "| 2 | 2 |" in stdout
+    assert [r["head_rank"] for r in rows] == [None, 2] and [r["fp8"] for r in rows] == [None, None] and "| dense | off | 2 |" in stdout and "| 2 | off | 2 |" in stdout
     for r in rows:
         assert r["world"] == 2 and len(r["per_rank"]) == 2 and r["tokens_per_s"] > 0
         assert 0 < r["mfu"] < 1 and r["peak_gflops_min"] > 0 and r["peak_memory_mib_max"] > 0
