@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks of the fused head + loss, as one prepared run for a lent GPU machine (about 10 minutes on an H100).
+#
+#   bash bench/gpu_check.sh [OUTDIR]        # from the repository root, megatron-bottleneck installed
+#
+# 1. the GPU-only tests: the Triton kernels against the torch loops and a float64 reference
+#    (tests/unit/test_ops_triton.py), the FP8 backbone through Transformer Engine (skipped without TE);
+# 2. bench/head_loss.py in bf16 at T=8192, D=2048, V=131072: Megatron dense/unfused, fused (torch loops and
+#    Triton), torch's chunked op, and Liger-Kernel / cut-cross-entropy where installed (their rows say n/a else);
+# 3. the probe's overhead on the fused head (rank 256).
+# Everything lands in OUTDIR (default: $OUT, else bench/results/gpu); copy the tables into bench/RESULTS.md.
+set -uo pipefail
+out=${1:-${OUT:-bench/results/gpu}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu_check: no CUDA GPU visible'); print(torch.__version__, torch.cuda.get_device_name())" \
+    >"$out/device.txt" || exit 1
+cat "$out/device.txt"
+python -m pytest -q -rs tests/unit/test_ops_triton.py tests/distributed/test_fp8_backbone.py 2>&1 | tee "$out/gpu_tests.txt"
+python bench/head_loss.py --T 8192 --D 2048 --V 131072 --ranks 128,512,2048 --reps 5 \
+    --out "$out/head_loss_gpu.json" 2>"$out/head_loss_gpu.log" | tee "$out/head_loss_gpu.txt"
+python bench/probe_overhead.py --hidden 2048 --vocab 65536 --layers 4 --seq 2048 --micro 2 --num-micro 4 --reps 10 \
+    --head-rank 256 --fused-loss --out "$out/probe_overhead_fused_gpu.json" 2>&1 | tail -8 | tee "$out/probe_overhead_fused_gpu.txt"
