@@ -40,23 +40,35 @@ from .stats import StepAccumulator
 log = logging.getLogger(__name__)
 
 
-def _timed(fn):
-    """Count the wrapped hook's time in ``seconds`` when ``time_hooks`` is on (synchronising CUDA)."""
+def _hook(fn):
+    """A probe hook: any exception switches the probe off (training never stops for it) and the hook returns
+    None; its time is counted in ``seconds`` when ``time_hooks`` is on (synchronising CUDA)."""
 
-    def timed(self, *args):
+    def guarded(self, *args):
+        try:
+            fn(self, *args)
+        except Exception as exc:  # never break training
+            self._disable(exc)
+
+    def hook(self, *args):
         if not self.time_hooks:
-            return fn(self, *args)
+            return guarded(self, *args)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
-            return fn(self, *args)
+            return guarded(self, *args)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - t0
 
-    return timed
+    return hook
+
+
+def _width(view: HeadView) -> int:
+    """D, the head's input width, from its view (the basis's width for a dense head, the mix's otherwise)."""
+    return view.basis.shape[-1] if view.mix is None else view.mix.shape[-1]
 
 
 @dataclass
@@ -207,7 +219,7 @@ class GradientProbe:
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
 
-    @_timed
+    @_hook
     def _on_forward(self, module, args, kwargs, output):
         if not (self.enabled and module.training and torch.is_grad_enabled()):
             return None
@@ -225,14 +237,10 @@ class GradientProbe:
             if not cheap:
                 self._count_microbatch(None)
                 return None
-        try:
-            hidden = args[0] if args else kwargs["input_"]
-            view = head_view(module, kwargs.get("weight"), cfg.vocab_size)
-            sp = bool(getattr(module, "sequence_parallel", False))
-            full = _gather_sequence(hidden, self.tp_group) if (update and sp) else hidden.detach()
-        except Exception as exc:  # never break training
-            self._disable(exc)
-            return None
+        hidden = args[0] if args else kwargs["input_"]
+        view = head_view(module, kwargs.get("weight"), cfg.vocab_size)
+        sp = bool(getattr(module, "sequence_parallel", False))
+        full = _gather_sequence(hidden, self.tp_group) if (update and sp) else hidden.detach()
         if (cheap or update) and self._step_acc is None:
             self._step_acc = StepAccumulator(update=update, sequence_parallel=sp,
                                              num_buckets=cfg.num_buckets, tp_group=self.tp_group)
@@ -248,20 +256,15 @@ class GradientProbe:
         if watch_hidden:
             h = hidden.detach()
             hidden.register_hook(lambda dh: self._on_hidden_grad(dh, h, acc))
-        return None
 
-    @_timed
+    @_hook
     def _on_loss_grad(self, grad_out, stats, view, acc, last):
-        try:
-            if acc is not None:
-                acc.add_logit_sq_norms(stats.logit_grad_sq_norm(grad_out), view)
-            if last:
-                self._count_microbatch(view.basis.shape[-1] if view.mix is None else view.mix.shape[-1])
-        except Exception as exc:  # never break training
-            self._disable(exc)
-        return None
+        if acc is not None:
+            acc.add_logit_sq_norms(stats.logit_grad_sq_norm(grad_out), view)
+        if last:
+            self._count_microbatch(_width(view))
 
-    @_timed
+    @_hook
     def _before_forward(self, module, args, kwargs):
         """A fused head + loss gives the probe ||G||^2 (from statistics it keeps when asked, on steps with
         cheap figures) but not G: on steps that need G itself (update or rank figures) ask the head to build
@@ -272,29 +275,20 @@ class GradientProbe:
         module.materialize_logits = bool(self._due(cfg.update_interval) or self._due(cfg.rank_interval) or (
             self._gram is not None and not self._gram.full))
         module.collect_loss_stats = self._due(cfg.interval)  # the fused pass's statistics, only when used
-        return None
 
-    @_timed
+    @_hook
     def _on_logit_grad(self, grad, view, full_hidden, acc, gram, last):
-        try:
-            if acc is not None:
-                acc.add_logit_grad(grad, view, full_hidden if acc.update else None)
-            if gram is not None:
-                gram.add(grad, view)
-            if last:
-                self._count_microbatch(view.basis.shape[-1] if view.mix is None else view.mix.shape[-1])
-        except Exception as exc:  # never break training
-            self._disable(exc)
-        return None
+        if acc is not None:
+            acc.add_logit_grad(grad, view, full_hidden if acc.update else None)
+        if gram is not None:
+            gram.add(grad, view)
+        if last:
+            self._count_microbatch(_width(view))
 
-    @_timed
+    @_hook
     def _on_hidden_grad(self, hidden_grad, hidden, acc):
-        try:
-            acc.add_hidden_grad(hidden_grad, hidden if acc.update else None)
-            self._count_microbatch(hidden.shape[-1])
-        except Exception as exc:  # never break training
-            self._disable(exc)
-        return None
+        acc.add_hidden_grad(hidden_grad, hidden if acc.update else None)
+        self._count_microbatch(hidden.shape[-1])
 
     def _count_microbatch(self, hidden_size: Optional[int]) -> None:
         self._seen += 1
