@@ -279,45 +279,42 @@ def wrap_forward_step(forward_step: Callable) -> Callable:
 
 
 # ------------------------------------------------------------------------------------ patch
-def _wrap_pretrain(pretrain: Callable) -> Callable:
-    if getattr(pretrain, _WRAPPED, False):
-        return pretrain
-    sig = inspect.signature(pretrain)
+def _wrap_arguments(fn: Callable, edit: Callable[[inspect.Signature, dict], None]) -> Callable:
+    """``fn`` with its bound arguments passed through ``edit(signature, arguments)`` (in place) first;
+    idempotent (a wrapped function is returned as it is)."""
+    if getattr(fn, _WRAPPED, False):
+        return fn
+    sig = inspect.signature(fn)
 
-    @functools.wraps(pretrain)
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         bound = sig.bind_partial(*args, **kwargs)
-        a = bound.arguments
-        if a.get("model_provider") is not None:
-            a["model_provider"] = wrap_model_provider(a["model_provider"])
-        cfg = a.get("cfg_container")
-        model_cfg = getattr(cfg, "model", None) if cfg is not None else None
-        if model_cfg is not None and hasattr(model_cfg, "pre_wrap_hooks"):
-            if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
-                model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
-        if a.get("forward_step_func") is not None:
-            a["forward_step_func"] = wrap_forward_step(a["forward_step_func"])
-        if "extra_args_provider" in sig.parameters:
-            a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
-        return pretrain(*bound.args, **bound.kwargs)
+        edit(sig, bound.arguments)
+        return fn(*bound.args, **bound.kwargs)
 
     setattr(wrapped, _WRAPPED, True)
     return wrapped
 
 
-def _wrap_parse(parse: Callable) -> Callable:
-    if getattr(parse, _WRAPPED, False):
-        return parse
-    sig = inspect.signature(parse)
+def _edit_pretrain_arguments(sig: inspect.Signature, a: dict) -> None:
+    """Megatron-LM's ``pretrain``: the model provider (core_v0.16) or the config's pre-wrap hooks (core_v0.19)
+    install the head; the forward step gets the probe; the extra-arguments provider our options."""
+    if a.get("model_provider") is not None:
+        a["model_provider"] = wrap_model_provider(a["model_provider"])
+    cfg = a.get("cfg_container")
+    model_cfg = getattr(cfg, "model", None) if cfg is not None else None
+    if model_cfg is not None and hasattr(model_cfg, "pre_wrap_hooks"):
+        if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
+            model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
+    if a.get("forward_step_func") is not None:
+        a["forward_step_func"] = wrap_forward_step(a["forward_step_func"])
+    if "extra_args_provider" in sig.parameters:
+        a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
-    @functools.wraps(parse)
-    def wrapped(*args, **kwargs):
-        bound = sig.bind_partial(*args, **kwargs)
-        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
-        return parse(*bound.args, **bound.kwargs)
 
-    setattr(wrapped, _WRAPPED, True)
-    return wrapped
+def _edit_parse_arguments(_sig: inspect.Signature, a: dict) -> None:
+    """``parse_and_validate_args``: our options chained onto the caller's extra-arguments provider."""
+    a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
 
 _PATCHED = False
@@ -344,14 +341,15 @@ def patch(cpu: Optional[bool] = None) -> None:
     if not hasattr(mtt, "pretrain"):
         raise RuntimeError(f"{PREFIX} megatron.training.training.pretrain not found; this "
                            "Megatron-LM version is not supported.")
-    wrapped = _wrap_pretrain(mtt.pretrain)
+    wrapped = _wrap_arguments(mtt.pretrain, _edit_pretrain_arguments)
     mtt.pretrain = wrapped
     if hasattr(mt, "pretrain"):
         mt.pretrain = wrapped
     done.append("megatron.training.pretrain")
     arguments = importlib.import_module("megatron.training.arguments")
     if hasattr(arguments, "parse_and_validate_args"):
-        arguments.parse_and_validate_args = _wrap_parse(arguments.parse_and_validate_args)
+        parse = arguments.parse_and_validate_args
+        arguments.parse_and_validate_args = _wrap_arguments(parse, _edit_parse_arguments)
         done.append("megatron.training.arguments.parse_and_validate_args")
     _PATCHED = True
     _print0("patched " + ", ".join(done))

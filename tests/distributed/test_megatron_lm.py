@@ -67,16 +67,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=300):
-    """Run pretrain_gpt.py through the zero-edit runner; returns (returncode, combined output)."""
+def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=300, script=None):
+    """Run Megatron-LM's pretrain_gpt.py through the zero-edit runner, or an edited copy ``script`` directly
+    (one process); returns (returncode, combined output)."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    cmd += ["-m", "megatron_bottleneck.megatron_lm", os.path.join(MLM, "pretrain_gpt.py"),
-            *BASE, "--train-iters", str(train_iters), *args]
+    if script is None:
+        cmd += ["-m", "megatron_bottleneck.megatron_lm", os.path.join(MLM, "pretrain_gpt.py")]
+    else:
+        cmd += [str(script)]
+    cmd += [*BASE, "--train-iters", str(train_iters), *args]
     e = dict(os.environ)
     e.pop("WORLD_SIZE", None)
+    if script is not None and nproc == 1:
+        e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     paths = [p for p in (pythonpath_first, REPO, MLM) if p]
     e["PYTHONPATH"] = os.pathsep.join(paths + [e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e["OMP_NUM_THREADS"] = "1"
@@ -244,16 +250,10 @@ def test_one_line_edit_of_pretrain_gpt(tmp_path):
     script = tmp_path / "pretrain_gpt.py"
     script.write_text(edited)
     log_dir = tmp_path / "probe"
-    e = dict(os.environ)
-    e.pop("WORLD_SIZE", None)
-    e["PYTHONPATH"] = os.pathsep.join([REPO, MLM, e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(script), *BASE, "--train-iters", "3", *HEAD,
-                        "--probe-log-dir", str(log_dir)],
-                       cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    _ok(p.returncode, p.stdout)
-    assert "installed a rank-16 low-rank LM head" in p.stdout
-    assert sorted(losses(p.stdout)) == [1, 2, 3]
+    rc, out = run(1, [*HEAD, "--probe-log-dir", str(log_dir)], train_iters=3, script=script)
+    _ok(rc, out)
+    assert "installed a rank-16 low-rank LM head" in out
+    assert sorted(losses(out)) == [1, 2, 3]
     assert [r["step"] for r in records(log_dir)] == [0, 1, 2]
 
 
@@ -290,17 +290,11 @@ def test_explicit_edit_of_pretrain_gpt(tmp_path):
     script = tmp_path / "pretrain_gpt.py"
     script.write_text(src)
     log_dir = tmp_path / "probe"
-    e = dict(os.environ)
-    e.pop("WORLD_SIZE", None)
-    e["PYTHONPATH"] = os.pathsep.join([REPO, MLM, e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(script), *BASE, "--train-iters", "3", *HEAD,
-                        "--probe-log-dir", str(log_dir)],
-                       cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    _ok(p.returncode, p.stdout)
-    assert "megatron-bottleneck: patched" not in p.stdout
-    assert p.stdout.count("installed a rank-16 low-rank LM head") == 1
-    assert sorted(losses(p.stdout)) == [1, 2, 3]
+    rc, out = run(1, [*HEAD, "--probe-log-dir", str(log_dir)], train_iters=3, script=script)
+    _ok(rc, out)
+    assert "megatron-bottleneck: patched" not in out
+    assert out.count("installed a rank-16 low-rank LM head") == 1
+    assert sorted(losses(out)) == [1, 2, 3]
     assert [r["step"] for r in records(log_dir)] == [0, 1, 2]
 
 
