@@ -2,10 +2,12 @@
 process groups, metrics sinks."""
 from .errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError, HeadConfigError,
                      RankFailure, error_messages)
-from .groups import default_dp_group, default_tp_group
-from .head import HeadView, find_head
+from .groups import default_dp_cp_group, default_dp_group, default_tp_group
+from .head import HeadView, LMHead, find_head, head_view, is_lm_head
+from .loss import FusedLossRecord, HeadLossStats, LossRequest
 from .sinks import MetricsLogger, read_jsonl
 
 __all__ = ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "HeadConfigError",
            "RankFailure", "error_messages",
-           "HeadView", "find_head", "default_tp_group", "default_dp_group", "MetricsLogger", "read_jsonl"]
+           "HeadView", "LMHead", "find_head", "head_view", "is_lm_head", "FusedLossRecord", "HeadLossStats",
+           "LossRequest", "default_tp_group", "default_dp_group", "default_dp_cp_group", "MetricsLogger", "read_jsonl"]

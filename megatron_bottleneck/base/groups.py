@@ -5,7 +5,7 @@ no group), used directly by the modules that need them.
 """
 from __future__ import annotations
 
-__all__ = ["default_tp_group", "default_dp_group"]
+__all__ = ["default_tp_group", "default_dp_group", "default_dp_cp_group"]
 
 
 def _parallel_state():
@@ -31,3 +31,12 @@ def default_dp_group(group=None):
         return group
     ps = _parallel_state()
     return ps.get_data_parallel_group() if ps is not None else None
+
+
+def default_dp_cp_group(group=None):
+    """``group`` if given, else Megatron's data x context parallel group when initialised, else None: the
+    ranks that hold different tokens of the same model replica's batch (one of them reports figures)."""
+    if group is not None:
+        return group
+    ps = _parallel_state()
+    return ps.get_data_parallel_group(with_context_parallel=True) if ps is not None else None

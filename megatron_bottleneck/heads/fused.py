@@ -1,170 +1,198 @@
-"""The LM head fused with its loss: GPTModel's forward with labels never builds the T x V logits.
+"""The LM head fused with its loss: a language model whose forward with labels never builds the T x V logits.
 
-:func:`head_loss` is the per-token cross-entropy of any head with Megatron's output-layer contract, through
-:func:`megatron_bottleneck.ops.linear_cross_entropy` (vocab chunks, online log-sum-exp, recomputing
-backward; vocab-parallel over TP; padded vocabulary excluded):
+Two explicit classes, no method of any instance replaced:
 
-* a :class:`~megatron_bottleneck.heads.LowRankOutputLayer` (W = A B): its :meth:`loss` (U = H B^T, all-gathered
-  under sequence parallelism as in its forward, then the fused op over A's vocab shard);
-* a dense head (Megatron's ``ColumnParallelLinear``, B = I): H itself (copied into the TP region, or gathered
-  under sequence parallelism), then the fused op over W's vocab shard.
+* :class:`DenseOutputLayer`: Megatron's dense ``ColumnParallelLinear`` head implementing the head contract
+  (:class:`~megatron_bottleneck.base.head.LMHead`): its fused loss runs over H itself (copied into the TP
+  region, or all-gathered under sequence parallelism) and W's vocab shard. ``as_lm_head(layer)`` turns a built
+  ``ColumnParallelLinear`` into one. (:class:`~megatron_bottleneck.heads.LowRankOutputLayer` implements the
+  contract already: U = H B^T and A's shard.)
+* :class:`FusedLossModel`: a mixin placed before a Megatron ``LanguageModule`` class (GPTModel, HybridModel):
+  ``fused_model_class(GPTModel)`` is the class ``FusedLossGPTModel``. Its ``forward`` with labels hands the
+  labels to the head for that one forward (a :class:`~megatron_bottleneck.heads.contract.LossContext`), the
+  head returns the per-token loss ``[s, b]`` instead of logits, and the model's ``_scale_logits`` (MuP) and
+  ``compute_language_model_loss`` let that loss through (``[b, s]``, as Megatron returns it). MuP's
+  ``mup_output_mult`` is folded into the fused op's input. Without labels (inference) the model returns logits
+  as always.
 
-The TP region supplies the all-reduce (reduce-scatter under SP) of dL/dU, exactly as for the unfused head.
+:func:`enable_fused_loss` makes a built model fused: each chunk's class becomes ``fused_model_class(type(chunk))``
+(the pattern torch's ``fully_shard`` uses for its FSDP classes: ``isinstance`` checks, state dicts, hooks and
+parameters are unchanged) and its dense head a :class:`DenseOutputLayer`. ``build_gpt_model(..., fused_loss=)``
+builds the fused class directly. Refused in one line: multi-token prediction (its heads read the logits),
+Megatron's own fused cross-entropy (``cross_entropy_loss_fusion``), Transformer Engine's MXFP8 LM head.
 
-:func:`enable_fused_loss` is the switch for a built model (GPTModel or any Megatron ``LanguageModule`` with an
-``output_layer``): with ``labels`` its forward returns the same per-token loss ``[b, s]`` as before, computed
-by :func:`head_loss`; without labels (inference) it returns logits as always. The head also honours, per call:
-
-* ``head.materialize_logits = True``: build the logits this time (the unfused path), e.g. for a measurement
-  that needs them;
-* ``head.collect_loss_stats = True``: keep the fused pass's :class:`~megatron_bottleneck.ops.HeadLossStats`
-  (per token sum_i p_i^2, p_y, lse) in ``head.last_loss_stats``, with the loss tensor it belongs to in
-  ``head.last_fused_loss``. Anything that needs ||dL/dz||^2 reads it from there (the gradient probe does);
-  the head knows nothing of who reads it.
+A head's ``loss_request`` (:class:`~megatron_bottleneck.base.loss.LossRequest`) says per forward whether to build
+the logits instead (``logits=True``) and whether to keep a record of the fused pass (``record=True``, for the
+gradient probe); the head knows nothing of who reads it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Dict, Optional
 
 import torch
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
-from megatron.core.utils import get_pg_rank, get_pg_size
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.utils import get_pg_rank
 
 from ..base.errors import HeadConfigError
-from ..base.head import find_head
-from ..ops import HeadLossStats, linear_cross_entropy
-from .low_rank import LowRankOutputLayer
+from ..base.head import HeadView, find_head, is_lm_head
+from ..base.loss import HeadLossStats
+from .contract import FusedHeadMixin, FusedLossConfig, LossContext, tp_region_input
 
-__all__ = ["FusedLossConfig", "head_loss", "enable_fused_loss", "disable_fused_loss"]
+__all__ = ["FusedLossConfig", "DenseOutputLayer", "FusedLossModel", "as_lm_head", "fused_model_class",
+           "enable_fused_loss", "disable_fused_loss", "head_loss", "is_fused"]
 
-
-@dataclass
-class FusedLossConfig:
-    """Options of the fused head + loss."""
-
-    label_smoothing: float = 0.0
-    """alpha in [0, 1): Megatron's label smoothing over the real vocabulary."""
-    z_loss_weight: float = 0.0
-    """w >= 0: adds w lse^2 per token (PaLM's z-loss)."""
-    memory_budget_mib: Optional[float] = None
-    """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs,
-    64 MiB on GPUs (``ops.default_memory_budget``)."""
-    fp8: Optional[Literal["e4m3"]] = None
-    """e4m3: the head's GEMMs in FP8 through ``torch._scaled_mm`` (opt-in; tokens and width multiples of 16)."""
+_UNFUSED_FLAGS = ("cross_entropy_loss_fusion", "use_fused_lce", "use_fused_linear_cross_entropy")
 
 
-def _dense_input(head, hidden: torch.Tensor) -> torch.Tensor:
-    """A dense head's fused-op input: H over the full sequence, in the TP region (as its forward does)."""
-    tp_group = getattr(head, "tp_group", None)
-    if getattr(head, "sequence_parallel", False) and get_pg_size(tp_group) > 1:
-        return gather_from_sequence_parallel_region(hidden, group=tp_group)
-    if get_pg_size(tp_group) > 1:
-        return copy_to_tensor_model_parallel_region(hidden, group=tp_group)
-    return hidden
+class DenseOutputLayer(FusedHeadMixin, ColumnParallelLinear):
+    """Megatron's dense LM head (``ColumnParallelLinear``, logits = H W^T) with the head contract.
 
-
-def head_loss(head, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
-              config: Optional[FusedLossConfig] = None, stats: Optional[HeadLossStats] = None) -> torch.Tensor:
-    """Per-token cross-entropy ``[s, b]`` of ``head``'s logits for ``hidden`` ``[s, b, D]`` (``[s/tp, b, D]``
-    under sequence parallelism) and ``labels`` ``[s, b]``, without the ``[s, b, V/tp]`` logits.
-
-    ``weight`` overrides the head's (vocab-sharded) weight as in its forward; the real vocabulary is
-    ``head.real_vocab_size`` when set (padded rows excluded), else the head's full size.
+    Not constructed directly: :func:`as_lm_head` converts a built head (its parameters, buffers and hooks stay).
+    ``vocab_size`` is the real vocabulary (default: the layer's full, possibly padded, output size).
     """
-    config = config or FusedLossConfig()
-    options = dict(label_smoothing=config.label_smoothing, z_loss_weight=config.z_loss_weight,
-                   memory_budget_bytes=(None if config.memory_budget_mib is None
-                                        else int(config.memory_budget_mib * 2 ** 20)), fp8=config.fp8, stats=stats)
-    if isinstance(head, LowRankOutputLayer):
-        return head.loss(hidden, labels, weight, **options)
-    w = head.weight if weight is None else weight
-    if w is None:
-        raise HeadConfigError("the head has no weight of its own (tied embeddings): pass weight= to head_loss.")
-    tp_group = getattr(head, "tp_group", None)
-    rows = w.shape[0]
-    vocab = getattr(head, "real_vocab_size", None) or rows * get_pg_size(tp_group)
-    return linear_cross_entropy(_dense_input(head, hidden), w, labels, tp_group=tp_group,
-                                vocab_start=get_pg_rank(tp_group) * rows, vocab_size=vocab, check_labels=False,
-                                **options)
+
+    def logits_forward(self, input_, weight=None, runtime_gather_output=None):
+        return ColumnParallelLinear.forward(self, input_, weight=weight, runtime_gather_output=runtime_gather_output)
+
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return tp_region_input(hidden, self.tp_group, self.sequence_parallel)
+
+    def loss_weight(self, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return self.weight if weight is None else weight
+
+    def probe_view(self, weight: Optional[torch.Tensor] = None) -> HeadView:
+        """F = W (this rank's shard), M = I."""
+        w = (self.weight if weight is None else weight).detach()
+        return HeadView(basis=w, mix=None, vocab_start=get_pg_rank(self.tp_group) * w.shape[0],
+                        vocab_size=self.vocab_size)
 
 
-class _FusedHead:
-    """Replaces ``head.forward`` on the instance: the fused loss while the model holds labels."""
+def as_lm_head(layer, vocab_size: Optional[int] = None):
+    """``layer`` as an :class:`~megatron_bottleneck.base.head.LMHead`: a head that implements it is returned
+    as it is (``vocab_size`` recorded when given); a Megatron ``ColumnParallelLinear`` becomes a
+    :class:`DenseOutputLayer` in place. Anything else is refused in one line."""
+    if is_lm_head(layer):
+        if vocab_size is not None:
+            layer.vocab_size = int(vocab_size)
+        return layer
+    if type(layer) is not ColumnParallelLinear:
+        raise HeadConfigError(
+            f"the LM head is a {type(layer).__name__}, which the fused loss cannot drive: it needs Megatron's "
+            "ColumnParallelLinear or a head implementing megatron_bottleneck.base.head.LMHead "
+            "(Transformer Engine's MXFP8 LM head: turn the MXFP8 output projection off).")
+    layer.__class__ = DenseOutputLayer
+    layer._init_contract(layer.output_size if vocab_size is None else vocab_size)
+    return layer
 
-    def __init__(self, model, head, config: FusedLossConfig):
-        self.model, self.head, self.config = model, head, config
-        self.labels: Optional[torch.Tensor] = None
-        self.original_forward = head.forward
-        self.original_loss = model.compute_language_model_loss
-        self.handles = [model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
-                        model.register_forward_hook(self._release_labels)]
-        head.forward = self.forward
-        model.compute_language_model_loss = self.compute_language_model_loss
 
-    def _capture_labels(self, _module, args, kwargs):
+class FusedLossModel:
+    """Mixin for a Megatron ``LanguageModule``: the forward with labels computes the loss fused with the head.
+
+    ``fused_loss_config`` (:class:`FusedLossConfig`) holds the options. See the module docstring.
+    """
+
+    fused_loss_config: FusedLossConfig = FusedLossConfig()
+
+    def forward(self, *args, **kwargs):
         labels = kwargs.get("labels", args[4] if len(args) > 4 else None)
-        self.labels = labels
-        return None
+        head = getattr(self, "output_layer", None) if getattr(self, "post_process", True) else None
+        if labels is None or head is None:
+            return super().forward(*args, **kwargs)
+        config = self.config
+        scale = float(getattr(config, "mup_output_mult", 1.0)) if getattr(config, "use_mup", False) else 1.0
+        head.loss_context = LossContext(labels.transpose(0, 1).contiguous(), self.fused_loss_config, scale,
+                                        bool(getattr(config, "gradient_accumulation_fusion", False)))
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            head.loss_context = None
 
-    def _release_labels(self, *_):
-        self.labels = None
+    def _fused_output(self, tensor) -> bool:
+        ctx = getattr(getattr(self, "output_layer", None), "loss_context", None)
+        return ctx is not None and ctx.output is not None and tensor is ctx.output
 
-    def forward(self, input_, weight=None, runtime_gather_output=None):
-        head = self.head
-        if self.labels is None or getattr(head, "materialize_logits", False):
-            return self.original_forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
-        stats = HeadLossStats() if getattr(head, "collect_loss_stats", False) else None
-        loss = head_loss(head, input_, self.labels.transpose(0, 1).contiguous(), weight, self.config, stats)
-        head.last_fused_loss, head.last_loss_stats = loss, stats
-        return loss, None
+    def _scale_logits(self, logits):
+        if self._fused_output(logits):  # the scale is already inside the fused loss
+            return logits
+        return super()._scale_logits(logits)
 
     def compute_language_model_loss(self, labels, logits):
-        if logits is getattr(self.head, "last_fused_loss", None):
+        if self._fused_output(logits):
             return logits.transpose(0, 1).contiguous()  # [s, b] -> [b, s], as Megatron returns it
-        return self.original_loss(labels, logits)
+        return super().compute_language_model_loss(labels, logits)
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        del self.head.forward  # the class's forward again
-        del self.model.compute_language_model_loss
+
+_FUSED_CLASSES: Dict[type, type] = {}
+
+
+def fused_model_class(cls: type) -> type:
+    """``FusedLoss<cls>``: the subclass of a Megatron language-model class with :class:`FusedLossModel` first
+    (one per class, cached), e.g. ``fused_model_class(GPTModel)(config=..., ...)``."""
+    if issubclass(cls, FusedLossModel):
+        return cls
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"FusedLoss{cls.__name__}", (FusedLossModel, cls),
+                                   {"__module__": __name__, "__doc__": f"{cls.__name__} with the fused head loss."})
+    return _FUSED_CLASSES[cls]
+
+
+def _language_module(chunk):
+    inner = chunk
+    while not hasattr(inner, "compute_language_model_loss") and isinstance(getattr(inner, "module", None),
+                                                                           torch.nn.Module):
+        inner = inner.module
+    return inner if hasattr(inner, "compute_language_model_loss") else None
+
+
+def check_fusable(config) -> None:
+    """One-line refusals for model settings the fused head loss cannot honour."""
+    if getattr(config, "mtp_num_layers", None):
+        raise HeadConfigError("the fused head loss does not support multi-token prediction (mtp_num_layers): "
+                              "disable one of them.")
+    for flag in _UNFUSED_FLAGS:
+        if getattr(config, flag, False):
+            raise HeadConfigError(
+                f"the fused head loss replaces Megatron's cross-entropy, but {flag}=True selects Megatron's own "
+                f"fused cross-entropy: set {flag}=False (Megatron-LM: drop --{flag.replace('_', '-')}; "
+                f"Megatron-Bridge: model.{flag}=False).")
 
 
 def enable_fused_loss(model, config: Optional[FusedLossConfig] = None):
-    """Make ``model``'s forward with labels use :func:`head_loss` (on every chunk that holds the head).
+    """Make ``model``'s forward with labels use the fused head + loss (on every chunk that holds the head).
 
     ``model``: a Megatron-Core language model or a list of (virtual pipeline) chunks, before or after DDP
-    wrapping. Idempotent; returns ``model``. Multi-token prediction is refused (its heads read the logits).
+    wrapping. Idempotent (a second call updates the options); returns ``model``.
     """
     config = config or FusedLossConfig()
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
+    for chunk in (list(model) if isinstance(model, (list, tuple)) else [model]):
         head = find_head(chunk)
-        if head is None:
+        inner = _language_module(chunk)
+        if head is None or inner is None:
             continue
-        inner = chunk
-        while not hasattr(inner, "compute_language_model_loss") and hasattr(inner, "module"):
-            inner = inner.module
-        if getattr(inner, "_fused_head", None) is not None:
-            continue
-        if getattr(getattr(inner, "config", None), "mtp_num_layers", None):
-            raise HeadConfigError("the fused head loss does not support multi-token prediction (mtp_num_layers): "
-                                  "disable one of them.")
-        inner._fused_head = _FusedHead(inner, head, config)
+        check_fusable(inner.config)
+        as_lm_head(head)
+        inner.__class__ = fused_model_class(type(inner))
+        inner.fused_loss_config = config
     return model
 
 
 def disable_fused_loss(model) -> None:
-    """Undo :func:`enable_fused_loss`."""
+    """Undo :func:`enable_fused_loss` (the model's class back to its own; the head keeps the contract)."""
     for chunk in (list(model) if isinstance(model, (list, tuple)) else [model]):
-        inner = chunk
-        while not hasattr(inner, "_fused_head") and hasattr(inner, "module"):
-            inner = inner.module
-        fused = getattr(inner, "_fused_head", None)
-        if fused is not None:
-            fused.remove()
-            inner._fused_head = None
+        inner = _language_module(chunk)
+        if inner is not None and isinstance(inner, FusedLossModel):
+            inner.__class__ = next(c for c in type(inner).__mro__[1:]
+                                   if c is not FusedLossModel and not issubclass(c, FusedLossModel))
+
+
+def is_fused(model) -> bool:
+    """Whether some chunk of ``model`` computes its loss with the fused head."""
+    return any(isinstance(_language_module(c), FusedLossModel)
+               for c in (list(model) if isinstance(model, (list, tuple)) else [model]))
+
+
+def head_loss(head, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
+              config: Optional[FusedLossConfig] = None, stats: Optional[HeadLossStats] = None) -> torch.Tensor:
+    """Per-token cross-entropy ``[s, b]`` of any head's logits for ``hidden`` and ``labels`` ``[s, b]``, without
+    the ``[s, b, V/tp]`` logits: ``as_lm_head(head).loss(...)``."""
+    return as_lm_head(head).loss(hidden, labels, weight, config=config, stats=stats)

@@ -17,7 +17,8 @@ from typing import Callable, List, Literal, Optional
 from megatron.core.distributed import DistributedDataParallel
 
 from ..base.errors import HeadConfigError
-from .fused import FusedLossConfig, disable_fused_loss, enable_fused_loss
+from ..base.head import is_lm_head
+from .fused import FusedLossConfig, enable_fused_loss
 from .low_rank import INIT_METHODS, LowRankOutputLayer, validate_head_shape
 
 __all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "require_transformer_engine",
@@ -130,14 +131,11 @@ def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=No
         gather_output=old.gather_output,
         tp_group=tp_group,
         device=old.weight.device if old.weight is not None else None,
+        real_vocab_size=old.vocab_size if is_lm_head(old) else None,
     )
-    fused = getattr(model, "_fused_head", None)  # a fused loss set up for the old head moves to the new one
-    if fused is not None:
-        disable_fused_loss(model)
-    model.output_layer = new
-    if head.fused_loss or fused is not None:
-        config = head.fused_loss if isinstance(head.fused_loss, FusedLossConfig) else getattr(fused, "config", None)
-        enable_fused_loss(model, config)
+    model.output_layer = new  # a fused model (FusedLossModel) drives whichever head it holds
+    if head.fused_loss:
+        enable_fused_loss(model, head.fused_loss if isinstance(head.fused_loss, FusedLossConfig) else None)
     return outer
 
 

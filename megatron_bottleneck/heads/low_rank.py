@@ -39,11 +39,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.nn import Parameter
@@ -51,17 +47,20 @@ from torch.nn import Parameter
 from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadView
-from ..ops import HeadLossStats, linear_cross_entropy
+from .contract import FusedHeadMixin, tp_region_input
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
 
 
-class LowRankOutputLayer(torch.nn.Module):
+class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
     """Drop-in replacement for ``GPTModel.output_layer`` with W = A B of rank ``rank``.
 
     Contract of Megatron's ``ColumnParallelLinear`` head: ``forward(input_, weight=None,
     runtime_gather_output=None) -> (logits, None)``, logits vocab-sharded ``[s, b, V/tp]`` unless
-    gathered (``gather_output`` or ``runtime_gather_output=True``). ``weight`` overrides A.
+    gathered (``gather_output`` or ``runtime_gather_output=True``). ``weight`` overrides A. Implements
+    :class:`~megatron_bottleneck.base.head.LMHead` (fused loss over U = H B^T and A's shard, probe view
+    F = A, M = B); ``real_vocab_size``: the tokenizer's vocabulary before Megatron's padding (default
+    ``vocab_size``), the head's ``vocab_size`` attribute.
     """
 
     def __init__(
@@ -78,6 +77,7 @@ class LowRankOutputLayer(torch.nn.Module):
         gather_output: bool = False,
         tp_group=None,
         device=None,
+        real_vocab_size: Optional[int] = None,
     ):
         super().__init__()
         self.tp_group = default_tp_group(tp_group)
@@ -104,6 +104,9 @@ class LowRankOutputLayer(torch.nn.Module):
         self.input_proj = Parameter(b.to(device=device, dtype=dtype))
         self.register_parameter("bias", None)
         self._tag_parameters()
+        if real_vocab_size is not None and not 2 <= real_vocab_size <= vocab_size:
+            raise HeadConfigError(f"real_vocab_size={real_vocab_size} must be in [2, {vocab_size}] (the padded size).")
+        self._init_contract(vocab_size if real_vocab_size is None else real_vocab_size)
 
     # ------------------------------------------------------------------ init
     def _initial_factors(self, init, init_std, init_weight, seed, tp) -> Tuple[torch.Tensor, ...]:
@@ -151,12 +154,13 @@ class LowRankOutputLayer(torch.nn.Module):
         self.input_proj.sequence_parallel = self.sequence_parallel
 
     # --------------------------------------------------------------- forward
-    def forward(
+    def logits_forward(
         self,
         input_: torch.Tensor,
         weight: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, None]:
+        """The unfused forward: logits ``[s, b, V/tp]`` = U A_local^T (gathered when asked)."""
         if weight is None:
             weight = self.weight
         elif tuple(weight.shape) != tuple(self.weight.shape):
@@ -175,31 +179,20 @@ class LowRankOutputLayer(torch.nn.Module):
         is applied to the local shard ``[s/tp, b, D]`` and U all-gathered (backward: reduce-scatter); else
         U is copied into the region (backward: all-reduce of dL/dU over the vocab shards)."""
         projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
-        if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(projected, group=self.tp_group)
-        if get_pg_size(self.tp_group) > 1:
-            return copy_to_tensor_model_parallel_region(projected, group=self.tp_group)
-        return projected
+        return tp_region_input(projected, self.tp_group, self.sequence_parallel)
 
-    def loss(self, input_: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
-             label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
-             memory_budget_bytes: Optional[int] = None, fp8: Optional[str] = None,
-             stats: Optional[HeadLossStats] = None) -> torch.Tensor:
-        """Per-token cross-entropy ``[s, b]`` of this head's logits, never building them.
+    # the fused loss's part of the head contract (FusedHeadMixin)
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.project(hidden)
 
-        ``input_``: H ``[s, b, D]`` (``[s/tp, b, D]`` under sequence parallelism); ``labels``: ``[s, b]``
-        (the layout of ``vocab_parallel_cross_entropy``'s target). U = :meth:`project` (H), then
-        :func:`megatron_bottleneck.ops.linear_cross_entropy` over A's vocab shard in chunks (online
-        log-sum-exp, recomputing backward; max and sum-exp all-reduced over TP; rows beyond
-        ``real_vocab_size`` excluded). Gradients reach A, B and H as through :meth:`forward` + CE.
-        """
-        a = self.weight if weight is None else weight
-        vocab = getattr(self, "real_vocab_size", None) or self.output_size
-        return linear_cross_entropy(
-            self.project(input_), a, labels, tp_group=self.tp_group,
-            vocab_start=get_pg_rank(self.tp_group) * self.output_size_per_partition, vocab_size=vocab,
-            label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, memory_budget_bytes=memory_budget_bytes,
-            fp8=fp8, stats=stats, check_labels=False)
+    def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        if weight is not None and tuple(weight.shape) != tuple(self.weight.shape):
+            raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
+                               f"{tuple(self.weight.shape)}")
+        return self.weight if weight is None else weight
+
+    def loss_mix(self) -> torch.Tensor:
+        return self.input_proj
 
     # ------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -217,14 +210,14 @@ class LowRankOutputLayer(torch.nn.Module):
             dp_cp_group=dp_cp_group,
         )
 
-    def probe_view(self, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None):
+    def probe_view(self, weight: Optional[torch.Tensor] = None) -> HeadView:
         """For the gradient probe: col(W) = col(A) (B has full rank r), W = A B."""
         a = (self.weight if weight is None else weight).detach()
         return HeadView(
             basis=a,
             mix=self.input_proj.detach(),
             vocab_start=get_pg_rank(self.tp_group) * self.output_size_per_partition,
-            vocab_size=self.output_size if vocab_size is None else vocab_size,
+            vocab_size=self.vocab_size,
         )
 
     def dense_weight(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Optional
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from ..heads.fused import FusedLossConfig, enable_fused_loss
+from ..heads.fused import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
 from ..heads.install import LowRankHeadConfig, install_low_rank_head, require_transformer_engine_for_fp8
 from ..heads.low_rank import validate_head_shape
 from .llama import llama_block_spec
@@ -41,8 +41,9 @@ def build_gpt_model(
     ``vocab_size`` must already be padded for TP (see :func:`padded_vocab_size`). ``layer_spec``
     defaults to :func:`megatron_bottleneck.models.llama_block_spec`. ``head_rank=None`` keeps
     Megatron's dense head. ``real_vocab_size``: the tokenizer's vocabulary before padding, recorded on the
-    head as ``real_vocab_size`` so the probe leaves the padding out (pass ``vocab_size`` when nothing is padded).
-    ``fused_loss`` (True or a :class:`~megatron_bottleneck.heads.FusedLossConfig`): the forward with labels
+    head as its ``vocab_size`` (the head contract) so the probe and the fused loss leave the padding out.
+    ``fused_loss`` (True or a :class:`~megatron_bottleneck.heads.FusedLossConfig`): the model is a
+    ``FusedLossGPTModel`` (:func:`~megatron_bottleneck.heads.fused_model_class`) whose forward with labels
     computes the loss with the fused head + cross-entropy (no T x V logits; dense or low-rank head).
     """
     require_transformer_engine_for_fp8(config)
@@ -58,7 +59,9 @@ def build_gpt_model(
     if layer_spec is None:
         layer_spec = llama_block_spec(config, vp_stage=vp_stage)
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
-    model = GPTModel(
+    if fused_loss:
+        check_fusable(config)
+    model = (fused_model_class(GPTModel) if fused_loss else GPTModel)(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=vocab_size,
@@ -71,8 +74,8 @@ def build_gpt_model(
     )
     if head is not None:
         install_low_rank_head(model, head)
-    if post_process and real_vocab_size is not None:
-        model.output_layer.real_vocab_size = real_vocab_size
+    if post_process and (real_vocab_size is not None or fused_loss):
+        as_lm_head(model.output_layer, real_vocab_size)
     if fused_loss:
-        enable_fused_loss(model, fused_loss if isinstance(fused_loss, FusedLossConfig) else None)
+        model.fused_loss_config = fused_loss if isinstance(fused_loss, FusedLossConfig) else FusedLossConfig()
     return model

@@ -44,12 +44,12 @@ keeps the torch loops (see :func:`.triton_linear_cross_entropy.should_use`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from ..base.loss import HeadLossStats
 from . import fp8 as fp8_ops
 from . import triton_linear_cross_entropy as triton_lce
 from .common import _add_target_terms, _group_rank, _group_size
@@ -58,46 +58,6 @@ from .reduced import _ReducedLinearCrossEntropy
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes for one chunk's float32 working tensors (GPUs; scalar-loss path)
 CPU_MEMORY_BUDGET = 16 * 2**20  # per-token path on CPUs: a smaller [T, C] chunk stays nearer the caches
 _MIN_CHUNK = 16
-
-
-@dataclass
-class HeadLossStats:
-    """Per-token softmax figures filled by :func:`linear_cross_entropy`'s forward (summed over TP).
-
-    sum_p2 [T]: sum_i p_ti^2 over the real classes. p_target [T]: p_{t, y_t}. lse [T]: log-sum-exp.
-    valid [T] bool: not ignored (ignored tokens have sum_p2 = p_target = 0). Shapes follow the loss
-    ([T] or [s, b]). label_smoothing, z_loss_weight and vocab_size are copied from the call.
-
-    :meth:`logit_grad_sq_norm` gives ||dL/dz_t||^2 per token without any T x V tensor; a probe sums it
-    for ||G||_F^2 (with grad_out = dL/dloss_t, e.g. loss_mask / num_tokens).
-    """
-
-    sum_p2: Optional[torch.Tensor] = None
-    p_target: Optional[torch.Tensor] = None
-    lse: Optional[torch.Tensor] = None
-    valid: Optional[torch.Tensor] = None
-    label_smoothing: float = 0.0
-    z_loss_weight: float = 0.0
-    vocab_size: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def logit_grad_sq_norm(self, grad_out) -> torch.Tensor:
-        """Per-token ||dL/dz_t||^2 (float64, shape of the loss) for dL/dloss_t = grad_out.
-
-        With c = 1 + 2 w lse and q = (1 - s) e_y + s / V (s = alpha V / (V - 1)):
-        ||c p - q||^2 = c^2 sum p^2 - 2 c ((1 - s) p_y + s / V) + (1 - s)^2 + 2 (1 - s) s / V + s^2 / V.
-        Without smoothing or z-loss this is sum_i p_i^2 - 2 p_y + 1. Absolute error ~1e-7 per token
-        (float32 p), so tokens with p_y -> 1 have a relatively inaccurate (tiny) norm.
-        """
-        if self.sum_p2 is None:
-            raise ValueError("HeadLossStats is empty: pass it as stats= to linear_cross_entropy first.")
-        v = float(self.vocab_size)
-        s = self.label_smoothing * v / (v - 1) if self.label_smoothing > 0 else 0.0
-        c = 1.0 + 2.0 * self.z_loss_weight * self.lse.double()
-        q2 = (1 - s) ** 2 + 2 * (1 - s) * s / v + s * s / v
-        n2 = c * c * self.sum_p2.double() - 2 * c * ((1 - s) * self.p_target.double() + s / v) + q2
-        g = torch.as_tensor(grad_out, dtype=torch.float64, device=n2.device)
-        return torch.where(self.valid, n2.clamp(min=0) * g * g, torch.zeros_like(n2))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -348,6 +308,8 @@ def linear_cross_entropy(
     reduce_grad_input: bool = False,
     check_labels: bool = True,
     reduction: str = "none",
+    kernel: str = "torch",
+    weight_grad_into_main_grad: bool = False,
 ) -> torch.Tensor:
     """Per-token cross-entropy of logits u F^T over the vocabulary, without materialising them.
 

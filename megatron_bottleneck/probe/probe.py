@@ -1,28 +1,40 @@
 """``GradientProbe``: measure the LM-head gradient bottleneck on the real training step.
 
-How it works. ``watch(model)`` puts a forward hook on the head (``output_layer``) of the model chunk
-that holds it (last pipeline stage; elsewhere the probe stays idle). On a step due for measurement
-the hook registers a tensor hook on the logits, so the backward pass hands over the logit gradient
-G of that micro-batch (its vocab shard) together with the head input H and the head's
-:class:`~megatron_bottleneck.base.head.HeadView`. The math (:mod:`.stats`, :mod:`.spectrum`) does
-only local work per micro-batch; when the micro-batch that completes the step has gone through
-backward, the few small all-reduces over the TP group run and one record per step is logged. There
-is no second backward and nothing is written into gradients or RNG state (the hooks return None).
+How it works. ``watch(model)`` puts a forward pre-hook and a forward hook on the head (``output_layer``) of the
+model chunk that holds it (last pipeline stage; elsewhere the probe stays idle). On a step due for
+measurement, the forward hook registers tensor hooks so the backward pass hands over, per micro-batch:
 
-Intervals (0 = off): ``interval`` for the cheap figures (norms, destroyed ratio, visible cosine,
-isotropic baseline); ``update_interval`` for cos(-G, dZ), which costs one extra T x D x V/tp
-product; ``rank_interval`` for the Gram-based rank figures, accumulated over micro-batches and steps
-until ``rank_token_budget`` tokens.
+* unfused head (logits exist): the logit gradient G (its vocab shard) and dL/dH at the head input;
+* fused head + loss (:class:`~megatron_bottleneck.base.head.LMHead` with a
+  :class:`~megatron_bottleneck.base.loss.FusedLossRecord`): dL/dloss_t, from which the fused pass's statistics
+  give ||dL/dz_t||^2 exactly (no logits), and dL/dH. Update and rank figures need G itself: the probe
+  recomputes it (:func:`megatron_bottleneck.ops.logit_grad_rows`) for a *token slice* of each micro-batch, at most
+  ``slice_memory_mib`` of float32 ``[tokens, V/tp]``, so a probed step stays within the fused path's memory.
 
-Reporting: the probe runs on every rank holding the head; the figures describe the micro-batches of
-data-parallel rank 0 and are logged by its TP rank 0 (``is_reporter``). Failures inside the probe
-(any exception) are logged as a warning and switch the probe off: training never stops for it.
+The math (:mod:`.stats`, :mod:`.spectrum`) does local work only inside the hooks: no host synchronisation and
+no collective that can be skipped (the one collective in a hook, the padding correction of an unfused head
+over a padded vocabulary, is entered by every TP rank whatever happened before it). When the step's last
+micro-batch has gone through backward, each rank builds its local partial sums (still on the device).
+
+:meth:`GradientProbe.end_step`, after the schedule, does the rest: one SUM all-reduce over the head's TP group
+of everything (with a failure flag), the figures on the device, and one transfer to the host: the only host
+synchronisation of the probe, once per recorded step. Call it after each step's forward-backward (the trainer,
+the Bridge and Lightning callbacks and the Megatron-LM integration do); otherwise the next step's first forward
+calls it, and :meth:`remove` calls it for the last step.
+
+Failing together: an exception in any rank's probe code is caught there (training never stops for it); that
+rank still enters every collective, with zeros and its flag set, so at ``end_step`` every rank of the TP group
+learns of it from the same reduction and switches its probe off: no stall, no rank left alone in a collective.
+
+Reporting: the figures describe the micro-batches of data-parallel rank 0 and are logged by rank 0 of its
+tensor-parallel group among the ranks of data x context parallel rank 0 (``is_reporter``).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -31,44 +43,16 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..base.errors import ConfigError
-from ..base.groups import default_dp_group, default_tp_group
-from ..base.head import HeadView, find_head
+from ..base.groups import default_dp_cp_group, default_tp_group
+from ..base.head import HeadView, find_head, head_view, is_lm_head
 from ..base.sinks import MetricsLogger
+from ..ops.logit_grad import logit_grad_rows, slice_rows
 from .spectrum import GramAccumulator
 from .stats import StepAccumulator
 
 log = logging.getLogger(__name__)
 
-
-def _hook(fn):
-    """A probe hook: any exception switches the probe off (training never stops for it) and the hook returns
-    None; its time is counted in ``seconds`` when ``time_hooks`` is on (synchronising CUDA)."""
-
-    def guarded(self, *args):
-        try:
-            fn(self, *args)
-        except Exception as exc:  # never break training
-            self._disable(exc)
-
-    def hook(self, *args):
-        if not self.time_hooks:
-            return guarded(self, *args)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            return guarded(self, *args)
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - t0
-
-    return hook
-
-
-def _width(view: HeadView) -> int:
-    """D, the head's input width, from its view (the basis's width for a dense head, the mix's otherwise)."""
-    return view.basis.shape[-1] if view.mix is None else view.mix.shape[-1]
+__all__ = ["GradientProbe", "ProbeConfig", "head_view"]
 
 
 @dataclass
@@ -91,7 +75,11 @@ class ProbeConfig:
     """Destroyed ratio per token-position bucket (0: off)."""
     vocab_size: Optional[int] = None
     """Real (unpadded) vocabulary; columns beyond it are Megatron's padding and excluded. None: the head's
-    ``real_vocab_size`` if it has one, else its full (padded) size, with a warning when that is padded."""
+    ``vocab_size`` (head contract) if it has one, else its full (padded) size, with a warning when that is padded."""
+    slice_memory_mib: float = 64.0
+    """Fused head + loss only: update and rank figures come from the logit gradient of the first tokens of each
+    micro-batch, recomputed in at most this many MiB of float32 ``[tokens, V/tp]`` (update figures then describe
+    that token slice: ``update_tokens`` says how many)."""
     log_dir: Optional[str] = None
     """Where ``probe.jsonl`` (and ``tensorboard/``) go; None: keep figures in ``history`` only."""
     tensorboard: bool = True
@@ -105,26 +93,80 @@ class ProbeConfig:
                 raise ConfigError(f"probe.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
         if self.rank_interval and self.rank_token_budget < 2:
             raise ConfigError(f"probe.rank_token_budget must be >= 2, got {self.rank_token_budget}")
+        if not self.slice_memory_mib > 0:
+            raise ConfigError(f"probe.slice_memory_mib must be > 0, got {self.slice_memory_mib}")
 
 
-def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> HeadView:
-    """The probe's view of a head module: a basis F of col(W) (vocab shard) and W = F M.
+@dataclass
+class _Plan:
+    """What a step measures; decided at its first micro-batch, the same on every rank."""
 
-    Heads may define ``probe_view(weight, vocab_size) -> HeadView`` (the low-rank head does);
-    otherwise a dense head with ``weight`` of shape (V/tp, D) is assumed (Megatron's
-    ``ColumnParallelLinear``, ``torch.nn.Linear``). ``weight`` is the one passed to forward, if any
-    (tied embeddings). ``vocab_size``: the real vocabulary (None: the head's ``real_vocab_size`` if set).
-    """
-    if vocab_size is None:
-        vocab_size = getattr(head, "real_vocab_size", None)
-    if hasattr(head, "probe_view"):
-        return head.probe_view(weight=weight, vocab_size=vocab_size)
-    w = head.weight if weight is None else weight
-    rows = w.shape[0]
-    group = getattr(head, "tp_group", None)
-    total = getattr(head, "output_size", rows * get_pg_size(group))
-    return HeadView(basis=w.detach(), mix=None, vocab_start=get_pg_rank(group) * rows,
-                    vocab_size=vocab_size if vocab_size is not None else total)
+    cheap: bool
+    update: bool
+    rank: bool
+
+    @property
+    def any(self) -> bool:
+        return self.cheap or self.update or self.rank
+
+
+@dataclass
+class _Shape:
+    """k (basis width), d (head input width), r (mix rows; None for a dense head), V_local, padded."""
+
+    k: int
+    d: int
+    r: Optional[int]
+    v_local: int
+    padded: bool
+
+
+@dataclass
+class _MicroBatch:
+    """One probed micro-batch: what its hooks share."""
+
+    fused: bool
+    rows: int  # tokens of the head input on this rank ([s(/tp), b] flattened)
+    slice_rows: int = 0  # fused: tokens whose G is recomputed (update / rank)
+    gram_rows: int = 0  # tokens entering the rank figures
+    view: Optional[HeadView] = None
+    hidden: Optional[torch.Tensor] = None
+    full_hidden: Optional[torch.Tensor] = None
+    record: object = None
+    pending: int = 2  # hooks still to fire before the micro-batch counts
+
+
+@dataclass
+class _Closed:
+    """A step whose backward is done: its local payload, waiting for :meth:`GradientProbe.end_step`."""
+
+    step: int
+    sizes: List[int]
+    payload: Optional[torch.Tensor]
+    acc: Optional[StepAccumulator]
+    slice_acc: Optional[StepAccumulator]
+    gram: Optional[GramAccumulator]
+    gram_tokens: int
+    width: int
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def _megatron_num_microbatches() -> int:
+    try:
+        return int(get_num_microbatches())
+    except Exception:  # calculator not initialised: one micro-batch per step
+        return 1
+
+
+def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
+    """All-gather a sequence-sharded [s/tp, b, D] tensor along dim 0 (no autograd)."""
+    world = get_pg_size(group)
+    if world == 1:
+        return hidden.detach()
+    h = hidden.detach().contiguous()
+    out = torch.empty((h.shape[0] * world,) + tuple(h.shape[1:]), dtype=h.dtype, device=h.device)
+    dist.all_gather_into_tensor(out, h, group=group)
+    return out
 
 
 class GradientProbe:
@@ -141,12 +183,19 @@ class GradientProbe:
         self.time_hooks = False  # benchmarking: accumulate the time spent in the probe in `seconds`
         self.seconds = 0.0
         self.history: List[Dict[str, float]] = []
+        self.last_error: Optional[str] = None
         self._logger = logger
         self._handles = []
         self._head = None
+        self._shape: Optional[_Shape] = None
         self._seen = 0
-        self._step_acc: Optional[StepAccumulator] = None
+        self._plan: Optional[_Plan] = None
+        self._failed: Optional[BaseException] = None
+        self._acc: Optional[StepAccumulator] = None
+        self._slice: Optional[StepAccumulator] = None
         self._gram: Optional[GramAccumulator] = None
+        self._closed: Optional[_Closed] = None
+        self._was_reporter = False
         self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
 
     # ------------------------------------------------------------------ setup
@@ -173,7 +222,8 @@ class GradientProbe:
             return self
         self._head = head
         self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
-        self.dp_group = default_dp_group(self.dp_group)
+        self.dp_group = default_dp_cp_group(self.dp_group)
+        self._shape = self._head_shape(head, None)
         self._warn_if_vocab_unknown(head)
         self._handles.append(head.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
@@ -186,24 +236,34 @@ class GradientProbe:
         self._callbacks.append(fn)
 
     def remove(self) -> None:
-        """Detach from the head and close the logs (``is_reporter`` keeps its last value)."""
+        """Finish a pending step, detach from the head and close the logs (``is_reporter`` keeps its value)."""
+        self.end_step()
         self._was_reporter = self.is_reporter
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._head is not None:
-            self._head.collect_loss_stats = self._head.materialize_logits = False
+        if self._head is not None and is_lm_head(self._head):
+            self._head.loss_request.record = False
         self._head = None
         if self._logger is not None:
             self._logger.close()
             self._logger = None
 
+    def _view(self, head, weight=None) -> HeadView:
+        return head_view(head, weight, self.config.vocab_size)
+
+    def _head_shape(self, head, weight) -> _Shape:
+        view = self._view(head, weight)
+        k, v_local = view.basis.shape[1], view.basis.shape[0]
+        d = k if view.mix is None else view.mix.shape[1]
+        return _Shape(k=k, d=d, r=None if view.mix is None else view.mix.shape[0], v_local=v_local,
+                      padded=view.vocab_size < get_pg_size(self.tp_group) * v_local)
+
     def _warn_if_vocab_unknown(self, head) -> None:
         """Megatron pads V to a multiple of 128 x TP; without the real size the padded columns would count."""
-        if self.config.vocab_size is not None or getattr(head, "real_vocab_size", None) is not None:
+        if self.config.vocab_size is not None or is_lm_head(head):
             return
-        view = head_view(head)
-        total = view.basis.shape[0] * get_pg_size(self.tp_group)
+        total = self._shape.v_local * get_pg_size(self.tp_group)
         if total % 128 == 0:
             log.warning("GradientProbe: the real vocabulary size is unknown, so its figures count all %d columns "
                         "of the head, which may include Megatron's padding (and then differ across TP sizes). "
@@ -212,136 +272,336 @@ class GradientProbe:
     @property
     def is_reporter(self) -> bool:
         if self._head is None:
-            return getattr(self, "_was_reporter", False)
+            return self._was_reporter
         return get_pg_rank(self.tp_group) == 0 and get_pg_rank(self.dp_group) == 0
 
-    # ------------------------------------------------------------- schedule
+    # ------------------------------------------------------------- hooks
+    @contextmanager
+    def _timed(self):
+        if not self.time_hooks:
+            yield
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t0
+
+    def _try(self, fn, *args):
+        """Run local probe work; an exception marks this rank failed for the step (no re-raise)."""
+        if self._failed is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # never break training: the TP group learns of it at end_step
+            self._failed = exc
+            return None
+
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
 
-    @_hook
-    def _on_forward(self, module, args, kwargs, output):
-        if not (self.enabled and module.training and torch.is_grad_enabled()):
-            return None
-        cfg = self.config
-        cheap, update = self._due(cfg.interval), self._due(cfg.update_interval)
-        rank = self._due(cfg.rank_interval) or (self._gram is not None and not self._gram.full)
-        logits = output[0] if isinstance(output, (tuple, list)) else output
-        if not (cheap or update or rank) or not logits.requires_grad:
-            self._count_microbatch(None)
-            return None
-        stats = getattr(module, "last_loss_stats", None)
-        fused = stats is not None and getattr(module, "last_fused_loss", None) is logits  # per-token loss, no G
-        if fused:  # G itself is not there: only the cheap figures this time
-            update, rank = False, False
-            if not cheap:
-                self._count_microbatch(None)
-                return None
-        hidden = args[0] if args else kwargs["input_"]
-        view = head_view(module, kwargs.get("weight"), cfg.vocab_size)
-        sp = bool(getattr(module, "sequence_parallel", False))
-        full = _gather_sequence(hidden, self.tp_group) if (update and sp) else hidden.detach()
-        if (cheap or update) and self._step_acc is None:
-            self._step_acc = StepAccumulator(update=update, sequence_parallel=sp,
-                                             num_buckets=cfg.num_buckets, tp_group=self.tp_group)
-        if rank and self._gram is None:
-            self._gram = GramAccumulator(cfg.rank_token_budget)
-        acc = self._step_acc if (cheap or update) else None
-        gram = self._gram if rank else None
-        watch_hidden = acc is not None and hidden.requires_grad
-        if fused:  # ||G||^2 per token from the fused pass's statistics and dL/dloss_t; dH as always
-            logits.register_hook(lambda g: self._on_loss_grad(g, stats, view, acc, not watch_hidden))
-        else:
-            logits.register_hook(lambda g: self._on_logit_grad(g, view, full, acc, gram, not watch_hidden))
-        if watch_hidden:
-            h = hidden.detach()
-            hidden.register_hook(lambda dh: self._on_hidden_grad(dh, h, acc))
-
-    @_hook
-    def _on_loss_grad(self, grad_out, stats, view, acc, last):
-        if acc is not None:
-            acc.add_logit_sq_norms(stats.logit_grad_sq_norm(grad_out), view)
-        if last:
-            self._count_microbatch(_width(view))
-
-    @_hook
     def _before_forward(self, module, args, kwargs):
-        """A fused head + loss gives the probe ||G||^2 (from statistics it keeps when asked, on steps with
-        cheap figures) but not G: on steps that need G itself (update or rank figures) ask the head to build
-        the logits."""
-        if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
+        """First micro-batch of a step: finish the previous step if nobody did, decide this step's plan and
+        tell a head implementing the contract whether to keep a record of its fused pass."""
+        if not (module.training and torch.is_grad_enabled()):
+            if is_lm_head(module):
+                module.loss_request.record = False
             return None
-        cfg = self.config
-        module.materialize_logits = bool(self._due(cfg.update_interval) or self._due(cfg.rank_interval) or (
-            self._gram is not None and not self._gram.full))
-        module.collect_loss_stats = self._due(cfg.interval)  # the fused pass's statistics, only when used
+        with self._timed():
+            if self._seen == 0:
+                if self._closed is not None:
+                    self.end_step()
+                cfg = self.config
+                rank = self._due(cfg.rank_interval) or (self._gram is not None and not self._gram.full)
+                self._plan = _Plan(cheap=self._due(cfg.interval), update=self._due(cfg.update_interval), rank=rank)
+            if is_lm_head(module):
+                module.loss_request.record = bool(self.enabled and self._plan.any and module.training
+                                                  and torch.is_grad_enabled())
+        return None
 
-    @_hook
-    def _on_logit_grad(self, grad, view, full_hidden, acc, gram, last):
-        if acc is not None:
-            acc.add_logit_grad(grad, view, full_hidden if acc.update else None)
-        if gram is not None:
-            gram.add(grad, view)
-        if last:
-            self._count_microbatch(_width(view))
+    def _on_forward(self, module, args, kwargs, output):
+        with self._timed():
+            plan = self._plan
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            if not (self.enabled and module.training and torch.is_grad_enabled()):
+                return None
+            if not (plan is not None and plan.any and isinstance(logits, torch.Tensor) and logits.requires_grad):
+                self._count_microbatch()
+                return None
+            hidden = args[0] if args else kwargs["input_"]
+            record = getattr(module, "last_loss", None) if is_lm_head(module) else None
+            fused = record is not None and record.loss is logits
+            self._step_fused = fused
+            if is_lm_head(module):
+                module.last_loss = None  # the record lives in this micro-batch's hooks only
+            rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+            mb = _MicroBatch(fused=fused, rows=rows, record=record)
+            shape = self._shape
+            if fused and (plan.update or plan.rank):
+                mb.slice_rows = min(rows, slice_rows(int(self.config.slice_memory_mib * 2 ** 20), shape.v_local))
+            sp = bool(getattr(module, "sequence_parallel", False)) and get_pg_size(self.tp_group) > 1
+            if plan.rank:
+                if self._gram is None:
+                    self._gram = GramAccumulator(self.config.rank_token_budget)
+                full_rows = mb.slice_rows if fused else rows * (get_pg_size(self.tp_group) if sp else 1)
+                mb.gram_rows = self._gram.take(full_rows)
+                self._gram.tokens += mb.gram_rows  # counted here, the same on every rank, whatever fails later
+            watch_hidden = (plan.cheap or plan.update) and hidden.requires_grad
+            self._step_watch_hidden = watch_hidden
+            # Collectives first and unconditionally (every TP rank takes the same branch).
+            if plan.update and sp:
+                mb.full_hidden = _gather_sequence(hidden, self.tp_group)
+            elif plan.update:
+                mb.full_hidden = hidden.detach()
+            mb.hidden = hidden.detach()
+            mb.pending = 1 + int(watch_hidden)
+            target = logits
+            target.register_hook(lambda g: self._on_output_grad(g, mb, sp))
+            if watch_hidden:
+                hidden.register_hook(lambda dh: self._on_hidden_grad(dh, mb))
+            self._try(self._prepare, module, kwargs.get("weight"), mb, plan, sp, watch_hidden)
+        return None
 
-    @_hook
-    def _on_hidden_grad(self, hidden_grad, hidden, acc):
-        acc.add_hidden_grad(hidden_grad, hidden if acc.update else None)
-        self._count_microbatch(hidden.shape[-1])
+    def _prepare(self, module, weight, mb: _MicroBatch, plan: _Plan, sp: bool, watch_hidden: bool) -> None:
+        mb.view = self._view(module, weight)
+        if watch_hidden and self._acc is None:
+            self._acc = StepAccumulator(update=plan.update and not mb.fused, sequence_parallel=sp,
+                                        num_buckets=self.config.num_buckets, tp_group=self.tp_group)
+        if mb.fused and plan.update and watch_hidden and self._slice is None:
+            # the slice's token sums live on TP rank 0 (its first rows are rank 0's under SP too): no SP sums
+            self._slice = StepAccumulator(update=True, sequence_parallel=False, tp_group=self.tp_group,
+                                          padding=False)
 
-    def _count_microbatch(self, hidden_size: Optional[int]) -> None:
+    def _on_output_grad(self, grad, mb: _MicroBatch, sp: bool) -> None:
+        """dL/dlogits (unfused: G's vocab shard [s, b, V/tp]) or dL/dloss_t (fused: [s, b])."""
+        with self._timed():
+            if mb.fused:
+                self._try(self._fused_output_grad, grad, mb)
+            else:
+                e = self._try(self._unfused_output_grad, grad, mb)
+                if self._shape.padded and (self._plan.cheap or self._plan.update) and mb.pending > 1:
+                    # padding correction: every TP rank enters this one collective, zeros if it failed
+                    if e is None:
+                        e = torch.zeros(grad.reshape(-1, grad.shape[-1]).shape[0], self._shape.k,
+                                        dtype=torch.float32, device=grad.device)
+                    e = StepAccumulator.reduce_padding(e, self.tp_group, sp)
+                    self._try(lambda: self._acc.push_padding(e))
+                if mb.gram_rows and self._gram is not None:
+                    self._try(self._gram.add, grad, mb.view, mb.gram_rows)
+            self._microbatch_hook_done(mb)
+
+    def _unfused_output_grad(self, grad, mb: _MicroBatch):
+        acc = self._acc
+        if acc is None:
+            return None
+        acc.add_logit_grad(grad, mb.view, mb.full_hidden if acc.update else None, padding=False)
+        return acc.padding_local(grad, mb.view) if self._shape.padded else None
+
+    def _fused_output_grad(self, grad_out, mb: _MicroBatch) -> None:
+        rec = mb.record
+        if self._acc is not None:
+            self._acc.add_logit_sq_norms(rec.stats.logit_grad_sq_norm(grad_out), mb.view)
+        n = mb.slice_rows
+        if not n or (self._slice is None and not mb.gram_rows):
+            return
+        st = rec.stats
+        g = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1])[:n], rec.weight, rec.labels.reshape(-1)[:n],
+                            st.lse.reshape(-1)[:n], grad_out.reshape(-1)[:n], vocab_start=rec.vocab_start,
+                            vocab_size=rec.vocab_size, label_smoothing=st.label_smoothing,
+                            z_loss_weight=st.z_loss_weight)
+        if self._slice is not None:
+            self._slice.add_logit_grad(g, mb.view, mb.full_hidden.reshape(-1, mb.full_hidden.shape[-1])[:n],
+                                       padding=False)
+        if mb.gram_rows and self._gram is not None:
+            self._gram.add(g, mb.view, mb.gram_rows)
+
+    def _on_hidden_grad(self, hidden_grad, mb: _MicroBatch) -> None:
+        with self._timed():
+            self._try(self._hidden_grad, hidden_grad, mb)
+            self._microbatch_hook_done(mb)
+
+    def _hidden_grad(self, hidden_grad, mb: _MicroBatch) -> None:
+        if self._acc is not None:
+            self._acc.add_hidden_grad(hidden_grad, mb.hidden if self._acc.update else None)
+        if self._slice is not None and mb.slice_rows:
+            n = mb.slice_rows
+            d = hidden_grad.shape[-1]
+            self._slice.add_hidden_grad(hidden_grad.reshape(-1, d)[:n], mb.hidden.reshape(-1, d)[:n])
+
+    def _microbatch_hook_done(self, mb: _MicroBatch) -> None:
+        mb.pending -= 1
+        if mb.pending == 0:
+            self._count_microbatch(mb)
+
+    def _count_microbatch(self, mb: Optional[_MicroBatch] = None) -> None:
         self._seen += 1
+        if mb is not None:
+            self._width = mb.hidden.shape[-1]
         if self._seen < self.num_microbatches:
             return
         self._seen = 0
-        figures: Dict[str, float] = {}
-        if self._step_acc is not None:
-            figures.update(self._step_acc.finalize(self.tp_group))
-            self._step_acc = None
-        if self._gram is not None and self._gram.full:
-            kw = {"rtol": self.config.rank_rtol, "energy_ks": tuple(self.config.energy_ks)}
-            if hidden_size:
-                kw["residual_ranks"] = (2 * hidden_size,)
-            figures.update(self._gram.finalize(self.tp_group, **kw))
-            self._gram = None
-        if figures:
-            self._record(figures)
+        plan = self._plan
+        gram_full = self._gram is not None and self._gram.full
+        if plan is not None and ((plan.cheap or plan.update) and getattr(self, "_step_watch_hidden", False)
+                                 or gram_full):
+            self._close(plan)
+        self._step_watch_hidden = False
         self.step += 1
 
-    def _record(self, figures: Dict[str, float]) -> None:
-        self.history.append({"step": self.step, **figures})
+    # ------------------------------------------------------------- step end
+    def _sizes(self, plan: _Plan, gram_tokens: int) -> List[int]:
+        """Lengths of the step's payload parts, from shapes and the plan alone (a failed rank knows them too)."""
+        s, nb = self._shape, self.config.num_buckets
+        sizes = [1, 0, 0, 0]
+        fused = getattr(self, "_step_fused", False)
+        if (plan.cheap or plan.update) and getattr(self, "_step_watch_hidden", False):
+            update = plan.update and not fused
+            reduced = s.r if (s.r is not None and s.r < s.d and not update and not nb) else None
+            sizes[1] = StepAccumulator.payload_size(s.k, s.d, reduced, nb, update)
+            if fused and plan.update:
+                sizes[2] = StepAccumulator.payload_size(s.k, s.d, None, 0, True)
+        sizes[3] = gram_tokens * gram_tokens
+        return sizes
+
+    def _close(self, plan: _Plan) -> None:
+        """The step's backward is done: build the local payload (device work, before any optimizer step changes
+        the weights) for :meth:`end_step`."""
+        gram = self._gram if (self._gram is not None and self._gram.full) else None
+        gram_tokens = gram.tokens if gram is not None else 0
+        payload = self._try(self._local_payload, plan, gram)
+        self._closed = _Closed(step=self.step, sizes=self._sizes(plan, gram_tokens), payload=payload,
+                               acc=self._acc, slice_acc=self._slice, gram=gram, gram_tokens=gram_tokens,
+                               width=getattr(self, "_width", 0))
+        self._acc = self._slice = None
+        if gram is not None:
+            self._gram = None
+
+    def _local_payload(self, plan: _Plan, gram: Optional[GramAccumulator]) -> torch.Tensor:
+        parts = []
+        parts.append(self._acc.local_payload() if (plan.cheap or plan.update) and self._acc is not None
+                     else torch.zeros(0, dtype=torch.float64))
+        parts.append(self._slice.local_payload() if self._slice is not None else torch.zeros(0, dtype=torch.float64))
+        parts.append(gram.local_payload() if gram is not None else torch.zeros(0, dtype=torch.float64))
+        device = next((p.device for p in parts if p.numel()), torch.device("cpu"))
+        return torch.cat([p.to(device) for p in parts])
+
+    def end_step(self) -> Optional[Dict[str, float]]:
+        """Finish the last closed step: one SUM all-reduce over the TP group (failure flag, partial sums, Gram),
+        the figures on the device, one transfer to the host, then the record (or, if any rank of the group
+        failed, the probe switched off on all of them). Returns the figures (None when nothing was pending).
+        Call it on every rank after the step's forward-backward; it is a no-op when no step is pending."""
+        closed, self._closed = self._closed, None
+        if closed is None:
+            return None
+        with self._timed():
+            device = self._device()
+            failed = closed.payload is None or self._failed is not None
+            total = sum(closed.sizes)
+            if failed:
+                flat = torch.zeros(total, dtype=torch.float64, device=device)
+                flat[0] = 1.0
+            else:
+                flat = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), closed.payload.to(device)])
+                if flat.numel() != total:  # a layout bug: treated as a failure, never as a size mismatch
+                    self._failed = RuntimeError(f"probe payload has {flat.numel()} values, expected {total}")
+                    flat = torch.zeros(total, dtype=torch.float64, device=device)
+                    flat[0] = 1.0
+            if get_pg_size(self.tp_group) > 1:
+                dist.all_reduce(flat, group=self.tp_group)
+            figures = None if failed else self._try(self._device_figures, closed, flat)
+            if figures is None:
+                self._matching_collectives(closed)
+                names, values = [], flat[:1]
+            else:
+                names, values = figures
+            host = values.cpu()  # the probe's one host synchronisation of the step
+            if float(host[0]) > 0 or self._failed is not None:
+                self._disable(self._failed or RuntimeError("the probe failed on another tensor-parallel rank"))
+                return None
+            out = self._host_figures(closed, names, host)
+        if out:
+            self._record(closed.step, out)
+        return out
+
+    def _device(self) -> torch.device:
+        head = self._head
+        p = next(head.parameters(), None) if head is not None else None
+        return p.device if p is not None else torch.device("cpu")
+
+    def _matching_collectives(self, closed: _Closed) -> None:
+        """The collectives a healthy rank runs inside :meth:`_device_figures` (per-bucket sums under SP)."""
+        acc = closed.acc
+        sp = acc.sequence_parallel if acc is not None else False
+        if self.config.num_buckets and sp and get_pg_size(self.tp_group) > 1 and closed.sizes[1]:
+            dist.all_reduce(torch.zeros(self.config.num_buckets, dtype=torch.float64, device=self._device()),
+                            group=self.tp_group)
+
+    def _device_figures(self, closed: _Closed, flat: torch.Tensor):
+        """(names, one flat tensor): the flag, the scalar figures, then the Gram's eigenvalues (device work)."""
+        take_at = [1]
+
+        def part(n):
+            out = flat[take_at[0]: take_at[0] + n]
+            take_at[0] += n
+            return out
+
+        names, scalars = ["_flag"], [flat[0]]
+        p_acc, p_slice, p_gram = (part(n) for n in closed.sizes[1:])
+        self._acc_names = []
+        if closed.sizes[1]:
+            fig = closed.acc.figures(p_acc)
+            self._acc_names = list(fig)
+            names += self._acc_names
+            scalars += [fig[n] for n in self._acc_names]
+        if closed.sizes[2]:
+            fig = closed.slice_acc.figures(p_slice)
+            names += ["update_cosine", "_slice_finite"]
+            scalars += [fig["update_cosine"], fig["_finite"]]
+        vec = torch.stack([t.reshape(()).double() for t in scalars])
+        if closed.sizes[3]:
+            names.append("_gram_finite")
+            vec = torch.cat([vec, torch.isfinite(p_gram).all().double().reshape(1),
+                             closed.gram.eigenvalues(p_gram, closed.gram_tokens)])
+        return names, vec
+
+    def _host_figures(self, closed: _Closed, names: List[str], host: torch.Tensor) -> Dict:
+        n = len(names)
+        values = dict(zip(names, host[:n].tolist()))
+        out: Dict = {}
+        if closed.sizes[1]:
+            out.update(closed.acc.host_figures({k: values[k] for k in self._acc_names}))
+        if closed.sizes[2]:
+            ok = values["_slice_finite"] >= 1.0
+            out["update_cosine"] = values["update_cosine"] if ok else float("nan")
+            out["update_tokens"] = float(closed.slice_acc.tokens if closed.slice_acc is not None else 0)
+        if closed.sizes[3]:
+            kw = {"rtol": self.config.rank_rtol, "energy_ks": tuple(self.config.energy_ks)}
+            if closed.width:
+                kw["residual_ranks"] = (2 * closed.width,)
+            out.update(closed.gram.host_figures(host[n:], closed.gram_tokens, values["_gram_finite"] >= 1.0, **kw))
+        return out
+
+    def _record(self, step: int, figures: Dict[str, float]) -> None:
+        self.history.append({"step": step, **figures})
         for fn in self._callbacks:
-            fn(self.step, figures)
+            fn(step, figures)
         if self.is_reporter:
             if self._logger is None and self.config.log_dir:
                 self._logger = MetricsLogger(self.config.log_dir, "probe.jsonl", self.config.tensorboard,
                                              self.config.wandb_project)
             if self._logger is not None:
-                self._logger.log(self.step, figures, prefix="probe/")
+                self._logger.log(step, figures, prefix="probe/")
 
     def _disable(self, exc: BaseException) -> None:
-        log.warning("GradientProbe switched off after an error (training continues): %r", exc)
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("GradientProbe switched off on every rank of its tensor-parallel group after an error "
+                    "(training continues): %s", self.last_error)
         self.enabled = False
-        if self._head is not None:  # the head goes back to its fused path without statistics
-            self._head.collect_loss_stats = self._head.materialize_logits = False
-        self._step_acc = None
-        self._gram = None
-
-
-def _megatron_num_microbatches() -> int:
-    try:
-        return int(get_num_microbatches())
-    except Exception:  # calculator not initialised: one micro-batch per step
-        return 1
-
-
-def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
-    """All-gather a sequence-sharded [s/tp, b, D] tensor along dim 0 (no autograd)."""
-    world = get_pg_size(group)
-    if world == 1:
-        return hidden
-    h = hidden.detach().contiguous()
-    out = torch.empty((h.shape[0] * world,) + tuple(h.shape[1:]), dtype=h.dtype, device=h.device)
-    dist.all_gather_into_tensor(out, h, group=group)
-    return out
+        if self._head is not None and is_lm_head(self._head):  # the head goes back to its plain fused path
+            self._head.loss_request.record = False
+        self._acc = self._slice = self._gram = None
+        self._failed = None

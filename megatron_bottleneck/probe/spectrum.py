@@ -47,8 +47,21 @@ def rank_figures(
     residual_ranks: Iterable[int] = (),
 ) -> Dict[str, float]:
     """Figures of G from K = G G^T (float64 recommended). ``eps``: machine epsilon of G's dtype."""
-    tokens = gram.shape[0]
-    lam = torch.linalg.eigvalsh(gram.double()).flip(0).clamp(min=0)
+    lam = torch.linalg.eigvalsh(gram.double()).flip(0).clamp(min=0).cpu()
+    return figures_from_eigenvalues(lam, vocab_size, eps, rtol, energy_ks, residual_ranks)
+
+
+def figures_from_eigenvalues(
+    lam: torch.Tensor,
+    vocab_size: int,
+    eps: float,
+    rtol: Optional[float] = None,
+    energy_ks: Iterable[int] = (1, 10, 100, 1000),
+    residual_ranks: Iterable[int] = (),
+) -> Dict[str, float]:
+    """:func:`rank_figures` from the eigenvalues sigma_i^2 of K, sorted descending (a host tensor)."""
+    lam = lam.double().clamp(min=0)
+    tokens = lam.shape[0]
     sigma = lam.sqrt()
     total2 = float(lam.sum())
     out: Dict[str, float] = {"rank_tokens": float(tokens)}
@@ -72,19 +85,38 @@ def rank_figures(
     return out
 
 
+def curve_grid(tokens: int) -> List[int]:
+    """t = 2, 4, 8, ..., T: the token counts of the rank-versus-tokens curve."""
+    return sorted({min(2 ** i, tokens) for i in range(1, max(1, math.ceil(math.log2(tokens))) + 1)})
+
+
 def rank_curve(gram: torch.Tensor, vocab_size: int, eps: float, rtol: Optional[float] = None) -> List[Dict]:
     """Numerical and effective rank of the first t tokens, t = 2, 4, 8, ..., T."""
-    tokens = gram.shape[0]
-    grid = sorted({min(2 ** i, tokens) for i in range(1, max(1, math.ceil(math.log2(tokens))) + 1)})
-    out = []
-    for t in grid:
-        fig = rank_figures(gram[:t, :t], vocab_size, eps, rtol, energy_ks=(), residual_ranks=())
+    return curve_from_eigenvalues(curve_eigenvalues(gram).cpu(), gram.shape[0], vocab_size, eps, rtol)
+
+
+def curve_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues (descending) of each leading t x t block of the grid, concatenated (device work)."""
+    return torch.cat([torch.linalg.eigvalsh(gram[:t, :t].double()).flip(0) for t in curve_grid(gram.shape[0])])
+
+
+def curve_from_eigenvalues(lams: torch.Tensor, tokens: int, vocab_size: int, eps: float,
+                           rtol: Optional[float] = None) -> List[Dict]:
+    out, pos = [], 0
+    for t in curve_grid(tokens):
+        fig = figures_from_eigenvalues(lams[pos:pos + t], vocab_size, eps, rtol, energy_ks=(), residual_ranks=())
+        pos += t
         out.append({"tokens": t, "numerical_rank": fig["numerical_rank"], "effective_rank": fig["effective_rank"]})
     return out
 
 
 class GramAccumulator:
-    """Accumulate G G^T over micro-batches and steps until ``token_budget`` tokens."""
+    """Accumulate G G^T over micro-batches and steps until ``token_budget`` tokens.
+
+    :meth:`add` is local work; :meth:`local_payload` (the local T x T Gram, a sum over this rank's vocab shard)
+    is SUM-all-reduced over TP by the caller, :meth:`eigenvalues` runs the eigendecompositions on the device,
+    and :meth:`host_figures` turns their one transfer into figures. :meth:`finalize` does it all.
+    """
 
     def __init__(self, token_budget: int):
         self.token_budget = int(token_budget)
@@ -98,21 +130,28 @@ class GramAccumulator:
     def full(self) -> bool:
         return self.tokens >= self.token_budget
 
-    def add(self, grad: torch.Tensor, view: HeadView) -> None:
-        """grad: a micro-batch's logit-gradient shard [s, b, V_local] or [T, V_local] (local work only)."""
-        if self.full:
+    def take(self, rows: int) -> int:
+        """How many of a micro-batch's ``rows`` tokens go in (the rest of the budget)."""
+        return max(0, min(int(rows), self.token_budget - self.tokens))
+
+    def add(self, grad: torch.Tensor, view: HeadView, rows: Optional[int] = None) -> None:
+        """grad: a micro-batch's logit-gradient shard [s, b, V_local] or [T, V_local] (local work only).
+        ``rows``: take exactly its first ``rows`` tokens, already counted in ``tokens`` by the caller (the probe
+        counts them before any work that could fail, so every TP rank agrees on when the Gram is full)."""
+        if rows is None and self.full:
             return
         self.vocab_size = view.vocab_size
         # eps of the compute dtype: at least float32's. bf16/fp16 gradients still come from a float32
         # cross-entropy, and bf16's eps (2^-8) times max(T, V) would put the tolerance above sigma_max.
         self.eps = torch.finfo(torch.float64 if grad.dtype == torch.float64 else torch.float32).eps
         x = grad.reshape(-1, grad.shape[-1])[:, : view.valid_rows()]
-        x = x[: self.token_budget - self.tokens].detach().double()
+        x = x[: (self.take(x.shape[0]) if rows is None else rows)].detach().double()
         # float64 products: sigma_i = sqrt(eigenvalue), so a float32 Gram would blur every
         # sigma below sqrt(eps32) * sigma_max ~ 3e-4 sigma_max, above the rank tolerance.
         self.blocks.append([x @ r.t() for r in self.rows] + [x @ x.t()])
         self.rows.append(x)
-        self.tokens += x.shape[0]
+        if rows is None:
+            self.tokens += x.shape[0]
 
     def gram(self) -> torch.Tensor:
         n = len(self.rows)
@@ -122,19 +161,36 @@ class GramAccumulator:
             rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0)
 
+    def local_payload(self) -> torch.Tensor:
+        """The local Gram, flat (``tokens**2`` float64); resets the accumulator."""
+        k = self.gram().reshape(-1)
+        self.rows, self.blocks = [], []
+        return k
+
+    def eigenvalues(self, flat: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Eigenvalues of the reduced Gram (descending), then those of the curve's leading blocks (device)."""
+        k = flat.reshape(tokens, tokens)
+        return torch.cat([torch.linalg.eigvalsh(k).flip(0), curve_eigenvalues(k)])
+
+    def host_figures(self, lams: torch.Tensor, tokens: int, finite: bool, rtol: Optional[float] = None,
+                     energy_ks: Sequence[int] = (1, 10, 100, 1000), residual_ranks: Sequence[int] = ()) -> Dict:
+        if not finite:
+            return {"numerical_rank": float("nan"), "effective_rank": float("nan"), "nonfinite_grad": 1.0}
+        out = figures_from_eigenvalues(lams[:tokens].clamp(min=0), self.vocab_size, self.eps, rtol, energy_ks,
+                                       residual_ranks)
+        out["rank_curve"] = curve_from_eigenvalues(lams[tokens:], tokens, self.vocab_size, self.eps, rtol)
+        return out
+
     def finalize(self, tp_group=None, rtol: Optional[float] = None, energy_ks: Sequence[int] = (1, 10, 100, 1000),
                  residual_ranks: Sequence[int] = ()) -> Dict:
         """All-reduce the Gram over TP and return :func:`rank_figures` plus ``rank_curve``; resets."""
         if not self.rows:
             return {}
-        k = self.gram()
+        tokens = self.tokens
+        flat = self.local_payload()
         if get_pg_size(tp_group) > 1:
-            dist.all_reduce(k, group=tp_group)
-        out: Dict = {}
-        if not bool(torch.isfinite(k).all()):
-            out = {"numerical_rank": float("nan"), "effective_rank": float("nan"), "nonfinite_grad": 1.0}
-        else:
-            out.update(rank_figures(k, self.vocab_size, self.eps, rtol, energy_ks, residual_ranks))
-            out["rank_curve"] = rank_curve(k, self.vocab_size, self.eps, rtol)
-        self.rows, self.blocks, self.tokens = [], [], 0
-        return out
+            dist.all_reduce(flat, group=tp_group)
+        finite = bool(torch.isfinite(flat).all())
+        lams = self.eigenvalues(flat, tokens).cpu() if finite else None
+        self.tokens = 0
+        return self.host_figures(lams, tokens, finite, rtol, energy_ks, residual_ranks)

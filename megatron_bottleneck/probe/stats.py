@@ -17,8 +17,18 @@ squares. For a low-rank head (M of shape r x D, r < D) the rows of dH = G F M li
 (D x r) an orthonormal basis of it (QR of M^T, once per step), K = Q (Y^T Y) Q^T with Y = dH Q (T x r),
 so each micro-batch costs T D r + T r^2 instead of T D^2, and only r x r sums cross TP; tr(K) is taken
 from ||dH||_F^2 directly. With a padded vocabulary (Megatron pads V to a multiple of TP), padded columns are excluded
-everywhere: dH is corrected by the padded columns' share G_pad W_pad (one T x D all-reduce per
-micro-batch). (W^T W)^+ is an eigen-pseudo-inverse in float64 with relative cut ``PINV_RTOL``.
+everywhere: dH is corrected by the padded columns' share G_pad W_pad = E M, E = G_pad F_pad (T x k), formed
+on the rank(s) holding padding and summed over TP at width k (all-reduce; reduce-scatter to the sequence
+shards under sequence parallelism), once per micro-batch. (W^T W)^+ is an eigen-pseudo-inverse in float64
+with relative cut ``PINV_RTOL``.
+
+Synchronisation. The accumulator does local work only until :meth:`StepAccumulator.local_payload` (a flat
+float64 vector of the step's partial sums, no host sync); the caller SUM-all-reduces it over TP (the probe
+does so once per recorded step, with its other figures) and :meth:`StepAccumulator.figures` turns the reduced
+vector into 0-dim device tensors, with no host sync either; one ``.tolist()`` of them is the step's only
+transfer. (The one exception: a Cholesky factor that failed, i.e. a numerically singular F^T F, sends the
+figures through an eigen-pseudo-inverse and a second transfer.) :meth:`StepAccumulator.finalize` does all of
+it in one call.
 
 Update-direction figures (``update=True``). One SGD step on (H, W) changes the logits, to first order,
 by dZ = -(G W W^T + H P) with P = H^T G (D x V) summed over the step. Then, with all sums over the step:
@@ -55,40 +65,46 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def pinv_psd(a: torch.Tensor, rtol: float = PINV_RTOL):
-    """Pseudo-inverse and numerical rank of a symmetric PSD matrix (float64 eigendecomposition)."""
+    """Pseudo-inverse and numerical rank (a 0-dim tensor) of a symmetric PSD matrix (float64 eigh)."""
     vals, vecs = torch.linalg.eigh(a.double())
     cut = vals.max().clamp(min=0) * rtol
-    keep = vals > cut
-    inv = (vecs[:, keep] / vals[keep]) @ vecs[:, keep].t()
-    return inv, int(keep.sum())
+    keep = (vals > cut).double()
+    inv = (vecs * (keep / torch.where(keep > 0, vals, torch.ones_like(vals)))) @ vecs.t()
+    return inv, keep.sum()
+
+
+def _cholesky_ok(chol, info, rtol):
+    diag = chol.diagonal() ** 2
+    return (info == 0) & (diag.min() > rtol * diag.max())
 
 
 def _visible_energy(k, ftf, mix, wtw, need_pinv: bool = False, rtol: float = PINV_RTOL):
-    """||G Q Q^T||^2 = tr(K (W^T W)^+), its head rank, and (W^T W)^+ when asked.
+    """||G Q Q^T||^2 = tr(K (W^T W)^+), the head rank, (W^T W)^+ (or None) and whether the fast path held,
+    all as device tensors (no host sync).
 
     Fast path, F and M of full rank k: with G F = dH M^T (M M^T)^-1 the trace lives in k x k,
-    tr(S M K M^T S (F^T F)^-1) with S = (M M^T)^-1 (M = I for a dense head), by Cholesky. A
-    near-singular F^T F (condition beyond 1/PINV_RTOL) falls back to the eigen-pseudo-inverse of W^T W.
+    tr(S M K M^T S (F^T F)^-1) with S = (M M^T)^-1 (M = I for a dense head), by Cholesky; its ``ok`` flag is
+    False when a factor is numerically singular (condition beyond 1/rtol), and the caller then takes
+    :func:`_visible_energy_pinv`. With ``need_pinv`` the eigen-pseudo-inverse of W^T W is used directly.
     """
+    if need_pinv:
+        return _visible_energy_pinv(k, wtw, rtol) + (torch.ones((), dtype=torch.bool, device=k.device),)
     kk = ftf.shape[0]
-    if not need_pinv:
-        chol, info = torch.linalg.cholesky_ex(ftf)
-        diag = chol.diagonal() ** 2 if int(info) == 0 else None
-        if diag is not None and float(diag.min()) > PINV_RTOL * float(diag.max()):
-            k_basis = k
-            if mix is not None:
-                mchol, minfo = torch.linalg.cholesky_ex(mix @ mix.t())
-                mdiag = mchol.diagonal() ** 2
-                if int(minfo) != 0 or float(mdiag.min()) <= PINV_RTOL * float(mdiag.max()):
-                    k_basis = None  # M not of full row rank
-                else:
-                    s = torch.cholesky_inverse(mchol)
-                    k_basis = s @ (mix @ k @ mix.t()) @ s
-            if k_basis is not None:
-                vis2 = float(torch.cholesky_solve(k_basis, chol).diagonal().sum())
-                return vis2, kk, None
+    chol, info = torch.linalg.cholesky_ex(ftf)
+    ok = _cholesky_ok(chol, info, rtol)
+    k_basis = k
+    if mix is not None:
+        mchol, minfo = torch.linalg.cholesky_ex(mix @ mix.t())
+        ok = ok & _cholesky_ok(mchol, minfo, rtol)
+        s = torch.cholesky_inverse(mchol)
+        k_basis = s @ (mix @ k @ mix.t()) @ s
+    vis2 = torch.cholesky_solve(k_basis, chol).diagonal().sum()
+    return vis2, torch.tensor(float(kk), dtype=torch.float64, device=k.device), None, ok
+
+
+def _visible_energy_pinv(k, wtw, rtol: float = PINV_RTOL):
     pinv, rank = pinv_psd(wtw, rtol)
-    return float((k * pinv).sum()), rank, pinv
+    return (k * pinv).sum(), rank, pinv
 
 
 def isotropic_baseline(head_rank: int, vocab_size: int) -> float:
@@ -96,20 +112,28 @@ def isotropic_baseline(head_rank: int, vocab_size: int) -> float:
     return max(0.0, 1.0 - head_rank / max(vocab_size - 1, 1)) ** 0.5
 
 
+FIGURE_KEYS = ("grad_norm", "hidden_grad_norm", "destroyed_ratio", "visible_cosine", "isotropic_baseline",
+               "head_rank")
+
+
 class StepAccumulator:
     """Collects one step's micro-batches (local work only) and finalises the figures.
 
-    Call :meth:`add_logit_grad` with each micro-batch's logit-gradient shard and :meth:`add_hidden_grad`
-    with its dL/dH (both from backward hooks), then :meth:`finalize` once per step (it runs the
-    all-reduces). ``sequence_parallel``: dH and H are sequence shards (token sums then add over TP).
+    Call :meth:`add_logit_grad` (or :meth:`add_logit_sq_norms`) with each micro-batch's logit-gradient shard and
+    :meth:`add_hidden_grad` with its dL/dH (both from backward hooks), then either :meth:`finalize` once per
+    step, or :meth:`local_payload` -> SUM all-reduce over TP -> :meth:`figures` -> one transfer (the probe's
+    way). ``sequence_parallel``: dH and H are sequence shards (token sums then add over TP). ``padding``:
+    the logit gradients passed in carry Megatron's padded columns, whose share of dH is removed (False for
+    gradients formed over the real columns only, e.g. the fused path's).
     """
 
     def __init__(self, update: bool = False, sequence_parallel: bool = False, num_buckets: int = 0,
-                 tp_group=None):
+                 tp_group=None, padding: bool = True):
         self.tp_group = tp_group
         self.update = update
         self.sequence_parallel = sequence_parallel
         self.num_buckets = num_buckets
+        self.padding = padding
         self.view: Optional[HeadView] = None
         self.g2 = torch.zeros((), dtype=torch.float64)
         self.k = None  # dH^T dH, D x D
@@ -121,12 +145,22 @@ class StepAccumulator:
         self.k_red = None  # Y^T Y = Q^T K Q, r x r
         self.trk = None  # ||dH||_F^2
         self.vis_tokens = []  # per micro-batch dH rows, kept only for buckets
-        self.pad_corrections = []  # per micro-batch G_pad W_pad (T x D), only with a padded vocabulary
+        self.pad_corrections = []  # per micro-batch E = G_pad F_pad summed over TP (T x k), padded vocabulary only
+        self.tokens = 0  # tokens seen by add_hidden_grad (on this rank)
+        self._mix = None  # M at the end of the step (a copy: the optimizer may change the weights after it)
 
     # ------------------------------------------------------------ local work
-    def add_logit_grad(self, grad: torch.Tensor, view: HeadView, hidden_full: Optional[torch.Tensor] = None) -> None:
+    def padded(self, view: HeadView) -> bool:
+        """Whether the gradients of ``view`` carry padded columns this accumulator must correct for (the same
+        answer on every TP rank: the padded size is rows x tp)."""
+        return self.padding and view.vocab_size < get_pg_size(self.tp_group) * view.basis.shape[0]
+
+    def add_logit_grad(self, grad: torch.Tensor, view: HeadView, hidden_full: Optional[torch.Tensor] = None,
+                       padding: bool = True) -> None:
         """grad: [s, b, V_local] (or [T, V_local]) logit gradient shard; hidden_full: [s, b, D] full-sequence
-        head input (needed only for update figures)."""
+        head input (needed only for update figures). ``padding=False``: the caller runs the padding
+        correction's three steps itself (:meth:`padding_local`, :meth:`reduce_padding`, :meth:`push_padding`),
+        as the probe does to keep the collective out of anything that can fail."""
         self.view = view
         n = view.valid_rows()
         g = grad.reshape(-1, grad.shape[-1])[:, :n]
@@ -134,12 +168,13 @@ class StepAccumulator:
         self.g2 = self.g2.to(g.device) + torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
         if self.num_buckets:
             sq = torch.linalg.vector_norm(g, dim=1, dtype=torch.float32).double().square()
-            rows = grad.shape[0] if grad.dim() == 3 else g.shape[0]
-            batch = g.shape[0] // rows
-            pos = torch.arange(rows, device=g.device).repeat_interleave(batch)
-            self._bucket_add("g2_buckets", sq, pos, rows)
-        if view.vocab_size < get_pg_size(self.tp_group) * view.basis.shape[0]:
-            self.pad_corrections.append(self._padding_part(grad.reshape(-1, grad.shape[-1]), view, n))
+            seq = grad.shape[0] if grad.dim() == 3 else g.shape[0]
+            batch = g.shape[0] // seq
+            pos = torch.arange(seq, device=g.device).repeat_interleave(batch)
+            self._bucket_add("g2_buckets", sq, pos, seq)
+        if padding and self.padded(view):
+            e = self.padding_local(grad, view)
+            self.push_padding(self.reduce_padding(e, self.tp_group, self.sequence_parallel))
         if self.update:
             dt = _work_dtype(g)
             h = hidden_full.reshape(-1, hidden_full.shape[-1]).to(dt)
@@ -151,23 +186,23 @@ class StepAccumulator:
         vocab shards and without padded columns (the fused pass excludes them from the softmax), instead of
         the logit gradient itself. Update figures need G: not available from this."""
         self.view = view
-        # Every TP rank holds the same totals and finalize sums g2 over TP: count them on TP rank 0 only.
+        # Every TP rank holds the same totals and the reduction sums g2 over TP: count them on TP rank 0 only.
         sq = sq.double() * (1.0 if get_pg_rank(self.tp_group) == 0 else 0.0)
         self.g2 = self.g2.to(sq.device) + sq.sum()
         if self.num_buckets:
-            rows = sq.shape[0]
-            per_token = sq.reshape(rows, -1)
-            pos = torch.arange(rows, device=sq.device).repeat_interleave(per_token.shape[1])
-            self._bucket_add("g2_buckets", per_token.reshape(-1), pos, rows)
+            seq = sq.shape[0]
+            per_token = sq.reshape(seq, -1)
+            pos = torch.arange(seq, device=sq.device).repeat_interleave(per_token.shape[1])
+            self._bucket_add("g2_buckets", per_token.reshape(-1), pos, seq)
 
     def add_hidden_grad(self, hidden_grad: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> None:
         """hidden_grad: dL/dH at the head input, [s(/tp), b, D]; hidden: H of the same shape (update)."""
         dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).to(_work_dtype(hidden_grad))
-        if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - G_pad W_pad
-            c = self.pad_corrections.pop(0)
-            if self.sequence_parallel:
-                c = c.reshape(get_pg_size(self.tp_group), -1, c.shape[-1])[get_pg_rank(self.tp_group)]
-            dh = dh - c.to(dh.dtype)
+        self.tokens += dh.shape[0]
+        if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - E M
+            e = self.pad_corrections.pop(0).to(dh.dtype)
+            mix = self.view.mix
+            dh = dh - (e if mix is None else e @ mix.to(dh.dtype))
         if self._reduced():
             if self.q is None:
                 self.q = torch.linalg.qr(self.view.mix.t().to(dh.dtype))[0]  # D x r, its span contains row(M)
@@ -192,22 +227,34 @@ class StepAccumulator:
         mix = self.view.mix if self.view is not None else None
         return mix is not None and mix.shape[0] < mix.shape[1] and not self.update and not self.num_buckets
 
-    def _padding_part(self, g_all: torch.Tensor, view: HeadView, n: int) -> torch.Tensor:
-        """G_pad W_pad summed over TP (T x D): what padded vocabulary columns added to dH. One
-        T x D all-reduce per micro-batch, only when the vocabulary is padded."""
-        d = view.mix.shape[1] if view.mix is not None else view.basis.shape[1]
-        dt = _work_dtype(g_all)
-        g_pad = g_all[:, n:].to(dt)
-        if g_pad.shape[1]:
-            w_pad = view.basis[n:].to(dt)
-            if view.mix is not None:
-                w_pad = w_pad @ view.mix.to(dt)
-            c = g_pad @ w_pad
-        else:
-            c = torch.zeros(g_all.shape[0], d, dtype=dt, device=g_all.device)
-        if get_pg_size(self.tp_group) > 1:
-            dist.all_reduce(c, group=self.tp_group)
-        return c
+    @staticmethod
+    def padding_local(grad: torch.Tensor, view: HeadView) -> torch.Tensor:
+        """E_local = G_pad F_pad ``[T, k]`` float32 on a rank holding padded rows (zeros elsewhere): what this
+        rank's padded vocabulary columns added to dH is E M."""
+        g_all = grad.reshape(-1, grad.shape[-1])
+        n = view.valid_rows()
+        e = torch.zeros(g_all.shape[0], view.basis.shape[1], dtype=torch.float32, device=g_all.device)
+        if g_all.shape[1] > n:
+            torch.mm(g_all[:, n:].float(), view.basis[n:].float(), out=e)
+        return e
+
+    @staticmethod
+    def reduce_padding(e: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+        """E summed over TP at width k: all-reduce, or reduce-scatter to this rank's sequence shard
+        ``[T/tp, k]`` under sequence parallelism (one collective per micro-batch, padded vocabulary only)."""
+        world = get_pg_size(tp_group)
+        if world == 1:
+            return e
+        if sequence_parallel:
+            out = torch.empty(e.shape[0] // world, e.shape[1], dtype=e.dtype, device=e.device)
+            dist.reduce_scatter_tensor(out, e.contiguous(), group=tp_group)
+            return out
+        dist.all_reduce(e, group=tp_group)
+        return e
+
+    def push_padding(self, e: torch.Tensor) -> None:
+        """Queue a micro-batch's reduced E; :meth:`add_hidden_grad` subtracts E M from that micro-batch's dH."""
+        self.pad_corrections.append(e)
 
     def _bucket_add(self, name, values, pos, rows):
         idx = (pos * self.num_buckets // rows).clamp(max=self.num_buckets - 1)
@@ -216,19 +263,34 @@ class StepAccumulator:
         setattr(self, name, acc if cur is None else cur + acc)
 
     # ------------------------------------------------------------- finalise
-    def finalize(self, tp_group=None) -> Dict[str, float]:
-        """All-reduce the step's partial sums over TP and return the figures (Python floats)."""
+    @staticmethod
+    def payload_size(k: int, d: int, reduced_rank: Optional[int], num_buckets: int, update: bool) -> int:
+        """Length of :meth:`local_payload` for a head of basis width k and input width d (``reduced_rank``: r
+        when K is kept as r x r), known on every rank without any data (a rank that failed sends zeros)."""
+        size = 1 + k * k + ((reduced_rank * reduced_rank + 1) if reduced_rank else d * d) + num_buckets
+        return size + (1 + 3 * d * d if update else 0)
+
+    def layout(self):
+        """(k, d, reduced rank or None) of the payload this accumulator builds."""
         view = self.view
-        if view is None or (self.k is None and self.k_red is None):
-            return {}
+        mix = view.mix
+        d = view.basis.shape[1] if mix is None else mix.shape[1]
+        return view.basis.shape[1], d, (mix.shape[0] if self._reduced() else None)
+
+    def ready(self) -> bool:
+        return self.view is not None and (self.k is not None or self.k_red is not None)
+
+    def local_payload(self) -> torch.Tensor:
+        """This rank's partial sums of the step, flat float64 (device work only): ||G||^2, F^T F, K (or Q^T K Q
+        and tr K), the bucket sums, and for update figures ||P||^2, P P^T, H^T H, H^T dH. Replicated token
+        sums (without SP) are counted on TP rank 0 only, so one SUM all-reduce yields every total."""
+        view = self.view
         k_part = self.k if self.k_red is None else torch.cat([self.k_red.reshape(-1), self.trk.reshape(1)])
         device = k_part.device
         n = view.valid_rows()
         f = view.basis[:n].to(_work_dtype(view.basis))
         ftf = (f.t() @ f).double()  # k x k: V k^2 flops, the largest product of a cheap step
-        # Replicated quantities (token sums without SP) are counted on TP rank 0 only, so one SUM
-        # all-reduce yields every total.
-        own = 1.0 if (self.sequence_parallel or get_pg_rank(tp_group) == 0) else 0.0
+        own = 1.0 if (self.sequence_parallel or get_pg_rank(self.tp_group) == 0) else 0.0
         parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * k_part.reshape(-1)]
         if self.num_buckets:
             parts.append(self.g2_buckets.to(device))
@@ -236,65 +298,91 @@ class StepAccumulator:
             ppt = self.p @ self.p.t()
             parts += [self.p.square().sum().reshape(1), ppt.reshape(-1), own * self.hth.reshape(-1),
                       own * self.htdh.reshape(-1)]
-        flat = torch.cat([p.reshape(-1).to(device) for p in parts])  # NaN/inf propagate into the sums
-        if get_pg_size(tp_group) > 1:
-            dist.all_reduce(flat, group=tp_group)
-        return self._figures(flat, ftf.shape[0], tp_group)
+        self._mix = None if view.mix is None else view.mix.detach().double().clone()
+        return torch.cat([p.reshape(-1).to(device) for p in parts])  # NaN/inf propagate into the sums
 
-    def _figures(self, flat, k_dim, tp_group) -> Dict[str, float]:
+    def figures(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The step's figures as 0-dim float64 device tensors from the TP-reduced payload (no host sync).
+        Extra keys: ``_ok`` (the Cholesky fast path held) and ``_finite`` (the payload was finite)."""
         view = self.view
-        it = iter_split(flat)
-        g2 = it(1)[0]
-        ftf = it(k_dim * k_dim).reshape(k_dim, k_dim)
-        if self.k_red is None:
-            d = self.k.shape[0]
-            k = it(d * d).reshape(d, d)
+        k_dim, d, reduced = self.layout()
+        take = iter_split(flat)
+        g2 = take(1)[0]
+        ftf = take(k_dim * k_dim).reshape(k_dim, k_dim)
+        if reduced is None:
+            k = take(d * d).reshape(d, d)
             trk = torch.trace(k)
         else:  # Q^T K Q; K = Q (Q^T K Q) Q^T exactly, since dH's rows lie in span(Q)
-            d = self.k_red.shape[0]
-            k, trk = it(d * d).reshape(d, d), it(1)[0]
-        g2_buckets = it(self.num_buckets) if self.num_buckets else None
+            k, trk = take(reduced * reduced).reshape(reduced, reduced), take(1)[0]
+        g2_buckets = take(self.num_buckets) if self.num_buckets else None
+        mix = self._mix.to(ftf.device) if self._mix is not None else None
+        rtol = PINV_RTOL
+        if reduced is not None:  # everything in span(Q): W Q = F (M Q), an r x r problem
+            mix = mix @ self.q.double().to(ftf.device)
+            # float32 factors put noise of ~eps * lambda_max into F^T F: keep it out of the (r x r) rank
+            rtol = max(PINV_RTOL, 8 * reduced * torch.finfo(view.basis.dtype).eps)
+        wtw = ftf if mix is None else mix.t() @ ftf @ mix
+        vis2, head_rank, wtw_pinv, ok = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets), rtol=rtol)
+        self._fallback = (k, wtw, rtol)
+        out = self._from_energy(g2, trk, vis2, head_rank)
+        out["_ok"], out["_finite"] = ok.double(), torch.isfinite(flat).all().double()
+        if self.num_buckets:
+            vis_b = self._vis_buckets(wtw_pinv, self.tp_group)
+            for i in range(self.num_buckets):
+                gb = g2_buckets[i]
+                out[f"destroyed_ratio_bucket{i}"] = (1 - vis_b[i] / gb).clamp(min=0).sqrt()
         if self.update:
-            p2 = it(1)[0]
-            ppt, hth, htdh = (it(d * d).reshape(d, d) for _ in range(3))
-        nonfinite = not bool(torch.isfinite(flat).all())
+            p2 = take(1)[0]
+            ppt, hth, htdh = (take(d * d).reshape(d, d) for _ in range(3))
+            inner = torch.trace(k) + p2
+            dz2 = (k * wtw).sum() + (hth * ppt).sum() + 2.0 * htdh.square().sum()
+            cos = inner / (g2.sqrt() * dz2.clamp(min=0).sqrt())
+            out["update_cosine"] = torch.where(dz2 > 0, cos, torch.full_like(cos, float("nan")))
+        return out
+
+    def _from_energy(self, g2, trk, vis2, head_rank) -> Dict[str, torch.Tensor]:
+        ratio2 = (1.0 - vis2 / g2).clamp(0.0, 1.0)
+        return {"grad_norm": g2.clamp(min=0).sqrt(), "hidden_grad_norm": trk.clamp(min=0).sqrt(),
+                "destroyed_ratio": ratio2.sqrt(), "visible_cosine": (1.0 - ratio2).sqrt(), "head_rank": head_rank,
+                "_g2": g2, "_vis2": vis2}
+
+    def host_figures(self, values: Dict[str, float]) -> Dict[str, float]:
+        """Python figures from :meth:`figures`' values after their one transfer (the fallback of a failed
+        Cholesky factor runs here, with a second transfer)."""
         nan = float("nan")
-        if nonfinite:
-            out = {key: nan for key in ("grad_norm", "hidden_grad_norm", "destroyed_ratio",
-                                        "visible_cosine", "isotropic_baseline", "head_rank")}
+        if not values.pop("_finite") >= 1.0:
+            out = {key: nan for key in FIGURE_KEYS}
             if self.update:
                 out["update_cosine"] = nan
             out["nonfinite_grad"] = 1.0
             return out
-        mix = view.mix.double().to(ftf.device) if view.mix is not None else None
-        rtol = PINV_RTOL
-        if self.k_red is not None:  # everything in span(Q): W Q = F (M Q), an r x r problem
-            mix = mix @ self.q.double().to(ftf.device)
-            # float32 factors put noise of ~eps * lambda_max into F^T F: keep it out of the (r x r) rank
-            rtol = max(PINV_RTOL, 8 * d * torch.finfo(view.basis.dtype).eps)
-        wtw = ftf if mix is None else mix.t() @ ftf @ mix
-        vis2, head_rank, wtw_pinv = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets), rtol=rtol)
-        g2f = float(g2)
-        ratio2 = min(max(1.0 - vis2 / g2f, 0.0), 1.0) if g2f > 0 else nan
-        out = {
-            "grad_norm": g2f ** 0.5,
-            "hidden_grad_norm": max(float(trk), 0.0) ** 0.5,
-            "destroyed_ratio": ratio2 ** 0.5,
-            "visible_cosine": (1.0 - ratio2) ** 0.5,
-            "isotropic_baseline": isotropic_baseline(head_rank, view.vocab_size),
-            "head_rank": float(head_rank),
-            "nonfinite_grad": 0.0,
-        }
-        if self.num_buckets:
-            vis_b = self._vis_buckets(wtw_pinv, tp_group)
-            for i in range(self.num_buckets):
-                gb = float(g2_buckets[i])
-                out[f"destroyed_ratio_bucket{i}"] = (max(0.0, 1 - float(vis_b[i]) / gb) ** 0.5) if gb > 0 else nan
-        if self.update:
-            inner = float(torch.trace(k)) + float(p2)
-            dz2 = float((k * wtw).sum()) + float((hth * ppt).sum()) + 2.0 * float(htdh.square().sum())
-            out["update_cosine"] = inner / (g2f ** 0.5 * max(dz2, 0.0) ** 0.5) if dz2 > 0 else nan
-        return out
+        if not values.pop("_ok") >= 1.0:  # numerically singular F^T F or M M^T: the eigen-pseudo-inverse
+            k, wtw, rtol = self._fallback
+            vis2, rank, _ = _visible_energy_pinv(k, wtw, rtol)
+            vis2, rank = torch.stack([vis2, rank]).tolist()
+            g2 = values["_g2"]
+            ratio2 = min(max(1.0 - vis2 / g2, 0.0), 1.0) if g2 > 0 else nan
+            values.update(destroyed_ratio=ratio2 ** 0.5, visible_cosine=(1.0 - ratio2) ** 0.5, head_rank=rank)
+        g2 = values.pop("_g2")
+        values.pop("_vis2")
+        if not g2 > 0:
+            values["destroyed_ratio"] = values["visible_cosine"] = nan
+        values["head_rank"] = float(round(values["head_rank"]))
+        values["isotropic_baseline"] = isotropic_baseline(int(values["head_rank"]), self.view.vocab_size)
+        values["nonfinite_grad"] = 0.0
+        return values
+
+    def finalize(self, tp_group=None) -> Dict[str, float]:
+        """All-reduce the step's partial sums over TP and return the figures (Python floats)."""
+        if not self.ready():
+            return {}
+        flat = self.local_payload()
+        group = tp_group if tp_group is not None else self.tp_group
+        if get_pg_size(group) > 1:
+            dist.all_reduce(flat, group=group)
+        fig = self.figures(flat)
+        names = list(fig)
+        return self.host_figures(dict(zip(names, torch.stack([fig[n] for n in names]).tolist())))
 
     def _vis_buckets(self, wtw_pinv, tp_group):
         """Per-position-bucket ||G_vis||^2 from the stored dH rows (token sums over TP under SP)."""

@@ -106,6 +106,8 @@ def probed_training(tp: int, pp: int, sp: bool, rank, steps: int, probe_on: bool
 
         captured.clear()
         result = mb.forward_backward(models, data, forward_step=forward_step)
+        if probe is not None:
+            probe.end_step()
         if ps.is_pipeline_last_stage():
             losses.append(result.loss)
             if probe_on and not poison:

@@ -26,15 +26,19 @@ def step(tp, sp, rank, ckpt, fused: bool, probe: bool = False):
     support.load(chunks, ckpt)
     if fused:
         enable_fused_loss(chunks)
+    outputs = []  # the head's output rank: 2 = the fused per-token loss [s, b], 3 = logits [s, b, V/tp]
+    mb.find_head(chunks).register_forward_hook(lambda _m, _a, out: outputs.append(out[0].dim()))
     p = None
     if probe:
         p = mb.GradientProbe(mb.ProbeConfig(interval=1, vocab_size=support.VOCAB))
         p.watch(chunks, num_microbatches=support.NUM_MICRO)
     models = support.wrap_ddp(cfg, chunks)
     result = mb.forward_backward(models, masked_batches())
+    if p is not None:
+        p.end_step()
     grads = {name: prm.main_grad.detach().clone() for name, prm in support.canonical_params(models[0])}
     return {"losses": result.losses, "grads": grads, "history": p.history if p else None,
-            "fused_ran": getattr(mb.find_head(chunks), "last_fused_loss", None) is not None}
+            "fused_ran": set(outputs) == {2}}
 
 
 def fused_and_unfused(tp, sp, rank, ckpt, probe=False):
@@ -75,7 +79,7 @@ def padded_vocab_run(ckpt):
     support.load(chunks, ckpt)
     model = chunks[0]
     head = mb.find_head(model)
-    head.real_vocab_size = support.VOCAB - 5
+    head.vocab_size = support.VOCAB - 5  # the head contract's real vocabulary
     batch = masked_batches()[0]
     batch["labels"] = batch["labels"] % (support.VOCAB - 5)  # real classes only
     pos = torch.arange(support.SEQ).unsqueeze(0).expand(support.MICRO, -1)

@@ -82,16 +82,3 @@ def test_validation_error(case, pattern):
 def test_full_rank_is_allowed_and_the_pre_wrap_hook_installs_every_chunk():
     full, hooked = full_rank_and_hook()
     assert full == "LowRankOutputLayer" and hooked == [("LowRankOutputLayer", 4)] * 2
-
-
-
-
-def test_a_probe_switched_off_by_an_error_gives_the_head_back_its_fused_path():
-    """After an internal error the probe stops, and the head must not keep building logits (or statistics) for it."""
-    model = mb.build_gpt_model(support.config(), support.VOCAB, support.SEQ, head_rank=4, fused_loss=True)
-    probe = mb.GradientProbe(mb.ProbeConfig(interval=1, rank_interval=1, vocab_size=support.VOCAB)).watch(model)
-    head = model.output_layer
-    probe._before_forward(head, (), {})
-    assert head.materialize_logits and head.collect_loss_stats
-    assert probe._on_hidden_grad(torch.zeros(2, 3), torch.zeros(2, 3), None) is None  # raises inside: caught
-    assert not probe.enabled and not head.materialize_logits and not head.collect_loss_stats

@@ -1,0 +1,158 @@
+"""The fused forward shared by every head that implements :class:`megatron_bottleneck.base.head.LMHead`.
+
+A head class mixes in :class:`FusedHeadMixin` (first in its bases) and defines four things:
+
+* ``logits_forward(input_, weight, runtime_gather_output) -> (logits, bias)``: its unfused forward (Megatron's
+  output-layer contract; logits ``[s, b, V/tp]``);
+* ``loss_input(hidden) -> u``: the fused op's input ``[s, b, k]`` over the full sequence, in the TP region
+  (copied into it, or all-gathered under sequence parallelism), so that dL/du is reduced over the vocab shards
+  by the region's backward, exactly as for the unfused head;
+* ``loss_weight(weight) -> F``: this rank's vocab shard ``[V_local, k]`` of the factor multiplying u;
+* ``probe_view(weight) -> HeadView``, and the attributes ``tp_group``, ``sequence_parallel``, ``vocab_size``.
+
+The mixin then provides ``forward`` (the fused loss while a :class:`LossContext` is set on the head by the
+fused model, else ``logits_forward``), ``loss`` (through :func:`megatron_bottleneck.ops.linear_cross_entropy`),
+``loss_request`` and ``last_loss``. :class:`LossContext` is set only by
+:class:`megatron_bottleneck.heads.fused.FusedLossModel` for the duration of one model forward with labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from ..base.errors import HeadConfigError
+from ..base.loss import FusedLossRecord, HeadLossStats, LossRequest
+from ..ops import linear_cross_entropy
+
+__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input"]
+
+
+@dataclass
+class FusedLossConfig:
+    """Options of the fused head + loss."""
+
+    label_smoothing: float = 0.0
+    """alpha in [0, 1): Megatron's label smoothing over the real vocabulary."""
+    z_loss_weight: float = 0.0
+    """w >= 0: adds w lse^2 per token (PaLM's z-loss)."""
+    memory_budget_mib: Optional[float] = None
+    """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs,
+    64 MiB on GPUs (``ops.default_memory_budget``)."""
+    fp8: Optional[Literal["e4m3"]] = None
+    """e4m3: the head's GEMMs in FP8 through ``torch._scaled_mm`` (opt-in; tokens and width multiples of 16)."""
+    kernel: Literal["torch", "triton", "auto"] = "torch"
+    """The vocab loops: ``torch`` (default until the Triton kernels' GPU test has passed), ``triton`` (forced),
+    ``auto`` (Triton on CUDA tensors when it imports). The environment variable ``MB_FUSED_KERNEL``, when set,
+    overrides this field (for a quick A/B without editing a config)."""
+    weight_grad_into_main_grad: Optional[bool] = None
+    """Add the head weight's float32 gradient straight into Megatron DDP's ``main_grad`` (as Megatron's
+    ``gradient_accumulation_fusion`` does for its linear layers) instead of returning it in the weight's dtype.
+    None: follow the model config's ``gradient_accumulation_fusion``."""
+
+
+@dataclass
+class LossContext:
+    """Set on a head by the fused model for one forward with labels.
+
+    labels: ``[s, b]`` global class ids. config: the fused loss's options. logit_scale: the factor the model
+    applies to the logits (MuP's ``mup_output_mult``; 1.0 otherwise), folded into the fused op's input.
+    gradient_accumulation_fusion: the model config's flag (the default of ``weight_grad_into_main_grad``).
+    output: the loss tensor this forward returned (filled by the head), which the model recognises.
+    """
+
+    labels: torch.Tensor
+    config: FusedLossConfig
+    logit_scale: float = 1.0
+    gradient_accumulation_fusion: bool = False
+    output: Optional[torch.Tensor] = field(default=None, repr=False)
+
+
+def tp_region_input(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """x over the full sequence in the TP region: all-gathered under sequence parallelism (backward:
+    reduce-scatter), else copied into the region (backward: all-reduce over the vocab shards)."""
+    if get_pg_size(tp_group) == 1:
+        return x
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, group=tp_group)
+    return copy_to_tensor_model_parallel_region(x, group=tp_group)
+
+
+class FusedHeadMixin:
+    """Fused forward, ``loss``, ``loss_request`` and ``last_loss`` for a head class (see the module docstring)."""
+
+    loss_context: Optional[LossContext] = None
+
+    def _init_contract(self, vocab_size: int) -> None:
+        self.vocab_size = int(vocab_size)
+        self.loss_request = LossRequest()
+        self.last_loss: Optional[FusedLossRecord] = None
+        self.loss_context = None
+
+    # the subclass's part ----------------------------------------------------------------------------
+    def logits_forward(self, input_, weight=None, runtime_gather_output=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_mix(self) -> Optional[torch.Tensor]:
+        """M with W = F M (``[k, D]``), None when F is W itself."""
+        return None
+
+    # the contract ------------------------------------------------------------------------------------
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        ctx = self.loss_context
+        if ctx is None or self.loss_request.logits:
+            return self.logits_forward(input_, weight, runtime_gather_output)
+        stats = HeadLossStats() if self.loss_request.record else None
+        into_main = ctx.config.weight_grad_into_main_grad
+        if into_main is None:
+            into_main = ctx.gradient_accumulation_fusion
+        loss = self.loss(input_, ctx.labels, weight, config=ctx.config, stats=stats, logit_scale=ctx.logit_scale,
+                         weight_grad_into_main_grad=bool(into_main))
+        ctx.output = loss
+        return loss, None
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+             config: Optional[FusedLossConfig] = None, stats: Optional[HeadLossStats] = None,
+             logit_scale: float = 1.0, weight_grad_into_main_grad: bool = False) -> torch.Tensor:
+        """Per-token cross-entropy ``[s, b]`` of ``logit_scale`` x this head's logits for ``hidden`` ``[s, b, D]``
+        (``[s/tp, b, D]`` under sequence parallelism) and ``labels`` ``[s, b]``, never building them.
+
+        u = ``loss_input(hidden)`` (x ``logit_scale``), then :func:`megatron_bottleneck.ops.linear_cross_entropy`
+        over F = ``loss_weight(weight)`` in vocab chunks (online log-sum-exp, recomputing backward; max and
+        sum-exp all-reduced over TP; rows at global index >= ``vocab_size`` excluded). Gradients reach every
+        parameter and ``hidden`` as through the unfused forward + cross-entropy. With ``stats``, the pass is
+        kept in ``last_loss``.
+        """
+        config = config or FusedLossConfig()
+        f = self.loss_weight(weight)
+        if f is None:
+            raise HeadConfigError("the head has no weight of its own (tied embeddings): pass weight= to loss().")
+        u = self.loss_input(hidden)
+        if logit_scale != 1.0:
+            u = u * logit_scale
+        start = get_pg_rank(self.tp_group) * f.shape[0]
+        budget = None if config.memory_budget_mib is None else int(config.memory_budget_mib * 2 ** 20)
+        loss = linear_cross_entropy(
+            u, f, labels, tp_group=self.tp_group, vocab_start=start, vocab_size=self.vocab_size,
+            label_smoothing=config.label_smoothing, z_loss_weight=config.z_loss_weight, memory_budget_bytes=budget,
+            fp8=config.fp8, stats=stats, check_labels=False, kernel=config.kernel,
+            weight_grad_into_main_grad=weight_grad_into_main_grad)
+        if stats is not None:
+            mix = self.loss_mix()
+            self.last_loss = FusedLossRecord(loss=loss, stats=stats, input=u.detach(), weight=f.detach(),
+                                             mix=None if mix is None else mix.detach(), labels=labels,
+                                             vocab_start=start, vocab_size=self.vocab_size,
+                                             logit_scale=float(logit_scale))
+        return loss
