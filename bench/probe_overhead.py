@@ -54,6 +54,9 @@ def run(args):
             t = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
             batches.append({"tokens": t[:, :-1], "labels": t[:, 1:]})
         mb.forward_backward(model, batches)
+        for p in probes.values():
+            if p.enabled:
+                p.end_step()
         if cuda:
             torch.cuda.synchronize()
 
@@ -63,8 +66,9 @@ def run(args):
         for name in MODES:
             for p_name, p in probes.items():
                 p.enabled = p_name == name
-            head = mb.find_head(model)  # a disabled probe leaves the head's flags as the last mode set them
-            head.materialize_logits = head.collect_loss_stats = False
+            head = mb.find_head(model)  # a disabled probe leaves the head's request as the last mode set it
+            if mb.base.is_lm_head(head):
+                head.loss_request.record = False
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)

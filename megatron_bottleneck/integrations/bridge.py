@@ -4,8 +4,8 @@
     pretrain(config, forward_step, callbacks=[ProbeCallback(probe)])
 
 ``on_train_start`` attaches the probe to ``context.model`` (the DDP-wrapped chunks) and sets
-``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_end``
-detaches it. Bridge is imported only when the class is first requested, so importing this module
+``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_step_end``
+finishes the step's figures (``probe.end_step()``); ``on_train_end`` detaches it. Bridge is imported only when the class is first requested, so importing this module
 does not need Bridge. For the low-rank head use Bridge's pre-wrap hooks with
 ``megatron_bottleneck.heads.install.low_rank_head_hook(rank)``. For the forward step use
 :func:`megatron_bottleneck.integrations.forward_step.wrap_forward_step` (it keeps Bridge's
@@ -61,6 +61,9 @@ def make_probe_callback_class():
             if self.probe.config.vocab_size is None and isinstance(vocab, int):
                 self.probe.config.vocab_size = vocab
             self.probe.watch(context.model, self.num_microbatches)
+
+        def on_train_step_end(self, context) -> None:
+            self.probe.end_step()  # the probe's one reduction and host transfer of the step
 
         def on_train_end(self, context) -> None:
             self.probe.remove()

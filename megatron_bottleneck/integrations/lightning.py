@@ -44,5 +44,8 @@ class ProbeCallback(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.probe.step = trainer.global_step
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.probe.end_step()  # a no-op until an optimizer step's micro-batches are all done
+
     def on_fit_end(self, trainer, pl_module):
         self.probe.remove()

@@ -158,7 +158,10 @@ def install_head_from_args(models, args=None):
     except HeadConfigError as exc:
         _fail(exc)
     if fused:
-        enable_fused_loss(models)
+        try:
+            enable_fused_loss(models)
+        except HeadConfigError as exc:
+            _fail(exc)
     if installed and not _HEAD_LOGGED:
         _HEAD_LOGGED = True
         if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
@@ -312,6 +315,23 @@ def _edit_pretrain_arguments(sig: inspect.Signature, a: dict) -> None:
         a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
 
+def _end_probe_step(train_step: Callable) -> Callable:
+    """Megatron-LM's ``train_step`` followed by the probe's :meth:`~GradientProbe.end_step` (its one reduction
+    and host transfer of the step, after the schedule). Idempotent."""
+    if getattr(train_step, _WRAPPED, False):
+        return train_step
+
+    @functools.wraps(train_step)
+    def wrapped(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        if _PROBE is not None:
+            _PROBE.end_step()
+        return out
+
+    setattr(wrapped, _WRAPPED, True)
+    return wrapped
+
+
 def _edit_parse_arguments(_sig: inspect.Signature, a: dict) -> None:
     """``parse_and_validate_args``: our options chained onto the caller's extra-arguments provider."""
     a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
@@ -346,6 +366,9 @@ def patch(cpu: Optional[bool] = None) -> None:
     if hasattr(mt, "pretrain"):
         mt.pretrain = wrapped
     done.append("megatron.training.pretrain")
+    if hasattr(mtt, "train_step"):
+        mtt.train_step = _end_probe_step(mtt.train_step)
+        done.append("megatron.training.training.train_step (probe step end)")
     arguments = importlib.import_module("megatron.training.arguments")
     if hasattr(arguments, "parse_and_validate_args"):
         parse = arguments.parse_and_validate_args

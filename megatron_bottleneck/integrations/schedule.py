@@ -9,7 +9,6 @@ to drive anything else (Megatron's contract).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -45,13 +44,34 @@ def gpt_forward_step(data_iterator, model):
     return output, loss_func
 
 
-@dataclass
 class StepResult:
     """``losses``: this rank's per-micro-batch losses (last pipeline stage only, else None);
-    ``loss``: their mean averaged over data-parallel ranks (last stage only, else None)."""
+    ``loss``: their mean averaged over data-parallel ranks (last stage only, else None).
 
-    losses: Optional[List[float]]
-    loss: Optional[float]
+    The values stay on the device until first read: :func:`forward_backward` itself makes no host
+    synchronisation; reading ``losses`` or ``loss`` makes one (both together)."""
+
+    def __init__(self, values: Optional[torch.Tensor] = None, count: int = 0):
+        self._values = values  # [count per-micro-batch losses, DP mean], float64
+        self._count = count
+        self._host: Optional[List[float]] = None
+
+    def _read(self) -> Optional[List[float]]:
+        if self._values is None:
+            return None
+        if self._host is None:
+            self._host = self._values.tolist()
+        return self._host
+
+    @property
+    def losses(self) -> Optional[List[float]]:
+        host = self._read()
+        return None if host is None else host[: self._count]
+
+    @property
+    def loss(self) -> Optional[float]:
+        host = self._read()
+        return None if host is None or not self._count else host[-1]
 
 
 def forward_backward(
@@ -89,13 +109,14 @@ def forward_backward(
     if finalize and not forward_only:
         finalize_model_grads(chunks)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return StepResult(None, None)
-    losses = [float(o["loss"] if "loss" in o else next(iter(o.values()))) for o in out if o]
+        return StepResult()
+    losses = [(o["loss"] if "loss" in o else next(iter(o.values()))) for o in out if o]
     if not losses:  # a forward_step whose loss_func reports nothing
-        return StepResult([], None)
-    mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=_device())
+        return StepResult(torch.zeros(0, dtype=torch.float64), 0)
+    values = torch.stack([torch.as_tensor(x, device=_device()).reshape(()).double() for x in losses])
+    mean = values.mean().reshape(1)
     dp = parallel_state.get_data_parallel_group()
     if dist.is_initialized() and dist.get_world_size(dp) > 1:
         dist.all_reduce(mean, group=dp)
         mean /= dist.get_world_size(dp)
-    return StepResult(losses, float(mean))
+    return StepResult(torch.cat([values, mean]), len(losses))

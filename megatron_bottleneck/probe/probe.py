@@ -307,6 +307,8 @@ class GradientProbe:
     def _before_forward(self, module, args, kwargs):
         """First micro-batch of a step: finish the previous step if nobody did, decide this step's plan and
         tell a head implementing the contract whether to keep a record of its fused pass."""
+        if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
+            return None
         if not (module.training and torch.is_grad_enabled()):
             if is_lm_head(module):
                 module.loss_request.record = False
@@ -319,8 +321,7 @@ class GradientProbe:
                 rank = self._due(cfg.rank_interval) or (self._gram is not None and not self._gram.full)
                 self._plan = _Plan(cheap=self._due(cfg.interval), update=self._due(cfg.update_interval), rank=rank)
             if is_lm_head(module):
-                module.loss_request.record = bool(self.enabled and self._plan.any and module.training
-                                                  and torch.is_grad_enabled())
+                module.loss_request.record = self._plan.any
         return None
 
     def _on_forward(self, module, args, kwargs, output):

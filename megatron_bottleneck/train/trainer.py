@@ -172,6 +172,8 @@ class Trainer:
         if self.probe is not None:
             self.probe.step = self.iteration
         loss = self.forward_backward([next(stream) for _ in range(self.num_micro)]).loss
+        if self.probe is not None:
+            self.probe.end_step()
         _ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.iteration += 1

@@ -1,0 +1,59 @@
+"""The probe on the hot path of a GPU job: no host syncs but one per recorded step (after the schedule), a fault
+on one tensor-parallel rank switches the probe off on all of them without a stall, and a fused model's update
+and rank figures come from a token slice (no ``[s, b, V/tp]`` tensor) and equal the unfused probe's."""
+import functools
+
+import pytest
+
+import megatron_bottleneck as mb
+from tests import support
+from tests.distributed import probe_safety_ranks as ranks
+
+
+def test_no_host_sync_in_the_schedule_and_one_per_recorded_step():
+    for r in mb.launch(functools.partial(ranks.sync_counts, 2), 2, timeout=300):
+        assert r["recorded"] == [0, 2]
+        schedule, end = zip(*r["counts"])
+        assert schedule == (0, 0, 0, 0), r["where"]  # head, fused loss, probe hooks, the schedule driver
+        assert end == (1, 0, 1, 0)  # one transfer on each recorded step, none on the others
+
+
+@pytest.fixture(scope="module")
+def fault_runs():
+    off = mb.launch(functools.partial(ranks.failing_rank, 2, True, 1, False), 2, timeout=300)
+    on = mb.launch(functools.partial(ranks.failing_rank, 2, True, 1, True), 2, timeout=300)
+    return off, on
+
+
+def test_a_fault_on_one_rank_switches_the_probe_off_on_every_rank(fault_runs):
+    off, on = fault_runs
+    for r_on, r_off in zip(on, off):
+        assert r_on["enabled"] == [True, False, False]  # both ranks, after the faulty step
+        assert r_on["steps"] == [0]  # step 0 recorded; nothing after the fault
+        assert "ProbeFault: injected" in r_on["error"] or "another tensor-parallel rank" in r_on["error"]
+        assert r_on["losses"] == r_off["losses"]  # training went on, unchanged (bitwise)
+    assert "ProbeFault" in on[1]["error"] and "another tensor-parallel rank" in on[0]["error"]
+
+
+def test_fused_update_and_rank_figures_equal_the_unfused_probe():
+    """With a slice covering every token, the fused model's update and rank figures (G recomputed from the fused
+    pass) equal the unfused probe's (G from autograd), at TP=2."""
+    fused = mb.launch(functools.partial(ranks.fused_update_rank, 2, True, 64.0), 2, timeout=300)
+    unfused = mb.launch(functools.partial(ranks.fused_update_rank, 2, False, 64.0), 2, timeout=300)
+    (f,), (u,) = fused[0]["history"], unfused[0]["history"]
+    assert f["update_tokens"] == support.SEQ * ranks.MICRO * support.NUM_MICRO
+    for key in ("update_cosine", "destroyed_ratio", "grad_norm", "effective_rank", "energy_top10"):
+        assert f[key] == pytest.approx(u[key], rel=1e-5), key
+    assert f["numerical_rank"] == u["numerical_rank"] and f["rank_tokens"] == u["rank_tokens"]
+
+
+def test_a_fused_update_rank_step_allocates_no_logit_sized_tensor():
+    """A slice of 4 KiB per micro-batch (4 tokens of V=256): no [s, b, V] tensor anywhere in the step, while the
+    unfused model allocates several."""
+    (fused,) = mb.launch(functools.partial(ranks.fused_update_rank, 1, True, 4 / 1024, True, 16), 1, timeout=300)
+    (unfused,) = mb.launch(functools.partial(ranks.fused_update_rank, 1, False, 4 / 1024, True, 16), 1, timeout=300)
+    assert unfused["logit_sized"], "the detector must see the unfused path's logits"
+    assert fused["logit_sized"] == []
+    (h,) = fused["history"]
+    assert h["update_tokens"] == 4 * support.NUM_MICRO and h["rank_tokens"] == 4 * support.NUM_MICRO
+    assert 0 < h["update_cosine"] < 1 and 0 < h["destroyed_ratio"] < 1
