@@ -1,0 +1,91 @@
+"""The head contract (base.head.LMHead) and the fused model classes: who implements it, what is refused in one
+line, MuP's logit scale inside the fused loss, and the probe's recomputed logit gradient against autograd."""
+import re
+
+import pytest
+import torch
+
+import megatron_bottleneck as mb
+from megatron_bottleneck.base.head import LMHead, is_lm_head
+
+
+from megatron_bottleneck import heads as H
+from megatron_bottleneck.ops import linear_cross_entropy_reference, logit_grad_rows
+from tests import support
+
+
+def _model(megatron_one_rank, rank=None, **config):
+    return mb.build_gpt_model(support.config(**config), support.VOCAB, support.SEQ, head_rank=rank)
+
+
+def test_both_heads_implement_the_contract(megatron_one_rank):
+    low = _model(megatron_one_rank, 8).output_layer
+    dense = _model(megatron_one_rank).output_layer
+    assert is_lm_head(low) and not is_lm_head(dense)  # a plain ColumnParallelLinear until converted
+    H.as_lm_head(dense, support.VOCAB - 5)
+    assert isinstance(dense, H.DenseOutputLayer) and isinstance(dense, LMHead) and dense.vocab_size == support.VOCAB - 5
+    assert dense.probe_view().mix is None and low.probe_view().mix.shape == (8, support.HIDDEN)
+
+
+def test_fused_model_is_a_class_not_an_instance_patch(megatron_one_rank):
+    model = _model(megatron_one_rank, 8)
+    cls = type(model)
+    enable_fused = H.enable_fused_loss(model)
+    assert isinstance(enable_fused, H.FusedLossModel) and type(model).__name__ == "FusedLossGPTModel"
+    assert "forward" not in vars(model) and "compute_language_model_loss" not in vars(model)
+    H.disable_fused_loss(model)
+    assert type(model) is cls
+
+
+@pytest.mark.parametrize("flag", ["cross_entropy_loss_fusion"])
+def test_megatrons_own_fused_cross_entropy_is_refused_in_one_line(megatron_one_rank, flag):
+    model = _model(megatron_one_rank, 8, **{flag: True})
+    with pytest.raises(mb.HeadConfigError) as err:
+        H.enable_fused_loss(model)
+    assert "\n" not in str(err.value) and re.search(rf"{flag}=True .* set {flag}=False", str(err.value))
+
+
+def test_a_head_the_fused_loss_cannot_drive_is_refused(megatron_one_rank):
+    with pytest.raises(mb.HeadConfigError, match="cannot drive"):
+        H.as_lm_head(torch.nn.Linear(4, 8))
+
+
+def test_mup_logit_scale_is_inside_the_fused_loss(megatron_one_rank):
+    """MuP scales the logits after the head (``_scale_logits``, megatron-core 0.19): the fused loss folds the
+    scale into its input, so fused and unfused losses agree."""
+    cfg = support.config()
+    if not hasattr(cfg, "use_mup"):
+        pytest.skip(f"this megatron-core has no MuP (use_mup)")
+    cfg = support.config(use_mup=True, mup_base_hidden_size=support.HIDDEN // 2)
+    assert cfg.mup_output_mult != 1.0
+    model = mb.build_gpt_model(cfg, support.VOCAB, support.SEQ, head_rank=8)
+    b = support.batches()[0]
+    pos = torch.arange(support.SEQ).unsqueeze(0).expand(support.MICRO, -1)
+    unfused = model(b["tokens"], pos, None, labels=b["labels"])
+    H.enable_fused_loss(model)
+    fused = model(b["tokens"], pos, None, labels=b["labels"])
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "z_loss_weight": 1e-2}, {"vocab_size": 90}])
+def test_recomputed_logit_gradient_equals_autograd(kw):
+    gen = torch.Generator().manual_seed(0)
+    t, k, v = 24, 8, 101
+    u = torch.randn(t, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, k, generator=gen, dtype=torch.float64)
+    vocab = kw.get("vocab_size", v)
+    y = torch.randint(0, vocab, (t,), generator=gen)
+    y[::5] = -100
+    g = torch.rand(t, generator=gen, dtype=torch.float64)
+    logits = []
+    loss = linear_cross_entropy_reference(u.requires_grad_(), w, y, logits_out=logits, **kw)
+    (loss.double() * g).sum().backward()
+    want = logits[0].grad  # [t, V real]
+    lse = torch.logsumexp(logits[0].detach(), dim=-1)
+    for start, stop in ((0, 60), (60, v)):  # two vocab shards, the second with the padding
+        got = logit_grad_rows(u.detach().float(), w[start:stop].float(), y, lse.float(), g.float(),
+                              vocab_start=start, vocab_size=vocab, label_smoothing=kw.get("label_smoothing", 0.0),
+                              z_loss_weight=kw.get("z_loss_weight", 0.0))
+        real = max(0, min(stop, vocab) - start)
+        torch.testing.assert_close(got[:, :real].double(), want[:, start:start + real].double(), rtol=1e-4, atol=1e-6)
+        assert got[:, real:].abs().max() == 0 if real < stop - start else True
