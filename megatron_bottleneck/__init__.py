@@ -31,11 +31,14 @@ _LAZY = {
     # heads and models
     "LowRankOutputLayer": "heads.low_rank", "LowRankHeadConfig": "heads.install",
     "install_low_rank_head": "heads.install", "low_rank_head_hook": "heads.install",
+    "enable_fused_loss": "heads.fused", "disable_fused_loss": "heads.fused", "FusedLossConfig": "heads.contract",
+    "DenseOutputLayer": "heads.fused", "as_lm_head": "heads.fused",
     "build_gpt_model": "models.gpt", "padded_vocab_size": "models.gpt",
     "SequenceParallelNorm": "models.llama", "llama_block_spec": "models.llama", "llama_config": "models.llama",
     # probe and base
     "GradientProbe": "probe.probe", "ProbeConfig": "probe.probe",
-    "HeadView": "base.head", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
+    "HeadView": "base.head", "LMHead": "base.head", "LossRequest": "base.loss", "FusedLossRecord": "base.loss",
+    "HeadLossStats": "base.loss", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
 }
 
 __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError",
@@ -60,7 +63,10 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # static analysers see the real names
-    from .base.head import HeadView, find_head  # noqa: F401
+    from .base.head import HeadView, LMHead, find_head  # noqa: F401
+    from .base.loss import FusedLossRecord, HeadLossStats, LossRequest  # noqa: F401
+    from .heads.contract import FusedLossConfig  # noqa: F401
+    from .heads.fused import DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss  # noqa: F401
     from .base.sinks import MetricsLogger, read_jsonl  # noqa: F401
     from .heads.install import LowRankHeadConfig, install_low_rank_head, low_rank_head_hook  # noqa: F401
     from .heads.low_rank import LowRankOutputLayer  # noqa: F401
