@@ -39,8 +39,9 @@ variable ``MB_FUSED_KERNEL`` when it is set and not empty, else the op's ``kerne
 "torch"); :func:`should_use` applies it to a tensor ("torch": never; "triton": always, a ValueError if
 Triton or CUDA is missing; "auto": on CUDA when Triton imports; never for fp8 or other dtypes than
 float32 / bfloat16 / float16). Under ``TRITON_INTERPRET=1`` CPU tensors are allowed so the kernels run
-in Triton's interpreter, which multiplies bfloat16 dot operands as raw bits: there the bfloat16 tiles
-are upcast to float32 first (after G was rounded to bfloat16, so the rounding points stay those of a GPU).
+in Triton's interpreter, which multiplies bfloat16 dot operands as raw bits and truncates float32 ->
+bfloat16 casts: there the bfloat16 tiles are upcast to float32 first, and G is rounded to nearest bfloat16
+(bit arithmetic) before its cast, so the rounding points and mode stay those of a GPU.
 """
 from __future__ import annotations
 
@@ -140,6 +141,14 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PREC)
 
     @triton.jit
+    def _round_bf16(x):
+        """float32 x rounded to the nearest bfloat16 (ties to even), still float32. Only for Triton's CPU
+        interpreter, whose float32 -> bfloat16 cast truncates (a GPU's rounds to nearest)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _logit_tile(u_rows, w_cols, mask_t, mask_v, K, s_uk, s_wk, PREC: tl.constexpr, UP: tl.constexpr,
                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
         """z [BT, BV] float32 = u[t-block] F[v-tile]^T, accumulated over k in BK pieces (edges masked to 0)."""
@@ -225,7 +234,10 @@ if triton is not None:
             p -= tl.where(offs_v[None, :] == tgt[:, None], bt[:, None], 0.0)
             if HAS_E:
                 p -= et[:, None]
-            p = tl.where(mask_t[:, None] & mask_v[None, :], p, 0.0).to(u_ptr.dtype.element_ty)
+            p = tl.where(mask_t[:, None] & mask_v[None, :], p, 0.0)
+            if UP:  # interpreter: round to nearest as a GPU's cast does (the interpreter's truncates)
+                p = _round_bf16(p)
+            p = p.to(u_ptr.dtype.element_ty)
             pt = tl.trans(p)
             for k0 in range(0, K, BK):
                 offs_k = k0 + offs_k0

@@ -18,6 +18,7 @@ import torch
 from megatron_bottleneck.ops import linear_cross_entropy, linear_cross_entropy_reference
 from megatron_bottleneck.ops import triton_linear_cross_entropy as tk
 from megatron_bottleneck.ops.linear_cross_entropy import HeadLossStats, _backward_chunks, _forward_chunks
+from megatron_bottleneck.ops.reference import gradient_errors, peaked_zipf_problem, unfused_loss
 
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -127,12 +128,39 @@ def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **kw):
     _close("sum_p2 vs torch", p2, outs["torch"][3], 1e-4)
 
 
+def check_bf16_accuracy(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **kw):
+    """bf16 inputs, Zipfian labels, peaked logits: the op on the Triton path is at least as accurate
+    against float64 (dL/dW of the 16 most frequent rows and whole, dL/du) as the unfused bf16 path."""
+    u, w, y = peaked_zipf_problem(t, k, v_rows, vocab, alpha=10.0, ignore_every=ignore_every, seed=seed)
+    u, w, y = u.to(device), w.to(device), y.to(device)
+    n = int((y != -100).sum())
+    grads = {}
+    for name, dt in (("ref", torch.float64), ("unfused", torch.bfloat16), ("fused", torch.bfloat16)):
+        uu, ww = u.to(dt).clone().requires_grad_(), w.to(dt).clone().requires_grad_()
+        if name == "fused":
+            assert tk.should_use(uu, None, "triton")
+            loss = linear_cross_entropy(uu, ww, y, vocab_size=vocab, kernel="triton", check_labels=False, **kw)
+        else:
+            loss = unfused_loss(uu, ww, y, vocab_size=vocab, **kw)
+        (loss.double().sum() / n).backward()
+        grads[name] = (uu.grad.cpu(), ww.grad.cpu())
+    assert bool((grads["fused"][1][vocab:] == 0).all()), "padding rows got a gradient"
+    fused = gradient_errors(grads["fused"], grads["ref"], y.cpu())
+    unfused = gradient_errors(grads["unfused"], grads["ref"], y.cpu())
+    for key in ("dw_top", "dw", "du"):
+        assert fused[key] <= 1.1 * unfused[key] + 1e-6, f"{key}: fused {fused} vs unfused {unfused}"
+
+
 CHUNK_CASES = [  # (dtype, T, k, V_rows, n_real, transposed u)
     (torch.float32, 50, 40, 300, 290, False),
     (torch.float32, 96, 24, 130, 130, True),
     (torch.float32, 20, 16, 40, 0, False),
     (torch.bfloat16, 50, 40, 200, 190, False),
     (torch.float16, 33, 24, 150, 150, False),
+]
+ACCURACY_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
+    (128, 32, 512, 512, 0, {}),
+    (128, 32, 520, 500, 5, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
 ]
 PUBLIC_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
     (50, 24, 300, 300, 0, {}),
@@ -141,7 +169,7 @@ PUBLIC_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
 ]
 
 
-def run_all(device, chunk_cases=CHUNK_CASES, public_cases=PUBLIC_CASES):
+def run_all(device, chunk_cases=CHUNK_CASES, public_cases=PUBLIC_CASES, accuracy_cases=ACCURACY_CASES):
     os.environ["MB_FUSED_KERNEL"] = "triton"
     n = 0
     for dtype, t, k, v_rows, n_real, tr in chunk_cases:
@@ -149,6 +177,9 @@ def run_all(device, chunk_cases=CHUNK_CASES, public_cases=PUBLIC_CASES):
         n += 1
     for t, k, v_rows, vocab, ign, kw in public_cases:
         check_public(device, t, k, v_rows, vocab, ign, **kw)
+        n += 1
+    for t, k, v_rows, vocab, ign, kw in accuracy_cases:
+        check_bf16_accuracy(device, t, k, v_rows, vocab, ign, **kw)
         n += 1
     return n
 
