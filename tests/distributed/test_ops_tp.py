@@ -175,3 +175,44 @@ def test_tp1_matches_megatron_label_smoothing():
     (r,) = mb.launch(run_megatron_comparison, 1, 0.1)
     for got, want in zip(r["fused"], r["megatron"]):
         assert rel(got, want) < 1e-5
+
+
+def run_megatron_ddp(into_main_grad, dtype):
+    """A weight under Megatron-Core's DDP (float32 main_grad buffers), two micro-batches of the op with
+    weight_grad_into_main_grad on or off; returns main_grad after finish_grad_sync and the flags."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    mb.initialize_parallel(1)
+    u, w, y = peaked_zipf_problem(64, 16, 96, 90, ignore_every=5)  # bf16 values
+    u, w = u.to(dtype), w.to(dtype)
+    head = torch.nn.Module()
+    head.weight = torch.nn.Parameter(w.clone())
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, use_cpu_initialization=True)
+    ddp = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  module=head)
+    p = ddp.module.weight
+    ddp.zero_grad_buffer()
+    for _ in range(2):
+        loss = linear_cross_entropy(u, p, y, vocab_size=90, label_smoothing=0.1, chunk_size=32,
+                                    weight_grad_into_main_grad=into_main_grad)
+        loss.sum().backward()
+    ddp.finish_grad_sync()
+    return dict(main_grad=p.main_grad.clone(), grad=p.grad, flag=p.grad_added_to_main_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_into_main_grad_under_megatron_ddp(dtype):
+    """Megatron DDP: with weight_grad_into_main_grad the op adds the float32 dL/dW into main_grad itself
+    (grad_added_to_main_grad set, so DDP's hook skips the dummy grad); main_grad equals DDP's own
+    accumulation of the returned gradient (exactly in float32; bf16: closer to the float32 gradient)."""
+    (plain,) = mb.launch(run_megatron_ddp, 1, False, dtype)
+    (fused,) = mb.launch(run_megatron_ddp, 1, True, dtype)
+    assert fused["flag"] is True and plain["flag"] is False
+    assert fused["grad"] is None and plain["grad"] is None  # DDP's hook released both
+    if dtype == torch.float32:
+        assert rel(fused["main_grad"], plain["main_grad"]) < 1e-6
+    else:
+        (exact,) = mb.launch(run_megatron_ddp, 1, True, torch.float32)  # float32 math on the same bf16 values
+        err_fused = rel(fused["main_grad"], exact["main_grad"])
+        assert err_fused < 1e-2 and err_fused <= rel(plain["main_grad"], exact["main_grad"])
