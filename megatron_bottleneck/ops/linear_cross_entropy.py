@@ -35,7 +35,9 @@ all-reduce (over [T]-sized vectors, never V-sized) combine the ranks, as Megatro
 as Liger-Kernel and cut-cross-entropy do: p_y u and u never cancel after rounding. For 16-bit inputs the
 float32 chunk is cast to the input dtype for the two GEMMs (float32 accumulation; on CUDA the GEMM's float32
 result is kept through ``out_dtype``, on a CPU torch has no such kernel and the chunk's product is rounded
-to the input dtype once before it is added). dL/du and dL/dF are accumulated in float32 buffers and cast
+to the input dtype once before it is added; the same holds for the logit GEMM, so on a CPU the 16-bit logits
+are rounded as an unfused head's are, and float32 on CUDA). With fp8 the float32 chunk is quantised to e5m2
+(one-hot term included). dL/du and dL/dF are accumulated in float32 buffers and cast
 to the input dtype once at the end (or dL/dF is added into ``weight.main_grad``, see
 ``weight_grad_into_main_grad``). Nothing V_local x k besides dL/dF is allocated, and no [T, C] tensor
 besides the chunk buffer (and its 16-bit cast). The op makes no host synchronisation in forward or backward
