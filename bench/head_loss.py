@@ -1,6 +1,7 @@
 """LM head + cross-entropy, fwd+bwd: Megatron's unfused path vs the fused op vs torch's chunked one.
 
     python bench/head_loss.py [--quick] [--reps 3] [--T 4096] [--D 1024] [--V 49152] [--ranks 32,64,128,512]
+    python bench/head_loss.py --dtype bfloat16 [--accuracy] ...   # 16-bit rows, with gradient errors
 
 Every configuration runs in its own fresh process (this script with ``--child``), so memory figures do
 not leak between them. Rows:
@@ -10,12 +11,10 @@ not leak between them. Rows:
 * fused low-rank: U = H B^T, ``megatron_bottleneck.ops.linear_cross_entropy(U, A, y)``
 * fused dense: ``linear_cross_entropy(H, W, y)`` (per-token loss, then ``.mean()``; backward recomputes
   the logits: 4 GEMMs)
-* fused low-rank / dense (mean): ``linear_cross_entropy(..., reduction="mean")``, gradients computed in
-  the forward pass (3 GEMMs)
 * torch chunked low-rank / dense: ``torch.nn.functional.linear_cross_entropy(..., options=
   LinearCrossEntropyOptions())`` on (U, A) / (H, W), where the installed torch has it (else n/a)
 * GPU only (n/a on a CPU, or when the package is missing): fused low-rank / dense (triton), the op with
-  ``MB_FUSED_KERNEL=triton``; liger low-rank / dense, Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
+  ``kernel="triton"``; liger low-rank / dense, Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
   (``pip install liger-kernel``); cce low-rank / dense, Apple's ``cut_cross_entropy.linear_cross_entropy``
   (``pip install cut-cross-entropy``)
 
@@ -35,7 +34,14 @@ recompute is not counted) at the minimum time, and float32 matmul peaks measured
 at the start (2048^3) and in each row's process right before its timed steps (1024^3), the latter
 being the "% of peak" reference since machine load varies between rows. "x ideal" is the row's time
 relative to megatron dense divided by its FLOPs relative to megatron dense (1.0: as fast per FLOP as the
-dense head). Loss is the mean over tokens (grad_out = 1/T). Writes bench/results/head_loss.json.
+dense head). Loss is the mean over tokens (grad_out = 1/T). Writes bench/results/head_loss.json
+(``--out``).
+
+``--accuracy`` (the default for a 16-bit ``--dtype``): the data is a trained-like problem instead of
+random (``ops.reference.peaked_zipf_problem``: Zipfian labels, the top class ~10% of the tokens; logits
+peaked, mean p_y ~0.9; low-rank: U = H B^T with orthonormal rows of B, so U is the problem's u), and each
+row's time process adds the relative (Frobenius) errors of dL/dF (F = A or W: the rows of the 16 most
+frequent labels, and whole) and of dL/du (u = U or H) against float64 math on the same 16-bit values.
 """
 from __future__ import annotations
 
@@ -58,8 +64,6 @@ CONFIGS = [  # (name, low_rank, kind)
     ("megatron low-rank (unfused)", True, "megatron"),
     ("torch chunked low-rank", True, "torch"),
     ("fused low-rank", True, "fused"),
-    ("fused low-rank (mean)", True, "fused-mean"),
-    ("fused dense (mean)", False, "fused-mean"),
     ("fused low-rank (triton)", True, "fused-triton"),
     ("fused dense (triton)", False, "fused-triton"),
     ("liger low-rank", True, "liger"),
@@ -150,13 +154,33 @@ def child(args) -> dict:
     def param(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen) * std).to(device=dev, dtype=dtype).requires_grad_()
 
-    h = param(t, d)
-    y = torch.randint(0, v, (t,), generator=gen).to(dev)
-    if low_rank:
-        a = param(v, r, std=(0.02 / r**0.5) ** 0.5)
-        b = param(r, d, std=(0.02 / r**0.5) ** 0.5)
+    if args.accuracy:  # trained-like: Zipfian labels, peaked logits
+        from megatron_bottleneck.ops.reference import peaked_zipf_problem
+
+        x0, f0, y = peaked_zipf_problem(t, r if low_rank else d, v, dtype=torch.float64)
+        y = y.to(dev)
+        if low_rank:  # U = H B^T with B's rows orthonormal: H = U B
+            q = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0]  # [D, r]
+            b, h, a = q.t(), x0 @ q.t(), f0
+        else:
+            h, w = x0, f0
+
+        def leaf(x):
+            return x.to(device=dev, dtype=dtype).requires_grad_()
+
+        h = leaf(h)
+        if low_rank:
+            a, b = leaf(a), leaf(b)
+        else:
+            w = leaf(w)
     else:
-        w = param(v, d, std=0.02)
+        h = param(t, d)
+        y = torch.randint(0, v, (t,), generator=gen).to(dev)
+        if low_rank:
+            a = param(v, r, std=(0.02 / r**0.5) ** 0.5)
+            b = param(r, d, std=(0.02 / r**0.5) ** 0.5)
+        else:
+            w = param(v, d, std=0.02)
 
     if kind == "megatron":
         _init_megatron(dev == "cuda")
@@ -176,13 +200,10 @@ def child(args) -> dict:
     elif kind in ("fused", "fused-triton"):
         from megatron_bottleneck.ops import linear_cross_entropy
 
-        def loss_fn(x, f, labels):
-            return linear_cross_entropy(x, f, labels, memory_budget_bytes=_budget(args)).mean()
-    elif kind == "fused-mean":  # scalar loss, gradients computed in forward
-        from megatron_bottleneck.ops import linear_cross_entropy
+        kernel = "triton" if kind == "fused-triton" else "torch"
 
         def loss_fn(x, f, labels):
-            return linear_cross_entropy(x, f, labels, memory_budget_bytes=_budget(args), reduction="mean")
+            return linear_cross_entropy(x, f, labels, memory_budget_bytes=_budget(args), kernel=kernel).mean()
     elif kind == "liger":
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -202,12 +223,18 @@ def child(args) -> dict:
         def loss_fn(x, f, labels):
             return cce(x, f, labels)
 
+    grad_u = {}
+
     def step():
         if low_rank:
-            loss = loss_fn(h @ b.t(), a, y)
+            x = h @ b.t()
+            x.retain_grad()
+            loss = loss_fn(x, a, y)
         else:
+            x = h
             loss = loss_fn(h, w, y)
         loss.backward()
+        grad_u["u"] = x
         return float(loss)
 
     loss0 = step()  # warm-up; allocates the persistent .grad buffers
@@ -236,6 +263,23 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     flops = 6 * t * r * (d + v) if low_rank else 6 * t * v * d
+    errors = {}
+    if args.accuracy:  # one more step from zeroed gradients, against float64 on the same values
+        from megatron_bottleneck.ops.reference import gradient_errors, unfused_loss
+
+        f = a if low_rank else w
+        for p_ in (h, f) + ((b,) if low_rank else ()):
+            p_.grad = None
+        step()
+        got = (grad_u["u"].grad, f.grad)
+        u64 = (h.detach().double() @ b.detach().double().t()) if low_rank else h.detach().double()
+        u64.requires_grad_()
+        f64 = f.detach().double().requires_grad_()
+        unfused_loss(u64, f64, y).mean().backward()
+        errors = {f"err_{key}": val for key, val in gradient_errors(got, (u64.grad, f64.grad), y.cpu()).items()}
+        z = u64.detach() @ f64.detach().t()
+        errors["mean_p_y"] = float(torch.softmax(z, 1).gather(1, y[:, None]).mean())
+        errors["top_share"] = float(torch.bincount(y).max()) / t
     med = statistics.median(times)
     best = min(times)
     return dict(
@@ -254,6 +298,7 @@ def child(args) -> dict:
         row_matmul_peak_gflops=peak,
         threads=torch.get_num_threads(),
         flops=flops,
+        **errors,
         **({"mem_mib": mem} if mem is not None else {}),
     )
 
@@ -262,7 +307,7 @@ def child(args) -> dict:
 def _child_cmd(args, name, rank, measure):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--T", str(args.T), "--D", str(args.D),
            "--V", str(args.V), "--reps", str(args.reps), "--threads", str(args.threads), "--measure", measure,
-           "--device", args.device, "--dtype", args.dtype]
+           "--device", args.device, "--dtype", args.dtype] + (["--accuracy"] if args.accuracy else [])
     if args.budget_mib is not None:
         cmd += ["--budget-mib", str(args.budget_mib)]
     return cmd + (["--rank", str(rank)] if rank is not None else [])
@@ -272,8 +317,7 @@ def run_child(args, name, rank=None) -> dict:
     """Time in one fresh process (default allocator), memory in another (large blocks mmapped, so
     that freed memory leaves RSS and the peak above the baseline is the step's live working set)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    kind = next((c[2] for c in CONFIGS if c[0] == name), None)
-    env["MB_FUSED_KERNEL"] = "triton" if kind == "fused-triton" else "torch"
+    env.pop("MB_FUSED_KERNEL", None)  # the row's kernel= argument decides
     res = {}
     for measure, extra in (("time", {}), ("memory", dict(MALLOC_MMAP_THRESHOLD_="131072",
                                                          MALLOC_TRIM_THRESHOLD_="131072"))):
@@ -309,6 +353,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--accuracy", action="store_true", default=None,
+                   help="trained-like data and gradient errors against float64 (default: on for 16-bit dtypes)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "head_loss.json"))
     p.add_argument("--merge", default="", help="JSON of an earlier run: add its rows for configs not run now")
     p.add_argument("--only", default="", help="comma list: run only configs whose name starts with one of these")
@@ -320,6 +366,8 @@ def main(argv=None) -> None:
 
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.accuracy is None:
+        args.accuracy = args.dtype != "float32"
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -360,15 +408,21 @@ def main(argv=None) -> None:
     header = (f"T={args.T} D={args.D} V={args.V} {args.dtype} on {args.device}, {args.reps} timed fwd+bwd steps "
               f"after a warm-up, torch threads {rows[0].get('threads', '?') if rows else '?'}; matmul peak at start "
               f"{fmt(peak, '.1f')} GFLOP/s; ratios use {'process CPU' if key == 'cpu_min_s' else 'wall'} time")
+    acc = bool(args.accuracy)
+    if acc:
+        header += ("; gradient errors against float64 on Zipfian labels / peaked logits (relative Frobenius: "
+                   "dL/dF of the 16 most frequent rows, whole dL/dF, dL/du)")
     lines = [header, "",
              "| config | r | wall min (s) | wall median (s) | CPU min (s) | x megatron (time) | working mem (MiB) "
-             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it | x ideal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it | x ideal |"
+             + (" err dF top-16 | err dF | err du |" if acc else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if acc else "")]
     for row in rows:
         r = "" if row.get("rank") is None else str(row["rank"])
         if not row.get("available"):
             why = row.get("why") or " ".join(row.get("error") or [])
-            lines.append(f"| {row['name']} | {r} | n/a{': ' + why if why else ''} | | | | | | | | | |")
+            lines.append(f"| {row['name']} | {r} | n/a{': ' + why if why else ''} | | | | | | | | | |"
+                         + (" | | |" if acc else ""))
             continue
         ref = ref_for(row)
         tr = row[key] / ref[key] if ref else None
@@ -381,12 +435,14 @@ def main(argv=None) -> None:
         lines.append(f"| {row['name']} | {r} | {row['time_min_s']:.3f} | {row['time_s']:.3f} | "
                      f"{row['cpu_min_s']:.3f} | {fmt(tr, '.2f')} | "
                      f"{fmt(row.get('mem_mib'), '.0f')} | {fmt(mr, '.3f')} | {row['gflops']:.1f} | "
-                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} | {fmt(ideal, '.2f')} |")
+                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} | {fmt(ideal, '.2f')} |"
+                     + (f" {fmt(row.get('err_dw_top'), '.2e')} | {fmt(row.get('err_dw'), '.2e')} | "
+                        f"{fmt(row.get('err_du'), '.2e')} |" if acc else ""))
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(T=args.T, D=args.D, V=args.V, reps=args.reps, budget_mib=args.budget_mib,
-                       device=args.device, dtype=args.dtype,
+                       device=args.device, dtype=args.dtype, accuracy=bool(args.accuracy),
                        matmul_peak_gflops=peak, rows=rows, table="\n".join(lines),
                        command=" ".join(sys.argv), merged_from=args.merge or None), f, indent=1)
     if os.path.exists(args.out + ".partial"):

@@ -4,7 +4,8 @@ CPU: the kernels run in Triton's interpreter, which needs TRITON_INTERPRET=1 bef
 (other tests import it earlier), so the checks of ``tests/unit/triton_lce_checks.py`` run in a
 subprocess at tiny shapes. GPU: the same checks in process on CUDA at bigger shapes. Tolerances are in
 that module's docstring (float32: loss / lse 1e-5, gradients 1e-4 against float64; bfloat16 2e-2 and
-float16 5e-3 for gradients). Note: the interpreter multiplies bfloat16 dot operands as raw bits, so
+float16 5e-3 for gradients; bf16 on Zipfian labels / peaked logits no less accurate than the unfused
+bf16 path). Note: the interpreter multiplies bfloat16 dot operands as raw bits, so
 under it the kernels upcast bfloat16 tiles to float32 before ``tl.dot`` (never on a GPU).
 """
 import os
@@ -65,6 +66,19 @@ def test_should_use(monkeypatch):
     if tk.available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert tk.should_use(u, None)
+    # the kernel argument, overridden by the env var when it is set
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("MB_FUSED_KERNEL")
+    assert tk.resolve_kernel() == "torch" and not tk.should_use(u, None)
+    assert tk.resolve_kernel("auto") == "auto" and not tk.should_use(u, None, "auto")  # CPU tensor
+    with pytest.raises(ValueError, match="kernel 'triton'"):
+        tk.should_use(u, None, "triton")
+    with pytest.raises(ValueError, match="kernel must be"):
+        tk.should_use(u, None, "fast")
+    monkeypatch.setenv("MB_FUSED_KERNEL", "torch")
+    assert tk.resolve_kernel("triton") == "torch" and not tk.should_use(u, None, "triton")
+    monkeypatch.setenv("MB_FUSED_KERNEL", "")  # empty: the argument decides
+    assert tk.resolve_kernel("auto") == "auto"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,4 +94,7 @@ def test_triton_kernels_on_gpu(monkeypatch):
     chunk_cases += [(torch.float32, 37, 40, 300, 290, False), (torch.bfloat16, 4096, 512, 4096, 4000, False)]
     public_cases = [(1000, 96, 3000, 2990, 7, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
                     (333, 200, 1000, 1000, 0, {})]
-    assert checks.run_all("cuda", chunk_cases, public_cases) == len(chunk_cases) + len(public_cases)
+    accuracy_cases = [(2048, 128, 4096, 4096, 0, {}),
+                      (2048, 128, 4100, 4000, 7, dict(label_smoothing=0.1, z_loss_weight=1e-3))]
+    n = checks.run_all("cuda", chunk_cases, public_cases, accuracy_cases)
+    assert n == len(chunk_cases) + len(public_cases) + len(accuracy_cases)
