@@ -21,6 +21,7 @@ enables the CPU mode and :mod:`.megatron_training_cpu`'s patches.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import inspect
@@ -264,11 +265,22 @@ def get_probe():
     probe = GradientProbe(cfg)
     probe.step = int(getattr(args, "iteration", 0) or 0)
     probe.on_record(_to_megatron_writers)
+    atexit.register(_finish_probe)  # the last step's figures when nobody wrapped Megatron-LM's train_step
     _print0(f"gradient probe on (interval={cfg.interval}, update_interval={cfg.update_interval}, "
             f"rank_interval={cfg.rank_interval}; vocabulary {vocab}, padded "
             f"{getattr(args, 'padded_vocab_size', None)}; starting at step {probe.step})")
     _PROBE = probe
     return probe
+
+
+def _finish_probe() -> None:
+    """At exit: the probe's pending step (``end_step``) and its logs closed; a failure is one warning line."""
+    if _PROBE is None:
+        return
+    try:
+        _PROBE.remove()
+    except Exception as exc:  # e.g. the process group is already gone
+        _print0(f"warning: the probe's last step was not recorded ({type(exc).__name__}: {exc})")
 
 
 def wrap_forward_step(forward_step: Callable) -> Callable:
