@@ -6,8 +6,9 @@ from .linear_cross_entropy import (
     choose_chunk_size,
     default_memory_budget,
     linear_cross_entropy,
+    logit_grad_rows,
+    slice_rows,
 )
-from .logit_grad import logit_grad_rows, slice_rows
 from .reference import linear_cross_entropy_reference
 
 __all__ = [

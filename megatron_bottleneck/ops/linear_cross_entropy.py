@@ -203,6 +203,25 @@ def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=Fal
     return lse, (2 * m + torch.log(s2) if want_p2 else None), z_y, sum_z
 
 
+def _local_targets(labels, ignore_index: int, vocab_start: int, n_real: int):
+    """(valid [T] bool, tgt [T]): whether y_t is not ignored, and its row in this shard (-1 when it is not a
+    real row of this shard)."""
+    valid = labels != ignore_index
+    local_idx = labels - vocab_start
+    local = valid & (local_idx >= 0) & (local_idx < n_real)
+    return valid, torch.where(local, local_idx, -1)
+
+
+def _logit_grad_terms(grad_loss, valid, lse, smoothing: float, vocab_size: int, z_loss_weight: float):
+    """(coef, b, e) [T] float32 of dL/dz_ti = coef_t p_ti - b_t [i = y_t] - e_t for dL/dloss_t = grad_loss:
+    coef = g (1 + 2 w lse), b = (1 - s) g, e = g s / V (None without smoothing), g = 0 on ignored tokens."""
+    g = torch.where(valid, grad_loss.float(), 0.0)
+    coef = g * (1.0 + 2.0 * z_loss_weight * lse) if z_loss_weight else g
+    b = g * (1.0 - smoothing)
+    e = g * (smoothing / vocab_size) if smoothing > 0 else None
+    return coef, b, e
+
+
 def _logit_grad_(z, c0, lse, coef, tgt, b, e) -> torch.Tensor:
     """In place, float32 logits z [T, C] of rows c0:c0+C -> dL/dz = coef exp(z - lse) - b [i = tgt] - e.
 
@@ -275,10 +294,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise ValueError(f"fp8 needs chunk_size to be a multiple of 16, got {chunk}.")
         use_triton = triton_lce.should_use(u, q, cfg["kernel"])
 
-        valid = labels != cfg["ignore_index"]
-        local_idx = labels - vocab_start
-        local = valid & (local_idx >= 0) & (local_idx < n_real)
-        tgt = torch.where(local, local_idx, -1)
+        valid, tgt = _local_targets(labels, cfg["ignore_index"], vocab_start, n_real)
 
         want_p2, want_sum = stats is not None, s > 0
         if use_triton:
@@ -332,11 +348,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         u, weight, lse, valid, tgt = ctx.saved_tensors
         cfg, n_real, chunk = ctx.cfg, ctx.n_real, ctx.chunk
-        s, vocab_size = cfg["smoothing"], cfg["vocab_size"]
-        g = torch.where(valid, grad_loss.float(), 0.0)
-        coef = g * (1.0 + 2.0 * cfg["z_loss_weight"] * lse) if cfg["z_loss_weight"] else g
-        b = g * (1.0 - s)  # the one-hot term's factor (applied only where tgt >= 0)
-        e = g * (s / vocab_size) if s > 0 else None
+        coef, b, e = _logit_grad_terms(grad_loss, valid, lse, cfg["smoothing"], cfg["vocab_size"],
+                                       cfg["z_loss_weight"])
 
         q = _Fp8Cache(u, weight, n_real) if cfg["fp8"] else None
         main_grad = ctx.main_grad
@@ -374,6 +387,43 @@ def _dummy_weight_grad(weight, main_grad, dtype):
 
 
 # ----------------------------------------------------------------------------- public
+def slice_rows(memory_bytes: int, v_local: int) -> int:
+    """Tokens whose ``[S, V_local]`` float32 logit gradient fits ``memory_bytes`` (at least 1)."""
+    return max(1, int(memory_bytes) // max(1, 4 * v_local))
+
+
+def logit_grad_rows(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                    grad_out: torch.Tensor, *, vocab_start: int, vocab_size: int, ignore_index: int = -100,
+                    label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                    memory_budget_bytes: Optional[int] = None) -> torch.Tensor:
+    """The logit gradient dL/dz of S tokens, recomputed from a pass's inputs and statistics: ``[S, V_local]``
+    float32, 0 on padded rows (global index >= V) and ignored tokens.
+
+    u ``[S, k]`` and weight ``[V_local, k]`` (row 0 = global class ``vocab_start``) as given to
+    :func:`linear_cross_entropy`; labels, lse (the pass's global log-sum-exp) and grad_out (dL/dloss_t): ``[S]``.
+    The same chunk loop and dL/dz as the op's backward (``dL/dz = coef p - (1 - s) g [i = y] - g s / V``,
+    formed in float32 per vocab chunk), written out instead of multiplied: a caller bounds the output's
+    memory by S (:func:`slice_rows`). The gradient probe uses it where the loss is fused (no logits exist).
+    """
+    s_tok, v_local = u.shape[0], weight.shape[0]
+    n_real = int(max(0, min(v_local, vocab_size - vocab_start)))
+    out = torch.zeros(s_tok, v_local, dtype=torch.float32, device=u.device)
+    if n_real == 0 or s_tok == 0:
+        return out
+    valid, tgt = _local_targets(labels, ignore_index, vocab_start, n_real)
+    smoothing = label_smoothing * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0
+    lse = lse.float()
+    coef, b, e = _logit_grad_terms(grad_out, valid, lse, smoothing, vocab_size, z_loss_weight)
+    budget = default_memory_budget(u.device) if memory_budget_bytes is None else memory_budget_bytes
+    chunk = choose_chunk_size(s_tok, n_real, budget)
+    buf = torch.empty(s_tok * min(chunk, n_real), dtype=torch.float32, device=u.device)
+    lbuf = _low_buffer(u, s_tok, min(chunk, n_real), None) if not (u.is_cuda and _CUDA_OUT_DTYPE[0]) else None
+    for c0 in range(0, n_real, chunk):
+        c1 = min(c0 + chunk, n_real)
+        out[:, c0:c1] = _logit_grad_(_chunk_logits(u, weight, c0, c1, None, buf, lbuf), c0, lse, coef, tgt, b, e)
+    return out
+
+
 def linear_cross_entropy(
     u: torch.Tensor,
     weight: torch.Tensor,

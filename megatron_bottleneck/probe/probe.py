@@ -46,7 +46,7 @@ from ..base.errors import ConfigError
 from ..base.groups import default_dp_cp_group, default_tp_group
 from ..base.head import HeadView, find_head, head_view, is_lm_head
 from ..base.sinks import MetricsLogger
-from ..ops.logit_grad import logit_grad_rows, slice_rows
+from ..ops.linear_cross_entropy import logit_grad_rows, slice_rows
 from .spectrum import GramAccumulator
 from .stats import StepAccumulator
 
