@@ -47,9 +47,14 @@ _UNFUSED_FLAGS = ("cross_entropy_loss_fusion", "use_fused_lce", "use_fused_linea
 class DenseOutputLayer(FusedHeadMixin, ColumnParallelLinear):
     """Megatron's dense LM head (``ColumnParallelLinear``, logits = H W^T) with the head contract.
 
-    Not constructed directly: :func:`as_lm_head` converts a built head (its parameters, buffers and hooks stay).
-    ``vocab_size`` is the real vocabulary (default: the layer's full, possibly padded, output size).
+    Built like ``ColumnParallelLinear`` (plus ``real_vocab_size``), or converted from a built one by
+    :func:`as_lm_head` (its parameters, buffers and hooks stay). ``vocab_size`` is the real vocabulary (default:
+    the layer's full, possibly padded, output size).
     """
+
+    def __init__(self, *args, real_vocab_size: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_contract(self.output_size if real_vocab_size is None else real_vocab_size)
 
     def logits_forward(self, input_, weight=None, runtime_gather_output=None):
         return ColumnParallelLinear.forward(self, input_, weight=weight, runtime_gather_output=runtime_gather_output)

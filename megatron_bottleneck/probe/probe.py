@@ -34,8 +34,8 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,11 +99,15 @@ class ProbeConfig:
 
 @dataclass
 class _Plan:
-    """What a step measures; decided at its first micro-batch, the same on every rank."""
+    """What a step measures; decided at its first micro-batch, the same on every rank. ``fused`` and
+    ``watch_hidden`` (the head's loss is fused; dL/dH is hooked) are filled by the step's forwards."""
 
     cheap: bool
     update: bool
     rank: bool
+    fused: bool = False
+    watch_hidden: bool = False
+    sequence_parallel: bool = False
 
     @property
     def any(self) -> bool:
@@ -127,6 +131,7 @@ class _MicroBatch:
 
     fused: bool
     rows: int  # tokens of the head input on this rank ([s(/tp), b] flattened)
+    watch_hidden: bool = False  # a hook on dL/dH (then two hooks fire per micro-batch)
     slice_rows: int = 0  # fused: tokens whose G is recomputed (update / rank)
     gram_rows: int = 0  # tokens entering the rank figures
     view: Optional[HeadView] = None
@@ -138,17 +143,18 @@ class _MicroBatch:
 
 @dataclass
 class _Closed:
-    """A step whose backward is done: its local payload, waiting for :meth:`GradientProbe.end_step`."""
+    """A step whose backward is done: its local payload (the cheap/update accumulator's, the fused update
+    slice's and the Gram's, of the lengths ``sizes``, known on every rank), waiting for
+    :meth:`GradientProbe.end_step`."""
 
     step: int
-    sizes: List[int]
+    sizes: Tuple[int, int, int]
     payload: Optional[torch.Tensor]
     acc: Optional[StepAccumulator]
     slice_acc: Optional[StepAccumulator]
     gram: Optional[GramAccumulator]
     gram_tokens: int
-    width: int
-    extra: Dict[str, float] = field(default_factory=dict)
+    sequence_parallel: bool
 
 
 def _megatron_num_microbatches() -> int:
@@ -223,8 +229,6 @@ class GradientProbe:
         self._head = head
         self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
         self.dp_group = default_dp_cp_group(self.dp_group)
-        self._shape = self._head_shape(head, None)
-        self._warn_if_vocab_unknown(head)
         self._handles.append(head.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
         return self
@@ -253,6 +257,7 @@ class GradientProbe:
         return head_view(head, weight, self.config.vocab_size)
 
     def _head_shape(self, head, weight) -> _Shape:
+        """The head's shapes, from its first forward (a tied head's weight arrives as an argument)."""
         view = self._view(head, weight)
         k, v_local = view.basis.shape[1], view.basis.shape[0]
         d = k if view.mix is None else view.mix.shape[1]
@@ -313,6 +318,13 @@ class GradientProbe:
             if is_lm_head(module):
                 module.loss_request.record = False
             return None
+        if self._shape is None:
+            try:
+                self._shape = self._head_shape(module, kwargs.get("weight"))
+            except Exception as exc:  # the same on every rank: nothing to agree on
+                self._disable(exc)
+                return None
+            self._warn_if_vocab_unknown(module)
         with self._timed():
             if self._seen == 0:
                 if self._closed is not None:
@@ -336,7 +348,7 @@ class GradientProbe:
             hidden = args[0] if args else kwargs["input_"]
             record = getattr(module, "last_loss", None) if is_lm_head(module) else None
             fused = record is not None and record.loss is logits
-            self._step_fused = fused
+            plan.fused = fused
             if is_lm_head(module):
                 module.last_loss = None  # the record lives in this micro-batch's hooks only
             rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
@@ -345,6 +357,7 @@ class GradientProbe:
             if fused and (plan.update or plan.rank):
                 mb.slice_rows = min(rows, slice_rows(int(self.config.slice_memory_mib * 2 ** 20), shape.v_local))
             sp = bool(getattr(module, "sequence_parallel", False)) and get_pg_size(self.tp_group) > 1
+            plan.sequence_parallel = sp
             if plan.rank:
                 if self._gram is None:
                     self._gram = GramAccumulator(self.config.rank_token_budget)
@@ -352,7 +365,7 @@ class GradientProbe:
                 mb.gram_rows = self._gram.take(full_rows)
                 self._gram.tokens += mb.gram_rows  # counted here, the same on every rank, whatever fails later
             watch_hidden = (plan.cheap or plan.update) and hidden.requires_grad
-            self._step_watch_hidden = watch_hidden
+            plan.watch_hidden = mb.watch_hidden = watch_hidden
             # Collectives first and unconditionally (every TP rank takes the same branch).
             if plan.update and sp:
                 mb.full_hidden = _gather_sequence(hidden, self.tp_group)
@@ -384,7 +397,7 @@ class GradientProbe:
                 self._try(self._fused_output_grad, grad, mb)
             else:
                 e = self._try(self._unfused_output_grad, grad, mb)
-                if self._shape.padded and (self._plan.cheap or self._plan.update) and mb.pending > 1:
+                if self._shape.padded and mb.watch_hidden:
                     # padding correction: every TP rank enters this one collective, zeros if it failed
                     if e is None:
                         e = torch.zeros(grad.reshape(-1, grad.shape[-1]).shape[0], self._shape.k,
@@ -440,33 +453,25 @@ class GradientProbe:
 
     def _count_microbatch(self, mb: Optional[_MicroBatch] = None) -> None:
         self._seen += 1
-        if mb is not None:
-            self._width = mb.hidden.shape[-1]
         if self._seen < self.num_microbatches:
             return
         self._seen = 0
         plan = self._plan
         gram_full = self._gram is not None and self._gram.full
-        if plan is not None and ((plan.cheap or plan.update) and getattr(self, "_step_watch_hidden", False)
-                                 or gram_full):
+        if plan is not None and (plan.watch_hidden or gram_full):
             self._close(plan)
-        self._step_watch_hidden = False
         self.step += 1
 
     # ------------------------------------------------------------- step end
-    def _sizes(self, plan: _Plan, gram_tokens: int) -> List[int]:
+    def _sizes(self, plan: _Plan, gram_tokens: int) -> Tuple[int, int, int]:
         """Lengths of the step's payload parts, from shapes and the plan alone (a failed rank knows them too)."""
         s, nb = self._shape, self.config.num_buckets
-        sizes = [1, 0, 0, 0]
-        fused = getattr(self, "_step_fused", False)
-        if (plan.cheap or plan.update) and getattr(self, "_step_watch_hidden", False):
-            update = plan.update and not fused
-            reduced = s.r if (s.r is not None and s.r < s.d and not update and not nb) else None
-            sizes[1] = StepAccumulator.payload_size(s.k, s.d, reduced, nb, update)
-            if fused and plan.update:
-                sizes[2] = StepAccumulator.payload_size(s.k, s.d, None, 0, True)
-        sizes[3] = gram_tokens * gram_tokens
-        return sizes
+        acc = slice_ = 0
+        if plan.watch_hidden:
+            acc = StepAccumulator.payload_size(s.k, s.d, s.r, nb, plan.update and not plan.fused)
+            if plan.fused and plan.update:
+                slice_ = StepAccumulator.payload_size(s.k, s.d, s.r, 0, True)
+        return acc, slice_, gram_tokens * gram_tokens
 
     def _close(self, plan: _Plan) -> None:
         """The step's backward is done: build the local payload (device work, before any optimizer step changes
@@ -476,7 +481,7 @@ class GradientProbe:
         payload = self._try(self._local_payload, plan, gram)
         self._closed = _Closed(step=self.step, sizes=self._sizes(plan, gram_tokens), payload=payload,
                                acc=self._acc, slice_acc=self._slice, gram=gram, gram_tokens=gram_tokens,
-                               width=getattr(self, "_width", 0))
+                               sequence_parallel=plan.sequence_parallel)
         self._acc = self._slice = None
         if gram is not None:
             self._gram = None
@@ -501,7 +506,7 @@ class GradientProbe:
         with self._timed():
             device = self._device()
             failed = closed.payload is None or self._failed is not None
-            total = sum(closed.sizes)
+            total = 1 + sum(closed.sizes)  # the failure flag first
             if failed:
                 flat = torch.zeros(total, dtype=torch.float64, device=device)
                 flat[0] = 1.0
@@ -535,9 +540,10 @@ class GradientProbe:
 
     def _matching_collectives(self, closed: _Closed) -> None:
         """The collectives a healthy rank runs inside :meth:`_device_figures` (per-bucket sums under SP)."""
-        acc = closed.acc
-        sp = acc.sequence_parallel if acc is not None else False
-        if self.config.num_buckets and sp and get_pg_size(self.tp_group) > 1 and closed.sizes[1]:
+        if closed.acc is not None and closed.acc.buckets_reduced:
+            return
+        if self.config.num_buckets and closed.sequence_parallel and get_pg_size(self.tp_group) > 1 \
+                and closed.sizes[0]:
             dist.all_reduce(torch.zeros(self.config.num_buckets, dtype=torch.float64, device=self._device()),
                             group=self.tp_group)
 
@@ -551,19 +557,19 @@ class GradientProbe:
             return out
 
         names, scalars = ["_flag"], [flat[0]]
-        p_acc, p_slice, p_gram = (part(n) for n in closed.sizes[1:])
+        p_acc, p_slice, p_gram = (part(n) for n in closed.sizes)
         self._acc_names = []
-        if closed.sizes[1]:
+        if closed.sizes[0]:
             fig = closed.acc.figures(p_acc)
             self._acc_names = list(fig)
             names += self._acc_names
             scalars += [fig[n] for n in self._acc_names]
-        if closed.sizes[2]:
+        if closed.sizes[1]:
             fig = closed.slice_acc.figures(p_slice)
             names += ["update_cosine", "_slice_finite"]
             scalars += [fig["update_cosine"], fig["_finite"]]
         vec = torch.stack([t.reshape(()).double() for t in scalars])
-        if closed.sizes[3]:
+        if closed.sizes[2]:
             names.append("_gram_finite")
             vec = torch.cat([vec, torch.isfinite(p_gram).all().double().reshape(1),
                              closed.gram.eigenvalues(p_gram, closed.gram_tokens)])
@@ -573,16 +579,15 @@ class GradientProbe:
         n = len(names)
         values = dict(zip(names, host[:n].tolist()))
         out: Dict = {}
-        if closed.sizes[1]:
+        if closed.sizes[0]:
             out.update(closed.acc.host_figures({k: values[k] for k in self._acc_names}))
-        if closed.sizes[2]:
+        if closed.sizes[1]:
             ok = values["_slice_finite"] >= 1.0
             out["update_cosine"] = values["update_cosine"] if ok else float("nan")
             out["update_tokens"] = float(closed.slice_acc.tokens if closed.slice_acc is not None else 0)
-        if closed.sizes[3]:
-            kw = {"rtol": self.config.rank_rtol, "energy_ks": tuple(self.config.energy_ks)}
-            if closed.width:
-                kw["residual_ranks"] = (2 * closed.width,)
+        if closed.sizes[2]:
+            kw = {"rtol": self.config.rank_rtol, "energy_ks": tuple(self.config.energy_ks),
+                  "residual_ranks": (2 * self._shape.d,)}
             out.update(closed.gram.host_figures(host[n:], closed.gram_tokens, values["_gram_finite"] >= 1.0, **kw))
         return out
 

@@ -147,6 +147,7 @@ class StepAccumulator:
         self.vis_tokens = []  # per micro-batch dH rows, kept only for buckets
         self.pad_corrections = []  # per micro-batch E = G_pad F_pad summed over TP (T x k), padded vocabulary only
         self.tokens = 0  # tokens seen by add_hidden_grad (on this rank)
+        self.buckets_reduced = False  # the per-bucket all-reduce of figures() has run
         self._mix = None  # M at the end of the step (a copy: the optimizer may change the weights after it)
 
     # ------------------------------------------------------------ local work
@@ -221,11 +222,16 @@ class StepAccumulator:
             self.hth = hth if self.hth is None else self.hth + hth
             self.htdh = htdh if self.htdh is None else self.htdh + htdh
 
+    @staticmethod
+    def reduced_rank(r: Optional[int], d: int, update: bool, num_buckets: int) -> Optional[int]:
+        """r when K is kept as Q^T K Q (r x r): a low-rank head's mix (r < D) and neither update figures nor
+        buckets (they use the full D x D products); else None."""
+        return r if (r is not None and r < d and not update and not num_buckets) else None
+
     def _reduced(self) -> bool:
-        """Keep K as Q^T K Q: a low-rank head's mix (r < D) and neither update figures nor buckets (they use
-        the full D x D products)."""
         mix = self.view.mix if self.view is not None else None
-        return mix is not None and mix.shape[0] < mix.shape[1] and not self.update and not self.num_buckets
+        return mix is not None and self.reduced_rank(mix.shape[0], mix.shape[1], self.update,
+                                                     self.num_buckets) is not None
 
     @staticmethod
     def padding_local(grad: torch.Tensor, view: HeadView) -> torch.Tensor:
@@ -263,11 +269,12 @@ class StepAccumulator:
         setattr(self, name, acc if cur is None else cur + acc)
 
     # ------------------------------------------------------------- finalise
-    @staticmethod
-    def payload_size(k: int, d: int, reduced_rank: Optional[int], num_buckets: int, update: bool) -> int:
-        """Length of :meth:`local_payload` for a head of basis width k and input width d (``reduced_rank``: r
-        when K is kept as r x r), known on every rank without any data (a rank that failed sends zeros)."""
-        size = 1 + k * k + ((reduced_rank * reduced_rank + 1) if reduced_rank else d * d) + num_buckets
+    @classmethod
+    def payload_size(cls, k: int, d: int, r: Optional[int], num_buckets: int, update: bool) -> int:
+        """Length of :meth:`local_payload` for a head of basis width k, input width d and mix rows r (None: dense),
+        known on every rank without any data (a rank that failed sends zeros of it)."""
+        reduced = cls.reduced_rank(r, d, update, num_buckets)
+        size = 1 + k * k + ((reduced * reduced + 1) if reduced else d * d) + num_buckets
         return size + (1 + 3 * d * d if update else 0)
 
     def layout(self):
@@ -398,6 +405,7 @@ class StepAccumulator:
             acc += torch.zeros_like(acc).index_add_(0, idx.to(device), vis_t.to(device))
         if self.sequence_parallel and get_pg_size(tp_group) > 1:
             dist.all_reduce(acc, group=tp_group)
+            self.buckets_reduced = True
         return acc
 
 
