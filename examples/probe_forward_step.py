@@ -37,6 +37,7 @@ def main():
         batches = [torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=gen) for _ in range(2)]
         # Megatron's schedule over the micro-batches, then finalize_model_grads (an optimizer would step here).
         mb.forward_backward(model, batches, forward_step=forward_step, seq_length=SEQ, micro_batch_size=MICRO)
+        probe.end_step()  # the step's one reduction and host transfer (else the next step's forward does it)
         if probe.is_reporter:
             h = probe.history[-1]
             print(f"step {step}: destroyed ratio {h['destroyed_ratio']:.4f} (isotropic baseline "
