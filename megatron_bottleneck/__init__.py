@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .base.errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError,
+from .base.errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError, DeviceError,
                           HeadConfigError, RankFailure)
 
 __version__ = "0.2.0"
@@ -41,7 +41,7 @@ _LAZY = {
     "HeadLossStats": "base.loss", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
 }
 
-__all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError",
+__all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError",
                                 "HeadConfigError", "RankFailure", "__version__"])
 
 

@@ -195,7 +195,7 @@ def bench_train(config: TrainConfig, steps: int = 10, warmup: int = 2, nproc: Op
         p = cfg.parallel
         world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: these are the ranks
-            init_distributed()
+            init_distributed(cfg.train.device)
             per_rank = _bench_rank(cfg.to_dict(), steps, warmup)
         else:
             cfg.check_world(world)

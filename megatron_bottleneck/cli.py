@@ -192,10 +192,13 @@ def main(argv=None) -> int:
     try:
         args.fn(args)
     except (BottleneckError, RankFailure, FileNotFoundError) as exc:
+        code = 2 if isinstance(exc, (BottleneckError, FileNotFoundError)) else 1
+        if isinstance(exc, BottleneckError) and os.environ.get("LOCAL_RANK", "0") != "0" and not args.debug:
+            return code  # under torchrun every rank of a node raises the same input error: its local rank 0 says it
         for message in error_messages(exc):
             print(f"error: {message}", file=sys.stderr)
         _debug_output(exc, args.debug)
-        return 2 if isinstance(exc, (BottleneckError, FileNotFoundError)) else 1
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,13 +1,13 @@
 """The torch-only base every other layer builds on: errors, the head view and head lookup, default
 process groups, metrics sinks."""
-from .errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError, HeadConfigError,
+from .errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError, DeviceError, HeadConfigError,
                      RankFailure, error_messages)
 from .groups import default_dp_cp_group, default_dp_group, default_tp_group
 from .head import HeadView, LMHead, find_head, head_view, is_lm_head
 from .loss import FusedLossRecord, HeadLossStats, LossRequest
 from .sinks import MetricsLogger, read_jsonl
 
-__all__ = ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "HeadConfigError",
+__all__ = ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError", "HeadConfigError",
            "RankFailure", "error_messages",
            "HeadView", "LMHead", "find_head", "head_view", "is_lm_head", "FusedLossRecord", "HeadLossStats",
            "LossRequest", "default_tp_group", "default_dp_group", "default_dp_cp_group", "MetricsLogger", "read_jsonl"]

@@ -27,6 +27,11 @@ class DataError(BottleneckError):
     """Unusable input data (missing files, vocabulary mismatch, empty split); the message says what to fix."""
 
 
+class DeviceError(BottleneckError):
+    """The job's devices are not what it needs (e.g. a torchrun / Slurm job that sees no GPU); the message
+    says what to request, or how to ask for CPU ranks on purpose."""
+
+
 class CpuModeError(BottleneckError):
     """CPU mode cannot patch this Megatron-Core: a symbol it redirects is missing (the message names it
     and the installed version)."""

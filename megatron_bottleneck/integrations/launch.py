@@ -34,6 +34,9 @@ from .cpu import enable_cpu_mode
 
 __all__ = ["launch", "free_port"]
 
+FAILURE_GRACE_S = 30.0
+"""Seconds the other ranks get to report their own failure after one rank failed."""
+
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
@@ -119,13 +122,21 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) ->
     results: Dict[int, Any] = {}
     failures: Dict[int, Dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
+    grace = None  # after the first failure: how long the other ranks get to report theirs
     try:
         while len(results) + len(failures) < world_size:
             try:
                 rank, ok, payload = queue.get(timeout=1.0)
             except queue_mod.Empty:
-                if failures:  # the others may wait forever on a collective with the failed rank
-                    break
+                if failures:
+                    # The others either fail too (the same input error, or a collective broken by the failed
+                    # rank) or wait forever on a collective with it: wait for those still running, up to
+                    # FAILURE_GRACE_S, so the report does not depend on which rank failed first.
+                    running = [r for r, p in enumerate(procs)
+                               if r not in results and r not in failures and p.exitcode is None]
+                    if not running or time.monotonic() > grace:
+                        break
+                    continue
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead and queue.empty():
                     return_codes = [procs[i].exitcode for i in dead]
@@ -137,6 +148,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) ->
                 results[rank] = pickle.loads(payload)
             else:
                 failures[rank] = payload
+                grace = grace or time.monotonic() + FAILURE_GRACE_S
     finally:
         for p in procs:
             p.join(timeout=5 if failures else 60)

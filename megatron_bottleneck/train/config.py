@@ -113,6 +113,15 @@ class TrainSection:
     """Seed of weights, data order and dropout."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPUs, fp32 on CPUs."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the ranks run. auto: CUDA GPUs (NCCL) when visible; with none visible, CPU ranks (gloo) under the
+    local launcher (``--nproc``), but under torchrun / Slurm a one-line error unless ``MB_CPU=1`` (a GPU job
+    that forgot ``--gpus-per-node`` must not train on CPU). cuda: GPUs or that error. cpu: CPU ranks with gloo
+    on purpose (no GPU may be visible: hide them with ``CUDA_VISIBLE_DEVICES=``)."""
+    cpu_initialization: Optional[bool] = None
+    """Build every weight full-size on the host, then shard it (Megatron's ``use_cpu_initialization``: every
+    TP size draws the same weights, at the cost of host memory and time); None: on CPU ranks only (on GPUs
+    each rank draws its own shard on its device, as Megatron-LM does by default)."""
 
 
 @dataclass

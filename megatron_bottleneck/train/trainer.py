@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional
@@ -22,6 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from ..base.errors import DeviceError
 from ..base.sinks import MetricsLogger
 from ..data import IdTokenizer, batches, build_gpt_datasets
 from ..heads import FusedLossConfig, LowRankHeadConfig
@@ -49,6 +51,12 @@ def _precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def _cpu_initialization(cfg: TrainConfig) -> bool:
+    """``train.cpu_initialization``; None: on CPU ranks only."""
+    ci = cfg.train.cpu_initialization
+    return (not torch.cuda.is_available()) if ci is None else ci
+
+
 def build_models(cfg: TrainConfig):
     """Megatron config and model chunks (one per virtual pipeline stage) for this rank."""
     m, p = cfg.model, cfg.parallel
@@ -59,7 +67,7 @@ def build_models(cfg: TrainConfig):
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
-        use_cpu_initialization=True, init_method_std=m.init_method_std,
+        use_cpu_initialization=_cpu_initialization(cfg), init_method_std=m.init_method_std,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}),
@@ -294,12 +302,36 @@ def _train_entry(cfg_dict: Dict) -> Dict:
     return out if (dist.get_rank() == dist.get_world_size() - 1) else {"iteration": out["iteration"]}
 
 
-def init_distributed() -> None:
-    """Under torchrun (RANK / WORLD_SIZE set): the process group, NCCL on GPUs, gloo + CPU mode on CPUs."""
+def select_backend(device: str = "auto", torchrun: bool = True) -> str:
+    """The process-group backend for ``train.device`` (see its docstring): "nccl" with GPUs, "gloo" for
+    CPU ranks. Raises :class:`DeviceError` when a torchrun / Slurm job sees no GPU and did not ask for CPU
+    ranks (``MB_CPU=1`` or ``train.device=cpu``), so a job that forgot its GPUs cannot train on CPU."""
+    gpu = torch.cuda.is_available()
+    if device == "cpu":
+        if gpu:
+            raise DeviceError("train.device=cpu but CUDA GPUs are visible: hide them (CUDA_VISIBLE_DEVICES=) "
+                              "or set train.device=auto to train on them")
+        return "gloo"
+    if gpu:
+        return "nccl"
+    where = "this torchrun / Slurm job" if torchrun else "this machine"
+    if device == "cuda":
+        raise DeviceError(f"train.device=cuda but {where} sees no CUDA GPU: request GPUs (sbatch --gpus-per-node=N) "
+                          "or train on CPU ranks with train.device=cpu")
+    if torchrun and os.environ.get("MB_CPU") != "1":
+        raise DeviceError(f"no CUDA GPU is visible to {where} (host {socket.gethostname()}): request GPUs "
+                          "(sbatch --gpus-per-node=N, torchrun on a GPU node), or set MB_CPU=1 (or "
+                          "train.device=cpu) to train on CPU ranks with gloo on purpose")
+    return "gloo"
+
+
+def init_distributed(device: str = "auto") -> None:
+    """Under torchrun (RANK / WORLD_SIZE set): the process group, NCCL on GPUs, gloo + CPU mode on CPU
+    ranks (only when asked for or allowed, see :func:`select_backend`)."""
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    backend = select_backend(device, torchrun=True)
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
     if backend == "gloo":
@@ -310,8 +342,9 @@ def run(config: TrainConfig, nproc: Optional[int] = None) -> Dict:
     """Train on this machine: under torchrun use its ranks; otherwise launch ``nproc`` CPU ranks
     (default: tensor x pipeline parallel size). Returns the last rank's summary."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        init_distributed()
+        init_distributed(config.train.device)
         return Trainer(config).train()
+    select_backend(config.train.device, torchrun=False)  # cuda asked for and absent: one line, here
     p = config.parallel
     world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     config.check_world(world)  # everything that needs no process, before spawning

@@ -121,3 +121,26 @@ def test_bench_train_reports_shares_mfu_and_memory_per_head_rank(tmp_path, spaml
         assert r["shares"]["head_loss"] > 0 and r["shares"]["probe"] > 0 and r["shares"]["optimizer"] > 0
         assert sum(r["shares"].values()) == pytest.approx(1.0, abs=1e-6)
     assert rows[1]["flops_per_token"] < rows[0]["flops_per_token"]  # the rank-2 head has fewer FLOPs
+
+
+def test_torchrun_without_a_gpu_stops_in_one_line_unless_cpu_is_asked_for(tmp_path, spamlang):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    env = {k: v for k, v in os.environ.items() if k not in ("MB_CPU", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    args = ["train", str(cfg), f"data.train_prefix={spamlang['train_prefix']}", "train.train_steps=1",
+            f"logging.dir={tmp_path / 'logs'}", "train.eval_interval=0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--standalone", "-m", "megatron_bottleneck.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # local rank 0 says it; rank 1 exits quietly with status 2
+    assert errors[0].startswith("error: no CUDA GPU is visible to this torchrun / Slurm job") and "MB_CPU=1" in errors[0]
+    assert not (tmp_path / "logs" / "metrics.jsonl").exists()
+    # the same flags with train.device=cpu train on CPU ranks (asked for on purpose)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                           "--standalone", "-m", "megatron_bottleneck.cli", *args, "train.device=cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished at step 1" in proc.stdout

@@ -7,6 +7,7 @@ One module fixture submits everything at once and waits (about 1.5-3 min on 2 co
   C  rank_sweep.sbatch as a job array over three head ranks (1 node x 1 rank each): the paper's 2B recipe
      (examples/llama_2b_rank_sweep.yaml) at a tiny width, on real text (a SentencePiece-tokenised corpus);
   D  train.sbatch and rank_sweep.sbatch with --dry-run;
+  G  train.sbatch on nodes without GPUs and without MB_CPU=1: one error line, status 2, nothing trained;
   L  the same training as A on this machine: ``megatron-bottleneck train CFG --nproc 4`` (``train.run``).
 """
 import json
@@ -85,9 +86,11 @@ def jobs(slurm_cluster, tmp_path_factory):
     t0 = time.time()
     out = {"tmp": tmp, "config": config}
 
-    def submit(name, script, args, extra=(), **more_env):
+    def submit(name, script, args, extra=(), job_env=env, **more_env):
         o = os.path.join(tmp, f"{name}.out")
-        job = c.sbatch(["-o", o, "-J", f"mb-{name}", *extra, script, *args], env={**env, **more_env}, cwd=tmp)
+        # the scripts request 8 GPUs per node; this cluster has none (CPU ranks on purpose: MB_CPU=1)
+        job = c.sbatch(["-o", o, "-J", f"mb-{name}", "--gpus-per-node=0", *extra, script, *args],
+                       env={**job_env, **more_env}, cwd=tmp)
         out[name] = {"job": job, "out": o}
         return job
 
@@ -98,6 +101,8 @@ def jobs(slurm_cluster, tmp_path_factory):
     dry = submit("dry", TRAIN, [config, "train.seed=5", "--dry-run"], RUN_DIR=os.path.join(tmp, "dry"))
     dry_sweep = submit("dry_sweep", SWEEP, [config, "--dry-run"], ["--array=1"], RANKS="4 8 dense",
                        RUNS_ROOT=os.path.join(tmp, "runs_dry"), SWEEP_NAME="sw", NPROC_PER_NODE="1")
+    nogpu = submit("nogpu", TRAIN, [config], job_env={k: v for k, v in env.items() if k != "MB_CPU"},
+                   RUN_DIR=os.path.join(tmp, "nogpu"))
     local_dir = os.path.join(tmp, "local")
     local = subprocess.Popen([sys.executable, "-m", "megatron_bottleneck.cli", "train", config,
                               f"logging.dir={local_dir}/logs", "--nproc", "4"], env={**os.environ, **env}, cwd=tmp,
@@ -125,7 +130,8 @@ def jobs(slurm_cluster, tmp_path_factory):
     time.sleep(3)
     c.run(["scontrol", "update", f"JobId={b}", "StartTime=now"])
 
-    out["states"] = c.wait([a, b, f"{sweep}_0", f"{sweep}_1", f"{sweep}_2", dry, f"{dry_sweep}_1"], timeout=300)
+    out["states"] = c.wait([a, b, f"{sweep}_0", f"{sweep}_1", f"{sweep}_2", dry, f"{dry_sweep}_1", nogpu],
+                           timeout=300)
     out["b"]["final"] = c.job(b)
     out["local"] = {"output": local.communicate(timeout=300)[0], "rc": local.returncode, "dir": local_dir}
     out["seconds"] = time.time() - t0
@@ -197,6 +203,16 @@ def test_dry_run_prints_the_commands_and_runs_nothing(jobs):
     text = _read(jobs["dry_sweep"]["out"])
     assert "head rank 8 ->" in text and "model.head_rank=8'" in text and "--nnodes 1 " in text
     assert not os.path.exists(os.path.join(jobs["tmp"], "runs_dry"))
+
+
+def test_a_job_without_gpus_stops_in_one_line_unless_cpu_is_asked_for(jobs):
+    g = jobs["nogpu"]
+    assert jobs["states"][g["job"]] == "FAILED"
+    text = _read(g["out"])
+    errors = [line for line in text.splitlines() if line.startswith("error")]
+    assert errors == [f"error: job {g['job']} sees no GPU on n1 (--gpus-per-node=0): submit with --gpus-per-node=N, "
+                      "or train on CPU ranks on purpose with `MB_CPU=1 sbatch --gpus-per-node=0 ...`"], text
+    assert "Traceback" not in text and not os.path.exists(os.path.join(jobs["tmp"], "nogpu", "logs"))
 
 
 @pytest.mark.parametrize("script", [TRAIN, SWEEP])
