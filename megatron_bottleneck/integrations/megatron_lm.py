@@ -45,6 +45,7 @@ from .launch import free_port
 
 __all__ = [
     "add_arguments",
+    "check_arguments",
     "extra_args_provider",
     "wrap_model_provider",
     "wrap_forward_step",
@@ -96,6 +97,111 @@ def add_arguments(parser):
                    help="Directory for probe.jsonl (and TensorBoard when Megatron-LM has no "
                         "--tensorboard-dir). Default: no JSONL.")
     return parser
+
+
+def _option_parser():
+    """Our options and the Megatron-LM ones they depend on, parsed leniently (no usage dump, no exit)."""
+    import argparse
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--lm-head-rank", type=str, default=None)
+    p.add_argument("--lm-head-init", type=str, default="balanced")
+    p.add_argument("--lm-head-fused-loss", action="store_true")
+    for name, default in (("--probe-interval", "0"), ("--probe-update-interval", "0"),
+                          ("--probe-rank-interval", "0"), ("--probe-rank-token-budget", "2048")):
+        p.add_argument(name, type=str, default=default)
+    p.add_argument("--probe-log-dir", type=str, default=None)
+    p.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    p.add_argument("--cross-entropy-loss-fusion", action="store_true")
+    for name in ("--hidden-size", "--train-iters", "--global-batch-size", "--seq-length",
+                 "--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
+        p.add_argument(name, type=str, default=None)
+    return p
+
+
+def _int(args, name: str, minimum: Optional[int] = None) -> Optional[int]:
+    value = getattr(args, name.lstrip("-").replace("-", "_"))
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise HeadConfigError(f"{name} takes an integer, got {value!r}") from None
+    if minimum is not None and n < minimum:
+        raise HeadConfigError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
+def check_arguments(argv: List[str]) -> List[str]:
+    """The head and probe options of a Megatron-LM command line, checked before Megatron-LM parses it (and
+    prints its argument dump). Raises :class:`HeadConfigError` with one line for a bad option; returns the
+    warnings (one line each) and, last, the one line saying which head, loss and probe are active."""
+    args, _ = _option_parser().parse_known_args(argv)
+    warnings: List[str] = []
+    rank = args.lm_head_rank
+    if rank is not None:
+        rank = _int(args, "--lm-head-rank")
+        if rank < 1:
+            raise HeadConfigError(f"--lm-head-rank must be >= 1, got {rank}: omit it to keep Megatron's dense head")
+        hidden = _int(args, "--hidden-size")
+        if hidden is not None and rank > hidden:
+            raise HeadConfigError(f"--lm-head-rank {rank} exceeds the hidden size {hidden} (--hidden-size): "
+                                  f"a rank-r head needs 1 <= r <= {hidden}")
+        if not args.untie_embeddings_and_output_weights:
+            raise HeadConfigError("--lm-head-rank replaces the output layer, which is tied to the input embedding: "
+                                  "add --untie-embeddings-and-output-weights")
+    if args.lm_head_init not in INIT_METHODS:
+        raise HeadConfigError(f"--lm-head-init {args.lm_head_init!r} is not an initialisation of the low-rank head: "
+                              f"use one of {', '.join(INIT_METHODS)}")
+    if args.lm_head_fused_loss and args.cross_entropy_loss_fusion:
+        raise HeadConfigError("--lm-head-fused-loss computes the cross-entropy inside the head, and "
+                              "--cross-entropy-loss-fusion selects Megatron's own fused cross-entropy (both would "
+                              "run, on different steps): drop one of them")
+    intervals = [_int(args, n, 0) for n in ("--probe-interval", "--probe-update-interval", "--probe-rank-interval")]
+    budget = _int(args, "--probe-rank-token-budget")
+    if intervals[2]:
+        if budget < 2:
+            raise HeadConfigError(f"--probe-rank-token-budget must be >= 2, got {budget}")
+        iters, gbs, seq = (_int(args, n, 1) for n in ("--train-iters", "--global-batch-size", "--seq-length"))
+        if iters and gbs and seq:
+            mp = (_int(args, "--tensor-model-parallel-size", 1) or 1) * (
+                _int(args, "--pipeline-model-parallel-size", 1) or 1)
+            dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // mp)
+            seen = iters * gbs * seq // dp  # tokens one data-parallel rank's head sees in the whole run
+            if budget > seen:
+                warnings.append(f"--probe-rank-token-budget {budget} exceeds the {seen} tokens one data-parallel "
+                                f"rank sees in this run ({iters} iterations x {gbs // dp} sequences x {seq} "
+                                f"tokens): the rank figures will never be reported; lower the budget to <= {seen}")
+    head = (f"low-rank rank {rank} (init {args.lm_head_init})" if rank else "Megatron's dense output layer")
+    loss = ("fused with the head (no [s, b, V/tp] logits)" if args.lm_head_fused_loss else
+            "Megatron's fused cross-entropy" if args.cross_entropy_loss_fusion else "Megatron's cross-entropy")
+    if any(intervals):
+        probe = (f"interval {intervals[0]}, update_interval {intervals[1]}, rank_interval {intervals[2]} "
+                 f"(budget {budget} tokens), log dir {args.probe_log_dir or 'none (Megatron writers only)'}")
+    else:
+        probe = "off"
+    warnings.append(f"head: {head}; loss: {loss}; probe: {probe}")
+    return warnings
+
+
+_CHECKED = False
+
+
+def _check_command_line() -> None:
+    """:func:`check_arguments` on this process's command line, once: an error is one line (rank 0) and exit
+    status 2 on every rank, before Megatron-LM parses anything."""
+    global _CHECKED
+    if _CHECKED:
+        return
+    _CHECKED = True
+    try:
+        lines = check_arguments(sys.argv[1:])
+    except HeadConfigError as exc:
+        if _rank() == 0:
+            print(f"{PREFIX} error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    for i, line in enumerate(lines):
+        _print0(line if i == len(lines) - 1 else f"warning: {line}")
 
 
 def extra_args_provider(other: Optional[Callable] = None) -> Callable:
@@ -314,6 +420,7 @@ def _wrap_arguments(fn: Callable, edit: Callable[[inspect.Signature, dict], None
 def _edit_pretrain_arguments(sig: inspect.Signature, a: dict) -> None:
     """Megatron-LM's ``pretrain``: the model provider (core_v0.16) or the config's pre-wrap hooks (core_v0.19)
     install the head; the forward step gets the probe; the extra-arguments provider our options."""
+    _check_command_line()
     if a.get("model_provider") is not None:
         a["model_provider"] = wrap_model_provider(a["model_provider"])
     cfg = a.get("cfg_container")

@@ -131,6 +131,8 @@ def test_stock_script_trains_unchanged():
     ls = losses(out)
     assert sorted(ls) == list(range(1, 7)), out[-3000:]
     assert "installed a rank" not in out and "gradient probe on" not in out
+    assert out.count("megatron-bottleneck: head: Megatron's dense output layer; loss: Megatron's cross-entropy; "
+                     "probe: off") == 1
 
 
 def test_low_rank_head_trains_and_tp_agree(tp_runs):
@@ -264,6 +266,18 @@ def test_rank_above_hidden_refused_in_one_line():
     lines = [l for l in out.splitlines() if "megatron-bottleneck: error:" in l]
     assert len(lines) == 1 and "exceeds the hidden size 64" in lines[0], out[-3000:]
     assert "Traceback" not in out
+
+
+def test_bad_flags_refused_before_megatron_parses_its_arguments():
+    """Rank 0 used to train a dense head silently; the fused loss with Megatron's fused cross-entropy mixed two
+    losses. Each is one line, before Megatron-LM's argument dump; a good run logs its head/loss/probe once."""
+    for flags, text in ((["--untie-embeddings-and-output-weights", "--lm-head-rank", "0"], "--lm-head-rank must be >= 1"),
+                        (["--lm-head-fused-loss", "--cross-entropy-loss-fusion"], "--cross-entropy-loss-fusion")):
+        rc, out = run(1, flags, train_iters=1)
+        assert rc == 2, out[-3000:]
+        lines = [l for l in out.splitlines() if "megatron-bottleneck: error:" in l]
+        assert len(lines) == 1 and text in lines[0], out[-3000:]
+        assert "Traceback" not in out and "---- arguments ----" not in out
 
 
 def test_explicit_edit_of_pretrain_gpt(tmp_path):
