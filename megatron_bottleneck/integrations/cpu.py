@@ -129,6 +129,24 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             g.detach().mul_(coeff)
 
 
+def _sequence_parallel_norm(original):
+    """Megatron's local-spec norm (``WrappedTorchNorm``: torch's LayerNorm / RMSNorm) asserts that sequence
+    parallelism is off, and its SP-capable norms need apex or Transformer Engine. Under SP, build
+    :class:`~megatron_bottleneck.models.llama.SequenceParallelNorm` instead: the same math and state-dict keys,
+    its parameters marked ``sequence_parallel`` so Megatron all-reduces their gradients over TP."""
+
+    def __new__(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        if getattr(config, "sequence_parallel", False) and getattr(config, "normalization", "LayerNorm") in (
+                "LayerNorm", "RMSNorm") and not getattr(config, "persist_layer_norm", False) and not getattr(
+                config, "memory_efficient_layer_norm", False):
+            from ..models.llama import SequenceParallelNorm
+
+            return SequenceParallelNorm(config, hidden_size, eps=eps)
+        return original(cls, config, hidden_size, eps, *args, **kwargs)
+
+    return __new__
+
+
 def _const(value):
     return lambda _original: value
 
@@ -153,6 +171,8 @@ CORE_PATCHES: Tuple[Patch, ...] = (
           "gloo can swap a two-stage ring's batched messages"),
     Patch("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", _const(_clip_grad_by_total_norm_cpu),
           "Megatron's clipping asserts CUDA tensors"),
+    Patch("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", _sequence_parallel_norm,
+          "the local spec's torch norm refuses sequence parallelism (its SP norms need apex / TE)"),
 )
 
 # name -> (package that must be importable for the set to apply, () -> patches)

@@ -453,6 +453,7 @@ def _end_probe_step(train_step: Callable) -> Callable:
 
 def _edit_parse_arguments(_sig: inspect.Signature, a: dict) -> None:
     """``parse_and_validate_args``: our options chained onto the caller's extra-arguments provider."""
+    _check_command_line()
     a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
 

@@ -197,6 +197,20 @@ def test_data_and_pipeline_parallel_runs(tp_runs, tmp_path):
     assert [r["step"] for r in rows] == list(range(6)) and all(0 < r["probe/destroyed_ratio"] < 1 for r in rows)
 
 
+def test_sequence_parallel_on_cpu_equals_tp1(tp_runs, tmp_path):
+    """TP=2 + --sequence-parallel on CPU (the local spec's torch norm refuses SP; CPU mode builds an SP-capable
+    norm instead) gives the TP=1 run's losses, and the probe runs on the sequence-sharded hidden states."""
+    rc, text = run(2, HEAD + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                              "--probe-log-dir", str(tmp_path / "sp")])
+    _ok(rc, text)
+    one, sp = losses(tp_runs[1][1]), losses(text)
+    assert sorted(sp) == sorted(one) == list(range(1, 7))
+    for it in one:
+        assert sp[it] == pytest.approx(one[it], rel=1e-5), (it, one, sp)
+    for a, b in zip(records(tp_runs[1][2]), records(tmp_path / "sp")):
+        assert b["probe/destroyed_ratio"] == pytest.approx(a["probe/destroyed_ratio"], rel=1e-5)
+
+
 def test_save_tp2_load_tp1_probe_continues(tp_runs, tmp_path):
     """(d) a TP=2 checkpoint loads at TP=1; the probe's step continues from the loaded iteration."""
     _ok(*tp_runs[2][:2])
