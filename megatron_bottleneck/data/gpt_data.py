@@ -239,6 +239,10 @@ def build_gpt_datasets(train: Blend = None, valid: Blend = None, test: Blend = N
     if missing:
         raise DataError(f"a weighted blend needs num_samples for the {', '.join(missing)} split(s): "
                         "pass num_samples=(train, valid, test)")
+    if not mock and config.blend is not None:
+        # A split asked for 0 samples is not built: megatron-core would still request one token of it and,
+        # for a split with no documents (a small corpus's test share), loop forever counting epochs.
+        config.split_matrix = [None if sizes[i] == 0 else r for i, r in enumerate(config.split_matrix)]
     os.makedirs(cache_dir, exist_ok=True)
     with _process_group():
         return tuple(BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build())

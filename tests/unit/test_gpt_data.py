@@ -188,3 +188,11 @@ def test_megatron_lm_preprocess_data_output_reads_through_it(tmp_path):
     train, valid, _ = build_gpt_datasets(prefix, seq_length=16, vocab_size=101, split="90,10,0",
                                          tokenizer=IdTokenizer(101, eod=100, pad=-1), cache_dir=str(tmp_path / "c"))
     assert train[0]["tokens"].shape == (16,) and len(valid) > 0
+
+
+def test_a_split_asked_for_no_samples_is_not_built_even_when_it_has_no_documents(text, tmp_path):
+    # 200 documents at the default split 969,30,1: the test share rounds to no document; megatron-core used to
+    # loop forever counting epochs of it although it was asked for 0 samples.
+    train, valid, test = build_gpt_datasets(text["a"], seq_length=16, vocab_size=text["vocab"], seed=7,
+                                            cache_dir=str(tmp_path / "cache"), num_samples=(64, 8, 0))
+    assert test is None and len(train) >= 64 and len(valid) >= 8
