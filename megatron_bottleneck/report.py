@@ -86,8 +86,8 @@ MEGATRON_LM_LOGS = os.path.join("logs", "megatron_lm*.log")
 
 def _mlm_value(text: str):
     text = text.strip()
-    if text == "None":
-        return None
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
     for conv in (int, float):
         try:
             return conv(text)
