@@ -75,7 +75,7 @@ def jobs(slurm_cluster, tmp_path_factory):
 
     def submit(name, script, args, extra=(), **more_env):
         o = os.path.join(tmp, f"{name}-%a.out" if "--array" in " ".join(extra) else f"{name}.out")
-        job = c.sbatch(["-o", o, "-J", f"mb-{name}", "--gpus-per-node=0", *extra, script, *args],
+        job = c.sbatch(["-o", o, "-J", f"mb-mlm-{name}", "--gpus-per-node=0", *extra, script, *args],
                        env={**env, **more_env}, cwd=tmp)
         out[name] = {"job": job, "out": o}
         return job
