@@ -123,7 +123,8 @@ def test_megatron_lm_rank_sweep_array_and_report(jobs):
     sweep, root = jobs["sweep"]["job"], os.path.join(jobs["tmp"], "runs", "sw")
     assert sorted(os.listdir(root)) == ["r4", "rdense"]
     for task, rank in ((0, "4"), (1, "dense")):
-        assert jobs["states"][f"{sweep}_{task}"] == "COMPLETED", _read(jobs["sweep"]["out"].replace("%a", str(task)))[-3000:]
+        task_out = jobs["sweep"]["out"].replace("%a", str(task))
+        assert jobs["states"][f"{sweep}_{task}"] == "COMPLETED", _read(task_out)[-3000:]
         run = os.path.join(root, f"r{rank}")
         assert _read(os.path.join(run, "checkpoints", "latest_checkpointed_iteration.txt")).strip() == str(ITERS)
         assert sorted(set(_probe_steps(run))) == list(range(ITERS))
