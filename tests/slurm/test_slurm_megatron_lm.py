@@ -3,11 +3,11 @@
 Runs the Megatron-LM snapshot matching the installed megatron-core (``../shared/megatron-lm/core_v0.16.1``
 for 0.16, ``core_v0.19.0`` for 0.19; skipped with the reason when absent) at a tiny width
 (examples/megatron_lm_tiny.args), CPU ranks with gloo. One module fixture submits everything at once
-(about 80 s on 2 cores):
+(about 90 s on 2 idle cores, 100 s with core_v0.19.0):
   S  launch/megatron_lm_rank_sweep.sbatch as a job array over head ranks 4 and dense, 30 iterations each;
      task 0 (rank 4) is sent USR1 (``scancel --signal=USR1 --batch``) after its first iteration: Megatron-LM
      saves (--exit-signal-handler), the task requeues itself, the rerun resumes from the checkpoint;
-  D  launch/megatron_lm.sbatch --dry-run on two nodes;
+  D  launch/megatron_lm.sbatch --dry-run on two nodes (head rank 8, MLM_EXIT_SIGNAL=USR1);
   G  launch/megatron_lm.sbatch without MB_CPU=1 on these GPU-less nodes: one error line.
 """
 import importlib.util
@@ -84,14 +84,14 @@ def jobs(slurm_cluster, tmp_path_factory):
     sweep = submit("sweep", SWEEP, [TINY], ["--array=0-1"], RANKS="4 dense", RUNS_ROOT=os.path.join(tmp, "runs"),
                    SWEEP_NAME="sw")
     dry = submit("dry", ONE, [TINY, "--micro-batch-size", "1", "--dry-run"], ["-N", "2"], NPROC_PER_NODE="2",
-                 RUN_DIR=os.path.join(tmp, "dry"), LM_HEAD_RANK="8")
+                 RUN_DIR=os.path.join(tmp, "dry"), LM_HEAD_RANK="8", MLM_EXIT_SIGNAL="USR1")
     gpu = submit("gpu", ONE, [TINY], ["-N", "1"], MB_CPU="0", RUN_DIR=os.path.join(tmp, "gpu"))
     r4 = os.path.join(tmp, "runs", "sw", "r4")
     log4 = os.path.join(r4, "logs", "megatron_lm.node0.log")
     task0 = f"{sweep}_0"
 
     # task 0: USR1 to its batch shell once Megatron-LM has logged an iteration
-    deadline = time.time() + 240
+    deadline = time.time() + 360
     while not re.search(r"\biteration\s+1/", _read(log4)):
         assert time.time() < deadline, "task 0 logged no iteration in time:\n" + _read(out["sweep"]["out"])[-3000:]
         assert c.state(task0) in ("PENDING", "RUNNING", "CONFIGURING"), _read(log4)[-3000:]
@@ -152,7 +152,7 @@ def test_megatron_lm_rank_sweep_array_and_report(jobs):
             "--master-addr n1 --master-port ") in line
     assert (f"-m megatron_bottleneck.megatron_lm {MLM}/pretrain_gpt.py --save {dry}/checkpoints --load "
             f"{dry}/checkpoints --tensorboard-dir {dry}/tensorboard --probe-log-dir {dry}/logs --exit-signal-handler "
-            "--exit-signal SIGTERM --num-layers 2 ") in line
+            "--exit-signal SIGUSR1 --num-layers 2 ") in line
     assert line.endswith("--lm-head-rank 8 --micro-batch-size 1'")  # the args file, the head, then yours
     assert not os.path.exists(dry)
 
