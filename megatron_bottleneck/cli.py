@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_probe)
 
     s = sub.add_parser("report", help="markdown + PNG report from run logs")
-    s.add_argument("runs", help="directory holding run directories (with run.json)")
+    s.add_argument("runs", help="directory holding run directories (run.json, logs/config.yaml, or Megatron-LM's "
+                                "logs/megatron_lm*.log from launch/megatron_lm*.sbatch)")
     s.add_argument("--out", default=None)
     s.set_defaults(fn=cmd_report)
 

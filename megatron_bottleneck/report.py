@@ -4,6 +4,12 @@ A run directory holds ``run.json`` (what varies: ``vocab_size``, ``hidden_size``
 dense), ``lr``, optional ``coverage``), ``logs/metrics.jsonl`` (``step``, ``tokens``, ``loss``,
 ``valid_loss``) and, with the probe on, ``logs/probe.jsonl`` (``probe/destroyed_ratio``, ...).
 
+Three kinds of run directory are read, detected per directory: the sweep's and demo's (``run.json``), our
+trainer's (``logs/config.yaml``, e.g. from ``launch/rank_sweep.sbatch``), and Megatron-LM's ``pretrain_gpt.py``
+run through ``python -m megatron_bottleneck.megatron_lm`` (``logs/megatron_lm*.log``: its stdout, as
+``launch/megatron_lm.sbatch`` appends it, one file per node; the probe's ``logs/probe.jsonl``). For those, what
+varies and the metrics are parsed from Megatron-LM's own log (:func:`parse_megatron_lm_log`).
+
 Figures: loss curves per vocabulary size and per head rank, destroyed ratio against V/D and against the
 head rank (with the isotropic baseline), the logit-gradient rank against batch tokens, and
 tokens-to-reach-a-loss ratios (the paper's "up to 16x"). Every number in the markdown is read from the
@@ -11,11 +17,13 @@ logs; nothing is assumed.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -66,24 +74,154 @@ def _params_from_config(path: str) -> Dict:
             "lr": cfg["optim"]["lr"], "rank_sweep": True}
 
 
+# ------------------------------------------------------------------------------ Megatron-LM's stdout
+_MLM_ARGS_START = re.compile(r"-{3,} arguments -{3,}")
+_MLM_ARGS_END = re.compile(r"-{3,} end of arguments -{3,}")
+_MLM_ARG = re.compile(r"^\s+([A-Za-z_]\w*) \.{2,} (.*?)\s*$")
+_MLM_VOCAB = re.compile(r"> padded vocab \(size: (\d+)\) with \d+ dummy tokens \(new size: (\d+)\)")
+_MLM_ITER = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
+_MLM_VALID = re.compile(r"\bvalidation loss at iteration (\d+)(?: on (\w+) set)? \|(.*)$")
+MEGATRON_LM_LOGS = os.path.join("logs", "megatron_lm*.log")
+
+
+def _mlm_value(text: str):
+    text = text.strip()
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _mlm_fields(text: str) -> Dict[str, float]:
+    """``| key: value | key: value |`` -> {key: number} (fields that are not numbers are left out)."""
+    out = {}
+    for part in text.split("|"):
+        key, sep, value = part.rpartition(":")
+        if sep:
+            v = _mlm_value(value)
+            if isinstance(v, (int, float)):
+                out[key.strip()] = v
+    return out
+
+
+def parse_megatron_lm_log(text: str) -> Dict:
+    """Megatron-LM's stdout -> ``{"args", "vocab_size", "padded_vocab_size", "metrics", "starts"}``.
+
+    ``args``: the printed argument dump (the last one: a requeued job appends a new run to the same log);
+    ``vocab_size``: the tokenizer's vocabulary from Megatron-LM's "padded vocab (size: V ...)" line (the
+    unpadded size), ``padded_vocab_size`` the padded one; ``metrics``: one row per logged iteration, as the
+    trainer's metrics.jsonl: ``step``, ``tokens`` (consumed samples x sequence length), ``loss`` (``lm loss``,
+    the mean over the log interval), ``lr``, ``grad_norm``, and ``valid_loss`` at the evaluated iterations
+    (the evaluation during training; the final "on validation set" one where there is none; the test set is
+    left out). An iteration logged again by a later run (a resumed job re-running steps past its checkpoint)
+    takes the later values. ``starts``: how many runs the log holds."""
+    args: Dict = {}
+    current: Optional[Dict] = None
+    vocab = padded = None
+    rows: Dict[int, Dict] = {}
+    valid: Dict[int, float] = {}
+    final_valid: Dict[int, float] = {}
+    starts = 0
+    for line in text.splitlines():
+        if current is not None:
+            if _MLM_ARGS_END.search(line):
+                args, current = current, None
+                continue
+            m = _MLM_ARG.match(line)
+            if m:
+                current[m.group(1)] = _mlm_value(m.group(2))
+            continue
+        if _MLM_ARGS_START.search(line):
+            current = {}
+            starts += 1
+            continue
+        m = _MLM_ITER.search(line)
+        if m and "validation loss" not in line:
+            fields = _mlm_fields(m.group(3))
+            if "lm loss" not in fields:
+                continue
+            it = int(m.group(1))
+            row = {"step": it, "loss": float(fields["lm loss"])}
+            seq = args.get("seq_length")
+            samples = fields.get("consumed samples")
+            if samples is None and isinstance(args.get("global_batch_size"), int):
+                samples = it * args["global_batch_size"]
+            if samples is not None and isinstance(seq, int):
+                row["tokens"] = int(samples) * seq
+            for key, name in (("learning rate", "lr"), ("grad norm", "grad_norm")):
+                if key in fields:
+                    row[name] = float(fields[key])
+            rows[it] = row
+            valid.pop(it, None)
+            continue
+        m = _MLM_VALID.search(line)
+        if m:
+            loss = _mlm_fields(m.group(3)).get("lm loss value")
+            if loss is not None and m.group(2) in (None, "validation"):
+                (valid if m.group(2) is None else final_valid)[int(m.group(1))] = float(loss)
+            continue
+        m = _MLM_VOCAB.search(line)
+        if m:
+            vocab, padded = int(m.group(1)), int(m.group(2))
+    for it, loss in {**final_valid, **valid}.items():
+        if it in rows:
+            rows[it]["valid_loss"] = loss
+    return {"args": args, "vocab_size": vocab, "padded_vocab_size": padded,
+            "metrics": [rows[i] for i in sorted(rows)], "starts": starts}
+
+
+def _megatron_lm_run(dirpath: str, logs: List[str]) -> Tuple[Dict, List[Dict]]:
+    """What varies and the metrics of a Megatron-LM run dir, from its nodes' logs (the argument dump is
+    printed by rank 0, the iteration lines by the last rank: they can be in different files)."""
+    args: Dict = {}
+    vocab = None
+    rows: Dict[int, Dict] = {}
+    for path in logs:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            parsed = parse_megatron_lm_log(f.read())
+        args = args or parsed["args"]
+        vocab = vocab or parsed["vocab_size"]
+        rows.update({r["step"]: r for r in parsed["metrics"]})
+    if not args:
+        raise ValueError(f"{dirpath}: no Megatron-LM argument dump in {', '.join(logs)}")
+    params = {"kind": "megatron-lm", "vocab_size": vocab or args.get("vocab_size"),
+              "hidden_size": args["hidden_size"], "head_rank": args.get("lm_head_rank") or None,
+              "lr": args.get("lr"), "rank_sweep": True}
+    for key in ("seq_length", "global_batch_size", "train_iters", "num_layers"):
+        params[key] = args.get(key)
+    return params, [rows[i] for i in sorted(rows)]
+
+
 def load_runs(root: str) -> List[Run]:
-    """Every run under ``root``, sorted by name: directories with a run.json (the sweep and demo write one),
-    or else a trainer's ``logs/config.yaml``."""
+    """Every run under ``root``, sorted by name; the kind is detected per directory (``params["kind"]``): a
+    run.json (the sweep and demo write one: "sweep"), or else a trainer's ``logs/config.yaml`` ("trainer"),
+    or else Megatron-LM's logs ``logs/megatron_lm*.log`` ("megatron-lm")."""
     runs = []
     for dirpath, _dirs, files in os.walk(root):
         config = os.path.join(dirpath, "logs", "config.yaml")
+        metrics = None
         if "run.json" in files:
             with open(os.path.join(dirpath, "run.json"), encoding="utf-8") as f:
                 params = json.load(f)
+            params.setdefault("kind", "sweep")
         elif os.path.exists(config):
-            params = _params_from_config(config)
+            params = dict(_params_from_config(config), kind="trainer")
         else:
-            continue
+            logs = sorted(glob.glob(os.path.join(glob.escape(dirpath), MEGATRON_LM_LOGS)))
+            if not logs:
+                continue
+            params, metrics = _megatron_lm_run(dirpath, logs)
         run = Run(os.path.relpath(dirpath, root), dirpath, params)
         for attr, fname in (("metrics", "metrics.jsonl"), ("probe", "probe.jsonl")):
             path = os.path.join(dirpath, "logs", fname)
             if os.path.exists(path):
                 setattr(run, attr, read_jsonl(path))
+        if metrics is not None:
+            run.metrics = metrics
         runs.append(run)
     return sorted(runs, key=lambda r: r.name)
 
@@ -192,10 +330,18 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
     """Write ``report.md`` and PNG plots for the runs under ``root``; returns the markdown path."""
     runs = load_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no runs (directories with run.json or logs/config.yaml) under {root!r}")
+        raise FileNotFoundError(f"no runs (directories with run.json, logs/config.yaml or {MEGATRON_LM_LOGS}) "
+                                f"under {root!r}")
     out_dir = out_dir or root
     os.makedirs(out_dir, exist_ok=True)
-    lines = [f"# {title}", "", f"{len(runs)} runs under `{root}`. Every figure below is read from the run logs.", ""]
+    kinds: Dict[str, int] = {}
+    for r in runs:
+        kind = r.params.get("kind", "sweep")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    names = {"sweep": "sweep", "trainer": "megatron-bottleneck trainer", "megatron-lm": "Megatron-LM"}
+    kind_text = ", ".join(f"{n} {names.get(k, k)}" for k, n in sorted(kinds.items()))
+    lines = [f"# {title}", "", f"{len(runs)} runs under `{root}` ({kind_text}). Every figure below is read from "
+             "the run logs.", ""]
 
     # Per-run table.
     lines += ["## Runs", "",

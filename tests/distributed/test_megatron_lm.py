@@ -260,7 +260,11 @@ def test_without_tensorboard_jsonl_complete_and_one_warning(tmp_path):
 def test_one_line_edit_of_pretrain_gpt(tmp_path):
     """The minimal edit: one line after ``import torch`` in pretrain_gpt.py, run with plain python."""
     src = open(os.path.join(MLM, "pretrain_gpt.py")).read()
-    line = "import megatron_bottleneck.megatron_lm as mbl; mbl.patch()"
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:  # the README's ```diff block, as written
+        diff = re.search(r"```diff\n(.*?)```", f.read(), re.S).group(1).splitlines()
+    assert diff[0] == " import torch" and len(diff) == 2 and diff[1].startswith("+")
+    line = diff[1][1:]
+    assert line == "import megatron_bottleneck.megatron_lm as mbl; mbl.patch()"
     edited = src.replace("\nimport torch\n", f"\nimport torch\n{line}\n", 1)
     assert edited.count(line) == 1
     script = tmp_path / "pretrain_gpt.py"
