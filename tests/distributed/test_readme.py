@@ -39,6 +39,8 @@ def readme_blocks(path=os.path.join(REPO, "README.md")):
         prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         mark = MARKER.match(prev.strip())
         kind, detail = (mark.group(1), mark.group(2) or "") if mark else ("run", "")
+        if prev.strip() == "<!-- test-command -->":  # .ci/run reads the line after that marker's fence
+            kind, detail = "skip", "the test command itself (.ci/run runs it in both lanes)"
         out.append((start + 1, lang, kind, detail, "\n".join(lines[start + 1:j]) + "\n"))
         i = j + 1
     return out
