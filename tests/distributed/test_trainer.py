@@ -119,8 +119,13 @@ def test_resume_is_exact_with_the_replicated_optimizer_too(tmp, spamlang):
     full = mb.launch(tr.train_run, 2, os.path.join(tmp, "e"), *args, timeout=600)[-1]
     ckpt = os.path.join(tmp, "ckpt_replicated")
     mb.launch(tr.train_run, 2, os.path.join(tmp, "f"), spamlang, ckpt, 3, 6, False, timeout=600)
+    shutil.copytree(ckpt, ckpt + "_at_3")
     rest = mb.launch(tr.train_run, 2, os.path.join(tmp, "f"), spamlang, ckpt, None, 6, False, timeout=600)[-1]
     assert len(full["losses"]) == 6 and rest["losses"] == full["losses"][3:]
+    # its state is in model space: the TP=2 checkpoint resumes at TP=1 on one rank
+    tp1 = mb.launch(tr.train_run, 1, os.path.join(tmp, "g"), spamlang, ckpt + "_at_3", None, 6, False, 1,
+                    timeout=600)[-1]
+    assert tp1["steps"] == [4, 5, 6] and tp1["losses"] == pytest.approx(full["losses"][3:], rel=RESHARD_RTOL)
 
 
 def test_training_learns_under_tp2_and_logs(tmp, uninterrupted):
