@@ -233,6 +233,33 @@ class GradientProbe:
         self._handles.append(self._head.register_forward_hook(self._on_forward, with_kwargs=True))
         return self
 
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict:
+        """What the probe carries from one step to the next, for a checkpoint of this rank: the step and the
+        rank figures' Gram accumulation when it spans steps (``rank_token_budget`` above one step's tokens).
+        It is this rank's own (its TP shard of the vocabulary, its DP rank's tokens): restore it only at the
+        layout it was saved from. Call it between steps (after :meth:`end_step`)."""
+        g = self._gram
+        gram = None if g is None else {
+            "token_budget": g.token_budget, "tokens": g.tokens, "vocab_size": g.vocab_size, "eps": g.eps,
+            "rows": [r.detach().cpu() for r in g.rows],
+            "blocks": [[b.detach().cpu() for b in row] for row in g.blocks]}
+        return {"step": self.step, "gram": gram}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Restore :meth:`state_dict`'s state (``{"step": n}`` alone restarts the accumulation at step n: what
+        a resume at another layout does; the next ``rank_interval`` step starts a new Gram on every rank)."""
+        self.step = int(state.get("step") or 0)
+        saved = state.get("gram")
+        self._gram = None
+        if saved is not None and self.enabled:
+            device = self._device()
+            g = GramAccumulator(saved["token_budget"])
+            g.tokens, g.vocab_size, g.eps = saved["tokens"], saved["vocab_size"], saved["eps"]
+            g.rows = [r.to(device) for r in saved["rows"]]
+            g.blocks = [[b.to(device) for b in row] for row in saved["blocks"]]
+            self._gram = g
+
     def on_record(self, fn: Callable[[int, Dict[str, float]], None]) -> None:
         """Also call ``fn(step, figures)`` for every finalised step, on every rank that probes (the
         Megatron-LM integration writes to Megatron-LM's own TensorBoard / W&B writers this way, on the

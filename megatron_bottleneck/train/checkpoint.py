@@ -3,12 +3,19 @@
 
 Layout under ``dir``::
 
-    iter_0000100/          model (dist_checkpointing, re-shardable across TP/PP) + rank_<r>.pt + config.yaml
+    iter_0000100/          model + optimizer (dist_checkpointing) + rank_<r>.pt + config.yaml + layout.json
     iter_0000200.tmp/      a save in progress (or killed mid-way): ignored by resume, removed by the next save
     latest                 "iter_0000200", replaced atomically (write-temp-then-os.replace) after the rename
 
 A save writes into ``iter_N.tmp``, all ranks meet at a barrier, rank 0 renames it to ``iter_N`` and then
 points ``latest`` at it, so a crash at any moment leaves the previous checkpoint intact.
+
+Resume (:func:`load_checkpoint`) first compares ``layout.json`` (parallel sizes, optimizer kind and format, the
+model section and precision) with the run's: another model is one :class:`CheckpointError` line naming the
+fields; a parallel layout Megatron can reshard to (see :func:`check_layout`) loads, one it cannot is one line
+saying why. The model loads strictly. ``rank_<r>.pt`` holds the state that is the same on every rank
+(iteration, sample count, scheduler) and, under ``PER_RANK``, this rank's own (RNG, the probe's accumulation),
+restored only when the layout is unchanged.
 """
 from __future__ import annotations
 
@@ -56,11 +63,21 @@ def _barrier():
         dist.barrier()
 
 
-# Megatron's DistributedOptimizer saves its Adam state as each data-parallel rank's buffer shard
-# (Megatron-LM's default "dp_reshardable": parallel save and load, no gather). On megatron-core 0.16 the
-# other formats fail on the torch-Adam path: "fully_sharded_model_space" (flattened_range unsupported),
-# "fully_reshardable" (KeyError 'step').
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Formats of Megatron's DistributedOptimizer state (``checkpoint.optimizer_format``):
+#   "fully_reshardable": model-space tensors (one per parameter, gathered over DP at save); loads at any
+#       TP/PP/DP size. Its load hits a KeyError 'step' on the torch-Adam path (no Apex/TE) of megatron-core
+#       0.16.1 and 0.19.2: the per-parameter Adam ``step`` is copied from the loaded tensors, which never hold
+#       it (it lives in the param groups); :func:`_load_optimizer` works around it.
+#   "dp_reshardable": each DP rank's buffer shard (Megatron-LM's default: parallel save, no gather); reshards
+#       over DP only (the buckets depend on TP/PP).
+# ("fully_sharded_model_space" asserts on the flattened ranges of the torch-Adam path: not offered.)
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+OLD_OPTIMIZER_FORMAT = "dp_reshardable"  # what checkpoints without "optimizer_format" in layout.json hold
+
+
+def _optimizer_metadata(fmt: Optional[str]) -> Dict:
+    return {"distrib_optim_sharding_type": fmt or DEFAULT_OPTIMIZER_FORMAT}
 
 
 def _sub_optimizers(optimizer) -> List:
@@ -104,15 +121,43 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
 
 
-def _full_state(chunks, optimizer, is_loading: bool) -> Dict:
+def _full_state(chunks, optimizer, is_loading: bool, fmt: Optional[str] = None) -> Dict:
     model = _model_state(chunks)
     state = {"model": model}
     if optimizer is not None:
         if is_loading:
             _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
-                                                          metadata=OPTIMIZER_METADATA)
+                                                          metadata=_optimizer_metadata(fmt))
     return state
+
+
+def _load_optimizer(optimizer, state: Dict) -> None:
+    """``optimizer.load_state_dict`` with megatron-core's fully_reshardable 'step' bug worked around: its
+    ``_set_main_param_and_optimizer_states`` copies every key of a parameter's Adam state from the loaded
+    tensors, which skip ``step``; the shim hands it the parameter's own step (a no-op copy), and
+    :func:`_restore_adam_steps` then sets the saved count. Undone afterwards."""
+    subs = [s for s in _sub_optimizers(optimizer) if hasattr(s, "_set_main_param_and_optimizer_states")]
+    for sub in subs:
+        original = sub._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _sub=sub, _original=original):
+            inner = _sub.optimizer
+            if "step" not in tensors and inner is not None:
+                group_index, group_order = _sub.model_param_group_index_map[model_param]
+                st = inner.state.get(inner.param_groups[group_index]["params"][group_order], {})
+                if torch.is_tensor(st.get("step")):
+                    tensors = {**tensors, "step": st["step"]}
+            return _original(model_param, tensors)
+
+        sub._set_main_param_and_optimizer_states = set_states
+    try:
+        with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
+            optimizer.load_state_dict(state)
+    finally:
+        for sub in subs:
+            del sub._set_main_param_and_optimizer_states  # the class's method again
+    _restore_adam_steps(optimizer)
 
 
 def start_writer_helpers() -> None:
@@ -137,7 +182,8 @@ def start_writer_helpers() -> None:
 def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, config=None,
                     keep_last: int = 2, optimizer=None, layout: Optional[Dict] = None) -> str:
     """Save atomically; ``extra`` is this rank's picklable state (scheduler, RNG, data position);
-    ``layout`` (e.g. world size and TP/PP/DP sizes) is recorded and checked by :func:`load_checkpoint`."""
+    ``layout`` (world size, TP/PP/DP sizes, optimizer kind and format, model section: ``Trainer.layout``)
+    is recorded as layout.json and checked by :func:`load_checkpoint`."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = os.path.join(directory, _name(iteration))
     tmp = final + ".tmp"
@@ -148,7 +194,8 @@ def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, c
                 shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(_full_state(chunks, optimizer, is_loading=False), tmp)
+    dist_checkpointing.save(_full_state(chunks, optimizer, is_loading=False,
+                                        fmt=(layout or {}).get("optimizer_format")), tmp)
     torch.save(extra, os.path.join(tmp, f"rank_{rank}.pt"))
     if rank == 0 and config is not None:
         config.save(os.path.join(tmp, "config.yaml"))
@@ -179,49 +226,103 @@ def _prune(directory: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
 
 
-def check_layout(path: str, layout: Dict) -> None:
-    """Raise a :class:`CheckpointError` before loading if ``path`` was saved with another parallel layout
-    (the optimizer shards and the per-rank scheduler/RNG/data state only fit the layout they came from)."""
+PARALLEL_KEYS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "virtual_pipeline_model_parallel_size", "data_parallel_size")
+PER_RANK = "rank"  # the key of the extra state that belongs to one rank of one layout (RNG, probe)
+
+
+def read_layout(path: str) -> Optional[Dict]:
+    """The ``layout.json`` of the checkpoint at ``path`` (None for a checkpoint saved without one)."""
     file = os.path.join(path, LAYOUT)
     if not os.path.exists(file):
-        return
+        return None
     with open(file, encoding="utf-8") as f:
-        saved = json.load(f)
-    diff = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
-    if diff:
-        what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in sorted(diff.items()))
+        return json.load(f)
+
+
+def _changes(saved: Dict, now: Dict, keys, prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{k}: saved {saved.get(k)}, now {now.get(k)}" for k in keys
+                     if saved.get(k) != now.get(k))
+
+
+def check_layout(path: str, layout: Dict) -> bool:
+    """Whether the run described by ``layout`` (``Trainer.layout()``) can resume from ``path``; raises one
+    :class:`CheckpointError` line (the same on every rank, before anything loads) when it cannot. Returns
+    True when the parallel layout is the one saved (then each rank's own RNG and probe state is restored too).
+
+    Refused: another model (any ``model`` field or the precision); another optimizer kind; another number of
+    virtual pipeline stages, or another PP size with virtual stages (resharding those is not verified here);
+    another TP or PP size when the optimizer state was saved in the dp_reshardable format. Resharded by
+    Megatron: any change of DP size (and world size); TP and PP with the fully_reshardable format or the
+    replicated optimizer (its state is in model space)."""
+    saved = read_layout(path)
+    where = f"cannot resume from {path}"
+    if saved is None:  # saved before layout.json existed: only the same number of ranks
+        world = layout.get("world_size")
+        saved_ranks = len([f for f in os.listdir(path) if f.startswith("rank_") and f.endswith(".pt")])
+        if saved_ranks != world:
+            raise CheckpointError(
+                f"{where}: it holds no layout.json and the state of {saved_ranks} ranks, and this run has {world}: "
+                f"resume with {saved_ranks} ranks, or load the weights alone (megatron_bottleneck.train."
+                "load_model_only) in a new run (checkpoint.resume=false or another checkpoint.dir).")
+        return True
+    new_run = "or start a new run (another checkpoint.dir, or checkpoint.resume=false)"
+    saved_model, model = saved.get("model"), layout.get("model")
+    if saved_model is not None and model is not None and saved_model != model:
+        keys = list(dict.fromkeys([*saved_model, *model]))
+        what = _changes(saved_model, model, keys)
+        fix = " ".join(f"{k}={json.dumps(saved_model.get(k))}" for k in keys if saved_model.get(k) != model.get(k))
+        raise CheckpointError(f"{where}: it was saved with another model ({what}). Resume with the saved "
+                              f"settings ({fix}), {new_run}.")
+    if saved.get("distributed_optimizer") != layout.get("distributed_optimizer"):
+        a = saved.get("distributed_optimizer")
         raise CheckpointError(
-            f"cannot resume from {path}: it was saved with another parallel layout ({what}). Resume with the "
-            "saved layout, or start a new run from its weights only (megatron_bottleneck.train.load_model_only "
-            "loads the model at any TP/PP size), or set checkpoint.resume=false."
-        )
+            f"{where}: it was saved with parallel.distributed_optimizer={str(a).lower()} and this run has "
+            f"{str(layout.get('distributed_optimizer')).lower()}, whose optimizer state has another form. Resume "
+            f"with parallel.distributed_optimizer={str(a).lower()}, {new_run}.")
+    if all(saved.get(k) == layout.get(k) for k in PARALLEL_KEYS):
+        return True
+    what = _changes(saved, layout, PARALLEL_KEYS)
+    tp_pp = [k for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size") if saved.get(k) != layout.get(k)]
+    vpp = "virtual_pipeline_model_parallel_size"
+    if saved.get(vpp) != layout.get(vpp) or ("pipeline_model_parallel_size" in tp_pp and layout.get(vpp)):
+        raise CheckpointError(
+            f"{where}: it was saved with another pipeline layout ({what}) and resharding across virtual pipeline "
+            f"stages is not supported here. Resume with the saved TP/PP/VPP sizes (any data-parallel size), {new_run}.")
+    fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT)
+    if tp_pp and saved.get("distributed_optimizer") and fmt != "fully_reshardable":
+        raise CheckpointError(
+            f"{where}: its optimizer state is in Megatron's {fmt} format, which reshards over data-parallel ranks "
+            f"only, and the model-parallel layout changed ({what}). Resume with the saved TP/PP sizes (any "
+            f"data-parallel size), {new_run}; save with checkpoint.optimizer_format=fully_reshardable to change them.")
+    return False
+
+
+def _load_model(chunks: List, state: Dict) -> None:
+    """Strict: every parameter and buffer of each chunk comes from the checkpoint and nothing is left over."""
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"chunk{i}"], strict=True)
 
 
 def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Dict] = None) -> Dict:
-    """Load the model into ``chunks`` and the optimizer state, and return this rank's extra state."""
-    if layout is not None:
-        check_layout(path, layout)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    saved_ranks = len([f for f in os.listdir(path) if f.startswith("rank_") and f.endswith(".pt")])
-    if saved_ranks != world:  # the same answer on every rank, so all ranks stop together
-        raise CheckpointError(
-            f"cannot resume from {path}: it holds the scheduler/RNG/data state of {saved_ranks} ranks and this "
-            f"run has {world}. Resume with {saved_ranks} ranks, or load the weights alone with "
-            "megatron_bottleneck.train.load_model_only (any TP/PP size)."
-        )
-    state = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True), path)
-    for i, c in enumerate(chunks):
-        c.load_state_dict(state["model"][f"chunk{i}"], strict=False)
+    """Load the model into ``chunks`` and the optimizer state (resharded to this run's layout where
+    :func:`check_layout` allows it) and return the extra state: this rank's own when the layout is the saved
+    one, else rank 0's without its per-rank part (``PER_RANK``). ``same_layout`` in it says which."""
+    same = check_layout(path, layout) if layout is not None else True
+    saved = read_layout(path) or {}
+    fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT) if saved.get("distributed_optimizer", True) else None
+    state = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True, fmt=fmt), path)
+    _load_model(chunks, state["model"])
     if optimizer is not None:
-        with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
-            optimizer.load_state_dict(state["optimizer"])
-        _restore_adam_steps(optimizer)
+        _load_optimizer(optimizer, state["optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=False)
+    extra = torch.load(os.path.join(path, f"rank_{rank if same else 0}.pt"), weights_only=False)
+    if not same:
+        extra.pop(PER_RANK, None)
+    extra["same_layout"] = same
+    return extra
 
 
 def load_model_only(path: str, chunks: List) -> None:
-    """Load just the model weights (any TP/PP layout)."""
-    state = dist_checkpointing.load(_model_state(chunks), path)
-    for i, c in enumerate(chunks):
-        c.load_state_dict(state[f"chunk{i}"], strict=False)
+    """Load just the model weights (any TP/PP layout), strictly."""
+    _load_model(chunks, dist_checkpointing.load(_model_state(chunks), path))

@@ -152,7 +152,12 @@ class CheckpointSection:
     keep_last: int = 2
     """Checkpoints kept (older ones are removed)."""
     resume: bool = True
-    """Resume from ``dir``'s latest checkpoint when there is one."""
+    """Resume from ``dir``'s latest checkpoint when there is one (at another DP size too, and TP/PP size with
+    the fully_reshardable optimizer format; another model is refused)."""
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is saved: fully_reshardable (per parameter, gathered over DP at
+    save: resumes at any TP/PP/DP size) or dp_reshardable (each DP rank's shard, no gather: any DP size, the
+    same TP/PP sizes)."""
 
 
 @dataclass

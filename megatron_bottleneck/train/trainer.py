@@ -8,6 +8,7 @@ SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -33,8 +34,12 @@ from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward
 from ..models import build_gpt_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, start_writer_helpers
+from .checkpoint import PER_RANK, latest_checkpoint, load_checkpoint, save_checkpoint, start_writer_helpers
 from .config import TrainConfig
+
+
+# model fields a resume may change: they do not change the weights' shapes or meaning
+RESUMABLE_MODEL_KEYS = ("init_method_std",)
 
 
 class _StopFlag:
@@ -205,9 +210,12 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoint
     def _extra_state(self) -> Dict:
+        """The same on every rank: step, global sample count, scheduler. Under ``PER_RANK``, this rank's own
+        (restored only at the saved layout): RNG states and the probe's accumulation."""
         return {"iteration": self.iteration, "consumed": self.consumed, "scheduler": self.scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(), "rng_tracker": get_cuda_rng_tracker().get_states(),
-                "probe_step": None if self.probe is None else self.probe.step}
+                "probe_step": None if self.probe is None else self.probe.step,
+                PER_RANK: {"rng_cpu": torch.get_rng_state(), "rng_tracker": get_cuda_rng_tracker().get_states(),
+                           "probe": None if self.probe is None else self.probe.state_dict()}}
 
     def save(self) -> Optional[str]:
         c = self.cfg.checkpoint
@@ -217,23 +225,36 @@ class Trainer:
                                self.cfg, c.keep_last, optimizer=self.optimizer, layout=self.layout())
 
     def layout(self) -> Dict:
-        """What a resume must match: world size, the parallel sizes and the optimizer kind."""
+        """What layout.json records and a resume checks (``checkpoint.check_layout``): world size, the parallel
+        sizes, the optimizer kind and state format, and the model (every ``model`` field, the precision)."""
         p = self.cfg.parallel
+        model = {f"model.{k}": v for k, v in dataclasses.asdict(self.cfg.model).items()
+                 if k not in RESUMABLE_MODEL_KEYS}
+        model["train.precision"] = _precision(self.cfg)
         return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tensor_model_parallel_size": p.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
                 "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
-                "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer}
+                "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer,
+                "optimizer_format": self.cfg.checkpoint.optimizer_format if p.distributed_optimizer else None,
+                "model": model}
 
     def _restore(self, path: str) -> None:
         extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer,
                                 layout=self.layout())
-        self.scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng_cpu"])
-        get_cuda_rng_tracker().set_states(extra["rng_tracker"])
+        self.scheduler.load_state_dict(extra["scheduler"])  # the same on every rank
         self.iteration, self.consumed = extra["iteration"], extra["consumed"]
+        own = extra.get(PER_RANK)
+        if own is None and extra["same_layout"]:  # saved before PER_RANK existed
+            own = {k: extra[k] for k in ("rng_cpu", "rng_tracker") if k in extra}
+        if own:  # the saved layout: this rank's RNG and probe state; otherwise the seeded RNG of a new start
+            torch.set_rng_state(own["rng_cpu"])
+            get_cuda_rng_tracker().set_states(own["rng_tracker"])
+        if self.probe is not None:
+            self.probe.load_state_dict((own or {}).get("probe") or {"step": extra.get("probe_step") or 0})
         if self.is_logger:
-            print(f"resumed from {path} at step {self.iteration}", flush=True)
+            note = "" if extra["same_layout"] else " (resharded to this layout; per-rank RNG not restored)"
+            print(f"resumed from {path} at step {self.iteration}{note}", flush=True)
 
     # ----------------------------------------------------------------- loop
     def train(self) -> Dict:

@@ -1,7 +1,9 @@
 """Rank functions for the trainer tests (real Megatron training on CPU ranks)."""
 import os
 import signal
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+import torch
 
 from megatron_bottleneck.base.errors import CheckpointError
 from megatron_bottleneck.train import Trainer, TrainConfig
@@ -20,7 +22,10 @@ def config(log_dir, data, ckpt=None, steps=12, **sections):
         "probe": {"interval": 2},
     }
     for k, v in sections.items():
-        d[k].update(v)
+        if k == "probe":
+            d[k] = dict(v or d[k])
+        else:
+            d[k].update(v)
     return TrainConfig.from_dict(d)
 
 
@@ -38,22 +43,51 @@ def sigterm_at(stop_step):
     return on_step
 
 
+class RecordingTrainer(Trainer):
+    """The trainer, keeping the tokens of every training micro-batch this rank reads (``read``)."""
+
+    def batches(self, split="train", consumed=0):
+        stream = super().batches(split, consumed)
+        return self._recorded(stream) if split == "train" else stream
+
+    def _recorded(self, stream):
+        self.read = []
+        for batch in stream:
+            self.read.append(batch["tokens"].clone())
+            yield batch
+
+
 def train_run(log_dir: str, data: Dict, ckpt: Optional[str] = None, stop_at: Optional[int] = None,
-              steps: int = 12, distributed_optimizer: bool = True) -> Dict:
-    """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``."""
-    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, parallel={"distributed_optimizer": distributed_optimizer})
-    trainer = Trainer(cfg, on_step=None if stop_at is None else sigterm_at(stop_at))
+              steps: int = 12, distributed_optimizer: bool = True, tp: int = 2, probe: Optional[Dict] = None) -> Dict:
+    """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``.
+    ``samples``: per step, this rank's training tokens ``[global_batch / dp, s]``, with ``dp_rank``/``tp_rank``."""
+    from megatron.core import parallel_state as ps
+
+    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, probe=probe or {},
+                 parallel={"distributed_optimizer": distributed_optimizer, "tensor_model_parallel_size": tp})
+    trainer = RecordingTrainer(cfg, on_step=None if stop_at is None else sigterm_at(stop_at))
     out = trainer.train()
     numel = adam_state_numel(trainer)
     hist = out["history"]
+    n = trainer.num_micro
+    samples = [torch.cat(trainer.read[i:i + n]) for i in range(0, len(hist) * n, n)]
     return {"losses": [h["loss"] for h in hist], "steps": [h["step"] for h in hist],
             "valid": [h.get("valid_loss") for h in hist], "stopped": out["stopped_by_signal"],
-            "iteration": out["iteration"], "numel": numel}
+            "iteration": out["iteration"], "numel": numel, "samples": samples, "dp_rank": trainer.dp_rank,
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "probe_rank": [{k: v for k, v in h.items() if k.startswith(("numerical_rank", "effective_rank"))}
+                           | {"step": h["step"]} for h in trainer.probe.history if "numerical_rank" in h]}
 
 
-def resume_error(log_dir: str, data: Dict, ckpt: str) -> Optional[str]:
+def global_samples(results) -> List[torch.Tensor]:
+    """Per step, the global batch's tokens: the DP ranks' rows in DP order (TP rank 0 of each)."""
+    ranks = sorted((r for r in results if r["tp_rank"] == 0), key=lambda r: r["dp_rank"])
+    return [torch.cat([r["samples"][i] for r in ranks]) for i in range(len(ranks[0]["samples"]))]
+
+
+def resume_error(log_dir: str, data: Dict, ckpt: str, model: Optional[Dict] = None) -> Optional[str]:
     try:
-        Trainer(config(log_dir, data, ckpt=ckpt))
+        Trainer(config(log_dir, data, ckpt=ckpt, model=model or {}))
     except CheckpointError as e:
         return str(e)
     return None

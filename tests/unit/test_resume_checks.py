@@ -1,0 +1,91 @@
+"""What a resume accepts and refuses (``checkpoint.check_layout`` on a checkpoint's layout.json): one
+CheckpointError line each, before anything loads."""
+import json
+import os
+
+import pytest
+
+from megatron_bottleneck.base.errors import CheckpointError
+from megatron_bottleneck.train.checkpoint import check_layout
+
+MODEL = {"model.num_layers": 2, "model.hidden_size": 16, "model.head_rank": 8, "model.fused_loss": False,
+         "train.precision": "fp32"}
+
+
+def layout(tp=2, pp=1, vpp=None, dp=2, dist_opt=True, fmt="fully_reshardable", **model):
+    return {"world_size": tp * pp * dp, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": vpp, "data_parallel_size": dp, "distributed_optimizer": dist_opt,
+            "optimizer_format": fmt if dist_opt else None, "model": {**MODEL, **model}}
+
+
+def saved(tmp_path, lay):
+    path = str(tmp_path / "iter_0000007")
+    os.makedirs(path)
+    if lay is not None:
+        with open(os.path.join(path, "layout.json"), "w") as f:
+            json.dump(lay, f)
+    return path
+
+
+def refused(path, now) -> str:
+    with pytest.raises(CheckpointError) as e:
+        check_layout(path, now)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"cannot resume from {path}: ")
+    return str(e.value)
+
+
+def test_the_same_layout_resumes_with_per_rank_state(tmp_path):
+    assert check_layout(saved(tmp_path, layout()), layout()) is True
+
+
+@pytest.mark.parametrize("now", [layout(dp=1), layout(tp=1, dp=2), layout(tp=1, dp=4), layout(tp=2, pp=2, dp=1),
+                                 layout(fmt="dp_reshardable")])
+def test_fully_reshardable_state_reshards_tp_pp_and_dp(tmp_path, now):
+    assert check_layout(saved(tmp_path, layout()), now) is (now["world_size"] == 4 and now["tensor_model_parallel_size"] == 2 and now["pipeline_model_parallel_size"] == 1)
+
+
+def test_dp_reshardable_state_reshards_dp_only(tmp_path):
+    path = saved(tmp_path, layout(fmt="dp_reshardable"))
+    assert check_layout(path, layout(dp=1)) is False
+    msg = refused(path, layout(tp=1, dp=4))
+    assert "dp_reshardable format" in msg and "tensor_model_parallel_size: saved 2, now 1" in msg
+    assert "checkpoint.optimizer_format=fully_reshardable" in msg
+
+
+def test_a_checkpoint_older_than_the_format_field_is_dp_reshardable(tmp_path):
+    old = layout()
+    del old["optimizer_format"], old["model"]
+    path = saved(tmp_path, old)
+    assert check_layout(path, layout(dp=1)) is False
+    assert "dp_reshardable" in refused(path, layout(tp=1, dp=4))
+
+
+def test_the_replicated_optimizer_reshards(tmp_path):
+    assert check_layout(saved(tmp_path, layout(dist_opt=False)), layout(tp=1, dp=1, dist_opt=False)) is False
+
+
+def test_another_model_is_one_line_naming_the_fields(tmp_path):
+    path = saved(tmp_path, layout())
+    msg = refused(path, layout(**{"model.head_rank": 4}))
+    assert "another model (model.head_rank: saved 8, now 4)" in msg and "model.head_rank=8" in msg
+    msg = refused(path, layout(tp=1, **{"model.fused_loss": True, "train.precision": "bf16"}))
+    assert "model.fused_loss: saved False, now True, train.precision: saved fp32, now bf16" in msg
+
+
+def test_another_optimizer_kind_is_refused(tmp_path):
+    msg = refused(saved(tmp_path, layout()), layout(dist_opt=False))
+    assert "parallel.distributed_optimizer=true" in msg
+
+
+@pytest.mark.parametrize("old,now", [(layout(pp=2, vpp=2, dp=1), layout(pp=2, vpp=None, dp=1)),
+                                     (layout(pp=2, vpp=2, dp=1), layout(pp=1, vpp=2, dp=2))])
+def test_virtual_pipeline_changes_are_refused(tmp_path, old, now):
+    assert "virtual pipeline" in refused(saved(tmp_path, old), now)
+
+
+def test_no_layout_file_needs_the_same_number_of_ranks(tmp_path):
+    path = saved(tmp_path, None)
+    for r in range(4):
+        open(os.path.join(path, f"rank_{r}.pt"), "w").close()
+    assert check_layout(path, layout()) is True
+    assert "the state of 4 ranks, and this run has 2" in refused(path, layout(dp=1))
