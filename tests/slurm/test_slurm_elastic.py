@@ -36,7 +36,7 @@ def elastic_jobs(slurm_cluster, tmp_path_factory):
            "MB_CPU": "1", "NPROC_PER_NODE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     out = {"tmp": tmp}
     two = os.path.join(tmp, "two")
-    job = c.sbatch(["-o", os.path.join(tmp, "two.out"), "-J", "mb-two", "-N", "2", TRAIN, config],
+    job = c.sbatch(["-o", os.path.join(tmp, "two.out"), "-J", "mb-two", "-N", "2", "--gpus-per-node=0", TRAIN, config],
                    env={**env, "RUN_DIR": two}, cwd=tmp)
     out["two"] = {"state": c.wait([job], timeout=300)[job], "out": os.path.join(tmp, "two.out"), "dir": two}
     # the one-node job starts from the two-node job's step-4 checkpoint
@@ -45,7 +45,7 @@ def elastic_jobs(slurm_cluster, tmp_path_factory):
     shutil.copytree(os.path.join(two, "checkpoints", "iter_0000004"), os.path.join(one, "checkpoints", "iter_0000004"))
     with open(os.path.join(one, "checkpoints", "latest"), "w") as f:
         f.write("iter_0000004")
-    job = c.sbatch(["-o", os.path.join(tmp, "one.out"), "-J", "mb-one", "-N", "1", TRAIN, config],
+    job = c.sbatch(["-o", os.path.join(tmp, "one.out"), "-J", "mb-one", "-N", "1", "--gpus-per-node=0", TRAIN, config],
                    env={**env, "RUN_DIR": one}, cwd=tmp)
     out["one"] = {"state": c.wait([job], timeout=300)[job], "out": os.path.join(tmp, "one.out"), "dir": one}
     return out
