@@ -1,5 +1,6 @@
 """The trainer on real CPU ranks: exact resume after SIGTERM (TP=2 x DP=2, distributed optimizer), atomic
-checkpoints, the replicated optimizer, a resume with another layout refused."""
+checkpoints, the replicated optimizer, a resume with another layout refused. The defaults overlap the data-parallel
+reduce and all-gather (several buckets) and save asynchronously; one run does neither, for comparison."""
 import os
 
 import pytest
@@ -37,6 +38,26 @@ def test_sigterm_saves_and_resume_is_exact(uninterrupted, interrupted):
     assert first["losses"] == uninterrupted["losses"][:7]
     assert second["steps"] == list(range(8, 13))
     assert second["losses"] == uninterrupted["losses"][7:]  # bitwise: same data position, optimizer, RNG
+
+
+def test_overlap_and_async_saves_change_no_loss(tmp, spamlang, uninterrupted, interrupted):
+    """DP=2 x TP=2, distributed optimizer, on gloo: the same run without overlapped reduce-scatter / all-gather
+    and with synchronous saves, stopped at step 7 and resumed, gives the losses of the overlapped run and of the
+    async-saved resume bit for bit (the same reductions in the same order: buckets only split them)."""
+    ckpt = os.path.join(tmp, "ckpt_sync")
+    log_dir = os.path.join(tmp, "sync")
+    args = (spamlang, ckpt, 7, 12, True, False, False)
+    first = mb.launch(tr.train_run, 4, log_dir, *args, timeout=600)[-1]
+    second = mb.launch(tr.train_run, 4, log_dir, spamlang, ckpt, None, 12, True, False, False, timeout=600)[-1]
+    run = first["options"]
+    assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == ("gloo", False, False,
+                                                                                                False)
+    on = interrupted["first"]["options"]
+    assert (on.overlap_grad_reduce, on.overlap_param_gather, on.async_save, on.bucket_size) == (True, True, True, 1000)
+    assert not on.gradient_accumulation_fusion  # no GPU kernel on CPUs
+    assert first["losses"] == uninterrupted["losses"][:7]  # overlap off == overlap on
+    assert second["losses"] == interrupted["second"]["losses"] == uninterrupted["losses"][7:]  # sync == async resume
+    assert sorted(os.listdir(ckpt)) == ["iter_0000010", "iter_0000012", "latest"]
 
 
 def test_checkpoints_are_atomic_and_pruned(interrupted):

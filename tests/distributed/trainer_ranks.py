@@ -10,7 +10,9 @@ from megatron_bottleneck.train import Trainer, TrainConfig
 def config(log_dir, data, ckpt=None, steps=12, **sections):
     d = {
         "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8, "head_rank": 8},
-        "parallel": {"tensor_model_parallel_size": 2},
+        # ~1000-parameter buckets: several buckets per rank, so the overlapped reduce / all-gather (on by default)
+        # really runs bucket by bucket
+        "parallel": {"tensor_model_parallel_size": 2, "ddp_bucket_size": 1000},
         "train": {"train_steps": steps, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 4,
                   "log_interval": 4},
         "optim": {"lr": 1e-2, "warmup_steps": 2},
@@ -39,16 +41,21 @@ def sigterm_at(stop_step):
 
 
 def train_run(log_dir: str, data: Dict, ckpt: Optional[str] = None, stop_at: Optional[int] = None,
-              steps: int = 12, distributed_optimizer: bool = True) -> Dict:
-    """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``."""
-    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, parallel={"distributed_optimizer": distributed_optimizer})
+              steps: int = 12, distributed_optimizer: bool = True, overlap: Optional[bool] = None,
+              async_save: Optional[bool] = None) -> Dict:
+    """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``.
+    ``overlap`` sets both overlaps (grad reduce, and param gather with the distributed optimizer); None: auto."""
+    par = {"distributed_optimizer": distributed_optimizer}
+    if overlap is not None:
+        par.update(overlap_grad_reduce=overlap, overlap_param_gather=overlap and distributed_optimizer)
+    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, parallel=par, checkpoint={"async_save": async_save})
     trainer = Trainer(cfg, on_step=None if stop_at is None else sigterm_at(stop_at))
     out = trainer.train()
     numel = adam_state_numel(trainer)
     hist = out["history"]
     return {"losses": [h["loss"] for h in hist], "steps": [h["step"] for h in hist],
             "valid": [h.get("valid_loss") for h in hist], "stopped": out["stopped_by_signal"],
-            "iteration": out["iteration"], "numel": numel}
+            "iteration": out["iteration"], "numel": numel, "options": trainer.options}
 
 
 def resume_error(log_dir: str, data: Dict, ckpt: str) -> Optional[str]:
