@@ -1,7 +1,9 @@
 """A lean Megatron-Core trainer: GPTModel (dense or low-rank head), Megatron DDP and Megatron's
 distributed optimizer (AdamW, state sharded over data-parallel ranks), warmup + cosine schedule,
 clipping, micro-batches through Megatron's schedule, validation, the gradient probe, JSONL / TensorBoard /
-console logging, atomic checkpoints and exact resume.
+console logging, atomic checkpoints and exact resume. Data-parallel communication overlaps compute (bucketed
+reduce-scatter during backward, the parameter all-gather during forward) and checkpoints are written in the
+background, by default (``parallel.overlap_*``, ``checkpoint.async_save``).
 
 Runs under ``torchrun`` (NCCL on GPUs, gloo on CPUs) or through :func:`run` (CPU ranks on 127.0.0.1).
 SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step and return.
