@@ -85,12 +85,19 @@ def wire_overlap(models: "torch.nn.Module | Sequence[torch.nn.Module]") -> None:
     ``no_sync_func`` (buckets count gradients only in the last micro-batch, so each reduce launches when its
     bucket is complete) and ``grad_sync_func`` (the pipeline schedules launch a chunk's reduce after its last
     backward); with ``overlap_param_gather`` and ``align_param_gather``, ``param_sync_func`` (the interleaved
-    schedule launches each chunk's all-gather). Hooks already set are left alone; no-op for other models."""
+    schedule launches each chunk's all-gather). Hooks the caller set are left alone (hooks this function set for
+    other wrappers of the same config are replaced); no-op for models without Megatron DDP."""
     chunks = list(models) if isinstance(models, (list, tuple)) else [models]
     ddp = getattr(chunks[0], "ddp_config", None)
     if ddp is None:
         return
     config = get_model_config(chunks[0])
+    ids = [id(c) for c in chunks]
+    wired = getattr(config, "_mb_overlap_chunks", None)  # the chunks this function wired the config for
+    if wired == ids:
+        return
+    if wired is not None:  # wired for other wrappers of this config: start again
+        config.no_sync_func = config.grad_sync_func = config.param_sync_func = None
     if ddp.overlap_grad_reduce and config.no_sync_func is None:
         config.no_sync_func = _one([c.no_sync for c in chunks])
         if config.grad_sync_func is None:
@@ -98,6 +105,7 @@ def wire_overlap(models: "torch.nn.Module | Sequence[torch.nn.Module]") -> None:
     if (ddp.use_distributed_optimizer and ddp.overlap_param_gather and getattr(ddp, "align_param_gather", False)
             and config.param_sync_func is None):
         config.param_sync_func = _one([c.start_param_sync for c in chunks])
+    config._mb_overlap_chunks = ids
 
 
 def sync_params(models: "torch.nn.Module | Sequence[torch.nn.Module]") -> None:
