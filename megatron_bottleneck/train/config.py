@@ -77,8 +77,8 @@ class ParallelSection:
     """The distributed optimizer's parameter all-gather overlapped with the next forward, bucket by bucket (Megatron
     ``overlap_param_gather``); needs ``distributed_optimizer`` and ``overlap_grad_reduce``. None: on when both are."""
     ddp_bucket_size: Optional[int] = None
-    """Parameters per data-parallel communication bucket while overlapping; None: Megatron-LM's default,
-    max(40M, 1M x data-parallel size) (small models then have a single bucket)."""
+    """Parameters per data-parallel communication bucket; None: Megatron-LM's default, max(40M, 1M x data-parallel
+    size) with overlap (small models then have a single bucket), one bucket per buffer without."""
     gradient_accumulation_fusion: Optional[bool] = None
     """Weight gradients accumulated straight into the fp32 ``main_grad`` inside the weight-gradient GEMM (Megatron
     ``gradient_accumulation_fusion``: Apex's / TE's ``fused_weight_gradient_mlp_cuda`` kernel). None: on when that
@@ -322,9 +322,11 @@ class TrainConfig:
         p, c = self.parallel, self.checkpoint
         grad = True if p.overlap_grad_reduce is None else p.overlap_grad_reduce
         gather = (p.distributed_optimizer and grad) if p.overlap_param_gather is None else p.overlap_param_gather
-        bucket = None  # one bucket per buffer: nothing to overlap with
-        if grad:
-            bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * data_parallel_size)  # Megatron-LM's default
+        # Megatron-LM's default; without overlap one bucket per buffer (nothing to overlap with) unless set. The
+        # buckets also place the distributed optimizer's shard boundaries, hence the sum order of the grad norm.
+        bucket = p.ddp_bucket_size
+        if bucket is None and grad:
+            bucket = max(40_000_000, 1_000_000 * data_parallel_size)
         fusion = p.gradient_accumulation_fusion
         return RuntimeOptions(
             backend=backend, overlap_grad_reduce=grad, overlap_param_gather=gather, bucket_size=bucket,

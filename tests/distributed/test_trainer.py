@@ -43,15 +43,16 @@ def test_sigterm_saves_and_resume_is_exact(uninterrupted, interrupted):
 def test_overlap_and_async_saves_change_no_loss(tmp, spamlang, uninterrupted, interrupted):
     """DP=2 x TP=2, distributed optimizer, on gloo: the same run without overlapped reduce-scatter / all-gather
     and with synchronous saves, stopped at step 7 and resumed, gives the losses of the overlapped run and of the
-    async-saved resume bit for bit (the same reductions in the same order: buckets only split them)."""
+    async-saved resume bit for bit: the same buckets (so the same optimizer shards and grad-norm sum order), the
+    same reductions, only launched earlier."""
     ckpt = os.path.join(tmp, "ckpt_sync")
     log_dir = os.path.join(tmp, "sync")
     args = (spamlang, ckpt, 7, 12, True, False, False)
     first = mb.launch(tr.train_run, 4, log_dir, *args, timeout=600)[-1]
     second = mb.launch(tr.train_run, 4, log_dir, spamlang, ckpt, None, 12, True, False, False, timeout=600)[-1]
     run = first["options"]
-    assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == ("gloo", False, False,
-                                                                                                False)
+    assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save, run.bucket_size) == (
+        "gloo", False, False, False, 1000)
     on = interrupted["first"]["options"]
     assert (on.overlap_grad_reduce, on.overlap_param_gather, on.async_save, on.bucket_size) == (True, True, True, 1000)
     assert not on.gradient_accumulation_fusion  # no GPU kernel on CPUs

@@ -120,6 +120,8 @@ def test_overlap_and_async_save_defaults_and_refusals():
     run = off.runtime_options("gloo", 2)
     assert (run.overlap_grad_reduce, run.overlap_param_gather, run.bucket_size, run.async_save) == (False, False,
                                                                                                    None, False)
+    assert TrainConfig.from_dict({"parallel": {"overlap_grad_reduce": False, "ddp_bucket_size": 9}}).runtime_options(
+        "gloo", 2).bucket_size == 9
     replicated = TrainConfig.from_dict({"parallel": {"distributed_optimizer": False, "ddp_bucket_size": 1000}})
     run = replicated.runtime_options("gloo", 2)
     assert (run.overlap_grad_reduce, run.overlap_param_gather, run.bucket_size) == (True, False, 1000)
