@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.strategies.async_utils import TemporalAsyncCaller
+from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, TemporalAsyncCaller
 
 from ..base.errors import CheckpointError
 
@@ -143,10 +144,9 @@ def _async_save_api():
     """(extra ``dist_checkpointing.save`` arguments, ``AsyncCallsQueue`` class) of megatron-core's own async
     save: 0.16 has one implementation; 0.19 has ``async_strategy`` "mcore" (used here, the one tested) and
     "nvrx" (nvidia-resiliency-ext, taken only where "mcore" is gone)."""
-    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:  # 0.16
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-        return {}, AsyncCallsQueue
-    from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
+    get_async_strategy = getattr(torch_strategy, "get_async_strategy", None)
+    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters or get_async_strategy is None:
+        return {}, AsyncCallsQueue  # 0.16
     try:
         name, modules = get_async_strategy("mcore")
     except (TypeError, ImportError):
