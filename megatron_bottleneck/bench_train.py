@@ -18,7 +18,11 @@ rank and aggregated:
 On GPUs the hooks synchronise the device so that their times are real (a small cost, for benchmarking only).
 ``head_ranks`` runs one configuration per head rank (``None`` = dense) and returns one row each; ``fp8_recipes``
 (e.g. ``[None, "delayed", "tensorwise"]``) does the same per backbone FP8 recipe (``model.fp8``), rank within recipe,
-so BF16 and FP8 steps are compared in one run.
+so BF16 and FP8 steps are compared in one run. ``overlaps`` (e.g. ``[False, True]``) does the same per setting of
+data-parallel communication overlap (``parallel.overlap_grad_reduce`` and, with the distributed optimizer,
+``parallel.overlap_param_gather``); each row then has ``vs_no_overlap``, its tokens/s over the matching row without
+overlap. With overlap, **grad sync** is the exposed part of the reduce (what ``finalize_model_grads`` still waits
+for) and the parameter all-gather moves from **optimizer** into the forward.
 """
 from __future__ import annotations
 
@@ -163,6 +167,8 @@ def _bench_rank(cfg_dict: Dict, steps: int, warmup: int) -> Dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     out = {"rank": dist.get_rank() if dist.is_initialized() else 0, "world": world, "median_s": med, "mean_s": mean,
+           "overlap_grad_reduce": trainer.options.overlap_grad_reduce,
+           "overlap_param_gather": trainer.options.overlap_param_gather, "backend": trainer.options.backend,
            "tokens_per_s": tokens / med["step"], "peak_gflops": peak, "peak_memory_mib": memory,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     out["mfu"] = model_flops_per_token(cfg) * out["tokens_per_s"] / (world * peak * 1e9)
@@ -175,16 +181,22 @@ def _bench_rank(cfg_dict: Dict, steps: int, warmup: int) -> Dict:
 
 
 def bench_train(config: TrainConfig, steps: int = 10, warmup: int = 2, nproc: Optional[int] = None,
-                head_ranks: Sequence[Optional[int]] = (), fp8_recipes: Sequence[Optional[str]] = ()) -> List[Dict]:
-    """One row per (FP8 recipe, head rank) (or one for the config as it is): per-rank figures and their aggregate.
+                head_ranks: Sequence[Optional[int]] = (), fp8_recipes: Sequence[Optional[str]] = (),
+                overlaps: Sequence[bool] = ()) -> List[Dict]:
+    """One row per (FP8 recipe, head rank, overlap) (or one for the config as it is): per-rank figures and their
+    aggregate.
 
     Every configuration is validated before the first one runs, so a bad rank or recipe fails in one line first."""
     rows, configs = [], []
     for recipe in (fp8_recipes or [config.model.fp8]):
         for rank in (head_ranks or [config.model.head_rank]):
-            d = copy.deepcopy(config.to_dict())
-            d["model"].update(head_rank=rank, fp8=recipe)
-            configs.append(TrainConfig.from_dict(d))  # checks the recipe's name
+            for overlap in (overlaps or [None]):
+                d = copy.deepcopy(config.to_dict())
+                d["model"].update(head_rank=rank, fp8=recipe)
+                if overlap is not None:
+                    d["parallel"].update(overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap) and (
+                        d["parallel"]["distributed_optimizer"]))
+                configs.append(TrainConfig.from_dict(d))  # checks the recipe's name
     for cfg in configs:
         cfg.checkpoint.dir = None
         cfg.train.train_steps = max(cfg.train.train_steps, steps + warmup)
@@ -202,6 +214,10 @@ def bench_train(config: TrainConfig, steps: int = 10, warmup: int = 2, nproc: Op
             per_rank = launch(functools.partial(_bench_rank, cfg.to_dict(), steps, warmup), world,
                               timeout=24 * 3600)[0]
         rows.append(_aggregate(cfg, per_rank))
+    for row in rows:  # tokens/s over the same configuration without overlap
+        base = next((r for r in rows if not r["overlap_grad_reduce"] and not r["overlap_param_gather"]
+                     and (r["head_rank"], r["fp8"]) == (row["head_rank"], row["fp8"])), None)
+        row["vs_no_overlap"] = None if base is None else row["tokens_per_s"] / base["tokens_per_s"]
     return rows
 
 
@@ -209,7 +225,9 @@ def _aggregate(cfg: TrainConfig, per_rank: List[Dict]) -> Dict:
     slowest = max(per_rank, key=lambda r: r["median_s"]["step"])
     mean = slowest["mean_s"]  # shares from means: they add up to the step
     shares = {k: mean[k] / mean["step"] for k in mean if k != "step"}
-    return {"head_rank": cfg.model.head_rank, "fp8": cfg.model.fp8, "world": slowest["world"], "step_s": slowest["median_s"]["step"],
+    return {"head_rank": cfg.model.head_rank, "fp8": cfg.model.fp8, "world": slowest["world"],
+            "overlap_grad_reduce": slowest["overlap_grad_reduce"], "overlap_param_gather": slowest["overlap_param_gather"],
+            "backend": slowest["backend"], "step_s": slowest["median_s"]["step"],
             "tokens_per_s": slowest["tokens_per_s"], "mfu": slowest["mfu"], "shares": shares,
             "peak_gflops_min": min(r["peak_gflops"] for r in per_rank),
             "peak_memory_mib_max": max(r["peak_memory_mib"] for r in per_rank),
@@ -217,12 +235,16 @@ def _aggregate(cfg: TrainConfig, per_rank: List[Dict]) -> Dict:
 
 
 def format_table(rows: List[Dict]) -> str:
-    head = ("| head rank | fp8 | ranks | step (s) | tokens/s | MFU | head+loss | probe | grad sync | optimizer | "
-            "backbone | peak GFLOP/s | peak memory (MiB) |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| head rank | fp8 | ranks | overlap | step (s) | tokens/s | vs no overlap | MFU | head+loss | probe | "
+            "grad sync | optimizer | backbone | peak GFLOP/s | peak memory (MiB) |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         s = r["shares"]
-        lines.append(f"| {r['head_rank'] or 'dense'} | {r.get('fp8') or 'off'} | {r['world']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+        overlap = "+".join(n for n, k in (("grad", "overlap_grad_reduce"), ("param", "overlap_param_gather"))
+                           if r.get(k)) or "off"
+        ratio = f"{r['vs_no_overlap']:.2f}x" if r.get("vs_no_overlap") is not None else "-"
+        lines.append(f"| {r['head_rank'] or 'dense'} | {r.get('fp8') or 'off'} | {r['world']} | {overlap} | "
+                     f"{r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {ratio} | "
                      f"{100 * r['mfu']:.2f}% | {100 * s['head_loss']:.1f}% | {100 * s['probe']:.1f}% | "
                      f"{100 * s['grad_sync']:.1f}% | {100 * s['optimizer']:.1f}% | {100 * s['backbone']:.1f}% | "
                      f"{r['peak_gflops_min']:.1f} | {r['peak_memory_mib_max']:.0f} |")

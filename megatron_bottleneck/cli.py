@@ -15,12 +15,20 @@ import sys
 import time
 import traceback
 
-from .base.errors import BottleneckError, RankFailure, error_messages
+from .base.errors import BottleneckError, ConfigError, RankFailure, error_messages
 from .base.quiet import quiet_megatron_warnings
 
 
 def _floats(text):
     return [float(x) for x in text.split(",") if x]
+
+
+def _overlaps(text):
+    values = {"off": False, "false": False, "on": True, "true": True}
+    bad = [x for x in text.split(",") if x and x not in values]
+    if bad:
+        raise ConfigError(f"--overlap takes off and/or on (e.g. off,on), got {bad[0]!r}")
+    return [values[x] for x in text.split(",") if x]
 
 
 def _ranks(text):
@@ -96,7 +104,8 @@ def cmd_bench_train(a):
     cfg = TrainConfig.load(a.config, a.overrides)
     rows = bench_train(cfg, steps=a.steps, warmup=a.warmup, nproc=a.nproc,
                        head_ranks=_ranks(a.head_ranks) if a.head_ranks else (),
-                       fp8_recipes=[None if x == "none" else x for x in a.fp8.split(",")] if a.fp8 else ())
+                       fp8_recipes=[None if x == "none" else x for x in a.fp8.split(",")] if a.fp8 else (),
+                       overlaps=_overlaps(a.overlap) if a.overlap else ())
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the rows: rank 0 reports
         return
     print(format_table(rows))
@@ -166,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head-ranks", default=None, help="one row per head rank, e.g. dense,256,32")
     s.add_argument("--fp8", default=None, help="one row per backbone FP8 recipe (x head rank), e.g. "
                    "none,delayed,tensorwise (Transformer Engine and a GPU)")
+    s.add_argument("--overlap", default=None, help="one row per data-parallel overlap setting (x head rank), side "
+                   "by side with tokens/s ratios: off,on")
     s.add_argument("--out", default=None, help="write the rows (per rank and aggregated) as JSON here")
     s.set_defaults(fn=cmd_bench_train)
     return p

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
-__all__ = ["forward_backward", "gpt_forward_step", "StepResult"]
+__all__ = ["forward_backward", "gpt_forward_step", "StepResult", "wire_overlap", "sync_params"]
 
 
 def _device() -> torch.device:
@@ -74,6 +75,50 @@ class StepResult:
         return None if host is None or not self._count else host[-1]
 
 
+def _one(fns: List) -> "Callable | List[Callable]":
+    return fns[0] if len(fns) == 1 else fns
+
+
+def wire_overlap(models: "torch.nn.Module | Sequence[torch.nn.Module]") -> None:
+    """Set the model config's hooks that Megatron's schedules call for overlapped data-parallel communication,
+    as Megatron-LM's training loop does, when the Megatron DDP wrappers ask for it: with ``overlap_grad_reduce``,
+    ``no_sync_func`` (buckets count gradients only in the last micro-batch, so each reduce launches when its
+    bucket is complete) and ``grad_sync_func`` (the pipeline schedules launch a chunk's reduce after its last
+    backward); with ``overlap_param_gather`` and ``align_param_gather``, ``param_sync_func`` (the interleaved
+    schedule launches each chunk's all-gather). Hooks the caller set are left alone (hooks this function set for
+    other wrappers of the same config are replaced); no-op for models without Megatron DDP."""
+    chunks = list(models) if isinstance(models, (list, tuple)) else [models]
+    ddp = getattr(chunks[0], "ddp_config", None)
+    if ddp is None:
+        return
+    config = get_model_config(chunks[0])
+    ids = [id(c) for c in chunks]
+    wired = getattr(config, "_mb_overlap_chunks", None)  # the chunks this function wired the config for
+    if wired == ids:
+        return
+    if wired is not None:  # wired for other wrappers of this config: start again
+        config.no_sync_func = config.grad_sync_func = config.param_sync_func = None
+    if ddp.overlap_grad_reduce and config.no_sync_func is None:
+        config.no_sync_func = _one([c.no_sync for c in chunks])
+        if config.grad_sync_func is None:
+            config.grad_sync_func = _one([c.start_grad_sync for c in chunks])
+    if (ddp.use_distributed_optimizer and ddp.overlap_param_gather and getattr(ddp, "align_param_gather", False)
+            and config.param_sync_func is None):
+        config.param_sync_func = _one([c.start_param_sync for c in chunks])
+    config._mb_overlap_chunks = ids
+
+
+def sync_params(models: "torch.nn.Module | Sequence[torch.nn.Module]") -> None:
+    """Finish the distributed optimizer's parameter all-gather now (blocking) when it is overlapped with the
+    next forward (``overlap_param_gather``): after ``optimizer.step()`` the modules hold the new weights only
+    once it has run. Call it before reading weights outside a forward (a checkpoint save, the end of training).
+    No-op otherwise."""
+    for c in (list(models) if isinstance(models, (list, tuple)) else [models]):
+        ddp = getattr(c, "ddp_config", None)
+        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+            c.start_param_sync(force_sync=True)
+
+
 def forward_backward(
     models: "torch.nn.Module | Sequence[torch.nn.Module]",
     batches: Sequence,
@@ -83,6 +128,7 @@ def forward_backward(
     seq_length: Optional[int] = None,
     micro_batch_size: Optional[int] = None,
     finalize: bool = True,
+    param_sync: bool = True,
 ) -> StepResult:
     """One step over ``batches`` (one per micro-batch) through Megatron's pipeline schedule.
 
@@ -90,8 +136,32 @@ def forward_backward(
     grad buffers are zeroed first and, with ``finalize``, ``finalize_model_grads`` runs after (data-parallel
     and layer-norm/SP all-reduces). ``seq_length`` / ``micro_batch_size`` default to the first batch's
     ``tokens`` shape (needed by pipeline communication).
+
+    Megatron DDP overlapping its communication (``overlap_grad_reduce`` / ``overlap_param_gather``) gets the
+    schedule hooks it needs (:func:`wire_overlap`). ``param_sync=False`` runs this step without the overlapped
+    parameter all-gather (no forward pre-hooks, no ``param_sync_func``), as Megatron-LM does for the first step
+    of a run: the weights are already in place then.
     """
     chunks = list(models) if isinstance(models, (list, tuple)) else [models]
+    wire_overlap(chunks)
+    args = (chunks, batches, forward_step, forward_only, seq_length, micro_batch_size, finalize)
+    if param_sync:
+        return _forward_backward(*args)
+    config = get_model_config(chunks[0])
+    held, config.param_sync_func = config.param_sync_func, None
+    unhooked = [m for m in chunks if getattr(m, "use_forward_hook", False) and m.remove_forward_pre_hook_handles]
+    for m in unhooked:
+        m.disable_forward_pre_hook(param_sync=False)
+    try:
+        return _forward_backward(*args)
+    finally:
+        config.param_sync_func = held
+        for m in unhooked:
+            m.enable_forward_pre_hook()
+
+
+def _forward_backward(chunks, batches, forward_step, forward_only, seq_length, micro_batch_size,
+                      finalize) -> StepResult:
     if seq_length is None or micro_batch_size is None:
         shape = batches[0]["tokens"].shape
         micro_batch_size = micro_batch_size or shape[0]

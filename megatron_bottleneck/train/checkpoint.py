@@ -8,7 +8,9 @@ Layout under ``dir``::
     latest                 "iter_0000200", replaced atomically (write-temp-then-os.replace) after the rename
 
 A save writes into ``iter_N.tmp``, all ranks meet at a barrier, rank 0 renames it to ``iter_N`` and then
-points ``latest`` at it, so a crash at any moment leaves the previous checkpoint intact.
+points ``latest`` at it, so a crash at any moment leaves the previous checkpoint intact. An asynchronous save
+(:class:`CheckpointWriter` with ``async_save``) does the same, the rename and ``latest`` in its finalisation,
+once every rank's background write has finished.
 
 Resume (:func:`load_checkpoint`) first compares ``layout.json`` (parallel sizes, optimizer kind and format, the
 model section and precision) with the run's: another model is one :class:`CheckpointError` line naming the
@@ -19,6 +21,8 @@ restored only when the layout is unchanged.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -30,6 +34,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, TemporalAsyncCaller
 
 from ..base.errors import CheckpointError
 
@@ -179,43 +185,134 @@ def start_writer_helpers() -> None:
             signal.signal(s, handler)
 
 
+def _async_save_api():
+    """(extra ``dist_checkpointing.save`` arguments, ``AsyncCallsQueue`` class) of megatron-core's own async
+    save: 0.16 has one implementation; 0.19 has ``async_strategy`` "mcore" (used here, the one tested) and
+    "nvrx" (nvidia-resiliency-ext, taken only where "mcore" is gone)."""
+    get_async_strategy = getattr(torch_strategy, "get_async_strategy", None)
+    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters or get_async_strategy is None:
+        return {}, AsyncCallsQueue  # 0.16
+    try:
+        name, modules = get_async_strategy("mcore")
+    except (TypeError, ImportError):
+        name, modules = get_async_strategy("nvrx")
+    return {"async_strategy": name}, modules["AsyncCallsQueue"]
+
+
+class CheckpointWriter:
+    """Writes checkpoints synchronously or, with ``async_save``, in the background (Megatron's async distributed
+    checkpoint save: a writer process per rank and an ``AsyncCallsQueue``).
+
+    Atomic either way: shards go to ``iter_N.tmp``; only when every rank's writer has finished (the queue agrees
+    on it collectively) does rank 0 rename the folder, replace ``latest`` and prune, inside the request's
+    finalisation. A crash before that leaves ``latest`` and the previous checkpoint as they were.
+
+    Collective methods (``save``, ``finalize``, ``close``) are called by every rank at the same point. The writer
+    process is forked on CPUs (its memory is a snapshot of the state at the save) and, on GPUs, Megatron's
+    persistent worker receives tensors already copied to host memory."""
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = bool(async_save)
+        self._queue = None
+        self._save_kwargs: Dict = {}
+        if self.async_save:
+            self._save_kwargs, queue_class = _async_save_api()
+            # The persistent worker sets a CUDA device in a spawned process; without GPUs Megatron forks one
+            # writer per save instead.
+            self._queue = queue_class(persistent=torch.cuda.is_available())
+
+    @property
+    def pending(self) -> int:
+        """Saves scheduled and not finalised yet (the same count on every rank)."""
+        return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
+
+    def busy(self) -> Optional[bool]:
+        """Whether this rank's writer is still writing the oldest pending save, read locally (no collective):
+        True / False for a forked writer, None when it cannot be told without a collective (the persistent
+        worker) or nothing is pending."""
+        if not self.pending:
+            return None
+        caller = getattr(self._queue.async_calls[0], "async_caller", None)
+        if not isinstance(caller, TemporalAsyncCaller):
+            return None
+        process = caller.process
+        return process is not None and process.is_alive()
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Finalise the saves whose writes are done on every rank (all pending ones with ``blocking``)."""
+        if self.pending:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        """Finish every pending save (blocking) and stop the writer."""
+        if self._queue is not None:
+            self._queue.close()
+
+    def save(self, directory: str, iteration: int, chunks: List, extra: Dict, config=None, keep_last: int = 2,
+             optimizer=None, layout: Optional[Dict] = None) -> str:
+        """Save (or, with ``async_save``, start saving) checkpoint ``iteration``; see :func:`save_checkpoint`.
+        A previous save still pending is finished first."""
+        self.finalize(blocking=True)  # its .tmp folder must not be taken for a stale one
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        final = os.path.join(directory, _name(iteration))
+        tmp = final + ".tmp"
+        if rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            for stale in os.listdir(directory):
+                if stale.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        state = _full_state(chunks, optimizer, is_loading=False, fmt=(layout or {}).get("optimizer_format"))
+        request = None
+        if self.async_save:
+            request = dist_checkpointing.save(state, tmp, async_sharded_save=True, **self._save_kwargs)
+        else:
+            dist_checkpointing.save(state, tmp)
+        torch.save(extra, os.path.join(tmp, f"rank_{rank}.pt"))
+        if rank == 0 and config is not None:
+            config.save(os.path.join(tmp, "config.yaml"))
+        if rank == 0 and layout is not None:
+            with open(os.path.join(tmp, LAYOUT), "w", encoding="utf-8") as f:
+                json.dump(layout, f)
+        if request is None:
+            _barrier()
+            _publish(directory, iteration, keep_last)
+            _barrier()
+        else:
+            # Runs after Megatron's own finalisation (the shards' metadata, then a barrier), on every rank.
+            request.add_finalize_fn(functools.partial(_publish, directory, iteration, keep_last))
+            self._queue.schedule_async_request(request)
+        return final
+
+
+def _publish(directory: str, iteration: int, keep_last: int) -> None:
+    """Rank 0: rename ``iter_N.tmp`` to ``iter_N``, point ``latest`` at it (write-temp-then-replace), prune."""
+    if (dist.get_rank() if dist.is_initialized() else 0) != 0:
+        return
+    final = os.path.join(directory, _name(iteration))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(final + ".tmp", final)
+    pointer = os.path.join(directory, LATEST + ".tmp")
+    with open(pointer, "w", encoding="utf-8") as f:
+        f.write(_name(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, os.path.join(directory, LATEST))
+    _prune(directory, keep_last)
+
+
 def save_checkpoint(directory: str, iteration: int, chunks: List, extra: Dict, config=None,
-                    keep_last: int = 2, optimizer=None, layout: Optional[Dict] = None) -> str:
+                    keep_last: int = 2, optimizer=None, layout: Optional[Dict] = None,
+                    writer: Optional[CheckpointWriter] = None) -> str:
     """Save atomically; ``extra`` is this rank's picklable state (scheduler, RNG, data position);
     ``layout`` (world size, TP/PP/DP sizes, optimizer kind and format, model section: ``Trainer.layout``)
-    is recorded as layout.json and checked by :func:`load_checkpoint`."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final = os.path.join(directory, _name(iteration))
-    tmp = final + ".tmp"
-    if rank == 0:
-        os.makedirs(directory, exist_ok=True)
-        for stale in os.listdir(directory):
-            if stale.endswith(".tmp"):
-                shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    dist_checkpointing.save(_full_state(chunks, optimizer, is_loading=False,
-                                        fmt=(layout or {}).get("optimizer_format")), tmp)
-    torch.save(extra, os.path.join(tmp, f"rank_{rank}.pt"))
-    if rank == 0 and config is not None:
-        config.save(os.path.join(tmp, "config.yaml"))
-    if rank == 0 and layout is not None:
-        with open(os.path.join(tmp, LAYOUT), "w", encoding="utf-8") as f:
-            json.dump(layout, f)
-    _barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = os.path.join(directory, LATEST + ".tmp")
-        with open(pointer, "w", encoding="utf-8") as f:
-            f.write(_name(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer, os.path.join(directory, LATEST))
-        _prune(directory, keep_last)
-    _barrier()
-    return final
+    is recorded as layout.json and checked by :func:`load_checkpoint`.
+    With an async ``writer`` (:class:`CheckpointWriter`) the shards are written in the background and the
+    checkpoint appears under its final name when ``writer`` finalises it."""
+    return (writer or CheckpointWriter()).save(directory, iteration, chunks, extra, config, keep_last,
+                                               optimizer=optimizer, layout=layout)
 
 
 def _prune(directory: str, keep_last: int) -> None:

@@ -69,6 +69,20 @@ class ParallelSection:
     """Shard activations over the sequence inside TP regions (TP > 1 only)."""
     distributed_optimizer: bool = True
     """Megatron's DistributedOptimizer: Adam state and fp32 main weights sharded over data-parallel ranks."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Data-parallel gradient reduce-scatter (all-reduce with the replicated optimizer) in buckets, each launched
+    as soon as its gradients are complete, overlapped with the rest of backward (Megatron DDP
+    ``overlap_grad_reduce``). None: on (NCCL and gloo alike)."""
+    overlap_param_gather: Optional[bool] = None
+    """The distributed optimizer's parameter all-gather overlapped with the next forward, bucket by bucket (Megatron
+    ``overlap_param_gather``); needs ``distributed_optimizer`` and ``overlap_grad_reduce``. None: on when both are."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per data-parallel communication bucket; None: Megatron-LM's default, max(40M, 1M x data-parallel
+    size) with overlap (small models then have a single bucket), one bucket per buffer without."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """Weight gradients accumulated straight into the fp32 ``main_grad`` inside the weight-gradient GEMM (Megatron
+    ``gradient_accumulation_fusion``: Apex's / TE's ``fused_weight_gradient_mlp_cuda`` kernel). None: on when that
+    kernel imports and a GPU is visible, else off (always off on CPUs)."""
 
 
 @dataclass
@@ -158,6 +172,10 @@ class CheckpointSection:
     """How the distributed optimizer's state is saved: fully_reshardable (per parameter, gathered over DP at
     save: resumes at any TP/PP/DP size) or dp_reshardable (each DP rank's shard, no gather: any DP size, the
     same TP/PP sizes)."""
+    async_save: Optional[bool] = None
+    """Write the model and optimizer shards in a background process while training goes on (Megatron's async
+    distributed-checkpoint save); the checkpoint becomes ``latest`` only once every rank's write has finished,
+    and a pending save is finished before the trainer returns. None: on (NCCL and gloo alike)."""
 
 
 @dataclass
@@ -282,6 +300,7 @@ class TrainConfig:
                               f"train.micro_batch_size={t.micro_batch_size}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        self._validate_overlap()
         if self.probe:
             bad = set(self.probe) - {f.name for f in dataclasses.fields(ProbeConfig)}
             if bad:
@@ -289,6 +308,44 @@ class TrainConfig:
                 known = [f.name for f in dataclasses.fields(ProbeConfig)]
                 raise ConfigError(f"unknown key 'probe.{name}'{_suggest(name, known, 'probe.')}")
 
+
+    def _validate_overlap(self) -> None:
+        """parallel.overlap_* / ddp_bucket_size / gradient_accumulation_fusion: what needs no process."""
+        p = self.parallel
+        if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+            raise ConfigError(f"parallel.ddp_bucket_size must be >= 1 (parameters per bucket) or null, got "
+                              f"{p.ddp_bucket_size}")
+        if p.overlap_param_gather and not p.distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true (the "
+                              "replicated optimizer gathers no parameters): set it, or overlap_param_gather=null")
+        if p.overlap_param_gather and p.overlap_grad_reduce is False:
+            raise ConfigError("parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce (Megatron "
+                              "overlaps the all-gather only then): set overlap_grad_reduce=true, or "
+                              "overlap_param_gather=false")
+        if p.gradient_accumulation_fusion and not fused_wgrad_available():
+            raise ConfigError("parallel.gradient_accumulation_fusion=true needs a CUDA GPU and the "
+                              "fused_weight_gradient_mlp_cuda kernel (Apex built with --cuda_ext): install it, or "
+                              "set parallel.gradient_accumulation_fusion=null (on where available)")
+
+    def runtime_options(self, backend: str, data_parallel_size: int) -> "RuntimeOptions":
+        """The overlap / fusion / async-save settings of a run whose process group has ``backend`` ("nccl",
+        "gloo": what ``torch.distributed.get_backend()`` says) and ``data_parallel_size`` ranks per replica
+        group, None fields resolved. Megatron-Core runs every overlap and the async save on gloo as on NCCL
+        (measured: bit-identical losses), so auto means on for both; gradient-accumulation fusion depends on the
+        machine (a GPU and its kernel), not on the backend."""
+        p, c = self.parallel, self.checkpoint
+        grad = True if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+        gather = (p.distributed_optimizer and grad) if p.overlap_param_gather is None else p.overlap_param_gather
+        # Megatron-LM's default; without overlap one bucket per buffer (nothing to overlap with) unless set. The
+        # buckets also place the distributed optimizer's shard boundaries, hence the sum order of the grad norm.
+        bucket = p.ddp_bucket_size
+        if bucket is None and grad:
+            bucket = max(40_000_000, 1_000_000 * data_parallel_size)
+        fusion = p.gradient_accumulation_fusion
+        return RuntimeOptions(
+            backend=backend, overlap_grad_reduce=grad, overlap_param_gather=gather, bucket_size=bucket,
+            gradient_accumulation_fusion=fused_wgrad_available() if fusion is None else fusion,
+            async_save=bool(c.dir) and (True if c.async_save is None else c.async_save))
 
     def check_world(self, world_size: int) -> None:
         """Checks that need no process: the layout against ``world_size`` ranks, batch sizes against the
@@ -330,6 +387,31 @@ class TrainConfig:
             return d.sample == "document"
         prefixes = [p for p in (d.train_prefix, d.valid_prefix) if p]
         return bool(prefixes) and not d.mock and all(spamlang_sequence_tokens(p) is not None for p in prefixes)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What a run uses, from :meth:`TrainConfig.runtime_options` (no None left)."""
+
+    backend: str
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool
+    bucket_size: Optional[int]
+    """Parameters per DDP bucket; None: one bucket per buffer (no overlap)."""
+    gradient_accumulation_fusion: bool
+    async_save: bool
+
+
+def fused_wgrad_available() -> bool:
+    """Whether Megatron's ``gradient_accumulation_fusion`` can run here: a CUDA GPU and the
+    ``fused_weight_gradient_mlp_cuda`` extension (what Megatron's linear layers import for it)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _suggest(name: str, options: List[str], prefix: str = "") -> str:

@@ -1,7 +1,9 @@
 """A lean Megatron-Core trainer: GPTModel (dense or low-rank head), Megatron DDP and Megatron's
 distributed optimizer (AdamW, state sharded over data-parallel ranks), warmup + cosine schedule,
 clipping, micro-batches through Megatron's schedule, validation, the gradient probe, JSONL / TensorBoard /
-console logging, atomic checkpoints and exact resume.
+console logging, atomic checkpoints and exact resume. Data-parallel communication overlaps compute (bucketed
+reduce-scatter during backward, the parameter all-gather during forward) and checkpoints are written in the
+background, by default (``parallel.overlap_*``, ``checkpoint.async_save``).
 
 Runs under ``torchrun`` (NCCL on GPUs, gloo on CPUs) or through :func:`run` (CPU ranks on 127.0.0.1).
 SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step and return.
@@ -31,11 +33,12 @@ from ..heads import FusedLossConfig, LowRankHeadConfig
 from ..integrations.cpu import enable_cpu_mode
 from ..integrations.launch import launch
 from ..integrations.parallel import initialize_parallel
-from ..integrations.schedule import StepResult, forward_backward
+from ..integrations.schedule import StepResult, forward_backward, sync_params
 from ..models import build_gpt_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
-from .checkpoint import PER_RANK, latest_checkpoint, load_checkpoint, save_checkpoint, start_writer_helpers
-from .config import TrainConfig
+from .checkpoint import (PER_RANK, CheckpointWriter, latest_checkpoint, load_checkpoint, save_checkpoint,
+                         start_writer_helpers)
+from .config import TrainConfig, fused_wgrad_available
 
 
 # model fields a resume may change: they do not change the weights' shapes or meaning
@@ -75,6 +78,8 @@ def build_models(cfg: TrainConfig):
         use_cpu_initialization=_cpu_initialization(cfg), init_method_std=m.init_method_std,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        gradient_accumulation_fusion=(fused_wgrad_available() if p.gradient_accumulation_fusion is None
+                                      else p.gradient_accumulation_fusion),
         **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}),
     )
     head = None if m.head_rank is None else LowRankHeadConfig(rank=m.head_rank, init=m.head_init,
@@ -104,21 +109,29 @@ class Trainer:
                             config.parallel.virtual_pipeline_model_parallel_size, seed=config.train.seed)
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
+        # What overlaps and how checkpoints are written, from the process group's backend (NCCL or gloo).
+        self.options = config.runtime_options(dist.get_backend() if dist.is_initialized() else "gloo", self.dp_size)
         t = config.train
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.tcfg, chunks = build_models(config)
         bf16 = _precision(config) == "bf16"
         dist_opt = config.parallel.distributed_optimizer
-        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=dist_opt)
+        run = self.options
+        ddp = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, bucket_size=run.bucket_size,
+            overlap_grad_reduce=run.overlap_grad_reduce, overlap_param_gather=run.overlap_param_gather,
+            # all-gathers launched by the interleaved schedule, chunk by chunk (Megatron-LM's default with VPP)
+            align_param_gather=run.overlap_param_gather and len(chunks) > 1)
+        # Bucketing only for the first chunk: the others' communication overlaps compute anyway (Megatron-LM).
         self.models = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp, module=c,
                                                disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        self._param_sync_ready = False  # Megatron-LM runs the first step without the overlapped all-gather
         o = config.optim
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                             clip_grad=o.clip_grad, bf16=bf16, params_dtype=self.tcfg.params_dtype,
-                            use_distributed_optimizer=dist_opt),
+                            use_distributed_optimizer=dist_opt, overlap_param_gather=run.overlap_param_gather),
             self.models)
         steps = t.train_steps
         self.scheduler = OptimizerParamScheduler(
@@ -143,6 +156,7 @@ class Trainer:
                                         config.logging.wandb_project)
             config.save(os.path.join(config.logging.dir, "config.yaml"))
         self._data()
+        self.writer = CheckpointWriter(async_save=run.async_save)
         if config.checkpoint.dir:
             start_writer_helpers()  # before any preemption signal can arrive
         ckpt = latest_checkpoint(config.checkpoint.dir) if config.checkpoint.resume else None
@@ -174,7 +188,8 @@ class Trainer:
         """One global batch (this rank's micro-batches) through Megatron's schedule; gradients reduced."""
         return forward_backward(self.models, batches, forward_only=forward_only,
                                 seq_length=self.cfg.model.seq_length,
-                                micro_batch_size=self.cfg.train.micro_batch_size)
+                                micro_batch_size=self.cfg.train.micro_batch_size,
+                                param_sync=forward_only or self._param_sync_ready)
 
     def _train_step(self, stream) -> Dict:
         for m in self.models:
@@ -188,6 +203,7 @@ class Trainer:
         if self.probe is not None:
             self.probe.end_step()
         _ok, grad_norm, _ = self.optimizer.step()
+        self._param_sync_ready = True  # from now on the next forward gathers what the step updated
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed += self.cfg.train.global_batch_size
@@ -221,8 +237,10 @@ class Trainer:
         c = self.cfg.checkpoint
         if not c.dir:
             return None
+        sync_params(self.models)  # the modules hold the last step's weights only after the all-gather
         return save_checkpoint(c.dir, self.iteration, [m.module for m in self.models], self._extra_state(),
-                               self.cfg, c.keep_last, optimizer=self.optimizer, layout=self.layout())
+                               self.cfg, c.keep_last, optimizer=self.optimizer, layout=self.layout(),
+                               writer=self.writer)
 
     def layout(self) -> Dict:
         """What layout.json records and a resume checks (``checkpoint.check_layout``): world size, the parallel
@@ -263,6 +281,7 @@ class Trainer:
         stream = self.batches("train", self.consumed)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         history, t0 = [], time.perf_counter()
+        finished = False
         try:
             while self.iteration < t.train_steps:
                 rec = self._train_step(stream)
@@ -286,7 +305,11 @@ class Trainer:
                         print(f"received signal {self.stop.signal}: saved at step {self.iteration}, exiting",
                               flush=True)
                     break
+            sync_params(self.models)  # leave the modules holding the final weights
+            finished = True
         finally:
+            if finished:  # a pending async save becomes the latest checkpoint before we return
+                self.writer.close()
             for s, h in previous.items():
                 signal.signal(s, h)
             if self.logger is not None:
@@ -296,12 +319,21 @@ class Trainer:
         return {"iteration": self.iteration, "history": history, "stopped_by_signal": self.stop.signal}
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
+        """Whether any rank got a stop signal; in the same all-reduce, whether every rank's background
+        checkpoint writer is done (then the pending save is finalised: renamed, made ``latest``)."""
+        busy = self.writer.busy()
+        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0, 1.0 if busy else 0.0])
         if dist.is_initialized():
             if torch.cuda.is_available():
                 flag = flag.cuda()
             dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        stop, writing = flag.tolist()
+        if self.writer.pending:
+            # busy is None (the same on every rank) when the writer cannot be polled locally: Megatron's check,
+            # a collective; otherwise finalise once no rank is writing any more.
+            if busy is None or writing == 0:
+                self.writer.finalize(blocking=busy is not None)
+        return stop > 0
 
     def _log(self, rec: Dict) -> None:
         if not self.is_logger:

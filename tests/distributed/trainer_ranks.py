@@ -12,7 +12,9 @@ from megatron_bottleneck.train import Trainer, TrainConfig
 def config(log_dir, data, ckpt=None, steps=12, **sections):
     d = {
         "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8, "head_rank": 8},
-        "parallel": {"tensor_model_parallel_size": 2},
+        # ~1000-parameter buckets: several buckets per rank, so the overlapped reduce / all-gather (on by default)
+        # really runs bucket by bucket
+        "parallel": {"tensor_model_parallel_size": 2, "ddp_bucket_size": 1000},
         "train": {"train_steps": steps, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 4,
                   "log_interval": 4},
         "optim": {"lr": 1e-2, "warmup_steps": 2},
@@ -58,13 +60,18 @@ class RecordingTrainer(Trainer):
 
 
 def train_run(log_dir: str, data: Dict, ckpt: Optional[str] = None, stop_at: Optional[int] = None,
-              steps: int = 12, distributed_optimizer: bool = True, tp: int = 2, probe: Optional[Dict] = None) -> Dict:
+              steps: int = 12, distributed_optimizer: bool = True, tp: int = 2, probe: Optional[Dict] = None,
+              overlap: Optional[bool] = None, async_save: Optional[bool] = None) -> Dict:
     """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``.
-    ``samples``: per step, this rank's training tokens ``[global_batch / dp, s]``, with ``dp_rank``/``tp_rank``."""
+    ``samples``: per step, this rank's training tokens ``[global_batch / dp, s]``, with ``dp_rank``/``tp_rank``.
+    ``overlap`` sets both overlaps (grad reduce, and param gather with the distributed optimizer); None: auto."""
     from megatron.core import parallel_state as ps
 
-    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, probe=probe or {},
-                 parallel={"distributed_optimizer": distributed_optimizer, "tensor_model_parallel_size": tp})
+    par = {"distributed_optimizer": distributed_optimizer, "tensor_model_parallel_size": tp}
+    if overlap is not None:
+        par.update(overlap_grad_reduce=overlap, overlap_param_gather=overlap and distributed_optimizer)
+    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, probe=probe or {}, parallel=par,
+                 checkpoint={"async_save": async_save})
     trainer = RecordingTrainer(cfg, on_step=None if stop_at is None else sigterm_at(stop_at))
     out = trainer.train()
     numel = adam_state_numel(trainer)
@@ -76,7 +83,8 @@ def train_run(log_dir: str, data: Dict, ckpt: Optional[str] = None, stop_at: Opt
             "iteration": out["iteration"], "numel": numel, "samples": samples, "dp_rank": trainer.dp_rank,
             "tp_rank": ps.get_tensor_model_parallel_rank(),
             "probe_rank": [{k: v for k, v in h.items() if k.startswith(("numerical_rank", "effective_rank"))}
-                           | {"step": h["step"]} for h in trainer.probe.history if "numerical_rank" in h]}
+                           | {"step": h["step"]} for h in trainer.probe.history if "numerical_rank" in h],
+            "options": trainer.options}
 
 
 def global_samples(results) -> List[torch.Tensor]:

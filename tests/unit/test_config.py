@@ -103,3 +103,42 @@ def test_backbone_fp8_is_checked_before_anything_runs(capsys):
     assert main(["bench-train", "examples/cpu_demo.yaml", "model.hidden_size=64", "--fp8", "none,delayed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model.fp8=delayed needs NVIDIA Transformer Engine"), err
+
+
+def test_overlap_and_async_save_defaults_and_refusals():
+    """parallel.overlap_* / ddp_bucket_size / gradient_accumulation_fusion and checkpoint.async_save: null resolves
+    per backend at run time (on for NCCL and gloo: Megatron-Core runs both overlaps and the async save on gloo);
+    what cannot work is refused in one line naming the field."""
+    cfg = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt"}})
+    for backend in ("nccl", "gloo"):
+        run = cfg.runtime_options(backend, 2)
+        assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == (backend, True,
+                                                                                                    True, True)
+        assert run.bucket_size == 40_000_000  # Megatron-LM's default, max(40M, 1M x DP)
+    assert cfg.runtime_options("nccl", 64).bucket_size == 64_000_000
+    off = TrainConfig.from_dict({"parallel": {"overlap_grad_reduce": False, "distributed_optimizer": False}})
+    run = off.runtime_options("gloo", 2)
+    assert (run.overlap_grad_reduce, run.overlap_param_gather, run.bucket_size, run.async_save) == (False, False,
+                                                                                                   None, False)
+    assert TrainConfig.from_dict({"parallel": {"overlap_grad_reduce": False, "ddp_bucket_size": 9}}).runtime_options(
+        "gloo", 2).bucket_size == 9
+    replicated = TrainConfig.from_dict({"parallel": {"distributed_optimizer": False, "ddp_bucket_size": 1000}})
+    run = replicated.runtime_options("gloo", 2)
+    assert (run.overlap_grad_reduce, run.overlap_param_gather, run.bucket_size) == (True, False, 1000)
+    refused = {
+        "parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true": {
+            "parallel": {"overlap_param_gather": True, "distributed_optimizer": False}},
+        "parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce": {
+            "parallel": {"overlap_param_gather": True, "overlap_grad_reduce": False}},
+        "parallel.ddp_bucket_size must be >= 1": {"parallel": {"ddp_bucket_size": 0}},
+        "checkpoint.async_save must be bool": {"checkpoint": {"async_save": "yes"}},
+    }
+    import torch
+    if not torch.cuda.is_available():
+        refused["parallel.gradient_accumulation_fusion=true needs a CUDA GPU and the fused_weight_gradient_mlp_cuda"
+                ] = {"parallel": {"gradient_accumulation_fusion": True}}
+        assert not TrainConfig().runtime_options("gloo", 1).gradient_accumulation_fusion
+    for start, d in refused.items():
+        with pytest.raises(ConfigError) as e:
+            TrainConfig.from_dict(d)
+        assert str(e.value).startswith(start) and "\n" not in str(e.value), str(e.value)
