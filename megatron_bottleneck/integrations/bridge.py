@@ -14,8 +14,9 @@ pre-wrap hooks: ``config.model.register_pre_wrap_hook(mb.low_rank_head_hook(rank
 state-first detection working), not ``probe.integrations.wrap_forward_step``.
 
 Installing Bridge 0.6.2 without Transformer Engine (CPU; README "Megatron-Bridge"): ``pip install --no-deps
-megatron-bridge==0.6.2`` and its pure-Python dependencies, with ``nvidia-resiliency-ext>=0.7`` (0.4.1 has no
-``__version__``, which breaks ``import megatron.core``). :func:`prepare_bridge_import` then makes
+megatron-bridge==0.6.2`` and its pure-Python dependencies (``nvidia-resiliency-ext`` resolves to 0.4.1 on Python
+3.12, which has no ``__version__`` and breaks ``import megatron.core``: see :func:`mark_old_nvrx_absent`).
+:func:`prepare_bridge_import` then makes
 ``import megatron.bridge`` work without TE: :func:`megatron_bottleneck.enable_cpu_mode` calls it (before applying
 its Bridge patches, :mod:`.bridge_cpu`) and so does ``ProbeCallback``; otherwise call it before importing Bridge.
 """
@@ -28,7 +29,7 @@ import sys
 import types
 from typing import Any
 
-__all__ = ["ProbeCallback", "make_probe_callback_class", "prepare_bridge_import"]
+__all__ = ["ProbeCallback", "make_probe_callback_class", "prepare_bridge_import", "mark_old_nvrx_absent"]
 
 _CLASS = None
 _NVRX_ASYNC = "nvidia_resiliency_ext.checkpointing.async_ckpt.core"
@@ -67,18 +68,25 @@ def _old_nvrx() -> bool:
     return Version(version) < Version("0.7")
 
 
+def mark_old_nvrx_absent() -> None:
+    """With nvidia-resiliency-ext < 0.7 installed (0.4.1 is what Bridge's requirements bring on Python 3.12), mark
+    its async-checkpoint module absent, as megatron-core expects of a missing one: 0.4.1 has no ``__version__``,
+    and megatron-core reading it breaks ``import megatron.core``. Needed before megatron-core is first imported;
+    ``megatron_bottleneck.integrations`` calls it on import."""
+    if _NVRX_ASYNC not in sys.modules and _old_nvrx():
+        sys.modules[_NVRX_ASYNC] = None
+
+
 def prepare_bridge_import() -> None:
     """Make ``import megatron.bridge`` (0.6.2) work without Transformer Engine; idempotent, a no-op with TE.
 
     * Bridge's ``peft/lora_layers.py`` imports ``transformer_engine.pytorch`` unconditionally (for LoRA's TE
       paths only): when TE is not installed, a stand-in module is present *only while Bridge imports* (after
       megatron-core's TE checks have run), then removed, so ``import transformer_engine`` still fails afterwards.
-    * nvidia-resiliency-ext older than 0.7 (no ``__version__``): its async-checkpoint module is marked absent, as
-      megatron-core expects of a missing one. This helps only before megatron-core is first imported; install
-      ``nvidia-resiliency-ext>=0.7`` instead.
+    * nvidia-resiliency-ext older than 0.7 (no ``__version__``): :func:`mark_old_nvrx_absent` (effective only
+      before megatron-core is first imported).
     """
-    if _old_nvrx() and _NVRX_ASYNC not in sys.modules:
-        sys.modules[_NVRX_ASYNC] = None
+    mark_old_nvrx_absent()
     if "megatron.bridge.peft.lora_layers" in sys.modules or importlib.util.find_spec("transformer_engine"):
         return
     for name in ("megatron.core", "megatron.core.tensor_parallel", "megatron.core.transformer",

@@ -6,6 +6,7 @@ when Megatron-Bridge is not installed.
 """
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +27,6 @@ def _config(tp: int, tied: bool, log_dir: str):
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
     import torch
 
-    import megatron_bottleneck as mb
-
     model = GPTModelProvider(
         num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, seq_length=32,
         vocab_size=VOCAB, should_pad_vocab=True, make_vocab_size_divisible_by=128,
@@ -36,8 +35,6 @@ def _config(tp: int, tied: bool, log_dir: str):
         bf16=False, fp16=False, params_dtype=torch.float32, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False)
-    model.register_pre_wrap_hook(mb.low_rank_head_hook(RANK))
-    model.register_pre_wrap_hook(mb.fused_loss_hook())  # turns Bridge's cross_entropy_loss_fusion off, one line
     return ConfigContainer(
         model=model,
         train=TrainingConfig(train_iters=ITERS, micro_batch_size=2, global_batch_size=2),
@@ -56,14 +53,16 @@ def _config(tp: int, tied: bool, log_dir: str):
     )
 
 
-def _pretrain(tp: int, tied: bool, log_dir: str):
-    """One rank of Bridge's pretrain(): (first-step losses, probe history)."""
-    from megatron.bridge.training.callbacks import Callback
-    from megatron.bridge.training.gpt_step import forward_step
-    from megatron.bridge.training.pretrain import pretrain
+def readme_bridge_example() -> str:
+    """The README's Bridge code block (the one after ``<!-- bridge-example -->``)."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- bridge-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    return block
 
-    import megatron_bottleneck as mb
-    from megatron_bottleneck.integrations.bridge import ProbeCallback
+
+def _pretrain(tp: int, tied: bool, log_dir: str):
+    """One rank of Bridge's pretrain() through the README example: (per-step losses, probe history)."""
+    from megatron.bridge.training.callbacks import Callback
 
     losses = []
 
@@ -71,9 +70,10 @@ def _pretrain(tp: int, tied: bool, log_dir: str):
         def on_train_step_end(self, context):
             losses.append({k: float(v) for k, v in (context.loss_dict or {}).items()})
 
-    probe = mb.GradientProbe(mb.ProbeConfig(interval=1, log_dir=None, tensorboard=False))
-    pretrain(_config(tp, tied, log_dir), forward_step, callbacks=[ProbeCallback(probe), Losses()])
-    return losses, probe.history
+    example: dict = {}
+    exec(compile(readme_bridge_example(), "README.md:bridge-example", "exec"), example)
+    history = example["bridge_pretrain"](_config(tp, tied, log_dir), [Losses()])
+    return losses, history
 
 
 def test_bridge_pretrain_tp1_equals_tp2_with_low_rank_fused_head_and_probe(tmp_path):
