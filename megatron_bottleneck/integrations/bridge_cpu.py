@@ -14,7 +14,8 @@ from typing import List
 
 import torch
 
-from .megatron_training_cpu import _helpers_cpp_importable, _no_cuda, _one_fake_device, _under_on_cpu, _wrapping
+from .megatron_training_cpu import (_helpers_cpp_importable, _no_cuda, _null_streams, _one_fake_device, _under_on_cpu,
+                                    _wrapping)
 from .patching import Patch
 
 __all__ = ["bridge_patches"]
@@ -77,7 +78,13 @@ def bridge_patches() -> List[Patch]:
         "provide_distributed_model() (as pretrain calls it) resets the provider's use_cpu_initialization to "
         "False, so TP ranks draw their own shards: on CPU the provider's own setting is kept"))
 
-    # 6. GPTModelProvider's default layer spec is Transformer Engine's whatever is installed (TE needs CUDA).
+    # 6. get_model's DDP wrapping (megatron.training's _ddp_wrap, imported by name) creates a torch.cuda.Stream.
+    patches.append(Patch(
+        "megatron.bridge.models.model_provider", "_ddp_wrap", _under_on_cpu(_null_streams),
+        "_ddp_wrap() (as Bridge's get_model imported it) creates torch.cuda.Stream() around DDP wrapping "
+        "(no-op stream on CPU)"))
+
+    # 7. GPTModelProvider's default layer spec is Transformer Engine's whatever is installed (TE needs CUDA).
     def make_spec(original):
         def transformer_engine_layer_spec(config):
             if _no_cuda() and importlib.util.find_spec("transformer_engine") is None:

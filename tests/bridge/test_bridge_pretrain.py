@@ -39,7 +39,7 @@ def _config(tp: int, tied: bool, log_dir: str):
         model=model,
         train=TrainingConfig(train_iters=ITERS, micro_batch_size=2, global_batch_size=2),
         validation=ValidationConfig(eval_iters=0, eval_interval=1000),
-        optimizer=OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False, fp16=False, use_distributed_optimizer=False,
+        optimizer=OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=0.0, bf16=False, fp16=False, use_distributed_optimizer=False,
                                   clip_grad=1.0),
         scheduler=SchedulerConfig(lr_decay_style="constant", lr_warmup_iters=0),
         dataset=MockGPTDatasetConfig(seq_length=32, random_seed=1234, reset_attention_mask=False,
