@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
 
 VOCAB = 500  # padded to 512 for the model (TP=1 and TP=2 alike); the probe uses 500
 RANK = 16
-ITERS = 3
+ITERS = 2
 
 
 def _config(tp: int, tied: bool, log_dir: str):
