@@ -68,6 +68,14 @@ def _old_nvrx() -> bool:
     return Version(version) < Version("0.7")
 
 
+def _findable(name: str) -> bool:
+    """Whether ``name`` is installed (a module put into ``sys.modules`` by hand, with no spec, counts as not)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def mark_old_nvrx_absent() -> None:
     """With nvidia-resiliency-ext < 0.7 installed (0.4.1 is what Bridge's requirements bring on Python 3.12), mark
     its async-checkpoint module absent, as megatron-core expects of a missing one: 0.4.1 has no ``__version__``,
@@ -87,7 +95,7 @@ def prepare_bridge_import() -> None:
       before megatron-core is first imported).
     """
     mark_old_nvrx_absent()
-    if "megatron.bridge.peft.lora_layers" in sys.modules or importlib.util.find_spec("transformer_engine"):
+    if "megatron.bridge.peft.lora_layers" in sys.modules or _findable("transformer_engine"):
         return
     for name in ("megatron.core", "megatron.core.tensor_parallel", "megatron.core.transformer",
                  "megatron.core.models.gpt", "megatron.core.extensions"):
@@ -114,7 +122,7 @@ def make_probe_callback_class():
     if _CLASS is not None:
         return _CLASS
     try:
-        if importlib.util.find_spec("megatron.bridge") is not None:
+        if _findable("megatron.bridge"):
             prepare_bridge_import()
         from megatron.bridge.training.callbacks import Callback
     except ImportError as exc:

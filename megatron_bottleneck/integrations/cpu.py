@@ -231,7 +231,7 @@ def _active_patches() -> List[Patch]:
         try:
             if importlib.util.find_spec(package) is None:
                 continue
-        except ImportError:  # its parent package is absent
+        except (ImportError, ValueError):  # its parent package is absent (or a module without a spec)
             continue
         if prepare is not None:
             prepare()
