@@ -29,6 +29,8 @@ import sys
 import types
 from typing import Any
 
+from packaging.version import Version
+
 __all__ = ["ProbeCallback", "make_probe_callback_class", "prepare_bridge_import", "mark_old_nvrx_absent"]
 
 _CLASS = None
@@ -63,8 +65,6 @@ def _old_nvrx() -> bool:
         version = importlib.metadata.version("nvidia-resiliency-ext")
     except importlib.metadata.PackageNotFoundError:
         return False
-    from packaging.version import Version
-
     return Version(version) < Version("0.7")
 
 

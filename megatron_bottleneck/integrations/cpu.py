@@ -46,6 +46,8 @@ from megatron.core.pipeline_parallel import p2p_communication
 from torch.overrides import TorchFunctionMode
 
 from ..base.errors import CpuModeError
+from ..models.llama import SequenceParallelNorm
+from .bridge import prepare_bridge_import
 from .bridge_cpu import bridge_patches
 from .megatron_training_cpu import training_patches
 from .patching import Patch
@@ -140,8 +142,6 @@ def _sequence_parallel_norm(original):
         if getattr(config, "sequence_parallel", False) and getattr(config, "normalization", "LayerNorm") in (
                 "LayerNorm", "RMSNorm") and not getattr(config, "persist_layer_norm", False) and not getattr(
                 config, "memory_efficient_layer_norm", False):
-            from ..models.llama import SequenceParallelNorm
-
             return SequenceParallelNorm(config, hidden_size, eps=eps)
         return original(cls, config, hidden_size, eps, *args, **kwargs)
 
@@ -176,15 +176,9 @@ CORE_PATCHES: Tuple[Patch, ...] = (
           "the local spec's torch norm refuses sequence parallelism (its SP norms need apex / TE)"),
 )
 
-def _prepare_bridge() -> None:
-    from .bridge import prepare_bridge_import
-
-    prepare_bridge_import()
-
-
 # name -> (package that must be findable for the set to apply, () -> patches, () -> None run before importing it)
 _PATCH_SETS: dict = {"megatron-lm": ("megatron.training", training_patches, None),
-                     "megatron-bridge": ("megatron.bridge", bridge_patches, _prepare_bridge)}
+                     "megatron-bridge": ("megatron.bridge", bridge_patches, prepare_bridge_import)}
 
 
 def register_patch_set(name: str, package: str, patches: Callable[[], List[Patch]],
