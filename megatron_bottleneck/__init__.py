@@ -31,7 +31,7 @@ _LAZY = {
     # heads and models
     "LowRankOutputLayer": "heads.low_rank", "LowRankHeadConfig": "heads.install",
     "install_low_rank_head": "heads.install", "low_rank_head_hook": "heads.install",
-    "enable_fused_loss": "heads.fused", "disable_fused_loss": "heads.fused", "FusedLossConfig": "heads.contract",
+    "enable_fused_loss": "heads.fused", "disable_fused_loss": "heads.fused", "fused_loss_hook": "heads.fused", "FusedLossConfig": "heads.contract",
     "DenseOutputLayer": "heads.fused", "as_lm_head": "heads.fused",
     "build_gpt_model": "models.gpt", "padded_vocab_size": "models.gpt",
     "SequenceParallelNorm": "models.llama", "llama_block_spec": "models.llama", "llama_config": "models.llama",
@@ -66,7 +66,8 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .base.head import HeadView, LMHead, find_head  # noqa: F401
     from .base.loss import FusedLossRecord, HeadLossStats, LossRequest  # noqa: F401
     from .heads.contract import FusedLossConfig  # noqa: F401
-    from .heads.fused import DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss  # noqa: F401
+    from .heads.fused import (DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss,  # noqa: F401
+                              fused_loss_hook)
     from .base.sinks import MetricsLogger, read_jsonl  # noqa: F401
     from .heads.install import LowRankHeadConfig, install_low_rank_head, low_rank_head_hook  # noqa: F401
     from .heads.low_rank import LowRankOutputLayer  # noqa: F401

@@ -27,7 +27,8 @@ gradient probe); the head knows nothing of who reads it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import logging
+from typing import Callable, Dict, List, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
@@ -39,7 +40,9 @@ from ..base.loss import HeadLossStats
 from .contract import FusedHeadMixin, FusedLossConfig, LossContext, tp_region_input
 
 __all__ = ["FusedLossConfig", "DenseOutputLayer", "FusedLossModel", "as_lm_head", "fused_model_class",
-           "enable_fused_loss", "disable_fused_loss", "head_loss", "is_fused"]
+           "enable_fused_loss", "disable_fused_loss", "fused_loss_hook", "head_loss", "is_fused"]
+
+log = logging.getLogger("megatron_bottleneck")
 
 _UNFUSED_FLAGS = ("cross_entropy_loss_fusion", "use_fused_lce", "use_fused_linear_cross_entropy")
 
@@ -179,6 +182,31 @@ def enable_fused_loss(model, config: Optional[FusedLossConfig] = None):
         inner.__class__ = fused_model_class(type(inner))
         inner.fused_loss_config = config
     return model
+
+
+def fused_loss_hook(config: Optional[FusedLossConfig] = None) -> Callable[[List], List]:
+    """A pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]`` making every chunk that holds the head
+    compute its loss fused with it (:func:`enable_fused_loss`), e.g. Megatron-Bridge's
+    ``config.model.register_pre_wrap_hook(mb.fused_loss_hook())`` after ``mb.low_rank_head_hook(r)``.
+
+    Megatron's own fused cross-entropy (``cross_entropy_loss_fusion``, on by default in Megatron-Bridge) is
+    turned off on the model's config with one warning line, since the fused head loss replaces it; the other
+    refusals of :func:`check_fusable` stand."""
+
+    def hook(models: List) -> List:
+        for chunk in models:
+            inner = _language_module(chunk)
+            model_config = getattr(inner, "config", None)
+            if find_head(chunk) is None or model_config is None:
+                continue
+            if getattr(model_config, "cross_entropy_loss_fusion", False):
+                model_config.cross_entropy_loss_fusion = False
+                log.warning("megatron-bottleneck: cross_entropy_loss_fusion=True turned off: the fused head loss "
+                            "replaces Megatron's fused cross-entropy (set it False yourself to silence this).")
+        enable_fused_loss(models, config)
+        return models
+
+    return hook
 
 
 def disable_fused_loss(model) -> None:

@@ -5,31 +5,115 @@
 
 ``on_train_start`` attaches the probe to ``context.model`` (the DDP-wrapped chunks) and sets
 ``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_step_end``
-finishes the step's figures (``probe.end_step()``); ``on_train_end`` detaches it. Bridge is imported only when the class is first requested, so importing this module
-does not need Bridge. For the low-rank head use Bridge's pre-wrap hooks with
-``megatron_bottleneck.heads.install.low_rank_head_hook(rank)``. For the forward step use
+finishes the step's figures (``probe.end_step()``); ``on_train_end`` detaches it. The probe's vocabulary is the
+provider's ``vocab_size`` (the tokenizer's, not the padded one). Bridge is imported only when the class is first
+requested, so importing this module does not need Bridge. For the low-rank head and the fused loss use Bridge's
+pre-wrap hooks: ``config.model.register_pre_wrap_hook(mb.low_rank_head_hook(rank))`` and
+``config.model.register_pre_wrap_hook(mb.fused_loss_hook())``. For the forward step use
 :func:`megatron_bottleneck.integrations.forward_step.wrap_forward_step` (it keeps Bridge's
 state-first detection working), not ``probe.integrations.wrap_forward_step``.
 
-Installing Bridge 0.6.2 on CPU (Python 3.12, torch 2.14.1, megatron-core 0.19.2; measured 2026-11-30):
-``pip install --no-deps megatron-bridge==0.6.2``; then ``transformers>=5.8,<=5.12.1 omegaconf einops``
-and ``datasets`` with their dependencies; ``nvidia-resiliency-ext megatron-energon nvidia-modelopt``
-with ``--no-deps`` (they require torch) plus their non-torch requirements (braceexpand filetype
-mfusepy multi-storage-client pillow rapidyaml s3fs webdataset nvidia-ml-py pulp rich scipy
-defusedxml psutil pynvml ninja). ``import megatron.bridge`` then needs two stand-ins: a stub
-``transformer_engine.pytorch`` (``peft/lora_layers.py`` imports it unconditionally; installed after
-megatron-core has been imported, with ``__version__ = "0.0.0"``, since a model module calls
-``is_te_min_version`` at import) and ``nvidia_resiliency_ext.checkpointing.async_ckpt.core`` marked
-absent (nvrx 0.4.1 has no ``__version__``; megatron-core then asserts >= 0.6.0). See
-``tests/distributed/bridge_import_check.py``.
+Installing Bridge 0.6.2 without Transformer Engine (CPU; README "Megatron-Bridge"): ``pip install --no-deps
+megatron-bridge==0.6.2`` and its pure-Python dependencies (``nvidia-resiliency-ext`` resolves to 0.4.1 on Python
+3.12, which has no ``__version__`` and breaks ``import megatron.core``: see :func:`mark_old_nvrx_absent`).
+:func:`prepare_bridge_import` then makes
+``import megatron.bridge`` work without TE: :func:`megatron_bottleneck.enable_cpu_mode` calls it (before applying
+its Bridge patches, :mod:`.bridge_cpu`) and so does ``ProbeCallback``; otherwise call it before importing Bridge.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+import types
 from typing import Any
 
-__all__ = ["ProbeCallback", "make_probe_callback_class"]
+from packaging.version import Version
+
+__all__ = ["ProbeCallback", "make_probe_callback_class", "prepare_bridge_import", "mark_old_nvrx_absent"]
 
 _CLASS = None
+_NVRX_ASYNC = "nvidia_resiliency_ext.checkpointing.async_ckpt.core"
+
+
+class _AnyClass(type):
+    """Stands in for any Transformer Engine class: attributes are further stand-ins, nothing is an instance."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _AnyClass(name, (), {})
+
+
+def _te_stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _AnyClass(attr, (), {})
+
+    module.__getattr__ = __getattr__
+    module.__version__ = "0.0.0"
+    return module
+
+
+def _old_nvrx() -> bool:
+    """nvidia-resiliency-ext < 0.7 (0.4.1 has no ``__version__``, which megatron-core's async checkpointing reads)."""
+    try:
+        version = importlib.metadata.version("nvidia-resiliency-ext")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return Version(version) < Version("0.7")
+
+
+def _findable(name: str) -> bool:
+    """Whether ``name`` is installed (a module put into ``sys.modules`` by hand, with no spec, counts as not)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def mark_old_nvrx_absent() -> None:
+    """With nvidia-resiliency-ext < 0.7 installed (0.4.1 is what Bridge's requirements bring on Python 3.12), mark
+    its async-checkpoint module absent, as megatron-core expects of a missing one: 0.4.1 has no ``__version__``,
+    and megatron-core reading it breaks ``import megatron.core``. Needed before megatron-core is first imported;
+    ``megatron_bottleneck.integrations`` calls it on import."""
+    if _NVRX_ASYNC not in sys.modules and _old_nvrx():
+        sys.modules[_NVRX_ASYNC] = None
+
+
+def prepare_bridge_import() -> None:
+    """Make ``import megatron.bridge`` (0.6.2) work without Transformer Engine; idempotent, a no-op with TE.
+
+    * Bridge's ``peft/lora_layers.py`` imports ``transformer_engine.pytorch`` unconditionally (for LoRA's TE
+      paths only): when TE is not installed, a stand-in module is present *only while Bridge imports* (after
+      megatron-core's TE checks have run), then removed, so ``import transformer_engine`` still fails afterwards.
+    * nvidia-resiliency-ext older than 0.7 (no ``__version__``): :func:`mark_old_nvrx_absent` (effective only
+      before megatron-core is first imported).
+    """
+    mark_old_nvrx_absent()
+    if "megatron.bridge.peft.lora_layers" in sys.modules or _findable("transformer_engine"):
+        return
+    for name in ("megatron.core", "megatron.core.tensor_parallel", "megatron.core.transformer",
+                 "megatron.core.models.gpt", "megatron.core.extensions"):
+        try:  # megatron-core decides "no Transformer Engine" before the stand-in exists
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    te, te_pytorch = _te_stand_in("transformer_engine"), _te_stand_in("transformer_engine.pytorch")
+    te.pytorch = te_pytorch
+    sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"] = te, te_pytorch
+    try:
+        importlib.import_module("megatron.bridge")
+        importlib.import_module("megatron.bridge.peft.lora_layers")
+        importlib.import_module("megatron.bridge.training.pretrain")
+    finally:
+        for name in [n for n in sys.modules if n == "transformer_engine" or n.startswith("transformer_engine.")]:
+            if isinstance(sys.modules[name], types.ModuleType) and getattr(sys.modules[name], "__file__", None) is None:
+                del sys.modules[name]
 
 
 def make_probe_callback_class():
@@ -38,6 +122,8 @@ def make_probe_callback_class():
     if _CLASS is not None:
         return _CLASS
     try:
+        if _findable("megatron.bridge"):
+            prepare_bridge_import()
         from megatron.bridge.training.callbacks import Callback
     except ImportError as exc:
         raise ImportError(

@@ -46,6 +46,9 @@ from megatron.core.pipeline_parallel import p2p_communication
 from torch.overrides import TorchFunctionMode
 
 from ..base.errors import CpuModeError
+from ..models.llama import SequenceParallelNorm
+from .bridge import prepare_bridge_import
+from .bridge_cpu import bridge_patches
 from .megatron_training_cpu import training_patches
 from .patching import Patch
 
@@ -139,8 +142,6 @@ def _sequence_parallel_norm(original):
         if getattr(config, "sequence_parallel", False) and getattr(config, "normalization", "LayerNorm") in (
                 "LayerNorm", "RMSNorm") and not getattr(config, "persist_layer_norm", False) and not getattr(
                 config, "memory_efficient_layer_norm", False):
-            from ..models.llama import SequenceParallelNorm
-
             return SequenceParallelNorm(config, hidden_size, eps=eps)
         return original(cls, config, hidden_size, eps, *args, **kwargs)
 
@@ -175,14 +176,17 @@ CORE_PATCHES: Tuple[Patch, ...] = (
           "the local spec's torch norm refuses sequence parallelism (its SP norms need apex / TE)"),
 )
 
-# name -> (package that must be importable for the set to apply, () -> patches)
-_PATCH_SETS: dict = {"megatron-lm": ("megatron.training", training_patches)}
+# name -> (package that must be findable for the set to apply, () -> patches, () -> None run before importing it)
+_PATCH_SETS: dict = {"megatron-lm": ("megatron.training", training_patches, None),
+                     "megatron-bridge": ("megatron.bridge", bridge_patches, prepare_bridge_import)}
 
 
-def register_patch_set(name: str, package: str, patches: Callable[[], List[Patch]]) -> None:
-    """Add patches applied by :func:`enable_cpu_mode` whenever ``package`` is importable (Megatron-LM's
-    ``megatron.training`` uses this); a set registered while CPU mode is on applies at the next enable."""
-    _PATCH_SETS[name] = (package, patches)
+def register_patch_set(name: str, package: str, patches: Callable[[], List[Patch]],
+                       prepare: Optional[Callable[[], None]] = None) -> None:
+    """Add patches applied by :func:`enable_cpu_mode` whenever ``package`` is installed (Megatron-LM's
+    ``megatron.training`` and Megatron-Bridge's ``megatron.bridge`` use this); ``prepare()``, if given, runs
+    before the package is imported. A set registered while CPU mode is on applies at the next enable."""
+    _PATCH_SETS[name] = (package, patches, prepare)
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -217,12 +221,14 @@ def _resolve(patch: Patch) -> Tuple[Any, str, Any]:
 
 def _active_patches() -> List[Patch]:
     patches = list(CORE_PATCHES)
-    for package, make in _PATCH_SETS.values():
+    for package, make, prepare in _PATCH_SETS.values():
         try:
             if importlib.util.find_spec(package) is None:
                 continue
-        except ImportError:  # its parent package is absent
+        except (ImportError, ValueError):  # its parent package is absent (or a module without a spec)
             continue
+        if prepare is not None:
+            prepare()
         importlib.import_module(package)
         patches.extend(make())
     return patches
@@ -239,7 +245,8 @@ def cpu_mode_patches() -> List[str]:
 
 
 def enable_cpu_mode() -> None:
-    """Make Megatron-Core (and Megatron-LM's training package, when importable) run on CPU in this process.
+    """Make Megatron-Core (and Megatron-LM's training package and Megatron-Bridge, when installed) run on CPU in
+    this process.
 
     Idempotent. Call before building models; combine with ``torch.distributed.init_process_group("gloo")``
     and Megatron configs with ``use_cpu_initialization=True`` (so every TP size draws the same weights).

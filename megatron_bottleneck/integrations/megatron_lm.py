@@ -21,6 +21,7 @@ enables the CPU mode and :mod:`.megatron_training_cpu`'s patches.
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import functools
 import importlib
@@ -101,8 +102,6 @@ def add_arguments(parser):
 
 def _option_parser():
     """Our options and the Megatron-LM ones they depend on, parsed leniently (no usage dump, no exit)."""
-    import argparse
-
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--lm-head-rank", type=str, default=None)
     p.add_argument("--lm-head-init", type=str, default="balanced")

@@ -3,13 +3,13 @@
 A block is preceded by an optional marker line ``<!-- readme-test: KIND[: detail] -->``:
   (none)        python: run as a script; bash: run with ``bash -e`` (the installed ``megatron-bottleneck``);
   setup: NAME   the same, after ``SETUP[NAME]`` wrote the input files the block names (a corpus, ...);
-  bridge        python that needs Megatron-Bridge: run in the Bridge lane, skipped elsewhere;
+  bridge        the Megatron-Bridge example (marked ``<!-- bridge-example -->``): tests/bridge runs it with the real
+                Bridge (the CI lane "bridge"), reading it from here;
   diff: WHERE   a patch applied by the test named in WHERE, which reads it from here;
   skip: REASON  bash that needs a cluster or GPUs (the reason is required, and says what tests it instead).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -39,6 +39,8 @@ def readme_blocks(path=os.path.join(REPO, "README.md")):
         prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         mark = MARKER.match(prev.strip())
         kind, detail = (mark.group(1), mark.group(2) or "") if mark else ("run", "")
+        if prev.strip() == "<!-- bridge-example -->":
+            kind, detail = "bridge", "tests/bridge/test_bridge_pretrain.py"
         if prev.strip() == "<!-- test-command -->":  # .ci/run reads the line after that marker's fence
             kind, detail = "skip", "the test command itself (.ci/run runs it in both lanes)"
         out.append((start + 1, lang, kind, detail, "\n".join(lines[start + 1:j]) + "\n"))
@@ -71,15 +73,16 @@ def test_every_block_is_run_or_says_why_not():
             assert kind == "diff" and "::" in detail, f"README.md:{line}: a diff names the test that applies it"
         if kind == "setup":
             assert detail in SETUP, f"README.md:{line}: unknown setup {detail!r}"
+        if kind == "bridge":
+            with open(os.path.join(REPO, detail), encoding="utf-8") as f:
+                assert "bridge-example" in f.read(), f"README.md:{line}: {detail} does not read the block"
     assert sum(k in ("run", "setup") for _, _, k, _, _ in BLOCKS) >= 8
 
 
 @pytest.mark.parametrize("line, lang, kind, detail, code",
-                         [b for b in BLOCKS if b[2] in ("run", "setup", "bridge")],
-                         ids=[f"README.md:{b[0]}" for b in BLOCKS if b[2] in ("run", "setup", "bridge")])
+                         [b for b in BLOCKS if b[2] in ("run", "setup")],
+                         ids=[f"README.md:{b[0]}" for b in BLOCKS if b[2] in ("run", "setup")])
 def test_readme_block_runs(line, lang, kind, detail, code, tmp_path):
-    if kind == "bridge" and importlib.util.find_spec("megatron.bridge") is None:
-        pytest.skip("Megatron-Bridge is not installed (the Bridge lane runs this block)")
     os.symlink(os.path.join(REPO, "examples"), tmp_path / "examples")
     if kind == "setup":
         SETUP[detail](str(tmp_path))

@@ -45,6 +45,19 @@ def test_megatrons_own_fused_cross_entropy_is_refused_in_one_line(megatron_one_r
     assert "\n" not in str(err.value) and re.search(rf"{flag}=True .* set {flag}=False", str(err.value))
 
 
+def test_fused_loss_hook_turns_megatrons_fused_cross_entropy_off_with_one_warning(megatron_one_rank, caplog):
+    """Megatron-Bridge turns cross_entropy_loss_fusion on by default: the pre-wrap hook turns it off, one line."""
+    model = _model(megatron_one_rank, 8, cross_entropy_loss_fusion=True)
+    with caplog.at_level("WARNING", logger="megatron_bottleneck"):
+        assert mb.fused_loss_hook()([model]) == [model]
+    assert isinstance(model, H.FusedLossModel) and model.config.cross_entropy_loss_fusion is False
+    warned = [r.getMessage() for r in caplog.records if "cross_entropy_loss_fusion" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    caplog.clear()
+    mb.fused_loss_hook()([_model(megatron_one_rank, 8)])  # already off: silent
+    assert not [r for r in caplog.records if "cross_entropy_loss_fusion" in r.getMessage()]
+
+
 def test_a_head_the_fused_loss_cannot_drive_is_refused(megatron_one_rank):
     with pytest.raises(mb.HeadConfigError, match="cannot drive"):
         H.as_lm_head(torch.nn.Linear(4, 8))
