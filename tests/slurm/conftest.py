@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from ..lanes import NOT_README_LANE, README_LANE
 from .cluster import ClusterUnavailable, SlurmCluster
 
 
@@ -12,6 +13,8 @@ from .cluster import ClusterUnavailable, SlurmCluster
 def slurm_cluster():
     if os.environ.get("MB_SKIP_SLURM"):
         pytest.skip("MB_SKIP_SLURM is set")
+    if not README_LANE:
+        pytest.skip(NOT_README_LANE)
     cluster = SlurmCluster(cpus=4)
     try:
         cluster.start()
