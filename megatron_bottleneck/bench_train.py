@@ -193,6 +193,7 @@ def bench_train(config: TrainConfig, steps: int = 10, warmup: int = 2, nproc: Op
             for overlap in (overlaps or [None]):
                 d = copy.deepcopy(config.to_dict())
                 d["model"].update(head_rank=rank, fp8=recipe)
+                d["checkpoint"]["dir"] = None  # a benchmark saves nothing
                 if overlap is not None:
                     d["parallel"].update(overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap) and (
                         d["parallel"]["distributed_optimizer"]))

@@ -75,7 +75,9 @@ class ParallelSection:
     ``overlap_grad_reduce``). None: on (NCCL and gloo alike)."""
     overlap_param_gather: Optional[bool] = None
     """The distributed optimizer's parameter all-gather overlapped with the next forward, bucket by bucket (Megatron
-    ``overlap_param_gather``); needs ``distributed_optimizer`` and ``overlap_grad_reduce``. None: on when both are."""
+    ``overlap_param_gather``); needs ``distributed_optimizer`` and ``overlap_grad_reduce``. None: on when both are
+    and ``checkpoint.optimizer_format`` is dp_reshardable; off with fully_reshardable (megatron-core's
+    fully_reshardable save of the padded buffer corrupts a resume; asking for both is refused)."""
     ddp_bucket_size: Optional[int] = None
     """Parameters per data-parallel communication bucket; None: Megatron-LM's default, max(40M, 1M x data-parallel
     size) with overlap (small models then have a single bucket), one bucket per buffer without."""
@@ -322,6 +324,12 @@ class TrainConfig:
             raise ConfigError("parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce (Megatron "
                               "overlaps the all-gather only then): set overlap_grad_reduce=true, or "
                               "overlap_param_gather=false")
+        c = self.checkpoint
+        if p.overlap_param_gather and p.distributed_optimizer and c.dir and c.optimizer_format == "fully_reshardable":
+            raise ConfigError("parallel.overlap_param_gather=true with checkpoint.optimizer_format=fully_reshardable: "
+                              "megatron-core's fully_reshardable save of the padded parameter buffer corrupts the "
+                              "resume; set checkpoint.optimizer_format=dp_reshardable (resumes at another DP size "
+                              "only) or parallel.overlap_param_gather=null")
         if p.gradient_accumulation_fusion and not fused_wgrad_available():
             raise ConfigError("parallel.gradient_accumulation_fusion=true needs a CUDA GPU and the "
                               "fused_weight_gradient_mlp_cuda kernel (Apex built with --cuda_ext): install it, or "
@@ -335,7 +343,12 @@ class TrainConfig:
         machine (a GPU and its kernel), not on the backend."""
         p, c = self.parallel, self.checkpoint
         grad = True if p.overlap_grad_reduce is None else p.overlap_grad_reduce
-        gather = (p.distributed_optimizer and grad) if p.overlap_param_gather is None else p.overlap_param_gather
+        # With the fully_reshardable optimizer format, megatron-core's save of a model whose parameter buffer the
+        # overlapped all-gather pads corrupts the resume (measured on 0.16.1: "param range exceeds unpadded
+        # buffer ... padded with zeros", resumed losses off by 5%): auto keeps the all-gather synchronous there.
+        reshardable = p.distributed_optimizer and bool(c.dir) and c.optimizer_format == "fully_reshardable"
+        gather = ((p.distributed_optimizer and grad and not reshardable) if p.overlap_param_gather is None
+                  else p.overlap_param_gather)
         # Megatron-LM's default; without overlap one bucket per buffer (nothing to overlap with) unless set. The
         # buckets also place the distributed optimizer's shard boundaries, hence the sum order of the grad norm.
         bucket = p.ddp_bucket_size

@@ -109,12 +109,19 @@ def test_overlap_and_async_save_defaults_and_refusals():
     """parallel.overlap_* / ddp_bucket_size / gradient_accumulation_fusion and checkpoint.async_save: null resolves
     per backend at run time (on for NCCL and gloo: Megatron-Core runs both overlaps and the async save on gloo);
     what cannot work is refused in one line naming the field."""
-    cfg = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt"}})
+    cfg = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt", "optimizer_format": "dp_reshardable"}})
     for backend in ("nccl", "gloo"):
         run = cfg.runtime_options(backend, 2)
         assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == (backend, True,
                                                                                                     True, True)
         assert run.bucket_size == 40_000_000  # Megatron-LM's default, max(40M, 1M x DP)
+    # the default fully_reshardable format keeps the all-gather synchronous (its save of the padded buffer
+    # corrupts a resume), and refuses it asked for explicitly
+    run = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt"}}).runtime_options("nccl", 2)
+    assert (run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == (True, False, True)
+    with pytest.raises(ConfigError, match="overlap_param_gather=true with checkpoint.optimizer_format=fully_reshardable"):
+        TrainConfig.from_dict({"parallel": {"overlap_param_gather": True}, "checkpoint": {"dir": "ckpt"}})
+    assert TrainConfig().runtime_options("nccl", 2).overlap_param_gather  # no checkpoints: nothing to resume
     assert cfg.runtime_options("nccl", 64).bucket_size == 64_000_000
     off = TrainConfig.from_dict({"parallel": {"overlap_grad_reduce": False, "distributed_optimizer": False}})
     run = off.runtime_options("gloo", 2)
