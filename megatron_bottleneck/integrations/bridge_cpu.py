@@ -14,8 +14,8 @@ from typing import List
 
 import torch
 
-from .megatron_training_cpu import (_helpers_cpp_importable, _no_cuda, _null_streams, _one_fake_device, _under_on_cpu,
-                                    _wrapping)
+from .megatron_training_cpu import (_no_cuda, _null_streams, _one_fake_device, _under_on_cpu, _wrapping,
+                                    skip_built_helpers)
 from .patching import Patch
 
 __all__ = ["bridge_patches"]
@@ -51,15 +51,8 @@ def bridge_patches() -> List[Patch]:
         "torch.random.fork_rng(devices=[]) so TP=1 and TP=2 build the same weights"))
 
     # 4. Bridge's initialize imported compile_helpers by name (the core set patches megatron.core's own name).
-    def make_helpers(original):
-        def compile_helpers(*args, **kwargs):
-            if _helpers_cpp_importable():
-                return None
-            return original(*args, **kwargs)
-        return compile_helpers
-
     patches.append(Patch(
-        "megatron.bridge.training.initialize", "compile_helpers", _wrapping(make_helpers),
+        "megatron.bridge.training.initialize", "compile_helpers", _wrapping(skip_built_helpers),
         "compile_helpers() runs `make` in megatron/core/datasets (no Makefile in the pip wheel): skipped when "
         "megatron.core.datasets.helpers_cpp already imports"))
 

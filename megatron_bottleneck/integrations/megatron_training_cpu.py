@@ -85,6 +85,16 @@ def _helpers_cpp_importable() -> bool:
     return True
 
 
+def skip_built_helpers(original: Callable) -> Callable:
+    """``compile_helpers`` that returns at once when ``helpers_cpp`` already imports (the pip wheel ships it
+    compiled and no Makefile), else runs the original ``make``."""
+    def compile_helpers(*args, **kwargs):
+        if _helpers_cpp_importable():
+            return None
+        return original(*args, **kwargs)
+    return compile_helpers
+
+
 def training_patches() -> List[Patch]:
     """The patches for the importable Megatron-LM (its ``megatron.training`` must import)."""
     patches: List[Patch] = []
@@ -116,15 +126,8 @@ def training_patches() -> List[Patch]:
 
     # 4. compile_helpers runs `make` in megatron/core/datasets; the pip wheel ships helpers_cpp
     #    compiled and no Makefile. Looked up at call time in _compile_dependencies.
-    def make_helpers(original):
-        def compile_helpers(*args, **kwargs):
-            if _helpers_cpp_importable():
-                return None
-            return original(*args, **kwargs)
-        return compile_helpers
-
     patches.append(Patch(
-        "megatron.core.datasets.utils", "compile_helpers", _wrapping(make_helpers),
+        "megatron.core.datasets.utils", "compile_helpers", _wrapping(skip_built_helpers),
         "compile_helpers() runs `make` in megatron/core/datasets (no Makefile in the pip wheel): "
         "skipped when megatron.core.datasets.helpers_cpp already imports (applies on GPU too)"))
 
