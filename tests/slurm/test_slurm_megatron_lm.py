@@ -20,6 +20,9 @@ import time
 
 import pytest
 
+from ..distributed.test_megatron_lm import DEPS
+from ..distributed.test_megatron_lm import _mlm_dir as mlm_snapshot
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE = os.path.join(REPO, "launch", "megatron_lm.sbatch")
 SWEEP = os.path.join(REPO, "launch", "megatron_lm_rank_sweep.sbatch")
@@ -28,19 +31,11 @@ ITERS = 30
 
 
 def _mlm_dir():
-    try:
-        from importlib.metadata import version
-
-        v = version("megatron-core")
-    except Exception:
-        return None, "megatron-core is not installed"
-    tag = {"0.16": "core_v0.16.1", "0.19": "core_v0.19.0"}.get(".".join(v.split(".")[:2]))
-    if tag is None:
-        return None, f"no Megatron-LM snapshot for megatron-core {v}"
-    path = os.path.normpath(os.path.join(REPO, "..", "shared", "megatron-lm", tag))
-    if not os.path.isfile(os.path.join(path, "pretrain_gpt.py")):
-        return None, f"Megatron-LM snapshot {path} is absent"
-    missing = [d for d in ("six", "regex", "pydantic", "triton", "pybind11") if importlib.util.find_spec(d) is None]
+    """The Megatron-LM snapshot for this megatron-core (the zero-edit runner tests' lookup), and its deps."""
+    path, why = mlm_snapshot()
+    if path is None:
+        return None, why
+    missing = [d for d in DEPS if importlib.util.find_spec(d) is None]
     if missing:
         return None, f"Megatron-LM's training code needs {', '.join(missing)}"
     return path, ""
