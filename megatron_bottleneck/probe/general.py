@@ -54,15 +54,17 @@ def centred_gram_matvec(jvp: Callable[[Tensor], Tensor], vjp: Callable[[Tensor],
     is the closed form's ``W^T W``, :mod:`.stats`; the centred M differs from it in at most one dimension).
 
     jvp: ``v [T, D] -> J v [T, V_local]`` (this rank's real vocabulary columns only, no padding); vjp:
-    ``w [T, V_local] -> J^T w [T, D]`` (this rank's partial sum). vocab_sum: sums a tensor over the vocabulary
-    shards (an all-reduce over the tensor-parallel group; None: one shard). vocab_size: the real V."""
+    ``w [T, V_local] -> J^T w [T, D]`` summed over every vocabulary shard's columns (the convention of
+    :class:`megatron_bottleneck.base.head.HeadLogProb`, whose VJP all-reduces inside). vocab_sum: sums the
+    per-token ``[T, 1]`` column sums over the shards for the centring (an all-reduce over the tensor-parallel
+    group; None: one shard). vocab_size: the real V."""
     reduce = vocab_sum or (lambda t: t)
 
     def matvec(v: Tensor) -> Tensor:
         jv = jvp(v)
         if centred:
             jv = jv - reduce(jv.sum(-1, keepdim=True)) / vocab_size
-        return reduce(vjp(jv))
+        return vjp(jv)
 
     return matvec
 

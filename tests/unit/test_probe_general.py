@@ -47,19 +47,23 @@ def _brute_visible(j, g, centred=True):
 
 
 def _matvec(j, shards=1, centred=True):
-    """M v through per-shard JVPs / VJPs, the vocabulary split in ``shards`` (a TP group's partial sums)."""
+    """M v through per-shard JVPs, the vocabulary split in ``shards`` (a TP group's ranks): each shard's JVP
+    gives its columns, the VJP the sum over every shard's columns (as HeadLogProb's VJP does)."""
     parts = torch.tensor_split(torch.arange(V), shards)
 
     def matvec(v):
         jv = [torch.einsum("tvd,td->tv", j[:, idx], v) for idx in parts]
-        total = sum(x.sum(-1, keepdim=True) for x in jv)
-        out = 0
+        total = sum(x.sum(-1, keepdim=True) for x in jv)  # what the all-reduce of the column sums gives
+        held = {}
+
+        def vjp(w, idx):
+            held[idx[0].item()] = torch.einsum("tvd,tv->td", j[:, idx], w)
+            return held[idx[0].item()]
+
         for idx, x in zip(parts, jv):
-            mv = centred_gram_matvec(lambda _v, x=x: x, lambda w, idx=idx: torch.einsum("tvd,tv->td", j[:, idx], w),
-                                     V, vocab_sum=lambda t, total=total: total if t.shape[-1] == 1 else t,
-                                     centred=centred)
-            out = out + mv(v)
-        return out
+            centred_gram_matvec(lambda _v, x=x: x, lambda w, idx=idx: vjp(w, idx), V, vocab_sum=lambda t: total,
+                                centred=centred)(v)
+        return sum(held.values())  # the VJP's sum over shards
 
     return matvec
 
