@@ -22,11 +22,11 @@ Torch only; the tensor-parallel reduction is a callable (sum over vocabulary sha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg"]
+__all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "head_figures"]
 
 Tensor = torch.Tensor
 
@@ -120,3 +120,81 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
                            torch.zeros_like(bnorm))
     return CGResult(visible=_dot(b, x), residual=residual, iterations=done,
                     history=torch.stack(history) if history else b.new_zeros(0))
+
+
+def _vocab_sum(tp_group) -> Callable[[Tensor], Tensor]:
+    import torch.distributed as dist
+
+    if tp_group is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
+        return lambda t: t
+
+    def reduce(t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=tp_group)
+        return t
+
+    return reduce
+
+
+def head_figures(log_prob, hidden: Tensor, labels: Tensor, iterations: Optional[int] = None,
+                 update: bool = False) -> Dict[str, Tensor]:
+    """The probe's figures for any head, from its :class:`~megatron_bottleneck.base.head.HeadLogProb`, on one
+    batch of tokens (summed over them; no parameter changes).
+
+    hidden: ``[T, D]`` the head input, the same on every TP rank (gathered over the sequence under SP);
+    labels: ``[T]`` global vocabulary ids. With u = log p(h) and g_t = p_t - onehot(y_t) (this rank's columns):
+
+    * ``grad_norm`` ||G||_F, ``destroyed_ratio`` sqrt(1 - sum_t visible_t / ||G||^2) and ``visible_cosine``
+      sqrt(sum_t visible_t / ||G||^2), visible_t from :func:`visible_energy_cg` (``iterations``, default 2 D:
+      an upper bound on the destroyed ratio whatever the count), ``cg_residual`` its largest relative residual;
+    * with ``update``: ``update_cosine`` cos(-G, C dU), dU the first-order change of u from one SGD step on
+      (H, head parameters) (dU = -(J_h dh + J_theta dtheta), by one JVP; C centres each token's row).
+
+    Returns 0-dim float64 tensors on the device (no host sync; every TP rank the same values). Every rank of the
+    head's TP group must call it with the same T (the normalisers are collectives)."""
+    import torch.func as tfunc
+
+    params = {k: v.detach() for k, v in log_prob.params.items()}
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    reduce = _vocab_sum(log_prob.tp_group)
+
+    def u_of_h(hh):
+        return log_prob.fn(params, hh)
+
+    u, vjp_h = tfunc.vjp(u_of_h, h)
+    g = u.detach().double().exp()
+    local = y - log_prob.vocab_start
+    mine = (local >= 0) & (local < log_prob.n_valid)
+    rows = torch.nonzero(mine).squeeze(-1)
+    g[rows, local[rows]] -= 1.0
+    g2 = reduce(g.square().sum().reshape(1)).reshape(())
+    dh = vjp_h(g.to(u.dtype))[0]
+
+    def jvp(v):
+        return tfunc.jvp(u_of_h, (h,), (v,))[1]
+
+    def vjp(w):
+        return vjp_h(w)[0]
+
+    matvec = centred_gram_matvec(jvp, vjp, log_prob.vocab_size, reduce)
+    res = visible_energy_cg(matvec, dh, iterations=iterations or 2 * h.shape[-1])
+    vis = res.visible.sum()
+    zero = torch.zeros((), dtype=torch.float64, device=g.device)
+    ratio2 = torch.where(g2 > 0, torch.clamp(1.0 - vis / torch.where(g2 > 0, g2, torch.ones_like(g2)), min=0.0),
+                         zero)
+    out = {"grad_norm": g2.sqrt(), "destroyed_ratio": ratio2.sqrt(), "visible_cosine": (1.0 - ratio2).sqrt(),
+           "cg_residual": res.residual.max() if res.residual.numel() else zero}
+    if update:
+        # dtheta = J_theta^T G (this rank's shard for sharded params; full for replicated ones).
+        _, vjp_p = tfunc.vjp(lambda p: log_prob.fn(p, h), params)
+        dtheta = vjp_p(g.to(u.dtype))[0]
+        _, du = tfunc.jvp(lambda hh, p: log_prob.fn(p, hh), (h, params), (dh.to(h.dtype), dtheta))
+        du = du.double()
+        du = du - reduce(du.sum(-1, keepdim=True)) / log_prob.vocab_size
+        inner = reduce((g * du).sum().reshape(1)).reshape(())
+        du2 = reduce(du.square().sum().reshape(1)).reshape(())
+        denom = (g2 * du2).sqrt()
+        out["update_cosine"] = torch.where(denom > 0, inner / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                                           torch.full_like(denom, float("nan")))
+    return out

@@ -122,3 +122,54 @@ def test_a_token_with_no_gradient_and_a_bfloat16_input_stay_finite():
     assert float(res.visible[5]) == 0.0 and float(res.residual[5]) == 0.0
     # bf16 inputs (dh and the matvec's operand): the batch's visible energy within bf16's resolution
     assert float(res.visible.sum()) == pytest.approx(float(exact.sum()), rel=3e-2)
+
+
+class _SigsoftmaxLogProb:
+    """A HeadLogProb-shaped function (one process): u = log_softmax(z + log sigmoid(z)), z = h W^T."""
+
+    def __init__(self, w):
+        self.params, self.sharded, self.vocab_start, self.vocab_size, self.n_valid = {"weight": w}, frozenset(), 0, \
+            w.shape[0], w.shape[0]
+        self.tp_group = None
+
+    @staticmethod
+    def fn(params, h):
+        z = h @ params["weight"].t()
+        return torch.log_softmax(z + torch.nn.functional.logsigmoid(z), -1)
+
+
+def test_head_figures_of_a_nonlinear_head_equal_the_full_jacobian():
+    """destroyed ratio and update cosine of a sigsoftmax head from head_figures (JVP/VJP, CG) against the full
+    per-token Jacobians by autograd (float64): SVD of each centred J_t, and dU = J_h dh + J_W dW built
+    from them."""
+    from megatron_bottleneck.probe.general import head_figures
+
+    gen = torch.Generator().manual_seed(7)
+    t, v, d = 10, 30, 6
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    h = torch.randn(t, d, generator=gen, dtype=torch.float64) * 2
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    y = torch.multinomial(1.0 / ranks, t, replacement=True, generator=gen)
+    head = _SigsoftmaxLogProb(w)
+    got = head_figures(head, h, y, update=True)
+
+    fn = _SigsoftmaxLogProb.fn
+    p = fn({"weight": w}, h).exp()
+    g = p - torch.nn.functional.one_hot(y, v).double()
+    c = torch.eye(v, dtype=torch.float64) - 1.0 / v
+    vis, du = 0.0, []
+    dw = torch.autograd.functional.vjp(lambda ww: fn({"weight": ww}, h), w, g)[1]
+    for i in range(t):
+        j_h = torch.autograd.functional.jacobian(lambda x: fn({"weight": w}, x[None])[0], h[i])  # V x D
+        u_, s_, _ = torch.linalg.svd(c @ j_h, full_matrices=False)
+        r = int((s_ > s_[0] * v * 1e-12).sum())
+        vis += float(((u_[:, :r].t() @ g[i]) ** 2).sum())
+        j_w = torch.autograd.functional.jacobian(lambda ww: fn({"weight": ww}, h[i:i + 1])[0], w)  # V x V x D
+        du.append(j_h @ (j_h.t() @ g[i]) + torch.einsum("avd,vd->a", j_w, dw))
+    g2 = float((g ** 2).sum())
+    assert float(got["destroyed_ratio"]) == pytest.approx(math.sqrt(1 - vis / g2), rel=1e-9)
+    assert float(got["grad_norm"]) == pytest.approx(math.sqrt(g2), rel=1e-12)
+    du = torch.stack(du) @ c
+    cos = float((g * du).sum() / (g.norm() * du.norm()))
+    assert float(got["update_cosine"]) == pytest.approx(cos, rel=1e-9)
+    assert float(got["cg_residual"]) < 1e-8
