@@ -9,7 +9,7 @@ import importlib
 from .tasks import DEFAULT_TASKS, EVAL_DIR, RESULTS
 
 _LAZY = {"default_eval_dir": "harness", "evaluate_checkpoint": "harness", "harness_model": "harness",
-         "CheckpointScorer": "scorer", "checkpoint_tokenizer": "scorer", "open_checkpoint": "scorer",
+         "CheckpointScorer": "scorer", "checkpoint_tokenizer": "scorer", "checkpoint_config": "scorer", "open_checkpoint": "scorer",
          "resolve_checkpoint": "scorer"}
 
 __all__ = sorted(list(_LAZY) + ["DEFAULT_TASKS", "EVAL_DIR", "RESULTS"])

@@ -20,7 +20,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from ..base.errors import ConfigError
-from .scorer import checkpoint_tokenizer, open_checkpoint, resolve_checkpoint
+from .scorer import checkpoint_config, checkpoint_tokenizer, open_checkpoint, resolve_checkpoint
 from .tasks import DEFAULT_TASKS, EVAL_DIR, RESULTS
 
 __all__ = ["harness_model", "evaluate_checkpoint", "default_eval_dir"]
@@ -92,12 +92,23 @@ def default_eval_dir(checkpoint: str) -> str:
     return os.path.join(run if run else os.path.dirname(os.path.abspath(ckpt)), EVAL_DIR)
 
 
-def _task_manager(include_path: Optional[str]):
+def _task_manager(tasks: Sequence[str], include_path: Optional[str]):
+    """An lm-eval TaskManager that knows ``tasks``: the ``include_path`` tasks alone when they cover them
+    (indexing lm-eval's own thousands of task files takes seconds), else those plus lm-eval's."""
     from lm_eval.tasks import TaskManager
 
-    if include_path and not os.path.isdir(include_path):
-        raise ConfigError(f"--include-path {include_path!r} is not a directory of lm-eval task YAML files")
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    if include_path:
+        if not os.path.isdir(include_path):
+            raise ConfigError(f"--include-path {include_path!r} is not a directory of lm-eval task YAML files")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}: see `lm_eval --tasks list`, or define the task in a "
+                          "YAML file under --include-path DIR")
+    return manager
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS, out_dir: Optional[str] = None,
@@ -113,19 +124,14 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS, o
     tasks = [t for t in tasks if t]
     if not tasks:
         raise ConfigError("--tasks is empty: name lm-eval tasks, e.g. --tasks hellaswag,arc_easy")
-    manager = _task_manager(include_path)
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise ConfigError(f"unknown lm-eval task(s) {unknown}: see `lm_eval --tasks list`, or define the task in a "
-                          "YAML file under --include-path DIR")
+    cfg = checkpoint_config(ckpt)
+    tok = checkpoint_tokenizer(cfg, tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size}: "
+                          "pass the --tokenizer the checkpoint's data was tokenised with")
+    manager = _task_manager(tasks, include_path)
     out_dir = out_dir or default_eval_dir(ckpt)
-    with open_checkpoint(ckpt, device=device, batch_size=batch_size) as (scorer, cfg):
-        tok = checkpoint_tokenizer(cfg, tokenizer)
-        if tok.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size}: "
-                              "pass the --tokenizer the checkpoint's data was tokenised with")
-        scorer.eod = tok.eod
+    with open_checkpoint(ckpt, device=device, batch_size=batch_size, eod=tok.eod) as (scorer, cfg):
         results = lm_eval.simple_evaluate(model=harness_model(scorer, tok), tasks=tasks, num_fewshot=num_fewshot,
                                           batch_size=batch_size, limit=limit, task_manager=manager,
                                           log_samples=False, bootstrap_iters=0)

@@ -39,7 +39,7 @@ from ..train.checkpoint import latest_checkpoint, load_model_only
 from ..train.config import TrainConfig
 from ..train.trainer import build_models
 
-__all__ = ["CheckpointScorer", "open_checkpoint", "resolve_checkpoint", "checkpoint_tokenizer"]
+__all__ = ["CheckpointScorer", "checkpoint_config", "open_checkpoint", "resolve_checkpoint", "checkpoint_tokenizer"]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -51,6 +51,14 @@ def resolve_checkpoint(path: str) -> str:
         raise CheckpointError(f"no checkpoint at {path!r}: expected an iter_* directory or a directory with a "
                               "'latest' file (the trainer's checkpoint.dir).")
     return latest
+
+
+def checkpoint_config(ckpt: str) -> TrainConfig:
+    """The training config saved in checkpoint ``ckpt`` (an ``iter_*`` directory)."""
+    try:
+        return TrainConfig.load(os.path.join(ckpt, "config.yaml"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}: its config.yaml does not load ({exc})") from None
 
 
 def _prefixes(cfg: TrainConfig) -> List[str]:
@@ -193,10 +201,7 @@ def open_checkpoint(path: str, device: str = "auto", batch_size: int = 8, eod: i
     """``with open_checkpoint(path) as (scorer, config):`` the checkpoint's model at TP = PP = 1 on ``device``
     (auto: a GPU when one is visible; bf16 there when the run trained in bf16, else fp32) in eval mode."""
     ckpt = resolve_checkpoint(path)
-    try:
-        cfg = TrainConfig.load(os.path.join(ckpt, "config.yaml"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt}: its config.yaml does not load ({exc})") from None
+    cfg = checkpoint_config(ckpt)
     dev = _device(device)
     p = cfg.parallel
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1

@@ -59,11 +59,11 @@ def trained(tmp_path_factory):
         "model": {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": SEQ,
                   "vocab_size": 128, "head_rank": HEAD_RANK},
         "parallel": {"tensor_model_parallel_size": 2},
-        "train": {"train_steps": 30, "global_batch_size": 16, "micro_batch_size": 16, "eval_interval": 0,
+        "train": {"train_steps": 12, "global_batch_size": 16, "micro_batch_size": 16, "eval_interval": 0,
                   "log_interval": 10},
-        "optim": {"lr": 0.03, "warmup_steps": 2},
+        "optim": {"lr": 0.05, "warmup_steps": 2},
         "data": {"train_prefix": str(root / "text")},
-        "checkpoint": {"dir": str(run_dir / "ckpt")},
+        "checkpoint": {"dir": str(run_dir / "ckpt"), "async_save": False},
         "logging": {"dir": str(run_dir / "logs"), "tensorboard": False, "console": False}})
     run(cfg)
     inc, mc = _tasks(root, docs)
