@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from .base.sinks import read_jsonl
+from .plots import RankSeries, plot_rank_curves, plot_series
 
 
 @dataclass
@@ -223,7 +224,18 @@ def load_runs(root: str) -> List[Run]:
         if metrics is not None:
             run.metrics = metrics
         runs.append(run)
-    return sorted(runs, key=lambda r: r.name)
+    return sorted(runs, key=_run_order)
+
+
+def _run_order(run: "Run"):
+    """Runs sorted numerically by V, then head rank (dense last), learning rate and name."""
+    p = run.params
+    try:
+        v = int(p.get("vocab_size"))
+    except (TypeError, ValueError):
+        v = 0
+    r = p.get("head_rank")
+    return (v, float("inf") if r is None else float(r), float(p.get("lr") or 0), run.name)
 
 
 EVAL_RESULTS = os.path.join("eval", "results.json")
@@ -306,39 +318,17 @@ def best_lr_runs(runs: List[Run], group_key) -> Dict:
     return dict(sorted(best.items()))
 
 
-def _plot(path: str, title: str, series: Dict[str, List], xlabel: str, ylabel: str,
-          xscale_base: Optional[int] = None) -> str:
-    """One PNG of x-y series (a label containing 'baseline' is drawn dashed); returns its file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in series.items():
-        pts = [p for p in pts if p[1] is not None]
-        if pts:
-            style = "--" if "baseline" in label else ("-o" if len(pts) < 20 else "-")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if xscale_base:
-        ax.set_xscale("log", base=xscale_base)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.path.basename(path)
+def _plot_curves(path: str, title: str, curves: Dict[str, List], ylabel: str, logx: bool = False) -> Optional[str]:
+    return plot_series(path, title, curves, "tokens", ylabel, 10 if logx else None)
 
 
-def _plot_curves(path: str, title: str, curves: Dict[str, List], ylabel: str, logx: bool = False) -> str:
-    return _plot(path, title, curves, "tokens", ylabel, 10 if logx else None)
+def _plot_xy(path, title, series: Dict[str, List], xlabel, ylabel) -> Optional[str]:
+    return plot_series(path, title, {k: sorted(v) for k, v in series.items()}, xlabel, ylabel, 2)
 
 
-def _plot_xy(path, title, series: Dict[str, List], xlabel, ylabel) -> str:
-    return _plot(path, title, {k: sorted(v) for k, v in series.items()}, xlabel, ylabel, 2)
+def _image(png: Optional[str]) -> List[str]:
+    """Markdown lines of a plot (nothing where matplotlib is missing)."""
+    return [f"![]({png})", ""] if png else ["(plot not drawn: pip install matplotlib)", ""]
 
 
 def _fmt(v, digits=3) -> str:
@@ -389,7 +379,7 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
         png = _plot_curves(os.path.join(out_dir, "loss_by_vocab.png"), "Validation loss by vocabulary (best LR)",
                            {f"V={v} (V/D={v / r.hidden:g}, lr={r.params.get('lr')})": r.series("valid_loss")
                             for v, r in by_vocab.items()}, "valid loss")
-        lines += ["## Vocabulary sweep (dense head, best learning rate per V)", "", f"![]({png})", "",
+        lines += ["## Vocabulary sweep (dense head, best learning rate per V)", "", *_image(png),
                   "| V | V/D | best lr | final valid loss | all LRs: final valid loss |", "|---|---|---|---|---|"]
         for v, best in by_vocab.items():
             per_lr = ", ".join(f"{_fmt(r.params.get('lr'), 4)}: {_fmt(r.final('valid_loss'))}"
@@ -419,12 +409,12 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
         if any(v is not None for _, v in dr_vd):
             png = _plot_xy(os.path.join(out_dir, "destroyed_vs_vd.png"), "Destroyed ratio vs V/D",
                            {"measured": dr_vd, "isotropic baseline": base_vd}, "V/D", "destroyed ratio")
-            lines += [f"![]({png})", ""]
+            lines += [*_image(png)]
         if any(v is not None for _, v in dr_rank):
             png = _plot_xy(os.path.join(out_dir, "destroyed_vs_rank.png"), "Destroyed ratio vs head rank",
                            {"measured": dr_rank, "isotropic baseline": base_rank}, "head rank r",
                            "destroyed ratio")
-            lines += [f"![]({png})", ""]
+            lines += [*_image(png)]
 
     # Rank sweep: loss curves and tokens-to-reach-a-loss.
     if ranked:
@@ -432,7 +422,7 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
                            f"Validation loss by head rank (V={ranked[0].vocab})",
                            {f"r={r.rank}": r.series("valid_loss") for r in sorted(ranked, key=lambda r: r.rank)},
                            "valid loss")
-        lines += ["## Head-rank sweep", "", f"![]({png})", ""]
+        lines += ["## Head-rank sweep", "", *_image(png)]
         curves = {r.name: loss_curve(r) for r in ranked}
         finals = {r.name: curves[r.name][-1][1] for r in ranked if curves[r.name]}
         worst = max((r for r in ranked if r.name in finals), key=lambda r: finals[r.name], default=None)
@@ -454,17 +444,25 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
                 lines.append(f"| {r.rank} | {'<= ' if censored else ''}{_fmt(t, 0)} | {ratio} |")
             lines.append("")
 
-    # Rank of the logit gradient vs batch tokens.
-    curves = {}
-    for r in runs:
-        rows = [p for p in r.probe if "probe/rank_curve" in p]
-        if rows:
-            curve = rows[-1]["probe/rank_curve"]
-            curves[r.name] = [(c["tokens"], c["numerical_rank"]) for c in curve]
-    if curves:
-        png = _plot_curves(os.path.join(out_dir, "rank_vs_tokens.png"), "Numerical rank of G vs batch tokens",
-                           curves, "numerical rank", logx=True)
-        lines += ["## Rank of the logit gradient", "", f"![]({png})", ""]
+    # Rank of the logit gradient vs batch tokens: one line per V (its best-LR dense run, else its first run).
+    with_curve = [r for r in runs if any("probe/rank_curve" in p for p in r.probe)]
+    per_vocab: Dict[int, Run] = {}
+    for r in with_curve:
+        best = by_vocab.get(r.vocab)
+        if r.vocab not in per_vocab or r is best:
+            per_vocab[r.vocab] = r
+    if per_vocab:
+        series = [RankSeries(f"V={v} ({r.name})", v, [p for p in r.probe if "probe/rank_curve" in p][-1]
+                             ["probe/rank_curve"]) for v, r in sorted(per_vocab.items())]
+        spamlang = any(r.params.get("kind", "sweep") == "sweep" for r in per_vocab.values())
+        note = ("SpamLang: the rank saturates at the number of distinct sequences in the batch" if spamlang
+                else None)
+        png = plot_rank_curves(series, os.path.join(out_dir, "rank_vs_tokens.png"), note=note)
+        lines += ["## Rank of the logit gradient", "", *_image(png),
+                  "One line per vocabulary size (the best-LR dense run where there is one), from the last rank "
+                  "analysis of the run; dotted: the ceiling min(T, V - 1)."
+                  + (" On SpamLang the rank saturates at the number of distinct sequences in the batch, well "
+                     "below the ceiling: a property of the data, not of the head." if spamlang else ""), ""]
 
     # Zero-shot scores (``megatron-bottleneck eval`` writes <run>/eval/results.json) against head rank.
     scored = sorted(((r, eval_scores(r)) for r in runs), key=lambda rs: rs[0].rank)

@@ -97,7 +97,7 @@ def test_report_from_megatron_lm_run_dirs_next_to_a_trainer_run(tmp_path):
     report = open(write_report(str(root))).read()
     assert "(2 Megatron-LM, 1 megatron-bottleneck trainer)" in report
     rows = [line for line in report.splitlines() if line.startswith("| r") and not line.startswith("| run ")]
-    assert [line.split("|")[1].strip() for line in rows] == ["r16", "r4", "r8"]
+    assert [line.split("|")[1].strip() for line in rows] == ["r8", "r4", "r16"]  # by V: 1000, 1001, 1001
     r4 = rows[1].split("|")
     assert r4[2].strip() == "1001" and r4[4].strip() == "4" and r4[8].strip() == "6.161"  # final valid loss
     assert r4[9].strip() != "-"  # the probe's destroyed ratio

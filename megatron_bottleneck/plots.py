@@ -1,0 +1,121 @@
+"""PNG plots drawn the way the paper draws them (matplotlib, imported only when a plot is drawn).
+
+* :func:`plot_series`: x-y series; the y axis goes to a log scale by itself where the positive values span more
+  than two orders of magnitude (a loss of 1e-7 and one of 6e-3 are not drawn as the same zero).
+* :func:`plot_rank_curves`: the numerical rank of the logit gradient G (T x V) against the batch tokens T, one
+  line per model or per vocabulary size, with its ceiling ``min(T, V - 1)`` dotted (the paper's Figure 2; the
+  rows of G = P - Y sum to zero, so rank(G) <= V - 1), series sorted numerically by V.
+
+Every function returns the PNG's file name, or None where matplotlib is not installed
+(``pip install 'megatron-bottleneck[plot]'``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+__all__ = ["RankSeries", "plot_series", "plot_rank_curves", "wants_log_scale"]
+
+LOG_SPAN = 100.0
+"""A y axis whose positive values span more than this factor (max / min) is drawn on a log scale."""
+
+
+@dataclass
+class RankSeries:
+    """One rank curve: ``curve`` is a list of ``{"tokens": T, "numerical_rank": r, ...}`` (as
+    :func:`megatron_bottleneck.probe.spectrum.rank_curve` writes them); ``vocab_size`` is V (the ceiling's V)."""
+
+    label: str
+    vocab_size: int
+    curve: List[Dict] = field(default_factory=list)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def wants_log_scale(values: Sequence[Optional[float]]) -> bool:
+    """Whether values (all positive) span more than :data:`LOG_SPAN`; a zero or negative value keeps it linear."""
+    vals = [v for v in values if v is not None]
+    if len(vals) < 2 or min(vals) <= 0:
+        return False
+    return max(vals) / min(vals) > LOG_SPAN
+
+
+def plot_series(path: str, title: str, series: Dict[str, List[Tuple[float, Optional[float]]]], xlabel: str,
+                ylabel: str, xlog_base: Optional[int] = None, ylog: Union[bool, str] = "auto",
+                note: Optional[str] = None) -> Optional[str]:
+    """One PNG of x-y series (a label containing 'baseline' is drawn dashed).
+
+    ylog: True, False, or "auto" (:func:`wants_log_scale` over every series' y values). note: a line of text
+    drawn under the title (what a reader must know to read the plot)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ys = []
+    for label, pts in series.items():
+        pts = [p for p in pts if p[1] is not None]
+        if pts:
+            style = "--" if "baseline" in label else ("-o" if len(pts) < 20 else "-")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            ys += [p[1] for p in pts]
+    _finish(ax, title, xlabel, ylabel, note)
+    if xlog_base:
+        ax.set_xscale("log", base=xlog_base)
+    if ylog is True or (ylog == "auto" and wants_log_scale(ys)):
+        ax.set_yscale("log")
+    return _save(fig, plt, path)
+
+
+def plot_rank_curves(series: Sequence[RankSeries], path: str,
+                     title: str = "Numerical rank of the logit gradient vs batch tokens",
+                     note: Optional[str] = None) -> Optional[str]:
+    """The paper's Figure 2: numerical rank of G against T on log-log axes, one line per series (sorted by V),
+    and for each distinct V its ceiling ``min(T, V - 1)`` dotted in the same colour as its first series."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ceilings: Dict[int, str] = {}
+    t_max = 1
+    for s in sorted(series, key=lambda s: (int(s.vocab_size), s.label)):
+        pts = [(c["tokens"], c["numerical_rank"]) for c in s.curve if c.get("numerical_rank") is not None]
+        if not pts:
+            continue
+        line, = ax.plot([p[0] for p in pts], [max(p[1], 1) for p in pts], "-o" if len(pts) < 20 else "-",
+                        markersize=3, label=s.label)
+        ceilings.setdefault(int(s.vocab_size), line.get_color())
+        t_max = max(t_max, max(p[0] for p in pts))
+    for v, color in ceilings.items():
+        ts = sorted({1, min(t_max, v - 1), t_max} | {2 ** k for k in range(1, t_max.bit_length())})
+        ts = [t for t in ts if t <= t_max]
+        ax.plot(ts, [min(t, v - 1) for t in ts], ":", color=color, alpha=0.8, label=f"min(T, V-1), V={v}")
+    _finish(ax, title, "batch tokens T", "numerical rank of G", note)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    return _save(fig, plt, path)
+
+
+def _finish(ax, title: str, xlabel: str, ylabel: str, note: Optional[str]) -> None:
+    ax.set_title(title if not note else f"{title}\n{note}", fontsize=10 if not note else 9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _save(fig, plt, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
