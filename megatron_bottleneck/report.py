@@ -485,9 +485,11 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
             series["average"].append((r.rank, avg))
         lines.append("")
         if len({r.rank for r, _ in scored}) > 1 and acc_tasks:
-            png = _plot_xy(os.path.join(out_dir, "zero_shot_vs_rank.png"), "Zero-shot score vs head rank", series,
-                           "head rank r", "score")
-            lines += [f"![]({png})", ""]
+            png = plot_series(os.path.join(out_dir, "zero_shot_vs_rank.png"), "Zero-shot score vs head rank",
+                              {k: sorted(v) for k, v in series.items()}, "head rank r", "score", xlog_base=2,
+                              ylog=False)
+            if png:
+                lines += [f"![]({png})", ""]
 
     path = os.path.join(out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:
