@@ -3,6 +3,7 @@
 Documents: in ``.txt`` files, paragraphs separated by blank lines; in ``.jsonl`` files, one JSON object per
 line with the text under ``text_key``. Each document is tokenised and followed by EOD. Tokenisation runs
 in ``workers`` processes; the output keeps the input order. Special ids: unk 0, EOD 1, pad 2 (no BOS).
+The tokenizer used is recorded beside the dataset (``<prefix>.tokenizer.json``), where ``eval`` finds it.
 """
 from __future__ import annotations
 
