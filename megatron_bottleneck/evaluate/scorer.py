@@ -35,22 +35,12 @@ from ..data.text import load_tokenizer, recorded_tokenizer
 from ..integrations.cpu import cpu_mode
 from ..integrations.launch import free_port
 from ..integrations.parallel import destroy_parallel, initialize_parallel
-from ..train.checkpoint import latest_checkpoint, load_model_only
+from ..train.checkpoint import load_model_only
 from ..train.config import TrainConfig
+from ..train.probe_checkpoint import resolve_checkpoint
 from ..train.trainer import build_models
 
 __all__ = ["CheckpointScorer", "checkpoint_config", "open_checkpoint", "resolve_checkpoint", "checkpoint_tokenizer"]
-
-
-def resolve_checkpoint(path: str) -> str:
-    """``path`` itself (an ``iter_*`` directory with ``config.yaml``) or the latest checkpoint under it."""
-    if os.path.exists(os.path.join(path, "config.yaml")):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"no checkpoint at {path!r}: expected an iter_* directory or a directory with a "
-                              "'latest' file (the trainer's checkpoint.dir).")
-    return latest
 
 
 def checkpoint_config(ckpt: str) -> TrainConfig:
