@@ -479,7 +479,8 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
         series["average"] = []
         for r, sc in scored:
             avg = sum(sc[t] for t in common) / len(common) if common else None
-            lines.append(f"| {r.name} | {r.rank} | " + " | ".join(_fmt(sc.get(t)) for t in tasks) + f" | {_fmt(avg)} |")
+            dense = " (dense)" if r.params.get("head_rank") is None else ""
+            lines.append(f"| {r.name} | {r.rank}{dense} | " + " | ".join(_fmt(sc.get(t)) for t in tasks) + f" | {_fmt(avg)} |")
             for t in acc_tasks:
                 series[t].append((r.rank, sc.get(t)))
             series["average"].append((r.rank, avg))

@@ -1,9 +1,11 @@
 """``megatron-bottleneck eval``: a tiny low-rank-head checkpoint trained at TP=2 on real text (SentencePiece),
 scored at TP=1 through lm-evaluation-harness on tasks defined from local files (no hub, no network)."""
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -42,6 +44,10 @@ def _tasks(root, docs):
         "task": "tiny_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "ppl.jsonl")}},
         "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
         "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}]}))
+    (inc / "tiny_gen.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "mc.jsonl")}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{query}}", "doc_to_target": "x",
+        "generation_kwargs": {"until": ["."]}, "metric_list": [{"metric": "exact_match"}]}))
     return inc, mc
 
 
@@ -107,7 +113,7 @@ def test_eval_writes_lm_eval_results_and_report_draws_them(trained, capsys):
     (other / "eval" / "results.json").write_text(json.dumps(res))
     report = open(write_report(str(runs))).read()
     section = report[report.index("## Zero-shot score vs head rank"):]
-    assert "| 4 |" in section and "| 16 |" in section and "0.750" in section and "tiny_mc" in section
+    assert "| 4 |" in section and "| 16 (dense) |" in section and "0.750" in section and "tiny_mc" in section
     assert (runs / "zero_shot_vs_rank.png").stat().st_size > 1000
 
 
@@ -163,16 +169,24 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys, monkeypatch, spamlan
     from megatron_bottleneck.train import TrainConfig
 
     def one_line(args, needle):
+        """Exit status 2, one error line and no traceback (lm-eval's and datasets' own log lines aside)."""
+        for name in ("", "lm_eval"):  # logging handlers keep the stderr of their first use (an older capture)
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler):
+                    h.stream = sys.stderr  # (setStream would flush the closed one)
         assert main(["eval", *args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and needle in err[0], err
+        err = capsys.readouterr().err
+        errors = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
 
     one_line([str(tmp_path / "nothing")], "no checkpoint at")
     one_line([str(trained["ckpt"]), "--tasks", "no_such_task", "--include-path", str(trained["inc"])],
              "unknown lm-eval task(s) ['no_such_task']")
     one_line([str(trained["ckpt"]), "--tokenizer", str(tmp_path / "missing.model"), "--tasks", "tiny_mc",
               "--include-path", str(trained["inc"])], "tokenizer model")
-    monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
+    one_line([str(trained["ckpt"]), "--tasks", "tiny_gen", "--include-path", str(trained["inc"]), "--device", "cpu"],
+             "task tiny_gen is generative (generate_until)")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
     one_line([str(trained["ckpt"])], "pip install 'megatron-bottleneck[eval]'")
     monkeypatch.undo()
     cfg = TrainConfig.load(os.path.join(resolve_checkpoint(str(trained["ckpt"])), "config.yaml"))
