@@ -168,13 +168,19 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys, monkeypatch, spamlan
     from megatron_bottleneck.evaluate import checkpoint_tokenizer, resolve_checkpoint
     from megatron_bottleneck.train import TrainConfig
 
+    # logging handlers made during an earlier test keep that test's (closed) stderr capture: point them here
+    handlers = [h for name in ("", "lm_eval") for h in logging.getLogger(name).handlers
+                if type(h) is logging.StreamHandler]
+
     def one_line(args, needle):
         """Exit status 2, one error line and no traceback (lm-eval's and datasets' own log lines aside)."""
-        for name in ("", "lm_eval"):  # logging handlers keep the stderr of their first use (an older capture)
-            for h in logging.getLogger(name).handlers:
-                if isinstance(h, logging.StreamHandler):
-                    h.stream = sys.stderr  # (setStream would flush the closed one)
-        assert main(["eval", *args]) == 2
+        for h in handlers:
+            h.stream = sys.stderr  # (setStream would flush the closed one)
+        try:
+            assert main(["eval", *args]) == 2
+        finally:
+            for h in handlers:
+                h.stream = sys.__stderr__
         err = capsys.readouterr().err
         errors = [x for x in err.splitlines() if x.startswith("error:")]
         assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
