@@ -202,9 +202,12 @@ def open_checkpoint(path: str, device: str = "auto", batch_size: int = 8, eod: i
         _tcfg, chunks = build_models(cfg)
         try:
             load_model_only(ckpt, chunks)
-        except Exception as exc:  # dist-checkpointing reports a mismatch in many shapes
-            raise CheckpointError(f"{ckpt}: the model does not load from it ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        except BaseException as exc:  # torch's CheckpointException is a BaseException, its text many lines
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            lines = [x.strip() for x in str(exc).splitlines() if x.strip() and not set(x.strip()) <= set("^~")]
+            raise CheckpointError(f"{ckpt}: the model does not load from it ({lines[-1] if lines else type(exc).__name__}"
+                                  "): its config.yaml must be the one saved with these weights") from None
         model = chunks[0].to(dev).eval()
         yield CheckpointScorer(model, cfg.model.vocab_size, cfg.model.seq_length, eod=eod, device=dev,
                                batch_size=batch_size), cfg

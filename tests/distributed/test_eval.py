@@ -192,6 +192,13 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys, monkeypatch, spamlan
               "--include-path", str(trained["inc"])], "tokenizer model")
     one_line([str(trained["ckpt"]), "--tasks", "tiny_gen", "--include-path", str(trained["inc"]), "--device", "cpu"],
              "task tiny_gen is generative (generate_until)")
+    other = tmp_path / "other_model"  # the weights of a rank-4 head under a config that asks for rank 8
+    shutil.copytree(resolve_checkpoint(str(trained["ckpt"])), other)
+    conf = yaml.safe_load((other / "config.yaml").read_text())
+    conf["model"]["head_rank"] = 8
+    (other / "config.yaml").write_text(yaml.safe_dump(conf))
+    one_line([str(other), "--tasks", "tiny_mc", "--include-path", str(trained["inc"]), "--device", "cpu"],
+             "the model does not load from it")
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     one_line([str(trained["ckpt"])], "pip install 'megatron-bottleneck[eval]'")
     monkeypatch.undo()
