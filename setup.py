@@ -34,6 +34,8 @@ setup(
         "plot": ["matplotlib"],
         "data": ["sentencepiece", "tokenizers"],
         "log": ["tensorboard"],
+        # megatron-bottleneck eval: zero-shot scores through EleutherAI's lm-evaluation-harness (its LM API, 0.4.x)
+        "eval": ["lm-eval>=0.4,<0.5"],
         # What Megatron-LM's own training code (megatron/training, pretrain_gpt.py) imports besides megatron-core.
         "megatron-lm": ["six", "regex", "pydantic", "triton", "pybind11"],
     },
