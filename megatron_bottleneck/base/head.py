@@ -243,16 +243,19 @@ class HeadConfig:
     ``sigsoftmax``, ``softcap``, ``monotone``, ``stacked``."""
     options: Dict[str, Any] = field(default_factory=dict)
     """The kind's options by name (fields of its options dataclass); missing ones take their defaults."""
+    seed: Optional[int] = None
+    """Seed of the head's TP-invariant initial draws (not part of the ``kind:options`` string); None:
+    ``torch.initial_seed()``."""
 
     @classmethod
-    def parse(cls, text: str) -> "HeadConfig":
+    def parse(cls, text: str, seed: Optional[int] = None) -> "HeadConfig":
         """``"kind"`` or ``"kind:name=value,name=value"`` (whitespace ignored)."""
         text = (text or "").strip()
         kind, _, rest = text.partition(":")
         kind = kind.strip()
         if not kind:
             raise HeadConfigError(f"head {text!r}: give a kind, e.g. 'mos:k=4' (known: {', '.join(registered_heads())})")
-        return cls(kind, parse_head_options(rest, what=f"head {text!r}"))
+        return cls(kind, parse_head_options(rest, what=f"head {text!r}"), seed)
 
     def __str__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
