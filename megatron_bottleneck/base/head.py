@@ -332,7 +332,8 @@ def _type_value(name: str, tp: Any, value: Any, where: str) -> Any:
         if tp is str:
             return str(value)
     except (TypeError, ValueError):
-        raise HeadConfigError(f"{where}: option {name}={value!r} is not a {tp.__name__}") from None
+        article = "an" if tp.__name__[0] in "aeiou" else "a"
+        raise HeadConfigError(f"{where}: option {name}={value!r} is not {article} {tp.__name__}") from None
     return value
 
 
