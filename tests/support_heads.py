@@ -166,6 +166,8 @@ def check_heads(sp: bool = False, ckpt_dir: str = "") -> List[Tuple[str, torch.T
             u, _ = head(_local(h, rank, tp, sp))
         out.append((f"{kind} forward tp={tp} sp={sp}", u[..., :n].reshape(-1, n).double(), ref_u[:, cols]))
         assert bool((u[..., n:] <= -1e30).all())
+        if sp:  # log_prob_fn takes the whole sequence whatever the layout: checked without SP
+            continue
         # the general probe's contract: value, VJP (full J^T g on every rank), JVP (this rank's columns)
         lp = head.log_prob_fn()
         assert (lp.n_valid, lp.vocab_start, lp.vocab_size) == (n, start, V_REAL)
@@ -184,7 +186,7 @@ def check_heads(sp: bool = False, ckpt_dir: str = "") -> List[Tuple[str, torch.T
         _, du_got = torch.func.jvp(lambda hh: lp.fn(params, hh), (h2,), (t_h,))
         _, du_ref = torch.func.jvp(lambda hh: ref_fn(hh, p_full), (h2,), (t_h,))
         out.append((f"{kind} log_prob_fn JVP tp={tp}", du_got, du_ref[:, cols]))
-        if ckpt_dir and not sp:
+        if ckpt_dir:
             out += _checkpoint_round_trip(kind, head, ckpt_dir, tp)
     return out
 

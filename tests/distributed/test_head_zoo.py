@@ -16,6 +16,6 @@ def test_heads_at_tp2_and_sp_and_checkpoint_to_tp1(tmp_path):
             labels.add(label)
             torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=2e-6, msg=label)
     for kind in support_heads.KINDS:
-        for part in ("loss loss", "forward", "log_prob_fn VJP dh", "log_prob_fn JVP", "checkpoint"):
+        for part in ("loss", "forward", "log_prob_fn VJP dh", "log_prob_fn JVP", "checkpoint"):
             assert any(x.startswith(f"{kind} {part}") for x in labels), (kind, part)
     assert any("sp=True" in x for r in results for x, _, _ in r)
