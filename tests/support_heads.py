@@ -195,14 +195,19 @@ def _checkpoint_round_trip(kind, head, ckpt_dir, tp):
     """Save this head (perturbed) with Megatron's distributed checkpointing; the caller reloads it at TP=1."""
     from megatron.core import dist_checkpointing
 
+    path = os.path.join(ckpt_dir, kind.replace(":", "_").replace(",", "_").replace("=", ""))
+    os.makedirs(path, exist_ok=True)
+    group, tp_, rank = _tp()
+    init = _full_params(build(kind, tp_, False), group, tp_)  # a fresh head's: for the TP-invariance check
+    if rank == 0:
+        torch.save(init, os.path.join(path, f"init_tp{tp}.pt"))
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    path = os.path.join(ckpt_dir, kind.replace(":", "_").replace(",", "_").replace("=", ""))
-    os.makedirs(path, exist_ok=True)
     dist_checkpointing.save(head.sharded_state_dict(prefix="head."), path)
-    group, tp_, _ = _tp()
-    torch.save(_full_params(head, group, tp_), os.path.join(path, f"full_tp{tp}.pt"))
+    full = _full_params(head, group, tp_)
+    if rank == 0:
+        torch.save(full, os.path.join(path, f"full_tp{tp}.pt"))
     return []
 
 
@@ -220,7 +225,10 @@ def load_at_current_layout(ckpt_dir: str) -> List[Tuple[str, torch.Tensor, torch
         sd = dist_checkpointing.load(head.sharded_state_dict(prefix="head."), path)
         head.load_state_dict({k[len("head."):]: v for k, v in sd.items()}, strict=True)
         saved = torch.load(os.path.join(path, "full_tp2.pt"))
+        init = torch.load(os.path.join(path, "init_tp2.pt"))
         got = _full_params(head, group, tp)
+        for name in init:  # the same seed draws the same full parameters at TP=2 and TP=1
+            out.append((f"{kind} init tp=2 == tp={tp} {name}", fresh[name], init[name]))
         for name in saved:
             assert not torch.equal(fresh[name], saved[name])
             out.append((f"{kind} checkpoint tp=2 -> tp={tp} {name}", got[name], saved[name]))

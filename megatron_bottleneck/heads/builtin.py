@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron.core.utils import get_pg_size
+
+from ..base.groups import default_tp_group
 from ..base.head import HeadBuildContext, register_head, registered_heads
+from .fused import DenseOutputLayer, as_lm_head
 from .low_rank import LowRankOutputLayer, validate_head_shape
 from .mos import MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions
 from .pointwise import MonotoneOptions, PointwiseLogitHead, SigsoftmaxOptions, SoftcapOptions
@@ -44,8 +48,6 @@ class LowRankOptions:
 
 
 def _dense(ctx: HeadBuildContext, _options):
-    from .fused import DenseOutputLayer, as_lm_head
-
     if ctx.old_head is not None:
         return as_lm_head(ctx.old_head, ctx.real_vocab_size)
     return DenseOutputLayer(ctx.hidden_size, ctx.vocab_size, config=ctx.config, init_method=ctx.config.init_method,
@@ -54,10 +56,6 @@ def _dense(ctx: HeadBuildContext, _options):
 
 
 def _low_rank(ctx: HeadBuildContext, o: LowRankOptions):
-    from megatron.core.utils import get_pg_size
-
-    from ..base.groups import default_tp_group
-
     validate_head_shape(ctx.hidden_size, ctx.vocab_size, o.r, get_pg_size(default_tp_group(ctx.tp_group)))
     init_weight = ctx.old_head.weight if o.init == "from_dense" and ctx.old_head is not None else None
     return LowRankOutputLayer(ctx.hidden_size, ctx.vocab_size, o.r, config=ctx.config, init=o.init,

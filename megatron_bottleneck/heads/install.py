@@ -23,7 +23,7 @@ from megatron.core.distributed import DistributedDataParallel
 
 from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext, HeadConfig, check_head, get_head_spec, is_lm_head
-from .fused import FusedLossConfig, enable_fused_loss
+from .fused import FusedLossConfig, as_lm_head, enable_fused_loss
 from .low_rank import INIT_METHODS
 
 __all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "install_head", "head_hook",
@@ -126,8 +126,6 @@ def install_head(model, head: "HeadConfig | str", *, tp_group=None, fused_loss: 
     (:func:`~megatron_bottleneck.base.head.check_head`) and installed. Needs untied embeddings. ``fused_loss``:
     the model's forward with labels computes the loss with the head (fused where the head allows it).
     """
-    from .fused import as_lm_head
-
     head = as_head_config(head)
     spec = get_head_spec(head.kind)
     options = spec.make_options(head.options)

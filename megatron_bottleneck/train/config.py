@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 import torch
 import yaml
 
-from ..base.errors import ConfigError, DataError
+from ..base.errors import ConfigError, DataError, HeadConfigError
+from ..heads import HeadConfig
 from ..heads.install import require_transformer_engine
 from ..data import spamlang_sequence_tokens, validate_gpt_data
 from ..probe import ProbeConfig
@@ -274,9 +275,6 @@ class TrainConfig:
     def head_config(self):
         """The model's head as a :class:`~megatron_bottleneck.base.head.HeadConfig` (kind, options, seed),
         checked: an unknown kind or option, or a head_rank with another kind, is one ConfigError line."""
-        from ..base.errors import HeadConfigError
-        from ..heads import HeadConfig
-
         m = self.model
         kind = m.head_type or ("low_rank" if m.head_rank is not None else "dense")
         if not isinstance(m.head_options, dict):

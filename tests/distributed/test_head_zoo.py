@@ -19,3 +19,24 @@ def test_heads_at_tp2_and_sp_and_checkpoint_to_tp1(tmp_path):
         for part in ("loss", "forward", "log_prob_fn VJP dh", "log_prob_fn JVP", "checkpoint"):
             assert any(x.startswith(f"{kind} {part}") for x in labels), (kind, part)
     assert any("sp=True" in x for r in results for x, _, _ in r)
+
+
+def train_mos(log_dir, data, probe):
+    """A few trainer steps with model.head_type: mos at TP=2 + SP (fused loss)."""
+    from megatron_bottleneck.train import Trainer
+    from tests.distributed import trainer_ranks as tr
+
+    cfg = tr.config(log_dir, data, steps=12, probe=probe,
+                    model={"head_rank": None, "head_type": "mos", "head_options": {"k": 2}, "fused_loss": True},
+                    parallel={"sequence_parallel": True}, checkpoint={"dir": None},
+                    optim={"lr": 3e-2, "warmup_steps": 1})
+    trainer = Trainer(cfg)
+    head = mb.find_head(trainer.models)
+    out = trainer.train()
+    return {"head": type(head).__name__, "losses": [h["loss"] for h in out["history"]]}
+
+
+def test_trainer_trains_a_mixture_of_softmaxes_head(tmp_path, spamlang):
+    for r in mb.launch(train_mos, 2, str(tmp_path / "on"), spamlang, {"interval": 0}, timeout=400):
+        assert r["head"] == "MixtureOfSoftmaxesHead" and len(r["losses"]) == 12
+        assert min(r["losses"][-3:]) < r["losses"][0] - 0.1, r["losses"]
