@@ -90,27 +90,31 @@ def _global_lse(z: torch.Tensor, group) -> torch.Tensor:
 
 
 class _LogSoftmax(torch.autograd.Function):
+    # Saves z and lse (not the output u): a caller may modify u in place (Megatron's vocab-parallel
+    # cross-entropy subtracts the max from the logits it is given).
     @staticmethod
     def forward(z, group):
-        return z - _global_lse(z, group)
+        lse = _global_lse(z, group)
+        return z - lse, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.group = inputs[1]
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.save_for_forward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, g):
-        (u,) = ctx.saved_tensors
+    def backward(ctx, g, _g_lse):
+        z, lse = ctx.saved_tensors
         total = _all_reduce(g.sum(dim=-1, keepdim=True), ctx.group)
-        return g - torch.exp(u) * total, None
+        return g - torch.exp(z - lse) * total, None
 
     @staticmethod
     def jvp(ctx, z_t, _group_t):
-        (u,) = ctx.saved_tensors
-        mean = _all_reduce((torch.exp(u) * z_t).sum(dim=-1, keepdim=True), ctx.group)
-        return z_t - mean
+        z, lse = ctx.saved_tensors
+        mean = _all_reduce((torch.exp(z - lse) * z_t).sum(dim=-1, keepdim=True), ctx.group)
+        return z_t - mean, None
 
 
 def tp_copy(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -127,4 +131,4 @@ def tp_log_softmax(z: torch.Tensor, group=None) -> torch.Tensor:
     """u = z - log sum_(all shards) exp(z) over the last dim: this rank's columns of the log-softmax."""
     if tp_size(group) == 1:
         return torch.log_softmax(z, dim=-1)
-    return _LogSoftmax.apply(z, group)
+    return _LogSoftmax.apply(z, group)[0]

@@ -162,3 +162,24 @@ def test_megatron_lm_head_flags_summary_line():
 
     line = check_arguments(["--lm-head-type", "mos", "--lm-head-options", "k=4", "--untie-embeddings-and-output-weights"])
     assert line[-1].startswith("head: mos:k=4; loss:")
+
+
+@pytest.mark.parametrize("kind", support_heads.KINDS)
+def test_unfused_forward_through_megatron_cross_entropy_equals_the_head_loss(kind):
+    # Megatron's vocab_parallel_cross_entropy edits the logits it gets in place: the head must survive it.
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    h, y, _, _ = support_heads._inputs()
+    y = y.clamp(min=0)
+    grads = []
+    for path in ("megatron", "head"):
+        head = support_heads.build(kind, 1, False)
+        x = h.clone().requires_grad_(True)
+        if path == "megatron":
+            loss = vocab_parallel_cross_entropy(head(x)[0], y)
+        else:
+            loss = head.loss(x, y)
+        loss.sum().backward()
+        grads.append([loss.detach(), x.grad] + [p.grad for p in head.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
