@@ -20,12 +20,7 @@ def test_every_builtin_head_matches_its_float64_reference_at_tp1():
         torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=2e-6, msg=label)
 
 
-def error_of(fn) -> str:
-    try:
-        fn()
-    except mb.BottleneckError as e:
-        return f"{type(e).__name__}: {e}"
-    return "no error"
+error_of = support.error_of
 
 
 class IncompleteHead(torch.nn.Module):
