@@ -160,8 +160,13 @@ def check_arguments(argv: List[str]) -> List[str]:
             raise HeadConfigError("--lm-head-rank replaces the output layer, which is tied to the input embedding: "
                                   "add --untie-embeddings-and-output-weights")
     head_config = head_config_from_args(args, rank)
-    if head_config is not None and head_config.kind not in ("dense", "low_rank") \
-            and not args.untie_embeddings_and_output_weights:
+    if head_config is not None and head_config.kind == "low_rank" and rank is None:  # r from --lm-head-options
+        rank = head_config.resolved_options().r
+        hidden = _int(args, "--hidden-size")
+        if not 1 <= rank <= (hidden or rank):
+            raise HeadConfigError(f"--lm-head-options r={rank}: a rank-r head needs 1 <= r <= the hidden size "
+                                  f"{hidden} (--hidden-size)")
+    if head_config is not None and head_config.kind != "dense" and not args.untie_embeddings_and_output_weights:
         raise HeadConfigError(f"--lm-head-type {head_config.kind} replaces the output layer, which is tied to the input "
                               "embedding: add --untie-embeddings-and-output-weights")
     if args.lm_head_init not in INIT_METHODS:

@@ -178,3 +178,23 @@ def test_unfused_forward_through_megatron_cross_entropy_equals_the_head_loss(kin
         grads.append([loss.detach(), x.grad] + [p.grad for p in head.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_megatron_lm_installs_the_head_from_its_flags():
+    import argparse
+
+    from megatron_bottleneck.integrations.megatron_lm import check_arguments, install_head_from_args
+
+    models = [mb.build_gpt_model(support.config(), support.VOCAB, support.SEQ) for _ in range(2)]
+    args = argparse.Namespace(lm_head_type="mos", lm_head_options="k=3,fused=false", lm_head_rank=None,
+                              lm_head_init="balanced", lm_head_fused_loss=True, seed=3)
+    install_head_from_args(models, args)
+    assert [(type(m.output_layer).__name__, m.output_layer.k, m.output_layer.fused) for m in models] == [
+        ("MixtureOfSoftmaxesHead", 3, False)] * 2
+    assert all(mb.heads.is_fused(m) for m in models)
+    low = check_arguments(["--lm-head-type", "low_rank", "--lm-head-options", "r=8", "--hidden-size", "64",
+                           "--untie-embeddings-and-output-weights"])
+    assert low[-1].startswith("head: low-rank rank 8")
+    assert "1 <= r <= the hidden size 64" in error_of(lambda: check_arguments(
+        ["--lm-head-type", "low_rank", "--lm-head-options", "r=65", "--hidden-size", "64",
+         "--untie-embeddings-and-output-weights"]))
