@@ -34,6 +34,12 @@ _LAZY = {
     "install_low_rank_head": "heads.install", "low_rank_head_hook": "heads.install",
     "enable_fused_loss": "heads.fused", "disable_fused_loss": "heads.fused", "fused_loss_hook": "heads.fused", "FusedLossConfig": "heads.contract",
     "DenseOutputLayer": "heads.fused", "as_lm_head": "heads.fused",
+    # head plug-ins (the registry lives in base; "heads" registers the built-in kinds on import)
+    "register_head": "heads", "get_head_builder": "heads", "registered_heads": "heads", "HeadConfig": "heads",
+    "HeadBuildContext": "base.head", "HeadLogProb": "base.head", "NonLinearHead": "base.head",
+    "LinearHead": "base.head", "check_head": "base.head", "install_head": "heads.install", "head_hook": "heads.install",
+    "MixtureOfSoftmaxesHead": "heads.mos", "PointwiseLogitHead": "heads.pointwise", "StackedHead": "heads.stacked",
+    "VocabParallelHead": "heads.vocab_parallel",
     "build_gpt_model": "models.gpt", "padded_vocab_size": "models.gpt",
     "SequenceParallelNorm": "models.llama", "llama_block_spec": "models.llama", "llama_config": "models.llama",
     # probe and base
@@ -74,7 +80,14 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .heads.fused import (DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss,  # noqa: F401
                               fused_loss_hook)
     from .base.sinks import MetricsLogger, read_jsonl  # noqa: F401
-    from .heads.install import LowRankHeadConfig, install_low_rank_head, low_rank_head_hook  # noqa: F401
+    from .base.head import (HeadBuildContext, HeadConfig, HeadLogProb, LinearHead, NonLinearHead,  # noqa: F401
+                            check_head, get_head_builder, register_head, registered_heads)
+    from .heads.install import (LowRankHeadConfig, head_hook, install_head, install_low_rank_head,  # noqa: F401
+                                low_rank_head_hook)
+    from .heads.mos import MixtureOfSoftmaxesHead  # noqa: F401
+    from .heads.pointwise import PointwiseLogitHead  # noqa: F401
+    from .heads.stacked import StackedHead  # noqa: F401
+    from .heads.vocab_parallel import VocabParallelHead  # noqa: F401
     from .heads.low_rank import LowRankOutputLayer  # noqa: F401
     from .integrations.cpu import cpu_mode, disable_cpu_mode, enable_cpu_mode, is_cpu_mode  # noqa: F401
     from .integrations.forward_step import wrap_forward_step  # noqa: F401

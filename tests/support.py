@@ -17,6 +17,15 @@ import megatron_bottleneck as mb
 VOCAB, SEQ, MICRO, NUM_MICRO, HIDDEN = 256, 16, 2, 4, 32
 
 
+def error_of(fn) -> str:
+    """``fn()``'s megatron-bottleneck input error as "Type: message" ("no error" when it raises none)."""
+    try:
+        fn()
+    except mb.BottleneckError as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def config(tp=1, pp=1, vpp=None, sp=False, **kw):
     return mb.llama_config(
         num_layers=4,

@@ -3,11 +3,15 @@ process groups, metrics sinks."""
 from .errors import (BottleneckError, CheckpointError, ConfigError, CpuModeError, DataError, DeviceError, HeadConfigError,
                      RankFailure, error_messages)
 from .groups import default_dp_cp_group, default_dp_group, default_tp_group
-from .head import HeadView, LMHead, find_head, head_view, is_lm_head
+from .head import (HeadBuildContext, HeadConfig, HeadLogProb, HeadSpec, HeadView, LinearHead, LMHead, NonLinearHead,
+                   check_head, find_head, get_head_builder, head_view, is_linear_head, is_lm_head, is_nonlinear_head,
+                   register_head, registered_heads)
 from .loss import FusedLossRecord, HeadLossStats, LossRequest
 from .sinks import MetricsLogger, read_jsonl
 
 __all__ = ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError", "HeadConfigError",
            "RankFailure", "error_messages",
            "HeadView", "LMHead", "find_head", "head_view", "is_lm_head", "FusedLossRecord", "HeadLossStats",
+           "HeadBuildContext", "HeadConfig", "HeadLogProb", "HeadSpec", "LinearHead", "NonLinearHead", "check_head",
+           "get_head_builder", "is_linear_head", "is_nonlinear_head", "register_head", "registered_heads",
            "LossRequest", "default_tp_group", "default_dp_group", "default_dp_cp_group", "MetricsLogger", "read_jsonl"]

@@ -21,18 +21,39 @@ reads of it is the typed protocol :class:`LMHead`:
 implement it; a new head type is one module implementing it (``megatron_bottleneck.heads.contract`` has the
 shared fused-forward logic). A plain Megatron ``ColumnParallelLinear`` (or ``torch.nn.Linear``) head that does
 not implement it is still probed: :func:`head_view` gives it the dense view (F = W, M = I).
+
+Linear and non-linear heads. Both implement :class:`LMHead` (the common part: ``tp_group``,
+``sequence_parallel``, ``vocab_size``, ``loss_request``, ``last_loss``, ``loss``), which is what
+:func:`is_lm_head` tests. A head whose logits are linear in one weight (dense, low-rank) is a
+:class:`LinearHead`: it adds ``probe_view`` and the probe's closed form applies (:func:`is_linear_head`). Any
+other head (mixture of softmaxes, pointwise logit non-linearities, stacked heads) is a :class:`NonLinearHead`:
+instead of ``probe_view`` it gives ``log_prob_fn() -> HeadLogProb``, the effective log-probabilities
+u = log p(h) of this rank's vocabulary shard as a differentiable function of the head input and parameters,
+which is all a general (matrix-free) probe needs. :func:`head_view` refuses a non-linear head in one line.
+
+Plug-ins. :func:`register_head` ``(name, builder, options=OptionsDataclass)`` adds a head kind;
+:class:`HeadConfig` (``kind`` + ``options``, parsed from ``"mos:k=4"``) names one; the builder gets a
+:class:`HeadBuildContext` and the options and returns the head module, which :func:`check_head` checks
+(``megatron_bottleneck.heads.install_head`` builds, checks and installs it). The built-in kinds are
+registered by ``megatron_bottleneck.heads``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
+from .errors import HeadConfigError
 from .loss import FusedLossRecord, LossRequest
 
-__all__ = ["HeadView", "LMHead", "find_head", "head_view", "is_lm_head"]
+__all__ = ["HeadView", "LMHead", "LinearHead", "NonLinearHead", "HeadLogProb", "find_head", "head_view",
+           "is_lm_head", "is_linear_head", "is_nonlinear_head", "HeadConfig", "HeadBuildContext", "HeadSpec",
+           "register_head", "get_head_builder", "get_head_spec", "registered_heads", "check_head",
+           "refuse_nonlinear", "parse_head_options"]
 
 
 @dataclass
@@ -56,8 +77,8 @@ class HeadView:
 
 @runtime_checkable
 class LMHead(Protocol):
-    """The head contract (see the module docstring). Shapes: hidden ``[s, b, D]`` (``[s/tp, b, D]`` under
-    sequence parallelism), labels ``[s, b]``, loss ``[s, b]`` float32."""
+    """The head contract's common part (see the module docstring), linear or not. Shapes: hidden ``[s, b, D]``
+    (``[s/tp, b, D]`` under sequence parallelism), labels ``[s, b]``, loss ``[s, b]`` float32."""
 
     tp_group: Any
     sequence_parallel: bool
@@ -65,24 +86,100 @@ class LMHead(Protocol):
     loss_request: LossRequest
     last_loss: Optional[FusedLossRecord]
 
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+             config: Any = None, stats: Any = None, logit_scale: float = 1.0) -> torch.Tensor:
+        """Per-token cross-entropy ``[s, b]`` of ``logit_scale`` x this head's logits (fused where the head's
+        math allows, never building the ``[s, b, V/tp]`` logits then)."""
+
+
+@runtime_checkable
+class LinearHead(LMHead, Protocol):
+    """A head whose logits are linear in one weight, logits = H W^T with W = F M: the probe's closed form."""
+
     def probe_view(self, weight: Optional[torch.Tensor] = None) -> "HeadView":
         """The probe's view of this rank's shard; ``weight`` is the one passed to forward, if any."""
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
-             config: Any = None, stats: Any = None, logit_scale: float = 1.0) -> torch.Tensor:
-        """Per-token cross-entropy ``[s, b]`` of ``logit_scale`` x this head's logits, never building them."""
+
+@dataclass
+class HeadLogProb:
+    """The effective log-probabilities of a head on this TP rank, as a function: what a general probe reads.
+
+    ``fn(params, h) -> u``: h ``[T, D]`` the head input for T tokens, the same tensor on every TP rank (under
+    sequence parallelism the caller gathers the sequence first); ``params`` a dict name -> tensor with the keys
+    of :attr:`params` (the head's parameters u depends on, names as in ``head.named_parameters()``); u
+    ``[T, n_valid]`` = log p(vocab_start + j | h_t) for the real rows j < n_valid of this rank's vocab shard
+    (Megatron's padding rows left out), in h's dtype.
+
+    * Token-wise: u[t] depends on h[t] only, so a caller chunks over tokens by slicing h (every TP rank must
+      pass the same T: the normalisers are collectives).
+    * Normalised over the whole vocabulary: sum over ranks and j of exp(u[t, j]) = 1.
+    * Differentiable in h and in every params entry, under autograd and ``torch.func.vjp`` / ``jvp`` / ``grad``
+      (not ``vmap``), with the TP convention of :mod:`megatron_bottleneck.base.tp_autograd`: h and the
+      replicated params are replicated, u is sharded. Hence a VJP with this rank's cotangent columns g
+      ``[T, n_valid]`` (e.g. its columns of G = p - onehot) returns, on every rank, the *full* J^T g summed over
+      all vocab shards for h and for the replicated params (the all-reduce happens inside), and this rank's
+      shard's gradient for the sharded params; a JVP with replicated tangents returns this rank's columns of du.
+    * ``sharded``: names of params sharded over the vocabulary (dim 0, like ``weight``); the others are
+      replicated over TP.
+
+    ``__call__(h, params=None)`` evaluates it at the head's current parameters (or ``params``).
+    """
+
+    fn: Callable[[Dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+    params: Dict[str, torch.Tensor]
+    sharded: FrozenSet[str]
+    vocab_start: int
+    vocab_size: int
+    n_valid: int
+    tp_group: Any = None
+
+    def __call__(self, h: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        return self.fn(self.params if params is None else params, h)
+
+
+@runtime_checkable
+class NonLinearHead(LMHead, Protocol):
+    """A head whose log-probabilities are not linear in one weight (no ``probe_view``): it gives them as a
+    function instead, :class:`HeadLogProb`. ``head_input_size``: D, the width of h."""
+
+    head_input_size: int
+
+    def log_prob_fn(self) -> HeadLogProb:
+        """u = log p(h) of this rank's vocab shard as a function of (params, h) (see :class:`HeadLogProb`)."""
 
 
 def is_lm_head(module) -> bool:
-    """Whether ``module`` implements :class:`LMHead` (attributes and methods present)."""
+    """Whether ``module`` implements :class:`LMHead` (the common part; linear or non-linear)."""
     return isinstance(module, LMHead)
+
+
+def is_linear_head(module) -> bool:
+    """Whether ``module`` is a :class:`LinearHead` (``probe_view``: the probe's closed form applies)."""
+    return isinstance(module, LinearHead)
+
+
+def is_nonlinear_head(module) -> bool:
+    """Whether ``module`` implements the contract without ``probe_view`` (a :class:`NonLinearHead` or an
+    incomplete head): the linear probe cannot measure it."""
+    return is_lm_head(module) and not is_linear_head(module)
+
+
+def refuse_nonlinear(head) -> None:
+    """Raise :class:`HeadConfigError` (one line) for a head the linear probe cannot measure."""
+    if is_nonlinear_head(head):
+        raise HeadConfigError(
+            f"the gradient probe measures heads whose logits are linear in one weight (dense, low-rank); the "
+            f"{type(head).__name__} head is not (it gives log_prob_fn() for the general probe, which is not "
+            f"available yet): turn the probe off (probe intervals 0) for this head.")
 
 
 def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> "HeadView":
     """The probe's view of any head: its own ``probe_view`` when it implements :class:`LMHead`, else the dense
     view of a module whose ``weight`` is the local vocab shard ``(V/tp, D)`` (Megatron's
-    ``ColumnParallelLinear``, ``torch.nn.Linear``). ``vocab_size`` overrides the real vocabulary."""
-    if is_lm_head(head):
+    ``ColumnParallelLinear``, ``torch.nn.Linear``). ``vocab_size`` overrides the real vocabulary. A
+    :class:`NonLinearHead` has no such view: refused with :class:`HeadConfigError` in one line."""
+    refuse_nonlinear(head)
+    if is_linear_head(head):
         view = head.probe_view(weight=weight)
     else:
         w = head.weight if weight is None else weight
@@ -128,3 +225,209 @@ def find_head(model) -> Optional[torch.nn.Module]:
         if head is not None:
             return head
     return None
+
+
+# ------------------------------------------------------------------------------------------ head plug-ins
+@dataclass
+class HeadConfig:
+    """Which head to build: a registered ``kind`` and its ``options``.
+
+    ``HeadConfig("mos", {"k": 4})``, or parsed: ``HeadConfig.parse("mos:k=4,proj_std=0.1")`` (what
+    ``--heads dense,low_rank:r=64,mos:k=4`` style lists and ``--lm-head-type`` / ``--lm-head-options`` give).
+    Option values are strings or typed values; :meth:`resolved_options` turns them into the kind's options
+    dataclass (types from its fields), refusing an unknown kind or option in one line.
+    """
+
+    kind: str = "dense"
+    """A registered head kind (:func:`registered_heads`): built in ``dense``, ``low_rank``, ``mos``,
+    ``sigsoftmax``, ``softcap``, ``monotone``, ``stacked``."""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """The kind's options by name (fields of its options dataclass); missing ones take their defaults."""
+    seed: Optional[int] = None
+    """Seed of the head's TP-invariant initial draws (not part of the ``kind:options`` string); None:
+    ``torch.initial_seed()``."""
+
+    @classmethod
+    def parse(cls, text: str, seed: Optional[int] = None) -> "HeadConfig":
+        """``"kind"`` or ``"kind:name=value,name=value"`` (whitespace ignored)."""
+        text = (text or "").strip()
+        kind, _, rest = text.partition(":")
+        kind = kind.strip()
+        if not kind:
+            raise HeadConfigError(f"head {text!r}: give a kind, e.g. 'mos:k=4' (known: {', '.join(registered_heads())})")
+        return cls(kind, parse_head_options(rest, what=f"head {text!r}"), seed)
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.kind}:{opts}" if opts else self.kind
+
+    def spec(self) -> "HeadSpec":
+        return get_head_spec(self.kind)
+
+    def resolved_options(self):
+        """The options as the kind's options dataclass (or a dict for a kind registered without one)."""
+        return self.spec().make_options(self.options)
+
+
+def parse_head_options(text: str, what: str = "head options") -> Dict[str, str]:
+    """``"k=4,d=8"`` -> ``{"k": "4", "d": "8"}`` (values stay strings; the kind's dataclass types them)."""
+    out: Dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise HeadConfigError(f"{what}: option {item!r} is not name=value (e.g. k=4)")
+        out[name.strip()] = value.strip()
+    return out
+
+
+@dataclass
+class HeadBuildContext:
+    """What a head builder gets besides its options: the shapes and settings of the head it replaces."""
+
+    hidden_size: int
+    """D, the width of the head input h."""
+    vocab_size: int
+    """The padded vocabulary (a multiple of the TP size): rows of the full weight."""
+    real_vocab_size: int
+    """The tokenizer's vocabulary V <= vocab_size (the rest is Megatron's padding)."""
+    config: Any
+    """The model's Megatron ``TransformerConfig`` (params_dtype, init_method_std, sequence_parallel, ...)."""
+    tp_group: Any = None
+    """The vocab-parallel group (None: one rank)."""
+    seed: Optional[int] = None
+    """Seed of TP-invariant draws (the same full weights at every TP size); None: ``torch.initial_seed()``."""
+    device: Any = None
+    """Where the parameters go (None: the config's default)."""
+    gather_output: bool = False
+    """Whether the replaced head gathered its logits over TP."""
+    old_head: Optional[torch.nn.Module] = None
+    """The head being replaced (e.g. for an initialisation from it), or None."""
+
+
+def _type_value(name: str, tp: Any, value: Any, where: str) -> Any:
+    """``value`` (a string from a command line, or already typed) as type ``tp`` of a dataclass field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _type_value(name, non_none[0], value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise HeadConfigError(f"{where}: option {name}={value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        article = "an" if tp.__name__[0] in "aeiou" else "a"
+        raise HeadConfigError(f"{where}: option {name}={value!r} is not {article} {tp.__name__}") from None
+    return value
+
+
+@dataclass
+class HeadSpec:
+    """A registered head kind: ``builder(context: HeadBuildContext, options) -> module`` and its options
+    dataclass (None: the options are passed as a dict, unchecked)."""
+
+    name: str
+    builder: Callable[[HeadBuildContext, Any], torch.nn.Module]
+    options: Optional[type] = None
+    description: str = ""
+
+    def make_options(self, given: Mapping[str, Any]):
+        where = f"head kind {self.name!r}"
+        if self.options is None:
+            return dict(given)
+        fields = {f.name: f for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            known = ", ".join(fields) or "none"
+            raise HeadConfigError(f"{where} has no option {unknown[0]!r} (its options: {known})")
+        hints = typing.get_type_hints(self.options)
+        kwargs = {n: _type_value(n, hints[n], v, where) for n, v in given.items()}
+        missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise HeadConfigError(f"{where} needs option {missing[0]} (e.g. {self.name}:{missing[0]}=...)")
+        try:
+            return self.options(**kwargs)
+        except HeadConfigError as exc:
+            raise HeadConfigError(f"{where}: {exc}") from None
+
+
+_REGISTRY: Dict[str, HeadSpec] = {}
+
+
+def register_head(name: str, builder: Callable[[HeadBuildContext, Any], torch.nn.Module], options: Optional[type] = None,
+                  *, description: str = "", replace: bool = False) -> HeadSpec:
+    """Register a head kind ``name`` (lower-case identifier) built by ``builder(context, options)``.
+
+    ``options``: a dataclass whose fields are the kind's options (typed; with defaults where optional;
+    ``__post_init__`` may raise :class:`HeadConfigError` for bad values); None passes a dict. The module the
+    builder returns is checked by :func:`check_head` each time it is built (one line naming what it lacks).
+    ``replace=True`` overrides an existing kind. Returns the :class:`HeadSpec`.
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise HeadConfigError(f"head kind name {name!r} must be a lower-case identifier (e.g. 'my_head')")
+    if not callable(builder):
+        raise HeadConfigError(f"head kind {name!r}: the builder {builder!r} is not callable")
+    if options is not None and not dataclasses.is_dataclass(options):
+        raise HeadConfigError(f"head kind {name!r}: options must be a dataclass type, got {options!r}")
+    if name in _REGISTRY and not replace:
+        raise HeadConfigError(f"head kind {name!r} is already registered (pass replace=True to override it)")
+    spec = HeadSpec(name, builder, options, description)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def get_head_spec(name: str) -> HeadSpec:
+    """The :class:`HeadSpec` of a registered kind; an unknown one is refused in one line."""
+    if name not in _REGISTRY:
+        raise HeadConfigError(f"unknown head kind {name!r}: known kinds are {', '.join(registered_heads())} "
+                              f"(register one with megatron_bottleneck.register_head)")
+    return _REGISTRY[name]
+
+
+def get_head_builder(name: str) -> Callable[[HeadBuildContext, Any], torch.nn.Module]:
+    """The builder of a registered head kind."""
+    return get_head_spec(name).builder
+
+
+def registered_heads() -> List[str]:
+    """Names of the registered head kinds, in registration order."""
+    return list(_REGISTRY)
+
+
+_COMMON = ("tp_group", "sequence_parallel", "vocab_size", "loss_request", "last_loss")
+
+
+def check_head(module, name: str = "") -> torch.nn.Module:
+    """``module`` if it implements the head contract (:class:`LinearHead` or :class:`NonLinearHead`, and
+    ``sharded_state_dict`` for distributed checkpoints), else :class:`HeadConfigError` naming what it lacks."""
+    what = f"head kind {name!r}" if name else "the head"
+    if not isinstance(module, torch.nn.Module):
+        raise HeadConfigError(f"{what}: the builder returned {type(module).__name__}, not a torch.nn.Module")
+    lacks: List[str] = [a for a in _COMMON if not hasattr(module, a)]
+    lacks += [m for m in ("forward", "loss", "sharded_state_dict") if not callable(getattr(module, m, None))]
+    if not callable(getattr(module, "probe_view", None)):
+        if not callable(getattr(module, "log_prob_fn", None)):
+            lacks.append("probe_view (linear head) or log_prob_fn (non-linear head)")
+        elif not hasattr(module, "head_input_size"):
+            lacks.append("head_input_size")
+    if lacks:
+        raise HeadConfigError(f"{what} ({type(module).__name__}) does not implement the head contract: it lacks "
+                              f"{', '.join(lacks)} (see megatron_bottleneck.base.head)")
+    return module

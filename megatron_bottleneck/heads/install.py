@@ -1,13 +1,18 @@
-"""Put a :class:`LowRankOutputLayer` into Megatron-Core language models, before DDP wrapping.
+"""Put a registered head (:class:`~megatron_bottleneck.base.head.HeadConfig`) into Megatron-Core language models,
+before DDP wrapping.
 
-Two entry points, one mechanism (:func:`install_low_rank_head`):
+Two entry points, one mechanism (:func:`install_head`):
 
-* ``install_low_rank_head(model, rank)`` swaps the head of a built GPTModel / HybridModel in place.
-* ``low_rank_head_hook(rank)`` returns a pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]``
-  for Megatron-LM's ``get_model`` / Megatron-Bridge: it installs the head on every model chunk that
-  holds one (the last pipeline stage) and leaves the others alone.
+* ``install_head(model, HeadConfig("mos", {"k": 4}))`` swaps the head of a built GPTModel / HybridModel in
+  place: the kind's builder gets a :class:`~megatron_bottleneck.base.head.HeadBuildContext` from the current
+  head (shapes, TP group, gather_output) and the result is checked against the head contract.
+* ``head_hook(HeadConfig(...))`` returns a pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]``
+  for Megatron-LM's ``get_model`` (core_v0.19: the config container's model) / Megatron-Bridge
+  (``config.model.register_pre_wrap_hook``): it installs the head on every model chunk that holds one (the
+  last pipeline stage) and leaves the others alone.
 
-(``megatron_bottleneck.models.build_gpt_model(config, ..., head_rank=r)`` builds a GPTModel with it.)
+``install_low_rank_head(model, rank)`` / ``low_rank_head_hook(rank)`` are the same for the ``low_rank`` kind.
+(``megatron_bottleneck.models.build_gpt_model(config, ..., head=HeadConfig(...))`` builds a GPTModel with it.)
 """
 from __future__ import annotations
 
@@ -17,12 +22,12 @@ from typing import Callable, List, Literal, Optional
 from megatron.core.distributed import DistributedDataParallel
 
 from ..base.errors import HeadConfigError
-from ..base.head import is_lm_head
-from .fused import FusedLossConfig, enable_fused_loss
-from .low_rank import INIT_METHODS, LowRankOutputLayer, validate_head_shape
+from ..base.head import HeadBuildContext, HeadConfig, check_head, get_head_spec, is_lm_head
+from .fused import FusedLossConfig, as_lm_head, enable_fused_loss
+from .low_rank import INIT_METHODS
 
-__all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "require_transformer_engine",
-           "require_transformer_engine_for_fp8"]
+__all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "install_head", "head_hook",
+           "as_head_config", "require_transformer_engine", "require_transformer_engine_for_fp8"]
 
 
 @dataclass
@@ -49,8 +54,8 @@ def _unwrap(model):
         "TorchFullyShardedDataParallel",
     ):
         raise HeadConfigError(
-            "the model is already wrapped in data parallelism: install the low-rank head before DDP "
-            "wrapping (use low_rank_head_hook(rank) as Megatron's pre-wrap hook)."
+            "the model is already wrapped in data parallelism: install the head before DDP "
+            "wrapping (use head_hook(...) or low_rank_head_hook(rank) as Megatron's pre-wrap hook)."
         )
     return getattr(model, "module", model) if type(model).__name__ == "Float16Module" else model
 
@@ -72,7 +77,7 @@ def require_transformer_engine_for_fp8(config) -> None:
         require_transformer_engine(f"fp8={config.fp8!r}")
 
 
-def _check_model(model) -> None:
+def _check_model(model, what: str = "a low-rank head") -> None:
     config = model.config
     require_transformer_engine_for_fp8(config)
     if getattr(model, "share_embeddings_and_output_weights", False):
@@ -84,14 +89,79 @@ def _check_model(model) -> None:
         )
     if getattr(config, "mtp_num_layers", None):
         raise HeadConfigError(
-            f"multi-token prediction (mtp_num_layers={config.mtp_num_layers}) is not supported with a "
-            "low-rank head yet: set mtp_num_layers=None."
+            f"multi-token prediction (mtp_num_layers={config.mtp_num_layers}) is not supported with "
+            f"{what} yet: set mtp_num_layers=None."
         )
     if getattr(config, "defer_embedding_wgrad_compute", False):
         raise HeadConfigError(
-            "defer_embedding_wgrad_compute=True is not supported with a low-rank head (Megatron's "
+            f"defer_embedding_wgrad_compute=True is not supported with {what} (Megatron's "
             "deferred path recomputes a dense output weight gradient): set it to False."
         )
+
+
+def as_head_config(head) -> HeadConfig:
+    """A :class:`HeadConfig` from a HeadConfig, a ``"kind:k=v"`` string, a :class:`LowRankHeadConfig` or a rank."""
+    if isinstance(head, HeadConfig):
+        return head
+    if isinstance(head, str):
+        return HeadConfig.parse(head)
+    if isinstance(head, int) and not isinstance(head, bool):
+        head = LowRankHeadConfig(rank=head)
+    if isinstance(head, LowRankHeadConfig):
+        opts = {"r": head.rank, "init": head.init}
+        if head.init_std is not None:
+            opts["init_std"] = head.init_std
+        return HeadConfig("low_rank", opts, seed=head.seed)
+    raise HeadConfigError(f"a head is a HeadConfig, a 'kind:name=value' string or a rank, got {head!r}")
+
+
+def install_head(model, head: "HeadConfig | str", *, tp_group=None, fused_loss: "bool | FusedLossConfig" = False):
+    """Replace ``model.output_layer`` by the head ``head`` names (a :class:`HeadConfig` or ``"kind:k=v,..."``)
+    in place; returns the model.
+
+    ``model``: a Megatron-Core language model (GPTModel, HybridModel) not yet wrapped in DDP; a model without a
+    head (not the last pipeline stage) is returned unchanged. ``dense`` keeps the model's own head (given the
+    head contract, :func:`~megatron_bottleneck.heads.as_lm_head`); any other kind is built by its registered
+    builder from the current head's shapes (``head.seed``: the TP-invariant draws' seed), checked
+    (:func:`~megatron_bottleneck.base.head.check_head`) and installed. Needs untied embeddings. ``fused_loss``:
+    the model's forward with labels computes the loss with the head (fused where the head allows it).
+    """
+    head = as_head_config(head)
+    spec = get_head_spec(head.kind)
+    options = spec.make_options(head.options)
+    outer, model = model, _unwrap(model)
+    old = getattr(model, "output_layer", None)
+    if old is None or not getattr(model, "post_process", True):
+        return outer
+    if head.kind == "dense":
+        as_lm_head(old)
+    else:
+        if is_lm_head(old) and type(old).__name__ != "DenseOutputLayer":
+            raise HeadConfigError(f"the model already has a {type(old).__name__}; build a fresh model to change it.")
+        _check_model(model, f"a {head.kind} head")
+        ctx = HeadBuildContext(
+            hidden_size=old.input_size, vocab_size=old.output_size,
+            real_vocab_size=old.vocab_size if is_lm_head(old) else old.output_size, config=model.config,
+            tp_group=tp_group if tp_group is not None else getattr(old, "tp_group", None), seed=head.seed,
+            device=old.weight.device if getattr(old, "weight", None) is not None else None,
+            gather_output=bool(getattr(old, "gather_output", False)), old_head=old)
+        model.output_layer = check_head(spec.builder(ctx, options), head.kind)
+    if fused_loss:
+        enable_fused_loss(model, fused_loss if isinstance(fused_loss, FusedLossConfig) else None)
+    return outer
+
+
+def head_hook(head: "HeadConfig | str", *, fused_loss: "bool | FusedLossConfig" = False) -> Callable[[List], List]:
+    """A pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]`` installing ``head`` (:func:`install_head`)
+    on every chunk that holds the head: Megatron-LM core_v0.19 (``get_model``'s pre-wrap hooks) and
+    Megatron-Bridge (``config.model.register_pre_wrap_hook(mb.head_hook("mos:k=4"))``)."""
+    head = as_head_config(head)
+    get_head_spec(head.kind).make_options(head.options)  # refused now, not in the hook
+
+    def hook(models: List) -> List:
+        return [install_head(m, head, fused_loss=fused_loss) for m in models]
+
+    return hook
 
 
 def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=None):
@@ -106,37 +176,7 @@ def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=No
         head = LowRankHeadConfig(rank=head)
     if head.init not in INIT_METHODS:
         raise HeadConfigError(f"init={head.init!r} is not one of {INIT_METHODS}.")
-    outer, model = model, _unwrap(model)
-    old = getattr(model, "output_layer", None)
-    if old is None or not getattr(model, "post_process", True):
-        return outer
-    if isinstance(old, LowRankOutputLayer):
-        raise HeadConfigError("the model already has a LowRankOutputLayer; build a fresh model to change it.")
-    _check_model(model)
-    if tp_group is None:
-        tp_group = getattr(old, "tp_group", None)
-    config = model.config
-    hidden, vocab = old.input_size, old.output_size
-    tp = vocab // old.output_size_per_partition
-    validate_head_shape(hidden, vocab, head.rank, tp)
-    new = LowRankOutputLayer(
-        hidden,
-        vocab,
-        head.rank,
-        config=config,
-        init=head.init,
-        init_std=head.init_std,
-        init_weight=old.weight if head.init == "from_dense" else None,
-        seed=head.seed,
-        gather_output=old.gather_output,
-        tp_group=tp_group,
-        device=old.weight.device if old.weight is not None else None,
-        real_vocab_size=old.vocab_size if is_lm_head(old) else None,
-    )
-    model.output_layer = new  # a fused model (FusedLossModel) drives whichever head it holds
-    if head.fused_loss:
-        enable_fused_loss(model, head.fused_loss if isinstance(head.fused_loss, FusedLossConfig) else None)
-    return outer
+    return install_head(model, as_head_config(head), tp_group=tp_group, fused_loss=head.fused_loss)
 
 
 def low_rank_head_hook(head: "LowRankHeadConfig | int") -> Callable[[List], List]:

@@ -35,9 +35,11 @@ import torch
 from megatron.core import parallel_state as ps
 
 from ..base.errors import HeadConfigError
+from ..base.head import HeadConfig, parse_head_options
 from ..base.quiet import quiet_megatron_warnings
 from ..heads.fused import enable_fused_loss
-from ..heads.install import LowRankHeadConfig, install_low_rank_head
+from ..heads import registered_heads
+from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
 from ..probe.probe import GradientProbe, ProbeConfig
 from .cpu import enable_cpu_mode
@@ -84,6 +86,12 @@ def add_arguments(parser):
                         "--untie-embeddings-and-output-weights). Default: keep the dense head.")
     g.add_argument("--lm-head-init", choices=INIT_METHODS, default="balanced",
                    help="Initialisation of the low-rank head.")
+    g.add_argument("--lm-head-type", type=str, default=None,
+                   help="The LM head kind (a registered one: " + ", ".join(registered_heads()) + "; needs "
+                        "--untie-embeddings-and-output-weights unless dense). Default: low_rank with "
+                        "--lm-head-rank, else dense.")
+    g.add_argument("--lm-head-options", type=str, default="",
+                   help="The head kind's options as name=value,name=value, e.g. k=4 for mos.")
     g.add_argument("--lm-head-fused-loss", action="store_true",
                    help="Compute the loss fused with the LM head (dense or low-rank): no [s, b, V/tp] logits.")
     g.add_argument("--probe-interval", type=int, default=0,
@@ -105,6 +113,8 @@ def _option_parser():
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--lm-head-rank", type=str, default=None)
     p.add_argument("--lm-head-init", type=str, default="balanced")
+    p.add_argument("--lm-head-type", type=str, default=None)
+    p.add_argument("--lm-head-options", type=str, default="")
     p.add_argument("--lm-head-fused-loss", action="store_true")
     for name, default in (("--probe-interval", "0"), ("--probe-update-interval", "0"),
                           ("--probe-rank-interval", "0"), ("--probe-rank-token-budget", "2048")):
@@ -149,6 +159,16 @@ def check_arguments(argv: List[str]) -> List[str]:
         if not args.untie_embeddings_and_output_weights:
             raise HeadConfigError("--lm-head-rank replaces the output layer, which is tied to the input embedding: "
                                   "add --untie-embeddings-and-output-weights")
+    head_config = head_config_from_args(args, rank)
+    if head_config is not None and head_config.kind == "low_rank" and rank is None:  # r from --lm-head-options
+        rank = head_config.resolved_options().r
+        hidden = _int(args, "--hidden-size")
+        if not 1 <= rank <= (hidden or rank):
+            raise HeadConfigError(f"--lm-head-options r={rank}: a rank-r head needs 1 <= r <= the hidden size "
+                                  f"{hidden} (--hidden-size)")
+    if head_config is not None and head_config.kind != "dense" and not args.untie_embeddings_and_output_weights:
+        raise HeadConfigError(f"--lm-head-type {head_config.kind} replaces the output layer, which is tied to the input "
+                              "embedding: add --untie-embeddings-and-output-weights")
     if args.lm_head_init not in INIT_METHODS:
         raise HeadConfigError(f"--lm-head-init {args.lm_head_init!r} is not an initialisation of the low-rank head: "
                               f"use one of {', '.join(INIT_METHODS)}")
@@ -171,7 +191,10 @@ def check_arguments(argv: List[str]) -> List[str]:
                 warnings.append(f"--probe-rank-token-budget {budget} exceeds the {seen} tokens one data-parallel "
                                 f"rank sees in this run ({iters} iterations x {gbs // dp} sequences x {seq} "
                                 f"tokens): the rank figures will never be reported; lower the budget to <= {seen}")
-    head = (f"low-rank rank {rank} (init {args.lm_head_init})" if rank else "Megatron's dense output layer")
+    if head_config is not None and head_config.kind not in ("dense", "low_rank"):
+        head = f"{head_config}"
+    else:
+        head = (f"low-rank rank {rank} (init {args.lm_head_init})" if rank else "Megatron's dense output layer")
     loss = ("fused with the head (no [s, b, V/tp] logits)" if args.lm_head_fused_loss else
             "Megatron's fused cross-entropy" if args.cross_entropy_loss_fusion else "Megatron's cross-entropy")
     if any(intervals):
@@ -181,6 +204,34 @@ def check_arguments(argv: List[str]) -> List[str]:
         probe = "off"
     warnings.append(f"head: {head}; loss: {loss}; probe: {probe}")
     return warnings
+
+
+def head_config_from_args(args, rank: Optional[int] = None) -> Optional[HeadConfig]:
+    """The head of ``--lm-head-type`` / ``--lm-head-options`` (with ``--lm-head-rank`` / ``--lm-head-init`` for
+    low_rank), checked; None without ``--lm-head-type`` (then ``--lm-head-rank`` alone decides). One-line
+    :class:`HeadConfigError` for an unknown kind or option, or a rank given with another kind."""
+    kind = getattr(args, "lm_head_type", None)
+    text = getattr(args, "lm_head_options", "") or ""
+    if kind is None:
+        if text:
+            raise HeadConfigError("--lm-head-options needs --lm-head-type (e.g. --lm-head-type mos "
+                                  "--lm-head-options k=4)")
+        return None
+    options = parse_head_options(text, what="--lm-head-options")
+    rank = getattr(args, "lm_head_rank", None) if rank is None else rank
+    if kind == "low_rank":
+        if rank is not None:
+            options.setdefault("r", str(rank))
+        options.setdefault("init", getattr(args, "lm_head_init", "balanced"))
+    elif rank is not None:
+        raise HeadConfigError(f"--lm-head-rank is the low-rank head's rank, but --lm-head-type is {kind}: drop "
+                              "--lm-head-rank, or use --lm-head-type low_rank")
+    head = HeadConfig(kind, options, seed=getattr(args, "seed", None))
+    try:
+        head.resolved_options()
+    except HeadConfigError as exc:
+        raise HeadConfigError(f"--lm-head-type {kind} --lm-head-options {text!r}: {exc}") from None
+    return head
 
 
 _CHECKED = False
@@ -238,13 +289,31 @@ _HEAD_LOGGED = False
 
 
 def install_head_from_args(models, args=None):
-    """Install the low-rank head from ``--lm-head-rank``/``--lm-head-init`` on every model (chunk)
-    that has an output layer, and the fused head + loss with ``--lm-head-fused-loss``; a model or a list
+    """Install the head from ``--lm-head-type``/``--lm-head-options`` (any registered kind) or the low-rank head
+    from ``--lm-head-rank``/``--lm-head-init`` on every model (chunk) that has an output layer, and the fused head + loss with ``--lm-head-fused-loss``; a model or a list
     of models; returns what it was given."""
     global _HEAD_LOGGED
     args = _get_args() if args is None else args
     rank = getattr(args, "lm_head_rank", None)
     fused = getattr(args, "lm_head_fused_loss", False)
+    kind = getattr(args, "lm_head_type", None)
+    if kind is not None and kind not in ("dense", "low_rank"):
+        try:
+            head_config = head_config_from_args(args)
+            chunks = models if isinstance(models, (list, tuple)) else [models]
+            for m in chunks:
+                install_head(m, head_config)
+            if fused:
+                enable_fused_loss(models)
+        except HeadConfigError as exc:
+            _fail(exc)
+        if not _HEAD_LOGGED:
+            _HEAD_LOGGED = True
+            if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+                print(f"{PREFIX} installed the LM head {head_config} on the output layer", flush=True)
+        return models
+    if kind == "low_rank" and not rank:
+        rank = head_config_from_args(args).resolved_options().r
     if not rank:
         if fused:
             try:
@@ -499,7 +568,8 @@ def patch(cpu: Optional[bool] = None) -> None:
 
 # ------------------------------------------------------------------------------------- main
 USAGE = ("usage: python -m megatron_bottleneck.megatron_lm path/to/pretrain_gpt.py <Megatron-LM args> "
-         "[--lm-head-rank R] [--lm-head-init {balanced,orthogonal,from_dense}] [--probe-interval N] "
+         "[--lm-head-rank R] [--lm-head-init {balanced,orthogonal,from_dense}] [--lm-head-type KIND] "
+         "[--lm-head-options k=v,...] [--probe-interval N] "
          "[--probe-update-interval N] [--probe-rank-interval N] [--probe-rank-token-budget T] "
          "[--probe-log-dir DIR]")
 

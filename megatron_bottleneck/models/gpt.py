@@ -1,4 +1,5 @@
-"""Build a Megatron-Core GPTModel for this pipeline stage, with a low-rank head if asked."""
+"""Build a Megatron-Core GPTModel for this pipeline stage, with any registered head (low-rank, mixture of
+softmaxes, ...) if asked."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from ..heads.fused import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
-from ..heads.install import LowRankHeadConfig, install_low_rank_head, require_transformer_engine_for_fp8
+from ..base.head import HeadConfig
+from ..heads.install import LowRankHeadConfig, as_head_config, install_head, require_transformer_engine_for_fp8
 from ..heads.low_rank import validate_head_shape
 from .llama import llama_block_spec
 
@@ -26,7 +28,7 @@ def build_gpt_model(
     max_sequence_length: int,
     *,
     head_rank: Optional[int] = None,
-    head: Optional[LowRankHeadConfig] = None,
+    head: "LowRankHeadConfig | HeadConfig | str | None" = None,
     layer_spec=None,
     position_embedding_type: str = "rope",
     vp_stage: Optional[int] = None,
@@ -40,17 +42,23 @@ def build_gpt_model(
 
     ``vocab_size`` must already be padded for TP (see :func:`padded_vocab_size`). ``layer_spec``
     defaults to :func:`megatron_bottleneck.models.llama_block_spec`. ``head_rank=None`` keeps
-    Megatron's dense head. ``real_vocab_size``: the tokenizer's vocabulary before padding, recorded on the
+    Megatron's dense head. ``head``: a :class:`~megatron_bottleneck.heads.LowRankHeadConfig`, or any registered
+    head as a :class:`~megatron_bottleneck.base.head.HeadConfig` (or ``"mos:k=4"``), installed after the model is
+    built (:func:`~megatron_bottleneck.heads.install_head`). ``real_vocab_size``: the tokenizer's vocabulary before padding, recorded on the
     head as its ``vocab_size`` (the head contract) so the probe and the fused loss leave the padding out.
     ``fused_loss`` (True or a :class:`~megatron_bottleneck.heads.FusedLossConfig`): the model is a
     ``FusedLossGPTModel`` (:func:`~megatron_bottleneck.heads.fused_model_class`) whose forward with labels
-    computes the loss with the fused head + cross-entropy (no T x V logits; dense or low-rank head).
+    computes the loss with the head's own loss (fused where the head allows it: no T x V logits).
     """
     require_transformer_engine_for_fp8(config)
     if head is None and head_rank is not None:
         head = LowRankHeadConfig(rank=head_rank)
+    fused_from_head = getattr(head, "fused_loss", False) if isinstance(head, LowRankHeadConfig) else False
     if head is not None:
-        validate_head_shape(config.hidden_size, vocab_size, head.rank, config.tensor_model_parallel_size)
+        head = as_head_config(head)
+        options = head.resolved_options()  # an unknown kind or option: one line, before anything is built
+        if head.kind == "low_rank":
+            validate_head_shape(config.hidden_size, vocab_size, options.r, config.tensor_model_parallel_size)
     gpt_kwargs.setdefault("share_embeddings_and_output_weights", False)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -73,7 +81,7 @@ def build_gpt_model(
         **gpt_kwargs,
     )
     if head is not None:
-        install_low_rank_head(model, head)
+        install_head(model, head, fused_loss=fused_from_head)
     if post_process and (real_vocab_size is not None or fused_loss):
         as_lm_head(model.output_layer, real_vocab_size)
     if fused_loss:

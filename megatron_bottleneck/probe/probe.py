@@ -44,7 +44,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..base.errors import ConfigError
 from ..base.groups import default_dp_cp_group, default_tp_group
-from ..base.head import HeadView, find_head, head_view, is_lm_head
+from ..base.head import HeadView, find_head, head_view, is_lm_head, is_nonlinear_head, refuse_nonlinear
 from ..base.sinks import MetricsLogger
 from ..ops.linear_cross_entropy import logit_grad_rows, slice_rows
 from .spectrum import GramAccumulator
@@ -222,10 +222,16 @@ class GradientProbe:
         return self.watch_head(head, self.num_microbatches)
 
     def watch_head(self, head: torch.nn.Module, num_microbatches: int = 1) -> "GradientProbe":
-        """Attach to a head module directly (any module whose logits are linear in its weight)."""
+        """Attach to a head module directly (any module whose logits are linear in its weight; a
+        :class:`~megatron_bottleneck.base.head.NonLinearHead` is refused with HeadConfigError in one line)."""
         self.num_microbatches = int(num_microbatches)
         if self._head is not None:
             return self
+        cfg = self.config
+        if self.enabled and (cfg.interval or cfg.update_interval or cfg.rank_interval):
+            refuse_nonlinear(head)
+        elif is_nonlinear_head(head):
+            return self  # nothing is due, ever: stay idle rather than read a view the head does not have
         self._head = head
         self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
         self.dp_group = default_dp_cp_group(self.dp_group)

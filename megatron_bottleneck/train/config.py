@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 import torch
 import yaml
 
-from ..base.errors import ConfigError, DataError
+from ..base.errors import ConfigError, DataError, HeadConfigError
+from ..heads import HeadConfig
 from ..heads.install import require_transformer_engine
 from ..data import spamlang_sequence_tokens, validate_gpt_data
 from ..probe import ProbeConfig
@@ -41,6 +42,12 @@ class ModelSection:
     """r of the low-rank head W = A B (1 <= r <= hidden_size); None: Megatron's dense head."""
     head_init: Literal["balanced", "orthogonal", "from_dense"] = "balanced"
     """Initialisation of A and B (see LowRankOutputLayer)."""
+    head_type: Optional[str] = None
+    """The head kind, any registered one (``megatron_bottleneck.register_head``): dense, low_rank, mos,
+    sigsoftmax, softcap, monotone, stacked, ...; None: low_rank when head_rank is set, else dense."""
+    head_options: Dict[str, Any] = field(default_factory=dict)
+    """The head kind's options, e.g. ``{k: 4}`` for mos (README "Head designs"); low_rank takes r from
+    head_rank and init from head_init when not given here."""
     fused_loss: bool = False
     """Head and cross-entropy fused: no T x V logits (dense or low-rank head; see heads/fused.py)."""
     head_fp8: Optional[Literal["e4m3"]] = None
@@ -261,6 +268,33 @@ class TrainConfig:
             raise ConfigError(f"model.fp8={m.fp8} needs a CUDA GPU (Transformer Engine's FP8 GEMMs); "
                               "none is visible here")
 
+    def head_config(self):
+        """The model's head as a :class:`~megatron_bottleneck.base.head.HeadConfig` (kind, options, seed),
+        checked: an unknown kind or option, or a head_rank with another kind, is one ConfigError line."""
+        m = self.model
+        kind = m.head_type or ("low_rank" if m.head_rank is not None else "dense")
+        if not isinstance(m.head_options, dict):
+            raise ConfigError(f"model.head_options must be a mapping (e.g. {{k: 4}}), got {m.head_options!r}")
+        options = dict(m.head_options)
+        if kind == "low_rank":
+            if m.head_rank is not None:
+                options.setdefault("r", m.head_rank)
+            options.setdefault("init", m.head_init)
+        elif m.head_rank is not None:
+            raise ConfigError(f"model.head_rank={m.head_rank} is the low-rank head's rank, but model.head_type="
+                              f"{kind}: drop head_rank, or set head_type=low_rank")
+        head = HeadConfig(kind, options, seed=self.train.seed)
+        try:
+            opts = head.resolved_options()
+        except HeadConfigError as exc:
+            raise ConfigError(f"model.head_type / model.head_options: {exc}") from None
+        if kind == "low_rank" and not 1 <= opts.r <= m.hidden_size:
+            raise ConfigError(f"model.head_options.r must be in [1, model.hidden_size={m.hidden_size}], got {opts.r}")
+        if kind == "stacked" and opts.width is not None and opts.width < m.hidden_size:
+            raise ConfigError(f"model.head_options.width must be >= model.hidden_size={m.hidden_size} (D' >= D), "
+                              f"got {opts.width}")
+        return head
+
     def validate(self) -> None:
         m, p, t = self.model, self.parallel, self.train
         positive = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
@@ -275,6 +309,10 @@ class TrainConfig:
         if m.head_rank is not None and not 1 <= m.head_rank <= m.hidden_size:
             raise ConfigError(f"model.head_rank must be in [1, model.hidden_size={m.hidden_size}] or null "
                               f"(dense head), got {m.head_rank}")
+        head = self.head_config()
+        if head.kind not in ("dense", "low_rank") and m.head_fp8:
+            raise ConfigError(f"model.head_fp8 is for the dense and low-rank heads, not model.head_type={head.kind}: "
+                              "set head_fp8=null")
         if m.head_fp8 and not m.fused_loss:
             raise ConfigError("model.head_fp8 needs model.fused_loss=true (FP8 runs inside the fused head + loss)")
         if m.head_fp8:

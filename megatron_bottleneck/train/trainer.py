@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from ..base.errors import DeviceError
 from ..base.sinks import MetricsLogger
 from ..data import IdTokenizer, batches, build_gpt_datasets
-from ..heads import FusedLossConfig, LowRankHeadConfig
+from ..heads import FusedLossConfig
 from ..integrations.cpu import enable_cpu_mode
 from ..integrations.launch import launch
 from ..integrations.parallel import initialize_parallel
@@ -82,8 +82,7 @@ def build_models(cfg: TrainConfig):
                                       else p.gradient_accumulation_fusion),
         **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}),
     )
-    head = None if m.head_rank is None else LowRankHeadConfig(rank=m.head_rank, init=m.head_init,
-                                                             seed=cfg.train.seed)
+    head = cfg.head_config()
     vpp = p.virtual_pipeline_model_parallel_size
     chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
                               real_vocab_size=m.vocab_size,

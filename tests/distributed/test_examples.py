@@ -24,3 +24,10 @@ def test_probe_forward_step_example_prints_a_record_per_step(tmp_path):
 def test_tp2_low_rank_head_example_runs(tmp_path):
     out = _run("tp2_low_rank_head.py", tmp_path)
     assert "LowRankOutputLayer(" in out and "rank=64, TP=2" in out
+
+
+def test_custom_head_example_registers_and_trains_its_head(tmp_path):
+    out = _run("custom_head.py", tmp_path)  # exits 1 unless the loss fell and p sums to 1 over the TP shards
+    head = next(line for line in out.splitlines() if line.startswith("TemperatureHead("))
+    assert "TP=2" in head
+    assert "general gradient probe for non-linear heads is not available yet" in out

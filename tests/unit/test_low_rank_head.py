@@ -11,12 +11,7 @@ from tests import support
 pytestmark = pytest.mark.usefixtures("megatron_one_rank")
 
 
-def error_of(fn) -> str:
-    try:
-        fn()
-    except mb.BottleneckError as e:
-        return f"{type(e).__name__}: {e}"
-    return "no error"
+error_of = support.error_of
 
 
 def validation_error(case: str) -> str:

@@ -1,0 +1,84 @@
+"""The built-in head kinds, registered on import of :mod:`megatron_bottleneck.heads`.
+
+========== ============================================ ======================= ====================
+kind       logits / log-probabilities                   loss                    parameters
+========== ============================================ ======================= ====================
+dense      z = W h                                      fused                   V D
+low_rank   z = A B h                                    fused                   r (V + D)
+mos        log sum_k pi_k softmax(W tanh(P_k h))        fused (K passes)        V D + K D^2 + K D
+sigsoftmax z + log sigmoid(z), z = W h                  materialised            V D
+softcap    c tanh(W h / c)                              materialised            V D
+monotone   z + sum_j softplus(a_j) tanh(z - b_j)        materialised            V D + 2 J
+stacked    W act(P h), P: D' x D                        fused                   V D' + D' D
+========== ============================================ ======================= ====================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron.core.utils import get_pg_size
+
+from ..base.groups import default_tp_group
+from ..base.head import HeadBuildContext, register_head, registered_heads
+from .fused import DenseOutputLayer, as_lm_head
+from .low_rank import LowRankOutputLayer, validate_head_shape
+from .mos import MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions
+from .pointwise import MonotoneOptions, PointwiseLogitHead, SigsoftmaxOptions, SoftcapOptions
+from .stacked import StackedHead, StackedOptions
+
+__all__ = ["DenseOptions", "LowRankOptions", "register_builtin_heads"]
+
+
+@dataclass
+class DenseOptions:
+    """The ``dense`` head (Megatron's own ``ColumnParallelLinear``) has no options."""
+
+
+@dataclass
+class LowRankOptions:
+    """Options of the ``low_rank`` head (see :class:`~megatron_bottleneck.heads.LowRankOutputLayer`)."""
+
+    r: int
+    """The rank r, 1 <= r <= D: W = A B with A (V x r) and B (r x D)."""
+    init: Literal["balanced", "orthogonal", "from_dense"] = "balanced"
+    """balanced, orthogonal, or from_dense (best rank-r approximation of the model's current head)."""
+    init_std: Optional[float] = None
+    """sigma, the per-entry std of A B; None: ``config.init_method_std``."""
+
+
+def _dense(ctx: HeadBuildContext, _options):
+    if ctx.old_head is not None:
+        return as_lm_head(ctx.old_head, ctx.real_vocab_size)
+    return DenseOutputLayer(ctx.hidden_size, ctx.vocab_size, config=ctx.config, init_method=ctx.config.init_method,
+                            bias=False, gather_output=ctx.gather_output, tp_group=ctx.tp_group,
+                            real_vocab_size=ctx.real_vocab_size)
+
+
+def _low_rank(ctx: HeadBuildContext, o: LowRankOptions):
+    validate_head_shape(ctx.hidden_size, ctx.vocab_size, o.r, get_pg_size(default_tp_group(ctx.tp_group)))
+    init_weight = ctx.old_head.weight if o.init == "from_dense" and ctx.old_head is not None else None
+    return LowRankOutputLayer(ctx.hidden_size, ctx.vocab_size, o.r, config=ctx.config, init=o.init,
+                              init_std=o.init_std, init_weight=init_weight, seed=ctx.seed,
+                              gather_output=ctx.gather_output, tp_group=ctx.tp_group, device=ctx.device,
+                              real_vocab_size=ctx.real_vocab_size)
+
+
+def register_builtin_heads() -> None:
+    """Register the built-in kinds (idempotent)."""
+    if "dense" in registered_heads():
+        return
+    register_head("dense", _dense, DenseOptions, description="Megatron's dense head, z = W h")
+    register_head("low_rank", _low_rank, LowRankOptions, description="rank-r head W = A B")
+    register_head("mos", MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions,
+                  description="mixture of K softmaxes (Yang et al. 2018)")
+    register_head("sigsoftmax", lambda ctx, o: PointwiseLogitHead(ctx, "sigsoftmax", o), SigsoftmaxOptions,
+                  description="sigsoftmax, z + log sigmoid(z) (Kanai et al. 2018)")
+    register_head("softcap", lambda ctx, o: PointwiseLogitHead(ctx, "softcap", o), SoftcapOptions,
+                  description="tanh soft-capping, c tanh(z / c)")
+    register_head("monotone", lambda ctx, o: PointwiseLogitHead(ctx, "monotone", o), MonotoneOptions,
+                  description="learnable monotone map of the logits (Ganea et al. 2019)")
+    register_head("stacked", StackedHead, StackedOptions, description="z = W act(P h), P: D' x D")
+
+
+register_builtin_heads()

@@ -1,0 +1,74 @@
+"""A stacked (wider) head: z = W psi(h), psi an MLP from D into D' >= D, vocab-parallel W ``[V/tp, D']``.
+
+psi(h) = act(P h) with P ``[D', D]`` (``proj``) replicated over TP, act one of gelu / tanh / relu. The logits
+are linear in W given psi(h), so the loss is the fused head + loss of the dense head with ``loss_input`` =
+psi(h) (:func:`megatron_bottleneck.ops.linear_cross_entropy`, no ``[T, V]`` logits; label smoothing and
+z-loss as there). Parameters: V D' + D' D. For the probe it is non-linear in h (J_t = W diag(act'(P h_t)) P
+changes per token): it gives ``log_prob_fn`` and the linear probe refuses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..base.errors import HeadConfigError
+from ..base.head import HeadBuildContext
+from ..base.tp_autograd import tp_log_softmax
+from .contract import FusedHeadMixin, tp_region_input
+from .vocab_parallel import VocabParallelHead
+
+__all__ = ["StackedOptions", "StackedHead"]
+
+_ACT = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
+
+
+@dataclass
+class StackedOptions:
+    """Options of the ``stacked`` head."""
+
+    width: Optional[int] = None
+    """D' >= D, the width of psi(h) and of W's rows; None: 2 D."""
+    activation: Literal["gelu", "tanh", "relu"] = "gelu"
+    """The MLP's non-linearity."""
+    proj_std: Optional[float] = None
+    """Std of P's entries at init; None: 1/sqrt(D)."""
+
+    def __post_init__(self):
+        if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
+            raise HeadConfigError(f"width must be an integer >= 1 (D' >= D), got {self.width!r}")
+
+
+class StackedHead(VocabParallelHead):
+    """The ``stacked`` head (module docstring): fused loss over u = psi(h) and W's shard."""
+
+    def __init__(self, ctx: HeadBuildContext, options: StackedOptions, init_std: Optional[float] = None):
+        width = options.width or 2 * ctx.hidden_size
+        if width < ctx.hidden_size:
+            raise HeadConfigError(f"stacked head width {width} is below the hidden size {ctx.hidden_size}: "
+                                  f"use width >= {ctx.hidden_size} (D' >= D)")
+        super().__init__(ctx, width=width, init_std=init_std)
+        self.activation = options.activation
+        std = options.proj_std if options.proj_std is not None else ctx.hidden_size ** -0.5
+        self.add_replicated("proj", self.draw(width, ctx.hidden_size, std=std))
+
+    def psi(self, p, h: torch.Tensor) -> torch.Tensor:
+        """psi(h) = act(P h), ``[..., D']``."""
+        return _ACT[self.activation](torch.matmul(h, p["proj"].t()))
+
+    def replicated_part(self, p, h):
+        return (self.psi(p, h),)
+
+    def sharded_part(self, p, x):
+        return tp_log_softmax(torch.matmul(x, self.weight_rows(p).t()), self.tp_group)
+
+    # linear in W given psi(h): the fused loss of the dense head over psi(h)
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return tp_region_input(self.psi(self._params(), hidden), self.tp_group, self.sequence_parallel)
+
+    def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._params(weight)["weight"]
+
+    loss = FusedHeadMixin.loss

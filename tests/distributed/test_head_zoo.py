@@ -1,0 +1,55 @@
+"""Every built-in head on real TP ranks (gloo, CPU), in ONE spawn of 2 ranks (CI time): forward, loss and
+gradients at TP=2 and TP=2 + SP equal the single-process float64 reference (fused == materialised where fused
+exists), the general probe's log_prob_fn (value, VJP, JVP under torch.func) at TP=2, checkpoints saved at
+TP=2 load at TP=1 (same full parameters) and the same seed draws the same full parameters at TP=2 and TP=1;
+then the trainer trains a few steps with ``model.head_type: mos`` at TP=2 + SP."""
+import pytest
+import torch
+
+import megatron_bottleneck as mb
+from tests import support_heads
+
+
+def train_mos(log_dir, data):
+    """A few trainer steps with model.head_type: mos at TP=2 + SP (fused loss)."""
+    from megatron_bottleneck.train import Trainer
+    from tests.distributed import trainer_ranks as tr
+
+    cfg = tr.config(log_dir, data, steps=12, probe={"interval": 0},
+                    model={"head_rank": None, "head_type": "mos", "head_options": {"k": 2}, "fused_loss": True},
+                    parallel={"sequence_parallel": True}, checkpoint={"dir": None},
+                    optim={"lr": 3e-2, "warmup_steps": 1})
+    trainer = Trainer(cfg)
+    head = mb.find_head(trainer.models)
+    out = trainer.train()
+    return {"head": type(head).__name__, "losses": [h["loss"] for h in out["history"]]}
+
+
+def heads_then_trainer(ckpt_dir, log_dir, data):
+    checks = support_heads.heads_on_layout(2, True, ckpt_dir)
+    return {"checks": checks, "train": train_mos(log_dir, data)}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, spamlang):
+    tmp = tmp_path_factory.mktemp("zoo")
+    return mb.launch(heads_then_trainer, 2, str(tmp / "ckpt"), str(tmp / "log"), spamlang, timeout=500)
+
+
+def test_heads_at_tp2_and_sp_and_checkpoint_to_tp1(ranks):
+    labels = set()
+    for r in ranks:
+        for label, got, want in r["checks"]:
+            labels.add(label)
+            torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=2e-6, msg=label)
+    for kind in support_heads.KINDS:
+        for part in ("loss", "forward", "log_prob_fn VJP dh", "log_prob_fn JVP", "checkpoint", "init"):
+            assert any(x.startswith(f"{kind} {part}") for x in labels), (kind, part)
+    assert any("sp=True" in x for x in labels)
+
+
+def test_trainer_trains_a_mixture_of_softmaxes_head(ranks):
+    for r in ranks:
+        t = r["train"]
+        assert t["head"] == "MixtureOfSoftmaxesHead" and len(t["losses"]) == 12
+        assert min(t["losses"][-3:]) < t["losses"][0] - 0.1, t["losses"]
