@@ -248,3 +248,34 @@ def heads_on_layout(tp: int, sp_too: bool, ckpt_dir: str = ""):
         out += load_at_current_layout(ckpt_dir)
     mb.destroy_parallel()
     return out
+
+
+def brute_probe_figures(kind: str, p: Dict[str, torch.Tensor], h: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """The general probe's figures from full float64 parameters, by brute force: each token's full Jacobian of
+    the reference u (autograd), centred, SVD -> visible energy; dU = J_h dh + J_theta dtheta from the full
+    Jacobians w.r.t. h and every parameter (an SGD step's first-order change), centred."""
+    v = V_REAL
+    u = reference_log_probs(kind, p, h)
+    g = u.exp() - F.one_hot(y, v).double()
+    c = torch.eye(v, dtype=torch.float64) - 1.0 / v
+    names = sorted(p)
+    # dtheta = sum_t J_theta,t^T g_t: the gradient of <u, g> with g held fixed
+    leaves = {n: p[n].clone().requires_grad_(True) for n in names}
+    (reference_log_probs(kind, leaves, h) * g).sum().backward()
+    dtheta = {n: leaves[n].grad for n in names}
+    vis, du = 0.0, []
+    for t in range(h.shape[0]):
+        j_h = torch.autograd.functional.jacobian(lambda x: reference_log_probs(kind, p, x[None])[0], h[t])
+        q, s, _ = torch.linalg.svd(c @ j_h, full_matrices=False)
+        r = int((s > s[0] * v * 1e-12).sum())
+        vis += float(((q[:, :r].t() @ g[t]) ** 2).sum())
+        row = j_h @ (j_h.t() @ g[t])
+        for n in names:
+            j_p = torch.autograd.functional.jacobian(
+                lambda x, n=n: reference_log_probs(kind, {**p, n: x}, h[t:t + 1])[0], p[n])
+            row = row + j_p.reshape(v, -1) @ dtheta[n].reshape(-1)
+        du.append(row)
+    du = torch.stack(du) @ c
+    g2 = float((g ** 2).sum())
+    return {"destroyed_ratio": (1 - vis / g2) ** 0.5,
+            "update_cosine": float((g * du).sum() / (g.norm() * du.norm()))}

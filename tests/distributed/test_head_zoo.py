@@ -25,9 +25,34 @@ def train_mos(log_dir, data):
     return {"head": type(head).__name__, "losses": [h["loss"] for h in out["history"]]}
 
 
+def general_probe_figures():
+    """probe.general.head_figures of every non-linear built-in head at this TP layout (float64 parameter shards,
+    the same tokens on every rank) and the brute force from the full parameters."""
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_bottleneck.probe.general import head_figures
+
+    out = {}
+    mb.initialize_parallel(2, 1, seed=5)
+    group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(8, support_heads.D, generator=gen, dtype=torch.float64) * 1.5
+    y = torch.randint(0, support_heads.V_REAL, (8,), generator=gen)
+    for kind in support_heads.KINDS:
+        head = support_heads.build(kind, tp, False)
+        lp = head.log_prob_fn()
+        lp = dataclasses.replace(lp, params={k: v.double() for k, v in lp.params.items()})
+        got = {k: float(v) for k, v in head_figures(lp, h, y, update=True).items()}
+        out[kind] = (got, support_heads.brute_probe_figures(kind, support_heads._full_params(head, group, tp), h, y))
+    mb.destroy_parallel()
+    return out
+
+
 def heads_then_trainer(ckpt_dir, log_dir, data):
     checks = support_heads.heads_on_layout(2, True, ckpt_dir)
-    return {"checks": checks, "train": train_mos(log_dir, data)}
+    return {"checks": checks, "probe": general_probe_figures(), "train": train_mos(log_dir, data)}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +71,16 @@ def test_heads_at_tp2_and_sp_and_checkpoint_to_tp1(ranks):
         for part in ("loss", "forward", "log_prob_fn VJP dh", "log_prob_fn JVP", "checkpoint", "init"):
             assert any(x.startswith(f"{kind} {part}") for x in labels), (kind, part)
     assert any("sp=True" in x for x in labels)
+
+
+def test_the_general_probe_of_every_head_at_tp2_equals_brute_force(ranks):
+    """head_figures' destroyed ratio and update cosine at TP=2 (vocabulary-sharded W; collectives inside the
+    head's JVP / VJP) equal the full-Jacobian brute force, on both ranks."""
+    for r in ranks:
+        assert set(r["probe"]) == set(support_heads.KINDS)
+        for kind, (got, want) in r["probe"].items():
+            for key in ("destroyed_ratio", "update_cosine"):
+                assert got[key] == pytest.approx(want[key], rel=1e-8), (kind, key, got, want)
 
 
 def test_trainer_trains_a_mixture_of_softmaxes_head(ranks):

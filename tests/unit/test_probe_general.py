@@ -179,8 +179,9 @@ def test_head_figures_of_a_nonlinear_head_equal_the_full_jacobian():
 @pytest.mark.parametrize("kind", ["mos:k=3", "sigsoftmax", "softcap:cap=2", "monotone:terms=3",
                                   "stacked:width=12,activation=tanh"])
 def test_head_figures_of_every_builtin_head_equal_brute_force(kind):
-    """Each built-in non-linear head's log_prob_fn (float64 parameters) through head_figures, against the full
-    per-token Jacobian of the independent reference in tests/support_heads.py (autograd, SVD)."""
+    """Each built-in non-linear head's log_prob_fn (float64 parameters) through head_figures (destroyed ratio
+    and update cosine), against the full per-token Jacobians of the independent reference in
+    tests/support_heads.py (autograd, SVD)."""
     import dataclasses
 
     from megatron_bottleneck.probe.general import head_figures
@@ -194,19 +195,8 @@ def test_head_figures_of_every_builtin_head_equal_brute_force(kind):
     h = torch.randn(t, sh.D, generator=gen, dtype=torch.float64) * 1.5
     y = torch.multinomial(1.0 / torch.arange(1, sh.V_REAL + 1, dtype=torch.float64), t, replacement=True,
                           generator=gen)
-    got = head_figures(lp, h, y)
-
-    def ref(x):
-        return sh.reference_log_probs(kind, lp.params, x)
-
-    u = ref(h)
-    assert torch.allclose(lp(h), u, rtol=1e-10, atol=1e-12)  # the head's function is the reference's
-    g = u.exp() - torch.nn.functional.one_hot(y, sh.V_REAL).double()
-    c = torch.eye(sh.V_REAL, dtype=torch.float64) - 1.0 / sh.V_REAL
-    vis = 0.0
-    for i in range(t):
-        j = torch.autograd.functional.jacobian(lambda x: ref(x[None])[0], h[i])
-        q, s, _ = torch.linalg.svd(c @ j, full_matrices=False)
-        r = int((s > s[0] * sh.V_REAL * 1e-12).sum())
-        vis += float(((q[:, :r].t() @ g[i]) ** 2).sum())
-    assert float(got["destroyed_ratio"]) == pytest.approx(math.sqrt(1 - vis / float((g ** 2).sum())), rel=1e-8)
+    got = head_figures(lp, h, y, update=True)
+    assert torch.allclose(lp(h), sh.reference_log_probs(kind, lp.params, h), rtol=1e-10, atol=1e-12)
+    want = sh.brute_probe_figures(kind, lp.params, h, y)
+    assert float(got["destroyed_ratio"]) == pytest.approx(want["destroyed_ratio"], rel=1e-8)
+    assert float(got["update_cosine"]) == pytest.approx(want["update_cosine"], rel=1e-8)
