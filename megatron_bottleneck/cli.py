@@ -79,6 +79,13 @@ def cmd_probe(a):
 def cmd_measure(a):
     from .measure import MeasureConfig, load_model_list, measure_model
 
+    try:  # transformers' loading bars and notices are not measure's output (errors still come as one line)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     entries = [{"model": m} for m in a.models]
     if a.config:
         entries += load_model_list(a.config)
