@@ -34,6 +34,8 @@ setup(
         "plot": ["matplotlib"],
         "data": ["sentencepiece", "tokenizers"],
         "log": ["tensorboard"],
+        # `megatron-bottleneck measure` on HuggingFace models (tested with transformers 5.12.1 and 5.24.0)
+        "hf": ["transformers>=4.45", "safetensors"],
         # What Megatron-LM's own training code (megatron/training, pretrain_gpt.py) imports besides megatron-core.
         "megatron-lm": ["six", "regex", "pydantic", "triton", "pybind11"],
     },

@@ -72,7 +72,8 @@ class MeasureConfig:
     bf16 on GPUs, fp32 on CPUs); the head's logits and softmax are float32 (float64 with float64).
     device: None/auto (the local GPU, else CPU), or a torch device string. seed: the document shuffle's.
     memory_budget_bytes: the head's per-chunk working memory (S x V float32 logits and gradient).
-    progress: a progress line with tokens/s on rank 0 (tqdm when installed).
+    progress: a progress bar with tokens/s on rank 0 (tqdm when installed and stderr is a terminal, else a
+    plain line every 10 s).
     """
 
     models: List[str] = field(default_factory=list)
@@ -98,7 +99,7 @@ class _Progress:
     def __init__(self, total: int, label: str, enabled: bool):
         self.enabled, self.total, self.label, self.done, self.t0 = enabled, total, label, 0, time.perf_counter()
         self.bar, self.last = None, 0.0
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a log file gets a plain line every 10 s instead
             try:
                 from tqdm import tqdm
 
