@@ -208,9 +208,12 @@ def measure_loaded(model: LoadedModel, cfg: MeasureConfig) -> Optional[Dict]:
             z = u @ f.t()
             if b is not None:
                 z = z + b
-            lse = torch.logsumexp(z, dim=1)
-            loss_sum += (lse - z.gather(1, y[:, None])[:, 0]).double().sum().cpu()
-            g = torch.exp(z - lse[:, None])
+            z_y = z.gather(1, y[:, None])[:, 0]
+            top = z.max(dim=1, keepdim=True).values
+            g = z.sub_(top).exp_()  # in place: one exp pass for the log-sum-exp and the softmax
+            total = g.sum(dim=1, keepdim=True)
+            loss_sum += (top[:, 0] + total[:, 0].log() - z_y).double().sum().cpu()
+            g.div_(total)
             g[torch.arange(g.shape[0], device=g.device), y] -= 1.0  # softmax - onehot
             del z
             dh = g @ f
