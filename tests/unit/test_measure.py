@@ -36,6 +36,17 @@ def _families():
     if hasattr(t, "Olmo2Config"):
         out["olmo2"] = lambda: t.Olmo2Config(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=32, max_position_embeddings=64)
+    # a scalar logit multiplier folded into W: Cohere multiplies by logit_scale, Granite divides by logits_scaling
+    if hasattr(t, "CohereConfig"):
+        out["cohere-scaled"] = lambda: t.CohereConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1,
+                                                      num_attention_heads=2, num_key_value_heads=1,
+                                                      intermediate_size=32, max_position_embeddings=64,
+                                                      logit_scale=0.25)
+    if hasattr(t, "GraniteConfig"):
+        out["granite-scaled"] = lambda: t.GraniteConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1,
+                                                        num_attention_heads=2, num_key_value_heads=1,
+                                                        intermediate_size=32, max_position_embeddings=64,
+                                                        logits_scaling=4.0)
     return out
 
 
@@ -199,6 +210,23 @@ def test_bad_inputs_are_one_line(tmp_path, token_docs, capsys, monkeypatch):
                         lambda self: torch.nn.Sequential(self.lm_head))
     line = _one_line(["measure", folder, "--data", token_docs, "--out", str(tmp_path / "o")], capsys)
     assert line.startswith("error: head of ") and "not a linear layer" in line
+
+
+def test_soft_capped_logits_and_megatron_lm_checkpoints_are_one_line(tmp_path, token_docs, capsys):
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma2Config")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        intermediate_size=32, max_position_embeddings=64, final_logit_softcapping=30.0)).save_pretrained(
+        str(tmp_path / "gemma2"))
+    line = _one_line(["measure", str(tmp_path / "gemma2"), "--data", token_docs, "--out", str(tmp_path / "o")], capsys)
+    assert "soft-capped" in line and "final_logit_softcapping=30.0" in line
+    mlm = tmp_path / "mlm"
+    mlm.mkdir()
+    (mlm / "latest_checkpointed_iteration.txt").write_text("100\n")
+    line = _one_line(["measure", str(mlm), "--data", token_docs, "--out", str(tmp_path / "o")], capsys)
+    assert "Megatron-LM torch_dist checkpoints are not supported by measure yet" in line
 
 
 def test_missing_transformers_is_one_line(tmp_path, token_docs):
