@@ -29,7 +29,8 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing needs it to save
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorboard", "sentencepiece", "tokenizers", "matplotlib", "lightning"],
+        "test": ["pytest>=7", "tensorboard", "sentencepiece", "tokenizers", "matplotlib", "lightning",
+                 "transformers>=4.45", "safetensors"],  # transformers: measure's tests and README example
         "te": ["transformer-engine[pytorch]>=2.0"],
         "plot": ["matplotlib"],
         "data": ["sentencepiece", "tokenizers"],
