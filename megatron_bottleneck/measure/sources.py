@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..base.errors import BottleneckError, CheckpointError, ConfigError
+from ..base.errors import BottleneckError, CheckpointError, ConfigError, DataError
 from ..base.head import HeadView, find_head, head_view
 from ..integrations.parallel import initialize_parallel
 from ..train.checkpoint import load_model_only
@@ -199,11 +199,22 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
         tok = transformers.AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
         tokenize = lambda text: list(tok(text)["input_ids"])  # noqa: E731
         eod = tok.eos_token_id
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # token-id data still works
+    except Exception as exc:  # noqa: BLE001 (a folder without tokenizer files fails in many ways across versions)
+        tokenize = _no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return LoadedModel(name=name, hidden=hidden, view=view, bias=bias, tokenize=tokenize, max_length=ctx,
                        device=dev, kind="hf", revision=revision, eod=eod)
+
+
+def _no_tokenizer(name: str, exc: BaseException):
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+    def tokenize(_text: str):
+        raise DataError(f"--data is text, but {name}'s tokenizer does not load ({reason}); save a tokenizer with "
+                        "the model, or give token ids (a .jsonl with 'tokens' lists, or an indexed dataset)")
+
+    return tokenize
 
 
 # ------------------------------------------------------------------------------------------ our trainer

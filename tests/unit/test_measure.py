@@ -206,6 +206,10 @@ def test_bad_inputs_are_one_line(tmp_path, token_docs, capsys, monkeypatch):
     line = _one_line(["measure", str(tmp_path / "no-such-model"), "--data", token_docs, "--out", str(tmp_path / "o")],
                      capsys)
     assert "cannot load" in line and "no-such-model" in line
+    text = tmp_path / "docs.txt"
+    text.write_text("some text\n")
+    line = _one_line(["measure", folder, "--data", str(text), "--out", str(tmp_path / "o")], capsys)
+    assert "--data is text" in line and "tokenizer does not load" in line
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "get_output_embeddings",
                         lambda self: torch.nn.Sequential(self.lm_head))
     line = _one_line(["measure", folder, "--data", token_docs, "--out", str(tmp_path / "o")], capsys)
