@@ -197,6 +197,8 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
     tokenize, eod = None, None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
+        if len(tok) < 2:  # transformers 5 builds an empty tokenizer for a folder without tokenizer files
+            raise ValueError("no tokenizer files: the tokenizer it builds has no vocabulary")
         tokenize = lambda text: list(tok(text)["input_ids"])  # noqa: E731
         eod = tok.eos_token_id
     except Exception as exc:  # noqa: BLE001 (a folder without tokenizer files fails in many ways across versions)
