@@ -72,14 +72,10 @@ class ParallelSection:
     overlap_grad_reduce: Optional[bool] = None
     """Data-parallel gradient reduce-scatter (all-reduce with the replicated optimizer) in buckets, each launched
     as soon as its gradients are complete, overlapped with the rest of backward (Megatron DDP
-    ``overlap_grad_reduce``). None: on (NCCL and gloo alike), except with the distributed optimizer and
-    ``checkpoint.optimizer_format=fully_reshardable`` (the default): megatron-core's fully_reshardable save of the
-    buffer that overlap pads corrupts a resume (measured), so both overlaps stay off there; use dp_reshardable
-    to overlap (asking for overlap with fully_reshardable checkpoints is refused in one line)."""
+    ``overlap_grad_reduce``). None: on (NCCL and gloo alike)."""
     overlap_param_gather: Optional[bool] = None
     """The distributed optimizer's parameter all-gather overlapped with the next forward, bucket by bucket (Megatron
-    ``overlap_param_gather``); needs ``distributed_optimizer`` and ``overlap_grad_reduce``. None: on when both are
-    and the optimizer format allows it (see ``overlap_grad_reduce``)."""
+    ``overlap_param_gather``); needs ``distributed_optimizer`` and ``overlap_grad_reduce``. None: on when both are."""
     ddp_bucket_size: Optional[int] = None
     """Parameters per data-parallel communication bucket; None: Megatron-LM's default, max(40M, 1M x data-parallel
     size) with overlap (small models then have a single bucket), one bucket per buffer without."""
@@ -326,13 +322,6 @@ class TrainConfig:
             raise ConfigError("parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce (Megatron "
                               "overlaps the all-gather only then): set overlap_grad_reduce=true, or "
                               "overlap_param_gather=false")
-        c = self.checkpoint
-        for key in ("overlap_grad_reduce", "overlap_param_gather"):
-            if getattr(p, key) and p.distributed_optimizer and c.dir and c.optimizer_format == "fully_reshardable":
-                raise ConfigError(f"parallel.{key}=true with checkpoint.optimizer_format=fully_reshardable: "
-                                  "megatron-core's fully_reshardable save of the buffer overlap pads corrupts the "
-                                  "resume; set checkpoint.optimizer_format=dp_reshardable (resumes at another DP "
-                                  f"size only) or parallel.{key}=null")
         if p.gradient_accumulation_fusion and not fused_wgrad_available():
             raise ConfigError("parallel.gradient_accumulation_fusion=true needs a CUDA GPU and the "
                               "fused_weight_gradient_mlp_cuda kernel (Apex built with --cuda_ext): install it, or "
@@ -345,13 +334,8 @@ class TrainConfig:
         (measured: bit-identical losses), so auto means on for both; gradient-accumulation fusion depends on the
         machine (a GPU and its kernel), not on the backend."""
         p, c = self.parallel, self.checkpoint
-        # With the distributed optimizer saving in the fully_reshardable format, megatron-core's save of the buffer
-        # that the overlapped communication pads corrupts a resume (measured on 0.16.1 and 0.19.2: "param range
-        # exceeds unpadded buffer ... padded with zeros", resumed losses 5% off): auto keeps both off there.
-        reshardable = p.distributed_optimizer and c.optimizer_format == "fully_reshardable"
-        grad = (not reshardable) if p.overlap_grad_reduce is None else p.overlap_grad_reduce
-        gather = ((p.distributed_optimizer and grad and not reshardable) if p.overlap_param_gather is None
-                  else p.overlap_param_gather)
+        grad = True if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+        gather = (p.distributed_optimizer and grad) if p.overlap_param_gather is None else p.overlap_param_gather
         # Megatron-LM's default; without overlap one bucket per buffer (nothing to overlap with) unless set. The
         # buckets also place the distributed optimizer's shard boundaries, hence the sum order of the grad norm.
         bucket = p.ddp_bucket_size
