@@ -6,7 +6,8 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 * ``ops``: the head's math kernels (torch only);
 * ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT builder, Llama spec) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
-* the application: ``train``, ``data``, ``sweep``, ``report``, ``plots``, ``measure``, ``cli``.
+* the application: ``train``, ``data``, ``sweep``, ``report``, ``plots``, ``measure``, ``evaluate``
+  (zero-shot scores through lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
 
 ``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:
 the names below load their module on first use.
@@ -41,6 +42,9 @@ _LAZY = {
     "GradientProbe": "probe.probe", "ProbeConfig": "probe.probe",
     "HeadView": "base.head", "LMHead": "base.head", "LossRequest": "base.loss", "FusedLossRecord": "base.loss",
     "HeadLossStats": "base.loss", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
+    # application: zero-shot evaluation (lm-eval is imported only when a harness model is made)
+    "evaluate_checkpoint": "evaluate.harness", "harness_model": "evaluate.harness",
+    "open_checkpoint": "evaluate.scorer", "CheckpointScorer": "evaluate.scorer",
 }
 
 __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError",
@@ -48,7 +52,7 @@ __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigErr
 
 
 _SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "plots",
-                "measure", "cli")
+                "measure", "evaluate", "cli")
 
 
 def __getattr__(name: str):
@@ -83,3 +87,5 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .models.llama import SequenceParallelNorm, llama_block_spec, llama_config  # noqa: F401
     from .probe.probe import GradientProbe, ProbeConfig  # noqa: F401
     from .measure.run import MeasureConfig, measure_model  # noqa: F401
+    from .evaluate.harness import evaluate_checkpoint, harness_model  # noqa: F401
+    from .evaluate.scorer import CheckpointScorer, open_checkpoint  # noqa: F401

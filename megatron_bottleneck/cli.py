@@ -1,4 +1,4 @@
-"""``megatron-bottleneck``: spamlang | train | sweep | probe | measure | report | demo | bench-train.
+"""``megatron-bottleneck``: spamlang | train | sweep | probe | measure | eval | report | demo | bench-train.
 
 Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``. Options and
 ``section.key=value`` overrides may come in any order. Errors print one line per distinct message
@@ -102,6 +102,20 @@ def cmd_measure(a):
         print("wrote", os.path.join(a.out, "measure.md"))
 
 
+def cmd_eval(a):
+    from .evaluate import evaluate_checkpoint
+
+    limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
+    results = evaluate_checkpoint(a.checkpoint, tasks=[t.strip() for t in a.tasks.split(",")], out_dir=a.out,
+                                  batch_size=a.batch_size, device=a.device, limit=limit,
+                                  include_path=a.include_path, tokenizer=a.tokenizer, num_fewshot=a.num_fewshot)
+    for task, metrics in sorted(results.get("results", {}).items()):
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "_stderr" not in k)
+        print(f"{task}: {shown}")
+    print("results:", results["path"])
+
+
 def cmd_report(a):
     from .report import write_report
 
@@ -197,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_measure)
+
+    from .evaluate.tasks import DEFAULT_TASKS  # light: no megatron-core, no lm-eval
+
+    s = sub.add_parser("eval", help="zero-shot scores of a checkpoint through lm-evaluation-harness (the [eval] "
+                                    "extra)")
+    s.add_argument("checkpoint", help="checkpoint directory (the one holding 'latest', or an iter_* dir)")
+    s.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval tasks (default: "
+                   "%(default)s)")
+    s.add_argument("--out", default=None, help="write results.json here (default: <run_dir>/eval when the "
+                   "checkpoint lies in a run directory, else <checkpoint dir>/eval)")
+    s.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    s.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    s.add_argument("--num-fewshot", type=int, default=0)
+    s.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
+    s.add_argument("--tokenizer", default=None, help="SentencePiece .model or tokenizer.json (default: the one "
+                   "recorded beside the checkpoint's training data)")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="markdown + PNG report from run logs")
     s.add_argument("runs", help="directory holding run directories (run.json, logs/config.yaml, or Megatron-LM's "

@@ -238,6 +238,29 @@ def _run_order(run: "Run"):
     return (v, float("inf") if r is None else float(r), float(p.get("lr") or 0), run.name)
 
 
+EVAL_RESULTS = os.path.join("eval", "results.json")
+PPL_SUFFIX = " (word ppl)"
+
+
+def eval_scores(run: Run) -> Dict[str, float]:
+    """Task -> zero-shot score from ``<run>/eval/results.json`` (lm-eval's results dict, written by
+    ``megatron-bottleneck eval``): ``acc_norm`` where the task has it (HellaSwag, ARC, PIQA), else ``acc``;
+    a perplexity task gives its ``word_perplexity`` as ``"<task> (word ppl)"``. Empty without results."""
+    path = os.path.join(run.path, EVAL_RESULTS)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f).get("results") or {}
+    out: Dict[str, float] = {}
+    for task, metrics in sorted(results.items()):
+        for key, label in (("acc_norm,none", task), ("acc,none", task), ("word_perplexity,none", task + PPL_SUFFIX)):
+            v = metrics.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[label] = float(v)
+                break
+    return out
+
+
 def smoothed(points: List, window: int) -> List:
     """Centred moving average of ``(x, y)`` points over ``window`` points (fewer at the ends)."""
     half = max(0, window // 2)
@@ -440,6 +463,34 @@ def write_report(root: str, out_dir: Optional[str] = None, title: str = "Gradien
                   "analysis of the run; dotted: the ceiling min(T, V - 1)."
                   + (" On SpamLang the rank saturates at the number of distinct sequences in the batch, well "
                      "below the ceiling: a property of the data, not of the head." if spamlang else ""), ""]
+
+    # Zero-shot scores (``megatron-bottleneck eval`` writes <run>/eval/results.json) against head rank.
+    scored = sorted(((r, eval_scores(r)) for r in runs), key=lambda rs: rs[0].rank)
+    scored = [(r, s) for r, s in scored if s]
+    if scored:
+        tasks = sorted({t for _, s in scored for t in s})
+        acc_tasks = [t for t in tasks if not t.endswith(PPL_SUFFIX)]
+        lines += ["## Zero-shot score vs head rank", "",
+                  "lm-evaluation-harness scores of each run's checkpoint (`megatron-bottleneck eval`): acc_norm "
+                  "where the task has it, else acc; the average is over the accuracy tasks every run has.", "",
+                  "| run | head rank | " + " | ".join(tasks) + " | average |", "|---|---|" + "---|" * (len(tasks) + 1)]
+        common = [t for t in acc_tasks if all(t in s for _, s in scored)]
+        series: Dict[str, List] = {t: [] for t in acc_tasks}
+        series["average"] = []
+        for r, sc in scored:
+            avg = sum(sc[t] for t in common) / len(common) if common else None
+            dense = " (dense)" if r.params.get("head_rank") is None else ""
+            lines.append(f"| {r.name} | {r.rank}{dense} | " + " | ".join(_fmt(sc.get(t)) for t in tasks) + f" | {_fmt(avg)} |")
+            for t in acc_tasks:
+                series[t].append((r.rank, sc.get(t)))
+            series["average"].append((r.rank, avg))
+        lines.append("")
+        if len({r.rank for r, _ in scored}) > 1 and acc_tasks:
+            png = plot_series(os.path.join(out_dir, "zero_shot_vs_rank.png"), "Zero-shot score vs head rank",
+                              {k: sorted(v) for k, v in series.items()}, "head rank r", "score", xlog_base=2,
+                              ylog=False)
+            if png:
+                lines += [f"![]({png})", ""]
 
     path = os.path.join(out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:

@@ -3,6 +3,7 @@
 Documents: in ``.txt`` files, paragraphs separated by blank lines; in ``.jsonl`` files, one JSON object per
 line with the text under ``text_key``. Each document is tokenised and followed by EOD. Tokenisation runs
 in ``workers`` processes; the output keeps the input order. Special ids: unk 0, EOD 1, pad 2 (no BOS).
+The tokenizer used is recorded beside the dataset (``<prefix>.tokenizer.json``), where ``eval`` finds it.
 """
 from __future__ import annotations
 
@@ -172,7 +173,39 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
         for chunk in chunks:
             tokens += _add(builder, _encode(chunk), dtype)
     builder.finalize(output_prefix + ".idx")
+    record_tokenizer(output_prefix, model_file, eod_token)
     return {"documents": len(docs), "tokens": tokens, "vocab_size": vocab, "prefix": output_prefix}
+
+
+TOKENIZER_RECORD = ".tokenizer.json"
+
+
+def record_tokenizer(prefix: str, model_file: str, eod_token: Optional[str] = None) -> str:
+    """Write ``<prefix>.tokenizer.json`` naming the tokenizer a dataset was made with (what ``eval`` reads
+    to turn text into the model's tokens); returns its path."""
+    path = prefix + TOKENIZER_RECORD
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"model_file": os.path.abspath(model_file), "eod_token": eod_token}, f)
+    return path
+
+
+def recorded_tokenizer(prefix: str) -> Optional[Dict]:
+    """The ``{"model_file", "eod_token"}`` record :func:`tokenize_to_indexed` left beside ``prefix`` (None if
+    there is none)."""
+    path = prefix + TOKENIZER_RECORD
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_tokenizer(model_file: str, eod_token: Optional[str] = None) -> "_Tokenizer":
+    """A SentencePiece ``.model`` or HuggingFace ``tokenizer.json``: ``encode(list of str) -> list of ids``,
+    ``eod``, ``vocab_size``."""
+    if not os.path.isfile(model_file):
+        raise DataError(f"tokenizer model {model_file!r} not found (pass the SentencePiece .model or "
+                        "HuggingFace tokenizer.json the data was tokenised with)")
+    return _Tokenizer(model_file, eod_token)
 
 
 def _add(builder, encoded: List[List[int]], dtype) -> int:

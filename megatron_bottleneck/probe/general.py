@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+import torch.func as tfunc
 
 __all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "head_figures"]
 
@@ -123,8 +125,6 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
 
 
 def _vocab_sum(tp_group) -> Callable[[Tensor], Tensor]:
-    import torch.distributed as dist
-
     if tp_group is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
         return lambda t: t
 
@@ -152,8 +152,6 @@ def head_figures(log_prob, hidden: Tensor, labels: Tensor, iterations: Optional[
 
     Returns 0-dim float64 tensors on the device (no host sync; every TP rank the same values). Every rank of the
     head's TP group must call it with the same T (the normalisers are collectives)."""
-    import torch.func as tfunc
-
     params = {k: v.detach() for k, v in log_prob.params.items()}
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)

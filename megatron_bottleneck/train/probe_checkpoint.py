@@ -19,14 +19,15 @@ from .checkpoint import latest_checkpoint, load_model_only
 from .config import TrainConfig
 from .trainer import Trainer
 
-__all__ = ["probe_checkpoint"]
+__all__ = ["probe_checkpoint", "resolve_checkpoint"]
 
 MEAN_KEYS = ("destroyed_ratio", "visible_cosine", "isotropic_baseline", "update_cosine", "grad_norm",
              "hidden_grad_norm")
 RANK_PREFIXES = ("numerical_rank", "effective_rank", "energy_", "components_", "eym_", "rank_")
 
 
-def _resolve(path: str) -> str:
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself (an ``iter_*`` directory with ``config.yaml``) or the latest checkpoint under it."""
     if os.path.exists(os.path.join(path, "config.yaml")):
         return path
     latest = latest_checkpoint(path)
@@ -71,7 +72,7 @@ def _probe_rank(ckpt: str, data_prefix: str, batches: int) -> Optional[Dict]:
 
 def probe_checkpoint(path: str, data_prefix: str, batches: int = 4, nproc: Optional[int] = None) -> Dict:
     """Figures of the checkpoint at ``path`` on ``data_prefix`` (run on CPU ranks of this machine)."""
-    ckpt = _resolve(path)
+    ckpt = resolve_checkpoint(path)
     cfg = _config(ckpt, data_prefix)
     world = nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     cfg.check_world(world)
