@@ -27,7 +27,7 @@ from ..base.errors import BottleneckError, CheckpointError, ConfigError, DataErr
 from ..base.head import HeadView, find_head, head_view
 from ..integrations.parallel import initialize_parallel
 from ..train.checkpoint import load_model_only
-from ..train.probe_checkpoint import _config, _resolve
+from ..train.probe_checkpoint import _config, resolve_checkpoint
 from ..train.trainer import build_models
 
 HF_INSTALL = "pip install 'megatron-bottleneck[hf]'"
@@ -227,7 +227,7 @@ def load_trainer_checkpoint(path: str, device: torch.device) -> LoadedModel:
     if not dist.is_initialized():
         raise CheckpointError("measuring a trainer checkpoint needs a process group (run it through "
                               "megatron_bottleneck.measure.measure_model, which starts one).")
-    ckpt = _resolve(path)
+    ckpt = resolve_checkpoint(path)
     cfg = _config(ckpt, "")
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.virtual_pipeline_model_parallel_size = None
