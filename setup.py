@@ -35,7 +35,7 @@ setup(
         "plot": ["matplotlib"],
         "data": ["sentencepiece", "tokenizers"],
         "log": ["tensorboard"],
-        # `megatron-bottleneck measure` on HuggingFace models (tested with transformers 5.12.1 and 5.24.0)
+        # `megatron-bottleneck measure` on HuggingFace models (tested with transformers 4.57.6, 5.12.1 and 5.24.0)
         "hf": ["transformers>=4.45", "safetensors"],
         # megatron-bottleneck eval: zero-shot scores through EleutherAI's lm-evaluation-harness (its LM API, 0.4.x)
         "eval": ["lm-eval>=0.4,<0.5"],
