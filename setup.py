@@ -29,11 +29,14 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing needs it to save
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorboard", "sentencepiece", "tokenizers", "matplotlib", "lightning"],
+        "test": ["pytest>=7", "tensorboard", "sentencepiece", "tokenizers", "matplotlib", "lightning",
+                 "transformers>=4.45", "safetensors"],  # transformers: measure's tests and README example
         "te": ["transformer-engine[pytorch]>=2.0"],
         "plot": ["matplotlib"],
         "data": ["sentencepiece", "tokenizers"],
         "log": ["tensorboard"],
+        # `megatron-bottleneck measure` on HuggingFace models (tested with transformers 4.57.6, 5.12.1 and 5.24.0)
+        "hf": ["transformers>=4.45", "safetensors"],
         # megatron-bottleneck eval: zero-shot scores through EleutherAI's lm-evaluation-harness (its LM API, 0.4.x)
         "eval": ["lm-eval>=0.4,<0.5"],
         # What Megatron-LM's own training code (megatron/training, pretrain_gpt.py) imports besides megatron-core.

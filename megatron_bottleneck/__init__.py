@@ -6,8 +6,8 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 * ``ops``: the head's math kernels (torch only);
 * ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT builder, Llama spec) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
-* the application: ``train``, ``data``, ``sweep``, ``report``, ``evaluate`` (zero-shot scores through
-  lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
+* the application: ``train``, ``data``, ``sweep``, ``report``, ``plots``, ``measure``, ``evaluate``
+  (zero-shot scores through lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
 
 ``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:
 the names below load their module on first use.
@@ -42,6 +42,8 @@ _LAZY = {
     "VocabParallelHead": "heads.vocab_parallel",
     "build_gpt_model": "models.gpt", "padded_vocab_size": "models.gpt",
     "SequenceParallelNorm": "models.llama", "llama_block_spec": "models.llama", "llama_config": "models.llama",
+    # measure (the [hf] extra for HuggingFace models)
+    "measure_model": "measure.run", "MeasureConfig": "measure.run",
     # probe and base
     "GradientProbe": "probe.probe", "ProbeConfig": "probe.probe",
     "HeadView": "base.head", "LMHead": "base.head", "LossRequest": "base.loss", "FusedLossRecord": "base.loss",
@@ -55,8 +57,8 @@ __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigErr
                                 "HeadConfigError", "RankFailure", "__version__"])
 
 
-_SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "evaluate",
-                "cli")
+_SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "plots",
+                "measure", "evaluate", "cli")
 
 
 def __getattr__(name: str):
@@ -97,5 +99,6 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .models.gpt import build_gpt_model, padded_vocab_size  # noqa: F401
     from .models.llama import SequenceParallelNorm, llama_block_spec, llama_config  # noqa: F401
     from .probe.probe import GradientProbe, ProbeConfig  # noqa: F401
+    from .measure.run import MeasureConfig, measure_model  # noqa: F401
     from .evaluate.harness import evaluate_checkpoint, harness_model  # noqa: F401
     from .evaluate.scorer import CheckpointScorer, open_checkpoint  # noqa: F401

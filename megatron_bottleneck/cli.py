@@ -1,4 +1,4 @@
-"""``megatron-bottleneck``: spamlang | train | sweep | probe | eval | report | demo | bench-train.
+"""``megatron-bottleneck``: spamlang | train | sweep | probe | measure | eval | report | demo | bench-train.
 
 Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``. Options and
 ``section.key=value`` overrides may come in any order. Errors print one line per distinct message
@@ -74,6 +74,32 @@ def cmd_probe(a):
         with open(a.out, "w", encoding="utf-8") as f:
             f.write(text)
     print(text)
+
+
+def cmd_measure(a):
+    from .measure import MeasureConfig, load_model_list, measure_model
+
+    try:  # transformers' loading bars and notices are not measure's output (errors still come as one line)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    entries = [{"model": m} for m in a.models]
+    if a.config:
+        entries += load_model_list(a.config)
+    cfg = MeasureConfig(models=[e["model"] for e in entries], data=a.data, out=a.out, revision=a.revision,
+                        revisions=[e.get("revision") for e in entries], labels=[e.get("label") for e in entries],
+                        papers=[e.get("paper") for e in entries], documents=a.documents, seq_length=a.seq_length,
+                        max_tokens=a.max_tokens, rank_budget=a.rank_budget, batch_size=a.batch_size, dtype=a.dtype,
+                        device=a.device, seed=a.seed, progress=not a.no_progress)
+    results = measure_model(cfg)
+    if results:
+        from .measure.output import markdown_table
+
+        print(markdown_table(results), end="")
+        print("wrote", os.path.join(a.out, "measure.md"))
 
 
 def cmd_eval(a):
@@ -168,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, default=None)
     s.add_argument("--out", default=None, help="write the figures as JSON here")
     s.set_defaults(fn=cmd_probe)
+
+    s = sub.add_parser("measure", help="bottleneck figures of trained models (HuggingFace or ours) on real text")
+    s.add_argument("models", nargs="*", metavar="MODEL", help="hub id, local HuggingFace folder or trainer checkpoint")
+    s.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or indexed dataset prefixes")
+    s.add_argument("--out", required=True, help="output directory (measure.json, measure.md, PNGs)")
+    s.add_argument("--config", default=None, help="a YAML list of models (model, revision, label, paper)")
+    s.add_argument("--revision", default=None, help="HuggingFace revision (a training checkpoint's branch)")
+    s.add_argument("--documents", type=int, default=10000, help="shuffled documents to measure (0: all)")
+    s.add_argument("--seq-length", type=int, default=None, help="tokens per document (default: the model's context)")
+    s.add_argument("--max-tokens", type=int, default=None, help="stop after this many predicted tokens")
+    s.add_argument("--rank-budget", type=int, default=4096, help="tokens of the rank-vs-tokens curve (0: none)")
+    s.add_argument("--batch-size", type=int, default=8, help="documents per forward")
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"))
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the local GPU, else CPU)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_measure)
 
     from .evaluate.tasks import DEFAULT_TASKS  # light: no megatron-core, no lm-eval
 

@@ -5,6 +5,8 @@
 * :func:`plot_rank_curves`: the numerical rank of the logit gradient G (T x V) against the batch tokens T, one
   line per model or per vocabulary size, with its ceiling ``min(T, V - 1)`` dotted (the paper's Figure 2; the
   rows of G = P - Y sum to zero, so rank(G) <= V - 1), series sorted numerically by V.
+* :func:`plot_destroyed`: the destroyed ratio of several models or revisions (``measure``), in the order given
+  (along training for revisions), with each one's isotropic baseline as a tick.
 
 Every function returns the PNG's file name, or None where matplotlib is not installed
 (``pip install 'megatron-bottleneck[plot]'``).
@@ -15,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["RankSeries", "plot_series", "plot_rank_curves", "wants_log_scale"]
+__all__ = ["RankSeries", "plot_series", "plot_rank_curves", "plot_destroyed", "wants_log_scale"]
 
 LOG_SPAN = 100.0
 """A y axis whose positive values span more than this factor (max / min) is drawn on a log scale."""
@@ -102,6 +104,26 @@ def plot_rank_curves(series: Sequence[RankSeries], path: str,
     _finish(ax, title, "batch tokens T", "numerical rank of G", note)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    return _save(fig, plt, path)
+
+
+def plot_destroyed(points: Sequence[Tuple[str, float, Optional[float]]], path: str,
+                   title: str = "Destroyed ratio of the logit gradient") -> Optional[str]:
+    """Bars of ``(label, destroyed ratio, isotropic baseline or None)`` in the given order, y from 0 to 1, the
+    baseline drawn as a black tick on each bar."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(points) + 2), 4))
+    xs = list(range(len(points)))
+    ax.bar(xs, [p[1] for p in points], color="tab:red", alpha=0.8, label="destroyed ratio")
+    base = [(x, p[2]) for x, p in zip(xs, points) if p[2] is not None]
+    if base:
+        ax.plot([b[0] for b in base], [b[1] for b in base], "k_", markersize=18, label="isotropic baseline")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([p[0] for p in points], rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    _finish(ax, title, "", "||G - G_vis|| / ||G||", None)
     return _save(fig, plt, path)
 
 

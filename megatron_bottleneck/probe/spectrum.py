@@ -91,7 +91,8 @@ def curve_grid(tokens: int) -> List[int]:
 
 
 def rank_curve(gram: torch.Tensor, vocab_size: int, eps: float, rtol: Optional[float] = None) -> List[Dict]:
-    """Numerical and effective rank of the first t tokens, t = 2, 4, 8, ..., T."""
+    """Numerical rank (with its ``rank_tolerance``), effective rank and the components holding 70 / 90 / 99 /
+    99.9 % of the energy (``components_for_70pct`` ...) of the first t tokens, t = 2, 4, 8, ..., T."""
     return curve_from_eigenvalues(curve_eigenvalues(gram).cpu(), gram.shape[0], vocab_size, eps, rtol)
 
 
@@ -106,7 +107,9 @@ def curve_from_eigenvalues(lams: torch.Tensor, tokens: int, vocab_size: int, eps
     for t in curve_grid(tokens):
         fig = figures_from_eigenvalues(lams[pos:pos + t], vocab_size, eps, rtol, energy_ks=(), residual_ranks=())
         pos += t
-        out.append({"tokens": t, "numerical_rank": fig["numerical_rank"], "effective_rank": fig["effective_rank"]})
+        point = {"tokens": t, "numerical_rank": fig["numerical_rank"], "effective_rank": fig["effective_rank"]}
+        point.update({k: v for k, v in fig.items() if k == "rank_tolerance" or k.startswith("components_for_")})
+        out.append(point)
     return out
 
 

@@ -166,9 +166,11 @@ class StepAccumulator:
         n = view.valid_rows()
         g = grad.reshape(-1, grad.shape[-1])[:, :n]
         # float32 accumulation (cascade sum, relative error ~1e-7); a float64 cast of G costs 15x more.
-        self.g2 = self.g2.to(g.device) + torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
+        # (A float64 G, e.g. a float64 reference measurement, is summed in float64.)
+        nd = torch.float64 if g.dtype == torch.float64 else torch.float32
+        self.g2 = self.g2.to(g.device) + torch.linalg.vector_norm(g, dtype=nd).double().square()
         if self.num_buckets:
-            sq = torch.linalg.vector_norm(g, dim=1, dtype=torch.float32).double().square()
+            sq = torch.linalg.vector_norm(g, dim=1, dtype=nd).double().square()
             seq = grad.shape[0] if grad.dim() == 3 else g.shape[0]
             batch = g.shape[0] // seq
             pos = torch.arange(seq, device=g.device).repeat_interleave(batch)
@@ -287,16 +289,19 @@ class StepAccumulator:
     def ready(self) -> bool:
         return self.view is not None and (self.k is not None or self.k_red is not None)
 
-    def local_payload(self) -> torch.Tensor:
+    def local_payload(self, weight_share: float = 1.0) -> torch.Tensor:
         """This rank's partial sums of the step, flat float64 (device work only): ||G||^2, F^T F, K (or Q^T K Q
         and tr K), the bucket sums, and for update figures ||P||^2, P P^T, H^T H, H^T dH. Replicated token
-        sums (without SP) are counted on TP rank 0 only, so one SUM all-reduce yields every total."""
+        sums (without SP) are counted on TP rank 0 only, so one SUM all-reduce yields every total.
+        ``weight_share`` multiplies F^T F: a caller that also sums the payload over data-parallel ranks (each
+        holding the same weights and its own tokens, e.g. ``megatron-bottleneck measure``) passes 1 on one of
+        them and 0 on the others."""
         view = self.view
         k_part = self.k if self.k_red is None else torch.cat([self.k_red.reshape(-1), self.trk.reshape(1)])
         device = k_part.device
         n = view.valid_rows()
         f = view.basis[:n].to(_work_dtype(view.basis))
-        ftf = (f.t() @ f).double()  # k x k: V k^2 flops, the largest product of a cheap step
+        ftf = (f.t() @ f).double() * weight_share  # k x k: V k^2 flops, the largest product of a cheap step
         own = 1.0 if (self.sequence_parallel or get_pg_rank(self.tp_group) == 0) else 0.0
         parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * k_part.reshape(-1)]
         if self.num_buckets:
@@ -397,7 +402,7 @@ class StepAccumulator:
         acc = torch.zeros(self.num_buckets, dtype=torch.float64, device=device)
         offset = get_pg_rank(tp_group) if self.sequence_parallel else 0
         for dh, rows in self.vis_tokens:
-            vis_t = ((dh.double() @ wtw_pinv.to(dh.device)) * dh.double()).sum(dim=1)
+            vis_t = token_visible_energy(dh, wtw_pinv)
             batch = dh.shape[0] // rows
             pos = (torch.arange(rows, device=dh.device) + offset * rows).repeat_interleave(batch)
             seq = rows * (get_pg_size(tp_group) if self.sequence_parallel else 1)
@@ -407,6 +412,13 @@ class StepAccumulator:
             dist.all_reduce(acc, group=tp_group)
             self.buckets_reduced = True
         return acc
+
+
+def token_visible_energy(dh: torch.Tensor, wtw_pinv: torch.Tensor) -> torch.Tensor:
+    """Per-token ||P g_t||^2 = dh_t (W^T W)^+ dh_t^T ``[T]`` float64 from dh ``[T, D]`` = G W and the float64
+    pseudo-inverse of W^T W (``pinv_psd``): the visible energy of each token's logit gradient."""
+    dh = dh.double()
+    return ((dh @ wtw_pinv.to(dh.device, torch.float64)) * dh).sum(dim=1)
 
 
 def iter_split(flat: torch.Tensor):

@@ -1,0 +1,261 @@
+"""Where ``megatron-bottleneck measure`` gets a model from: a HuggingFace causal LM, one of our trainer's
+checkpoints, or (not yet) a Megatron-LM ``torch_dist`` checkpoint.
+
+Every loader returns a :class:`LoadedModel`: a callable that runs the backbone on a padded batch of token ids
+``[B, L]`` and returns the head's input H ``[B, L, D]`` (the final hidden states, after the final norm: read
+by a forward pre-hook on the head, so any architecture works), the head as the probe sees it (a
+:class:`~megatron_bottleneck.base.head.HeadView`, W = F M), the head's bias (or None), and a tokenizer for
+text data. The pre-hook stops the forward once H is read (:class:`_HeadReached`): the model's own
+``[B, L, V]`` logits are never formed; the measurement forms them per token chunk.
+
+A HuggingFace model's head is ``model.get_output_embeddings()``; it must be a ``torch.nn.Linear`` (tied or
+untied). A scalar multiplier on the logits (``logit_scale``, Cohere; ``logits_scaling``, Granite: logits
+divided by it) is folded into W, which keeps col(W); logit soft-capping (``final_logit_softcapping``, Gemma 2)
+is not linear and is refused.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..base.errors import BottleneckError, CheckpointError, ConfigError, DataError
+from ..base.head import HeadView, find_head, head_view
+from ..integrations.parallel import initialize_parallel
+from ..train.checkpoint import load_model_only
+from ..train.probe_checkpoint import _config, resolve_checkpoint
+from ..train.trainer import build_models
+
+HF_INSTALL = "pip install 'megatron-bottleneck[hf]'"
+
+
+class ModelError(BottleneckError):
+    """A model cannot be measured as given (unknown, missing extra, head not linear)."""
+
+
+class _HeadReached(Exception):
+    """Raised by the head's pre-hook once its input is read: the rest of the forward is not needed."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for measurement.
+
+    name: what was asked for (hub id or path). hidden: ``hidden(ids [B, L], mask [B, L]) -> H [B, L, D]``
+    (no grad). view: the head, W = F M (``basis`` (V, k), ``mix`` (k, D) or None), float32 or float64, any
+    logit multiplier folded in. bias: ``[V]`` or None. tokenize: ``text -> list of ids`` (None: the model has
+    no tokenizer; token-id data only). max_length: the model's context (tokens per forward). device: where
+    the backbone runs. kind: "hf" or "trainer".
+    """
+
+    name: str
+    hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    view: HeadView
+    bias: Optional[torch.Tensor]
+    tokenize: Optional[Callable[[str], List[int]]]
+    max_length: Optional[int]
+    device: torch.device
+    kind: str
+    revision: Optional[str] = None
+    eod: Optional[int] = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.view.vocab_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.view.basis.shape[1] if self.view.mix is None else self.view.mix.shape[1])
+
+
+def _capture(head: torch.nn.Module, store: dict):
+    def pre_hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+        store["hidden"] = hidden.detach()
+        store["weight"] = kwargs.get("weight")
+        raise _HeadReached
+
+    return head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in table:
+        raise ConfigError(f"--dtype must be float32, bfloat16, float64 or auto, got {dtype!r}")
+    return table[dtype]
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def is_trainer_checkpoint(path: str) -> bool:
+    """A directory of our trainer: an ``iter_*`` with ``config.yaml``, or a checkpoint dir with ``latest``."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "config.yaml"))
+                                    or os.path.isfile(os.path.join(path, "latest")))
+
+
+def is_megatron_lm_checkpoint(path: str) -> bool:
+    """Megatron-LM's checkpoint layout: ``latest_checkpointed_iteration.txt`` or an ``iter_*`` holding
+    ``common.pt`` / ``metadata.json`` of a torch_dist save."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
+                                    or os.path.isfile(os.path.join(path, "common.pt")))
+
+
+def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
+               device: Optional[str] = None) -> LoadedModel:
+    """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer checkpoints need an
+    initialised process group (see :func:`load_trainer_checkpoint`)."""
+    dev = resolve_device(device)
+    if is_trainer_checkpoint(name):
+        return load_trainer_checkpoint(name, dev)
+    if is_megatron_lm_checkpoint(name):
+        raise ModelError(f"{name}: Megatron-LM torch_dist checkpoints are not supported by measure yet; convert it "
+                         "to HuggingFace (Megatron-Bridge's export) or measure it with our probe in Megatron-LM "
+                         "(megatron_bottleneck.megatron_lm).")
+    return load_hf_model(name, revision=revision, dtype=dtype, device=dev)
+
+
+# ------------------------------------------------------------------------------------------ HuggingFace
+def _import_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ModelError(f"measuring a HuggingFace model needs transformers: {HF_INSTALL}") from None
+    return transformers
+
+
+def _from_pretrained(cls, name, revision, torch_dtype):
+    """transformers 5 takes ``dtype=``, 4.x ``torch_dtype=`` (5 still accepts it, with a warning)."""
+    kw = {"revision": revision} if revision else {}
+    params = inspect.signature(cls.from_pretrained).parameters
+    major = int(_import_transformers().__version__.split(".")[0])
+    key = "dtype" if major >= 5 or "dtype" in params else "torch_dtype"
+    return cls.from_pretrained(name, **{key: torch_dtype}, **kw)
+
+
+def _logit_multiplier(config, name: str) -> float:
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        raise ModelError(f"{name}: its logits are soft-capped (final_logit_softcapping={cap}), which is not a linear "
+                         "head; measure supports linear heads (a scalar logit multiplier is fine).")
+    scale = 1.0
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):  # Cohere: logits * logit_scale
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    return scale
+
+
+def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
+                  device: Optional[torch.device] = None) -> LoadedModel:
+    """A HuggingFace causal LM (hub id or local folder) through ``AutoModelForCausalLM``."""
+    transformers = _import_transformers()
+    dev = device or resolve_device(None)
+    tdtype = _resolve_dtype(dtype, dev)
+    try:
+        model = _from_pretrained(transformers.AutoModelForCausalLM, name, revision, tdtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {name!r} as a HuggingFace causal LM (hub id or local folder with "
+                         f"config.json): {first}") from None
+    model.eval().to(dev)
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ModelError(f"head of {name} is not a linear layer ({type(head).__name__}); measure needs "
+                         "logits = W h (+ b) from a torch.nn.Linear output embedding.")
+    scale = _logit_multiplier(model.config, name)
+    work = torch.float64 if tdtype == torch.float64 else torch.float32
+    basis = head.weight.detach().to(work) * scale
+    bias = None if head.bias is None else head.bias.detach().to(work) * scale
+    view = HeadView(basis=basis, mix=None, vocab_start=0, vocab_size=int(head.out_features))
+    store: dict = {}
+    _capture(head, store)
+
+    @torch.no_grad()
+    def hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        store.clear()
+        try:
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        except _HeadReached:
+            pass
+        if "hidden" not in store:
+            raise ModelError(f"{name}: the forward never reached its output embedding; measure needs a model "
+                             "whose logits come from model.get_output_embeddings().")
+        return store["hidden"]
+
+    tokenize, eod = None, None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
+        if len(tok) < 2:  # transformers 5 builds an empty tokenizer for a folder without tokenizer files
+            raise ValueError("no tokenizer files: the tokenizer it builds has no vocabulary")
+        tokenize = lambda text: list(tok(text)["input_ids"])  # noqa: E731
+        eod = tok.eos_token_id
+    except Exception as exc:  # noqa: BLE001 (a folder without tokenizer files fails in many ways across versions)
+        tokenize = _no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return LoadedModel(name=name, hidden=hidden, view=view, bias=bias, tokenize=tokenize, max_length=ctx,
+                       device=dev, kind="hf", revision=revision, eod=eod)
+
+
+def _no_tokenizer(name: str, exc: BaseException):
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+    def tokenize(_text: str):
+        raise DataError(f"--data is text, but {name}'s tokenizer does not load ({reason}); save a tokenizer with "
+                        "the model, or give token ids (a .jsonl with 'tokens' lists, or an indexed dataset)")
+
+    return tokenize
+
+
+# ------------------------------------------------------------------------------------------ our trainer
+def load_trainer_checkpoint(path: str, device: torch.device) -> LoadedModel:
+    """One of our trainer's checkpoints (the ``probe`` command's loading: ``TrainConfig`` from the checkpoint,
+    :func:`~megatron_bottleneck.train.checkpoint.load_model_only`). Needs an initialised process group whose
+    world is the data-parallel measurement (TP = PP = 1 here)."""
+    if not dist.is_initialized():
+        raise CheckpointError("measuring a trainer checkpoint needs a process group (run it through "
+                              "megatron_bottleneck.measure.measure_model, which starts one).")
+    ckpt = resolve_checkpoint(path)
+    cfg = _config(ckpt, "")
+    cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
+    cfg.parallel.virtual_pipeline_model_parallel_size = None
+    cfg.parallel.sequence_parallel = False
+    initialize_parallel(1, 1, None, seed=cfg.train.seed)
+    _, chunks = build_models(cfg)
+    load_model_only(ckpt, chunks)
+    model = chunks[0].eval()
+    head = find_head(model)
+    store: dict = {}
+    _capture(head, store)
+    seq = cfg.model.seq_length
+
+    @torch.no_grad()
+    def hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        store.clear()
+        b, s = ids.shape
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        try:
+            model(ids.to(device), pos.to(device), None)
+        except _HeadReached:
+            pass
+        return store["hidden"].transpose(0, 1)  # Megatron's [s, b, D] -> [b, s, D]
+
+    # a first forward to read the head's weight argument (tied embeddings pass it to the head)
+    hidden(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
+    view = head_view(head, weight=store.get("weight"), vocab_size=cfg.model.vocab_size)
+    view = HeadView(view.basis.detach().float(), None if view.mix is None else view.mix.detach().float(),
+                    view.vocab_start, view.vocab_size)
+    return LoadedModel(name=path, hidden=hidden, view=view, bias=None, tokenize=None, max_length=seq,
+                       device=device, kind="trainer")
