@@ -29,6 +29,7 @@ import inspect
 import os
 import runpy
 import sys
+import time
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -247,9 +248,7 @@ def _check_command_line() -> None:
     try:
         lines = check_arguments(sys.argv[1:])
     except HeadConfigError as exc:
-        if _rank() == 0:
-            print(f"{PREFIX} error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        _exit_one_line(exc, _rank() == 0)
     for i, line in enumerate(lines):
         _print0(line if i == len(lines) - 1 else f"warning: {line}")
 
@@ -280,9 +279,22 @@ def _fail(exc: BaseException) -> None:
         first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     except Exception:
         first = True
-    if first:
+    _exit_one_line(exc, first)
+
+
+SILENT_RANK_GRACE_S = 15.0
+"""How long a rank that does not print an error everyone hit waits before exiting: torchrun stops every rank
+once one exits, so the printing rank must get to print first (it exits at once, and torchrun then stops the
+waiting ones)."""
+
+
+def _exit_one_line(exc: BaseException, prints: bool) -> None:
+    """Exit status 2 on every rank; the one line on the rank that ``prints``."""
+    if prints:
         print(f"{PREFIX} error: {exc}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    else:
+        time.sleep(SILENT_RANK_GRACE_S)
+    raise SystemExit(2) from None
 
 
 _HEAD_LOGGED = False
