@@ -21,12 +21,14 @@ Torch only; the tensor-parallel reduction is a callable (sum over vocabulary sha
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.func as tfunc
+
+from ..base.tp_autograd import tp_reduce_sum
 
 __all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "head_figures"]
 
@@ -124,18 +126,6 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
                     history=torch.stack(history) if history else b.new_zeros(0))
 
 
-def _vocab_sum(tp_group) -> Callable[[Tensor], Tensor]:
-    if tp_group is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
-        return lambda t: t
-
-    def reduce(t: Tensor) -> Tensor:
-        t = t.clone()
-        dist.all_reduce(t, group=tp_group)
-        return t
-
-    return reduce
-
-
 def head_figures(log_prob, hidden: Tensor, labels: Tensor, iterations: Optional[int] = None,
                  update: bool = False) -> Dict[str, Tensor]:
     """The probe's figures for any head, from its :class:`~megatron_bottleneck.base.head.HeadLogProb`, on one
@@ -155,7 +145,7 @@ def head_figures(log_prob, hidden: Tensor, labels: Tensor, iterations: Optional[
     params = {k: v.detach() for k, v in log_prob.params.items()}
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    reduce = _vocab_sum(log_prob.tp_group)
+    reduce = functools.partial(tp_reduce_sum, group=log_prob.tp_group)
 
     def u_of_h(hh):
         return log_prob.fn(params, hh)

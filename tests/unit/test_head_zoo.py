@@ -198,3 +198,32 @@ def test_megatron_lm_installs_the_head_from_its_flags():
     assert "1 <= r <= the hidden size 64" in error_of(lambda: check_arguments(
         ["--lm-head-type", "low_rank", "--lm-head-options", "r=65", "--hidden-size", "64",
          "--untie-embeddings-and-output-weights"]))
+
+
+@pytest.mark.parametrize("kind", support_heads.KINDS)
+def test_bf16_loss_of_every_head_against_float64_beside_the_dense_head(kind):
+    """What users run: the head in bf16 on peaked logits and Zipfian labels, its per-token loss against the float64
+    reference on the same (bf16-rounded) parameters and inputs; the error stays within a small multiple of the
+    dense bf16 head's (h W^T in bf16, float32 cross-entropy: today's path) on the same tokens."""
+    D, V = support_heads.D, support_heads.V_REAL
+    head = support_heads.build(kind, 1, False)
+    with torch.no_grad():
+        head.weight.mul_(6.0)  # peaked logits
+    head = head.to(torch.bfloat16)
+    p64 = {n: q.detach().double() for n, q in head.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    s, b = 16, 4
+    h = (torch.randn(s, b, D, generator=gen) * 2).bfloat16()
+    y = torch.multinomial(1.0 / torch.arange(1, V + 1, dtype=torch.float64), s * b, replacement=True,
+                          generator=gen).reshape(s, b)
+    got = head.loss(h, y).double().reshape(-1)
+    u = support_heads.reference_log_probs(kind, p64, h.double().reshape(-1, D))
+    want = -u.gather(1, y.reshape(-1, 1)).squeeze(1)
+    err = float((got - want).abs().mean())
+    w = p64["weight"][:V, :D]  # the dense head of the same scale (a stacked head's W is V x D')
+    z16 = (h.reshape(-1, D) @ w.bfloat16().t()).float()
+    dense = torch.nn.functional.cross_entropy(z16, y.reshape(-1), reduction="none").double()
+    dense_want = torch.nn.functional.cross_entropy(h.double().reshape(-1, D) @ w.t(), y.reshape(-1), reduction="none")
+    dense_err = float((dense - dense_want).abs().mean())
+    assert torch.isfinite(got).all()
+    assert err <= 4 * dense_err + 1e-3, (kind, err, dense_err)
