@@ -33,7 +33,6 @@ from ..base.errors import CheckpointError, DataError, DeviceError
 from ..data.spamlang import spamlang_sequence_tokens
 from ..data.text import load_tokenizer, recorded_tokenizer
 from ..integrations.cpu import cpu_mode
-from ..integrations.launch import free_port
 from ..integrations.parallel import destroy_parallel, initialize_parallel
 from ..train.checkpoint import load_model_only
 from ..train.config import TrainConfig
@@ -167,7 +166,7 @@ def _one_rank(dev: torch.device) -> Iterator[None]:
     parallel state at TP = PP = 1; all undone afterwards."""
     own = not dist.is_initialized()
     if own:
-        store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+        store = dist.HashStore()  # one rank, one process: no TCP port
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1)

@@ -1,4 +1,4 @@
-"""Run a function on N local CPU ranks (``torch.multiprocessing`` spawn, gloo on 127.0.0.1).
+"""Run a function on N local CPU ranks (``torch.multiprocessing`` spawn, gloo on 127.0.0.1, meeting in a file store).
 
 Each rank has ``torch.distributed`` initialised and CPU mode on; Megatron's parallel state is up to the
 function (:func:`megatron_bottleneck.initialize_parallel`). Failures come back to the caller as one
@@ -20,7 +20,9 @@ import importlib
 import os
 import pickle
 import queue as queue_mod
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Sequence
@@ -51,13 +53,15 @@ def _describe(exc: BaseException) -> Dict[str, Any]:
             "ours": isinstance(exc, BottleneckError), "traceback": traceback.format_exc()}
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+def _worker(rank: int, world_size: int, store_file: str, fn: Callable, args: Sequence, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     quiet_megatron_warnings()
     try:
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        # The ranks meet in a file store, not on a TCP port: a port picked by free_port() can be taken by
+        # another process before rank 0 binds it (EADDRINUSE when several launches run side by side).
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                                             world_size=world_size)
         enable_cpu_mode()
         # Plain pickle: torch's queue reducers share tensors through file descriptors, which die
         # with this process.
@@ -105,8 +109,10 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) ->
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    store_dir = tempfile.mkdtemp(prefix="mb-launch-")
+    store_file = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store_file, fn, args, queue))
+             for r in range(world_size)]
     previous = os.environ.get("PYTHONWARNINGS")
     # Each rank shows a warning text once: Megatron-Core repeats its missing-Apex/TE warnings on import,
     # before _worker could install a filter.
@@ -155,6 +161,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) ->
             if p.is_alive():
                 p.terminate()
                 p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if failures:
         raise _rebuild(failures)
     return [results[r] for r in range(world_size)]

@@ -92,6 +92,8 @@ def test_data_problems_are_one_line_before_spawning(tmp_path, spamlang):
 
 
 def test_an_error_raised_inside_the_ranks_is_one_line(tmp_path, spamlang):
+    if README_LANE:  # the CLI's error path and the trainer's resume check are the same code in both lanes
+        pytest.skip("runs in the megatron-core 0.19 lane only (the same code in both lanes), to keep CI within its time budget")
     # A check only the ranks can make: resuming a checkpoint of another model (every rank raises it; the
     # launcher waits for each rank's report, so --debug shows rank 0's whichever rank failed first).
     cfg = tmp_path / "c.yaml"

@@ -72,8 +72,8 @@ def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=No
     (one process); returns (returncode, combined output)."""
     cmd = [sys.executable]
     if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+        # --standalone: torchrun's own rendezvous binds a port it picks (no free-port race with other jobs)
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     if script is None:
         cmd += ["-m", "megatron_bottleneck.megatron_lm", os.path.join(MLM, "pretrain_gpt.py")]
     else:
