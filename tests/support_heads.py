@@ -9,6 +9,7 @@ The reference math is written here again, independently of megatron_bottleneck.h
     sigsoftmax: u = log_softmax(z + log sigmoid(z)),  softcap: log_softmax(c tanh(z / c)),
     monotone:   u = log_softmax(z + sum_j softplus(a_j) tanh(z - b_j)),  z = W h,
     stacked:    u = log_softmax(W act(P h)),
+    mfs:        as mos over facets z_1,i = W_i tanh(P_{j(i)} h) (j(i) = i // ceil(V_REAL / J)), z_k = W tanh(P_{J+k-2} h),
     loss_t = -u[t, y_t] (0 where y_t = -100).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import megatron_bottleneck as mb
 
 D, V_REAL, V_PAD, S, B = 8, 60, 64, 8, 2
 KINDS = ["mos:k=3", "mos:k=2,fused=false", "sigsoftmax", "softcap:cap=2", "monotone:terms=3",
-         "stacked:width=12,activation=tanh"]
+         "stacked:width=12,activation=tanh", "mfs:k=2,partitions=3"]
 FUSED = {"mos:k=3", "stacked:width=12,activation=tanh"}  # kinds whose loss is fused: also checked materialised
 
 
@@ -54,6 +55,14 @@ def reference_log_probs(kind: str, p: Dict[str, torch.Tensor], h: torch.Tensor) 
         log_pi = torch.log_softmax(h @ p["prior"].t(), dim=-1)
         logp = torch.log_softmax(hk @ w.t(), dim=-1)  # [T, K, V]
         return torch.logsumexp(log_pi.unsqueeze(-1) + logp, dim=1)
+    if name == "mfs":
+        j = int(kind.split("partitions=")[1].split(",")[0])
+        f = torch.tanh(torch.stack([h @ pe.t() for pe in p["proj"]], dim=1))  # [T, J + K - 1, D]
+        part = torch.arange(V_REAL) // -(-V_REAL // j)  # each word's partition
+        z1 = torch.einsum("tvd,vd->tv", f[:, part], w)  # word i's logit from its partition's facet
+        z = torch.stack([z1] + [f[:, e] @ w.t() for e in range(j, f.shape[1])], dim=1)  # [T, K, V]
+        log_pi = torch.log_softmax(h @ p["prior"].t(), dim=-1)
+        return torch.logsumexp(log_pi.unsqueeze(-1) + torch.log_softmax(z, dim=-1), dim=1)
     if name == "stacked":
         return torch.log_softmax(torch.tanh(h @ p["proj"].t()) @ w.t(), dim=-1)
     z = h @ w.t()

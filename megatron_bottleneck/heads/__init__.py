@@ -1,6 +1,6 @@
 """LM heads for Megatron-Core implementing the head contract (:class:`megatron_bottleneck.base.head.LMHead`):
 the low-rank output layer, Megatron's dense head, the fused head + loss, the built-in non-linear heads
-(mixture of softmaxes, pointwise logit maps, stacked), the head registry's built-in kinds and how to install
+(mixture of softmaxes, pointwise logit maps, stacked, multi-facet), the head registry's built-in kinds and how to install
 any registered head."""
 from ..base.head import HeadConfig, get_head_builder, register_head, registered_heads
 from .builtin import DenseOptions, LowRankOptions
@@ -9,6 +9,7 @@ from .fused import (DenseOutputLayer, FusedLossModel, as_lm_head, disable_fused_
                     fused_loss_hook, fused_model_class, head_loss, is_fused)
 from .install import LowRankHeadConfig, head_hook, install_head, install_low_rank_head, low_rank_head_hook
 from .low_rank import LowRankOutputLayer, validate_head_shape
+from .mfs import MultiFacetHead, MultiFacetOptions
 from .mos import MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions
 from .pointwise import MonotoneOptions, PointwiseLogitHead, SigsoftmaxOptions, SoftcapOptions
 from .stacked import StackedHead, StackedOptions
@@ -20,4 +21,5 @@ __all__ = ["FusedLossConfig", "LossContext", "DenseOutputLayer", "FusedLossModel
            "validate_head_shape", "HeadConfig", "register_head", "get_head_builder", "registered_heads",
            "install_head", "head_hook", "DenseOptions", "LowRankOptions", "MixtureOfSoftmaxesHead",
            "MixtureOfSoftmaxesOptions", "PointwiseLogitHead", "SigsoftmaxOptions", "SoftcapOptions",
-           "MonotoneOptions", "StackedHead", "StackedOptions", "VocabParallelHead"]
+           "MonotoneOptions", "StackedHead", "StackedOptions", "MultiFacetHead", "MultiFacetOptions",
+           "VocabParallelHead"]

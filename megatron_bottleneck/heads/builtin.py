@@ -10,6 +10,7 @@ sigsoftmax z + log sigmoid(z), z = W h                  materialised            
 softcap    c tanh(W h / c)                              materialised            V D
 monotone   z + sum_j softplus(a_j) tanh(z - b_j)        materialised            V D + 2 J
 stacked    W act(P h), P: D' x D                        fused                   V D' + D' D
+mfs        mos with J vocab partitions in facet 1       materialised            V D + (J+K-1) D^2 + K D
 ========== ============================================ ======================= ====================
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..base.groups import default_tp_group
 from ..base.head import HeadBuildContext, register_head, registered_heads
 from .fused import DenseOutputLayer, as_lm_head
 from .low_rank import LowRankOutputLayer, validate_head_shape
+from .mfs import MultiFacetHead, MultiFacetOptions
 from .mos import MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions
 from .pointwise import MonotoneOptions, PointwiseLogitHead, SigsoftmaxOptions, SoftcapOptions
 from .stacked import StackedHead, StackedOptions
@@ -79,6 +81,9 @@ def register_builtin_heads() -> None:
     register_head("monotone", lambda ctx, o: PointwiseLogitHead(ctx, "monotone", o), MonotoneOptions,
                   description="learnable monotone map of the logits (Ganea et al. 2019)")
     register_head("stacked", StackedHead, StackedOptions, description="z = W act(P h), P: D' x D")
+    register_head("mfs", MultiFacetHead, MultiFacetOptions,
+                  description="multi-facet softmax: mos whose first facet is split over J vocabulary partitions "
+                              "(after Chang & McCallum 2022)")
 
 
 register_builtin_heads()
