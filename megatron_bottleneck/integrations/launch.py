@@ -1,4 +1,9 @@
-"""Run a function on N local CPU ranks (``torch.multiprocessing`` spawn, gloo on 127.0.0.1, meeting in a file store).
+"""Run a function on N local CPU ranks (gloo on 127.0.0.1, meeting in a file store).
+
+The ranks are forked from a ``torch.multiprocessing`` fork server that has imported torch and Megatron-Core
+once (:data:`PRELOAD`): a rank starts in well under a second instead of re-importing them (about 10 s of CPU
+per rank on 2 cores). Each rank gets the caller's environment, working directory, ``sys.path`` and
+``__main__`` (as with ``spawn``: keep the ``if __name__ == "__main__":`` guard in scripts).
 
 Each rank has ``torch.distributed`` initialised and CPU mode on; Megatron's parallel state is up to the
 function (:func:`megatron_bottleneck.initialize_parallel`). Failures come back to the caller as one
@@ -39,6 +44,17 @@ __all__ = ["launch", "free_port"]
 FAILURE_GRACE_S = 30.0
 """Seconds the other ranks get to report their own failure after one rank failed."""
 
+PRELOAD = ("torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
+           "megatron.core.distributed", "megatron.core.dist_checkpointing", "megatron.core.pipeline_parallel")
+"""Modules the fork server imports before forking ranks (missing ones are skipped)."""
+
+
+def _context():
+    """The fork-server context, its preload list set before the server starts (on the first launch)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
@@ -53,7 +69,10 @@ def _describe(exc: BaseException) -> Dict[str, Any]:
             "ours": isinstance(exc, BottleneckError), "traceback": traceback.format_exc()}
 
 
-def _worker(rank: int, world_size: int, store_file: str, fn: Callable, args: Sequence, queue) -> None:
+def _worker(rank: int, world_size: int, store_file: str, env: Dict[str, str], fn: Callable, args: Sequence,
+            queue) -> None:
+    os.environ.clear()  # the caller's environment now, not the fork server's from its start
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     quiet_megatron_warnings()
@@ -107,15 +126,16 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) ->
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="mb-launch-")
     store_file = os.path.join(store_dir, "store")
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store_file, fn, args, queue))
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store_file, env, fn, args, queue))
              for r in range(world_size)]
     previous = os.environ.get("PYTHONWARNINGS")
-    # Each rank shows a warning text once: Megatron-Core repeats its missing-Apex/TE warnings on import,
-    # before _worker could install a filter.
+    # A warning text shows once: the fork server (started by the first launch) imports Megatron-Core, which
+    # repeats its missing-Apex/TE warnings, under this filter.
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [previous, "once::UserWarning"]))
     try:
         for p in procs:
