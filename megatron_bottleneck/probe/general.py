@@ -160,9 +160,11 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
     figures.
 
     hidden: ``[T, D]`` the head input, the same on every TP rank (gathered over the sequence under SP).
-    The logit gradient G ``[T, n_valid]`` (this rank's real columns, the cotangent of u = log p(h)): ``grad``
-    as given (e.g. the unfused head's dL/du from autograd), or built from ``labels`` ``[T]`` by
-    :func:`logit_grad` (``scale``: dL/dloss_t ``[T]``, ``label_smoothing``). Then, with dh_t = J_t^T g_t
+    The logit gradient G ``[T, n_valid]`` (this rank's real columns): from ``grad``, a cotangent c of u = log p(h)
+    (e.g. the unfused head's dL/du from autograd), as g_t = c_t - p_t sum_i c_ti (sum over every shard: the
+    logit gradient with the same J^T c, u being normalised; c itself for a cross-entropy of u as logits,
+    w (p - q), and p - q for an NLL of u, -w q), or built from ``labels`` ``[T]`` by :func:`logit_grad`
+    (``scale``: dL/dloss_t ``[T]``, ``label_smoothing``). Then, with dh_t = J_t^T g_t
     (one VJP) and visible_t from :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
     CG, visible = 0):
 
@@ -186,8 +188,9 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
         if grad is None:
             g = logit_grad(u, labels, log_prob.vocab_start, log_prob.n_valid, log_prob.vocab_size, scale,
                            label_smoothing)
-        else:
-            g = grad.detach().reshape(-1, u.shape[-1]).double()
+        else:  # the logit gradient with the same J^T c: c - p sum_i c_i (c itself when c = w (p - q))
+            c = grad.detach().reshape(-1, u.shape[-1]).double()
+            g = c - u.detach().double().exp() * reduce(c.sum(-1, keepdim=True))
         g2 = reduce(g.square().sum().reshape(1)).reshape(())
         dh = vjp_h(g.to(u.dtype))[0]
 
