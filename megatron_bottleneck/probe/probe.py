@@ -11,7 +11,21 @@ measurement, the forward hook registers tensor hooks so the backward pass hands 
   recomputes it (:func:`megatron_bottleneck.ops.logit_grad_rows`) for a *token slice* of each micro-batch, at most
   ``slice_memory_mib`` of float32 ``[tokens, V/tp]``, so a probed step stays within the fused path's memory.
 
-The math (:mod:`.stats`, :mod:`.spectrum`) does local work only inside the hooks: no host synchronisation and
+* non-linear head (:class:`~megatron_bottleneck.base.head.NonLinearHead`, no ``probe_view``): the general path
+  (:mod:`.general`). The forward hook keeps a token sample, the first ``general_tokens`` rows of the step (head
+  input over the full sequence ``[n, D]``, all-gathered under SP; on the fused path also the labels from the
+  head's ``loss_context``), and hooks the head's output: unfused, dL/du ``[s, b, V/tp]`` (u = log p; this rank's
+  real columns of the sample's rows are kept, ``[n, n_valid]``); fused, dL/dloss_t ``[s, b]``, with
+  G = dL/dloss_t (p - q) rebuilt from the labels. After the step's last backward (before any optimizer step)
+  :func:`.general.head_sums` runs ``general_iterations`` CG iterations, each a JVP and a VJP through the head's
+  ``log_prob_fn`` (TP collectives inside, a fixed number: every TP rank enters them, with zeros where its probe
+  work failed), and gives the sums (visible energy, ||G||^2, max residual, update inner product and norm), the
+  same on every TP rank: TP rank 0 puts them in the payload, the others zeros. Figures: ``grad_norm``,
+  ``destroyed_ratio``, ``visible_cosine``, ``cg_residual``, ``update_cosine`` (update steps), ``probe_tokens``,
+  all describing the sample. No rank figures.
+
+The math (:mod:`.stats`, :mod:`.spectrum`, :mod:`.general`) does local work only inside the hooks (the general
+path's JVP / VJP collectives excepted, entered by every TP rank at the same point): no host synchronisation and
 no collective that can be skipped (the one collective in a hook, the padding correction of an unfused head
 over a padded vocabulary, is entered by every TP rank whatever happened before it). When the step's last
 micro-batch has gone through backward, each rank builds its local partial sums (still on the device).
