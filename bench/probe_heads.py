@@ -12,14 +12,16 @@ the table reports medians: the step time, the probe's time inside the step (``Gr
 hooks and end_step), and the ratio to "off". Writes bench/results/probe_heads.json.
 """
 import argparse
-import json
 import os
 import statistics
-import time
+import sys
 
 import torch
 
 import megatron_bottleneck as mb
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_overhead import interleaved_step_times, run_on_one_device, write_json  # noqa: E402
 
 MODES = {"off": None, "cheap": dict(interval=1), "cheap + update": dict(interval=1, update_interval=1)}
 HEADS = "dense,low_rank:r=32,mos:k=4,sigsoftmax,softcap,monotone,stacked"
@@ -44,36 +46,9 @@ def bench_head(args, kind: str):
         p.watch(model, num_microbatches=args.num_micro)
         p.enabled, p.time_hooks = False, True
         probes[name] = p
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        batches = []
-        for _ in range(args.num_micro):
-            t = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
-            batches.append({"tokens": t[:, :-1], "labels": t[:, 1:]})
-        mb.forward_backward(model, batches)
-        for p in probes.values():
-            if p.enabled:
-                p.end_step()
-        if cuda:
-            torch.cuda.synchronize()
-
-    times = {name: [] for name in MODES}
-    probe_s = {name: [] for name in probes}
-    step()  # warm-up
-    for _ in range(args.reps):
-        for name in MODES:
-            for p_name, p in probes.items():
-                p.enabled = p_name == name
-            head = mb.find_head(model)
-            if mb.base.is_lm_head(head):
-                head.loss_request.record = False
-            before = probes[name].seconds if name in probes else 0.0
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-            if name in probes:
-                probe_s[name].append(probes[name].seconds - before)
+    probe_s = {}
+    times = interleaved_step_times(model, probes, list(MODES), args, probe_s)
+    head = mb.find_head(model)
     errors = {n: p.last_error for n, p in probes.items() if p.last_error}
     last = {n: (p.history[-1] if p.history else {}) for n, p in probes.items()}
     base = statistics.median(times["off"])
@@ -120,14 +95,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_heads.json"))
     args = ap.parse_args()
-    if torch.cuda.is_available():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(mb.integrations.free_port()))
-        torch.cuda.set_device(0)
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-        result = run(args)
-    else:
-        result = mb.launch(run, 1, args, timeout=3600)[0]
+    result = run_on_one_device(run, args)
     print(f"{result['device']} GPT step: D={args.hidden}, V={args.vocab}, {args.layers} layer(s), "
           f"{result['tokens_per_step']} tokens/step; general path: {args.general_tokens} tokens, "
           f"{args.general_iterations} CG iterations; torch {result['torch']}")
@@ -139,10 +107,7 @@ def main():
               f"{d:>10s} {c:>9s}")
     for k, v in result["errors"].items():
         print("probe error:", k, v)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
