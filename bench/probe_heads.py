@@ -1,8 +1,8 @@
 """Probe cost per head: step time with the gradient probe off and on, and the probe's own time, for every
 built-in head on one CPU (or GPU) GPTModel step.
 
-    python bench/probe_heads.py [--heads dense,low_rank:r=32,mos:k=4,...] [--hidden 128] [--vocab 4096]
-                                [--general-tokens 256] [--general-iterations 32] [--reps 5]
+    python bench/probe_heads.py [--heads dense,low_rank:r=32,mos:k=4,...] [--hidden 64] [--vocab 2048]
+                                [--general-tokens 128] [--general-iterations 32] [--reps 3] [--threads N]
 
 One process, Megatron's schedule, DDP, each head's own loss path (fused where the head has one). Linear heads
 (dense, low_rank) get the probe's closed form; the others the general path (conjugate gradients with a JVP and a
@@ -72,6 +72,8 @@ def run(args):
     rows, errors = [], {}
     for kind in args.heads.split(","):
         r, e = bench_head(args, kind.strip())
+        print(f"{kind}: " + ", ".join(f"{x['mode']} {x['step_s']:.3f} s (probe {x['probe_s']:.3f} s)" for x in r),
+              flush=True)
         rows += r
         errors.update({f"{kind} {k}": v for k, v in e.items()})
     tokens = args.seq * args.micro * args.num_micro
@@ -83,15 +85,15 @@ def run(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", default=HEADS)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--num-micro", type=int, default=2)
-    ap.add_argument("--general-tokens", type=int, default=256)
+    ap.add_argument("--general-tokens", type=int, default=128)
     ap.add_argument("--general-iterations", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_heads.json"))
     args = ap.parse_args()
