@@ -24,6 +24,44 @@ MODES = {
 }
 
 
+def interleaved_step_times(model, probes, modes, args, probe_seconds=None):
+    """Median-ready step times per mode: ``{mode: [seconds per rep]}``, the modes interleaved rep by rep after one
+    warm-up step; ``probes`` maps a mode to its (watching) probe, enabled only in its mode; a mode without one
+    runs with every probe off. With ``probe_seconds`` (a dict), also each mode's probe time per rep
+    (``GradientProbe.seconds`` differences: set ``time_hooks`` on the probes)."""
+    cuda = torch.cuda.is_available()
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        batches = []
+        for _ in range(args.num_micro):
+            t = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
+            batches.append({"tokens": t[:, :-1], "labels": t[:, 1:]})
+        mb.forward_backward(model, batches)
+        for p in probes.values():
+            if p.enabled:
+                p.end_step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    times = {name: [] for name in modes}
+    step()  # warm-up
+    for _ in range(args.reps):
+        for name in modes:
+            for p_name, p in probes.items():
+                p.enabled = p_name == name
+            head = mb.find_head(model)  # a disabled probe leaves the head's request as the last mode set it
+            if mb.base.is_lm_head(head):
+                head.loss_request.record = False
+            before = probes[name].seconds if name in probes else 0.0
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+            if probe_seconds is not None and name in probes:
+                probe_seconds.setdefault(name, []).append(probes[name].seconds - before)
+    return times
+
+
 def run(args):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -46,32 +84,7 @@ def run(args):
         p.watch(model, num_microbatches=args.num_micro)
         p.enabled = False
         probes[name] = p
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        batches = []
-        for _ in range(args.num_micro):
-            t = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=gen)
-            batches.append({"tokens": t[:, :-1], "labels": t[:, 1:]})
-        mb.forward_backward(model, batches)
-        for p in probes.values():
-            if p.enabled:
-                p.end_step()
-        if cuda:
-            torch.cuda.synchronize()
-
-    times = {name: [] for name in MODES}
-    step()  # warm-up
-    for _ in range(args.reps):
-        for name in MODES:
-            for p_name, p in probes.items():
-                p.enabled = p_name == name
-            head = mb.find_head(model)  # a disabled probe leaves the head's request as the last mode set it
-            if mb.base.is_lm_head(head):
-                head.loss_request.record = False
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_step_times(model, probes, list(MODES), args)
     base = statistics.median(times["off"])
     rows = []
     for name in MODES:
@@ -81,6 +94,24 @@ def run(args):
                      "overhead_ms_per_1k_tokens": 1000 * (med - base) / (tokens_per_step / 1000)})
     return {"config": vars(args), "tokens_per_step": tokens_per_step, "V_over_D": args.vocab / args.hidden,
             "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
+
+
+def write_json(result, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+
+
+def run_on_one_device(fn, args):
+    """``fn(args)`` on one GPU (NCCL, this process) or, without one, in one spawned CPU rank (gloo)."""
+    if torch.cuda.is_available():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(mb.integrations.free_port()))
+        torch.cuda.set_device(0)
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+        return fn(args)
+    return mb.launch(fn, 1, args, timeout=3600)[0]
 
 
 def main():
@@ -96,24 +127,14 @@ def main():
     ap.add_argument("--fused-loss", action="store_true", help="the fused head + loss (the probe reads its statistics)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_overhead.json"))
     args = ap.parse_args()
-    if torch.cuda.is_available():  # one GPU, NCCL
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(mb.integrations.free_port()))
-        torch.cuda.set_device(0)
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-        result = run(args)
-    else:
-        result = mb.launch(run, 1, args, timeout=3600)[0]
+    result = run_on_one_device(run, args)
     print(f"{result['device']} GPT step: D={args.hidden}, V={args.vocab} (V/D={result['V_over_D']:g}), {args.layers} layers, "
           f"{result['tokens_per_step']} tokens/step, torch {result['torch']}")
     print(f"{'mode':28s} {'median step (s)':>16s} {'x off':>7s} {'overhead %':>11s} {'ms / 1k tokens':>15s}")
     for r in result["rows"]:
         print(f"{r['mode']:28s} {r['median_s']:16.4f} {r['ratio_vs_off']:7.3f} {r['overhead_pct']:11.2f} "
               f"{r['overhead_ms_per_1k_tokens']:15.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

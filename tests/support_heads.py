@@ -288,3 +288,78 @@ def brute_probe_figures(kind: str, p: Dict[str, torch.Tensor], h: torch.Tensor, 
     g2 = float((g ** 2).sum())
     return {"destroyed_ratio": (1 - vis / g2) ** 0.5,
             "update_cosine": float((g * du).sum() / (g.norm() * du.norm()))}
+
+
+PROBE_CASES = [("mos:k=2,fused=false", True), ("sigsoftmax", False)]
+"""(kind, fused) cases of :func:`probe_in_training` (float64: the mixture of softmaxes through its materialised
+loss, the fused op being float32-only; the trainer test runs the fused op): the fused model path (labels from the head's
+loss context) and the unfused sigsoftmax head (G from the log-probabilities' output gradient)."""
+
+
+def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_counter=None,
+                      brute: bool = True) -> Dict:
+    """Rank function (any TP layout): ``GradientProbe`` (cheap + update figures, ``general_tokens=tokens``) on a
+    float64 head over two micro-batches of [S, B] tokens driven as the models drive it (fused: a
+    ``LossContext`` with the labels, the head returns -log p(y); unfused: Megatron's vocab-parallel
+    cross-entropy of the head's log-probabilities), the loss the micro-batch mean / 2. Returns the probe's record,
+    ``head_figures`` and (``brute``) the brute force on the same (first ``tokens``) tokens, and the loss weight w = 1/(2 S B).
+    With ``sync_counter`` (a TorchDispatchMode class), also the host syncs of the forward-backward passes with
+    and without the probe, and of ``end_step``."""
+    import dataclasses
+
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_bottleneck.heads.contract import FusedLossConfig, LossContext
+    from megatron_bottleneck.probe.general import head_figures
+
+    group, tp, rank = _tp()
+    head = build(kind, tp, sp).double()
+    head.train()
+    gen = torch.Generator().manual_seed(13)
+    hs = [torch.randn(S, B, D, generator=gen, dtype=torch.float64) * 1.5 for _ in range(2)]
+    ys = [torch.randint(0, V_REAL, (S, B), generator=gen) for _ in range(2)]
+    probe = mb.GradientProbe(mb.ProbeConfig(interval=1, update_interval=1, general_tokens=tokens,
+                                            general_iterations=2 * D))
+
+    def step():
+        for h, y in zip(hs, ys):
+            x = _local(h, rank, tp, sp).clone().requires_grad_(True)
+            if fused:
+                head.loss_context = LossContext(y, FusedLossConfig())
+                loss, _ = head(x)
+                head.loss_context = None
+            else:
+                u, _ = head(x)
+                loss = vocab_parallel_cross_entropy(u.clone(), y)
+            (loss.mean() / 2).backward()
+
+    syncs = {}
+    if sync_counter is not None:
+        off = sync_counter()
+        with off:
+            step()
+        syncs["without_probe"] = off.count
+    probe.watch_head(head, num_microbatches=2)
+    counter = sync_counter() if sync_counter is not None else None
+    if counter is not None:
+        with counter:
+            step()
+        syncs["with_probe"] = counter.count
+        end = sync_counter()
+        with end:
+            probe.end_step()
+        syncs["end_step"] = end.count
+    else:
+        step()
+        probe.end_step()
+    record = dict(probe.history[-1])
+    h_all = torch.cat([h.reshape(-1, D) for h in hs])[:tokens]
+    y_all = torch.cat([y.reshape(-1) for y in ys])[:tokens]
+    lp = head.log_prob_fn()
+    lp = dataclasses.replace(lp, params={k: v.double() for k, v in lp.params.items()})
+    want = {k: float(v) for k, v in head_figures(lp, h_all, y_all, update=True).items()}
+    full = _full_params(head, group, tp)
+    brute = brute_probe_figures(kind, full, h_all, y_all) if brute else None
+    probe.remove()
+    return {"record": record, "head_figures": want, "brute": brute, "weight": 1.0 / (2 * S * B), "syncs": syncs,
+            "error": probe.last_error}

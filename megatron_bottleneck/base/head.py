@@ -165,12 +165,12 @@ def is_nonlinear_head(module) -> bool:
 
 
 def refuse_nonlinear(head) -> None:
-    """Raise :class:`HeadConfigError` (one line) for a head the linear probe cannot measure."""
+    """Raise :class:`HeadConfigError` (one line) for a head the linear probe's closed form cannot measure."""
     if is_nonlinear_head(head):
         raise HeadConfigError(
-            f"the gradient probe measures heads whose logits are linear in one weight (dense, low-rank); the "
-            f"{type(head).__name__} head is not (it gives log_prob_fn() for the general probe, which is not "
-            f"available yet): turn the probe off (probe intervals 0) for this head.")
+            f"the linear probe's view (head_view: W = F M) needs logits linear in one weight (dense, low-rank); "
+            f"the {type(head).__name__} head is not: GradientProbe measures it through its log_prob_fn() (the "
+            f"general probe, megatron_bottleneck.probe.general).")
 
 
 def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> "HeadView":

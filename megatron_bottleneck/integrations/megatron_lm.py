@@ -103,6 +103,12 @@ def add_arguments(parser):
                    help="Probe rank figures every N steps (0: off).")
     g.add_argument("--probe-rank-token-budget", type=int, default=2048,
                    help="Tokens accumulated for the probe's rank figures.")
+    g.add_argument("--probe-general-tokens", type=int, default=256,
+                   help="Non-linear heads (mos, sigsoftmax, ...): tokens per probed step measured by the general "
+                        "probe (conjugate gradients through the head).")
+    g.add_argument("--probe-general-iterations", type=int, default=32,
+                   help="Non-linear heads: CG iterations per probed step (the destroyed ratio is an upper bound "
+                        "at any count; cg_residual says how far from converged).")
     g.add_argument("--probe-log-dir", type=str, default=None,
                    help="Directory for probe.jsonl (and TensorBoard when Megatron-LM has no "
                         "--tensorboard-dir). Default: no JSONL.")
@@ -118,7 +124,8 @@ def _option_parser():
     p.add_argument("--lm-head-options", type=str, default="")
     p.add_argument("--lm-head-fused-loss", action="store_true")
     for name, default in (("--probe-interval", "0"), ("--probe-update-interval", "0"),
-                          ("--probe-rank-interval", "0"), ("--probe-rank-token-budget", "2048")):
+                          ("--probe-rank-interval", "0"), ("--probe-rank-token-budget", "2048"),
+                          ("--probe-general-tokens", "256"), ("--probe-general-iterations", "32")):
         p.add_argument(name, type=str, default=default)
     p.add_argument("--probe-log-dir", type=str, default=None)
     p.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -179,6 +186,8 @@ def check_arguments(argv: List[str]) -> List[str]:
                               "run, on different steps): drop one of them")
     intervals = [_int(args, n, 0) for n in ("--probe-interval", "--probe-update-interval", "--probe-rank-interval")]
     budget = _int(args, "--probe-rank-token-budget")
+    for name in ("--probe-general-tokens", "--probe-general-iterations"):
+        _int(args, name, 1)
     if intervals[2]:
         if budget < 2:
             raise HeadConfigError(f"--probe-rank-token-budget must be >= 2, got {budget}")
@@ -447,6 +456,8 @@ def get_probe():
     vocab = real_vocab_size(args)
     cfg = ProbeConfig(interval=intervals[0], update_interval=intervals[1], rank_interval=intervals[2],
                       rank_token_budget=args.probe_rank_token_budget, vocab_size=vocab,
+                      general_tokens=getattr(args, "probe_general_tokens", 256),
+                      general_iterations=getattr(args, "probe_general_iterations", 32),
                       log_dir=log_dir, tensorboard=own_tb)
     probe = GradientProbe(cfg)
     probe.step = int(getattr(args, "iteration", 0) or 0)
@@ -583,6 +594,7 @@ USAGE = ("usage: python -m megatron_bottleneck.megatron_lm path/to/pretrain_gpt.
          "[--lm-head-rank R] [--lm-head-init {balanced,orthogonal,from_dense}] [--lm-head-type KIND] "
          "[--lm-head-options k=v,...] [--probe-interval N] "
          "[--probe-update-interval N] [--probe-rank-interval N] [--probe-rank-token-budget T] "
+         "[--probe-general-tokens N] [--probe-general-iterations N] "
          "[--probe-log-dir DIR]")
 
 

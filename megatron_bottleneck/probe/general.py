@@ -30,7 +30,8 @@ import torch.func as tfunc
 
 from ..base.tp_autograd import tp_reduce_sum
 
-__all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "head_figures"]
+__all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "logit_grad", "head_sums", "figures_from_sums",
+           "head_figures", "SUM_NAMES"]
 
 Tensor = torch.Tensor
 
@@ -126,10 +127,125 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
                     history=torch.stack(history) if history else b.new_zeros(0))
 
 
+SUM_NAMES = ("visible", "grad_sq", "residual_max", "update_inner", "update_sq", "tokens")
+"""The entries of :func:`head_sums`' vector, in order (see there)."""
+
+
+def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_size: int,
+               scale: Optional[Tensor] = None, label_smoothing: float = 0.0) -> Tensor:
+    """This rank's columns of the logit gradient ``g_t = w_t (p_t - q_t)``, float64 ``[T, n_valid]``, from the
+    effective log-probabilities u ``[T, n_valid]`` (p = exp u, normalised over every shard) and global labels
+    ``[T]``: q_t = (1 - s) onehot(y_t) + s / V (Megatron's label smoothing, s = alpha V / (V - 1); s = 0 without),
+    w_t = ``scale[t]`` (dL/dloss_t; None: 1), and g_t = 0 for y_t = -100. No host sync (no ``nonzero``)."""
+    p = u.detach().double().exp()
+    y = labels.reshape(-1)
+    local = y - vocab_start
+    mine = (y != -100) & (local >= 0) & (local < n_valid)
+    s = label_smoothing * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0
+    g = p - s / vocab_size if s else p.clone()
+    idx = torch.where(mine, local, torch.zeros_like(local)).unsqueeze(-1)
+    g.scatter_add_(1, idx, torch.where(mine, -(1.0 - s), 0.0).to(g.dtype).unsqueeze(-1))
+    w = (y != -100).to(g.dtype)
+    if scale is not None:
+        w = w * scale.reshape(-1).to(g.dtype)
+    return g * w[:, None]
+
+
+def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+              iterations: Optional[int] = None, update: bool = False, scale: Optional[Tensor] = None,
+              label_smoothing: float = 0.0) -> Tensor:
+    """The probe's sums for any head on one batch of T tokens: a float64 vector in the order of
+    :data:`SUM_NAMES`, the same on every TP rank (already reduced over the vocabulary shards), on the device (no
+    host sync). :func:`figures_from_sums` turns it (or a sum of such vectors, ``residual_max`` excepted) into the
+    figures.
+
+    hidden: ``[T, D]`` the head input, the same on every TP rank (gathered over the sequence under SP).
+    The logit gradient G ``[T, n_valid]`` (this rank's real columns): from ``grad``, a cotangent c of u = log p(h)
+    (e.g. the unfused head's dL/du from autograd), as g_t = c_t - p_t sum_i c_ti (sum over every shard: the
+    logit gradient with the same J^T c, u being normalised; c itself for a cross-entropy of u as logits,
+    w (p - q), and p - q for an NLL of u, -w q), or built from ``labels`` ``[T]`` by :func:`logit_grad`
+    (``scale``: dL/dloss_t ``[T]``, ``label_smoothing``). Then, with dh_t = J_t^T g_t
+    (one VJP) and visible_t from :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
+    CG, visible = 0):
+
+    * ``visible`` sum_t visible_t (a lower bound on sum_t ||P_t g_t||^2 whatever the count); ``grad_sq``
+      ||G||_F^2 (all shards); ``residual_max`` max_t ||dh_t - M_t x_t|| / ||dh_t||; ``tokens`` T;
+    * with ``update``: ``update_inner`` <G, C dU> and ``update_sq`` ||C dU||_F^2, dU = J_h dh + J_theta
+      dtheta (dtheta = J_theta^T G: the first-order change of u from an SGD step on (H, head parameters), up
+      to the step's sign and size, by one JVP; C centres each token's row); 0 without.
+
+    Every rank of the head's TP group must call it with the same T and ``iterations`` (the JVP / VJP hold
+    collectives, a fixed number of them)."""
+    params = {k: v.detach() for k, v in log_prob.params.items()}
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    reduce = functools.partial(tp_reduce_sum, group=log_prob.tp_group)
+
+    def u_of_h(hh):
+        return log_prob.fn(params, hh)
+
+    with torch.enable_grad():  # also inside a backward hook (where autograd runs with grad mode off)
+        u, vjp_h = tfunc.vjp(u_of_h, h)
+        if grad is None:
+            g = logit_grad(u, labels, log_prob.vocab_start, log_prob.n_valid, log_prob.vocab_size, scale,
+                           label_smoothing)
+        else:  # the logit gradient with the same J^T c: c - p sum_i c_i (c itself when c = w (p - q))
+            c = grad.detach().reshape(-1, u.shape[-1]).double()
+            g = c - u.detach().double().exp() * reduce(c.sum(-1, keepdim=True))
+        g2 = reduce(g.square().sum().reshape(1)).reshape(())
+        dh = vjp_h(g.to(u.dtype))[0]
+
+        def jvp(v):
+            return tfunc.jvp(u_of_h, (h,), (v,))[1]
+
+        def vjp(w):
+            return vjp_h(w)[0]
+
+        its = 2 * h.shape[-1] if iterations is None else int(iterations)
+        zero = torch.zeros((), dtype=torch.float64, device=g.device)
+        if its > 0:
+            res = visible_energy_cg(centred_gram_matvec(jvp, vjp, log_prob.vocab_size, reduce), dh, iterations=its)
+            vis = res.visible.sum()
+            resid = res.residual.max() if res.residual.numel() else zero
+        else:
+            vis, resid = zero, zero
+        inner = du2 = zero
+        if update:
+            # dtheta = J_theta^T G (this rank's shard for sharded params; full for replicated ones).
+            _, vjp_p = tfunc.vjp(lambda p: log_prob.fn(p, h), params)
+            dtheta = vjp_p(g.to(u.dtype))[0]
+            _, du = tfunc.jvp(lambda hh, p: log_prob.fn(p, hh), (h, params), (dh.to(h.dtype), dtheta))
+            du = du.double()
+            du = du - reduce(du.sum(-1, keepdim=True)) / log_prob.vocab_size
+            inner = reduce((g * du).sum().reshape(1)).reshape(())
+            du2 = reduce(du.square().sum().reshape(1)).reshape(())
+    tokens = torch.full((), float(h.shape[0]), dtype=torch.float64, device=g.device)
+    return torch.stack([vis.double(), g2.double(), resid.double(), inner.double(), du2.double(), tokens])
+
+
+def _safe_div(a: Tensor, b: Tensor, fill: float) -> Tensor:
+    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.full_like(a, fill))
+
+
+def figures_from_sums(sums: Tensor, update: bool = False) -> Dict[str, Tensor]:
+    """The figures from :func:`head_sums`' vector (0-dim float64 tensors on its device, no host sync):
+    ``grad_norm`` sqrt(grad_sq), ``destroyed_ratio`` sqrt(1 - visible / grad_sq) (clamped at 0; 0 for G = 0),
+    ``visible_cosine`` sqrt(visible / grad_sq), ``cg_residual`` residual_max, and with ``update``
+    ``update_cosine`` update_inner / sqrt(grad_sq update_sq) (NaN where dU = 0)."""
+    vis, g2, resid, inner, du2 = (sums[i] for i in range(5))
+    zero = torch.zeros_like(g2)
+    ratio2 = torch.where(g2 > 0, torch.clamp(1.0 - _safe_div(vis, g2, 0.0), min=0.0), zero)
+    out = {"grad_norm": g2.clamp(min=0).sqrt(), "destroyed_ratio": ratio2.sqrt(),
+           "visible_cosine": (1.0 - ratio2).sqrt(), "cg_residual": resid}
+    if update:
+        out["update_cosine"] = _safe_div(inner, (g2 * du2).sqrt(), float("nan"))
+    return out
+
+
 def head_figures(log_prob, hidden: Tensor, labels: Tensor, iterations: Optional[int] = None,
                  update: bool = False) -> Dict[str, Tensor]:
     """The probe's figures for any head, from its :class:`~megatron_bottleneck.base.head.HeadLogProb`, on one
-    batch of tokens (summed over them; no parameter changes).
+    batch of tokens (summed over them; no parameter changes): :func:`figures_from_sums` of :func:`head_sums`
+    with G = p - onehot(y) from ``labels``.
 
     hidden: ``[T, D]`` the head input, the same on every TP rank (gathered over the sequence under SP);
     labels: ``[T]`` global vocabulary ids. With u = log p(h) and g_t = p_t - onehot(y_t) (this rank's columns):
@@ -142,47 +258,5 @@ def head_figures(log_prob, hidden: Tensor, labels: Tensor, iterations: Optional[
 
     Returns 0-dim float64 tensors on the device (no host sync; every TP rank the same values). Every rank of the
     head's TP group must call it with the same T (the normalisers are collectives)."""
-    params = {k: v.detach() for k, v in log_prob.params.items()}
-    h = hidden.detach().reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    reduce = functools.partial(tp_reduce_sum, group=log_prob.tp_group)
-
-    def u_of_h(hh):
-        return log_prob.fn(params, hh)
-
-    u, vjp_h = tfunc.vjp(u_of_h, h)
-    g = u.detach().double().exp()
-    local = y - log_prob.vocab_start
-    mine = (local >= 0) & (local < log_prob.n_valid)
-    rows = torch.nonzero(mine).squeeze(-1)
-    g[rows, local[rows]] -= 1.0
-    g2 = reduce(g.square().sum().reshape(1)).reshape(())
-    dh = vjp_h(g.to(u.dtype))[0]
-
-    def jvp(v):
-        return tfunc.jvp(u_of_h, (h,), (v,))[1]
-
-    def vjp(w):
-        return vjp_h(w)[0]
-
-    matvec = centred_gram_matvec(jvp, vjp, log_prob.vocab_size, reduce)
-    res = visible_energy_cg(matvec, dh, iterations=iterations or 2 * h.shape[-1])
-    vis = res.visible.sum()
-    zero = torch.zeros((), dtype=torch.float64, device=g.device)
-    ratio2 = torch.where(g2 > 0, torch.clamp(1.0 - vis / torch.where(g2 > 0, g2, torch.ones_like(g2)), min=0.0),
-                         zero)
-    out = {"grad_norm": g2.sqrt(), "destroyed_ratio": ratio2.sqrt(), "visible_cosine": (1.0 - ratio2).sqrt(),
-           "cg_residual": res.residual.max() if res.residual.numel() else zero}
-    if update:
-        # dtheta = J_theta^T G (this rank's shard for sharded params; full for replicated ones).
-        _, vjp_p = tfunc.vjp(lambda p: log_prob.fn(p, h), params)
-        dtheta = vjp_p(g.to(u.dtype))[0]
-        _, du = tfunc.jvp(lambda hh, p: log_prob.fn(p, hh), (h, params), (dh.to(h.dtype), dtheta))
-        du = du.double()
-        du = du - reduce(du.sum(-1, keepdim=True)) / log_prob.vocab_size
-        inner = reduce((g * du).sum().reshape(1)).reshape(())
-        du2 = reduce(du.square().sum().reshape(1)).reshape(())
-        denom = (g2 * du2).sqrt()
-        out["update_cosine"] = torch.where(denom > 0, inner / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                                           torch.full_like(denom, float("nan")))
-    return out
+    return figures_from_sums(head_sums(log_prob, hidden, labels=labels, iterations=iterations, update=update),
+                             update)

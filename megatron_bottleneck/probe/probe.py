@@ -11,7 +11,21 @@ measurement, the forward hook registers tensor hooks so the backward pass hands 
   recomputes it (:func:`megatron_bottleneck.ops.logit_grad_rows`) for a *token slice* of each micro-batch, at most
   ``slice_memory_mib`` of float32 ``[tokens, V/tp]``, so a probed step stays within the fused path's memory.
 
-The math (:mod:`.stats`, :mod:`.spectrum`) does local work only inside the hooks: no host synchronisation and
+* non-linear head (:class:`~megatron_bottleneck.base.head.NonLinearHead`, no ``probe_view``): the general path
+  (:mod:`.general`). The forward hook keeps a token sample, the first ``general_tokens`` rows of the step (head
+  input over the full sequence ``[n, D]``, all-gathered under SP; on the fused path also the labels from the
+  head's ``loss_context``), and hooks the head's output: unfused, dL/du ``[s, b, V/tp]`` (u = log p; this rank's
+  real columns of the sample's rows are kept, ``[n, n_valid]``); fused, dL/dloss_t ``[s, b]``, with
+  G = dL/dloss_t (p - q) rebuilt from the labels. After the step's last backward (before any optimizer step)
+  :func:`.general.head_sums` runs ``general_iterations`` CG iterations, each a JVP and a VJP through the head's
+  ``log_prob_fn`` (TP collectives inside, a fixed number: every TP rank enters them, with zeros where its probe
+  work failed), and gives the sums (visible energy, ||G||^2, max residual, update inner product and norm), the
+  same on every TP rank: TP rank 0 puts them in the payload, the others zeros. Figures: ``grad_norm``,
+  ``destroyed_ratio``, ``visible_cosine``, ``cg_residual``, ``update_cosine`` (update steps), ``probe_tokens``,
+  all describing the sample. No rank figures.
+
+The math (:mod:`.stats`, :mod:`.spectrum`, :mod:`.general`) does local work only inside the hooks (the general
+path's JVP / VJP collectives excepted, entered by every TP rank at the same point): no host synchronisation and
 no collective that can be skipped (the one collective in a hook, the padding correction of an unfused head
 over a padded vocabulary, is entered by every TP rank whatever happened before it). When the step's last
 micro-batch has gone through backward, each rank builds its local partial sums (still on the device).
@@ -42,11 +56,12 @@ import torch.distributed as dist
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from ..base.errors import ConfigError
+from ..base.errors import ConfigError, HeadConfigError
 from ..base.groups import default_dp_cp_group, default_tp_group
-from ..base.head import HeadView, find_head, head_view, is_lm_head, is_nonlinear_head, refuse_nonlinear
+from ..base.head import HeadView, find_head, head_view, is_lm_head, is_nonlinear_head
 from ..base.sinks import MetricsLogger
 from ..ops.linear_cross_entropy import logit_grad_rows, slice_rows
+from .general import SUM_NAMES, figures_from_sums, head_sums
 from .spectrum import GramAccumulator
 from .stats import StepAccumulator
 
@@ -86,6 +101,16 @@ class ProbeConfig:
     """Also write TensorBoard events (skipped with one warning when tensorboard is not installed)."""
     wandb_project: Optional[str] = None
     """Also log to this W&B project (skipped with one warning when wandb is not installed)."""
+    general_tokens: int = 256
+    """Non-linear heads (the general probe, :mod:`.general`): the figures of a step describe its first
+    ``general_tokens`` tokens (the first micro-batches' rows in order, full sequence: the same tokens on every TP
+    rank; ``probe_tokens`` says how many). Their head input ``[n, D]`` (and, unfused, G's shard ``[n, V/tp]``)
+    is kept until the step's last backward."""
+    general_iterations: int = 32
+    """Non-linear heads: conjugate-gradient iterations per step (a fixed count: every TP rank runs the same
+    collectives, no host sync). Each is one JVP + one VJP through the head on the ``general_tokens`` tokens;
+    the destroyed ratio is an upper bound at any count (``cg_residual``: the largest relative residual), exact
+    once it reaches D (in exact arithmetic)."""
 
     def __post_init__(self):
         for key in ("interval", "update_interval", "rank_interval", "num_buckets"):
@@ -95,6 +120,9 @@ class ProbeConfig:
             raise ConfigError(f"probe.rank_token_budget must be >= 2, got {self.rank_token_budget}")
         if not self.slice_memory_mib > 0:
             raise ConfigError(f"probe.slice_memory_mib must be > 0, got {self.slice_memory_mib}")
+        for key in ("general_tokens", "general_iterations"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"probe.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -108,6 +136,7 @@ class _Plan:
     fused: bool = False
     watch_hidden: bool = False
     sequence_parallel: bool = False
+    general: bool = False  # a non-linear head's token sample is measured at the step's close
 
     @property
     def any(self) -> bool:
@@ -155,6 +184,8 @@ class _Closed:
     gram: Optional[GramAccumulator]
     gram_tokens: int
     sequence_parallel: bool
+    general_cheap: bool = False
+    general_update: bool = False
 
 
 def _megatron_num_microbatches() -> int:
@@ -202,6 +233,10 @@ class GradientProbe:
         self._gram: Optional[GramAccumulator] = None
         self._closed: Optional[_Closed] = None
         self._was_reporter = False
+        self._general = False  # the head is non-linear: the general path (module docstring)
+        self._gen_samples: List[Dict] = []
+        self._gen_taken = 0
+        self._gen_names: List[str] = []
         self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
 
     # ------------------------------------------------------------------ setup
@@ -222,16 +257,25 @@ class GradientProbe:
         return self.watch_head(head, self.num_microbatches)
 
     def watch_head(self, head: torch.nn.Module, num_microbatches: int = 1) -> "GradientProbe":
-        """Attach to a head module directly (any module whose logits are linear in its weight; a
-        :class:`~megatron_bottleneck.base.head.NonLinearHead` is refused with HeadConfigError in one line)."""
+        """Attach to a head module directly: a head whose logits are linear in its weight (closed form), or a
+        :class:`~megatron_bottleneck.base.head.NonLinearHead` (the general path: its ``log_prob_fn``; a
+        head implementing neither is refused with HeadConfigError in one line)."""
         self.num_microbatches = int(num_microbatches)
         if self._head is not None:
             return self
         cfg = self.config
-        if self.enabled and (cfg.interval or cfg.update_interval or cfg.rank_interval):
-            refuse_nonlinear(head)
-        elif is_nonlinear_head(head):
-            return self  # nothing is due, ever: stay idle rather than read a view the head does not have
+        if is_nonlinear_head(head):
+            if not (self.enabled and (cfg.interval or cfg.update_interval or cfg.rank_interval)):
+                return self  # nothing is due, ever: stay idle
+            if not callable(getattr(head, "log_prob_fn", None)) or not hasattr(head, "head_input_size"):
+                raise HeadConfigError(
+                    f"the gradient probe cannot measure the {type(head).__name__} head: it has no probe_view "
+                    f"(linear head) and no log_prob_fn / head_input_size (non-linear head; see "
+                    f"megatron_bottleneck.base.head.NonLinearHead): implement one, or turn the probe off")
+            self._general = True
+            if cfg.rank_interval:
+                log.warning("GradientProbe: rank figures (probe.rank_interval) are measured for linear heads only; "
+                            "the %s head gets the general figures, no rank figures", type(head).__name__)
         self._head = head
         self.tp_group = default_tp_group(self.tp_group or getattr(head, "tp_group", None))
         self.dp_group = default_dp_cp_group(self.dp_group)
@@ -353,7 +397,8 @@ class GradientProbe:
             return None
         if self._shape is None:
             try:
-                self._shape = self._head_shape(module, kwargs.get("weight"))
+                self._shape = self._general_shape(module) if self._general else \
+                    self._head_shape(module, kwargs.get("weight"))
             except Exception as exc:  # the same on every rank: nothing to agree on
                 self._disable(exc)
                 return None
@@ -363,10 +408,12 @@ class GradientProbe:
                 if self._closed is not None:
                     self.end_step()
                 cfg = self.config
-                rank = self._due(cfg.rank_interval) or (self._gram is not None and not self._gram.full)
+                rank = not self._general and (self._due(cfg.rank_interval)
+                                              or (self._gram is not None and not self._gram.full))
                 self._plan = _Plan(cheap=self._due(cfg.interval), update=self._due(cfg.update_interval), rank=rank)
+                self._gen_samples, self._gen_taken = [], 0
             if is_lm_head(module):
-                module.loss_request.record = self._plan.any
+                module.loss_request.record = self._plan.any and not self._general
         return None
 
     def _on_forward(self, module, args, kwargs, output):
@@ -377,6 +424,9 @@ class GradientProbe:
                 return None
             if not (plan is not None and plan.any and isinstance(logits, torch.Tensor) and logits.requires_grad):
                 self._count_microbatch()
+                return None
+            if self._general:
+                self._general_forward(module, args, kwargs, logits, plan)
                 return None
             hidden = args[0] if args else kwargs["input_"]
             record = getattr(module, "last_loss", None) if is_lm_head(module) else None
@@ -422,6 +472,95 @@ class GradientProbe:
             # the slice's token sums live on TP rank 0 (its first rows are rank 0's under SP too): no SP sums
             self._slice = StepAccumulator(update=True, sequence_parallel=False, tp_group=self.tp_group,
                                           padding=False)
+
+    # ------------------------------------------------- the general path (non-linear heads)
+    def _general_shape(self, head) -> _Shape:
+        lp = head.log_prob_fn()
+        d = int(head.head_input_size)
+        return _Shape(k=d, d=d, r=None, v_local=int(lp.n_valid), padded=False)
+
+    def _general_forward(self, module, args, kwargs, output, plan: _Plan) -> None:
+        """A micro-batch's forward on a non-linear head: its share of the step's token sample (the head input's
+        first rows over the full sequence, all-gathered under SP: a collective every TP rank enters, the count
+        following from shapes alone), the labels on the fused path (``loss_context``), and one hook on the
+        output (dL/du ``[s, b, V/tp]`` unfused; dL/dloss_t ``[s, b]`` fused)."""
+        hidden = args[0] if args else kwargs["input_"]
+        ctx = getattr(module, "loss_context", None)
+        fused = ctx is not None and ctx.output is output
+        tp = get_pg_size(self.tp_group)
+        sp = bool(getattr(module, "sequence_parallel", False)) and tp > 1
+        plan.fused, plan.sequence_parallel, plan.general = fused, sp, True
+        rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+        n = max(0, min(rows * (tp if sp else 1), self.config.general_tokens - self._gen_taken))
+        self._gen_taken += n
+        mb = _MicroBatch(fused=fused, rows=rows, pending=1)
+        if n:
+            full = _gather_sequence(hidden, self.tp_group) if sp else hidden.detach()
+            sample = {"n": n, "hidden": full.reshape(-1, full.shape[-1])[:n].clone()}
+            if fused:
+                sample["labels"] = ctx.labels.reshape(-1)[:n].clone()
+                sample["smoothing"] = float(ctx.config.label_smoothing)
+            self._gen_samples.append(sample)
+            mb.record = sample
+        output.register_hook(lambda g: self._on_general_grad(g, mb))
+
+    def _on_general_grad(self, grad, mb: _MicroBatch) -> None:
+        with self._timed():
+            if mb.record is not None:
+                self._try(self._general_grad, grad, mb)
+            self._microbatch_hook_done(mb)
+
+    def _general_grad(self, grad, mb: _MicroBatch) -> None:
+        """Keep the sample's rows of the output gradient: dL/dloss_t (fused) or this rank's real columns of
+        dL/du (unfused; a gathered output's columns are cut to this rank's shard)."""
+        sample, n = mb.record, mb.record["n"]
+        if mb.fused:
+            sample["scale"] = grad.reshape(-1)[:n].detach().clone()
+            return
+        g = grad.reshape(-1, grad.shape[-1])[:n]
+        head, n_valid = self._head, self._shape.v_local
+        per_rank = int(getattr(head, "output_size_per_partition", g.shape[-1]))
+        start = 0 if g.shape[-1] <= per_rank else get_pg_rank(self.tp_group) * per_rank
+        sample["grad"] = g[:, start:start + n_valid].detach().clone()
+
+    def _general_sums(self, plan: _Plan) -> Optional[torch.Tensor]:
+        """:func:`.general.head_sums` of the step's token sample, before any optimizer step: run on every TP rank
+        with the same token count and iterations (its JVP / VJP collectives), with zeros on a rank whose
+        probe work failed this step. The sums are the same on every TP rank, so only TP rank 0 puts them in the
+        payload (zeros elsewhere: the SUM all-reduce of :meth:`end_step` then gives them once)."""
+        head, cfg, n = self._head, self.config, self._gen_taken  # (inside the last hook's timing)
+        try:
+            lp = head.log_prob_fn()
+        except Exception as exc:
+            self._failed = self._failed or exc
+            return None
+        dev = self._device()
+        kw = {}
+
+        def inputs():
+            samples = self._gen_samples
+            h = torch.cat([s["hidden"] for s in samples])
+            if plan.fused:
+                return h, {"labels": torch.cat([s["labels"] for s in samples]),
+                           "scale": torch.cat([s["scale"] for s in samples]),
+                           "label_smoothing": samples[0]["smoothing"]}
+            return h, {"grad": torch.cat([s["grad"] for s in samples])}
+
+        got = self._try(inputs)
+        if got is not None and got[0].shape[0] == n:
+            h, kw = got
+        else:  # this rank failed: the same collectives with zeros (its flag is set)
+            self._failed = self._failed or RuntimeError("the general probe's token sample is incomplete")
+            p = next(iter(lp.params.values()))
+            h = torch.zeros(n, self._shape.d, dtype=p.dtype, device=dev)
+            kw = {"grad": torch.zeros(n, self._shape.v_local, dtype=torch.float64, device=dev)}
+        try:
+            sums = head_sums(lp, h, iterations=cfg.general_iterations if plan.cheap else 0, update=plan.update,
+                             **kw)
+        except Exception as exc:
+            self._failed = self._failed or exc
+            return None
+        return sums * (1.0 if get_pg_rank(self.tp_group) == 0 else 0.0)
 
     def _on_output_grad(self, grad, mb: _MicroBatch, sp: bool) -> None:
         """dL/dlogits (unfused: G's vocab shard [s, b, V/tp]) or dL/dloss_t (fused: [s, b])."""
@@ -491,12 +630,12 @@ class GradientProbe:
         self._seen = 0
         plan = self._plan
         gram_full = self._gram is not None and self._gram.full
-        if plan is not None and (plan.watch_hidden or gram_full):
+        if plan is not None and (plan.watch_hidden or gram_full or plan.general):
             self._close(plan)
         self.step += 1
 
     # ------------------------------------------------------------- step end
-    def _sizes(self, plan: _Plan, gram_tokens: int) -> Tuple[int, int, int]:
+    def _sizes(self, plan: _Plan, gram_tokens: int) -> Tuple[int, int, int, int]:
         """Lengths of the step's payload parts, from shapes and the plan alone (a failed rank knows them too)."""
         s, nb = self._shape, self.config.num_buckets
         acc = slice_ = 0
@@ -504,27 +643,34 @@ class GradientProbe:
             acc = StepAccumulator.payload_size(s.k, s.d, s.r, nb, plan.update and not plan.fused)
             if plan.fused and plan.update:
                 slice_ = StepAccumulator.payload_size(s.k, s.d, s.r, 0, True)
-        return acc, slice_, gram_tokens * gram_tokens
+        return acc, slice_, gram_tokens * gram_tokens, len(SUM_NAMES) if plan.general else 0
 
     def _close(self, plan: _Plan) -> None:
         """The step's backward is done: build the local payload (device work, before any optimizer step changes
         the weights) for :meth:`end_step`."""
         gram = self._gram if (self._gram is not None and self._gram.full) else None
         gram_tokens = gram.tokens if gram is not None else 0
-        payload = self._try(self._local_payload, plan, gram)
+        general = self._general_sums(plan) if plan.general else None  # collectives: on every rank, first
+        payload = self._try(self._local_payload, plan, gram, general)
         self._closed = _Closed(step=self.step, sizes=self._sizes(plan, gram_tokens), payload=payload,
                                acc=self._acc, slice_acc=self._slice, gram=gram, gram_tokens=gram_tokens,
-                               sequence_parallel=plan.sequence_parallel)
+                               sequence_parallel=plan.sequence_parallel, general_cheap=plan.cheap,
+                               general_update=plan.update)
         self._acc = self._slice = None
+        self._gen_samples, self._gen_taken = [], 0
         if gram is not None:
             self._gram = None
 
-    def _local_payload(self, plan: _Plan, gram: Optional[GramAccumulator]) -> torch.Tensor:
+    def _local_payload(self, plan: _Plan, gram: Optional[GramAccumulator],
+                       general: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if plan.general and general is None:
+            raise RuntimeError("the general probe's sums are missing")
         parts = []
         parts.append(self._acc.local_payload() if (plan.cheap or plan.update) and self._acc is not None
                      else torch.zeros(0, dtype=torch.float64))
         parts.append(self._slice.local_payload() if self._slice is not None else torch.zeros(0, dtype=torch.float64))
         parts.append(gram.local_payload() if gram is not None else torch.zeros(0, dtype=torch.float64))
+        parts.append(general if general is not None else torch.zeros(0, dtype=torch.float64))
         device = next((p.device for p in parts if p.numel()), torch.device("cpu"))
         return torch.cat([p.to(device) for p in parts])
 
@@ -590,7 +736,7 @@ class GradientProbe:
             return out
 
         names, scalars = ["_flag"], [flat[0]]
-        p_acc, p_slice, p_gram = (part(n) for n in closed.sizes)
+        p_acc, p_slice, p_gram, p_gen = (part(n) for n in closed.sizes)
         self._acc_names = []
         if closed.sizes[0]:
             fig = closed.acc.figures(p_acc)
@@ -601,6 +747,15 @@ class GradientProbe:
             fig = closed.slice_acc.figures(p_slice)
             names += ["update_cosine", "_slice_finite"]
             scalars += [fig["update_cosine"], fig["_finite"]]
+        self._gen_names = []
+        if closed.sizes[3]:
+            fig = figures_from_sums(p_gen, update=closed.general_update)
+            keep = ["grad_norm"] + (["destroyed_ratio", "visible_cosine", "cg_residual"] if closed.general_cheap
+                                    else []) + (["update_cosine"] if closed.general_update else [])
+            fig["probe_tokens"] = p_gen[SUM_NAMES.index("tokens")]
+            self._gen_names = keep + ["probe_tokens"]
+            names += self._gen_names
+            scalars += [fig[n] for n in self._gen_names]
         vec = torch.stack([t.reshape(()).double() for t in scalars])
         if closed.sizes[2]:
             names.append("_gram_finite")
@@ -618,6 +773,8 @@ class GradientProbe:
             ok = values["_slice_finite"] >= 1.0
             out["update_cosine"] = values["update_cosine"] if ok else float("nan")
             out["update_tokens"] = float(closed.slice_acc.tokens if closed.slice_acc is not None else 0)
+        if closed.sizes[3]:
+            out.update({k: values[k] for k in self._gen_names})
         if closed.sizes[2]:
             kw = {"rtol": self.config.rank_rtol, "energy_ks": tuple(self.config.energy_ks),
                   "residual_ranks": (2 * self._shape.d,)}
@@ -643,4 +800,5 @@ class GradientProbe:
         if self._head is not None and is_lm_head(self._head):  # the head goes back to its plain fused path
             self._head.loss_request.record = False
         self._acc = self._slice = self._gram = None
+        self._gen_samples, self._gen_taken = [], 0
         self._failed = None

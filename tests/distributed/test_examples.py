@@ -27,7 +27,10 @@ def test_tp2_low_rank_head_example_runs(tmp_path):
 
 
 def test_custom_head_example_registers_and_trains_its_head(tmp_path):
-    out = _run("custom_head.py", tmp_path)  # exits 1 unless the loss fell and p sums to 1 over the TP shards
+    # exits 1 unless the loss fell, p sums to 1 over the TP shards and every step has a destroyed ratio in (0, 1)
+    out = _run("custom_head.py", tmp_path)
     head = next(line for line in out.splitlines() if line.startswith("TemperatureHead("))
     assert "TP=2" in head
-    assert "general gradient probe for non-linear heads is not available yet" in out
+    probed = [line for line in out.splitlines() if line.startswith("probe step ")]  # the general probe's figures
+    assert [line.split(":")[0] for line in probed] == ["probe step 0", "probe step 5"]
+    assert all("destroyed_ratio 0." in line and "update_cosine" in line for line in probed), probed

@@ -2,7 +2,12 @@
 gradients at TP=2 and TP=2 + SP equal the single-process float64 reference (fused == materialised where fused
 exists), the general probe's log_prob_fn (value, VJP, JVP under torch.func) at TP=2, checkpoints saved at
 TP=2 load at TP=1 (same full parameters) and the same seed draws the same full parameters at TP=2 and TP=1;
-then the trainer trains a few steps with ``model.head_type: mos`` at TP=2 + SP."""
+GradientProbe's general path at TP=2 and TP=2 + SP equals head_figures on the same tokens; then the trainer
+trains a few steps with ``model.head_type: mos`` at TP=2 + SP with the probe on and logs its figures."""
+import json
+import math
+import os
+
 import pytest
 import torch
 
@@ -15,14 +20,19 @@ def train_mos(log_dir, data):
     from megatron_bottleneck.train import Trainer
     from tests.distributed import trainer_ranks as tr
 
-    cfg = tr.config(log_dir, data, steps=12, probe={"interval": 0},
+    cfg = tr.config(log_dir, data, steps=12, probe={"interval": 1, "update_interval": 3, "general_tokens": 32,
+                                                    "general_iterations": 8},
                     model={"head_rank": None, "head_type": "mos", "head_options": {"k": 2}, "fused_loss": True},
                     parallel={"sequence_parallel": True}, checkpoint={"dir": None},
                     optim={"lr": 3e-2, "warmup_steps": 1})
     trainer = Trainer(cfg)
     head = mb.find_head(trainer.models)
     out = trainer.train()
-    return {"head": type(head).__name__, "losses": [h["loss"] for h in out["history"]]}
+    jsonl = os.path.join(log_dir, "probe.jsonl")
+    logged = [json.loads(line) for line in open(jsonl)] if trainer.probe.is_reporter else None
+    return {"logged": logged, "head": type(head).__name__, "losses": [h["loss"] for h in out["history"]],
+            "probe": list(trainer.probe.history), "probe_error": trainer.probe.last_error,
+            "reporter": trainer.probe.is_reporter}
 
 
 def general_probe_figures():
@@ -50,9 +60,19 @@ def general_probe_figures():
     return out
 
 
+def probe_in_training():
+    """GradientProbe on float64 heads (tests/support_heads.py PROBE_CASES) at TP=2 and TP=2 + SP."""
+    mb.initialize_parallel(2, 1, seed=5)
+    out = {f"{kind} sp={sp}": support_heads.probe_in_training(kind, fused, sp, tokens=20, brute=False)
+           for kind, fused in support_heads.PROBE_CASES for sp in (False, True)}
+    mb.destroy_parallel()
+    return out
+
+
 def heads_then_trainer(ckpt_dir, log_dir, data):
     checks = support_heads.heads_on_layout(2, True, ckpt_dir)
-    return {"checks": checks, "probe": general_probe_figures(), "train": train_mos(log_dir, data)}
+    return {"checks": checks, "probe": general_probe_figures(), "probe_training": probe_in_training(),
+            "train": train_mos(log_dir, data)}
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +108,39 @@ def test_trainer_trains_a_mixture_of_softmaxes_head(ranks):
         t = r["train"]
         assert t["head"] == "MixtureOfSoftmaxesHead" and len(t["losses"]) == 12
         assert min(t["losses"][-3:]) < t["losses"][0] - 0.1, t["losses"]
+
+
+def test_gradient_probe_on_nonlinear_heads_at_tp2_and_sp(ranks):
+    """The training-time probe's general path with W vocab-sharded (and the head input sequence-sharded under
+    SP, all-gathered for the sample): the same record on both ranks, equal to head_figures on the same tokens."""
+    for r in ranks:
+        assert len(r["probe_training"]) == 2 * len(support_heads.PROBE_CASES)
+        for case, out in r["probe_training"].items():
+            rec, want = out["record"], out["head_figures"]
+            assert out["error"] is None and rec["probe_tokens"] == 20, case
+            for key in ("destroyed_ratio", "visible_cosine", "update_cosine"):
+                assert rec[key] == pytest.approx(want[key], rel=1e-7, abs=1e-12), (case, key)
+            assert rec["grad_norm"] == pytest.approx(out["weight"] * want["grad_norm"], rel=1e-7), case
+    assert ranks[0]["probe_training"] == ranks[1]["probe_training"]
+
+
+def test_trainer_logs_the_probe_figures_of_a_mixture_of_softmaxes_head(ranks):
+    """model.head_type: mos with the probe on (fused loss, TP=2 + SP): every step has the linear heads' figure
+    names (destroyed_ratio, visible_cosine, grad_norm), update_cosine every 3rd step, plus cg_residual, and the
+    reporting rank writes them to probe.jsonl."""
+    for r in ranks:
+        t = r["train"]
+        assert t["probe_error"] is None
+        assert [h["step"] for h in t["probe"]] == list(range(12))
+        for h in t["probe"]:
+            assert 0.0 < h["destroyed_ratio"] < 1.0 and math.isfinite(h["cg_residual"]), h
+            assert h["visible_cosine"] == pytest.approx(math.sqrt(1 - h["destroyed_ratio"] ** 2), rel=1e-9)
+            assert h["grad_norm"] > 0 and h["probe_tokens"] == 32
+            assert ("update_cosine" in h) == (h["step"] % 3 == 0)
+            if "update_cosine" in h:
+                assert -1.0 <= h["update_cosine"] <= 1.0
+    assert ranks[0]["train"]["probe"] == ranks[1]["train"]["probe"]
+    assert [r["train"]["reporter"] for r in ranks] == [True, False]
+    logged = ranks[0]["train"]["logged"]
+    assert [x["step"] for x in logged] == list(range(12))
+    assert all(x["probe/destroyed_ratio"] == h["destroyed_ratio"] for x, h in zip(logged, ranks[0]["train"]["probe"]))

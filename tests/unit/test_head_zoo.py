@@ -97,14 +97,24 @@ def test_install_head_build_gpt_model_and_the_pre_wrap_hook():
     assert type(dense.output_layer).__name__ == "DenseOutputLayer"
 
 
-def test_the_linear_probe_refuses_a_nonlinear_head_in_one_line():
+def test_the_probe_takes_a_nonlinear_head_through_the_general_path_and_refuses_an_incomplete_one():
     model = mb.build_gpt_model(support.config(), support.VOCAB, support.SEQ, head="sigsoftmax")
-    message = error_of(lambda: mb.GradientProbe(mb.ProbeConfig(interval=1)).watch(model))
-    assert message.startswith("HeadConfigError: the gradient probe measures heads whose logits are linear") \
-        and "general probe, which is not available yet" in message and "\n" not in message
-    assert "not available yet" in error_of(lambda: mb.base.head_view(model.output_layer))
-    idle = mb.GradientProbe(mb.ProbeConfig(interval=0)).watch(model)  # nothing due: idle, no error
+    probe = mb.GradientProbe(mb.ProbeConfig(interval=1)).watch(model)
+    assert probe._head is model.output_layer and probe._general
+    probe.remove()
+    message = error_of(lambda: mb.base.head_view(model.output_layer))  # the closed form's view: none
+    assert message.startswith("HeadConfigError: the linear probe's view") and "log_prob_fn" in message \
+        and "\n" not in message
+    idle = mb.GradientProbe(mb.ProbeConfig(interval=0)).watch(model)  # nothing due: idle
     assert idle._head is None
+
+    class NoLogProb(type(model.output_layer)):
+        log_prob_fn = None
+
+    model.output_layer.__class__ = NoLogProb
+    message = error_of(lambda: mb.GradientProbe(mb.ProbeConfig(interval=1)).watch(model))
+    assert message.startswith("HeadConfigError: the gradient probe cannot measure the NoLogProb head") \
+        and "log_prob_fn" in message and "\n" not in message
     assert mb.base.is_nonlinear_head(model.output_layer) and not mb.base.is_linear_head(model.output_layer)
     assert mb.base.is_linear_head(mb.build_gpt_model(support.config(), support.VOCAB, support.SEQ,
                                                      head_rank=4).output_layer)

@@ -19,6 +19,7 @@ BASE = ["--hidden-size", "64", "--train-iters", "10", "--global-batch-size", "4"
                                                               "inside the head, and --cross-entropy-loss-fusion"),
     (["--probe-interval", "-1"], "--probe-interval must be >= 0, got -1"),
     (["--probe-rank-interval", "5", "--probe-rank-token-budget", "1"], "--probe-rank-token-budget must be >= 2"),
+    (["--probe-interval", "1", "--probe-general-iterations", "0"], "--probe-general-iterations must be >= 1, got 0"),
 ])
 def test_a_bad_flag_is_one_line(flags, message):
     with pytest.raises(HeadConfigError) as e:
