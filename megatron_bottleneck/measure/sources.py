@@ -1,5 +1,6 @@
 """Where ``megatron-bottleneck measure`` gets a model from: a HuggingFace causal LM, one of our trainer's
-checkpoints, or (not yet) a Megatron-LM ``torch_dist`` checkpoint.
+checkpoints, or a Megatron-LM ``torch_dist`` checkpoint (the model its saved args describe:
+:mod:`.megatron_lm_checkpoint`).
 
 Every loader returns a :class:`LoadedModel`: a callable that runs the backbone on a padded batch of token ids
 ``[B, L]`` and returns the head's input H ``[B, L, D]`` (the final hidden states, after the final norm: read
@@ -49,7 +50,7 @@ class LoadedModel:
     (no grad). view: the head, W = F M (``basis`` (V, k), ``mix`` (k, D) or None), float32 or float64, any
     logit multiplier folded in. bias: ``[V]`` or None. tokenize: ``text -> list of ids`` (None: the model has
     no tokenizer; token-id data only). max_length: the model's context (tokens per forward). device: where
-    the backbone runs. kind: "hf" or "trainer".
+    the backbone runs. kind: "hf", "trainer" or "megatron-lm".
     """
 
     name: str
@@ -114,15 +115,13 @@ def is_megatron_lm_checkpoint(path: str) -> bool:
 
 def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                device: Optional[str] = None) -> LoadedModel:
-    """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer checkpoints need an
-    initialised process group (see :func:`load_trainer_checkpoint`)."""
+    """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer and Megatron-LM checkpoints
+    need an initialised process group (see :func:`load_trainer_checkpoint`)."""
     dev = resolve_device(device)
     if is_trainer_checkpoint(name):
         return load_trainer_checkpoint(name, dev)
     if is_megatron_lm_checkpoint(name):
-        raise ModelError(f"{name}: Megatron-LM torch_dist checkpoints are not supported by measure yet; convert it "
-                         "to HuggingFace (Megatron-Bridge's export) or measure it with our probe in Megatron-LM "
-                         "(megatron_bottleneck.megatron_lm).")
+        return load_megatron_lm_checkpoint(name, dev, dtype)
     return load_hf_model(name, revision=revision, dtype=dtype, device=dev)
 
 
@@ -235,11 +234,18 @@ def load_trainer_checkpoint(path: str, device: torch.device) -> LoadedModel:
     initialize_parallel(1, 1, None, seed=cfg.train.seed)
     _, chunks = build_models(cfg)
     load_model_only(ckpt, chunks)
-    model = chunks[0].eval()
+    return _megatron_core_model(chunks[0].eval(), path, device, cfg.model.vocab_size, cfg.model.seq_length,
+                                kind="trainer")
+
+
+def _megatron_core_model(model, name: str, device: torch.device, vocab_size: int, seq: int, *, kind: str,
+                         tokenize=None, eod: Optional[int] = None) -> LoadedModel:
+    """A loaded Megatron-Core GPTModel (TP = PP = 1, eval mode) as a :class:`LoadedModel`: H read by the pre-hook
+    on its head (Megatron's ``[s, b, D]`` turned to ``[b, s, D]``), the head's view on the real vocabulary
+    ``vocab_size`` (a tied head's weight is the one the forward passes it: read by a first forward)."""
     head = find_head(model)
     store: dict = {}
     _capture(head, store)
-    seq = cfg.model.seq_length
 
     @torch.no_grad()
     def hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -254,8 +260,35 @@ def load_trainer_checkpoint(path: str, device: torch.device) -> LoadedModel:
 
     # a first forward to read the head's weight argument (tied embeddings pass it to the head)
     hidden(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
-    view = head_view(head, weight=store.get("weight"), vocab_size=cfg.model.vocab_size)
-    view = HeadView(view.basis.detach().float(), None if view.mix is None else view.mix.detach().float(),
+    view = head_view(head, weight=store.get("weight"), vocab_size=vocab_size)
+    work = torch.float64 if view.basis.dtype == torch.float64 else torch.float32
+    view = HeadView(view.basis.detach().to(work), None if view.mix is None else view.mix.detach().to(work),
                     view.vocab_start, view.vocab_size)
-    return LoadedModel(name=path, hidden=hidden, view=view, bias=None, tokenize=None, max_length=seq,
-                       device=device, kind="trainer")
+    return LoadedModel(name=name, hidden=hidden, view=view, bias=None, tokenize=tokenize, max_length=seq,
+                       device=device, kind=kind, eod=eod)
+
+
+# ------------------------------------------------------------------------------------------ Megatron-LM
+def load_megatron_lm_checkpoint(path: str, device: torch.device, dtype: str = "auto") -> LoadedModel:
+    """A Megatron-LM ``torch_dist`` checkpoint, the model built from its saved args (see
+    :mod:`.megatron_lm_checkpoint`). Needs an initialised process group (the data-parallel measurement; the
+    model is built at TP = PP = 1 and the weights resharded to it)."""
+    from .megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint,
+                                         load_megatron_lm_weights, megatron_lm_tokenizer)
+
+    if not dist.is_initialized():
+        raise CheckpointError("measuring a Megatron-LM checkpoint needs a process group (run it through "
+                              "megatron_bottleneck.measure.measure_model, which starts one).")
+    iter_dir, args = check_megatron_lm_checkpoint(path)
+    tokenize, eod, vocab = megatron_lm_tokenizer(args, path)
+    initialize_parallel(1, 1, None, seed=int(getattr(args, "seed", 1234)))
+    saved = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) \
+        else torch.float32
+    model = build_megatron_lm_model(args, vocab, saved).to(device)
+    load_megatron_lm_weights(model, iter_dir, path)
+    want = _resolve_dtype(dtype, device)
+    model = model.to(want).eval()
+    seq = int(getattr(args, "seq_length", None) or args.max_position_embeddings)
+    if getattr(args, "position_embedding_type", "learned_absolute") == "learned_absolute":
+        seq = min(seq, int(args.max_position_embeddings))
+    return _megatron_core_model(model, path, device, vocab, seq, kind="megatron-lm", tokenize=tokenize, eod=eod)
