@@ -1,9 +1,10 @@
 """A Megatron-LM ``torch_dist`` checkpoint as ``measure`` sees it: the architecture from its saved arguments.
 
 A checkpoint saved by Megatron-LM's ``pretrain_gpt.py`` (``--ckpt-format torch_dist``) is a directory with
-``latest_checkpointed_iteration.txt`` and ``iter_XXXXXXX/`` (``common.pt``, ``metadata.json``, ``*.distcp``).
-``iter_*/common.pt`` holds the run's ``args`` (an ``argparse.Namespace``; it unpickles with megatron-core
-alone, ``megatron.training`` is not needed). From them:
+``latest_checkpointed_iteration.txt`` and ``iter_XXXXXXX/`` (``metadata.json``, ``*.distcp``, and ``common.pt``
+up to megatron-core 0.16; from 0.19 the common state is an object inside the ``.distcp`` files). The common
+state holds the run's ``args`` (an ``argparse.Namespace``; it unpickles with megatron-core alone,
+``megatron.training`` is not needed). From them:
 
 * the Megatron-Core ``GPTModel`` they describe, at this job's layout (TP = PP = 1; torch_dist reshards a
   checkpoint saved at any TP / PP), built by :func:`megatron_bottleneck.models.build_gpt_model` with Megatron-
@@ -69,10 +70,15 @@ _ARCH = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", 
          "fp32_residual_connection", "softmax_scale", "init_method_std", "test_mode")
 
 
+def _is_iteration(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("metadata.json", "common.pt"))
+
+
 def resolve_megatron_lm_checkpoint(path: str) -> str:
-    """The ``iter_*`` directory of a Megatron-LM checkpoint: ``path`` itself when it holds ``common.pt``,
-    else the iteration ``latest_checkpointed_iteration.txt`` names (``release``: ``path/release``)."""
-    if os.path.isfile(os.path.join(path, "common.pt")):
+    """The ``iter_*`` directory of a Megatron-LM checkpoint: ``path`` itself when it is one (``metadata.json``
+    of a torch_dist save), else the iteration ``latest_checkpointed_iteration.txt`` names (``release``:
+    ``path/release``)."""
+    if _is_iteration(path):
         return path
     tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
     try:
@@ -84,24 +90,49 @@ def resolve_megatron_lm_checkpoint(path: str) -> str:
     if sub is None:
         raise CheckpointError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
     it = os.path.join(path, sub)
-    if not os.path.isfile(os.path.join(it, "common.pt")):
+    if not _is_iteration(it):
         legacy = os.path.isdir(it) and any(n.startswith("mp_rank_") for n in os.listdir(it))
         raise CheckpointError(f"{it}: " + ("a legacy --ckpt-format torch checkpoint (mp_rank_*/); measure reads "
                                             "torch_dist checkpoints: convert it with Megatron-LM's "
                                             "--ckpt-convert-format torch_dist" if legacy else
-                                            "no common.pt: not a torch_dist checkpoint directory"))
+                                            "no metadata.json: not a torch_dist checkpoint directory"))
     return it
 
 
+def _common_state(iter_dir: str):
+    """The checkpoint's common (non-sharded) state: ``common.pt`` (megatron-core <= 0.16) or the ``common_state``
+    object inside the torch_dist files (0.19), unpickled in full (``weights_only=False``: it holds the args
+    namespace, which megatron-core's own reader leaves to Megatron-LM's registered safe globals)."""
+    legacy = os.path.join(iter_dir, "common.pt")
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=False)
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    key = ShardedObject("common_state", None, (1,), (0,)).unique_key
+    state = {key: io.BytesIO()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(iter_dir), no_dist=True)
+    obj = state[key]
+    if isinstance(obj, io.BytesIO):
+        obj.seek(0)
+        obj = torch.load(obj, map_location="cpu", weights_only=False)
+    return obj[0] if isinstance(obj, (list, tuple)) else obj
+
+
 def read_megatron_lm_args(iter_dir: str):
-    """The ``args`` namespace saved in ``iter_dir/common.pt`` (``torch.load(weights_only=False)``)."""
+    """The ``args`` namespace saved in the checkpoint's common state (see :func:`_common_state`)."""
     try:
-        common = torch.load(os.path.join(iter_dir, "common.pt"), map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, ModuleNotFoundError, AttributeError) as exc:
-        raise CheckpointError(f"{iter_dir}/common.pt does not load ({type(exc).__name__}: {exc})") from None
+        common = _common_state(iter_dir)
+    except Exception as exc:  # noqa: BLE001 (a missing file, a truncated pickle, a class that does not import)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{iter_dir}: its common state (the saved args) does not load "
+                              f"({type(exc).__name__}: {first})") from None
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:
-        raise CheckpointError(f"{iter_dir}/common.pt has no saved 'args' (save with Megatron-LM's pretrain_gpt.py)")
+        raise CheckpointError(f"{iter_dir}: no saved 'args' in its common state (save with Megatron-LM's "
+                              "pretrain_gpt.py)")
     return args
 
 

@@ -475,12 +475,17 @@ def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp
     from megatron_bottleneck.cli import main
 
     _ok(*tp_runs[2][:2])
-    common = torch.load(tp_runs["ckpt"] / "iter_0000006" / "common.pt", map_location="cpu", weights_only=False)
-    common["args"].num_experts = 8
+    from megatron_bottleneck.measure.megatron_lm_checkpoint import read_megatron_lm_args
+
+    saved = tp_runs["ckpt"] / "iter_0000006"
+    args = read_megatron_lm_args(str(saved))
+    assert args.tensor_model_parallel_size == 2 and args.lm_head_rank == 16
+    args.num_experts = 8
     fake = tmp_path / "moe"
     (fake / "iter_0000006").mkdir(parents=True)
     (fake / "latest_checkpointed_iteration.txt").write_text("6")
-    torch.save(common, fake / "iter_0000006" / "common.pt")
+    (fake / "iter_0000006" / "metadata.json").write_text((saved / "metadata.json").read_text())
+    torch.save({"args": args}, fake / "iter_0000006" / "common.pt")  # megatron-core 0.16's layout of the args
     capsys.readouterr()
     rc = main(["measure", str(fake), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
