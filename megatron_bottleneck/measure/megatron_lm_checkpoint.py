@@ -229,21 +229,36 @@ def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
 
 
 def load_megatron_lm_weights(model, iter_dir: str, name: str) -> None:
-    """``model``'s weights from the torch_dist checkpoint (resharded to this job's layout), strictly."""
+    """``model``'s weights from the torch_dist checkpoint (resharded to this job's layout), strictly: every
+    tensor of the model must be in the checkpoint with its global shape (checked against the checkpoint's
+    metadata first, for a one-line error naming the first missing key)."""
+    import torch.distributed.checkpoint as dcp
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    sharded = model.sharded_state_dict()
+    saved = dcp.FileSystemReader(iter_dir).read_metadata().state_dict_metadata
+    what = f"the GPT model its args describe (local layer spec, {type(model.output_layer).__name__} head)"
+    for t in nested_values(sharded):
+        if not isinstance(t, ShardedTensor):
+            continue
+        size = getattr(saved.get(t.key), "size", None)
+        if size is None:
+            raise CheckpointError(f"{name}: its weights do not map onto {what}: no {t.key!r} in the checkpoint "
+                                  f"(a layer spec measure does not build?)")
+        if tuple(size) != tuple(t.global_shape):
+            raise CheckpointError(f"{name}: {t.key!r} is {tuple(size)} in the checkpoint, {tuple(t.global_shape)} in "
+                                  f"{what}")
     try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, iter_dir)
-    except CheckpointingException as exc:
+        state = dist_checkpointing.load({"model": sharded}, iter_dir)
+    except Exception as exc:  # noqa: BLE001 (megatron-core and torch DCP raise several kinds)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(f"{name}: its weights do not map onto the GPT model its args describe (local layer "
-                              f"spec, {type(model.output_layer).__name__} head): {first}") from None
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        raise CheckpointError(f"{name}: its weights do not load into {what} ({type(exc).__name__}: {first})") from None
+    missing, _unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
-        raise CheckpointError(f"{name}: the checkpoint lacks {len(missing)} weight(s) of the model its args describe, "
-                              f"e.g. {missing[0]}")
+        raise CheckpointError(f"{name}: the checkpoint lacks {len(missing)} weight(s) of {what}, e.g. {missing[0]}")
 
 
 def _warn(msg: str) -> None:
