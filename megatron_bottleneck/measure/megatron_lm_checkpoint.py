@@ -67,7 +67,7 @@ UNSUPPORTED = (
 _ARCH = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels", "layernorm_epsilon",
          "add_bias_linear", "add_qkv_bias", "qk_layernorm", "normalization", "attention_softmax_in_fp32",
          "apply_query_key_layer_scaling", "apply_residual_connection_post_layernorm", "rotary_interleaved",
-         "fp32_residual_connection", "softmax_scale", "init_method_std", "test_mode")
+         "fp32_residual_connection", "softmax_scale", "init_method_std")
 
 
 def _is_iteration(path: str) -> bool:
@@ -204,7 +204,17 @@ def _head(args):
 
 def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
     """The GPTModel ``args`` describe at TP = PP = 1 (needs Megatron-Core's parallel state initialised), its
-    weights not loaded yet; params in ``dtype``."""
+    weights not loaded yet; params in ``dtype``. What Megatron-Core itself refuses to build is one line."""
+    try:
+        return _build(args, real_vocab_size, dtype)
+    except (AssertionError, ValueError, NotImplementedError, TypeError) as exc:  # megatron-core's own checks
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"the saved args describe a GPT model Megatron-Core's local spec does not build "
+                              f"here ({type(exc).__name__}: {first})") from None
+
+
+def _build(args, real_vocab_size: int, dtype: torch.dtype):
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from ..models.gpt import build_gpt_model
@@ -218,8 +228,6 @@ def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
                   rotary_percent=getattr(args, "rotary_percent", 1.0), rotary_base=getattr(args, "rotary_base", 10000),
                   rope_scaling=getattr(args, "use_rope_scaling", False),
                   rope_scaling_factor=getattr(args, "rope_scaling_factor", None), parallel_output=True)
-    from megatron.core.models.gpt import GPTModel
-
     allowed = inspect.signature(GPTModel.__init__).parameters
     gpt_kw = {k: v for k, v in gpt_kw.items() if k in allowed and v is not None}
     return build_gpt_model(config, int(args.padded_vocab_size), int(args.max_position_embeddings),

@@ -109,8 +109,9 @@ def is_trainer_checkpoint(path: str) -> bool:
 def is_megatron_lm_checkpoint(path: str) -> bool:
     """Megatron-LM's checkpoint layout: ``latest_checkpointed_iteration.txt``, or an ``iter_*`` of a torch_dist
     save (``metadata.json``; ``common.pt`` up to megatron-core 0.16), that is not one of our trainer's."""
-    return os.path.isdir(path) and not is_trainer_checkpoint(path) and any(os.path.isfile(os.path.join(path, n)) for n in (
-        "latest_checkpointed_iteration.txt", "metadata.json", "common.pt"))
+    markers = ("latest_checkpointed_iteration.txt", "metadata.json", "common.pt")
+    return (os.path.isdir(path) and not is_trainer_checkpoint(path)
+            and any(os.path.isfile(os.path.join(path, n)) for n in markers))
 
 
 def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",

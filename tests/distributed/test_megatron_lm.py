@@ -386,7 +386,8 @@ def _reference_forward(w, ids, heads):
         att = torch.einsum("thd,shd->hts", q, k) / hn ** 0.5
         att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
         o = torch.einsum("hts,shd->thd", att, v).reshape(t, d)
-        x = x + o @ w[pre + "self_attention.linear_proj.weight"][i].t() + w[pre + "self_attention.linear_proj.bias"][i]
+        proj = pre + "self_attention.linear_proj."
+        x = x + o @ w[proj + "weight"][i].t() + w[proj + "bias"][i]
         h = ln(x, pre + "mlp.linear_fc1.layer_norm", i)
         h = F.gelu(h @ w[pre + "mlp.linear_fc1.weight"][i].t() + w[pre + "mlp.linear_fc1.bias"][i])
         x = x + h @ w[pre + "mlp.linear_fc2.weight"][i].t() + w[pre + "mlp.linear_fc2.bias"][i]
