@@ -31,13 +31,27 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import os
 import sys
 from typing import Callable, List, Optional, Tuple
 
 import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from megatron.core import dist_checkpointing
+from megatron.core.activations import squared_relu
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
 
 from ..base.errors import CheckpointError
+from ..heads.install import LowRankHeadConfig
+from ..integrations.megatron_lm import head_config_from_args
+from ..models.gpt import build_gpt_model
+from .common import import_transformers, no_tokenizer
 
 __all__ = ["read_megatron_lm_args", "resolve_megatron_lm_checkpoint", "build_megatron_lm_model",
            "load_megatron_lm_weights", "megatron_lm_tokenizer", "check_supported", "check_megatron_lm_checkpoint",
@@ -106,11 +120,6 @@ def _common_state(iter_dir: str):
     legacy = os.path.join(iter_dir, "common.pt")
     if os.path.isfile(legacy):
         return torch.load(legacy, map_location="cpu", weights_only=False)
-    import io
-
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     key = ShardedObject("common_state", None, (1,), (0,)).unique_key
     state = {key: io.BytesIO()}
     dcp.load(state, storage_reader=dcp.FileSystemReader(iter_dir), no_dist=True)
@@ -166,9 +175,6 @@ def check_megatron_lm_checkpoint(path: str):
 
 
 def _transformer_config(args, dtype: torch.dtype):
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     kw = {k: getattr(args, k) for k in _ARCH if k in fields and getattr(args, k, None) is not None}
     kw["num_query_groups"] = args.num_query_groups if getattr(args, "group_query_attention", False) else None
@@ -177,8 +183,6 @@ def _transformer_config(args, dtype: torch.dtype):
     if getattr(args, "swiglu", False):
         kw.update(activation_func=F.silu, gated_linear_unit=True)
     elif getattr(args, "squared_relu", False):
-        from megatron.core.activations import squared_relu
-
         kw["activation_func"] = squared_relu
     # this job's layout and kernels: one rank, no fusions, no dropout (eval), weights built on the CPU
     kw.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
@@ -191,9 +195,6 @@ def _transformer_config(args, dtype: torch.dtype):
 
 def _head(args):
     """Our head from the saved ``--lm-head-type`` / ``--lm-head-rank`` (None: Megatron's dense output layer)."""
-    from ..heads.install import LowRankHeadConfig
-    from ..integrations.megatron_lm import head_config_from_args
-
     if getattr(args, "lm_head_type", None) is not None:
         return head_config_from_args(args)
     rank = getattr(args, "lm_head_rank", None)
@@ -214,11 +215,6 @@ def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
 
 
 def _build(args, real_vocab_size: int, dtype: torch.dtype):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from ..models.gpt import build_gpt_model
-
     config = _transformer_config(args, dtype)
     spec_kw = dict(qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
                    normalization=getattr(args, "normalization", None))
@@ -240,11 +236,6 @@ def load_megatron_lm_weights(model, iter_dir: str, name: str) -> None:
     """``model``'s weights from the torch_dist checkpoint (resharded to this job's layout), strictly: every
     tensor of the model must be in the checkpoint with its global shape (checked against the checkpoint's
     metadata first, for a one-line error naming the first missing key)."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     sharded = model.sharded_state_dict()
     saved = dcp.FileSystemReader(iter_dir).read_metadata().state_dict_metadata
     what = f"the GPT model its args describe (local layer spec, {type(model.output_layer).__name__} head)"
@@ -276,24 +267,18 @@ def _warn(msg: str) -> None:
 def megatron_lm_tokenizer(args, name: str) -> Tuple[Optional[Callable[[str], List[int]]], Optional[int], int]:
     """``(tokenize, eod, V)`` from the saved tokenizer arguments (see the module docstring); ``tokenize`` raises
     a one-line :class:`~megatron_bottleneck.base.errors.DataError` on text when no tokenizer loads."""
-    from .sources import _no_tokenizer
-
     kind = getattr(args, "tokenizer_type", None)
     padded = int(args.padded_vocab_size)
     given = getattr(args, "vocab_size", None)
     if kind == "NullTokenizer":
-        return (_no_tokenizer(name, ValueError("NullTokenizer has no vocabulary: its data are token ids")),
+        return (no_tokenizer(name, ValueError("NullTokenizer has no vocabulary: its data are token ids")),
                 int(given), int(given) + 1)
     try:
         if kind == "HuggingFaceTokenizer":
-            from .sources import _import_transformers
-
-            tok = _import_transformers().AutoTokenizer.from_pretrained(args.tokenizer_model)
+            tok = import_transformers().AutoTokenizer.from_pretrained(args.tokenizer_model)
             return (lambda text: list(tok(text)["input_ids"])), tok.eos_token_id, len(tok)
         if kind == "GPT2BPETokenizer":
-            from .sources import _import_transformers
-
-            tok = _import_transformers().GPT2TokenizerFast(vocab_file=args.vocab_file, merges_file=args.merge_file)
+            tok = import_transformers().GPT2TokenizerFast(vocab_file=args.vocab_file, merges_file=args.merge_file)
             return (lambda text: list(tok(text)["input_ids"])), tok.eos_token_id, len(tok)
         if kind in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer"):
             import sentencepiece
@@ -310,4 +295,4 @@ def megatron_lm_tokenizer(args, name: str) -> Tuple[Optional[Callable[[str], Lis
               f"{(str(exc).splitlines() or [''])[0][:160]}); the figures use V = "
               + (f"{vocab} (--vocab-size of the run)" if given else
                  f"{vocab}, the padded vocabulary (Megatron's padding rows counted)"))
-        return _no_tokenizer(name, exc), None, vocab
+        return no_tokenizer(name, exc), None, vocab

@@ -47,6 +47,7 @@ from ..probe.spectrum import GramAccumulator
 from ..probe.stats import StepAccumulator, isotropic_baseline, pinv_psd, token_visible_energy
 from ..train.trainer import init_distributed
 from .documents import load_documents, shard
+from .megatron_lm_checkpoint import check_megatron_lm_checkpoint
 from .output import write_outputs
 from .sources import LoadedModel, is_megatron_lm_checkpoint, is_trainer_checkpoint, load_model
 
@@ -315,8 +316,6 @@ def _run_one(cfg: MeasureConfig, index: int) -> Optional[Dict]:
         return _measure_rank(asdict(cfg), index)
     name = cfg.models[index]
     if is_megatron_lm_checkpoint(name):  # what it cannot build is one line before any rank starts
-        from .megatron_lm_checkpoint import check_megatron_lm_checkpoint
-
         check_megatron_lm_checkpoint(name)
     if is_trainer_checkpoint(name) or is_megatron_lm_checkpoint(name):  # Megatron-Core: one rank with a group
         return launch(_measure_rank, 1, asdict(cfg), index, timeout=24 * 3600)[0]

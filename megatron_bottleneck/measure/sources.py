@@ -24,19 +24,15 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..base.errors import BottleneckError, CheckpointError, ConfigError, DataError
+from ..base.errors import CheckpointError, ConfigError
 from ..base.head import HeadView, find_head, head_view
 from ..integrations.parallel import initialize_parallel
 from ..train.checkpoint import load_model_only
 from ..train.probe_checkpoint import _config, resolve_checkpoint
 from ..train.trainer import build_models
-
-HF_INSTALL = "pip install 'megatron-bottleneck[hf]'"
-
-
-class ModelError(BottleneckError):
-    """A model cannot be measured as given (unknown, missing extra, head not linear)."""
-
+from .common import HF_INSTALL, ModelError, import_transformers, no_tokenizer  # noqa: F401 (re-exported)
+from .megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint, load_megatron_lm_weights,
+                                     megatron_lm_tokenizer)
 
 class _HeadReached(Exception):
     """Raised by the head's pre-hook once its input is read: the rest of the forward is not needed."""
@@ -127,19 +123,11 @@ def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
 
 
 # ------------------------------------------------------------------------------------------ HuggingFace
-def _import_transformers():
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ModelError(f"measuring a HuggingFace model needs transformers: {HF_INSTALL}") from None
-    return transformers
-
-
 def _from_pretrained(cls, name, revision, torch_dtype):
     """transformers 5 takes ``dtype=``, 4.x ``torch_dtype=`` (5 still accepts it, with a warning)."""
     kw = {"revision": revision} if revision else {}
     params = inspect.signature(cls.from_pretrained).parameters
-    major = int(_import_transformers().__version__.split(".")[0])
+    major = int(import_transformers().__version__.split(".")[0])
     key = "dtype" if major >= 5 or "dtype" in params else "torch_dtype"
     return cls.from_pretrained(name, **{key: torch_dtype}, **kw)
 
@@ -160,7 +148,7 @@ def _logit_multiplier(config, name: str) -> float:
 def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                   device: Optional[torch.device] = None) -> LoadedModel:
     """A HuggingFace causal LM (hub id or local folder) through ``AutoModelForCausalLM``."""
-    transformers = _import_transformers()
+    transformers = import_transformers()
     dev = device or resolve_device(None)
     tdtype = _resolve_dtype(dtype, dev)
     try:
@@ -202,21 +190,10 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
         tokenize = lambda text: list(tok(text)["input_ids"])  # noqa: E731
         eod = tok.eos_token_id
     except Exception as exc:  # noqa: BLE001 (a folder without tokenizer files fails in many ways across versions)
-        tokenize = _no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
+        tokenize = no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return LoadedModel(name=name, hidden=hidden, view=view, bias=bias, tokenize=tokenize, max_length=ctx,
                        device=dev, kind="hf", revision=revision, eod=eod)
-
-
-def _no_tokenizer(name: str, exc: BaseException):
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-    def tokenize(_text: str):
-        raise DataError(f"--data is text, but {name}'s tokenizer does not load ({reason}); save a tokenizer with "
-                        "the model, or give token ids (a .jsonl with 'tokens' lists, or an indexed dataset)")
-
-    return tokenize
 
 
 # ------------------------------------------------------------------------------------------ our trainer
@@ -274,9 +251,6 @@ def load_megatron_lm_checkpoint(path: str, device: torch.device, dtype: str = "a
     """A Megatron-LM ``torch_dist`` checkpoint, the model built from its saved args (see
     :mod:`.megatron_lm_checkpoint`). Needs an initialised process group (the data-parallel measurement; the
     model is built at TP = PP = 1 and the weights resharded to it)."""
-    from .megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint,
-                                         load_megatron_lm_weights, megatron_lm_tokenizer)
-
     if not dist.is_initialized():
         raise CheckpointError("measuring a Megatron-LM checkpoint needs a process group (run it through "
                               "megatron_bottleneck.measure.measure_model, which starts one).")
