@@ -256,6 +256,9 @@ def load_megatron_lm_checkpoint(path: str, device: torch.device, dtype: str = "a
                               "megatron_bottleneck.measure.measure_model, which starts one).")
     iter_dir, args = check_megatron_lm_checkpoint(path)
     tokenize, eod, vocab = megatron_lm_tokenizer(args, path)
+    if vocab > int(args.padded_vocab_size):
+        raise CheckpointError(f"{path}: its tokenizer has {vocab} tokens but the model's vocabulary is "
+                              f"{args.padded_vocab_size} (padded_vocab_size): not the tokenizer it was trained with")
     initialize_parallel(1, 1, None, seed=int(getattr(args, "seed", 1234)))
     saved = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) \
         else torch.float32
