@@ -195,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write the figures as JSON here")
     s.set_defaults(fn=cmd_probe)
 
-    s = sub.add_parser("measure", help="bottleneck figures of trained models (HuggingFace or ours) on real text")
-    s.add_argument("models", nargs="*", metavar="MODEL", help="hub id, local HuggingFace folder or trainer checkpoint")
+    s = sub.add_parser("measure", help="bottleneck figures of trained models (HuggingFace, ours or Megatron-LM's) "
+                                       "on real text")
+    s.add_argument("models", nargs="*", metavar="MODEL", help="hub id, local HuggingFace folder, trainer checkpoint "
+                                                              "or Megatron-LM torch_dist checkpoint")
     s.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or indexed dataset prefixes")
     s.add_argument("--out", required=True, help="output directory (measure.json, measure.md, PNGs)")
     s.add_argument("--config", default=None, help="a YAML list of models (model, revision, label, paper)")

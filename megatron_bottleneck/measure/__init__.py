@@ -1,5 +1,6 @@
-"""``megatron-bottleneck measure``: the gradient-bottleneck figures of a trained model (HuggingFace causal LM
-or one of our trainer's checkpoints) on real text, with no parameter update. See :mod:`.run` for the math."""
+"""``megatron-bottleneck measure``: the gradient-bottleneck figures of a trained model (HuggingFace causal LM,
+one of our trainer's checkpoints, or a Megatron-LM torch_dist checkpoint) on real text, with no parameter
+update. See :mod:`.run` for the math, :mod:`.sources` and :mod:`.megatron_lm_checkpoint` for the models."""
 from .documents import load_documents
 from .run import MeasureConfig, load_model_list, measure_loaded, measure_model
 from .sources import LoadedModel, ModelError, load_model

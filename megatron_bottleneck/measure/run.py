@@ -47,8 +47,9 @@ from ..probe.spectrum import GramAccumulator
 from ..probe.stats import StepAccumulator, isotropic_baseline, pinv_psd, token_visible_energy
 from ..train.trainer import init_distributed
 from .documents import load_documents, shard
+from .megatron_lm_checkpoint import check_megatron_lm_checkpoint
 from .output import write_outputs
-from .sources import LoadedModel, is_trainer_checkpoint, load_model
+from .sources import LoadedModel, is_megatron_lm_checkpoint, is_trainer_checkpoint, load_model
 
 __all__ = ["MeasureConfig", "measure_model", "measure_loaded", "load_model_list", "QUANTILES"]
 
@@ -60,8 +61,9 @@ DEFAULT_SEQ_LENGTH = 2048  # when the model states no context
 class MeasureConfig:
     """What ``measure`` runs (the CLI's options).
 
-    models: hub ids, local HuggingFace folders or trainer checkpoint dirs (one result each); revisions,
-    labels, papers: per model (a YAML list's entries), the revision overriding ``revision``.
+    models: hub ids, local HuggingFace folders, trainer checkpoint dirs or Megatron-LM ``torch_dist``
+    checkpoint dirs (one result each); revisions, labels, papers: per model (a YAML list's entries), the
+    revision overriding ``revision``.
     data: ``.txt`` / ``.jsonl`` files or indexed dataset prefixes (see :mod:`.documents`).
     out: output directory (``measure.json``, ``rank_curve.png``, ``measure.md``; one sub-directory per model
     when several). revision: HuggingFace revision (branch, tag, commit) for every model (a training
@@ -312,7 +314,10 @@ def _run_one(cfg: MeasureConfig, index: int) -> Optional[Dict]:
     if torchrun:
         init_distributed("auto")
         return _measure_rank(asdict(cfg), index)
-    if is_trainer_checkpoint(cfg.models[index]):  # a Megatron-Core model: one CPU rank with a process group
+    name = cfg.models[index]
+    if is_megatron_lm_checkpoint(name):  # what it cannot build is one line before any rank starts
+        check_megatron_lm_checkpoint(name)
+    if is_trainer_checkpoint(name) or is_megatron_lm_checkpoint(name):  # Megatron-Core: one rank with a group
         return launch(_measure_rank, 1, asdict(cfg), index, timeout=24 * 3600)[0]
     return _measure_rank(asdict(cfg), index)
 

@@ -1,5 +1,6 @@
 """Where ``megatron-bottleneck measure`` gets a model from: a HuggingFace causal LM, one of our trainer's
-checkpoints, or (not yet) a Megatron-LM ``torch_dist`` checkpoint.
+checkpoints, or a Megatron-LM ``torch_dist`` checkpoint (the model its saved args describe:
+:mod:`.megatron_lm_checkpoint`).
 
 Every loader returns a :class:`LoadedModel`: a callable that runs the backbone on a padded batch of token ids
 ``[B, L]`` and returns the head's input H ``[B, L, D]`` (the final hidden states, after the final norm: read
@@ -23,19 +24,15 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..base.errors import BottleneckError, CheckpointError, ConfigError, DataError
+from ..base.errors import CheckpointError, ConfigError
 from ..base.head import HeadView, find_head, head_view
 from ..integrations.parallel import initialize_parallel
 from ..train.checkpoint import load_model_only
 from ..train.probe_checkpoint import _config, resolve_checkpoint
 from ..train.trainer import build_models
-
-HF_INSTALL = "pip install 'megatron-bottleneck[hf]'"
-
-
-class ModelError(BottleneckError):
-    """A model cannot be measured as given (unknown, missing extra, head not linear)."""
-
+from .common import HF_INSTALL, ModelError, import_transformers, no_tokenizer  # noqa: F401 (re-exported)
+from .megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint, load_megatron_lm_weights,
+                                     megatron_lm_tokenizer)
 
 class _HeadReached(Exception):
     """Raised by the head's pre-hook once its input is read: the rest of the forward is not needed."""
@@ -49,7 +46,7 @@ class LoadedModel:
     (no grad). view: the head, W = F M (``basis`` (V, k), ``mix`` (k, D) or None), float32 or float64, any
     logit multiplier folded in. bias: ``[V]`` or None. tokenize: ``text -> list of ids`` (None: the model has
     no tokenizer; token-id data only). max_length: the model's context (tokens per forward). device: where
-    the backbone runs. kind: "hf" or "trainer".
+    the backbone runs. kind: "hf", "trainer" or "megatron-lm".
     """
 
     name: str
@@ -106,40 +103,31 @@ def is_trainer_checkpoint(path: str) -> bool:
 
 
 def is_megatron_lm_checkpoint(path: str) -> bool:
-    """Megatron-LM's checkpoint layout: ``latest_checkpointed_iteration.txt`` or an ``iter_*`` holding
-    ``common.pt`` / ``metadata.json`` of a torch_dist save."""
-    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
-                                    or os.path.isfile(os.path.join(path, "common.pt")))
+    """Megatron-LM's checkpoint layout: ``latest_checkpointed_iteration.txt``, or an ``iter_*`` of a torch_dist
+    save (``metadata.json``; ``common.pt`` up to megatron-core 0.16), that is not one of our trainer's."""
+    markers = ("latest_checkpointed_iteration.txt", "metadata.json", "common.pt")
+    return (os.path.isdir(path) and not is_trainer_checkpoint(path)
+            and any(os.path.isfile(os.path.join(path, n)) for n in markers))
 
 
 def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                device: Optional[str] = None) -> LoadedModel:
-    """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer checkpoints need an
-    initialised process group (see :func:`load_trainer_checkpoint`)."""
+    """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer and Megatron-LM checkpoints
+    need an initialised process group (see :func:`load_trainer_checkpoint`)."""
     dev = resolve_device(device)
     if is_trainer_checkpoint(name):
         return load_trainer_checkpoint(name, dev)
     if is_megatron_lm_checkpoint(name):
-        raise ModelError(f"{name}: Megatron-LM torch_dist checkpoints are not supported by measure yet; convert it "
-                         "to HuggingFace (Megatron-Bridge's export) or measure it with our probe in Megatron-LM "
-                         "(megatron_bottleneck.megatron_lm).")
+        return load_megatron_lm_checkpoint(name, dev, dtype)
     return load_hf_model(name, revision=revision, dtype=dtype, device=dev)
 
 
 # ------------------------------------------------------------------------------------------ HuggingFace
-def _import_transformers():
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ModelError(f"measuring a HuggingFace model needs transformers: {HF_INSTALL}") from None
-    return transformers
-
-
 def _from_pretrained(cls, name, revision, torch_dtype):
     """transformers 5 takes ``dtype=``, 4.x ``torch_dtype=`` (5 still accepts it, with a warning)."""
     kw = {"revision": revision} if revision else {}
     params = inspect.signature(cls.from_pretrained).parameters
-    major = int(_import_transformers().__version__.split(".")[0])
+    major = int(import_transformers().__version__.split(".")[0])
     key = "dtype" if major >= 5 or "dtype" in params else "torch_dtype"
     return cls.from_pretrained(name, **{key: torch_dtype}, **kw)
 
@@ -160,7 +148,7 @@ def _logit_multiplier(config, name: str) -> float:
 def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                   device: Optional[torch.device] = None) -> LoadedModel:
     """A HuggingFace causal LM (hub id or local folder) through ``AutoModelForCausalLM``."""
-    transformers = _import_transformers()
+    transformers = import_transformers()
     dev = device or resolve_device(None)
     tdtype = _resolve_dtype(dtype, dev)
     try:
@@ -202,21 +190,10 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
         tokenize = lambda text: list(tok(text)["input_ids"])  # noqa: E731
         eod = tok.eos_token_id
     except Exception as exc:  # noqa: BLE001 (a folder without tokenizer files fails in many ways across versions)
-        tokenize = _no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
+        tokenize = no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return LoadedModel(name=name, hidden=hidden, view=view, bias=bias, tokenize=tokenize, max_length=ctx,
                        device=dev, kind="hf", revision=revision, eod=eod)
-
-
-def _no_tokenizer(name: str, exc: BaseException):
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-    def tokenize(_text: str):
-        raise DataError(f"--data is text, but {name}'s tokenizer does not load ({reason}); save a tokenizer with "
-                        "the model, or give token ids (a .jsonl with 'tokens' lists, or an indexed dataset)")
-
-    return tokenize
 
 
 # ------------------------------------------------------------------------------------------ our trainer
@@ -235,11 +212,18 @@ def load_trainer_checkpoint(path: str, device: torch.device) -> LoadedModel:
     initialize_parallel(1, 1, None, seed=cfg.train.seed)
     _, chunks = build_models(cfg)
     load_model_only(ckpt, chunks)
-    model = chunks[0].eval()
+    return _megatron_core_model(chunks[0].eval(), path, device, cfg.model.vocab_size, cfg.model.seq_length,
+                                kind="trainer")
+
+
+def _megatron_core_model(model, name: str, device: torch.device, vocab_size: int, seq: int, *, kind: str,
+                         tokenize=None, eod: Optional[int] = None) -> LoadedModel:
+    """A loaded Megatron-Core GPTModel (TP = PP = 1, eval mode) as a :class:`LoadedModel`: H read by the pre-hook
+    on its head (Megatron's ``[s, b, D]`` turned to ``[b, s, D]``), the head's view on the real vocabulary
+    ``vocab_size`` (a tied head's weight is the one the forward passes it: read by a first forward)."""
     head = find_head(model)
     store: dict = {}
     _capture(head, store)
-    seq = cfg.model.seq_length
 
     @torch.no_grad()
     def hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -254,8 +238,35 @@ def load_trainer_checkpoint(path: str, device: torch.device) -> LoadedModel:
 
     # a first forward to read the head's weight argument (tied embeddings pass it to the head)
     hidden(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
-    view = head_view(head, weight=store.get("weight"), vocab_size=cfg.model.vocab_size)
-    view = HeadView(view.basis.detach().float(), None if view.mix is None else view.mix.detach().float(),
+    view = head_view(head, weight=store.get("weight"), vocab_size=vocab_size)
+    work = torch.float64 if view.basis.dtype == torch.float64 else torch.float32
+    view = HeadView(view.basis.detach().to(work), None if view.mix is None else view.mix.detach().to(work),
                     view.vocab_start, view.vocab_size)
-    return LoadedModel(name=path, hidden=hidden, view=view, bias=None, tokenize=None, max_length=seq,
-                       device=device, kind="trainer")
+    return LoadedModel(name=name, hidden=hidden, view=view, bias=None, tokenize=tokenize, max_length=seq,
+                       device=device, kind=kind, eod=eod)
+
+
+# ------------------------------------------------------------------------------------------ Megatron-LM
+def load_megatron_lm_checkpoint(path: str, device: torch.device, dtype: str = "auto") -> LoadedModel:
+    """A Megatron-LM ``torch_dist`` checkpoint, the model built from its saved args (see
+    :mod:`.megatron_lm_checkpoint`). Needs an initialised process group (the data-parallel measurement; the
+    model is built at TP = PP = 1 and the weights resharded to it)."""
+    if not dist.is_initialized():
+        raise CheckpointError("measuring a Megatron-LM checkpoint needs a process group (run it through "
+                              "megatron_bottleneck.measure.measure_model, which starts one).")
+    iter_dir, args = check_megatron_lm_checkpoint(path)
+    tokenize, eod, vocab = megatron_lm_tokenizer(args, path)
+    if vocab > int(args.padded_vocab_size):
+        raise CheckpointError(f"{path}: its tokenizer has {vocab} tokens but the model's vocabulary is "
+                              f"{args.padded_vocab_size} (padded_vocab_size): not the tokenizer it was trained with")
+    initialize_parallel(1, 1, None, seed=int(getattr(args, "seed", 1234)))
+    saved = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) \
+        else torch.float32
+    model = build_megatron_lm_model(args, vocab, saved).to(device)
+    load_megatron_lm_weights(model, iter_dir, path)
+    want = _resolve_dtype(dtype, device)
+    model = model.to(want).eval()
+    seq = int(getattr(args, "seq_length", None) or args.max_position_embeddings)
+    if getattr(args, "position_embedding_type", "learned_absolute") == "learned_absolute":
+        seq = min(seq, int(args.max_position_embeddings))
+    return _megatron_core_model(model, path, device, vocab, seq, kind="megatron-lm", tokenize=tokenize, eod=eod)

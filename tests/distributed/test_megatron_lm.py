@@ -352,3 +352,143 @@ def test_cpu_mode_patches_megatron_training_and_undoes_it(monkeypatch):
             assert now is not originals[p.target] and now.__wrapped__ is originals[p.target]
     for p in patches:
         assert getattr(importlib.import_module(p.module), p.attr) is originals[p.target]
+
+
+# ------------------------------------------------------------------ measure on the saved checkpoint
+def _dcp_tensors(iter_dir, names):
+    """The named global tensors of a torch_dist checkpoint, read with torch's own DCP reader (no megatron)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(iter_dir))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in names}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return {n: t.double() for n, t in state.items()}
+
+
+def _reference_forward(w, ids, heads):
+    """Float64 GPT forward of the saved weights (pre-LN, learned positions, GELU MLP, causal attention; the
+    layers stacked on dim 0 as Megatron-LM saves them): the final hidden states [T, D]."""
+    import torch
+    import torch.nn.functional as F
+
+    t = len(ids)
+    x = w["embedding.word_embeddings.weight"][ids] + w["embedding.position_embeddings.weight"][:t]
+    d = x.shape[1]
+    hn = d // heads
+    ln = lambda v, key, i: F.layer_norm(v, (d,), w[key + "_weight"][i], w[key + "_bias"][i], 1e-5)  # noqa: E731
+    pre = "decoder.layers."
+    for i in range(w[pre + "self_attention.linear_qkv.weight"].shape[0]):
+        h = ln(x, pre + "self_attention.linear_qkv.layer_norm", i)
+        qkv = (h @ w[pre + "self_attention.linear_qkv.weight"][i].t() + w[pre + "self_attention.linear_qkv.bias"][i])
+        q, k, v = qkv.view(t, heads, 3, hn).unbind(2)  # Megatron's per-head [q, k, v] blocks
+        att = torch.einsum("thd,shd->hts", q, k) / hn ** 0.5
+        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        o = torch.einsum("hts,shd->thd", att, v).reshape(t, d)
+        proj = pre + "self_attention.linear_proj."
+        x = x + o @ w[proj + "weight"][i].t() + w[proj + "bias"][i]
+        h = ln(x, pre + "mlp.linear_fc1.layer_norm", i)
+        h = F.gelu(h @ w[pre + "mlp.linear_fc1.weight"][i].t() + w[pre + "mlp.linear_fc1.bias"][i])
+        x = x + h @ w[pre + "mlp.linear_fc2.weight"][i].t() + w[pre + "mlp.linear_fc2.bias"][i]
+    return F.layer_norm(x, (d,), w["decoder.final_layernorm.weight"], w["decoder.final_layernorm.bias"], 1e-5)
+
+
+def _measure_cli(args):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([REPO, e.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # no Megatron-LM on it
+    e["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, "-m", "megatron_bottleneck.cli", "measure", *args, "--no-progress"], cwd=REPO,
+                       env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_measure_reads_the_tp2_checkpoint_and_matches_float64_reference(tp_runs, tmp_path):
+    """``megatron-bottleneck measure`` on the TP=2 torch_dist checkpoint (its architecture, rank-16 head and
+    NullTokenizer from the saved args, loaded at TP=1, without megatron.training on the path): every figure
+    equals a float64 brute force from the raw saved tensors (own forward, P from an SVD of W = A B on the
+    real 1001 rows of the 1024 padded ones, ranks from an SVD of G)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    _ok(*tp_runs[2][:2])
+    from megatron_bottleneck.measure.documents import load_documents
+
+    gen = torch.Generator().manual_seed(3)
+    raw = [torch.randint(0, 1001, (int(torch.randint(3, 45, (1,), generator=gen)),), generator=gen).tolist()
+           for _ in range(5)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"tokens": d}) + "\n" for d in raw))
+    # the documents as measure reads them: shuffled with --seed 0, each cut to the saved --seq-length 32 (+1)
+    docs = [d.tolist() for d in load_documents([str(data)], None, documents=0, seq_length=32, seed=0)]
+    assert max(map(len, raw)) > 33 and max(map(len, docs)) == 33
+    budget = 40
+    rc, out, err = _measure_cli([str(tp_runs["ckpt"]), "--data", str(data), "--out", str(tmp_path / "m"),
+                                 "--documents", "0", "--dtype", "float64", "--rank-budget", str(budget)])
+    assert rc == 0, err[-3000:]
+    res = json.loads((tmp_path / "m" / "measure.json").read_text())
+    res = res[0] if isinstance(res, list) else res
+    assert res["kind"] == "megatron-lm" and res["vocab_size"] == 1001 and res["hidden_size"] == 64
+    assert res["head_rank"] == 16 and res["seq_length"] == 32 and res["documents"] == 5
+
+    iter_dir = tp_runs["ckpt"] / "iter_0000006"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    names = [n for n, m in FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata.items()
+             if (n.startswith(("embedding.", "decoder.", "output_layer.")) and "_extra_state" not in n)]
+    w = _dcp_tensors(iter_dir, names)
+    assert w["output_layer.weight"].shape == (1024, 16)  # padded vocabulary, rank-16 factor
+    head = w["output_layer.weight"][:1001] @ w["output_layer.input_proj"]  # W = A B on the real rows
+    u, sv, _ = torch.linalg.svd(head, full_matrices=False)
+    q = u[:, sv > sv[0] * 1e-10]  # orthonormal basis of col(W): rank 16 (a QR of the 1001 x 64 W would span 64)
+    assert q.shape[1] == 16
+    rows, doc_r = [], []
+    with torch.no_grad():
+        for d in docs:
+            h = _reference_forward(w, torch.tensor(d[:-1]), heads=4)
+            g = torch.softmax(h @ head.t(), -1) - torch.nn.functional.one_hot(torch.tensor(d[1:]), 1001).double()
+            rows.append(g)
+            doc_r.append(math.sqrt(1 - (g @ q).square().sum() / g.square().sum()))
+    g = torch.cat(rows)
+    vis2, g2 = (g @ q).square().sum(), g.square().sum()
+    assert res["tokens"] == g.shape[0]
+    assert res["destroyed_ratio"] == pytest.approx(math.sqrt(1 - vis2 / g2), rel=1e-6)
+    assert res["visible_cosine"] == pytest.approx(math.sqrt(vis2 / g2), rel=1e-6)
+    assert res["grad_norm"] == pytest.approx(math.sqrt(g2) / g.shape[0], rel=1e-6)
+    assert res["isotropic_baseline"] == pytest.approx(math.sqrt(1 - 16 / 1000), rel=1e-12)
+    assert res["per_document"]["mean"] == pytest.approx(float(np.mean(doc_r)), rel=1e-6)
+    assert res["per_document"]["q50"] == pytest.approx(float(np.median(doc_r)), rel=1e-6)
+    s = torch.linalg.svdvals(g[:budget])  # the rank curve's tokens: the first of the documents in measure's order
+    tol = s[0] * max(budget, 1001) * torch.finfo(torch.float64).eps
+    p = s / s.sum()
+    assert res["rank"]["numerical_rank"] == int((s > tol).sum())
+    assert res["rank"]["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+    assert "Traceback" not in err
+
+
+def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp_path, capsys):
+    """A checkpoint whose saved args ask for what the local GPT model does not build (here MoE): one line, from
+    the saved args alone (in process: nothing is built or launched)."""
+    import torch
+
+    from megatron_bottleneck.cli import main
+
+    _ok(*tp_runs[2][:2])
+    from megatron_bottleneck.measure.megatron_lm_checkpoint import read_megatron_lm_args
+
+    saved = tp_runs["ckpt"] / "iter_0000006"
+    args = read_megatron_lm_args(str(saved))
+    assert args.tensor_model_parallel_size == 2 and args.lm_head_rank == 16
+    args.num_experts = 8
+    fake = tmp_path / "moe"
+    (fake / "iter_0000006").mkdir(parents=True)
+    (fake / "latest_checkpointed_iteration.txt").write_text("6")
+    (fake / "iter_0000006" / "metadata.json").write_text((saved / "metadata.json").read_text())
+    torch.save({"args": args}, fake / "iter_0000006" / "common.pt")  # megatron-core 0.16's layout of the args
+    capsys.readouterr()
+    rc = main(["measure", str(fake), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and "--num-experts 8" in err[0] and "mixture of experts" in err[0], err

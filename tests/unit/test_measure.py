@@ -230,7 +230,10 @@ def test_soft_capped_logits_and_megatron_lm_checkpoints_are_one_line(tmp_path, t
     mlm.mkdir()
     (mlm / "latest_checkpointed_iteration.txt").write_text("100\n")
     line = _one_line(["measure", str(mlm), "--data", token_docs, "--out", str(tmp_path / "o")], capsys)
-    assert "Megatron-LM torch_dist checkpoints are not supported by measure yet" in line
+    assert "iter_0000100: no metadata.json: not a torch_dist checkpoint directory" in line
+    (mlm / "iter_0000100" / "mp_rank_00").mkdir(parents=True)  # Megatron-LM's legacy --ckpt-format torch
+    line = _one_line(["measure", str(mlm), "--data", token_docs, "--out", str(tmp_path / "o")], capsys)
+    assert "legacy --ckpt-format torch checkpoint" in line and "torch_dist" in line
 
 
 def test_missing_transformers_is_one_line(tmp_path, token_docs):
