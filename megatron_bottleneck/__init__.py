@@ -51,6 +51,9 @@ _LAZY = {
     # application: zero-shot evaluation (lm-eval is imported only when a harness model is made)
     "evaluate_checkpoint": "evaluate.harness", "harness_model": "evaluate.harness",
     "open_checkpoint": "evaluate.scorer", "CheckpointScorer": "evaluate.scorer",
+    # application: the head zoo benchmark
+    "head_cost": "heads.cost", "HeadCost": "heads.cost", "register_head_cost": "heads.cost",
+    "load_zoo": "zoo", "run_zoo": "zoo", "ZooPlan": "zoo", "write_zoo_report": "zoo_report",
 }
 
 __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError",
@@ -58,7 +61,7 @@ __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigErr
 
 
 _SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "plots",
-                "measure", "evaluate", "cli")
+                "measure", "evaluate", "zoo", "zoo_report", "cli")
 
 
 def __getattr__(name: str):
