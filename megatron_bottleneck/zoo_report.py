@@ -120,15 +120,15 @@ def write_zoo_report(root: str, out_dir: Optional[str] = None) -> str:
              "the run), each head's tokens are its first crossing of L* on its smoothed curve; '<=' marks a "
              "censored figure (already below L* at the first logged step). Destroyed ratio and update cosine: "
              "the trainer's probe over training, first -> last (mean); n/a: the probe does not measure this head "
-             "(reasons below). Head + loss: minimum wall time of forward + backward of `head.loss` on the timing "
-             "tokens, and the bytes autograd saves for backward.", ""]
+             "(reasons below). Head + loss: minimum wall and process CPU time (one thread) of forward + backward of "
+             "`head.loss` on the timing tokens, and the bytes autograd saves for backward.", ""]
     refusals = {}
     for s in summary["settings"]:
         label = f"{s['setting']}" + (f" (SpamLang, V/D = {s['vd']:g})" if s["data"] == "spamlang"
                                      else f" (text, V = {s['vocab_size']}, V/D = {s['vd']:g})")
         lines += [f"## {label}", "", f"L* = {_fmt(s['target_loss'])}.", "",
                   "| head | params | params vs dense | fwd FLOPs/token | final valid loss | tokens to reach L* | "
-                  "destroyed ratio | update cosine | head+loss ms | saved for backward (KiB) |",
+                  "destroyed ratio | update cosine | head+loss ms (wall / CPU) | saved for backward (KiB) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for h in s["heads"]:
             if h["probe"] == "off":
@@ -138,7 +138,7 @@ def write_zoo_report(root: str, out_dir: Optional[str] = None) -> str:
             lines.append(
                 f"| {h['head']} | {_fmt(h['params'])} | {_fmt(h['params_vs_dense'], 2)} | {_fmt(h['flops_per_token'])} | "
                 f"{_fmt(h['final_valid_loss'])} | {tt} | {_cell(h['destroyed_ratio'], h['probe'])} | "
-                f"{_cell(h['update_cosine'], h['probe'])} | {_fmt(h['time_ms'], 2)} | "
+                f"{_cell(h['update_cosine'], h['probe'])} | {_fmt(h['time_ms'], 2)} / {_fmt(h['cpu_ms'], 2)} | "
                 f"{_fmt(None if h['saved_bytes'] is None else h['saved_bytes'] / 1024, 1)} |")
         lines.append("")
         base = s["setting"]
