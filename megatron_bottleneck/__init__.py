@@ -6,7 +6,8 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 * ``ops``: the head's math kernels (torch only);
 * ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT builder, Llama spec) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
-* the application: ``train``, ``data``, ``sweep``, ``report``, ``plots``, ``measure``, ``evaluate``
+* the application: ``train``, ``data``, ``sweep``, ``zoo`` / ``zoo_report`` (the head zoo benchmark), ``report``,
+  ``plots``, ``measure``, ``evaluate``
   (zero-shot scores through lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
 
 ``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:

@@ -1,5 +1,6 @@
 """The zoo benchmark's parts that need no training: the analytic head cost against the parameters of each
-built head, the --heads list, and the one-line refusals of bad input (before any data or process)."""
+built head, the --heads list, the one-line refusals of bad input (before any data or process), and the
+unfused training path of the non-linear heads the zoo found broken (Megatron's cross-entropy of an unpadded u)."""
 import pytest
 import yaml
 
@@ -70,3 +71,29 @@ def test_unknown_zoo_key_is_one_line(tmp_path, capsys):
     assert main(["zoo", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "zoo.ratios" in err[0] and "vd_ratios" in err[0]
+
+
+@pytest.mark.usefixtures("megatron_one_rank")
+@pytest.mark.parametrize("kind", ["mos:k=2", "sigsoftmax", "stacked:width=12"])
+def test_megatrons_cross_entropy_of_an_unpadded_nonlinear_head_backpropagates(kind):
+    """The trainer's unfused path (model.fused_loss=false): Megatron's vocab_parallel_cross_entropy of the head's
+    u = log p, with no vocabulary padding (u is then the log-softmax output its backward saved; Megatron's
+    cross-entropy changes its input in place). Gradients equal those of the head's own loss."""
+    import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_bottleneck.base.head import HeadBuildContext, check_head
+
+    head = HeadConfig.parse(kind)
+    ctx = HeadBuildContext(hidden_size=8, vocab_size=64, real_vocab_size=64, seed=3,
+                           config=support_heads.head_config(1, False))
+    module = check_head(head.spec().builder(ctx, head.resolved_options()), head.kind)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 2, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 64, (4, 2), generator=gen)
+    u, _ = module(h)
+    vocab_parallel_cross_entropy(u, labels).sum().backward()
+    got = h.grad.clone()
+    h.grad = None
+    module.loss(h, labels).sum().backward()
+    torch.testing.assert_close(got, h.grad, rtol=1e-5, atol=1e-7)
