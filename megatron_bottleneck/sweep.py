@@ -122,7 +122,7 @@ def _run_config(plan: SweepPlan, run: Dict, data: Dict, run_dir: str) -> TrainCo
     return run_paths(cfg, run_dir)
 
 
-def _run_many(items: List[Dict]) -> List[str]:
+def run_many(items: List[Dict]) -> List[str]:
     """One CPU process, several runs in sequence (each resumable)."""
     torch.set_num_threads(1)
     done = []
@@ -233,12 +233,12 @@ def execute(items: List[Dict], out: str, workers: int = 2, log=print, logname: s
             runner: Optional[Callable[[List[Dict]], List[str]]] = None) -> None:
     """Run the work items on ``workers`` CPU processes (one thread each, runs in sequence in each) with
     :class:`Progress`. ``runner(items)``: what each process runs (a module-level function; default
-    :func:`_run_many`)."""
+    :func:`run_many`)."""
     log(f"{len(items)} runs to do on {workers} worker(s)")
     groups = [g for g in (items[i::workers] for i in range(max(1, workers))) if g]
     with Progress(items, groups, out, log, logname=logname), \
             ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
-        list(pool.map(lambda g: launch(runner or _run_many, 1, g, timeout=24 * 3600), groups))
+        list(pool.map(lambda g: launch(runner or run_many, 1, g, timeout=24 * 3600), groups))
 
 
 def run_sweep(plan: SweepPlan, out: str, workers: int = 2, log=print) -> List[str]:

@@ -48,7 +48,7 @@ from .integrations.launch import launch
 from .integrations.parallel import initialize_parallel
 from .models import llama_config
 from .probe import GradientProbe, ProbeConfig
-from .sweep import _run_many, execute, pending_item, prepare_spamlang, run_paths, spamlang_run_params
+from .sweep import run_many, execute, pending_item, prepare_spamlang, run_paths, spamlang_run_params
 from .train import TrainConfig
 from .zoo_report import write_zoo_report
 
@@ -335,7 +335,7 @@ def _train_runs(items: List[Dict]) -> List[str]:
         with open(item["inspect"]["path"], encoding="utf-8") as f:
             if json.load(f)["probe"] != "on":
                 item["config"]["probe"] = {}
-    return _run_many(items)
+    return run_many(items)
 
 
 # --------------------------------------------------------------------------------------------- runs
