@@ -4,7 +4,7 @@
 
 CONFIG is a trainer config (``examples/zoo.yaml``) with an extra ``zoo:`` section (:class:`ZooSection`): the
 V/D ratios of the SpamLang settings (V = ratio x D) and a text corpus (files tokenised with a SentencePiece
-model of ``text.vocab_size`` tokens). Each head trains once per setting with the base config's optimiser,
+model of ``zoo.text_vocab_size`` tokens). Each head trains once per setting with the base config's optimiser,
 steps and batch (the same tokens for every head). Heads are taken as given (no automatic budget matching):
 the report states each head's parameters and forward FLOPs per token beside its figures
 (:func:`megatron_bottleneck.heads.cost.head_cost`, analytic, checked against the built head's parameter
