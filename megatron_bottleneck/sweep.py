@@ -123,12 +123,14 @@ def _run_config(plan: SweepPlan, run: Dict, data: Dict, run_dir: str) -> TrainCo
 
 
 def run_many(items: List[Dict]) -> List[str]:
-    """One CPU process, several runs in sequence (each resumable)."""
+    """One CPU process, several runs in sequence (each resumable). A run stopped by SIGTERM / SIGUSR1 (the
+    trainer saves and returns) is not marked ``DONE`` and the process stops there: a rerun resumes it."""
     torch.set_num_threads(1)
     done = []
     for item in items:
         cfg = TrainConfig.from_dict(item["config"])
-        Trainer(cfg).train()
+        if Trainer(cfg).train().get("stopped_by_signal"):
+            break
         with open(os.path.join(item["dir"], "DONE"), "w") as f:
             f.write("ok\n")
         done.append(item["dir"])
