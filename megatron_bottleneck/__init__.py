@@ -6,7 +6,8 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 * ``ops``: the head's math kernels (torch only);
 * ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT builder, Llama spec) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
-* the application: ``train``, ``data``, ``sweep``, ``report``, ``plots``, ``measure``, ``evaluate``
+* the application: ``train``, ``data``, ``sweep``, ``zoo`` / ``zoo_report`` (the head zoo benchmark), ``report``,
+  ``plots``, ``measure``, ``evaluate``
   (zero-shot scores through lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
 
 ``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:
@@ -51,6 +52,9 @@ _LAZY = {
     # application: zero-shot evaluation (lm-eval is imported only when a harness model is made)
     "evaluate_checkpoint": "evaluate.harness", "harness_model": "evaluate.harness",
     "open_checkpoint": "evaluate.scorer", "CheckpointScorer": "evaluate.scorer",
+    # application: the head zoo benchmark
+    "head_cost": "heads.cost", "HeadCost": "heads.cost", "register_head_cost": "heads.cost",
+    "load_zoo": "zoo", "run_zoo": "zoo", "ZooPlan": "zoo", "write_zoo_report": "zoo_report",
 }
 
 __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError",
@@ -58,7 +62,7 @@ __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigErr
 
 
 _SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "plots",
-                "measure", "evaluate", "cli")
+                "measure", "evaluate", "zoo", "zoo_report", "cli")
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""``megatron-bottleneck``: spamlang | train | sweep | probe | measure | eval | report | demo | bench-train.
+"""``megatron-bottleneck``: spamlang | train | sweep | zoo | probe | measure | eval | report | demo | bench-train.
 
 Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``. Options and
 ``section.key=value`` overrides may come in any order. Errors print one line per distinct message
@@ -63,6 +63,15 @@ def cmd_sweep(a):
     from .report import write_report
 
     print("report:", write_report(a.out, a.out, title="Sweep report"))
+
+
+def cmd_zoo(a):
+    from .zoo import load_zoo, run_zoo
+
+    plan = load_zoo(a.config, a.overrides, heads=a.heads)
+    path = run_zoo(plan, a.out, workers=a.workers, prepare_only=a.prepare_only)
+    if path:
+        print("report:", path)
 
 
 def cmd_probe(a):
@@ -186,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("zoo", help="the head zoo benchmark: every head on SpamLang at several V/D and on text, "
+                                   "one report")
+    s.add_argument("config", help="a trainer config with a zoo: section (examples/zoo.yaml)")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
+    s.add_argument("--heads", default=None, help="head specs, e.g. dense,low_rank:r=8,mos:k=4,sigsoftmax,"
+                   "stacked:width=32 (default: zoo.heads of the config)")
+    s.add_argument("--workers", type=int, default=1, help="CPU processes training runs in parallel")
+    s.add_argument("--prepare-only", action="store_true", help="data, head measurements and run directories "
+                   "(runs.txt) only, for launch/zoo.sbatch; rerun without it for the report")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_zoo)
 
     s = sub.add_parser("probe", help="bottleneck figures of a saved checkpoint on a dataset")
     s.add_argument("checkpoint", help="checkpoint directory (the one holding 'latest', or an iter_* dir)")

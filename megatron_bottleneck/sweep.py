@@ -66,22 +66,50 @@ def run_name(run: Dict) -> str:
     return f"V{run['vocab_size']}_{r}_lr{run['lr']:g}"
 
 
-def _prepare_data(plan: SweepPlan, out: str) -> Dict[int, Dict]:
-    base = plan.base
+def prepare_spamlang(base: TrainConfig, vocab_sizes: Sequence[int], out: str, seed: int = 0,
+                     distribution: str = "uniform", valid_sequences: int = 1024) -> Dict[int, Dict]:
+    """One SpamLang dataset per vocabulary size under ``<out>/data/V<v>`` (kept when already there), as many
+    training sequences as ``base`` reads; returns V -> the generator's metadata."""
     train_seqs = base.train.train_steps * base.train.global_batch_size
     meta = {}
-    for v in sorted({r["vocab_size"] for r in plan.expand()}):
+    for v in sorted(set(vocab_sizes)):
         prefix = os.path.join(out, "data", f"V{v}")
         cfg = SpamLangConfig(vocab_size=v, seq_length=base.model.seq_length,
-                             num_sequences=train_seqs + plan.valid_sequences, seed=plan.spamlang_seed,
-                             distribution=plan.distribution,
-                             valid_fraction=plan.valid_sequences / (train_seqs + plan.valid_sequences))
+                             num_sequences=train_seqs + valid_sequences, seed=seed, distribution=distribution,
+                             valid_fraction=valid_sequences / (train_seqs + valid_sequences))
         if os.path.exists(prefix + ".json"):
             with open(prefix + ".json", encoding="utf-8") as f:
                 meta[v] = json.load(f)
         else:
             meta[v] = generate_spamlang(cfg, prefix)
     return meta
+
+
+def _prepare_data(plan: SweepPlan, out: str) -> Dict[int, Dict]:
+    return prepare_spamlang(plan.base, [r["vocab_size"] for r in plan.expand()], out, plan.spamlang_seed,
+                            plan.distribution, plan.valid_sequences)
+
+
+def spamlang_run_params(base: TrainConfig, vocab_size: int, data: Dict) -> Dict:
+    """What run.json records about a SpamLang run's data: D, sequence length, steps, and how often each symbol
+    is drawn in the sequences the run reads (``coverage``, ``tokens_per_symbol_total``)."""
+    train_symbols = draw_symbols(SpamLangConfig(**data["config"]))[: data["train_sequences"]]
+    seen = train_symbols[: base.train.train_steps * base.train.global_batch_size]
+    cov = coverage(seen, SpamLangConfig(**data["config"]))  # draws (sequences) per symbol
+    return {"hidden_size": base.model.hidden_size, "seq_length": base.model.seq_length,
+            "train_steps": base.train.train_steps, "coverage": cov,
+            "tokens_per_symbol_total": base.train.train_steps * base.train.global_batch_size
+            * base.model.seq_length / (vocab_size - 1)}
+
+
+def run_paths(cfg: TrainConfig, run_dir: str) -> TrainConfig:
+    """Point a run's logs, checkpoints and probe log into ``run_dir`` (logs/, ckpt/); validates."""
+    cfg.logging.dir = os.path.join(run_dir, "logs")
+    cfg.checkpoint.dir = os.path.join(run_dir, "ckpt")
+    if cfg.probe:
+        cfg.probe = dict(cfg.probe, log_dir=cfg.logging.dir)
+    cfg.validate()
+    return cfg
 
 
 def _run_config(plan: SweepPlan, run: Dict, data: Dict, run_dir: str) -> TrainConfig:
@@ -91,25 +119,27 @@ def _run_config(plan: SweepPlan, run: Dict, data: Dict, run_dir: str) -> TrainCo
     cfg.optim.lr = run["lr"]
     cfg.data.train_prefix = data["train_prefix"]
     cfg.data.valid_prefix = data["valid_prefix"]
-    cfg.logging.dir = os.path.join(run_dir, "logs")
-    cfg.checkpoint.dir = os.path.join(run_dir, "ckpt")
-    if cfg.probe:
-        cfg.probe = dict(cfg.probe, log_dir=cfg.logging.dir)
-    cfg.validate()
-    return cfg
+    return run_paths(cfg, run_dir)
 
 
-def _run_many(items: List[Dict]) -> List[str]:
-    """One CPU process, several runs in sequence (each resumable)."""
+def run_many(items: List[Dict]) -> List[str]:
+    """One CPU process, several runs in sequence (each resumable). A run stopped by SIGTERM / SIGUSR1 (the
+    trainer saves and returns) is not marked ``DONE`` and the process stops there: a rerun resumes it."""
     torch.set_num_threads(1)
     done = []
     for item in items:
         cfg = TrainConfig.from_dict(item["config"])
-        Trainer(cfg).train()
+        if Trainer(cfg).train().get("stopped_by_signal"):
+            break
         with open(os.path.join(item["dir"], "DONE"), "w") as f:
             f.write("ok\n")
         done.append(item["dir"])
     return done
+
+
+def _display_name(item: Dict) -> str:
+    """A work item's name in progress lines: its ``name`` (the zoo's setting/head), else its directory's."""
+    return item.get("name") or os.path.basename(item["dir"])
 
 
 class Progress:
@@ -117,11 +147,11 @@ class Progress:
     process and reports progress; see the module docstring."""
 
     def __init__(self, items: List[Dict], groups: List[List[Dict]], out: str, log: Callable[[str], None],
-                 interval: float = 2.0, stream=None):
+                 interval: float = 2.0, stream=None, logname: str = "sweep.log"):
         self.items, self.groups, self.log, self.interval = items, groups, log, interval
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.logfile = os.path.join(out, "sweep.log")
+        self.logfile = os.path.join(out, logname)
         self.total_steps = sum(i["config"]["train"]["train_steps"] for i in items) or 1
         self.done: set = set()
         self.t0 = time.monotonic()
@@ -157,21 +187,21 @@ class Progress:
     def poll(self, final: bool = False) -> None:
         steps = 0
         for item in self.items:
-            name = os.path.basename(item["dir"])
+            name = _display_name(item)
             finished = os.path.exists(os.path.join(item["dir"], "DONE"))
             steps += item["config"]["train"]["train_steps"] if finished else self._step(item)
-            if finished and name not in self.done:
-                self.done.add(name)
+            if finished and item["dir"] not in self.done:
+                self.done.add(item["dir"])
                 self._finished(item, name)
         if self.tty and not final:
             elapsed = time.monotonic() - self.t0
             eta = elapsed * (self.total_steps - steps) / steps if steps else float("nan")
             current = []
             for w, group in enumerate(self.groups):
-                item = next((i for i in group if os.path.basename(i["dir"]) not in self.done), None)
+                item = next((i for i in group if i["dir"] not in self.done), None)
                 if item is not None:
                     total = item["config"]["train"]["train_steps"]
-                    current.append(f"w{w}: {os.path.basename(item['dir'])} {self._step(item)}/{total}")
+                    current.append(f"w{w}: {_display_name(item)} {self._step(item)}/{total}")
             eta_s = f"{eta:.0f} s" if eta == eta else "?"
             self.stream.write(f"\r[{len(self.done)}/{len(self.items)} runs] {' | '.join(current)} | ETA {eta_s}\033[K")
             self.stream.flush()
@@ -188,32 +218,43 @@ class Progress:
             f.write(line + "\n")
 
 
+def pending_item(run_dir: str, params: Dict, config: TrainConfig, log=print, **extra) -> Optional[Dict]:
+    """Write ``run_dir/run.json`` (``params``); None when the run is finished (``DONE``: logged as skipped),
+    else the work item ``{"dir", "config", **extra}`` (an unfinished run resumes from its checkpoint; an
+    ``extra`` ``name`` is its name in progress lines)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+    if os.path.exists(os.path.join(run_dir, "DONE")):
+        log(f"skip (done): {extra.get('name') or os.path.basename(run_dir)}")
+        return None
+    return {"dir": run_dir, "config": config.to_dict(), **extra}
+
+
+def execute(items: List[Dict], out: str, workers: int = 2, log=print, logname: str = "sweep.log",
+            runner: Optional[Callable[[List[Dict]], List[str]]] = None) -> None:
+    """Run the work items on ``workers`` CPU processes (one thread each, runs in sequence in each) with
+    :class:`Progress`. ``runner(items)``: what each process runs (a module-level function; default
+    :func:`run_many`)."""
+    log(f"{len(items)} runs to do on {workers} worker(s)")
+    groups = [g for g in (items[i::workers] for i in range(max(1, workers))) if g]
+    with Progress(items, groups, out, log, logname=logname), \
+            ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        list(pool.map(lambda g: launch(runner or run_many, 1, g, timeout=24 * 3600), groups))
+
+
 def run_sweep(plan: SweepPlan, out: str, workers: int = 2, log=print) -> List[str]:
     """Generate data, run every pending run, return the run directories."""
     meta = _prepare_data(plan, out)
-    base = plan.base
     items = []
     for run in plan.expand():
         d = os.path.join(out, "runs", run_name(run))
-        os.makedirs(d, exist_ok=True)
         data = meta[run["vocab_size"]]
-        train_symbols = draw_symbols(SpamLangConfig(**data["config"]))[: data["train_sequences"]]
-        seen = train_symbols[: base.train.train_steps * base.train.global_batch_size]
-        cov = coverage(seen, SpamLangConfig(**data["config"]))  # draws (sequences) per symbol
-        params = {**run, "hidden_size": base.model.hidden_size, "seq_length": base.model.seq_length,
-                  "train_steps": base.train.train_steps, "coverage": cov,
-                  "tokens_per_symbol_total": base.train.train_steps * base.train.global_batch_size
-                  * base.model.seq_length / (run["vocab_size"] - 1)}
-        with open(os.path.join(d, "run.json"), "w", encoding="utf-8") as f:
-            json.dump(params, f, indent=2)
-        if os.path.exists(os.path.join(d, "DONE")):
-            log(f"skip (done): {run_name(run)}")
-            continue
-        items.append({"dir": d, "config": _run_config(plan, run, data, d).to_dict()})
-    log(f"{len(items)} runs to do on {workers} worker(s)")
-    groups = [g for g in (items[i::workers] for i in range(max(1, workers))) if g]
-    with Progress(items, groups, out, log), ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
-        list(pool.map(lambda g: launch(_run_many, 1, g, timeout=24 * 3600), groups))
+        params = {**run, **spamlang_run_params(plan.base, run["vocab_size"], data)}
+        item = pending_item(d, params, _run_config(plan, run, data, d), log)
+        if item is not None:
+            items.append(item)
+    execute(items, out, workers, log)
     return [os.path.join(out, "runs", run_name(r)) for r in plan.expand()]
 
 

@@ -171,6 +171,10 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
         pad = self.output_size_per_partition - u.shape[-1]
         if pad:
             u = torch.cat([u, u.new_full(u.shape[:-1] + (pad,), torch.finfo(u.dtype).min)], dim=-1)
+        elif u.requires_grad:
+            # Megatron's cross-entropy subtracts the max from its input in place, and u itself is saved by the
+            # backward of log_softmax / logsumexp: hand it a copy (the padded u above is one already)
+            u = u.clone()
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and get_pg_size(self.tp_group) > 1:
             u = gather_from_tensor_model_parallel_region(u, group=self.tp_group)

@@ -222,6 +222,11 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Sequence[str] = ()) -> "TrainConfig":
+        return cls.from_dict(cls.apply_overrides(cls.read_yaml(path), overrides))
+
+    @staticmethod
+    def read_yaml(path: Optional[str]) -> Dict[str, Any]:
+        """A config file's mapping of sections ({} for no path); an unreadable file or no mapping: one line."""
         data: Dict[str, Any] = {}
         if path:
             try:
@@ -231,6 +236,11 @@ class TrainConfig:
                 raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path!r} must hold a mapping of sections, got {type(data).__name__}")
+        return data
+
+    @staticmethod
+    def apply_overrides(data: Dict[str, Any], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+        """``section.key=value`` overrides (values read as YAML) set into ``data`` (changed in place, returned)."""
         for item in overrides:
             key, sep, value = item.lstrip("-").partition("=")
             if not sep or "." not in key:
@@ -240,7 +250,7 @@ class TrainConfig:
             if not isinstance(data[section], dict):
                 raise ConfigError(f"'{section}' is not a section")
             _nested_set(data[section], name, yaml.safe_load(value))
-        return cls.from_dict(data)
+        return data
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

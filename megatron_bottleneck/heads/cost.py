@@ -1,0 +1,76 @@
+"""Analytic cost of each built-in head kind: parameters and forward FLOPs per token.
+
+For a head with input h ``[D]`` and vocabulary V (the real one; TP padding not counted), per token:
+
+    kind         parameters                      forward FLOPs (2 per multiply-add, matrix products only)
+    dense        V D                             2 V D
+    low_rank r   r (V + D)                       2 r (D + V)
+    mos K        V D + K D^2 + K D               2 K D^2 + 2 K D + 2 K V D
+    sigsoftmax   V D                             2 V D
+    softcap      V D                             2 V D
+    monotone J   V D + 2 J                       2 V D
+    stacked D'   V D' + D' D                     2 D' D + 2 V D'
+
+The softmax, log-sum-exp and pointwise maps (O(V) or O(K V) per token) are not counted; a training step
+(forward + backward) is about 3x the forward figure. A registered kind without a cost function
+(:func:`register_head_cost`) has none (reported as n/a).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from ..base.head import HeadConfig
+
+__all__ = ["HeadCost", "head_cost", "register_head_cost"]
+
+
+@dataclass(frozen=True)
+class HeadCost:
+    """``params``: trainable parameters of the head; ``flops_per_token``: forward FLOPs of its matrix products
+    per token (module docstring)."""
+
+    params: int
+    flops_per_token: int
+
+
+_COSTS: Dict[str, Callable[[Any, int, int], HeadCost]] = {}
+
+
+def register_head_cost(kind: str, fn: Callable[[Any, int, int], HeadCost]) -> None:
+    """``fn(options, D, V) -> HeadCost`` for a head kind (``options``: its resolved options dataclass)."""
+    _COSTS[kind] = fn
+
+
+def head_cost(head: HeadConfig, hidden_size: int, vocab_size: int) -> Optional[HeadCost]:
+    """The cost of ``head`` with input width D = ``hidden_size`` over V = ``vocab_size``; None for a kind
+    without a cost function. Bad options raise :class:`~megatron_bottleneck.base.errors.HeadConfigError`."""
+    fn = _COSTS.get(head.kind)
+    return None if fn is None else fn(head.resolved_options(), int(hidden_size), int(vocab_size))
+
+
+def _linear(o, d, v):
+    return HeadCost(v * d, 2 * v * d)
+
+
+def _low_rank(o, d, v):
+    return HeadCost(o.r * (v + d), 2 * o.r * (d + v))
+
+
+def _mos(o, d, v):
+    k = o.k
+    return HeadCost(v * d + k * d * d + k * d, 2 * k * d * d + 2 * k * d + 2 * k * v * d)
+
+
+def _monotone(o, d, v):
+    return HeadCost(v * d + 2 * o.terms, 2 * v * d)
+
+
+def _stacked(o, d, v):
+    w = o.width or 2 * d
+    return HeadCost(v * w + w * d, 2 * w * d + 2 * v * w)
+
+
+for _kind, _fn in (("dense", _linear), ("sigsoftmax", _linear), ("softcap", _linear), ("low_rank", _low_rank),
+                   ("mos", _mos), ("monotone", _monotone), ("stacked", _stacked)):
+    register_head_cost(_kind, _fn)
