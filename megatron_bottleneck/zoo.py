@@ -20,9 +20,9 @@ Layout of DIR (on the sweep's machinery, :mod:`megatron_bottleneck.sweep`)::
     zoo.log, zoo_report.md, zoo.json, *.png
 
 A run with ``DONE`` (or whose metrics reached the last step: a run trained by ``launch/zoo.sbatch``) is
-skipped; an unfinished one resumes from its checkpoint. The probe runs on the heads it accepts; a head it
-refuses (a non-linear head, until the general probe is wired into the trainer's probe) trains without it
-and the report says "n/a" with the probe's reason.
+skipped; an unfinished one resumes from its checkpoint. The probe runs on the heads it accepts (every built-in
+head: the closed form for linear heads, the general path for non-linear ones); a head it refuses (no
+``probe_view`` and no ``log_prob_fn``) trains without it and the report says "n/a" with the probe's reason.
 """
 from __future__ import annotations
 

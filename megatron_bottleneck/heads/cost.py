@@ -10,6 +10,7 @@ For a head with input h ``[D]`` and vocabulary V (the real one; TP padding not c
     softcap      V D                             2 V D
     monotone J   V D + 2 J                       2 V D
     stacked D'   V D' + D' D                     2 D' D + 2 V D'
+    mfs K, J     V D + (J + K - 1) D^2 + K D     2 (J + K - 1) D^2 + 2 K D + 2 K V D
 
 The softmax, log-sum-exp and pointwise maps (O(V) or O(K V) per token) are not counted; a training step
 (forward + backward) is about 3x the forward figure. A registered kind without a cost function
@@ -71,6 +72,11 @@ def _stacked(o, d, v):
     return HeadCost(v * w + w * d, 2 * w * d + 2 * v * w)
 
 
+def _mfs(o, d, v):
+    k, f = o.k, o.partitions + o.k - 1
+    return HeadCost(v * d + f * d * d + k * d, 2 * f * d * d + 2 * k * d + 2 * k * v * d)
+
+
 for _kind, _fn in (("dense", _linear), ("sigsoftmax", _linear), ("softcap", _linear), ("low_rank", _low_rank),
-                   ("mos", _mos), ("monotone", _monotone), ("stacked", _stacked)):
+                   ("mos", _mos), ("monotone", _monotone), ("stacked", _stacked), ("mfs", _mfs)):
     register_head_cost(_kind, _fn)
