@@ -56,6 +56,10 @@ __all__ = ["ZooSection", "ZooPlan", "load_zoo", "run_zoo", "inspect_heads", "zoo
 
 HEADS_DIR = "heads"
 RUNS_LIST = "runs.txt"
+AUTO = "auto"
+"""An option value the zoo matches to the dense head's parameter budget, per setting (``stacked:width=auto``)."""
+MAX_AUTO = 64
+"""``auto`` searches the integers 1 .. MAX_AUTO x D."""
 
 
 @dataclass
@@ -88,11 +92,17 @@ class ZooPlan:
     zoo: ZooSection
 
     def heads(self) -> List[HeadConfig]:
-        """The head specs parsed and checked (unknown kind or option, or a bad value: one line)."""
+        """The head specs parsed and checked (unknown kind or option, or a bad value: one line); an option
+        ``auto`` stays unresolved here (:meth:`matched`)."""
         out = []
         for text in self.zoo.heads:
             head = HeadConfig.parse(text)
-            head.resolved_options()
+            auto = [k for k, v in head.options.items() if str(v).strip().lower() == AUTO]
+            if len(auto) > 1:
+                raise ConfigError(f"head {text!r}: one option can be {AUTO} (matched to the dense head's "
+                                  f"parameters), not {', '.join(auto)}")
+            if not auto:
+                head.resolved_options()
             out.append(head)
         if not out:
             raise ConfigError("zoo: no heads given (--heads dense,mos:k=4,...)")
@@ -112,10 +122,47 @@ class ZooPlan:
             out.append({"setting": f"text_V{v}", "data": "text", "vocab_size": int(v)})
         return out
 
+    def matched(self, head: HeadConfig, vocab_size: int) -> HeadConfig:
+        """``head`` with its ``auto`` option (if any) set to the integer whose head has the parameter count
+        closest to the dense head's, V D, at this vocabulary (:func:`~megatron_bottleneck.heads.cost.head_cost`;
+        ties: the smaller value; only values the trainer accepts at this D, e.g. stacked width >= D)."""
+        auto = [k for k, v in head.options.items() if str(v).strip().lower() == AUTO]
+        if not auto:
+            return head
+        d, name = self.base.model.hidden_size, auto[0]
+        budget = vocab_size * d
+        best = None
+        for n in range(1, MAX_AUTO * d + 1):
+            cand = HeadConfig(head.kind, {**head.options, name: str(n)}, seed=head.seed)
+            try:
+                cost = head_cost(cand, d, vocab_size)
+                if cost is None:
+                    raise ConfigError(f"head {str(head)!r}: {name}={AUTO} needs a cost function for head kind "
+                                      f"{head.kind!r} (megatron_bottleneck.heads.cost.register_head_cost)")
+                self.run_config({"head": str(cand), "vocab_size": vocab_size, "data": "spamlang"}, None,
+                                "/nonexistent", probe=False)
+            except (HeadConfigError, ConfigError) as exc:
+                if "cost function" in str(exc):
+                    raise
+                continue
+            gap = abs(cost.params - budget)
+            if best is None or gap < best[0]:
+                best = (gap, cand)
+        if best is None:
+            raise ConfigError(f"head {str(head)!r}: no value of {name} in 1..{MAX_AUTO * d} is accepted at "
+                              f"D={d}, V={vocab_size}")
+        return best[1]
+
     def expand(self) -> List[Dict]:
-        """Every (setting, head) run: the setting's fields plus ``head`` (its spec) and ``name``."""
-        return [{**s, "head": str(h), "head_index": i, "name": f"{s['setting']}/{head_slug(h)}"}
-                for s in self.settings() for i, h in enumerate(self.heads())]
+        """Every (setting, head) run: the setting's fields plus ``head`` (its spec, ``auto`` resolved for the
+        setting's vocabulary by :meth:`matched`), ``head_spec`` (as given) and ``name``."""
+        out = []
+        for s in self.settings():
+            for i, h in enumerate(self.heads()):
+                m = self.matched(h, s["vocab_size"])
+                out.append({**s, "head": str(m), "head_spec": str(h), "head_index": i,
+                            "name": f"{s['setting']}/{head_slug(m)}"})
+        return out
 
     def run_config(self, run: Dict, data_prefix: Optional[Dict], run_dir: str, probe: bool) -> TrainConfig:
         """The run's trainer config: the base with this head, vocabulary, data and paths (probe off unless

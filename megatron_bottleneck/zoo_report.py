@@ -113,9 +113,11 @@ def write_zoo_report(root: str, out_dir: Optional[str] = None) -> str:
     lines = ["# Head zoo report", "",
              f"Every head trains {first.get('train_steps')} steps x {first.get('tokens_per_step')} tokens "
              f"(the same token budget), lr {first.get('lr')}, D = {first.get('hidden_size')}. Head parameter "
-             "budgets are NOT matched automatically: each head is taken as given, with its parameters and forward "
-             "FLOPs per token (analytic, matrix products only; a training step is about 3x) beside its figures, "
-             "and 'params vs dense' its parameter count over the dense head's in the same setting.", "",
+             "budgets: a head spec with an option `auto` (e.g. `stacked:width=auto`) has it set per setting to the "
+             "value whose head has the parameter count closest to the dense head's (V D); every other head is taken "
+             "as given. Each head's parameters and forward FLOPs per token (analytic, matrix products only; a "
+             "training step is about 3x) stand beside its figures, and 'params vs dense' is its parameter count "
+             "over the dense head's in the same setting: the budget each comparison is at.", "",
              "Tokens to reach L*: L* is the worst head's final training loss in the setting (smoothed over ~2% of "
              "the run), each head's tokens are its first crossing of L* on its smoothed curve; '<=' marks a "
              "censored figure (already below L* at the first logged step). Destroyed ratio and update cosine: "

@@ -49,12 +49,33 @@ def test_zoo_plan_expands_settings_by_heads(tmp_path):
         ("text_V48", 48, "mos:k=2")]
 
 
+def test_auto_options_match_the_dense_heads_parameters_per_setting(tmp_path):
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "zoo": {"vd_ratios": [2, 16]}}))
+    plan = load_zoo(str(path), heads="dense,stacked:width=auto,activation=tanh,low_rank:r=auto,mos:k=auto")
+    d = 8
+    got = {(r["vocab_size"], r["head_spec"]): r["head"] for r in plan.expand()}
+    for v in (16, 128):
+        # by hand: the closest parameter count to V D among the values the trainer accepts
+        width = min(range(d, 65 * d), key=lambda w: (abs(v * w + w * d - v * d), w))
+        rank = min(range(1, d + 1), key=lambda r: (abs(r * (v + d) - v * d), r))
+        assert got[(v, "stacked:width=auto,activation=tanh")] == f"stacked:width={width},activation=tanh"
+        assert got[(v, "low_rank:r=auto")] == f"low_rank:r={rank}"
+        assert got[(v, "mos:k=auto")] == "mos:k=1"  # K D^2 + K D on top of V D: the fewest components
+        assert got[(v, "dense")] == "dense"
+    assert got[(16, "low_rank:r=auto")] == "low_rank:r=5" and got[(128, "stacked:width=auto,activation=tanh")] == \
+        "stacked:width=8,activation=tanh"
+    names = [r["name"] for r in plan.expand()]
+    assert len(set(names)) == len(names)
+
+
 @pytest.mark.parametrize("heads, words", [
     ("dense,nosuch", ["nosuch"]),
     ("mos:kk=4", ["kk"]),
     ("mos:k=zero", ["k"]),
     ("low_rank:r=64", ["r", "hidden_size=8"]),
     ("dense,dense", ["twice"]),
+    ("mos:k=auto,proj_std=auto", ["one option can be auto"]),
 ])
 def test_bad_heads_are_one_line(tmp_path, capsys, heads, words):
     path = tmp_path / "zoo.yaml"
