@@ -29,8 +29,8 @@ Linear and non-linear heads. Both implement :class:`LMHead` (the common part: ``
 other head (mixture of softmaxes, pointwise logit non-linearities, stacked heads) is a :class:`NonLinearHead`:
 instead of ``probe_view`` it gives ``log_prob_fn() -> HeadLogProb``, the effective log-probabilities
 u = log p(h) of this rank's vocabulary shard as a differentiable function of the head input and parameters,
-which is all a general (matrix-free) probe needs. :func:`head_view` (the closed form's view) refuses a non-linear head in one line; the gradient
-probe measures one through ``probe.general`` instead.
+which is all a general (matrix-free) probe needs. :func:`head_view` (the closed form's view) refuses a
+non-linear head in one line; the gradient probe measures one through ``probe.general`` instead.
 
 Plug-ins. :func:`register_head` ``(name, builder, options=OptionsDataclass)`` adds a head kind;
 :class:`HeadConfig` (``kind`` + ``options``, parsed from ``"mos:k=4"``) names one; the builder gets a
