@@ -225,6 +225,26 @@ def test_save_tp2_load_tp1_probe_continues(tp_runs, tmp_path):
     assert [r["step"] for r in records(log_dir)] == [6, 7]
 
 
+def test_mixture_of_softmaxes_head_trains_and_is_probed(tmp_path):
+    """A non-linear head through Megatron-LM's own loop (--lm-head-type mos, fused loss) with the probe on: its
+    general path logs the destroyed ratio and the update cosine every step, under the linear heads' names."""
+    log_dir = tmp_path / "probe"
+    rc, out = run(1, ["--untie-embeddings-and-output-weights", "--lm-head-type", "mos", "--lm-head-options", "k=2",
+                      "--lm-head-fused-loss", "--probe-interval", "1", "--probe-update-interval", "2",
+                      "--probe-general-tokens", "32", "--probe-general-iterations", "8",
+                      "--probe-log-dir", str(log_dir)], train_iters=4)
+    _ok(rc, out)
+    assert "head: mos:k=2" in out, out[-3000:]
+    ls = losses(out)
+    assert sorted(ls) == [1, 2, 3, 4] and all(0 < v < 20 for v in ls.values())
+    r = records(log_dir)
+    assert [x["step"] for x in r] == [0, 1, 2, 3]
+    for x in r:
+        assert 0 < x["probe/destroyed_ratio"] <= 1 and x["probe/grad_norm"] > 0 and x["probe/cg_residual"] >= 0
+        assert x["probe/probe_tokens"] == 32
+    assert [("probe/update_cosine" in x) for x in r] == [True, False, True, False]
+
+
 def test_tied_embeddings_refused_in_one_line():
     """(e) tied embeddings: our message once, from one rank, no Python traceback from the ranks."""
     rc, out = run(2, ["--tensor-model-parallel-size", "2", "--lm-head-rank", "16"])
