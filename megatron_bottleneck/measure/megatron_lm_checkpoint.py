@@ -33,7 +33,9 @@ import dataclasses
 import inspect
 import io
 import os
+import shutil
 import sys
+import tempfile
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -264,6 +266,15 @@ def _warn(msg: str) -> None:
     print(f"megatron-bottleneck: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def _gpt2_bpe(vocab_file: str, merge_file: str):
+    """GPT-2's byte-level BPE from Megatron-LM's ``--vocab-file`` / ``--merge-file``, loaded as a tokenizer folder
+    (transformers 5 ignores the file arguments of the tokenizer's constructor: an empty vocabulary)."""
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copyfile(vocab_file, os.path.join(d, "vocab.json"))
+        shutil.copyfile(merge_file, os.path.join(d, "merges.txt"))
+        return import_transformers().GPT2TokenizerFast.from_pretrained(d)
+
+
 def megatron_lm_tokenizer(args, name: str) -> Tuple[Optional[Callable[[str], List[int]]], Optional[int], int]:
     """``(tokenize, eod, V)`` from the saved tokenizer arguments (see the module docstring); ``tokenize`` raises
     a one-line :class:`~megatron_bottleneck.base.errors.DataError` on text when no tokenizer loads."""
@@ -278,7 +289,7 @@ def megatron_lm_tokenizer(args, name: str) -> Tuple[Optional[Callable[[str], Lis
             tok = import_transformers().AutoTokenizer.from_pretrained(args.tokenizer_model)
             return (lambda text: list(tok(text)["input_ids"])), tok.eos_token_id, len(tok)
         if kind == "GPT2BPETokenizer":
-            tok = import_transformers().GPT2TokenizerFast(vocab_file=args.vocab_file, merges_file=args.merge_file)
+            tok = _gpt2_bpe(args.vocab_file, args.merge_file)
             return (lambda text: list(tok(text)["input_ids"])), tok.eos_token_id, len(tok)
         if kind in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer"):
             import sentencepiece

@@ -244,3 +244,42 @@ def test_missing_transformers_is_one_line(tmp_path, token_docs):
     assert proc.returncode == 2, proc.stderr
     assert err[-1] == "error: measuring a HuggingFace model needs transformers: pip install 'megatron-bottleneck[hf]'"
     assert sum(line.startswith("error:") for line in err) == 1
+
+
+def test_megatron_lm_tokenizers_give_the_tokenizers_own_ids_eod_and_size(tmp_path, capsys):
+    """The tokenizer a Megatron-LM checkpoint names (its saved args), read back as measure reads it: ids, EOD and
+    V from the tokenizer itself; one that does not load here falls back to --vocab-size with a warning."""
+    import argparse
+
+    import sentencepiece
+
+    from megatron_bottleneck.data import train_tokenizer
+    from megatron_bottleneck.measure.megatron_lm_checkpoint import megatron_lm_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"the gradient {w} of the head {w} is low rank" for w in
+                                  ("alpha", "beta", "gamma", "delta", "theta", "kappa") * 20))
+    model = train_tokenizer([str(corpus)], vocab_size=60, model_prefix=str(tmp_path / "sp"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=model)
+    text = "the head of gamma is low rank"
+    for kind, bos in (("GPTSentencePieceTokenizer", []), ("Llama2Tokenizer", [sp.bos_id()])):
+        args = argparse.Namespace(tokenizer_type=kind, tokenizer_model=model, padded_vocab_size=128, vocab_size=None)
+        tokenize, eod, v = megatron_lm_tokenizer(args, "ckpt")
+        assert tokenize(text) == bos + sp.encode_as_ids(text) and eod == sp.eos_id() and v == sp.vocab_size() == 60
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3, "\u0120": 4, "\u0120ab": 5}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n\u0120 ab\n")
+    args = argparse.Namespace(tokenizer_type="GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+                              merge_file=str(tmp_path / "merges.txt"), padded_vocab_size=128, vocab_size=None)
+    tokenize, eod, v = megatron_lm_tokenizer(args, "ckpt")
+    assert tokenize("ab ab") == [3, 5] and eod == 0 and v == 6
+
+    args = argparse.Namespace(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(tmp_path / "gone.model"),
+                              padded_vocab_size=128, vocab_size=100)
+    capsys.readouterr()
+    tokenize, eod, v = megatron_lm_tokenizer(args, "ckpt")
+    assert (eod, v) == (None, 100)
+    assert "does not load here" in capsys.readouterr().err
+    with pytest.raises(Exception):
+        tokenize(text)
