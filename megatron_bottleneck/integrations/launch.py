@@ -1,7 +1,7 @@
 """Run a function on N local CPU ranks (gloo on 127.0.0.1, meeting in a file store).
 
 The ranks are forked from a ``torch.multiprocessing`` fork server that has imported torch and Megatron-Core
-once (:data:`PRELOAD`): a rank starts in well under a second instead of re-importing them (about 10 s of CPU
+once (:data:`PRELOAD`, :mod:`.fork_preload`): a rank starts in well under a second instead of re-importing them (about 10 s of CPU
 per rank on 2 cores). Each rank gets the caller's environment, working directory, ``sys.path`` and
 ``__main__`` (as with ``spawn``: keep the ``if __name__ == "__main__":`` guard in scripts).
 
@@ -44,9 +44,9 @@ __all__ = ["launch", "free_port"]
 FAILURE_GRACE_S = 30.0
 """Seconds the other ranks get to report their own failure after one rank failed."""
 
-PRELOAD = ("torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
-           "megatron.core.distributed", "megatron.core.dist_checkpointing", "megatron.core.pipeline_parallel")
-"""Modules the fork server imports before forking ranks (missing ones are skipped)."""
+PRELOAD = ("megatron_bottleneck.integrations.fork_preload",)
+"""What the fork server imports before forking ranks (:mod:`.fork_preload`: torch and Megatron-Core, each import
+guarded, after this package's import-time guards)."""
 
 
 def _context():
