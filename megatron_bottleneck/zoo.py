@@ -125,7 +125,8 @@ class ZooPlan:
     def matched(self, head: HeadConfig, vocab_size: int) -> HeadConfig:
         """``head`` with its ``auto`` option (if any) set to the integer whose head has the parameter count
         closest to the dense head's, V D, at this vocabulary (:func:`~megatron_bottleneck.heads.cost.head_cost`;
-        ties: the smaller value; only values the trainer accepts at this D, e.g. stacked width >= D)."""
+        ties: the smaller value; only values the trainer accepts at this D, e.g. stacked width >= D). The
+        parameters grow with the option (r, width, k, partitions), so the scan stops past the budget."""
         auto = [k for k, v in head.options.items() if str(v).strip().lower() == AUTO]
         if not auto:
             return head
@@ -136,18 +137,22 @@ class ZooPlan:
             cand = HeadConfig(head.kind, {**head.options, name: str(n)}, seed=head.seed)
             try:
                 cost = head_cost(cand, d, vocab_size)
-                if cost is None:
-                    raise ConfigError(f"head {str(head)!r}: {name}={AUTO} needs a cost function for head kind "
-                                      f"{head.kind!r} (megatron_bottleneck.heads.cost.register_head_cost)")
+            except HeadConfigError:
+                continue
+            if cost is None:
+                raise ConfigError(f"head {str(head)!r}: {name}={AUTO} needs a cost function for head kind "
+                                  f"{head.kind!r} (megatron_bottleneck.heads.cost.register_head_cost)")
+            gap = abs(cost.params - budget)
+            if best is not None and gap >= best[0]:
+                if cost.params > budget:
+                    break  # every larger value is further from the budget
+                continue
+            try:  # the trainer's own checks at this D and V
                 self.run_config({"head": str(cand), "vocab_size": vocab_size, "data": "spamlang"}, None,
                                 "/nonexistent", probe=False)
-            except (HeadConfigError, ConfigError) as exc:
-                if "cost function" in str(exc):
-                    raise
+            except (HeadConfigError, ConfigError):
                 continue
-            gap = abs(cost.params - budget)
-            if best is None or gap < best[0]:
-                best = (gap, cand)
+            best = (gap, cand)
         if best is None:
             raise ConfigError(f"head {str(head)!r}: no value of {name} in 1..{MAX_AUTO * d} is accepted at "
                               f"D={d}, V={vocab_size}")
