@@ -361,7 +361,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             grad_w, direct = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), False
         if ctx.use_triton:
-            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e)
+            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e, chunk)
         else:
             _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt, b, e)
 

@@ -89,9 +89,10 @@ def test_triton_kernels_on_gpu(monkeypatch):
     from tests.unit import triton_lce_checks as checks
 
     monkeypatch.setenv("MB_FUSED_KERNEL", "triton")
-    chunk_cases = [(dt, 1000, 256, 5000, 4990, tr) for dt, tr in
-                   ((torch.float32, False), (torch.bfloat16, True), (torch.float16, False))]
-    chunk_cases += [(torch.float32, 37, 40, 300, 290, False), (torch.bfloat16, 4096, 512, 4096, 4000, False)]
+    chunk_cases = [(dt, 1000, 256, 5000, 4990, tr, ch) for dt, tr, ch in
+                   ((torch.float32, False, None), (torch.bfloat16, True, 1500), (torch.float16, False, 1024))]
+    chunk_cases += [(torch.float32, 37, 40, 300, 290, False, 100), (torch.bfloat16, 4096, 512, 4096, 4000, False, None),
+                    (torch.bfloat16, 333, 2049, 3000, 2999, False, 1000)]
     public_cases = [(1000, 96, 3000, 2990, 7, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
                     (333, 200, 1000, 1000, 0, {})]
     accuracy_cases = [(2048, 128, 4096, 4096, 0, {}),
