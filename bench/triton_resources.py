@@ -25,7 +25,8 @@ from megatron_bottleneck.ops import triton_linear_cross_entropy as tk  # noqa: E
 
 def violations(rows):
     """The rows that break the targets: spills for 16-bit inputs, shared memory over the family's limit."""
-    return [r for r in rows if (r["dtype"] != "fp32" and r["spill_bytes"] > 0) or r["shared_bytes"] > r["shared_limit"]]
+    return [r for r in rows
+            if (r["dtype"] != "fp32" and r["spill_bytes"] > 0) or r["shared_bytes"] > r["shared_limit"]]
 
 
 def main(argv=None):
@@ -44,7 +45,8 @@ def main(argv=None):
 
     print(f"Triton {triton.__version__}, {len(rows)} compiles in {time.time() - t0:.0f} s (per thread: registers, "
           f"spill stores / loads in bytes; shared per block in KiB)\n")
-    print("| kernel | dtype | arch | tile (m x n x k) | warps | stages | registers | spill st/ld B | shared KiB | limit KiB |")
+    print("| kernel | dtype | arch | tile (m x n x k) | warps | stages | registers | spill st/ld B | shared KiB "
+          "| limit KiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['block_m']}x{r['block_n']}x{r['block_k']} | "

@@ -106,16 +106,26 @@ class TileConfig:
 
 KERNEL_NAMES = ("lse_fwd", "grad_logits", "mm_acc")
 _C = TileConfig
-# (kernel, dtype name, family) -> TileConfig. Chosen with bench/triton_resources.py (see bench/RESULTS.md).
+# (kernel, dtype name, family) -> TileConfig, chosen with bench/triton_resources.py (bench/RESULTS.md): ptxas
+# reports 0 spill bytes for every entry (16-bit and float32) on sm_80 / sm_90a / sm_100a. 16-bit: 128-token
+# blocks on sm90 / sm100 (the vocabulary is re-read T / BT times from L2), 64 on sm80 (99 KB); the GEMM tile
+# 128 x 128 x 64 (128 x 256 spilled 192-480 B). float32 (IEEE FMA dots, no tensor cores): smaller k steps.
 CONFIGS: Dict[Tuple[str, str, str], TileConfig] = {}
-for _fam in ("sm80", "sm90", "sm100"):
-    for _dt in ("bf16", "fp16"):
-        CONFIGS[("lse_fwd", _dt, _fam)] = _C(64, 128, 64, 8, 3)
-        CONFIGS[("grad_logits", _dt, _fam)] = _C(64, 128, 64, 8, 3)
-        CONFIGS[("mm_acc", _dt, _fam)] = _C(128, 128, 64, 8, 3)
-    CONFIGS[("lse_fwd", "fp32", _fam)] = _C(64, 128, 32, 8, 3)
-    CONFIGS[("grad_logits", "fp32", _fam)] = _C(64, 128, 32, 8, 3)
-    CONFIGS[("mm_acc", "fp32", _fam)] = _C(64, 64, 32, 4, 3)
+for _dt in ("bf16", "fp16"):
+    CONFIGS.update({("lse_fwd", _dt, "sm80"): _C(64, 128, 64, 8, 3),
+                    ("grad_logits", _dt, "sm80"): _C(64, 128, 64, 8, 3),
+                    ("mm_acc", _dt, "sm80"): _C(128, 128, 64, 8, 3)})
+    for _fam in ("sm90", "sm100"):
+        CONFIGS.update({("lse_fwd", _dt, _fam): _C(128, 128, 64, 8, 3),
+                        ("grad_logits", _dt, _fam): _C(128, 128, 64, 8, 3),
+                        ("mm_acc", _dt, _fam): _C(128, 128, 64, 8, 4)})
+CONFIGS.update({("lse_fwd", "fp32", "sm80"): _C(64, 128, 16, 8, 3),
+                ("grad_logits", "fp32", "sm80"): _C(64, 128, 16, 8, 3),
+                ("mm_acc", "fp32", "sm80"): _C(64, 64, 32, 4, 3)})
+for _fam in ("sm90", "sm100"):
+    CONFIGS.update({("lse_fwd", "fp32", _fam): _C(64, 128, 32, 8, 3),
+                    ("grad_logits", "fp32", _fam): _C(64, 128, 32, 8, 3),
+                    ("mm_acc", "fp32", _fam): _C(64, 64, 32, 4, 3)})
 #: Triton's CPU interpreter (TRITON_INTERPRET=1): small tiles so tiny test shapes span several of them.
 INTERPRETER_CONFIG = {"lse_fwd": _C(32, 64, 16, 1, 1), "grad_logits": _C(32, 64, 16, 1, 1),
                       "mm_acc": _C(32, 32, 16, 1, 1)}
@@ -330,8 +340,8 @@ if triton is not None:
     def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, N, KR, s_am, s_ak, s_bk, s_cm,
                        PREC: tl.constexpr, UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """c [M, N] float32 += a [M, KR] @ b [KR, N] (b and c contiguous along N); one program per BM x BN tile of c, tiles in groups
-        of GROUP_M rows of tiles (L2 reuse of b), no atomics."""
+        """c [M, N] float32 += a [M, KR] @ b [KR, N] (b and c contiguous along N); one program per BM x BN
+        tile of c, tiles in groups of GROUP_M rows of tiles (L2 reuse of b), no atomics."""
         pid = tl.program_id(0)
         n_m = tl.cdiv(M, BM)
         n_n = tl.cdiv(N, BN)
@@ -406,7 +416,8 @@ def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: 
     sz = torch.empty_like(lse) if want_sum else zy
     prec, up = _precision(u)
     _lse_fwd_kernel[(t_blocks, n_split)](
-        u, weight, tgt, lse, lse2, zy, sz, t, k, n_real, n_split, u.stride(0), weight.stride(0), WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), PREC=prec, UP=up, BT=cfg.block_m,
+        u, weight, tgt, lse, lse2, zy, sz, t, k, n_real, n_split, u.stride(0), weight.stride(0),
+        WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), PREC=prec, UP=up, BT=cfg.block_m,
         BV=cfg.block_n, BK=cfg.block_k, **opts)
     if n_split == 1:
         return lse[0], (lse2[0] if want_p2 else None), zy[0], (sz[0] if want_sum else None)
@@ -415,12 +426,13 @@ def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: 
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, prec, up) -> None:
-    """c [M, N] float32 += a [M, R] @ b [R, N] (any strides) with ``_mm_acc_kernel``."""
+    """c [M, N] float32 += a [M, R] @ b [R, N] with ``_mm_acc_kernel`` (a: any strides; b, c: unit stride
+    along N)."""
     (m, r), n = a.shape, b.shape[1]
     cfg, opts = _config("mm_acc", a)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _mm_acc_kernel[grid](a, b, c, m, n, r, a.stride(0), a.stride(1), b.stride(0), c.stride(0), PREC=prec, UP=up, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-                         GROUP_M=8, **opts)
+    _mm_acc_kernel[grid](a, b, c, m, n, r, a.stride(0), a.stride(1), b.stride(0), c.stride(0), PREC=prec, UP=up,
+                         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=8, **opts)
 
 
 def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: torch.Tensor, coef: torch.Tensor,
@@ -440,6 +452,9 @@ def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: tor
         raise ValueError(f"grad_u must be float32 {tuple(u.shape)}, got {grad_u.dtype} {tuple(grad_u.shape)}.")
     if grad_w.dtype != torch.float32 or grad_w.shape[0] < n_real or grad_w.shape[1] != k:
         raise ValueError(f"grad_w must be float32 [>= {n_real}, {k}], got {grad_w.dtype} {tuple(grad_w.shape)}.")
+    if grad_u.stride(1) != 1 or grad_w.stride(1) != 1:
+        raise ValueError(f"grad_u and grad_w need unit stride along k, got strides {grad_u.stride()} and "
+                         f"{grad_w.stride()}.")
     lse = lse.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).contiguous()
     tgt = (_no_target(t, u.device) if tgt is None else tgt).contiguous()
@@ -455,7 +470,8 @@ def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: tor
         vc = min(c, n_real - v0)
         w_c = weight[v0:v0 + vc]
         _grad_logits_kernel[(triton.cdiv(t, cfg.block_m), triton.cdiv(vc, cfg.block_n))](
-            u, w_c, lse, coef, tgt, b, e, g, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0), HAS_E=has_e, PREC=prec, UP=up, BT=cfg.block_m, BV=cfg.block_n, BK=cfg.block_k, **opts)
+            u, w_c, lse, coef, tgt, b, e, g, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0), HAS_E=has_e,
+            PREC=prec, UP=up, BT=cfg.block_m, BV=cfg.block_n, BK=cfg.block_k, **opts)
         g_c = g[:, :vc]
         _mm_acc(g_c, w_c, grad_u, prec, up)  # dU pass: grad_u += Gc F_c
         _mm_acc(g_c.t(), u, grad_w[v0:v0 + vc], prec, up)  # dW pass: grad_w[chunk] += Gc^T u

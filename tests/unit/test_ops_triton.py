@@ -81,6 +81,54 @@ def test_should_use(monkeypatch):
     assert tk.resolve_kernel("auto") == "auto"
 
 
+def test_tile_configs_cover_every_gpu_family():
+    # the family decision, and a configuration for every kernel x dtype x family
+    assert [tk.family(c) for c in (80, 86, 89, 90, 100, 103, 120)] == ["sm80", "sm80", "sm80", "sm90", "sm100",
+                                                                        "sm100", "sm80"]
+    for kernel in tk.KERNEL_NAMES:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for cap in (80, 86, 90, 100, 120):
+                cfg = tk.tile_config(kernel, dtype, cap)
+                assert cfg.block_m % 16 == 0 and cfg.block_n % 16 == 0 and cfg.block_k % 16 == 0
+            assert tk.tile_config(kernel, dtype, None) == tk.INTERPRETER_CONFIG[kernel]
+
+
+def test_triton_kernels_compile_for_sm80_sm90a_sm100a_without_spills():
+    """Every kernel at its shipped configurations, compiled by Triton for sm_80, sm_90a and sm_100a without a
+    GPU and read back with the wheel's ptxas -v: 0 spill bytes for 16-bit inputs, shared memory within the
+    family's limit (sm80 family: 99 KB, as sm_86 / sm_89). Cold, ~36 compiles take minutes on two cores;
+    Triton's cache makes a rerun take seconds (bench/triton_resources.py fills the same cache)."""
+    reason = tk.compile_unavailable()
+    if reason:
+        pytest.skip(f"cannot compile Triton kernels for NVIDIA GPUs here: {reason}")
+    rows = tk.compile_resources()
+    kernels = {"lse_fwd", "grad_logits", "mm_acc dU (Gc @ F)", "mm_acc dW (Gc^T @ u)"}
+    assert {(r["kernel"], r["dtype"], r["arch"]) for r in rows} == {
+        (k, d, a) for k in kernels for d in ("bf16", "fp16", "fp32") for a in ("sm_80", "sm_90a", "sm_100a")}
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} {r['arch']}"
+        assert r["target"] == r["arch"], where
+        assert 0 < r["registers"] <= 255, where
+        assert 0 < r["shared_bytes"] <= r["shared_limit"], f"{where}: {r['shared_bytes']} B shared"
+        if r["dtype"] != "fp32":
+            assert r["spill_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{where}: {r['spill_bytes']} B spilled"
+
+
+def test_backward_refuses_bad_gradient_buffers():
+    if not tk.available():
+        pytest.skip("triton is not importable")
+    u, w = torch.randn(4, 8), torch.randn(10, 8)
+    lse, coef = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match="grad_u must be float32"):
+        tk.backward_chunks(u, w, 10, lse, coef, torch.zeros(4, 8, dtype=torch.float64), torch.zeros(10, 8))
+    with pytest.raises(ValueError, match="grad_w must be float32"):
+        tk.backward_chunks(u, w, 10, lse, coef, torch.zeros(4, 8), torch.zeros(9, 8))
+    with pytest.raises(ValueError, match="unit stride along k"):
+        tk.backward_chunks(u, w, 10, lse, coef, torch.zeros(8, 4).t(), torch.zeros(10, 8))
+    with pytest.raises(ValueError, match="one dtype"):
+        tk.backward_chunks(u, w.double(), 10, lse, coef, torch.zeros(4, 8), torch.zeros(10, 8))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_on_gpu(monkeypatch):
     pytest.importorskip("triton")
