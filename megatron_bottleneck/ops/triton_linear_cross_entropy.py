@@ -528,7 +528,7 @@ def inspect_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, capa
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
+                       options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
     ptx = k.asm["ptx"]
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:
