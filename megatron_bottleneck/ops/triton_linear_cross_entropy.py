@@ -77,7 +77,8 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -110,30 +111,31 @@ _C = TileConfig
 # reports 0 spill bytes for every entry (16-bit and float32) on sm_80 / sm_90a / sm_100a. 16-bit: 128-token
 # blocks on sm90 / sm100 (the vocabulary is re-read T / BT times from L2), 64 on sm80 (99 KB); the GEMM tile
 # 128 x 128 x 64 (128 x 256 spilled 192-480 B). float32 (IEEE FMA dots, no tensor cores): smaller k steps.
-CONFIGS: Dict[Tuple[str, str, str], TileConfig] = {}
-for _dt in ("bf16", "fp16"):
-    CONFIGS.update({("lse_fwd", _dt, "sm80"): _C(64, 128, 64, 8, 3),
-                    ("grad_logits", _dt, "sm80"): _C(64, 128, 64, 8, 3),
-                    ("mm_acc", _dt, "sm80"): _C(128, 128, 64, 8, 3)})
-    for _fam in ("sm90", "sm100"):
-        CONFIGS.update({("lse_fwd", _dt, _fam): _C(128, 128, 64, 8, 3),
-                        ("grad_logits", _dt, _fam): _C(128, 128, 64, 8, 3),
-                        ("mm_acc", _dt, _fam): _C(128, 128, 64, 8, 4)})
-CONFIGS.update({("lse_fwd", "fp32", "sm80"): _C(64, 128, 16, 8, 3),
-                ("grad_logits", "fp32", "sm80"): _C(64, 128, 16, 8, 3),
-                ("mm_acc", "fp32", "sm80"): _C(64, 64, 32, 4, 3)})
-for _fam in ("sm90", "sm100"):
-    CONFIGS.update({("lse_fwd", "fp32", _fam): _C(64, 128, 32, 8, 3),
-                    ("grad_logits", "fp32", _fam): _C(64, 128, 32, 8, 3),
-                    ("mm_acc", "fp32", _fam): _C(64, 64, 32, 4, 3)})
+def _shipped_configs() -> Dict[Tuple[str, str, str], TileConfig]:
+    c = {}
+    for dt in ("bf16", "fp16"):
+        c.update({("lse_fwd", dt, "sm80"): _C(64, 128, 64, 8, 3), ("grad_logits", dt, "sm80"): _C(64, 128, 64, 8, 3),
+                  ("mm_acc", dt, "sm80"): _C(128, 128, 64, 8, 3)})
+        for fam in ("sm90", "sm100"):
+            c.update({("lse_fwd", dt, fam): _C(128, 128, 64, 8, 3), ("grad_logits", dt, fam): _C(128, 128, 64, 8, 3),
+                      ("mm_acc", dt, fam): _C(128, 128, 64, 8, 4)})
+    c.update({("lse_fwd", "fp32", "sm80"): _C(64, 128, 16, 8, 3),
+              ("grad_logits", "fp32", "sm80"): _C(64, 128, 16, 8, 3), ("mm_acc", "fp32", "sm80"): _C(64, 64, 32, 4, 3)})
+    for fam in ("sm90", "sm100"):
+        c.update({("lse_fwd", "fp32", fam): _C(64, 128, 32, 8, 3), ("grad_logits", "fp32", fam): _C(64, 128, 32, 8, 3),
+                  ("mm_acc", "fp32", fam): _C(64, 64, 32, 4, 3)})
+    return c
+
+
+CONFIGS: Mapping[Tuple[str, str, str], TileConfig] = MappingProxyType(_shipped_configs())
 #: Triton's CPU interpreter (TRITON_INTERPRET=1): small tiles so tiny test shapes span several of them.
-INTERPRETER_CONFIG = {"lse_fwd": _C(32, 64, 16, 1, 1), "grad_logits": _C(32, 64, 16, 1, 1),
-                      "mm_acc": _C(32, 32, 16, 1, 1)}
+INTERPRETER_CONFIG = MappingProxyType({"lse_fwd": _C(32, 64, 16, 1, 1), "grad_logits": _C(32, 64, 16, 1, 1),
+                                        "mm_acc": _C(32, 32, 16, 1, 1)})
 #: Shared memory per block (bytes) of the smallest GPU of each family: sm_86 / sm_89 / sm_120 99 KB (sm_80:
 #: 163 KB), sm_90 and sm_100 227 KB.
-SHARED_LIMIT = {"sm80": 99 * 1024, "sm90": 227 * 1024, "sm100": 227 * 1024}
+SHARED_LIMIT = MappingProxyType({"sm80": 99 * 1024, "sm90": 227 * 1024, "sm100": 227 * 1024})
 #: The compile targets of :func:`compile_resources`: arch name -> (capability, family).
-ARCHS = {"sm_80": (80, "sm80"), "sm_90a": (90, "sm90"), "sm_100a": (100, "sm100")}
+ARCHS = MappingProxyType({"sm_80": (80, "sm80"), "sm_90a": (90, "sm90"), "sm_100a": (100, "sm100")})
 
 
 def family(capability: int) -> str:
