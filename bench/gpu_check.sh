@@ -3,8 +3,10 @@
 #
 #   bash bench/gpu_check.sh [OUTDIR]        # from the repository root, megatron-bottleneck installed
 #
-# 1. the GPU-only tests: the Triton kernels against the torch loops and a float64 reference
-#    (tests/unit/test_ops_triton.py), the FP8 backbone through Transformer Engine (skipped without TE);
+# 1. the GPU-only tests: the Triton kernels against the torch loops and a float64 reference, bitwise
+#    reproducible backward (tests/unit/test_ops_triton.py, which also compiles them for sm_80/sm_90a/sm_100a:
+#    0 spills for 16-bit inputs), the FP8 backbone through Transformer Engine (skipped without TE);
+#    bench/triton_resources.py: registers / spills / shared memory of every Triton kernel as shipped;
 # 2. bench/head_loss.py in bf16 at T=8192, D=2048, V=131072: Megatron dense/unfused, fused (torch loops and
 #    Triton), torch's chunked op, and Liger-Kernel / cut-cross-entropy where installed (their rows say n/a else);
 # 3. the probe's overhead on the fused head (rank 256).
@@ -17,6 +19,7 @@ python -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu_check: 
     >"$out/device.txt" || exit 1
 cat "$out/device.txt"
 python -m pytest -q -rs tests/unit/test_ops_triton.py tests/distributed/test_fp8_backbone.py 2>&1 | tee "$out/gpu_tests.txt"
+python bench/triton_resources.py --json "$out/triton_resources.json" 2>&1 | tee "$out/triton_resources.txt"
 python bench/head_loss.py --T 8192 --D 2048 --V 131072 --ranks 128,512,2048 --reps 5 \
     --out "$out/head_loss_gpu.json" 2>"$out/head_loss_gpu.log" | tee "$out/head_loss_gpu.txt"
 python bench/probe_overhead.py --hidden 2048 --vocab 65536 --layers 4 --seq 2048 --micro 2 --num-micro 4 --reps 10 \

@@ -52,7 +52,8 @@ pass ``reduce_grad_input=True`` and the op all-reduces dL/du itself.
 
 Kernels: :func:`_forward_chunks` and :func:`_backward_chunks` are the only loops (u, F, lse, coef, targets ->
 lse_local, z_y, sum_z; dU, dF). The Triton kernels of :mod:`.triton_linear_cross_entropy` replace them with
-the same inputs and outputs (float32 / bfloat16 / float16, not fp8), never holding a [T, C] chunk in HBM.
+the same inputs and outputs (float32 / bfloat16 / float16, not fp8); their backward holds one [T, C] dL/dz
+chunk in the input dtype (C: this op's chunk), no atomics.
 The choice is the ``kernel`` argument ("torch", the default; "triton"; "auto" = Triton on CUDA when it
 imports); the environment variable ``MB_FUSED_KERNEL``, when set and not empty, overrides the argument
 (see :func:`.triton_linear_cross_entropy.resolve_kernel`). The default stays "torch" until the kernels'
@@ -361,7 +362,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             grad_w, direct = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), False
         if ctx.use_triton:
-            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e)
+            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e, chunk)
         else:
             _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt, b, e)
 

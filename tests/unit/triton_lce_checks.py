@@ -33,8 +33,9 @@ def _close(name, a, b, tol):
     assert e <= tol, f"{name}: relative error {e:.3g} > {tol:g}"
 
 
-def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, seed=0):
-    """forward_chunks / backward_chunks against float64 math (and the torch loops in float32)."""
+def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, chunk=None, seed=0):
+    """forward_chunks / backward_chunks (vocab chunks of ``chunk`` rows, None: one) against float64 math
+    (and the torch loops in float32); the backward twice, bitwise equal (no atomics)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(k, t, generator=gen).t() if transposed_u else torch.randn(t, k, generator=gen)
     w = torch.randn(v_rows, k, generator=gen) / k**0.25
@@ -42,8 +43,9 @@ def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, seed=0
     assert tk.should_use(u, None), "the Triton path was not selected"
     coef = torch.randn(t, generator=gen)
     coef[::5] = 0.0  # zeros and negatives
-    if t > tk.BLOCK_T:
-        coef[: tk.BLOCK_T] = 0.0  # a whole token block of zeros: its tiles skip the GEMMs
+    bt = tk._config("grad_logits", u)[0].block_m
+    if t > bt:
+        coef[:bt] = 0.0  # a whole token block of zeros: its tiles skip the logit GEMM
     tgt = torch.randint(-1, max(n_real, 1), (t,), generator=gen)  # -1: target not on this shard
     b = 0.9 * coef.abs()  # one-hot factor (0 where coef is 0, as for ignored tokens)
     e = 0.01 * coef
@@ -69,7 +71,11 @@ def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, seed=0
         gu = torch.full((t, k), 0.5, dtype=torch.float32, device=device)  # "+=" semantics
         gw = torch.full((v_rows, k), 0.25, dtype=torch.float32, device=device)
         extra = (tgt, b, e) if with_targets else ()
-        tk.backward_chunks(u, w, n_real, ref_lse.float(), coef, gu, gw, *extra)
+        tk.backward_chunks(u, w, n_real, ref_lse.float(), coef, gu, gw, *extra, chunk=chunk)
+        if not with_targets:  # one (b, e) = None path: the tensors as above
+            gu_again, gw_again = torch.full_like(gu, 0.5), torch.full_like(gw, 0.25)
+            tk.backward_chunks(u, w, n_real, ref_lse.float(), coef, gu_again, gw_again, chunk=chunk)
+            assert bool((gu_again == gu).all()) and bool((gw_again == gw).all()), "backward not deterministic"
         p = coef.double()[:, None] * torch.exp(z - ref_lse[:, None])
         if with_targets:
             p = p - b.double()[:, None] * onehot - e.double()[:, None]
@@ -91,8 +97,9 @@ def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, seed=0
             _close("grad_w vs torch", gw, gw2, 1e-4)
 
 
-def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **kw):
-    """linear_cross_entropy on the Triton path (float32) against the float64 reference and the torch path."""
+def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, chunk_size=None, **kw):
+    """linear_cross_entropy on the Triton path (float32) against the float64 reference and the torch path
+    (both with ``chunk_size`` vocab rows per chunk, None: the op's choice)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(t, k, generator=gen, dtype=torch.float64)
     w = torch.randn(v_rows, k, generator=gen, dtype=torch.float64) / k**0.25
@@ -112,7 +119,8 @@ def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **kw):
         u32, w32 = u.float().requires_grad_(), w.float().requires_grad_()
         assert tk.should_use(u32, None, mode) == (mode == "triton")
         stats = HeadLossStats()
-        out = linear_cross_entropy(u32, w32, y, vocab_size=vocab, stats=stats, kernel=mode, **kw)
+        out = linear_cross_entropy(u32, w32, y, vocab_size=vocab, stats=stats, kernel=mode, chunk_size=chunk_size,
+                                   **kw)
         (out * g.float()).sum().backward()
         outs[mode] = (out, u32.grad, w32.grad, stats.sum_p2)
     if env is not None:
@@ -151,12 +159,13 @@ def check_bf16_accuracy(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **k
         assert fused[key] <= 1.1 * unfused[key] + 1e-6, f"{key}: fused {fused} vs unfused {unfused}"
 
 
-CHUNK_CASES = [  # (dtype, T, k, V_rows, n_real, transposed u)
-    (torch.float32, 50, 40, 300, 290, False),
-    (torch.float32, 96, 24, 130, 130, True),
-    (torch.float32, 20, 16, 40, 0, False),
-    (torch.bfloat16, 50, 40, 200, 190, False),
-    (torch.float16, 33, 24, 150, 150, False),
+CHUNK_CASES = [  # (dtype, T, k, V_rows, n_real, transposed u, backward chunk rows or None)
+    (torch.float32, 50, 40, 300, 290, False, None),
+    (torch.float32, 96, 24, 130, 130, True, 48),  # 3 chunks, the last one short
+    (torch.float32, 20, 16, 40, 0, False, None),
+    (torch.bfloat16, 50, 40, 200, 190, False, 70),  # a chunk (80 rows) not a multiple of the tile
+    (torch.bfloat16, 37, 33, 100, 97, True, None),  # odd T, k, n_real
+    (torch.float16, 33, 24, 150, 150, False, 64),
 ]
 ACCURACY_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
     (128, 32, 512, 512, 0, {}),
@@ -165,15 +174,15 @@ ACCURACY_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
 PUBLIC_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
     (50, 24, 300, 300, 0, {}),
     (50, 40, 300, 280, 4, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
-    (64, 24, 140, 130, 3, dict(label_smoothing=0.2)),
+    (64, 24, 140, 130, 3, dict(label_smoothing=0.2, chunk_size=48)),  # the backward in 3 vocab chunks
 ]
 
 
 def run_all(device, chunk_cases=CHUNK_CASES, public_cases=PUBLIC_CASES, accuracy_cases=ACCURACY_CASES):
     os.environ["MB_FUSED_KERNEL"] = "triton"
     n = 0
-    for dtype, t, k, v_rows, n_real, tr in chunk_cases:
-        check_chunks(device, dtype, t, k, v_rows, n_real, tr)
+    for dtype, t, k, v_rows, n_real, tr, chunk in chunk_cases:
+        check_chunks(device, dtype, t, k, v_rows, n_real, tr, chunk)
         n += 1
     for t, k, v_rows, vocab, ign, kw in public_cases:
         check_public(device, t, k, v_rows, vocab, ign, **kw)
