@@ -36,8 +36,8 @@ from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
 from ..models import build_gpt_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
-from .checkpoint import (PER_RANK, CheckpointWriter, latest_checkpoint, load_checkpoint, save_checkpoint,
-                         start_writer_helpers)
+from .checkpoint import (PER_RANK, CheckpointWriter, check_optimizer_format, latest_checkpoint, load_checkpoint,
+                         save_checkpoint, start_writer_helpers)
 from .config import TrainConfig, fused_wgrad_available
 
 
@@ -157,6 +157,8 @@ class Trainer:
         self._data()
         self.writer = CheckpointWriter(async_save=run.async_save)
         if config.checkpoint.dir:
+            # the format's save works with this megatron-core (refused now, not at the first save)
+            check_optimizer_format(config.checkpoint.optimizer_format if dist_opt else None)
             start_writer_helpers()  # before any preemption signal can arrive
         ckpt = latest_checkpoint(config.checkpoint.dir) if config.checkpoint.resume else None
         if ckpt:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from megatron_bottleneck.base.errors import CheckpointError
-from megatron_bottleneck.train.checkpoint import check_layout
+from megatron_bottleneck.train.checkpoint import FULLY_RESHARDABLE_SHIMMED, check_layout, check_optimizer_format
 
 MODEL = {"model.num_layers": 2, "model.hidden_size": 16, "model.head_rank": 8, "model.fused_loss": False,
          "train.precision": "fp32"}
@@ -89,3 +89,18 @@ def test_no_layout_file_needs_the_same_number_of_ranks(tmp_path):
         open(os.path.join(path, f"rank_{r}.pt"), "w").close()
     assert check_layout(path, layout()) is True
     assert "the state of 4 ranks, and this run has 2" in refused(path, layout(dp=1))
+
+
+def test_fully_reshardable_is_guarded_by_megatron_core_version():
+    low, high = FULLY_RESHARDABLE_SHIMMED
+    check_optimizer_format("fully_reshardable")  # the installed megatron-core: verified
+    for ok in (f"{low[0]}.{low[1]}.1", f"{high[0]}.{high[1]}.2", "0.17.0rc0"):
+        check_optimizer_format("fully_reshardable", ok)
+    for fmt in ("dp_reshardable", None):
+        check_optimizer_format(fmt, "0.99.0")  # no workaround needed, any version
+    for bad in (f"{high[0]}.{high[1] + 1}.0", "0.15.3", "1.0.0"):
+        with pytest.raises(CheckpointError) as e:
+            check_optimizer_format("fully_reshardable", bad)
+        msg = str(e.value)
+        assert "\n" not in msg and f"this is megatron-core {bad}" in msg
+        assert "use checkpoint.optimizer_format=dp_reshardable" in msg
