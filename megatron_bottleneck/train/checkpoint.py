@@ -172,7 +172,20 @@ def _full_state(chunks, optimizer, is_loading: bool, fmt: Optional[str] = None, 
         with _world_tensors_in_buffer_coordinates(optimizer) if fix else contextlib.nullcontext():
             state["optimizer"] = optimizer.sharded_state_dict(
                 model, is_loading=is_loading, metadata=_optimizer_metadata(fmt, mem_efficient))
+        if fix and not is_loading:
+            _drop_empty_param_state(state["optimizer"])
     return state
+
+
+def _drop_empty_param_state(state: Dict) -> None:
+    """The memory-efficient fully_reshardable save leaves ``param_state`` None on every DP rank but the first
+    (which holds and writes the gathered state): dropped, so that it does not count as a differing common state
+    (megatron-core warns at every save otherwise). Chained optimizers nest one state per sub-optimizer."""
+    if "param_state" in state and state["param_state"] is None:
+        del state["param_state"]
+    for value in state.values():
+        if isinstance(value, dict):
+            _drop_empty_param_state(value)
 
 
 def buffer_coordinates(buffer, world: torch.Tensor) -> torch.Tensor:
