@@ -12,7 +12,8 @@ model + optimizer with Megatron's distributed checkpointing (synchronously, as `
 - ``fully_reshardable (all-gather)``: megatron-core's default variant (all-gather onto every rank): the old
   default of this package;
 
-and loads each checkpoint back into the optimizer. Memory: the kernel's peak resident set (``VmHWM``, reset
+and loads each checkpoint back into the optimizer; ``model only`` saves and loads the model alone, the baseline
+the optimizer's part is read against. Memory: the kernel's peak resident set (``VmHWM``, reset
 through ``/proc/self/clear_refs`` right before each save or load, glibc told to return large blocks at once),
 minus the resident set just before. "state dict" is the part of the save before writing starts (Megatron's
 sharded state dict: the gather happens there, so an asynchronous save does not hide it); "save" is the whole
@@ -31,7 +32,8 @@ import time
 
 import megatron_bottleneck as mb
 
-FORMATS = {  # name: (checkpoint.optimizer_format, megatron-core's memory-efficient flag)
+FORMATS = {  # name: (checkpoint.optimizer_format, megatron-core's memory-efficient flag); None: no optimizer
+    "model only": (None, None),
     "dp_reshardable": ("dp_reshardable", True),
     "fully_reshardable": ("fully_reshardable", True),
     "fully_reshardable (all-gather)": ("fully_reshardable", False),
@@ -100,7 +102,8 @@ def rank_run(data, root: str, hidden: int, layers: int, formats):
         before = _settle(libc)
         _reset_peak()
         t0 = time.perf_counter()
-        state = _full_state(chunks, opt, is_loading=False, fmt=fmt, mem_efficient=efficient)
+        optimizer = opt if fmt is not None else None
+        state = _full_state(chunks, optimizer, is_loading=False, fmt=fmt, mem_efficient=efficient)
         state_dict_peak = _peak()
         dist_checkpointing.save(state, path)
         save_peak = _peak()
@@ -110,13 +113,14 @@ def rank_run(data, root: str, hidden: int, layers: int, formats):
         before_load = _settle(libc)
         _reset_peak()
         t0 = time.perf_counter()
-        loaded = dist_checkpointing.load(_full_state(chunks, opt, is_loading=True, fmt=fmt), path)
-        _load_optimizer(opt, loaded["optimizer"], fmt)
+        loaded = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True, fmt=fmt), path)
+        if optimizer is not None:
+            _load_optimizer(optimizer, loaded["optimizer"], fmt)
         load_peak = _peak()
         load_s = time.perf_counter() - t0
         del loaded
         dist.barrier()
-        rows.append({"format": name, "optimizer_format": fmt, "mem_efficient": efficient if fmt != "dp_reshardable"
+        rows.append({"format": name, "optimizer_format": fmt, "mem_efficient": efficient if fmt == "fully_reshardable"
                      else None, "rank": rank, "dp": dist.get_world_size(), "params": params, "shard_numel": shard,
                      "shard_bytes": 3 * 4 * shard, "full_state_bytes": 3 * 4 * params,
                      "rss_before": before, "state_dict_growth": state_dict_peak - before,
@@ -126,15 +130,15 @@ def rank_run(data, root: str, hidden: int, layers: int, formats):
 
 
 def table(rows) -> str:
-    lines = ["| DP | format | rank | optimizer shard (MiB) | state dict peak (MiB) | save peak (MiB) | "
-             "save peak / shard | save peak / full state | load peak (MiB) | load peak / shard |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| DP | format | rank | optimizer shard (MiB) | whole optimizer (MiB) | state dict peak (MiB) | "
+             "save peak (MiB) | save peak / shard | save peak / whole | load peak (MiB) | load peak / whole |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['dp']} | {r['format']} | {r['rank']} | {r['shard_bytes'] / MIB:.1f} | "
-            f"{r['state_dict_growth'] / MIB:.1f} | {r['save_growth'] / MIB:.1f} | "
+            f"{r['full_state_bytes'] / MIB:.1f} | {r['state_dict_growth'] / MIB:.1f} | {r['save_growth'] / MIB:.1f} | "
             f"{r['save_growth'] / r['shard_bytes']:.2f} | {r['save_growth'] / r['full_state_bytes']:.2f} | "
-            f"{r['load_growth'] / MIB:.1f} | {r['load_growth'] / r['shard_bytes']:.2f} |")
+            f"{r['load_growth'] / MIB:.1f} | {r['load_growth'] / r['full_state_bytes']:.2f} |")
     return "\n".join(lines)
 
 
