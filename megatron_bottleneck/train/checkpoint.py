@@ -73,8 +73,9 @@ def _barrier():
 
 # Formats of Megatron's DistributedOptimizer state (``checkpoint.optimizer_format``):
 #   "dp_reshardable" (the default, as Megatron-LM's): each DP rank writes its own buffer shard (parallel save, no
-#       gather, no copy: a save holds nothing beyond the training state); reshards over DP only (the buckets depend
-#       on TP/PP). A TP/PP change is refused in one line by :func:`check_layout`.
+#       gather: bench/save_memory.py measures a third of the rank's shard beyond the model's save, nothing at load);
+#       reshards over DP only (the buckets depend on TP/PP). A TP/PP change is refused in one line by
+#       :func:`check_layout`, as Megatron-LM refuses it.
 #   "fully_reshardable": model-space tensors (one per parameter); loads at any TP/PP/DP size. Saved with
 #       megatron-core's memory-efficient variant (``distrib_optim_fully_reshardable_mem_efficient``): the shards
 #       are gathered over gloo onto DP rank 0 only, the one rank that writes them (the plain variant all-gathers

@@ -180,12 +180,14 @@ class CheckpointSection:
     be resumed at another TP or PP size, then fully_reshardable.
 
     - dp_reshardable (default, as Megatron-LM): each DP rank writes its own shard of the optimizer state, nothing
-      gathered or copied (a save needs no memory beyond the training state); resumes at any DP size and the same
-      TP/PP sizes. A resume at other TP/PP sizes is refused in one line, as in Megatron-LM.
+      gathered (measured: a save takes about a third of the rank's own shard beyond the model's, a load nothing);
+      resumes at any DP size and the same TP/PP sizes. A resume at other TP/PP sizes is refused in one line, as in
+      Megatron-LM.
     - fully_reshardable: the state per parameter (model space); resumes at any TP/PP/DP size. Saved with
       megatron-core's memory-efficient variant: the shards are gathered onto DP rank 0 (which writes them), so
       that rank holds the whole optimizer state of its model-parallel part during a save (3 fp32 values per
-      parameter); at resume every rank reads all of it. bench/save_memory.py measures both formats.
+      parameter; measured 2.3-2.5x that at the peak, the other ranks a copy of their shard); at resume every rank
+      reads all of it (1.7x). bench/save_memory.py measures both formats (bench/RESULTS.md).
 
     To change TP/PP of a run saved with dp_reshardable: resume it at its saved sizes with fully_reshardable, then
     resume that checkpoint at the new sizes. A resume reads the format a checkpoint was saved with
