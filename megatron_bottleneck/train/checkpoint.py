@@ -459,7 +459,8 @@ def check_layout(path: str, layout: Dict) -> bool:
     Refused: another model (any ``model`` field or the precision); another optimizer kind; another number of
     virtual pipeline stages, or another PP size with virtual stages (resharding those is not verified here);
     another TP or PP size when the optimizer state was saved in the dp_reshardable format (the default; Megatron
-    cannot convert it, Megatron-LM refuses it too). Resharded by Megatron: any change of DP size (and world size);
+    cannot convert it, Megatron-LM refuses it too), or other DDP buckets at the saved TP/PP sizes (that format is
+    laid out by bucket: Megatron would stop on an assertion). Resharded by Megatron: any change of DP size (and world size);
     TP and PP with the fully_reshardable format or the replicated optimizer (its state is in model space)."""
     saved = read_layout(path)
     where = f"cannot resume from {path}"
@@ -486,6 +487,19 @@ def check_layout(path: str, layout: Dict) -> bool:
             f"{where}: it was saved with parallel.distributed_optimizer={str(a).lower()} and this run has "
             f"{str(layout.get('distributed_optimizer')).lower()}, whose optimizer state has another form. Resume "
             f"with parallel.distributed_optimizer={str(a).lower()}, {new_run}.")
+    fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT)
+    buckets, now_buckets = saved.get("ddp_buckets"), layout.get("ddp_buckets")
+    if (saved.get("distributed_optimizer") and fmt == "dp_reshardable" and buckets is not None
+            and now_buckets is not None and buckets != now_buckets
+            and all(saved.get(k) == layout.get(k) for k in PARALLEL_KEYS[1:4])):
+        size = saved.get("ddp_bucket_size")
+        fix = (f"parallel.ddp_bucket_size={size}" if size is not None else
+               "parallel.overlap_grad_reduce=false and parallel.ddp_bucket_size=null (one bucket per buffer)")
+        raise CheckpointError(
+            f"{where}: its optimizer state is in Megatron's dp_reshardable format, laid out by DDP bucket, and this "
+            f"run's buckets differ (parameters per bucket: saved {size}, now {layout.get('ddp_bucket_size')}; the "
+            f"default, max(40M, 1M x DP) with overlap, grows with the data-parallel size above 40). Resume with "
+            f"{fix}, {new_run}.")
     if all(saved.get(k) == layout.get(k) for k in PARALLEL_KEYS):
         return True
     what = _changes(saved, layout, PARALLEL_KEYS)
@@ -495,7 +509,6 @@ def check_layout(path: str, layout: Dict) -> bool:
         raise CheckpointError(
             f"{where}: it was saved with another pipeline layout ({what}) and resharding across virtual pipeline "
             f"stages is not supported here. Resume with the saved TP/PP/VPP sizes (any data-parallel size), {new_run}.")
-    fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT)
     if tp_pp and saved.get("distributed_optimizer") and fmt != "fully_reshardable":
         raise CheckpointError(
             f"{where}: its optimizer state is in Megatron's {fmt} format, which reshards over data-parallel ranks "

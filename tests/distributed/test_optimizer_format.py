@@ -1,7 +1,8 @@
 """The distributed optimizer's two checkpoint formats saved and loaded for real (trainer, gloo ranks, several
 padded DDP buckets per rank), on the installed megatron-core (0.16.1 in the Python 3.11 lane, 0.19.2 in the 3.12
-lane): after a save and a resume, at the same layout and at another DP size, every parameter's main weight and
-Adam moments equal the saved ones bit for bit, and its Adam step is the saved count. The fully_reshardable case
+lane): after a save and a resume, at the same layout and at another DP size (and, for fully_reshardable, with
+other DDP buckets), every parameter's main weight and Adam moments equal the saved ones bit for bit, and its Adam
+step is the saved count; dp_reshardable with other buckets is one CheckpointError line. The fully_reshardable case
 runs this package's two workarounds of megatron-core on its torch-Adam path (checkpoint.py: the world tensors put
 at the buffer's offsets for the save, the 'step' handed to the load); the version guard refuses the format
 outside the versions they were verified with (tests/unit/test_resume_checks.py)."""
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import megatron_bottleneck as mb
+from megatron_bottleneck.base.errors import CheckpointError
 from tests.distributed import trainer_ranks as tr
 
 
@@ -48,13 +50,18 @@ def model_space_state(trainer) -> Dict[str, Dict]:
     return {"params": out, "buckets": buckets}
 
 
-def round_trip_rank(log_dir: str, data: Dict, ckpt: str, fmt: str, steps: int) -> Dict:
+def round_trip_rank(log_dir: str, data: Dict, ckpt: str, fmt: str, steps: int, bucket: int = 1000) -> Dict:
     """Train to ``steps`` (saving there, synchronously) unless ``ckpt`` already holds that step, in which case
-    the trainer only resumes from it; then this run's optimizer state in model space."""
+    the trainer only resumes from it; then this run's optimizer state in model space. ``bucket``: parameters per
+    DDP bucket. A CheckpointError comes back as ``{"error": its line}``."""
     cfg = tr.config(log_dir, data, ckpt=ckpt, steps=steps, probe={},
-                    parallel={"tensor_model_parallel_size": 1, "distributed_optimizer": True},
+                    parallel={"tensor_model_parallel_size": 1, "distributed_optimizer": True,
+                              "ddp_bucket_size": bucket},
                     checkpoint={"optimizer_format": fmt, "async_save": False, "save_interval": 0})
-    trainer = tr.RecordingTrainer(cfg)
+    try:
+        trainer = tr.RecordingTrainer(cfg)
+    except CheckpointError as e:
+        return {"error": str(e)}
     resumed = trainer.iteration
     if resumed < steps:
         trainer.train()
@@ -87,3 +94,13 @@ def test_a_resumed_optimizer_holds_the_saved_state(tmp_path, spamlang, fmt):
     one = mb.launch(round_trip_rank, 1, logs, spamlang, ckpt, fmt, 3, timeout=600)[0]  # DP = 1
     assert one["resumed_at"] == 3
     assert_same_state(saved, one)
+    # other DDP buckets (2000 parameters each): the dp_reshardable state is laid out by bucket, so one line
+    # before anything loads (Megatron would stop on an assertion); the model-space state loads as it is
+    other = mb.launch(round_trip_rank, 2, logs, spamlang, ckpt, fmt, 3, 2000, timeout=600)
+    if fmt == "dp_reshardable":
+        for r in other:
+            assert "\n" not in r["error"] and "laid out by DDP bucket" in r["error"]
+            assert "saved 1000, now 2000" in r["error"] and "Resume with parallel.ddp_bucket_size=1000" in r["error"]
+    else:
+        assert other[0]["resumed_at"] == 3
+        assert_same_state(saved, other[0])

@@ -104,3 +104,25 @@ def test_fully_reshardable_is_guarded_by_megatron_core_version():
         msg = str(e.value)
         assert "\n" not in msg and f"this is megatron-core {bad}" in msg
         assert "use checkpoint.optimizer_format=dp_reshardable" in msg
+
+
+def test_dp_reshardable_state_needs_the_saved_ddp_buckets(tmp_path):
+    """The dp_reshardable state is laid out by DDP bucket: other buckets at the same TP/PP (another
+    parallel.ddp_bucket_size, overlap off, or the default bucket size at DP > 40) are one line naming the setting
+    to resume with; the fully_reshardable state does not depend on them."""
+    def with_buckets(size, buckets, **kw):
+        return {**layout(**kw), "ddp_bucket_size": size, "ddp_buckets": buckets}
+
+    path = saved(tmp_path, with_buckets(40_000_000, [[40_000_512, 3_000_000]], fmt="dp_reshardable"))
+    assert check_layout(path, with_buckets(40_000_000, [[40_000_512, 3_000_000]], fmt="dp_reshardable")) is True
+    assert check_layout(path, with_buckets(40_000_000, [[40_000_512, 3_000_000]], dp=1)) is False
+    msg = refused(path, with_buckets(41_000_000, [[41_000_192, 2_000_320]], dp=41))
+    assert "dp_reshardable format, laid out by DDP bucket" in msg and "saved 40000000, now 41000000" in msg
+    assert "Resume with parallel.ddp_bucket_size=40000000" in msg
+    one = saved(tmp_path / "one", with_buckets(None, [[43_000_512]], fmt="dp_reshardable"))
+    assert "parallel.overlap_grad_reduce=false and parallel.ddp_bucket_size=null" in refused(
+        one, with_buckets(40_000_000, [[40_000_512, 3_000_000]]))
+    # at another TP size the buckets differ anyway: the TP/PP message
+    assert "model-parallel layout changed" in refused(path, with_buckets(40_000_000, [[20_000_512]], tp=1, dp=4))
+    full = saved(tmp_path / "full", with_buckets(40_000_000, [[40_000_512, 3_000_000]]))
+    assert check_layout(full, with_buckets(41_000_000, [[41_000_192, 2_000_320]], dp=41)) is False
