@@ -26,6 +26,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -71,20 +72,52 @@ def _barrier():
 
 
 # Formats of Megatron's DistributedOptimizer state (``checkpoint.optimizer_format``):
-#   "fully_reshardable": model-space tensors (one per parameter, gathered over DP at save); loads at any
-#       TP/PP/DP size. Its load hits a KeyError 'step' on the torch-Adam path (no Apex/TE) of megatron-core
-#       0.16.1 and 0.19.2: the per-parameter Adam ``step`` is copied from the loaded tensors, which never hold
-#       it (it lives in the param groups); :func:`_load_optimizer` works around it.
-#   "dp_reshardable": each DP rank's buffer shard (Megatron-LM's default: parallel save, no gather); reshards
-#       over DP only (the buckets depend on TP/PP).
+#   "dp_reshardable" (the default, as Megatron-LM's): each DP rank writes its own buffer shard (parallel save, no
+#       gather: bench/save_memory.py measures a third of the rank's shard beyond the model's save, nothing at load);
+#       reshards over DP only (the buckets depend on TP/PP). A TP/PP change is refused in one line by
+#       :func:`check_layout`, as Megatron-LM refuses it.
+#   "fully_reshardable": model-space tensors (one per parameter); loads at any TP/PP/DP size. Saved with
+#       megatron-core's memory-efficient variant (``distrib_optim_fully_reshardable_mem_efficient``): the shards
+#       are gathered over gloo onto DP rank 0 only, the one rank that writes them (the plain variant all-gathers
+#       the whole optimizer state onto every rank: bench/save_memory.py). A load still reads the whole state on
+#       every rank. Two megatron-core defects on this path are worked around, for the versions in
+#       ``FULLY_RESHARDABLE_SHIMMED``: its save misplaces the state of every parameter after a padded bucket
+#       (:func:`_world_tensors_in_buffer_coordinates`), its load hits a KeyError 'step' on the torch-Adam path
+#       (no Apex/TE) (:func:`_load_optimizer`).
 # ("fully_sharded_model_space" asserts on the flattened ranges of the torch-Adam path: not offered.)
-OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
-DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+DEFAULT_OPTIMIZER_FORMAT = "dp_reshardable"
 OLD_OPTIMIZER_FORMAT = "dp_reshardable"  # what checkpoints without "optimizer_format" in layout.json hold
+# megatron-core (major, minor) versions whose fully_reshardable code the shims were read against and are tested
+# with (tests/distributed/test_optimizer_format.py: 0.16.1 in the Python 3.11 lane, 0.19.2 in the 3.12 lane).
+FULLY_RESHARDABLE_SHIMMED = ((0, 16), (0, 19))
 
 
-def _optimizer_metadata(fmt: Optional[str]) -> Dict:
-    return {"distrib_optim_sharding_type": fmt or DEFAULT_OPTIMIZER_FORMAT}
+def check_optimizer_format(fmt: Optional[str], version: Optional[str] = None) -> None:
+    """One :class:`CheckpointError` line when megatron-core ``version`` (default: the installed one) cannot save
+    or load the distributed optimizer in ``fmt`` here: fully_reshardable outside ``FULLY_RESHARDABLE_SHIMMED``,
+    the versions its two workarounds were verified with."""
+    if fmt != "fully_reshardable":
+        return
+    if version is None:
+        from megatron.core.package_info import __version__ as version
+    low, high = FULLY_RESHARDABLE_SHIMMED
+    if not low <= tuple(int(x) for x in re.findall(r"\d+", version)[:2]) <= high:
+        raise CheckpointError(
+            f"checkpoint.optimizer_format=fully_reshardable is verified here with megatron-core "
+            f"{low[0]}.{low[1]} to {high[0]}.{high[1]} (its save and load need workarounds there) and this is "
+            f"megatron-core {version}: use checkpoint.optimizer_format=dp_reshardable (TP/PP then stay as saved), "
+            f"or install a verified megatron-core.")
+
+
+def _optimizer_metadata(fmt: Optional[str], mem_efficient: bool = True) -> Dict:
+    """``metadata`` of ``DistributedOptimizer.sharded_state_dict``; ``mem_efficient=False`` only for the
+    comparison in bench/save_memory.py (megatron-core's all-gather onto every rank)."""
+    fmt = fmt or DEFAULT_OPTIMIZER_FORMAT
+    meta = {"distrib_optim_sharding_type": fmt}
+    if fmt == "fully_reshardable":
+        meta["distrib_optim_fully_reshardable_mem_efficient"] = mem_efficient
+    return meta
 
 
 def _sub_optimizers(optimizer) -> List:
@@ -128,17 +161,32 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
 
 
-def _full_state(chunks, optimizer, is_loading: bool, fmt: Optional[str] = None) -> Dict:
+def _full_state(chunks, optimizer, is_loading: bool, fmt: Optional[str] = None, mem_efficient: bool = True) -> Dict:
     model = _model_state(chunks)
     state = {"model": model}
     if optimizer is not None:
+        fmt = fmt or DEFAULT_OPTIMIZER_FORMAT
+        check_optimizer_format(fmt)
         if is_loading:
             _ensure_optimizer_state(optimizer)
-        fix = (fmt or DEFAULT_OPTIMIZER_FORMAT) == "fully_reshardable"
+        fix = fmt == "fully_reshardable"
         with _world_tensors_in_buffer_coordinates(optimizer) if fix else contextlib.nullcontext():
-            state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
-                                                              metadata=_optimizer_metadata(fmt))
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model, is_loading=is_loading, metadata=_optimizer_metadata(fmt, mem_efficient))
+        if fix and not is_loading:
+            _drop_empty_param_state(state["optimizer"])
     return state
+
+
+def _drop_empty_param_state(state: Dict) -> None:
+    """The memory-efficient fully_reshardable save leaves ``param_state`` None on every DP rank but the first
+    (which holds and writes the gathered state): dropped, so that it does not count as a differing common state
+    (megatron-core warns at every save otherwise). Chained optimizers nest one state per sub-optimizer."""
+    if "param_state" in state and state["param_state"] is None:
+        del state["param_state"]
+    for value in state.values():
+        if isinstance(value, dict):
+            _drop_empty_param_state(value)
 
 
 def buffer_coordinates(buffer, world: torch.Tensor) -> torch.Tensor:
@@ -176,10 +224,17 @@ def _world_tensors_in_buffer_coordinates(optimizer):
             for gbuf_idx, per_dtype in state.items():
                 if not isinstance(gbuf_idx, int):
                     continue
+                buffer = _sub.buffers[gbuf_idx]
                 for world in per_dtype.values():
+                    n = world["param"].numel() if "param" in world else buffer.numel_unpadded
+                    if n != buffer.numel_unpadded:  # not the coalesced layout this shim was written for
+                        raise CheckpointError(
+                            f"megatron-core's fully_reshardable optimizer state has {n} elements per buffer, not "
+                            f"the {buffer.numel_unpadded} of its buckets without padding that this version was "
+                            "verified with: save with checkpoint.optimizer_format=dp_reshardable.")
                     for key in ("param", "exp_avg", "exp_avg_sq"):
                         if key in world:
-                            world[key] = buffer_coordinates(_sub.buffers[gbuf_idx], world[key])
+                            world[key] = buffer_coordinates(buffer, world[key])
             return state
 
         sub.get_parameter_state_dp_zero = in_buffer_coordinates
@@ -190,12 +245,14 @@ def _world_tensors_in_buffer_coordinates(optimizer):
             del sub.get_parameter_state_dp_zero  # the class's method again
 
 
-def _load_optimizer(optimizer, state: Dict) -> None:
-    """``optimizer.load_state_dict`` with megatron-core's fully_reshardable 'step' bug worked around: its
-    ``_set_main_param_and_optimizer_states`` copies every key of a parameter's Adam state from the loaded
-    tensors, which skip ``step``; the shim hands it the parameter's own step (a no-op copy), and
-    :func:`_restore_adam_steps` then sets the saved count. Undone afterwards."""
-    subs = [s for s in _sub_optimizers(optimizer) if hasattr(s, "_set_main_param_and_optimizer_states")]
+def _load_optimizer(optimizer, state: Dict, fmt: Optional[str]) -> None:
+    """``optimizer.load_state_dict``, with megatron-core's fully_reshardable 'step' bug worked around for that
+    format: its ``_set_main_param_and_optimizer_states`` copies every key of a parameter's Adam state from the
+    loaded tensors, which skip ``step`` (KeyError on the torch-Adam path, 0.16.1 and 0.19.2); the shim hands it
+    the parameter's own step (a no-op copy). The dp_reshardable load passes ``step`` itself and needs no shim.
+    :func:`_restore_adam_steps` then sets the saved count (both formats). Undone afterwards."""
+    fix = fmt == "fully_reshardable"
+    subs = [s for s in _sub_optimizers(optimizer) if fix and hasattr(s, "_set_main_param_and_optimizer_states")]
     for sub in subs:
         original = sub._set_main_param_and_optimizer_states
 
@@ -401,9 +458,10 @@ def check_layout(path: str, layout: Dict) -> bool:
 
     Refused: another model (any ``model`` field or the precision); another optimizer kind; another number of
     virtual pipeline stages, or another PP size with virtual stages (resharding those is not verified here);
-    another TP or PP size when the optimizer state was saved in the dp_reshardable format. Resharded by
-    Megatron: any change of DP size (and world size); TP and PP with the fully_reshardable format or the
-    replicated optimizer (its state is in model space)."""
+    another TP or PP size when the optimizer state was saved in the dp_reshardable format (the default; Megatron
+    cannot convert it, Megatron-LM refuses it too), or other DDP buckets at the saved TP/PP sizes (that format is
+    laid out by bucket: Megatron would stop on an assertion). Resharded by Megatron: any change of DP size (and world size);
+    TP and PP with the fully_reshardable format or the replicated optimizer (its state is in model space)."""
     saved = read_layout(path)
     where = f"cannot resume from {path}"
     if saved is None:  # saved before layout.json existed: only the same number of ranks
@@ -429,6 +487,19 @@ def check_layout(path: str, layout: Dict) -> bool:
             f"{where}: it was saved with parallel.distributed_optimizer={str(a).lower()} and this run has "
             f"{str(layout.get('distributed_optimizer')).lower()}, whose optimizer state has another form. Resume "
             f"with parallel.distributed_optimizer={str(a).lower()}, {new_run}.")
+    fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT)
+    buckets, now_buckets = saved.get("ddp_buckets"), layout.get("ddp_buckets")
+    if (saved.get("distributed_optimizer") and fmt == "dp_reshardable" and buckets is not None
+            and now_buckets is not None and buckets != now_buckets
+            and all(saved.get(k) == layout.get(k) for k in PARALLEL_KEYS[1:4])):
+        size = saved.get("ddp_bucket_size")
+        fix = (f"parallel.ddp_bucket_size={size}" if size is not None else
+               "parallel.overlap_grad_reduce=false and parallel.ddp_bucket_size=null (one bucket per buffer)")
+        raise CheckpointError(
+            f"{where}: its optimizer state is in Megatron's dp_reshardable format, laid out by DDP bucket, and this "
+            f"run's buckets differ (parameters per bucket: saved {size}, now {layout.get('ddp_bucket_size')}; the "
+            f"default, max(40M, 1M x DP) with overlap, grows with the data-parallel size above 40). Resume with "
+            f"{fix}, {new_run}.")
     if all(saved.get(k) == layout.get(k) for k in PARALLEL_KEYS):
         return True
     what = _changes(saved, layout, PARALLEL_KEYS)
@@ -438,12 +509,12 @@ def check_layout(path: str, layout: Dict) -> bool:
         raise CheckpointError(
             f"{where}: it was saved with another pipeline layout ({what}) and resharding across virtual pipeline "
             f"stages is not supported here. Resume with the saved TP/PP/VPP sizes (any data-parallel size), {new_run}.")
-    fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT)
     if tp_pp and saved.get("distributed_optimizer") and fmt != "fully_reshardable":
         raise CheckpointError(
             f"{where}: its optimizer state is in Megatron's {fmt} format, which reshards over data-parallel ranks "
             f"only, and the model-parallel layout changed ({what}). Resume with the saved TP/PP sizes (any "
-            f"data-parallel size), {new_run}; save with checkpoint.optimizer_format=fully_reshardable to change them.")
+            f"data-parallel size), {new_run}; to change them, resume at the saved sizes with "
+            f"checkpoint.optimizer_format=fully_reshardable and resume its next checkpoint at the new ones.")
     return False
 
 
@@ -463,7 +534,7 @@ def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Di
     state = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True, fmt=fmt), path)
     _load_model(chunks, state["model"])
     if optimizer is not None:
-        _load_optimizer(optimizer, state["optimizer"])
+        _load_optimizer(optimizer, state["optimizer"], fmt)
     rank = dist.get_rank() if dist.is_initialized() else 0
     extra = torch.load(os.path.join(path, f"rank_{rank if same else 0}.pt"), weights_only=False)
     if not same:

@@ -175,12 +175,25 @@ class CheckpointSection:
     keep_last: int = 2
     """Checkpoints kept (older ones are removed)."""
     resume: bool = True
-    """Resume from ``dir``'s latest checkpoint when there is one (at another DP size too, and TP/PP size with
-    the fully_reshardable optimizer format; another model is refused)."""
-    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
-    """How the distributed optimizer's state is saved: fully_reshardable (per parameter, gathered over DP at
-    save: resumes at any TP/PP/DP size) or dp_reshardable (each DP rank's shard, no gather: any DP size, the
-    same TP/PP sizes)."""
+    """Resume from ``dir``'s latest checkpoint when there is one (at another DP size too, and another TP/PP size
+    from a checkpoint saved with ``optimizer_format=fully_reshardable``; another model is refused)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is saved. The rule: dp_reshardable unless the run's checkpoints are to
+    be resumed at another TP or PP size, then fully_reshardable.
+
+    - dp_reshardable (default, as Megatron-LM): each DP rank writes its own shard of the optimizer state, nothing
+      gathered (measured: a save takes about a third of the rank's own shard beyond the model's, a load nothing);
+      resumes at any DP size and the same TP/PP sizes. A resume at other TP/PP sizes is refused in one line, as in
+      Megatron-LM.
+    - fully_reshardable: the state per parameter (model space); resumes at any TP/PP/DP size. Saved with
+      megatron-core's memory-efficient variant: the shards are gathered onto DP rank 0 (which writes them), so
+      that rank holds the whole optimizer state of its model-parallel part during a save (3 fp32 values per
+      parameter; measured 2.3-2.5x that at the peak, the other ranks a copy of their shard); at resume every rank
+      reads all of it (1.7x). bench/save_memory.py measures both formats (bench/RESULTS.md).
+
+    To change TP/PP of a run saved with dp_reshardable: resume it at its saved sizes with fully_reshardable, then
+    resume that checkpoint at the new sizes. A resume reads the format a checkpoint was saved with
+    (``layout.json``); this field sets the format of the run's own saves."""
     async_save: Optional[bool] = None
     """Write the model and optimizer shards in a background process while training goes on (Megatron's async
     distributed-checkpoint save); the checkpoint becomes ``latest`` only once every rank's write has finished,

@@ -36,8 +36,8 @@ from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
 from ..models import build_gpt_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
-from .checkpoint import (PER_RANK, CheckpointWriter, latest_checkpoint, load_checkpoint, save_checkpoint,
-                         start_writer_helpers)
+from .checkpoint import (PER_RANK, CheckpointWriter, check_optimizer_format, latest_checkpoint, load_checkpoint,
+                         save_checkpoint, start_writer_helpers)
 from .config import TrainConfig, fused_wgrad_available
 
 
@@ -157,6 +157,8 @@ class Trainer:
         self._data()
         self.writer = CheckpointWriter(async_save=run.async_save)
         if config.checkpoint.dir:
+            # the format's save works with this megatron-core (refused now, not at the first save)
+            check_optimizer_format(config.checkpoint.optimizer_format if dist_opt else None)
             start_writer_helpers()  # before any preemption signal can arrive
         ckpt = latest_checkpoint(config.checkpoint.dir) if config.checkpoint.resume else None
         if ckpt:
@@ -243,7 +245,8 @@ class Trainer:
 
     def layout(self) -> Dict:
         """What layout.json records and a resume checks (``checkpoint.check_layout``): world size, the parallel
-        sizes, the optimizer kind and state format, and the model (every ``model`` field, the precision)."""
+        sizes, the optimizer kind and state format, the DDP buckets, and the model (every ``model`` field, the
+        precision)."""
         p = self.cfg.parallel
         model = {f"model.{k}": v for k, v in dataclasses.asdict(self.cfg.model).items()
                  if k not in RESUMABLE_MODEL_KEYS}
@@ -254,6 +257,10 @@ class Trainer:
                 "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
                 "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer,
                 "optimizer_format": self.cfg.checkpoint.optimizer_format if p.distributed_optimizer else None,
+                # the DDP buckets (unpadded sizes): the dp_reshardable optimizer state is laid out by them
+                "ddp_bucket_size": self.options.bucket_size,
+                "ddp_buckets": [[b.numel_unpadded for b in buf.buckets] for m in self.models
+                                for buf in m.buffers + m.expert_parallel_buffers],
                 "model": model}
 
     def _restore(self, path: str) -> None:

@@ -1,8 +1,9 @@
 """The trainer on real CPU ranks: exact resume after SIGTERM (TP=2 x DP=2, distributed optimizer), atomic
 checkpoints, the replicated optimizer, elastic resumes at other DP and TP sizes (losses within float32
 reduction noise, the same samples), the probe's rank accumulation across a resume, another model refused. The
-defaults overlap the data-parallel reduce and all-gather (several buckets) and save asynchronously; one run does
-neither, for comparison."""
+defaults overlap the data-parallel reduce and all-gather (several buckets), save asynchronously and save the
+distributed optimizer in the dp_reshardable format (any DP size; a TP change is refused in one line); one run
+does none of the first two, for comparison; the elastic run saves fully_reshardable for its TP change."""
 import os
 import shutil
 
@@ -83,7 +84,7 @@ def test_overlap_and_async_saves_change_no_loss(tmp, spamlang, uninterrupted, in
     assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save, run.bucket_size) == (
         "gloo", False, False, False, 1000)
     on = interrupted["first"]["options"]
-    # the default (fully_reshardable optimizer format, async saves): both overlaps on, the same buckets
+    # the defaults (dp_reshardable optimizer format, async saves): both overlaps on, the same buckets
     assert (on.overlap_grad_reduce, on.overlap_param_gather, on.async_save, on.bucket_size) == (True, True, True, 1000)
     assert not on.gradient_accumulation_fusion  # no GPU kernel on CPUs
     assert first["losses"] == uninterrupted["losses"][:7]  # overlap off == overlap on, bitwise
@@ -102,10 +103,12 @@ def test_checkpoints_are_atomic_and_pruned(interrupted):
 
 @pytest.fixture(scope="module")
 def elastic(tmp, spamlang, interrupted):
-    """The TP=2 x DP=2 checkpoint of step 7 resumed at TP=2 x DP=1 (2 ranks) up to a SIGTERM after step 10,
+    """The TP=2 x DP=2 checkpoint of step 7 (the default dp_reshardable format) resumed at TP=2 x DP=1 (2 ranks)
+    up to a SIGTERM after step 10, saved in the fully_reshardable format (overlap on: several padded buckets),
     whose checkpoint then resumes at TP=1 x DP=2 (2 ranks) to the end."""
     ckpt = os.path.join(tmp, "ckpt_at_7")
-    dp1 = mb.launch(tr.train_run, 2, os.path.join(tmp, "dp1"), spamlang, ckpt, 10, 12, True, 2, PROBE, timeout=600)
+    dp1 = mb.launch(tr.train_run, 2, os.path.join(tmp, "dp1"), spamlang, ckpt, 10, 12, True, 2, PROBE, None, None,
+                    "fully_reshardable", timeout=600)
     tp1 = mb.launch(tr.train_run, 2, os.path.join(tmp, "tp1"), spamlang, ckpt, None, 12, True, 1, PROBE, timeout=600)
     return {"dp1": dp1, "tp1": tp1}
 
@@ -126,6 +129,17 @@ def test_resume_at_another_tensor_parallel_size_continues(uninterrupted_ranks, u
     full = tr.global_samples(uninterrupted_ranks)
     got = tr.global_samples(elastic["tp1"])
     assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, full[10:]))
+
+
+def test_a_tensor_parallel_change_from_the_default_format_is_one_line(tmp, spamlang, interrupted):
+    """The default dp_reshardable state cannot be resharded to another TP size (Megatron-LM refuses it too):
+    every rank stops with the same line, before anything loads, saying how to change TP."""
+    messages = mb.launch(tr.resume_error, 2, os.path.join(tmp, "tp_refused"), spamlang, interrupted["ckpt"], None,
+                         {"tensor_model_parallel_size": 1}, timeout=600)
+    for message in messages:
+        assert message is not None and "\n" not in message
+        assert "dp_reshardable format" in message and "tensor_model_parallel_size: saved 2, now 1" in message
+        assert "checkpoint.optimizer_format=fully_reshardable" in message
 
 
 def test_distributed_optimizer_shards_state_and_matches_regular_adam(tmp, spamlang, uninterrupted):

@@ -61,17 +61,21 @@ class RecordingTrainer(Trainer):
 
 def train_run(log_dir: str, data: Dict, ckpt: Optional[str] = None, stop_at: Optional[int] = None,
               steps: int = 12, distributed_optimizer: bool = True, tp: int = 2, probe: Optional[Dict] = None,
-              overlap: Optional[bool] = None, async_save: Optional[bool] = None) -> Dict:
+              overlap: Optional[bool] = None, async_save: Optional[bool] = None,
+              optimizer_format: Optional[str] = None) -> Dict:
     """One training run (resuming from ``ckpt`` if it holds a checkpoint); SIGTERM after ``stop_at``.
     ``samples``: per step, this rank's training tokens ``[global_batch / dp, s]``, with ``dp_rank``/``tp_rank``.
-    ``overlap`` sets both overlaps (grad reduce, and param gather with the distributed optimizer); None: auto."""
+    ``overlap`` sets both overlaps (grad reduce, and param gather with the distributed optimizer); None: auto.
+    ``optimizer_format``: ``checkpoint.optimizer_format`` of this run's saves; None: the default."""
     from megatron.core import parallel_state as ps
 
     par = {"distributed_optimizer": distributed_optimizer, "tensor_model_parallel_size": tp}
     if overlap is not None:
         par.update(overlap_grad_reduce=overlap, overlap_param_gather=overlap and distributed_optimizer)
-    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, probe=probe or {}, parallel=par,
-                 checkpoint={"async_save": async_save})
+    ckpt_section = {"async_save": async_save}
+    if optimizer_format is not None:
+        ckpt_section["optimizer_format"] = optimizer_format
+    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, probe=probe or {}, parallel=par, checkpoint=ckpt_section)
     trainer = RecordingTrainer(cfg, on_step=None if stop_at is None else sigterm_at(stop_at))
     out = trainer.train()
     numel = adam_state_numel(trainer)
@@ -93,9 +97,10 @@ def global_samples(results) -> List[torch.Tensor]:
     return [torch.cat([r["samples"][i] for r in ranks]) for i in range(len(ranks[0]["samples"]))]
 
 
-def resume_error(log_dir: str, data: Dict, ckpt: str, model: Optional[Dict] = None) -> Optional[str]:
+def resume_error(log_dir: str, data: Dict, ckpt: str, model: Optional[Dict] = None,
+                 parallel: Optional[Dict] = None) -> Optional[str]:
     try:
-        Trainer(config(log_dir, data, ckpt=ckpt, model=model or {}))
+        Trainer(config(log_dir, data, ckpt=ckpt, model=model or {}, parallel=parallel or {}))
     except CheckpointError as e:
         return str(e)
     return None

@@ -109,14 +109,16 @@ def test_overlap_and_async_save_defaults_and_refusals():
     """parallel.overlap_* / ddp_bucket_size / gradient_accumulation_fusion and checkpoint.async_save: null resolves
     per backend at run time (on for NCCL and gloo: Megatron-Core runs both overlaps and the async save on gloo);
     what cannot work is refused in one line naming the field."""
-    cfg = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt", "optimizer_format": "dp_reshardable"}})
+    cfg = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt"}})  # the default dp_reshardable optimizer format
+    assert cfg.checkpoint.optimizer_format == "dp_reshardable"
     for backend in ("nccl", "gloo"):
         run = cfg.runtime_options(backend, 2)
         assert (run.backend, run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == (backend, True,
                                                                                                     True, True)
         assert run.bucket_size == 40_000_000  # Megatron-LM's default, max(40M, 1M x DP)
-    # the default fully_reshardable format too (its save is given the buffer's own offsets: checkpoint.py)
-    run = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt"}}).runtime_options("nccl", 2)
+    # the fully_reshardable format too (its save is given the buffer's own offsets: checkpoint.py)
+    run = TrainConfig.from_dict({"checkpoint": {"dir": "ckpt", "optimizer_format": "fully_reshardable"}}
+                                ).runtime_options("nccl", 2)
     assert (run.overlap_grad_reduce, run.overlap_param_gather, run.async_save) == (True, True, True)
     assert TrainConfig.from_dict({"parallel": {"overlap_grad_reduce": True}}).runtime_options("nccl", 2).overlap_grad_reduce
     off = TrainConfig.from_dict({"parallel": {"overlap_grad_reduce": False, "distributed_optimizer": False}})
@@ -145,3 +147,21 @@ def test_overlap_and_async_save_defaults_and_refusals():
         with pytest.raises(ConfigError) as e:
             TrainConfig.from_dict(d)
         assert str(e.value).startswith(start) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_optimizer_format_rule():
+    """checkpoint.optimizer_format: dp_reshardable by default (Megatron-LM's: no gather at save), fully_reshardable
+    when asked for (then megatron-core's memory-efficient save: gathered on DP rank 0 only); anything else is one
+    line naming the field and the choices."""
+    from megatron_bottleneck.train.checkpoint import DEFAULT_OPTIMIZER_FORMAT, _optimizer_metadata
+
+    assert TrainConfig().checkpoint.optimizer_format == DEFAULT_OPTIMIZER_FORMAT == "dp_reshardable"
+    assert _optimizer_metadata(None) == _optimizer_metadata("dp_reshardable") == {
+        "distrib_optim_sharding_type": "dp_reshardable"}
+    full = TrainConfig.from_dict({"checkpoint": {"optimizer_format": "fully_reshardable"}}).checkpoint.optimizer_format
+    assert _optimizer_metadata(full) == {"distrib_optim_sharding_type": "fully_reshardable",
+                                         "distrib_optim_fully_reshardable_mem_efficient": True}
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"checkpoint": {"optimizer_format": "fully_sharded_model_space"}})
+    assert "\n" not in str(e.value) and "checkpoint.optimizer_format" in str(e.value)
+    assert "dp_reshardable" in str(e.value) and "fully_reshardable" in str(e.value)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from megatron_bottleneck.base.errors import CheckpointError
-from megatron_bottleneck.train.checkpoint import check_layout
+from megatron_bottleneck.train.checkpoint import FULLY_RESHARDABLE_SHIMMED, check_layout, check_optimizer_format
 
 MODEL = {"model.num_layers": 2, "model.hidden_size": 16, "model.head_rank": 8, "model.fused_loss": False,
          "train.precision": "fp32"}
@@ -89,3 +89,40 @@ def test_no_layout_file_needs_the_same_number_of_ranks(tmp_path):
         open(os.path.join(path, f"rank_{r}.pt"), "w").close()
     assert check_layout(path, layout()) is True
     assert "the state of 4 ranks, and this run has 2" in refused(path, layout(dp=1))
+
+
+def test_fully_reshardable_is_guarded_by_megatron_core_version():
+    low, high = FULLY_RESHARDABLE_SHIMMED
+    check_optimizer_format("fully_reshardable")  # the installed megatron-core: verified
+    for ok in (f"{low[0]}.{low[1]}.1", f"{high[0]}.{high[1]}.2", "0.17.0rc0"):
+        check_optimizer_format("fully_reshardable", ok)
+    for fmt in ("dp_reshardable", None):
+        check_optimizer_format(fmt, "0.99.0")  # no workaround needed, any version
+    for bad in (f"{high[0]}.{high[1] + 1}.0", "0.15.3", "1.0.0"):
+        with pytest.raises(CheckpointError) as e:
+            check_optimizer_format("fully_reshardable", bad)
+        msg = str(e.value)
+        assert "\n" not in msg and f"this is megatron-core {bad}" in msg
+        assert "use checkpoint.optimizer_format=dp_reshardable" in msg
+
+
+def test_dp_reshardable_state_needs_the_saved_ddp_buckets(tmp_path):
+    """The dp_reshardable state is laid out by DDP bucket: other buckets at the same TP/PP (another
+    parallel.ddp_bucket_size, overlap off, or the default bucket size at DP > 40) are one line naming the setting
+    to resume with; the fully_reshardable state does not depend on them."""
+    def with_buckets(size, buckets, **kw):
+        return {**layout(**kw), "ddp_bucket_size": size, "ddp_buckets": buckets}
+
+    path = saved(tmp_path, with_buckets(40_000_000, [[40_000_512, 3_000_000]], fmt="dp_reshardable"))
+    assert check_layout(path, with_buckets(40_000_000, [[40_000_512, 3_000_000]], fmt="dp_reshardable")) is True
+    assert check_layout(path, with_buckets(40_000_000, [[40_000_512, 3_000_000]], dp=1)) is False
+    msg = refused(path, with_buckets(41_000_000, [[41_000_192, 2_000_320]], dp=41))
+    assert "dp_reshardable format, laid out by DDP bucket" in msg and "saved 40000000, now 41000000" in msg
+    assert "Resume with parallel.ddp_bucket_size=40000000" in msg
+    one = saved(tmp_path / "one", with_buckets(None, [[43_000_512]], fmt="dp_reshardable"))
+    assert "parallel.overlap_grad_reduce=false and parallel.ddp_bucket_size=null" in refused(
+        one, with_buckets(40_000_000, [[40_000_512, 3_000_000]]))
+    # at another TP size the buckets differ anyway: the TP/PP message
+    assert "model-parallel layout changed" in refused(path, with_buckets(40_000_000, [[20_000_512]], tp=1, dp=4))
+    full = saved(tmp_path / "full", with_buckets(40_000_000, [[40_000_512, 3_000_000]]))
+    assert check_layout(full, with_buckets(41_000_000, [[41_000_192, 2_000_320]], dp=41)) is False
