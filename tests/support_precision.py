@@ -31,7 +31,7 @@ KINDS = ["dense", "low_rank:r=32", "mos:k=3", "mos:k=3,fused=false", "sigsoftmax
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double().reshape(want.shape), want.double()
+    got, want = got.detach().double().reshape(want.shape), want.detach().double()
     return float((got - want).norm() / want.norm().clamp(min=1e-300))
 
 
@@ -183,3 +183,33 @@ def measure(kind: str, dtype: torch.dtype, peaked: bool, d: int = 64, v: int = 4
     ref = _reference(kind, p64, h, y, float(getattr(head, "cap", 30.0)))
     emulated = emulation_errors(kind, head, p64, h, y, ref) if emulate else {}
     return head_errors(kind, head, p64, h, y, ref), dense_path_errors(w, h, y), emulated
+
+
+def probe_figures(kind: str, d: int, v: int, tokens: int, peaked: bool, dtype: torch.dtype = torch.bfloat16,
+                  iterations: int = 0, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """The general probe's figures (``head_figures`` with update) of a 16-bit head at TP=1, three ways:
+    ``got`` the 16-bit head's ``log_prob_fn`` (what the probe runs), ``exact`` the same function on float64
+    copies of its (rounded) parameters and inputs, ``emulated`` :func:`support_heads.reference_log_probs` with
+    ``round_to=dtype`` (the 16-bit GEMM outputs, everything else float64: what the 16-bit GEMMs alone cost)."""
+    import dataclasses
+
+    from megatron_bottleneck.base.head import HeadLogProb
+    from megatron_bottleneck.probe.general import head_figures
+
+    head, p64 = build(kind, d, v, dtype, seed)
+    h, y = problem(effective_weight(kind, p64), tokens, peaked, dtype, seed + 1, batch=1)
+    h, y = h.reshape(-1, d), y.reshape(-1)
+    lp = head.log_prob_fn()
+    its = iterations or 2 * d
+    cap = float(getattr(head, "cap", 30.0))
+
+    def figures(log_prob, hh):
+        return {k: float(x) for k, x in head_figures(log_prob, hh, y, iterations=its, update=True).items()}
+
+    emulated = HeadLogProb(
+        fn=lambda p, hh: support_heads.reference_log_probs(kind, p, hh, vocab=v, cap=cap, round_to=dtype),
+        params=p64, sharded=frozenset({"weight"}), vocab_start=0, vocab_size=v, n_valid=v)
+    return {"got": figures(lp, h),
+            "exact": figures(dataclasses.replace(lp, params={k: x.double() for k, x in lp.params.items()}),
+                             h.double()),
+            "emulated": figures(emulated, h.double())}

@@ -72,3 +72,27 @@ def test_unfused_forward_gives_float32_log_probs_megatrons_cross_entropy_reads(k
     torch.testing.assert_close(ce, head.loss(h, y), rtol=1e-6, atol=1e-6)
     want, _, _ = sp._reference(kind, p64, h, y, 30.0)
     assert sp.rel(ce, want) <= BOUND * sp.dense_path_errors(sp.effective_weight(kind, p64), h, y)["loss"]
+
+
+@pytest.mark.parametrize("kind", ["sigsoftmax", "mos:k=2", "stacked:width=8,activation=tanh"])
+def test_general_probe_figures_in_bf16_against_float64(kind):
+    """The general probe (``probe.general.head_figures``: G = exp(u) - q, dh = J^T G, CG on the centred Gram,
+    the update's JVP) on a bf16 head, against the same function on float64 copies of its rounded parameters
+    and inputs. G and ||G|| are as accurate as the head's 16-bit GEMM outputs allow (u in float32, G in float64:
+    within 1.5x of the float64 emulation's error, measured 1.0x; before, with u in bf16, up to 12x). The
+    CG's matrix-vector products are the bf16 head's own JVP / VJP (its GEMMs in bf16, everything between them
+    in float32 / float64; a float32 product would need a float32 copy of W, a weight-sized temporary the probe
+    does not make), so the Jacobian-based figures carry bf16 GEMM rounding: measured |error| <= 8e-4 for the
+    destroyed ratio and the update cosine (D = 8-16, V = 512, 32 tokens; bf16's resolution is 3.9e-3), bound
+    2e-3; for the visible cosine (small here, ~0.05, so its relative error is large) 3.0e-3, bound 5e-3.
+    (``cg_residual`` on peaked inputs stays at 0.1-0.2 for bf16 mixture / stacked heads, before as after: the
+    bf16 products' noise keeps the per-token CG from its float64 threshold.)"""
+    for peaked in (True, False):
+        f = sp.probe_figures(kind, 8, 512, 32, peaked)
+        got, exact, emulated = f["got"], f["exact"], f["emulated"]
+        g_err = abs(got["grad_norm"] - exact["grad_norm"]) / exact["grad_norm"]
+        g_emu = abs(emulated["grad_norm"] - exact["grad_norm"]) / exact["grad_norm"]
+        assert g_err <= 1.5 * g_emu + 1e-9, (kind, peaked, g_err, g_emu)
+        for key, bound in (("destroyed_ratio", 2e-3), ("update_cosine", 2e-3), ("visible_cosine", 5e-3)):
+            assert abs(got[key] - exact[key]) <= bound, (kind, peaked, key, got[key], exact[key])
+        assert 0.5 < exact["destroyed_ratio"] < 1.0
