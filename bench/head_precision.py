@@ -2,6 +2,7 @@
 measurement; the unit test ``tests/unit/test_head_precision.py`` runs the same code at V = 4096, T = 256).
 
     python bench/head_precision.py [--vocab 16384] [--tokens 512] [--hidden 64] [--heads "dense;mos:k=3,fused=false;..."]
+                                   [--dtypes bfloat16,float16]
                                    [--json bench/results/head_precision.json]
 
 For each head kind, dtype (bf16, fp16) and input (Zipfian labels with peaked or flat logits): the relative
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--heads", default=";".join(sp.KINDS), help="head kinds separated by ';' (default: every one)")
+    ap.add_argument("--dtypes", default="bfloat16,float16", help="16-bit dtypes to run (comma-separated)")
     ap.add_argument("--json", default="bench/results/head_precision.json")
     args = ap.parse_args()
     kinds = [k.strip() for k in args.heads.split(";") if k.strip()]
@@ -47,7 +49,7 @@ def main() -> None:
     with mb.cpu_mode():
         mb.initialize_parallel(1, 1, seed=1)
         for kind in kinds:
-            for dtype in (torch.bfloat16, torch.float16):
+            for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
                 for peaked in (True, False):
                     t0 = time.time()
                     got, dense, _ = sp.measure(kind, dtype, peaked, d=args.hidden, v=args.vocab, tokens=args.tokens)

@@ -53,9 +53,8 @@ __all__ = ["VocabParallelHead", "vocab_parallel_nll"]
 
 def vocab_parallel_nll(u: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int, tp_group,
                        label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token loss ``[...]`` float32 from this rank's log-probability columns u ``[..., n_valid]`` (float32 or
-    float64, as the heads give them; global
-    rows vocab_start + j): -log p(y) (all-reduced over ``tp_group``), with Megatron's label smoothing over the V
+    """Per-token loss ``[...]`` float32 from this rank's log-probability columns u ``[..., n_valid]`` (global
+    rows vocab_start + j; float32 for 16-bit heads, see the module docstring): -log p(y) (all-reduced over ``tp_group``), with Megatron's label smoothing over the V
     real classes: (1 - s)(-log p_y) - s mean_i log p_i, s = alpha V / (V - 1); 0 where y == ignore_index."""
     n = u.shape[-1]
     valid = labels != ignore_index
