@@ -20,7 +20,7 @@ carry the rounding of the head's own extra 16-bit GEMMs:
   nearly equal vectors, in which each component's 16-bit logits' rounding does not cancel. Its yardstick is
   the head's own float64 emulation (each GEMM output and activation the head forms in 16 bits rounded to that
   dtype, the softmax maths and the backward exact: ``reference_log_probs(round_to=)``), what the 16-bit GEMMs
-  alone cost: measured 1.00x of it (12-21x the dense path's dL/dW; before this change 14-21x); bound 1.5x.
+  alone cost: measured 1.00x of it (12-21x the dense path's dL/dW; before this change 14-169x); bound 1.5x.
 * ``proj`` P_k: dL/dP_k = sum_t (W^T g_k,t * tanh'_t) h_t^T goes through three 16-bit roundings in the
   backward (the W^T g GEMM, the tanh' product, the outer-product GEMM) where dL/dW has one: measured up to 2.3x
   the dense path's dL/dW (bf16, flat; 1.1-1.9x its float64 emulation); bound 3x.
