@@ -15,7 +15,7 @@ The reference math is written here again, independently of megatron_bottleneck.h
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,30 +46,44 @@ def build(kind: str, tp: int, sp: bool):
     return mb.base.check_head(module, head.kind)
 
 
-def reference_log_probs(kind: str, p: Dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-    """float64 u [T, V_REAL] from full parameters p and h [T, D]."""
+def reference_log_probs(kind: str, p: Dict[str, torch.Tensor], h: torch.Tensor, vocab: int = V_REAL,
+                        cap: float = 2.0, round_to: Optional[torch.dtype] = None) -> torch.Tensor:
+    """float64 u [T, vocab] from full parameters p and h [T, D] (``cap``: the softcap kind's c; dense:
+    log_softmax(h W^T), low_rank: log_softmax(h B^T A^T)). ``round_to``: each GEMM output and each activation
+    the heads compute in their parameters' dtype is rounded to that (16-bit) dtype, everything else exact:
+    the float64 emulation of a 16-bit head whose softmax maths are exact (rounding is straight-through for
+    autograd)."""
     name = kind.split(":")[0]
-    w = p["weight"][:V_REAL]
+    w = p["weight"][:vocab]
+
+    def r(x):
+        return x if round_to is None else x + (x.detach().to(round_to).double() - x.detach())
+
+    if name == "dense":
+        return torch.log_softmax(r(h @ w.t()), dim=-1)
+    if name == "low_rank":
+        return torch.log_softmax(r(r(h @ p["input_proj"].t()) @ w.t()), dim=-1)
     if name == "mos":
-        hk = torch.tanh(torch.stack([h @ pk.t() for pk in p["proj"]], dim=1))  # [T, K, D]
-        log_pi = torch.log_softmax(h @ p["prior"].t(), dim=-1)
-        logp = torch.log_softmax(hk @ w.t(), dim=-1)  # [T, K, V]
+        hk = r(torch.tanh(r(torch.stack([h @ pk.t() for pk in p["proj"]], dim=1))))  # [T, K, D]
+        log_pi = torch.log_softmax(r(h @ p["prior"].t()), dim=-1)
+        logp = torch.log_softmax(r(hk @ w.t()), dim=-1)  # [T, K, V]
         return torch.logsumexp(log_pi.unsqueeze(-1) + logp, dim=1)
     if name == "mfs":
         j = int(kind.split("partitions=")[1].split(",")[0])
-        f = torch.tanh(torch.stack([h @ pe.t() for pe in p["proj"]], dim=1))  # [T, J + K - 1, D]
-        part = torch.arange(V_REAL) // -(-V_REAL // j)  # each word's partition
-        z1 = torch.einsum("tvd,vd->tv", f[:, part], w)  # word i's logit from its partition's facet
-        z = torch.stack([z1] + [f[:, e] @ w.t() for e in range(j, f.shape[1])], dim=1)  # [T, K, V]
-        log_pi = torch.log_softmax(h @ p["prior"].t(), dim=-1)
+        f = r(torch.tanh(r(torch.stack([h @ pe.t() for pe in p["proj"]], dim=1))))  # [T, J + K - 1, D]
+        part = torch.arange(vocab) // -(-vocab // j)  # each word's partition
+        # word i's logit from its partition's facet: all J facets against every word, then each word's pick
+        z1 = torch.einsum("ted,vd->tve", f[:, :j], w).gather(2, part.expand(h.shape[0], -1).unsqueeze(2))[..., 0]
+        z = r(torch.stack([z1] + [f[:, e] @ w.t() for e in range(j, f.shape[1])], dim=1))  # [T, K, V]
+        log_pi = torch.log_softmax(r(h @ p["prior"].t()), dim=-1)
         return torch.logsumexp(log_pi.unsqueeze(-1) + torch.log_softmax(z, dim=-1), dim=1)
     if name == "stacked":
-        return torch.log_softmax(torch.tanh(h @ p["proj"].t()) @ w.t(), dim=-1)
-    z = h @ w.t()
+        return torch.log_softmax(r(r(torch.tanh(r(h @ p["proj"].t()))) @ w.t()), dim=-1)
+    z = r(h @ w.t())
     if name == "sigsoftmax":
         f = z + F.logsigmoid(z)
     elif name == "softcap":
-        f = 2.0 * torch.tanh(z / 2.0)
+        f = cap * torch.tanh(z / cap)
     else:
         f = z.clone()
         for a, b in zip(p["mono_scale"], p["mono_shift"]):

@@ -109,7 +109,8 @@ class HeadLogProb:
     sequence parallelism the caller gathers the sequence first); ``params`` a dict name -> tensor with the keys
     of :attr:`params` (the head's parameters u depends on, names as in ``head.named_parameters()``); u
     ``[T, n_valid]`` = log p(vocab_start + j | h_t) for the real rows j < n_valid of this rank's vocab shard
-    (Megatron's padding rows left out), in h's dtype.
+    (Megatron's padding rows left out), in float32 for 16-bit h and parameters (the softmax in float32, as
+    Megatron's cross-entropy: ``base.tp_autograd.softmax_dtype``), else in h's dtype.
 
     * Token-wise: u[t] depends on h[t] only, so a caller chunks over tokens by slicing h (every TP rank must
       pass the same T: the normalisers are collectives).

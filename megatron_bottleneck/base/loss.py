@@ -93,7 +93,8 @@ class FusedLossRecord:
     for a low-rank head, H for a dense one; already multiplied by ``logit_scale``). weight: this rank's vocab
     shard F, detached, ``[V_local, k]``; mix: M with W = F M (``[k, D]``), None for a dense head.
     labels: ``[s, b]`` global class ids. vocab_start: global id of F's row 0. vocab_size: real V.
-    logit_scale: the factor the logits carry (MuP's output multiplier; 1.0 otherwise).
+    logit_scale: c, the factor the logits carry (MuP's output multiplier; 1.0 otherwise). The probe's G is the
+    gradient at the head's own logits z, c dL/d(c z) (what an unfused probe hooks, and what dL/dH carries).
     """
 
     loss: torch.Tensor

@@ -12,6 +12,9 @@ cotangent is the full one on every rank; a sharded tensor's cotangent is this ra
 * :func:`tp_log_softmax`: sharded logits z ``[..., V_local]`` -> sharded log-probabilities
   u = z - lse(z) with lse over the whole vocabulary (every shard). Forward: one MAX and one SUM all-reduce
   of ``[...]`` vectors; backward dz = g - p * allreduce(sum_local g); JVP du = dz - allreduce(sum_local p dz).
+  Float32 for 16-bit logits (:func:`softmax_dtype`): z is cast to float32 *before* the max, the exp-sums
+  and their all-reduces, as Megatron's ``vocab_parallel_cross_entropy`` does (one float32 copy of the
+  logit shard, saved for the backward; the cotangent of z comes back in z's dtype). u is float32 then.
 
 All three are plain torch ops for ``group=None`` (or a group of one rank) and custom
 ``torch.autograd.Function`` s with ``setup_context`` and ``jvp`` otherwise, so they work under autograd,
@@ -23,7 +26,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["tp_copy", "tp_reduce_sum", "tp_log_softmax", "tp_size"]
+__all__ = ["tp_copy", "tp_reduce_sum", "tp_log_softmax", "tp_size", "softmax_dtype"]
+
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax maths (log-softmax, exp-sums, log-sum-exp) run in for inputs of ``dtype``: float32
+    for bf16 / fp16 (Megatron's cross-entropy works in float32 whatever the logits' dtype), else ``dtype``."""
+    return torch.float32 if dtype in _SIXTEEN_BIT else dtype
 
 
 def tp_size(group) -> int:
@@ -76,7 +87,8 @@ class _ReduceSum(torch.autograd.Function):
 
 
 def _global_lse(z: torch.Tensor, group) -> torch.Tensor:
-    """log sum_i exp(z_i) over the last dim of every shard, ``[..., 1]`` (float ops in z's dtype)."""
+    """log sum_i exp(z_i) over the last dim of every shard, ``[..., 1]`` (float ops in z's dtype: the caller
+    casts 16-bit z to float32 first)."""
     if z.shape[-1]:
         m = z.detach().amax(dim=-1, keepdim=True)
     else:
@@ -128,7 +140,9 @@ def tp_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def tp_log_softmax(z: torch.Tensor, group=None) -> torch.Tensor:
-    """u = z - log sum_(all shards) exp(z) over the last dim: this rank's columns of the log-softmax."""
+    """u = z - log sum_(all shards) exp(z) over the last dim: this rank's columns of the log-softmax, in
+    :func:`softmax_dtype` (float32 for 16-bit z: cast before the max / sum all-reduces, never after)."""
+    z = z.to(softmax_dtype(z.dtype))
     if tp_size(group) == 1:
         return torch.log_softmax(z, dim=-1)
     return _LogSoftmax.apply(z, group)[0]

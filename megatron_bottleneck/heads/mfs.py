@@ -17,7 +17,8 @@ The J partitions are contiguous blocks of the real vocabulary, ceil(V / J) ids e
 columns block by block (a slice of W per block: no copy of W). The original model also feeds the facets the
 last layers' hidden states and the context; a head here sees only h, so every facet is a function of h.
 J = 1 is the mixture of softmaxes with K components. Loss: materialised (this rank's ``[T, K, V/tp]``
-logits; the fused op has one weight per pass and no partition switch). Parameters: V D + (J + K - 1) D^2 + K D.
+logits; the fused op has one weight per pass and no partition switch), log pi, log p_k and u in float32 for
+16-bit parameters (cast before the softmaxes and their all-reduces). Parameters: V D + (J + K - 1) D^2 + K D.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 
 from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext
-from ..base.tp_autograd import tp_log_softmax
+from ..base.tp_autograd import softmax_dtype, tp_log_softmax
 from .vocab_parallel import VocabParallelHead
 
 __all__ = ["MultiFacetOptions", "MultiFacetHead"]
@@ -70,7 +71,8 @@ class MultiFacetHead(VocabParallelHead):
 
     def replicated_part(self, p, h):
         f = torch.tanh(torch.einsum("...d,fed->...fe", h, p["proj"]))  # [..., F, D]
-        log_pi = torch.log_softmax(torch.matmul(h, p["prior"].t()), dim=-1)  # [..., K]
+        prior_logits = torch.matmul(h, p["prior"].t())  # [..., K]
+        log_pi = torch.log_softmax(prior_logits.to(softmax_dtype(prior_logits.dtype)), dim=-1)  # float32 for 16-bit
         return f, log_pi
 
     def _first_facet(self, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ With K components, head input h ``[..., D]``, replicated P_k ``[D, D]`` (``proj`
     p(i | h) = sum_k pi_k softmax(W h_k)_i
     u_i = log p(i | h) = logsumexp_k (log pi_k + W_i h_k - lse_k),   lse_k = log sum_j exp(W_j h_k)
 
-Loss -log p(y) = -logsumexp_k(log pi_k + log p_k(y)), computed stably in log space. Fused (``fused=True``,
+Loss -log p(y) = -logsumexp_k(log pi_k + log p_k(y)), computed stably in log space. The GEMMs run in the
+parameters' dtype; log pi, log p_k and u in float32 for 16-bit parameters (cast before the softmaxes and their
+all-reduces: :func:`~megatron_bottleneck.base.tp_autograd.tp_log_softmax`). Fused (``fused=True``,
 the default): K passes of :func:`megatron_bottleneck.ops.linear_cross_entropy` sharing W (each an online
 log-sum-exp over the vocabulary chunks, no ``[T, V]`` logits), log p_k(y) = -CE_k, combined with log pi by a
 log-sum-exp over k; gradients through the op's backward (it takes any per-token dL/dCE_k). Label smoothing
@@ -26,7 +28,7 @@ from megatron.core.utils import get_pg_size
 
 from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext
-from ..base.tp_autograd import tp_log_softmax
+from ..base.tp_autograd import softmax_dtype, tp_log_softmax
 from ..ops import linear_cross_entropy
 from .contract import FusedLossConfig, tp_region_input
 from .vocab_parallel import VocabParallelHead, vocab_parallel_nll
@@ -65,7 +67,8 @@ class MixtureOfSoftmaxesHead(VocabParallelHead):
 
     def replicated_part(self, p, h):
         hk = torch.tanh(torch.einsum("...d,ked->...ke", h, p["proj"]))  # [..., K, D]
-        log_pi = torch.log_softmax(torch.matmul(h, p["prior"].t()), dim=-1)  # [..., K]
+        prior_logits = torch.matmul(h, p["prior"].t())  # [..., K]
+        log_pi = torch.log_softmax(prior_logits.to(softmax_dtype(prior_logits.dtype)), dim=-1)  # float32 for 16-bit
         return hk, log_pi
 
     def sharded_part(self, p, hk, log_pi):

@@ -7,7 +7,10 @@ Three maps f, applied entry-wise to z ``[..., V/tp]`` (W vocab-sharded ``[V/tp, 
     monotone (Ganea et al. 2019):     f(z) = z + sum_j softplus(a_j) tanh(z - b_j)
                                       (learnable, strictly increasing: f' >= 1; ``terms`` = J pairs a, b)
 
-u = log softmax(f(z)) over the whole vocabulary (max and sum-exp all-reduced over TP). The fused op
+u = log softmax(f(z)) over the whole vocabulary (max and sum-exp all-reduced over TP). For 16-bit
+parameters z comes out of the 16-bit GEMM and is cast to float32 before f (:func:`~megatron_bottleneck.base.
+tp_autograd.softmax_dtype`): f, the softmax and u are float32, as Megatron's cross-entropy of 16-bit logits
+(one float32 copy of the logit shard; f's own autograd intermediates, in float32). The fused op
 (:func:`megatron_bottleneck.ops.linear_cross_entropy`) computes the online log-sum-exp of z itself and takes
 no pointwise transform, so these heads MATERIALISE this rank's ``[T, V/tp]`` logits (forward and loss); a
 chunked online log-sum-exp over f(z) is possible and would need f inside the op's chunk loop (not done).
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext
-from ..base.tp_autograd import tp_log_softmax
+from ..base.tp_autograd import softmax_dtype, tp_log_softmax
 from .vocab_parallel import VocabParallelHead
 
 __all__ = ["SigsoftmaxOptions", "SoftcapOptions", "MonotoneOptions", "PointwiseLogitHead", "TRANSFORMS"]
@@ -78,17 +81,17 @@ class PointwiseLogitHead(VocabParallelHead):
             self.add_replicated("mono_shift", torch.linspace(-2.0, 2.0, j) if j > 1 else torch.zeros(1))
 
     def f(self, p, z: torch.Tensor) -> torch.Tensor:
-        """The pointwise map of the logits z."""
+        """The pointwise map of the logits z (in z's dtype; its parameters cast to it)."""
         if self.transform == "sigsoftmax":
             return z + F.logsigmoid(z)
         if self.transform == "softcap":
             return self.cap * torch.tanh(z / self.cap)
-        scale, shift = F.softplus(p["mono_scale"]), p["mono_shift"]
+        scale, shift = F.softplus(p["mono_scale"].to(z.dtype)), p["mono_shift"].to(z.dtype)
         return z + (scale * torch.tanh(z.unsqueeze(-1) - shift)).sum(dim=-1)
 
     def sharded_part(self, p, h):
-        z = torch.matmul(h, self.weight_rows(p).t())  # [..., n_valid]
-        return tp_log_softmax(self.f(p, z), self.tp_group)
+        z = torch.matmul(h, self.weight_rows(p).t())  # [..., n_valid], the GEMM in the parameters' dtype
+        return tp_log_softmax(self.f(p, z.to(softmax_dtype(z.dtype))), self.tp_group)
 
     def extra_repr(self) -> str:
         return f"transform={self.transform}, " + super().extra_repr()

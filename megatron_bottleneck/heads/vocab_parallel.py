@@ -15,8 +15,14 @@ cotangents), or all-gathered over the sequence under sequence parallelism (backw
 the low-rank head's U. Replicated parameters of ``replicated_part`` then see the local sequence shard under
 SP and carry ``sequence_parallel = True`` (Megatron's ``finalize_model_grads`` all-reduces them).
 
-From these the base class gives: the unfused forward (``logits_forward``: u itself, padded rows at the dtype's
-minimum, so that Megatron's vocab-parallel cross-entropy of it is -log p(y)), the materialised loss (``loss``:
+Precision: the GEMMs run in the parameters' dtype; every softmax, log-softmax and exp-sum in float32 for 16-bit
+parameters, the cast made before the vocab-parallel max / sum all-reduces (as Megatron's cross-entropy keeps its
+softmax in float32), so u is float32 and a 16-bit head's per-token loss is as accurate as Megatron's dense
+path's (``tests/unit/test_head_precision.py``).
+
+From these the base class gives: the unfused forward (``logits_forward``: u itself, float32 for 16-bit
+parameters, padded rows at the dtype's minimum, so that Megatron's vocab-parallel cross-entropy of it is
+-log p(y)), the materialised loss (``loss``:
 -log p(y) from u, picked and all-reduced; label smoothing over the real vocabulary; no z-loss, whose lse is 0
 for normalised log-probabilities, and no FP8), ``log_prob_fn`` (the general probe's contract,
 :class:`~megatron_bottleneck.base.head.HeadLogProb`), TP-invariant initialisation (every full tensor drawn on
@@ -48,7 +54,7 @@ __all__ = ["VocabParallelHead", "vocab_parallel_nll"]
 def vocab_parallel_nll(u: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int, tp_group,
                        label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
     """Per-token loss ``[...]`` float32 from this rank's log-probability columns u ``[..., n_valid]`` (global
-    rows vocab_start + j): -log p(y) (all-reduced over ``tp_group``), with Megatron's label smoothing over the V
+    rows vocab_start + j; float32 for 16-bit heads, see the module docstring): -log p(y) (all-reduced over ``tp_group``), with Megatron's label smoothing over the V
     real classes: (1 - s)(-log p_y) - s mean_i log p_i, s = alpha V / (V - 1); 0 where y == ignore_index."""
     n = u.shape[-1]
     valid = labels != ignore_index
@@ -165,8 +171,9 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
         return self._sharded(p, xs)
 
     def logits_forward(self, input_, weight=None, runtime_gather_output=None):
-        """The unfused forward: u = log p ``[s, b, V/tp]`` (padded rows at the dtype's minimum), gathered when
-        asked. Megatron's cross-entropy of u is -log p(y) (u is normalised)."""
+        """The unfused forward: u = log p ``[s, b, V/tp]`` (float32 for 16-bit parameters; padded rows at the
+        dtype's minimum), gathered when asked (in float32: cast before the gather). Megatron's cross-entropy of
+        u is -log p(y) (u is normalised)."""
         u = self.log_probs(input_, weight)
         pad = self.output_size_per_partition - u.shape[-1]
         if pad:

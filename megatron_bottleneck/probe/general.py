@@ -18,6 +18,13 @@ Jacobian). ``dh_t`` lies in ``range(M_t)`` (``g_t = C g_t``), so the system is c
 estimate ``dh_t^T x_k`` rises monotonically to ``visible_t`` (CG's iterate is the M-orthogonal projection of the
 solution on a growing Krylov space), so a destroyed ratio computed after any iteration is an upper bound.
 Torch only; the tensor-parallel reduction is a callable (sum over vocabulary shards).
+
+Precision for a 16-bit head: its ``log_prob_fn`` gives u in float32 (the softmax maths in float32, cast before
+the vocab-parallel all-reduces), G = exp(u) - q and the CG's scalars and vectors are float64, the VJP's cotangents
+and the JVP's outputs float32; the JVP / VJP themselves run through the head's own 16-bit GEMMs (the Jacobian
+of the 16-bit head; a float32 product would need a float32 copy of W). Measured against float64 on the same
+rounded weights: ||G|| as accurate as the 16-bit logits allow, the destroyed ratio and update cosine within
+~1e-3 (``tests/unit/test_head_precision.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.func as tfunc
 
-from ..base.tp_autograd import tp_reduce_sum
+from ..base.tp_autograd import tp_log_softmax, tp_reduce_sum
 
 __all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "logit_grad", "head_sums", "figures_from_sums",
            "head_figures", "SUM_NAMES"]
@@ -132,11 +139,18 @@ SUM_NAMES = ("visible", "grad_sq", "residual_max", "update_inner", "update_sq", 
 
 
 def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_size: int,
-               scale: Optional[Tensor] = None, label_smoothing: float = 0.0) -> Tensor:
+               scale: Optional[Tensor] = None, label_smoothing: float = 0.0, logit_scale: float = 1.0,
+               tp_group=None) -> Tensor:
     """This rank's columns of the logit gradient ``g_t = w_t (p_t - q_t)``, float64 ``[T, n_valid]``, from the
     effective log-probabilities u ``[T, n_valid]`` (p = exp u, normalised over every shard) and global labels
     ``[T]``: q_t = (1 - s) onehot(y_t) + s / V (Megatron's label smoothing, s = alpha V / (V - 1); s = 0 without),
-    w_t = ``scale[t]`` (dL/dloss_t; None: 1), and g_t = 0 for y_t = -100. No host sync (no ``nonzero``)."""
+    w_t = ``scale[t]`` (dL/dloss_t; None: 1), and g_t = 0 for y_t = -100. No host sync (no ``nonzero``).
+
+    ``logit_scale`` c != 1 (MuP's output multiplier, applied by the model to the head's output u): the loss
+    is the cross-entropy of c u, so p = softmax(c u) (normalised over every shard of ``tp_group``: one MAX
+    and one SUM all-reduce, every rank calls it) and the gradient at u itself is c w_t (p_t - q_t)."""
+    if logit_scale != 1.0:
+        u = tp_log_softmax(u.detach().double() * logit_scale, tp_group)
     p = u.detach().double().exp()
     y = labels.reshape(-1)
     local = y - vocab_start
@@ -145,7 +159,7 @@ def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_
     g = p - s / vocab_size if s else p.clone()
     idx = torch.where(mine, local, torch.zeros_like(local)).unsqueeze(-1)
     g.scatter_add_(1, idx, torch.where(mine, -(1.0 - s), 0.0).to(g.dtype).unsqueeze(-1))
-    w = (y != -100).to(g.dtype)
+    w = (y != -100).to(g.dtype) * logit_scale
     if scale is not None:
         w = w * scale.reshape(-1).to(g.dtype)
     return g * w[:, None]
@@ -153,7 +167,7 @@ def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_
 
 def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: Optional[Tensor] = None,
               iterations: Optional[int] = None, update: bool = False, scale: Optional[Tensor] = None,
-              label_smoothing: float = 0.0) -> Tensor:
+              label_smoothing: float = 0.0, logit_scale: float = 1.0) -> Tensor:
     """The probe's sums for any head on one batch of T tokens: a float64 vector in the order of
     :data:`SUM_NAMES`, the same on every TP rank (already reduced over the vocabulary shards), on the device (no
     host sync). :func:`figures_from_sums` turns it (or a sum of such vectors, ``residual_max`` excepted) into the
@@ -164,8 +178,8 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
     (e.g. the unfused head's dL/du from autograd), as g_t = c_t - p_t sum_i c_ti (sum over every shard: the
     logit gradient with the same J^T c, u being normalised; c itself for a cross-entropy of u as logits,
     w (p - q), and p - q for an NLL of u, -w q), or built from ``labels`` ``[T]`` by :func:`logit_grad`
-    (``scale``: dL/dloss_t ``[T]``, ``label_smoothing``). Then, with dh_t = J_t^T g_t
-    (one VJP) and visible_t from :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
+    (``scale``: dL/dloss_t ``[T]``, ``label_smoothing``, ``logit_scale``: MuP's multiplier c of the model's
+    logits c u). Then, with dh_t = J_t^T g_t (one VJP) and visible_t from :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
     CG, visible = 0):
 
     * ``visible`` sum_t visible_t (a lower bound on sum_t ||P_t g_t||^2 whatever the count); ``grad_sq``
@@ -187,7 +201,7 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
         u, vjp_h = tfunc.vjp(u_of_h, h)
         if grad is None:
             g = logit_grad(u, labels, log_prob.vocab_start, log_prob.n_valid, log_prob.vocab_size, scale,
-                           label_smoothing)
+                           label_smoothing, logit_scale, log_prob.tp_group)
         else:  # the logit gradient with the same J^T c: c - p sum_i c_i (c itself when c = w (p - q))
             c = grad.detach().reshape(-1, u.shape[-1]).double()
             g = c - u.detach().double().exp() * reduce(c.sum(-1, keepdim=True))

@@ -137,6 +137,7 @@ class _Plan:
     watch_hidden: bool = False
     sequence_parallel: bool = False
     general: bool = False  # a non-linear head's token sample is measured at the step's close
+    logit_scale: float = 1.0  # the fused loss's multiplier of the head's logits (MuP's output multiplier)
 
     @property
     def any(self) -> bool:
@@ -490,6 +491,7 @@ class GradientProbe:
         tp = get_pg_size(self.tp_group)
         sp = bool(getattr(module, "sequence_parallel", False)) and tp > 1
         plan.fused, plan.sequence_parallel, plan.general = fused, sp, True
+        plan.logit_scale = float(ctx.logit_scale) if fused else 1.0
         rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
         n = max(0, min(rows * (tp if sp else 1), self.config.general_tokens - self._gen_taken))
         self._gen_taken += n
@@ -543,7 +545,7 @@ class GradientProbe:
             if plan.fused:
                 return h, {"labels": torch.cat([s["labels"] for s in samples]),
                            "scale": torch.cat([s["scale"] for s in samples]),
-                           "label_smoothing": samples[0]["smoothing"]}
+                           "label_smoothing": samples[0]["smoothing"], "logit_scale": plan.logit_scale}
             return h, {"grad": torch.cat([s["grad"] for s in samples])}
 
         got = self._try(inputs)
@@ -553,7 +555,10 @@ class GradientProbe:
             self._failed = self._failed or RuntimeError("the general probe's token sample is incomplete")
             p = next(iter(lp.params.values()))
             h = torch.zeros(n, self._shape.d, dtype=p.dtype, device=dev)
-            kw = {"grad": torch.zeros(n, self._shape.v_local, dtype=torch.float64, device=dev)}
+            if plan.fused:  # the healthy ranks' path, its collectives included (MuP's normaliser), G = 0
+                kw = {"labels": torch.full((n,), -100, dtype=torch.long, device=dev), "logit_scale": plan.logit_scale}
+            else:
+                kw = {"grad": torch.zeros(n, self._shape.v_local, dtype=torch.float64, device=dev)}
         try:
             sums = head_sums(lp, h, iterations=cfg.general_iterations if plan.cheap else 0, update=plan.update,
                              **kw)
@@ -589,6 +594,10 @@ class GradientProbe:
 
     def _fused_output_grad(self, grad_out, mb: _MicroBatch) -> None:
         rec = mb.record
+        # G is the gradient at the head's own logits z (what the unfused probe hooks), and the fused pass ran
+        # on c z (MuP's output multiplier c = logit_scale, folded into its input): dL/dz = c dL/d(cz), i.e.
+        # dL/dloss_t scaled by c in both the norms (c^2 ||.||^2) and the update slice's rows, as dL/dH carries c
+        grad_out = grad_out * rec.logit_scale if rec.logit_scale != 1.0 else grad_out
         if self._acc is not None:
             self._acc.add_logit_sq_norms(rec.stats.logit_grad_sq_norm(grad_out), mb.view)
         n = mb.slice_rows

@@ -80,6 +80,54 @@ def test_mup_logit_scale_is_inside_the_fused_loss(megatron_one_rank):
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
 
 
+def _probed_step(model, fused: bool, update: bool):
+    """One forward-backward of ``model`` (fused or not) under a fresh probe: its figures."""
+    if fused:
+        H.enable_fused_loss(model)
+    else:
+        H.disable_fused_loss(model)
+    probe = mb.GradientProbe(mb.ProbeConfig(interval=1, update_interval=int(update), vocab_size=support.VOCAB,
+                                            general_tokens=support.MICRO * support.SEQ, general_iterations=64))
+    probe.watch(model, num_microbatches=1)
+    model.zero_grad()
+    b = support.batches()[0]
+    pos = torch.arange(support.SEQ).unsqueeze(0).expand(support.MICRO, -1)
+    model(b["tokens"], pos, None, labels=b["labels"]).mean().backward()
+    probe.end_step()
+    (figures,) = probe.history
+    probe.remove()
+    assert probe.last_error is None, probe.last_error
+    return figures
+
+
+@pytest.mark.parametrize("head", [8, None, "stacked:width=48,activation=tanh"], ids=["low_rank", "dense", "stacked"])
+def test_mup_fused_and_unfused_probe_figures_are_equal(megatron_one_rank, head):
+    """MuP multiplies the head's logits z by c = mup_output_mult after the head (megatron-core 0.19), and the
+    fused loss folds c into its input, so its hooked dL/dH carries c: the fused probe takes G = c dL/d(c z) (the
+    gradient at z, what the unfused probe hooks) in ||G||^2 and in the update slice, the general probe (stacked
+    head) p = softmax(c u) and G = c w (p - q). Fused and unfused figures then agree (1e-5); before, ||G||^2
+    lacked the c^2 that the visible energy (from dL/dH) carried, so the fused destroyed ratio differed."""
+    cfg = support.config()
+    if not hasattr(cfg, "use_mup"):
+        from importlib.metadata import version
+
+        pytest.skip(f"megatron-core {version('megatron-core')} has no MuP (TransformerConfig.use_mup, added after "
+                    f"0.16; the 3.12 lane's 0.19 runs this test)")
+    cfg = support.config(use_mup=True, mup_base_hidden_size=support.HIDDEN // 2)
+    assert cfg.mup_output_mult != 1.0
+    kw = {"head_rank": head} if not isinstance(head, str) else {"head": head}
+    torch.manual_seed(0)
+    model = mb.build_gpt_model(cfg, support.VOCAB, support.SEQ, **kw)
+    general = isinstance(head, str)
+    unfused = _probed_step(model, False, update=True)
+    fused = _probed_step(model, True, update=True)
+    keys = ["grad_norm", "destroyed_ratio", "visible_cosine", "update_cosine"] + \
+        ([] if general else ["hidden_grad_norm"])
+    for key in keys:
+        assert fused[key] == pytest.approx(unfused[key], rel=1e-5), (key, fused[key], unfused[key])
+    assert 0.0 < fused["destroyed_ratio"] < 0.999
+
+
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "z_loss_weight": 1e-2}, {"vocab_size": 90}])
 def test_recomputed_logit_gradient_equals_autograd(kw):
     gen = torch.Generator().manual_seed(0)
