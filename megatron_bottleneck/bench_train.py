@@ -15,7 +15,10 @@ rank and aggregated:
   square GEMMs in the training dtype on each rank);
 * peak memory: CUDA ``max_memory_allocated`` on GPUs; on CPUs the process's peak RSS.
 
-On GPUs the hooks synchronise the device so that their times are real (a small cost, for benchmarking only).
+Where: ``train.device`` (:func:`~megatron_bottleneck.base.device.resolve_device`), under torchrun or on ``nproc``
+local ranks: one GPU per rank when visible (NCCL), else CPU ranks (gloo, CPU mode); ``train.device=cuda`` without
+the GPUs is one error line before any rank starts. On GPUs the hooks synchronise the device so that their times
+are real (a small cost, for benchmarking only).
 ``head_ranks`` runs one configuration per head rank (``None`` = dense) and returns one row each; ``fp8_recipes``
 (e.g. ``[None, "delayed", "tensorwise"]``) does the same per backbone FP8 recipe (``model.fp8``), rank within recipe,
 so BF16 and FP8 steps are compared in one run. ``overlaps`` (e.g. ``[False, True]``) does the same per setting of
@@ -213,7 +216,7 @@ def bench_train(config: TrainConfig, steps: int = 10, warmup: int = 2, nproc: Op
         else:
             cfg.check_world(world)
             per_rank = launch(functools.partial(_bench_rank, cfg.to_dict(), steps, warmup), world,
-                              timeout=24 * 3600)[0]
+                              timeout=24 * 3600, device=cfg.train.device, option="train.device")[0]
         rows.append(_aggregate(cfg, per_rank))
     for row in rows:  # tokens/s over the same configuration without overlap
         base = next((r for r in rows if not r["overlap_grad_reduce"] and not r["overlap_param_gather"]

@@ -1,6 +1,9 @@
 """``megatron-bottleneck``: spamlang | train | sweep | zoo | probe | measure | eval | report | demo | bench-train.
 
-Commands that train run on CPU ranks of this machine (gloo) unless started under ``torchrun``. Options and
+Devices (``--device`` / ``train.device``: auto | cpu | cuda | cuda:N): auto runs on the GPUs when visible (one per
+rank, NCCL, bf16), else on CPU ranks (gloo, CPU mode, fp32); cpu runs on CPU ranks; cuda / cuda:N run on that GPU
+or stop with one error line, never silently on the CPU (sweep, zoo and demo run CPU processes). Without ``torchrun`` the ranks are started on this machine
+(``--nproc``); under ``torchrun`` they are its ranks (no GPU there: an error unless ``MB_CPU=1``). Options and
 ``section.key=value`` overrides may come in any order. Errors print one line per distinct message
 (``error: ...``), whichever rank raised them, and exit with status 2 for bad input (1 for anything else);
 ``--debug`` adds the tracebacks.
@@ -76,9 +79,10 @@ def cmd_zoo(a):
 
 
 def cmd_probe(a):
+    _check_device(a.device)
     from .train import probe_checkpoint
 
-    figures = probe_checkpoint(a.checkpoint, a.data, batches=a.batches, nproc=a.nproc)
+    figures = probe_checkpoint(a.checkpoint, a.data, batches=a.batches, nproc=a.nproc, device=a.device)
     text = json.dumps(figures, indent=2)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
@@ -86,7 +90,15 @@ def cmd_probe(a):
     print(text)
 
 
+def _check_device(device):
+    """A GPU asked for and absent: one error line before the heavy imports (the APIs check again, the same way)."""
+    from .base.device import choose_device
+
+    choose_device(device)
+
+
 def cmd_measure(a):
+    _check_device(a.device)
     from .measure import MeasureConfig, load_model_list, measure_model
 
     try:  # transformers' loading bars and notices are not measure's output (errors still come as one line)
@@ -115,6 +127,7 @@ def cmd_measure(a):
 
 
 def cmd_eval(a):
+    _check_device(a.device)
     from .evaluate import evaluate_checkpoint
 
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
@@ -185,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train from a YAML config (section.key=value overrides)")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
-    s.add_argument("--nproc", type=int, default=None, help="CPU ranks (default: TP x PP); ignored under torchrun")
+    s.add_argument("--nproc", type=int, default=None, help="local ranks (default: TP x PP), on train.device: one GPU "
+                   "each when visible (auto, cuda), else CPU ranks; ignored under torchrun")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sweep", help="grid over vocabulary size, head rank and learning rate on SpamLang")
@@ -215,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="checkpoint directory (the one holding 'latest', or an iter_* dir)")
     s.add_argument("--data", required=True, help="indexed dataset prefix")
     s.add_argument("--batches", type=int, default=4)
-    s.add_argument("--nproc", type=int, default=None)
+    s.add_argument("--nproc", type=int, default=None, help="local ranks (default: the checkpoint's TP x PP)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda: auto is one GPU per rank when visible, "
+                   "else CPU ranks; cuda without enough GPUs is an error (default: auto)")
     s.add_argument("--out", default=None, help="write the figures as JSON here")
     s.set_defaults(fn=cmd_probe)
 
@@ -235,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank-budget", type=int, default=4096, help="tokens of the rank-vs-tokens curve (0: none)")
     s.add_argument("--batch-size", type=int, default=8, help="documents per forward")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"))
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the local GPU, else CPU)")
+    s.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto: the local GPU when one "
+                   "is visible, else the CPU); a GPU that is not there is an error")
     s.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_measure)
@@ -250,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write results.json here (default: <run_dir>/eval when the "
                    "checkpoint lies in a run directory, else <checkpoint dir>/eval)")
     s.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: the local GPU when "
+                   "one is visible, else the CPU); a GPU that is not there is an error")
     s.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     s.add_argument("--num-fewshot", type=int, default=0)
     s.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
@@ -274,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--nproc", type=int, default=None, help="CPU ranks (default: TP x PP); ignored under torchrun")
+    s.add_argument("--nproc", type=int, default=None, help="local ranks (default: TP x PP), on train.device: one GPU "
+                   "each when visible (auto, cuda), else CPU ranks; ignored under torchrun")
     s.add_argument("--head-ranks", default=None, help="one row per head rank, e.g. dense,256,32")
     s.add_argument("--fp8", default=None, help="one row per backbone FP8 recipe (x head rank), e.g. "
                    "none,delayed,tensorwise (Transformer Engine and a GPU)")

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from ..base.device import choose_device
 from ..base.errors import ConfigError
 from .scorer import checkpoint_config, checkpoint_tokenizer, open_checkpoint, resolve_checkpoint
 from .tasks import DEFAULT_TASKS, EVAL_DIR, RESULTS
@@ -116,7 +117,10 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS, o
                         include_path: Optional[str] = None, tokenizer: Optional[str] = None,
                         num_fewshot: int = 0) -> Dict:
     """Score ``checkpoint`` on lm-eval ``tasks`` (zero-shot by default) and write ``<out_dir>/results.json``;
-    returns the results dict with ``path`` added."""
+    returns the results dict with ``path`` added. ``device``: auto | cpu | cuda | cuda:N (see
+    :func:`~megatron_bottleneck.evaluate.scorer.open_checkpoint`), checked first: a GPU asked for and absent is
+    one :class:`~megatron_bottleneck.base.errors.DeviceError` line."""
+    choose_device(device)
     lm_eval = _lm_eval()
     from lm_eval.utils import handle_non_serializable
 

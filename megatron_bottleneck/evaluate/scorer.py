@@ -29,6 +29,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..base.device import DeviceChoice, choose_device
 from ..base.errors import CheckpointError, DataError, DeviceError
 from ..data.spamlang import spamlang_sequence_tokens
 from ..data.text import load_tokenizer, recorded_tokenizer
@@ -150,30 +151,20 @@ class CheckpointScorer:
         return out  # type: ignore[return-value]
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: no GPU is visible to this process; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise DeviceError(f"--device {device!r}: use auto, cpu or cuda[:N]")
-    return torch.device(device)
-
-
 @contextlib.contextmanager
-def _one_rank(dev: torch.device) -> Iterator[None]:
-    """A one-rank process group (unless one exists: its world must be 1), CPU mode on CPU, Megatron's
-    parallel state at TP = PP = 1; all undone afterwards."""
+def _one_rank(choice: DeviceChoice) -> Iterator[None]:
+    """A one-rank process group on ``choice`` (unless one exists: its world must be 1), CPU mode for a CPU
+    choice only, Megatron's parallel state at TP = PP = 1; all undone afterwards."""
     own = not dist.is_initialized()
     if own:
         store = dist.HashStore()  # one rank, one process: no TCP port
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+        if not choice.cpu_mode:
+            torch.cuda.set_device(choice.device)
+        dist.init_process_group(choice.backend, store=store, rank=0, world_size=1)
     elif dist.get_world_size() != 1:
         raise DeviceError("eval runs in one process: start it without torchrun")
     try:
-        with (cpu_mode() if dev.type == "cpu" else contextlib.nullcontext()):
+        with (cpu_mode() if choice.cpu_mode else contextlib.nullcontext()):
             initialize_parallel(1, 1, seed=0)
             try:
                 yield
@@ -188,16 +179,18 @@ def _one_rank(dev: torch.device) -> Iterator[None]:
 def open_checkpoint(path: str, device: str = "auto", batch_size: int = 8, eod: int = 0) -> Iterator[Tuple[CheckpointScorer,
                                                                                           TrainConfig]]:
     """``with open_checkpoint(path) as (scorer, config):`` the checkpoint's model at TP = PP = 1 on ``device``
-    (auto: a GPU when one is visible; bf16 there when the run trained in bf16, else fp32) in eval mode."""
+    (auto | cpu | cuda | cuda:N, by :func:`~megatron_bottleneck.base.device.resolve_device`: auto is the GPU
+    ``cuda:LOCAL_RANK`` when one is visible, else the CPU; a GPU asked for and absent is one
+    :class:`DeviceError` line) in eval mode; bf16 on a GPU when the run trained in bf16 (or auto), fp32 on CPU."""
+    choice = choose_device(device)  # before anything loads
     ckpt = resolve_checkpoint(path)
     cfg = checkpoint_config(ckpt)
-    dev = _device(device)
     p = cfg.parallel
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1
     p.virtual_pipeline_model_parallel_size, p.sequence_parallel = None, False
-    if dev.type == "cpu":
+    if choice.cpu_mode:
         cfg.train.precision, cfg.train.cpu_initialization = "fp32", True
-    with _one_rank(dev):
+    with _one_rank(choice):
         _tcfg, chunks = build_models(cfg)
         try:
             load_model_only(ckpt, chunks)
@@ -207,6 +200,6 @@ def open_checkpoint(path: str, device: str = "auto", batch_size: int = 8, eod: i
             lines = [x.strip() for x in str(exc).splitlines() if x.strip() and not set(x.strip()) <= set("^~")]
             raise CheckpointError(f"{ckpt}: the model does not load from it ({lines[-1] if lines else type(exc).__name__}"
                                   "): its config.yaml must be the one saved with these weights") from None
-        model = chunks[0].to(dev).eval()
-        yield CheckpointScorer(model, cfg.model.vocab_size, cfg.model.seq_length, eod=eod, device=dev,
+        model = chunks[0].to(choice.device).eval()
+        yield CheckpointScorer(model, cfg.model.vocab_size, cfg.model.seq_length, eod=eod, device=choice.device,
                                batch_size=batch_size), cfg

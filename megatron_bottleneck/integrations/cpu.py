@@ -7,6 +7,8 @@ distributed optimizer and the pipeline schedules run on CPU:
 ==============================================  ==============================================
 Megatron-Core calls                              redirected to
 ==============================================  ==============================================
+``torch.cuda.is_available()``                     ``False``, ``0``: a CPU rank sees no GPU, even
+``torch.cuda.device_count()``                     on a GPU machine (auto precision is fp32)
 ``torch.cuda.current_device()``                   ``"cpu"`` (used as an allocation device)
 ``torch.cuda.synchronize()``                      no-op
 ``torch.cuda.current_stream()`` (0.19 DDP)        a stream object whose methods are no-ops
@@ -27,7 +29,9 @@ context-manager form. What was patched is logged once (logger ``megatron_bottlen
 :func:`cpu_mode_patches`. Extra patch sets (e.g. for Megatron-LM's ``megatron/training``) register with
 :func:`register_patch_set` and are applied when their package imports.
 
-Nothing changes until :func:`enable_cpu_mode` is called; on a CUDA machine, simply do not call it. The
+Nothing changes until :func:`enable_cpu_mode` is called. It is for CPU runs only (the device decision,
+:func:`megatron_bottleneck.base.device.resolve_device`, says when: ``--device cpu``, or no GPU visible); a GPU
+run never calls it, and a CPU run on a GPU machine leaves the GPUs unused. The
 shadow generator keeps the tracker's bookkeeping exact without touching torch's CPU RNG, so dropout inside
 tensor-parallel regions draws from the ordinary CPU generator (identical across TP ranks). For debugging
 and CI, not for speed.
@@ -153,6 +157,8 @@ def _const(value):
 
 
 CORE_PATCHES: Tuple[Patch, ...] = (
+    Patch("torch.cuda", "is_available", _const(lambda: False), "a CPU rank sees no GPU (even on a GPU machine)"),
+    Patch("torch.cuda", "device_count", _const(lambda: 0), "a CPU rank sees no GPU (even on a GPU machine)"),
     Patch("torch.cuda", "current_device", _const(lambda: "cpu"), "allocation device of TP layers and buffers"),
     Patch("torch.cuda", "synchronize", _const(lambda device=None: None), "pipeline p2p synchronises"),
     Patch("torch.cuda", "current_stream", _const(lambda device=None: _STREAM), "DDP grad sync streams (0.19)"),

@@ -1,13 +1,18 @@
-"""Run a function on N local CPU ranks (gloo on 127.0.0.1, meeting in a file store).
+"""Run a function on N local ranks: CPU ranks (gloo on 127.0.0.1, CPU mode) or one rank per GPU (NCCL), meeting
+in a file store.
 
 The ranks are forked from a ``torch.multiprocessing`` fork server that has imported torch and Megatron-Core
 once (:data:`PRELOAD`, :mod:`.fork_preload`): a rank starts in well under a second instead of re-importing them (about 10 s of CPU
 per rank on 2 cores). Each rank gets the caller's environment, working directory, ``sys.path`` and
 ``__main__`` (as with ``spawn``: keep the ``if __name__ == "__main__":`` guard in scripts).
 
-Each rank has ``torch.distributed`` initialised and CPU mode on; Megatron's parallel state is up to the
-function (:func:`megatron_bottleneck.initialize_parallel`). Failures come back to the caller as one
-exception:
+Where the ranks run is ``launch``'s ``device`` (default ``"cpu"``), decided for each rank by
+:func:`~megatron_bottleneck.base.device.resolve_device` before any rank starts (a GPU that is not there is one
+:class:`~megatron_bottleneck.base.errors.DeviceError` line): a CPU rank joins a gloo group and enters CPU mode
+(:func:`~megatron_bottleneck.integrations.cpu.enable_cpu_mode`); a GPU rank ``r`` sets ``cuda:r`` as its device
+and joins an NCCL group, without CPU mode. Each rank has ``torch.distributed`` initialised; Megatron's parallel
+state is up to the function (:func:`megatron_bottleneck.initialize_parallel`). Failures come back to the caller
+as one exception:
 
 * a rank raised one of our errors (:class:`~megatron_bottleneck.base.errors.BottleneckError`): that error
   is raised again in the parent, same type and message (other ranks' failures, typically a collective
@@ -30,16 +35,17 @@ import socket
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.multiprocessing as mp
 
+from ..base.device import DeviceChoice, choose_device
 from ..base.errors import BottleneckError, RankFailure
 from ..base.quiet import quiet_megatron_warnings
 from .cpu import enable_cpu_mode
 
-__all__ = ["launch", "free_port"]
+__all__ = ["launch", "free_port", "init_process"]
 
 FAILURE_GRACE_S = 30.0
 """Seconds the other ranks get to report their own failure after one rank failed."""
@@ -69,19 +75,29 @@ def _describe(exc: BaseException) -> Dict[str, Any]:
             "ours": isinstance(exc, BottleneckError), "traceback": traceback.format_exc()}
 
 
-def _worker(rank: int, world_size: int, store_file: str, env: Dict[str, str], fn: Callable, args: Sequence,
-            queue) -> None:
+def init_process(choice: DeviceChoice, **init_kwargs: Any) -> None:
+    """Put this process on ``choice`` (:class:`~megatron_bottleneck.base.device.DeviceChoice`) and join the
+    process group: a GPU rank sets its CUDA device, then ``init_process_group("nccl", **init_kwargs)``; a CPU rank
+    ``init_process_group("gloo", ...)``, then CPU mode. ``init_kwargs``: rendezvous (none under torchrun)."""
+    if not choice.cpu_mode:
+        torch.cuda.set_device(choice.device)
+    torch.distributed.init_process_group(choice.backend, **init_kwargs)
+    if choice.cpu_mode:
+        enable_cpu_mode()
+
+
+def _worker(rank: int, world_size: int, store_file: str, env: Dict[str, str], choice: DeviceChoice, fn: Callable,
+            args: Sequence, queue) -> None:
     os.environ.clear()  # the caller's environment now, not the fork server's from its start
     os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     quiet_megatron_warnings()
     try:
         # The ranks meet in a file store, not on a TCP port: a port picked by free_port() can be taken by
         # another process before rank 0 binds it (EADDRINUSE when several launches run side by side).
-        torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
-                                             world_size=world_size)
-        enable_cpu_mode()
+        init_process(choice, init_method=f"file://{store_file}", rank=rank, world_size=world_size)
         # Plain pickle: torch's queue reducers share tensors through file descriptors, which die
         # with this process.
         queue.put((rank, True, pickle.dumps(fn(*args))))
@@ -117,34 +133,46 @@ def _rebuild(failures: Dict[int, Dict[str, Any]]) -> BaseException:
     return RankFailure(messages, tracebacks)
 
 
-def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) -> List[Any]:
-    """Run ``fn(*args)`` on ``world_size`` CPU ranks and return their results in rank order.
+def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0, device: Optional[str] = "cpu",
+           option: str = "--device") -> List[Any]:
+    """Run ``fn(*args)`` on ``world_size`` local ranks and return their results in rank order.
 
+    ``device``: ``"cpu"`` (the default: CPU ranks, gloo, CPU mode), ``"auto"`` / None (one GPU per rank when GPUs
+    are visible, else CPU ranks), ``"cuda"`` (rank ``r`` on ``cuda:r``) or ``"cuda:N"`` (one rank): the rule of
+    :func:`~megatron_bottleneck.base.device.resolve_device`, applied to every rank before any starts, so a GPU
+    that is not there (or fewer GPUs than ranks) is one :class:`DeviceError` naming ``option``.
     ``fn`` must be importable (a module-level function) and its result picklable. Raises the ranks'
     error as described in the module docstring; a rank that dies without a result (or a run past
     ``timeout`` seconds) raises :class:`RankFailure`.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    choices = [choose_device(device, local_rank=r, local_world_size=world_size, option=option)
+               for r in range(world_size)]
     ctx = _context()
     queue = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="mb-launch-")
     store_file = os.path.join(store_dir, "store")
     env = dict(os.environ)
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store_file, env, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store_file, env, choices[r], fn, args, queue))
              for r in range(world_size)]
-    previous = os.environ.get("PYTHONWARNINGS")
-    # A warning text shows once: the fork server (started by the first launch) imports Megatron-Core, which
-    # repeats its missing-Apex/TE warnings, under this filter.
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [previous, "once::UserWarning"]))
+    # The fork server (started by the first launch) inherits these: a warning text shows once (it imports
+    # Megatron-Core, which repeats its missing-Apex/TE warnings), and torch.cuda.is_available() there (Megatron-Core
+    # calls it on import) asks NVML instead of initialising CUDA, which would leave the forked GPU ranks unable
+    # to use CUDA. The ranks run with the caller's own environment.
+    server_env = {"PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "once::UserWarning"])),
+                  "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    previous = {k: os.environ.get(k) for k in server_env}
+    os.environ.update(server_env)
     try:
         for p in procs:
             p.start()
     finally:
-        if previous is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = previous
+        for k, v in previous.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     results: Dict[int, Any] = {}
     failures: Dict[int, Dict[str, Any]] = {}
     deadline = time.monotonic() + timeout

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..base.device import choose_device
 from ..base.errors import ConfigError, DataError
 from ..integrations.launch import launch
 from ..ops import slice_rows
@@ -81,7 +82,8 @@ class MeasureConfig:
     predicted tokens (None: no cap). rank_budget: tokens of the rank curve (0: none).
     batch_size: documents per forward. dtype: the backbone's dtype (float32 | bfloat16 | float64 | auto:
     bf16 on GPUs, fp32 on CPUs); the head's logits and softmax are float32 (float64 with float64).
-    device: None/auto (the local GPU, else CPU), or a torch device string. seed: the document shuffle's.
+    device: None/auto (the local GPU ``cuda:LOCAL_RANK`` when one is visible, else CPU), cpu, cuda or cuda:N;
+    a GPU asked for and absent is an error (:func:`~megatron_bottleneck.base.device.resolve_device`). seed: the document shuffle's.
     memory_budget_bytes: the head's per-chunk working memory (S x V float32 logits and gradient).
     progress: a progress bar with tokens/s on rank 0 (tqdm when installed and stderr is a terminal, else a
     plain line every 10 s).
@@ -364,26 +366,38 @@ def _measure_rank(cfg_dict: Dict, index: int) -> Optional[Dict]:
     return measure_loaded(model, cfg)
 
 
+def _torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def _run_one(cfg: MeasureConfig, index: int) -> Optional[Dict]:
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if torchrun:
-        init_distributed("auto")
+    if _torchrun():
         return _measure_rank(asdict(cfg), index)
     name = cfg.models[index]
     if is_megatron_lm_checkpoint(name):  # what it cannot build is one line before any rank starts
         check_megatron_lm_checkpoint(name)
     if is_trainer_checkpoint(name) or is_megatron_lm_checkpoint(name):  # Megatron-Core: one rank with a group
-        return launch(_measure_rank, 1, asdict(cfg), index, timeout=24 * 3600)[0]
+        return launch(_measure_rank, 1, asdict(cfg), index, timeout=24 * 3600, device=cfg.device)[0]
     return _measure_rank(asdict(cfg), index)
 
 
 def measure_model(cfg: MeasureConfig) -> List[Dict]:
     """Measure every model of ``cfg`` and write the outputs under ``cfg.out`` (rank 0); returns the results
-    (rank 0; an empty list on the other ranks)."""
+    (rank 0; an empty list on the other ranks).
+
+    Device: ``cfg.device`` by :func:`~megatron_bottleneck.base.device.resolve_device`, decided before anything
+    loads (a GPU asked for and absent is one :class:`~megatron_bottleneck.base.errors.DeviceError` line).
+    Outside torchrun, a trainer or Megatron-LM checkpoint runs in one launched rank on that device (a GPU rank
+    with NCCL, or a CPU rank in CPU mode); a HuggingFace model in this process. Under torchrun each rank takes
+    ``cuda:LOCAL_RANK`` (or CPU ranks on purpose: ``--device cpu`` or ``MB_CPU=1``)."""
     if not cfg.models:
         raise ConfigError("measure: give at least one MODEL (or --config models.yaml)")
     if not cfg.data:
         raise ConfigError("measure: give --data PATH (a .txt / .jsonl file or an indexed dataset prefix)")
+    if _torchrun():
+        init_distributed(cfg.device, option="--device")
+    else:
+        choose_device(cfg.device)  # a GPU that is not there: one line, before any model loads
     results = []
     for i in range(len(cfg.models)):
         res = _run_one(cfg, i)

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..base.device import auto_dtype, choose_device
 from ..base.errors import CheckpointError, ConfigError
 from ..base.head import HeadView, find_head, head_view
 from ..integrations.parallel import initialize_parallel
@@ -84,19 +85,11 @@ def _capture(head: torch.nn.Module, store: dict):
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
     if dtype not in table:
         raise ConfigError(f"--dtype must be float32, bfloat16, float64 or auto, got {dtype!r}")
     return table[dtype]
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def is_trainer_checkpoint(path: str) -> bool:
@@ -137,7 +130,7 @@ def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                device: Optional[str] = None) -> LoadedModel:
     """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer and Megatron-LM checkpoints
     need an initialised process group (see :func:`load_trainer_checkpoint`)."""
-    dev = resolve_device(device)
+    dev = choose_device(device).device
     if is_trainer_checkpoint(name):
         return load_trainer_checkpoint(name, dev)
     if is_megatron_lm_checkpoint(name):
@@ -206,7 +199,7 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
     holding one) through transformers' GGUF reader: dequantised to float32 on load, then cast to the measured
     dtype, the quantisation state dropped (:func:`_drop_gguf_quantization`)."""
     transformers = import_transformers()
-    dev = device or resolve_device(None)
+    dev = device or choose_device(None).device
     tdtype = _resolve_dtype(dtype, dev)
     gguf = gguf_source(name)
     folder, gguf_file = gguf if gguf else (name, None)

@@ -135,10 +135,12 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPUs, fp32 on CPUs."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """Where the ranks run. auto: CUDA GPUs (NCCL) when visible; with none visible, CPU ranks (gloo) under the
-    local launcher (``--nproc``), but under torchrun / Slurm a one-line error unless ``MB_CPU=1`` (a GPU job
-    that forgot ``--gpus-per-node`` must not train on CPU). cuda: GPUs or that error. cpu: CPU ranks with gloo
-    on purpose (no GPU may be visible: hide them with ``CUDA_VISIBLE_DEVICES=``)."""
+    """Where the ranks run (:func:`~megatron_bottleneck.base.device.resolve_device`), under torchrun and under the
+    local launcher (``--nproc``) alike. auto: one CUDA GPU per rank (``cuda:LOCAL_RANK``, NCCL, bf16 by
+    ``precision=auto``) when visible; with none visible, CPU ranks (gloo, CPU mode, fp32) under the local
+    launcher, but under torchrun / Slurm a one-line error unless ``MB_CPU=1`` (a GPU job that forgot
+    ``--gpus-per-node`` must not train on CPU). cuda: GPUs or a one-line error (also when a node runs more ranks
+    than it has GPUs). cpu: CPU ranks with gloo on purpose, GPUs visible or not (CPU mode hides them)."""
     cpu_initialization: Optional[bool] = None
     """Build every weight full-size on the host, then shard it (Megatron's ``use_cpu_initialization``: every
     TP size draws the same weights, at the cost of host memory and time); None: on CPU ranks only (on GPUs

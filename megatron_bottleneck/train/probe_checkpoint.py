@@ -70,11 +70,16 @@ def _probe_rank(ckpt: str, data_prefix: str, batches: int) -> Optional[Dict]:
     return out if reporter or not dist.is_initialized() else None
 
 
-def probe_checkpoint(path: str, data_prefix: str, batches: int = 4, nproc: Optional[int] = None) -> Dict:
-    """Figures of the checkpoint at ``path`` on ``data_prefix`` (run on CPU ranks of this machine)."""
+def probe_checkpoint(path: str, data_prefix: str, batches: int = 4, nproc: Optional[int] = None,
+                     device: Optional[str] = "auto") -> Dict:
+    """Figures of the checkpoint at ``path`` on ``data_prefix``, on ``nproc`` local ranks (default: the
+    checkpoint's TP x PP) on ``device`` (:func:`~megatron_bottleneck.base.device.resolve_device`): auto, one
+    GPU per rank when GPUs are visible (NCCL, the checkpoint's precision: auto is bf16) else CPU ranks (gloo,
+    CPU mode, fp32); cpu; cuda (a GPU per rank, or one :class:`~megatron_bottleneck.base.errors.DeviceError`
+    line)."""
     ckpt = resolve_checkpoint(path)
     cfg = _config(ckpt, data_prefix)
     world = nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     cfg.check_world(world)
-    results = launch(functools.partial(_probe_rank, ckpt, data_prefix, batches), world, timeout=3600)
+    results = launch(functools.partial(_probe_rank, ckpt, data_prefix, batches), world, timeout=3600, device=device)
     return next(r for r in results if r is not None)

@@ -5,7 +5,8 @@ console logging, atomic checkpoints and exact resume. Data-parallel communicatio
 reduce-scatter during backward, the parameter all-gather during forward) and checkpoints are written in the
 background, by default (``parallel.overlap_*``, ``checkpoint.async_save``).
 
-Runs under ``torchrun`` (NCCL on GPUs, gloo on CPUs) or through :func:`run` (CPU ranks on 127.0.0.1).
+Runs under ``torchrun`` or through :func:`run` (local ranks); either way on ``train.device``: NCCL on the GPUs
+when visible, gloo on CPU ranks (:func:`~megatron_bottleneck.base.device.resolve_device`).
 SIGTERM / SIGUSR1 (slurm preemption) make it save at the end of the current step and return.
 """
 from __future__ import annotations
@@ -26,12 +27,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from ..base.errors import DeviceError
+from ..base.device import DeviceChoice, choose_device
 from ..base.sinks import MetricsLogger
 from ..data import IdTokenizer, batches, build_gpt_datasets
 from ..heads import FusedLossConfig
-from ..integrations.cpu import enable_cpu_mode
-from ..integrations.launch import launch
+from ..integrations.launch import init_process, launch
 from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
 from ..models import build_gpt_model, llama_config
@@ -354,50 +354,33 @@ def _train_entry(cfg_dict: Dict) -> Dict:
     return out if (dist.get_rank() == dist.get_world_size() - 1) else {"iteration": out["iteration"]}
 
 
-def select_backend(device: str = "auto", torchrun: bool = True) -> str:
-    """The process-group backend for ``train.device`` (see its docstring): "nccl" with GPUs, "gloo" for
-    CPU ranks. Raises :class:`DeviceError` when a torchrun / Slurm job sees no GPU and did not ask for CPU
-    ranks (``MB_CPU=1`` or ``train.device=cpu``), so a job that forgot its GPUs cannot train on CPU."""
-    gpu = torch.cuda.is_available()
-    if device == "cpu":
-        if gpu:
-            raise DeviceError("train.device=cpu but CUDA GPUs are visible: hide them (CUDA_VISIBLE_DEVICES=) "
-                              "or set train.device=auto to train on them")
-        return "gloo"
-    if gpu:
-        return "nccl"
-    where = "this torchrun / Slurm job" if torchrun else "this machine"
-    if device == "cuda":
-        raise DeviceError(f"train.device=cuda but {where} sees no CUDA GPU: request GPUs (sbatch --gpus-per-node=N) "
-                          "or train on CPU ranks with train.device=cpu")
-    if torchrun and os.environ.get("MB_CPU") != "1":
-        raise DeviceError(f"no CUDA GPU is visible to {where} (host {socket.gethostname()}): request GPUs "
-                          "(sbatch --gpus-per-node=N, torchrun on a GPU node), or set MB_CPU=1 (or "
-                          "train.device=cpu) to train on CPU ranks with gloo on purpose")
-    return "gloo"
+def torchrun_device(device: Optional[str] = "auto", option: str = "train.device") -> DeviceChoice:
+    """This torchrun rank's device (:func:`~megatron_bottleneck.base.device.resolve_device` with torchrun's
+    ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``): ``auto`` without a GPU is a :class:`DeviceError` unless CPU ranks are
+    asked for (``MB_CPU=1`` or ``cpu``), so a job that forgot its GPUs does not run on CPU."""
+    return choose_device(device, cpu_allowed=os.environ.get("MB_CPU") == "1", option=option,
+                         where=f"this torchrun / Slurm job (host {socket.gethostname()})")
 
 
-def init_distributed(device: str = "auto") -> None:
-    """Under torchrun (RANK / WORLD_SIZE set): the process group, NCCL on GPUs, gloo + CPU mode on CPU
-    ranks (only when asked for or allowed, see :func:`select_backend`)."""
+def init_distributed(device: Optional[str] = "auto", option: str = "train.device") -> None:
+    """Under torchrun (RANK / WORLD_SIZE set): the process group of :func:`torchrun_device`'s choice, NCCL on
+    the rank's GPU ``cuda:LOCAL_RANK``, or gloo + CPU mode on CPU ranks
+    (:func:`~megatron_bottleneck.integrations.launch.init_process`)."""
     if dist.is_initialized():
         return
-    backend = select_backend(device, torchrun=True)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
-    if backend == "gloo":
-        enable_cpu_mode()
+    init_process(torchrun_device(device, option))
 
 
 def run(config: TrainConfig, nproc: Optional[int] = None) -> Dict:
-    """Train on this machine: under torchrun use its ranks; otherwise launch ``nproc`` CPU ranks
-    (default: tensor x pipeline parallel size). Returns the last rank's summary."""
+    """Train on this machine: under torchrun use its ranks; otherwise launch ``nproc`` local ranks (default:
+    tensor x pipeline parallel size) on ``train.device``: one GPU per rank when GPUs are visible (``auto``,
+    ``cuda``), else CPU ranks (see :func:`~megatron_bottleneck.base.device.resolve_device`). Returns the last
+    rank's summary."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         init_distributed(config.train.device)
         return Trainer(config).train()
-    select_backend(config.train.device, torchrun=False)  # cuda asked for and absent: one line, here
     p = config.parallel
     world = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     config.check_world(world)  # everything that needs no process, before spawning
-    return launch(_train_entry, world, config.to_dict(), timeout=24 * 3600)[-1]
+    return launch(_train_entry, world, config.to_dict(), timeout=24 * 3600, device=config.train.device,
+                  option="train.device")[-1]

@@ -61,3 +61,32 @@ def test_a_pool_that_cannot_start_fails_clearly(tmp_path):
     proc = subprocess.run([sys.executable, "-"], input=job, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert "DataError: tokenize_to_indexed: its 2 worker processes could not start" in proc.stdout, proc.stderr[-2000:]
+
+
+def where_am_i():
+    import torch
+
+    from megatron_bottleneck.integrations.cpu import is_cpu_mode
+
+    x = torch.ones(2, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(x)
+    return {"device": str(x.device), "backend": dist.get_backend(), "cpu_mode": is_cpu_mode(),
+            "cuda_visible": torch.cuda.is_available(), "sum": x.tolist()}
+
+
+def test_ranks_run_where_the_device_decision_says():
+    """auto without a GPU, and cpu always: CPU ranks (gloo, CPU mode, no GPU visible inside); with GPUs, auto and
+    cuda: rank r on cuda:r with NCCL and no CPU mode."""
+    import torch
+
+    world = 2
+    for device in ("cpu",) + (() if torch.cuda.is_available() else ("auto",)):
+        got = mb.launch(where_am_i, world, timeout=300, device=device)
+        assert got == [{"device": "cpu", "backend": "gloo", "cpu_mode": True, "cuda_visible": False,
+                        "sum": [2.0, 2.0]}] * world
+    if torch.cuda.is_available():
+        n = min(world, torch.cuda.device_count())
+        for device in ("auto", "cuda"):
+            got = mb.launch(where_am_i, n, timeout=300, device=device)
+            assert got == [{"device": f"cuda:{r}", "backend": "nccl", "cpu_mode": False, "cuda_visible": True,
+                            "sum": [float(n)] * 2} for r in range(n)]
