@@ -36,7 +36,8 @@ setup(
         "data": ["sentencepiece", "tokenizers"],
         "log": ["tensorboard"],
         # `megatron-bottleneck measure` on HuggingFace models (tested with transformers 4.57.6, 5.12.1 and 5.24.0)
-        "hf": ["transformers>=4.45", "safetensors"],
+        # gguf + accelerate: transformers' GGUF reader (measure MODEL.gguf); matplotlib: measure's plots
+        "hf": ["transformers>=4.45", "safetensors", "gguf", "accelerate", "matplotlib"],
         # megatron-bottleneck eval: zero-shot scores through EleutherAI's lm-evaluation-harness (its LM API, 0.4.x)
         "eval": ["lm-eval>=0.4,<0.5"],
         # What Megatron-LM's own training code (megatron/training, pretrain_gpt.py) imports besides megatron-core.

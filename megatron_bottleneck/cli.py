@@ -11,6 +11,7 @@ or stop with one error line, never silently on the CPU (sweep, zoo and demo run 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -121,6 +122,8 @@ def cmd_measure(a):
 
         print(markdown_table(results), end="")
         print("wrote", os.path.join(a.out, "measure.md"))
+        if importlib.util.find_spec("matplotlib") is None:
+            print("no plots: matplotlib is not installed (pip install 'megatron-bottleneck[plot]')")
 
 
 def cmd_eval(a):
@@ -234,14 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("measure", help="bottleneck figures of trained models (HuggingFace, ours or Megatron-LM's) "
                                        "on real text")
-    s.add_argument("models", nargs="*", metavar="MODEL", help="hub id, local HuggingFace folder, trainer checkpoint "
-                                                              "or Megatron-LM torch_dist checkpoint")
+    s.add_argument("models", nargs="*", metavar="MODEL", help="hub id, local HuggingFace folder, .gguf file (or a "
+                   "folder holding one), trainer checkpoint or Megatron-LM torch_dist checkpoint")
     s.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or indexed dataset prefixes")
     s.add_argument("--out", required=True, help="output directory (measure.json, measure.md, PNGs)")
     s.add_argument("--config", default=None, help="a YAML list of models (model, revision, label, paper)")
     s.add_argument("--revision", default=None, help="HuggingFace revision (a training checkpoint's branch)")
-    s.add_argument("--documents", type=int, default=10000, help="shuffled documents to measure (0: all)")
-    s.add_argument("--seq-length", type=int, default=None, help="tokens per document (default: the model's context)")
+    s.add_argument("--documents", type=int, default=None, help="shuffled documents to measure (0: all; default: "
+                   "10,000 on a GPU, 200 on a CPU)")
+    s.add_argument("--seq-length", type=int, default=None, help="tokens per document (default: the model's context; "
+                   "at most 1024 on a CPU)")
     s.add_argument("--max-tokens", type=int, default=None, help="stop after this many predicted tokens")
     s.add_argument("--rank-budget", type=int, default=4096, help="tokens of the rank-vs-tokens curve (0: none)")
     s.add_argument("--batch-size", type=int, default=8, help="documents per forward")

@@ -5,6 +5,8 @@
 * :func:`plot_rank_curves`: the numerical rank of the logit gradient G (T x V) against the batch tokens T, one
   line per model or per vocabulary size, with its ceiling ``min(T, V - 1)`` dotted (the paper's Figure 2; the
   rows of G = P - Y sum to zero, so rank(G) <= V - 1), series sorted numerically by V.
+* :func:`plot_rank_detail`: one model's rank curve in full: numerical rank, effective rank and the components
+  holding 70 / 90 / 99 / 99.9 % of G's energy against T, with the ceiling ``min(T, V - 1)`` (``measure``).
 * :func:`plot_destroyed`: the destroyed ratio of several models or revisions (``measure``), in the order given
   (along training for revisions), with each one's isotropic baseline as a tick.
 
@@ -17,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["RankSeries", "plot_series", "plot_rank_curves", "plot_destroyed", "wants_log_scale"]
+__all__ = ["RankSeries", "plot_series", "plot_rank_curves", "plot_rank_detail", "plot_destroyed", "wants_log_scale"]
 
 LOG_SPAN = 100.0
 """A y axis whose positive values span more than this factor (max / min) is drawn on a log scale."""
@@ -102,6 +104,42 @@ def plot_rank_curves(series: Sequence[RankSeries], path: str,
         ts = [t for t in ts if t <= t_max]
         ax.plot(ts, [min(t, v - 1) for t in ts], ":", color=color, alpha=0.8, label=f"min(T, V-1), V={v}")
     _finish(ax, title, "batch tokens T", "numerical rank of G", note)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    return _save(fig, plt, path)
+
+
+ENERGY_KEYS = (("components_for_70pct", "70% of energy"), ("components_for_90pct", "90%"),
+               ("components_for_99pct", "99%"), ("components_for_99.9pct", "99.9%"))
+
+
+def plot_rank_detail(series: RankSeries, path: str, title: Optional[str] = None) -> Optional[str]:
+    """One rank curve on log-log axes: the numerical rank of G (T x V) against T (solid), its effective rank
+    (dashed), the number of singular directions holding 70 / 90 / 99 / 99.9 % of ||G||_F^2 (thin) and the
+    ceiling ``min(T, V - 1)`` (dotted)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    curve = [c for c in series.curve if c.get("numerical_rank") is not None]
+    if not curve:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ts = [c["tokens"] for c in curve]
+    ax.plot(ts, [max(c["numerical_rank"], 1) for c in curve], "-o", markersize=3, color="tab:blue",
+            label="numerical rank")
+    eff = [(c["tokens"], c.get("effective_rank")) for c in curve if c.get("effective_rank") == c.get("effective_rank")
+           and c.get("effective_rank") is not None]
+    if eff:
+        ax.plot([e[0] for e in eff], [max(e[1], 1) for e in eff], "--", color="tab:orange", label="effective rank")
+    for (key, label), alpha in zip(ENERGY_KEYS, (0.35, 0.5, 0.7, 0.9)):
+        pts = [(c["tokens"], c[key]) for c in curve if c.get(key) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", linewidth=0.9, color="tab:green", alpha=alpha,
+                    label=f"components for {label}")
+    v = int(series.vocab_size)
+    grid = sorted(set(ts) | {min(max(ts), v - 1)})
+    ax.plot(grid, [min(t, v - 1) for t in grid], ":", color="gray", label=f"min(T, V-1), V={v}")
+    _finish(ax, title or f"Rank of the logit gradient: {series.label}", "tokens T", "rank of G", None)
     ax.set_xscale("log")
     ax.set_yscale("log")
     return _save(fig, plt, path)

@@ -13,7 +13,7 @@ import os
 import re
 from typing import Dict, List, Optional
 
-from ..plots import RankSeries, plot_destroyed, plot_rank_curves
+from ..plots import RankSeries, plot_destroyed, plot_rank_curves, plot_rank_detail
 
 HEADER = ("| model | revision | V | D | tokens | documents | destroyed ratio | visible cosine | isotropic baseline "
           "| ‖G‖_F | per-document r (q05 / q50 / q95) | numerical rank (tokens) | paper |")
@@ -54,7 +54,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def _rank_png(results: List[Dict], path: str, title: str) -> Optional[str]:
-    series = [RankSeries(label=r.get("label") or r["model"], vocab_size=int(r["vocab_size"]), curve=r["rank_curve"])
+    series = [RankSeries(label=short_name(r), vocab_size=int(r["vocab_size"]), curve=r["rank_curve"])
               for r in results if r.get("rank_curve")]
     return plot_rank_curves(series, path, title=title) if series else None
 
@@ -64,11 +64,22 @@ def _destroyed_png(results: List[Dict], path: str) -> Optional[str]:
                            for r in results], path, title="Destroyed ratio of the logit gradient")
 
 
+def short_name(res: Dict) -> str:
+    """A plot title's name: the label, else the hub id, else a path's last part (not a full local path)."""
+    name = (res.get("label") or res["model"]).rstrip("/")
+    return os.path.basename(name) if os.path.isabs(name) or name.startswith(".") else name
+
+
 def _one(res: Dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     _write_json(os.path.join(out, "measure.json"), res)
-    png = _rank_png([res], os.path.join(out, "rank_curve.png"), f"Rank of the logit gradient: {res['model']}")
-    note = "" if png else "\n(rank curve PNG skipped: no rank curve or no matplotlib)\n"
+    png = None
+    if res.get("rank_curve"):
+        series = RankSeries(label=short_name(res), vocab_size=int(res["vocab_size"]), curve=res["rank_curve"])
+        png = plot_rank_detail(series, os.path.join(out, "rank_curve.png"))
+    note = (f"\n![rank curve]({png})\n" if png else
+            "\n(rank curve PNG skipped: no rank curve)\n" if not res.get("rank_curve") else
+            "\n(rank curve PNG skipped: no matplotlib; pip install 'megatron-bottleneck[plot]')\n")
     with open(os.path.join(out, "measure.md"), "w", encoding="utf-8") as f:
         f.write(markdown_table([res]) + note)
 

@@ -45,7 +45,7 @@ from ..base.errors import ConfigError, DataError
 from ..integrations.launch import launch
 from ..ops import slice_rows
 from ..probe.spectrum import GramAccumulator
-from ..probe.stats import StepAccumulator, isotropic_baseline, pinv_psd, token_visible_energy
+from ..probe.stats import StepAccumulator, isotropic_baseline, pinv_psd, row_sq_norms, token_visible_energy
 from ..train.trainer import init_distributed
 from .documents import load_documents, shard
 from .megatron_lm_checkpoint import check_megatron_lm_checkpoint
@@ -56,6 +56,14 @@ __all__ = ["MeasureConfig", "measure_model", "measure_loaded", "load_model_list"
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_SEQ_LENGTH = 2048  # when the model states no context
+GPU_DOCUMENTS = 10000
+"""Documents measured by default on a GPU (``documents=None``)."""
+CPU_DOCUMENTS = 200
+"""Documents measured by default on a CPU: the paper's 10,000 at a model's full context take hours there."""
+CPU_SEQ_LENGTH = 1024
+"""Tokens per document by default on a CPU (the model's context when shorter)."""
+HOURS_WARNING_S = 3600.0
+"""An estimated run longer than this on a CPU gets a suggestion in the plan line."""
 
 
 @dataclass
@@ -68,9 +76,10 @@ class MeasureConfig:
     data: ``.txt`` / ``.jsonl`` files or indexed dataset prefixes (see :mod:`.documents`).
     out: output directory (``measure.json``, ``rank_curve.png``, ``measure.md``; one sub-directory per model
     when several). revision: HuggingFace revision (branch, tag, commit) for every model (a training
-    checkpoint); per model in a YAML list. documents: how many shuffled documents (0: all). seq_length:
-    tokens per document (None: the model's context, capped at 2048 when it states none). max_tokens: stop
-    after this many predicted tokens (None: no cap). rank_budget: tokens of the rank curve (0: none).
+    checkpoint); per model in a YAML list. documents: how many shuffled documents (0: all; None: 10,000 on a
+    GPU, :data:`CPU_DOCUMENTS` on a CPU). seq_length: tokens per document (None: the model's context, capped at
+    2048 when it states none, and at :data:`CPU_SEQ_LENGTH` on a CPU). max_tokens: stop after this many
+    predicted tokens (None: no cap). rank_budget: tokens of the rank curve (0: none).
     batch_size: documents per forward. dtype: the backbone's dtype (float32 | bfloat16 | float64 | auto:
     bf16 on GPUs, fp32 on CPUs); the head's logits and softmax are float32 (float64 with float64).
     device: None/auto (the local GPU ``cuda:LOCAL_RANK`` when one is visible, else CPU), cpu, cuda or cuda:N;
@@ -87,7 +96,7 @@ class MeasureConfig:
     revisions: List[Optional[str]] = field(default_factory=list)
     labels: List[Optional[str]] = field(default_factory=list)
     papers: List[Optional[str]] = field(default_factory=list)
-    documents: int = 10000
+    documents: Optional[int] = None
     seq_length: Optional[int] = None
     max_tokens: Optional[int] = None
     rank_budget: int = 4096
@@ -116,11 +125,11 @@ class _Progress:
         self.done += n
         if not self.enabled:
             return
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        if self.bar is not None:
+        if self.bar is not None:  # tqdm shows its own rate: the only one on screen
             self.bar.update(n)
-            self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-        elif time.perf_counter() - self.last > 10 or self.done >= self.total:
+            return
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        if time.perf_counter() - self.last > 10 or self.done >= self.total:
             self.last = time.perf_counter()
             print(f"{self.label}: {self.done}/{self.total} tokens, {rate:,.0f} tok/s", file=sys.stderr, flush=True)
 
@@ -140,7 +149,45 @@ def _seq_length(cfg: MeasureConfig, model: LoadedModel) -> int:
         if model.max_length and cfg.seq_length > model.max_length:
             raise ConfigError(f"--seq-length {cfg.seq_length} exceeds {model.name}'s context ({model.max_length})")
         return int(cfg.seq_length)
-    return int(min(model.max_length or DEFAULT_SEQ_LENGTH, 10**6))
+    seq = int(min(model.max_length or DEFAULT_SEQ_LENGTH, 10**6))
+    return min(seq, CPU_SEQ_LENGTH) if model.device.type == "cpu" else seq
+
+
+def _documents(cfg: MeasureConfig, model: LoadedModel) -> int:
+    if cfg.documents is not None:
+        return int(cfg.documents)
+    return CPU_DOCUMENTS if model.device.type == "cpu" else GPU_DOCUMENTS
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"
+
+
+def plan_line(model: LoadedModel, cfg: MeasureConfig, documents: int, tokens: int, seq: int, budget: int,
+              rate: float) -> str:
+    """The plan ``measure`` prints once a first batch has been measured (its timed warm-up): documents, tokens,
+    the rank budget's memory (``budget`` rows of G in float64 plus its ``budget``^2 Gram), the rate so far and
+    the estimated time; on a CPU, past :data:`HOURS_WARNING_S`, a suggestion that fits an hour."""
+    v = model.vocab_size
+    budget = min(budget, tokens)
+    gram = budget * v * 8 + budget * budget * 8
+    eta = tokens / max(rate, 1e-9)
+    defaults = []
+    if cfg.documents is None:
+        defaults.append("documents")
+    if not cfg.seq_length and model.device.type == "cpu" and seq == CPU_SEQ_LENGTH:
+        defaults.append("seq-length")
+    line = (f"measure {model.name}: {documents} documents, {tokens:,} tokens (<= {seq} per document), on "
+            f"{model.device} in {str(model.dtype).replace('torch.', '')}; rank budget {budget} tokens "
+            f"({_gib(gram)} float64); {rate:,.0f} tok/s after a first batch: about "
+            f"{eta / 60:.1f} min")
+    if defaults:
+        line += f" (CPU defaults for {' and '.join(defaults)}: set --documents / --seq-length to change them)"
+    if model.device.type == "cpu" and eta > HOURS_WARNING_S:
+        fit = max(1, int(documents * HOURS_WARNING_S / eta))
+        line += (f"; that is {eta / 3600:.1f} h on this CPU: --documents {fit} fits about an hour, or measure on "
+                 "a GPU (--device cuda)")
+    return line
 
 
 def _batch(docs: List[np.ndarray]):
@@ -172,7 +219,7 @@ def measure_loaded(model: LoadedModel, cfg: MeasureConfig) -> Optional[Dict]:
     figures on rank 0, None on the other ranks."""
     rank, world = _world()
     seq = _seq_length(cfg, model)
-    docs = load_documents(cfg.data, model.tokenize, documents=cfg.documents, seq_length=seq, seed=cfg.seed,
+    docs = load_documents(cfg.data, model.tokenize, documents=_documents(cfg, model), seq_length=seq, seed=cfg.seed,
                           max_tokens=cfg.max_tokens, vocab_size=model.vocab_size)
     if len(docs) < world:
         raise DataError(f"{len(docs)} documents for {world} data-parallel ranks: give more documents or fewer ranks")
@@ -197,7 +244,13 @@ def measure_loaded(model: LoadedModel, cfg: MeasureConfig) -> Optional[Dict]:
     total = sum(docs[i].shape[0] - 1 for i in mine)
     bar = _Progress(total, os.path.basename(model.name.rstrip("/")) or model.name, cfg.progress and rank == 0)
     t0 = time.perf_counter()
+    planned = rank != 0
+    all_tokens = sum(d.shape[0] - 1 for d in docs)
     for start in range(0, len(mine), max(1, cfg.batch_size)):
+        if not planned and tokens:  # after the first batch: its rate is the plan's estimate
+            planned = True
+            rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
+            print(plan_line(model, cfg, len(docs), all_tokens, seq, budget, rate), file=sys.stderr, flush=True)
         idx = mine[start:start + max(1, cfg.batch_size)]
         ids, mask, labels = _batch([docs[i] for i in idx])
         hidden = model.hidden(ids, mask)  # [B, L, D]
@@ -228,7 +281,7 @@ def measure_loaded(model: LoadedModel, cfg: MeasureConfig) -> Optional[Dict]:
             if gram is not None and not gram.full:
                 gram.add(g, view)
             who = owner[c0:c0 + chunk]
-            doc_g2.index_add_(0, who, torch.linalg.vector_norm(g, dim=1).double().square().cpu())
+            doc_g2.index_add_(0, who, row_sq_norms(g).cpu())
             doc_vis.index_add_(0, who, token_visible_energy(dh, wtw_pinv).cpu())
             tokens += g.shape[0]
             bar.update(g.shape[0])
@@ -261,7 +314,9 @@ def measure_loaded(model: LoadedModel, cfg: MeasureConfig) -> Optional[Dict]:
     out = {
         "model": model.name, "revision": model.revision, "kind": model.kind,
         "vocab_size": model.vocab_size, "hidden_size": model.hidden_size, "head_rank": head_rank,
-        "tokens": n_tok, "documents": len(docs), "seq_length": seq, "dtype": cfg.dtype,
+        "tokens": n_tok, "documents": len(docs), "seq_length": seq,
+        "dtype": str(model.dtype).replace("torch.", "") if model.dtype is not None else cfg.dtype,
+        "dtype_requested": cfg.dtype, "device": str(model.device),
         "destroyed_ratio": fig["destroyed_ratio"], "visible_cosine": fig["visible_cosine"],
         "isotropic_baseline": isotropic_baseline(head_rank, model.vocab_size),
         "grad_norm": fig["grad_norm"] / n_tok, "hidden_grad_norm": fig["hidden_grad_norm"] / n_tok,

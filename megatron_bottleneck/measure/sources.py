@@ -1,5 +1,6 @@
-"""Where ``megatron-bottleneck measure`` gets a model from: a HuggingFace causal LM, one of our trainer's
-checkpoints, or a Megatron-LM ``torch_dist`` checkpoint (the model its saved args describe:
+"""Where ``megatron-bottleneck measure`` gets a model from: a HuggingFace causal LM (hub id or folder), a GGUF
+file (or a folder holding one: llama.cpp's format, read by transformers' GGUF reader and dequantised), one of our
+trainer's checkpoints, or a Megatron-LM ``torch_dist`` checkpoint (the model its saved args describe:
 :mod:`.megatron_lm_checkpoint`).
 
 Every loader returns a :class:`LoadedModel`: a callable that runs the backbone on a padded batch of token ids
@@ -19,7 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,8 @@ class LoadedModel:
     (no grad). view: the head, W = F M (``basis`` (V, k), ``mix`` (k, D) or None), float32 or float64, any
     logit multiplier folded in. bias: ``[V]`` or None. tokenize: ``text -> list of ids`` (None: the model has
     no tokenizer; token-id data only). max_length: the model's context (tokens per forward). device: where
-    the backbone runs. kind: "hf", "trainer" or "megatron-lm".
+    the backbone runs. kind: "hf", "gguf", "trainer" or "megatron-lm". dtype: the backbone's dtype as it runs
+    (what ``--dtype auto`` resolved to).
     """
 
     name: str
@@ -60,6 +62,7 @@ class LoadedModel:
     kind: str
     revision: Optional[str] = None
     eod: Optional[int] = None
+    dtype: Optional[torch.dtype] = None
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +106,26 @@ def is_megatron_lm_checkpoint(path: str) -> bool:
             and any(os.path.isfile(os.path.join(path, n)) for n in markers))
 
 
+ACCEPTED = ("a HuggingFace hub id or model folder (config.json), a .gguf file or a folder holding one, one of our "
+            "trainer's checkpoint dirs, or a Megatron-LM torch_dist checkpoint dir")
+"""What ``measure`` takes as MODEL (said in the one-line error for anything else)."""
+
+
+def gguf_source(name: str) -> Optional[Tuple[str, str]]:
+    """``(folder, file name)`` when ``name`` is a ``.gguf`` file or a folder with no ``config.json`` holding exactly
+    one ``.gguf`` file; None otherwise. A folder with several is one line naming them."""
+    if os.path.isfile(name) and name.lower().endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
+        return None
+    found = sorted(f for f in os.listdir(name) if f.lower().endswith(".gguf"))
+    if len(found) > 1:
+        raise ModelError(f"{name} holds {len(found)} GGUF files ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): give the one to measure, e.g. "
+                         f"{os.path.join(name, found[0])}")
+    return (os.path.abspath(name), found[0]) if found else None
+
+
 def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                device: Optional[str] = None) -> LoadedModel:
     """The :class:`LoadedModel` for ``name`` (see the module docstring). Trainer and Megatron-LM checkpoints
@@ -112,17 +135,49 @@ def load_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
         return load_trainer_checkpoint(name, dev)
     if is_megatron_lm_checkpoint(name):
         return load_megatron_lm_checkpoint(name, dev, dtype)
+    if gguf_source(name) is None and (os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json"))):
+        raise ModelError(f"{name} is a folder with no config.json and no .gguf file; measure accepts {ACCEPTED}")
+    if name.lower().endswith(".gguf") and not os.path.isfile(name):
+        raise ModelError(f"{name}: no such GGUF file")
     return load_hf_model(name, revision=revision, dtype=dtype, device=dev)
 
 
 # ------------------------------------------------------------------------------------------ HuggingFace
-def _from_pretrained(cls, name, revision, torch_dtype):
+def _from_pretrained(cls, name, revision, torch_dtype, gguf_file: Optional[str] = None):
     """transformers 5 takes ``dtype=``, 4.x ``torch_dtype=`` (5 still accepts it, with a warning)."""
     kw = {"revision": revision} if revision else {}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
     params = inspect.signature(cls.from_pretrained).parameters
     major = int(import_transformers().__version__.split(".")[0])
     key = "dtype" if major >= 5 or "dtype" in params else "torch_dtype"
     return cls.from_pretrained(name, **{key: torch_dtype}, **kw)
+
+
+def _check_gguf_extras(name: str) -> None:
+    """transformers reads GGUF through the ``gguf`` package and needs ``accelerate`` for it."""
+    missing = []
+    for mod in ("gguf", "accelerate"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ModelError(f"{name} is a GGUF file; reading it needs {' and '.join(missing)}: {HF_INSTALL}")
+
+
+def _drop_gguf_quantization(model) -> None:
+    """The GGUF weights are dequantised on load; what remains of the quantiser (``hf_quantizer``,
+    ``config.quantization_config``) only makes the model look quantised (``save_pretrained`` refuses it)."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions: derived from hf_quantizer
+            pass
 
 
 def _logit_multiplier(config, name: str) -> float:
@@ -140,16 +195,24 @@ def _logit_multiplier(config, name: str) -> float:
 
 def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto",
                   device: Optional[torch.device] = None) -> LoadedModel:
-    """A HuggingFace causal LM (hub id or local folder) through ``AutoModelForCausalLM``."""
+    """A HuggingFace causal LM (hub id or local folder) through ``AutoModelForCausalLM``, or a GGUF file (or a folder
+    holding one) through transformers' GGUF reader: dequantised to float32 on load, then cast to the measured
+    dtype, the quantisation state dropped (:func:`_drop_gguf_quantization`)."""
     transformers = import_transformers()
     dev = device or choose_device(None).device
     tdtype = _resolve_dtype(dtype, dev)
+    gguf = gguf_source(name)
+    folder, gguf_file = gguf if gguf else (name, None)
+    if gguf:
+        _check_gguf_extras(name)
     try:
-        model = _from_pretrained(transformers.AutoModelForCausalLM, name, revision, tdtype)
+        model = _from_pretrained(transformers.AutoModelForCausalLM, folder, revision, tdtype, gguf_file)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {name!r} as a HuggingFace causal LM (hub id or local folder with "
-                         f"config.json): {first}") from None
+        what = "a GGUF causal LM" if gguf else "a HuggingFace causal LM (hub id or local folder with config.json)"
+        raise ModelError(f"cannot load {name!r} as {what}: {first}") from None
+    if gguf:
+        _drop_gguf_quantization(model)
     model.eval().to(dev)
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
@@ -177,7 +240,10 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
 
     tokenize, eod = None, None
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
+        tok_kw = {"revision": revision} if revision else {}
+        if gguf_file:
+            tok_kw["gguf_file"] = gguf_file
+        tok = transformers.AutoTokenizer.from_pretrained(folder, **tok_kw)
         if len(tok) < 2:  # transformers 5 builds an empty tokenizer for a folder without tokenizer files
             raise ValueError("no tokenizer files: the tokenizer it builds has no vocabulary")
         tokenize = lambda text: list(tok(text)["input_ids"])  # noqa: E731
@@ -186,7 +252,7 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
         tokenize = no_tokenizer(name, exc)  # token-id data still works; text data gets this one line
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return LoadedModel(name=name, hidden=hidden, view=view, bias=bias, tokenize=tokenize, max_length=ctx,
-                       device=dev, kind="hf", revision=revision, eod=eod)
+                       device=dev, kind="gguf" if gguf else "hf", revision=revision, eod=eod, dtype=tdtype)
 
 
 # ------------------------------------------------------------------------------------------ our trainer
@@ -236,7 +302,7 @@ def _megatron_core_model(model, name: str, device: torch.device, vocab_size: int
     view = HeadView(view.basis.detach().to(work), None if view.mix is None else view.mix.detach().to(work),
                     view.vocab_start, view.vocab_size)
     return LoadedModel(name=name, hidden=hidden, view=view, bias=None, tokenize=tokenize, max_length=seq,
-                       device=device, kind=kind, eod=eod)
+                       device=device, kind=kind, eod=eod, dtype=next(model.parameters()).dtype)
 
 
 # ------------------------------------------------------------------------------------------ Megatron-LM
