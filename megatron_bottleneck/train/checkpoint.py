@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import threading
+from importlib.metadata import version as installed_version
 from typing import Dict, List, Optional
 
 import torch
@@ -100,7 +101,7 @@ def check_optimizer_format(fmt: Optional[str], version: Optional[str] = None) ->
     if fmt != "fully_reshardable":
         return
     if version is None:
-        from megatron.core.package_info import __version__ as version
+        version = installed_version("megatron-core")
     low, high = FULLY_RESHARDABLE_SHIMMED
     if not low <= tuple(int(x) for x in re.findall(r"\d+", version)[:2]) <= high:
         raise CheckpointError(
