@@ -20,10 +20,15 @@ prediction in the pattern and the ``|`` stage separators): :func:`build_hybrid_m
 from __future__ import annotations
 
 import dataclasses
+from importlib.metadata import version
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..base.errors import ConfigError
 from ..heads.fused import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
@@ -44,21 +49,19 @@ _STRUCTURE = "|/"
 def require_hybrid_model():
     """Megatron-Core's ``HybridModel`` class; one line (:class:`ConfigError`) when the installed megatron-core
     has none (< 0.19)."""
-    try:
-        from megatron.core.models.hybrid.hybrid_model import HybridModel
-    except ImportError:
-        from importlib.metadata import version
-
+    if _HybridModel is None:
         raise ConfigError(
             f"HybridModel needs megatron-core >= 0.19 (installed: {version('megatron-core')}, which has no "
-            "megatron.core.models.hybrid): upgrade megatron-core, or build a GPTModel (build_gpt_model).") from None
-    return HybridModel
+            "megatron.core.models.hybrid): upgrade megatron-core, or build a GPTModel (build_gpt_model).")
+    return _HybridModel
 
 
 try:  # megatron-core >= 0.19
-    from megatron.core.models.hybrid.hybrid_block import HybridStack as _HybridStack
+    from megatron.core.models.hybrid.hybrid_block import HybridStack as _HybridStack, HybridStackSubmodules
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as _megatron_hybrid_stack_spec
+    from megatron.core.models.hybrid.hybrid_model import HybridModel as _HybridModel
 except ImportError:  # megatron-core 0.16: no models/hybrid (require_hybrid_model says so in one line)
-    _HybridStack = None
+    _HybridStack = _HybridModel = HybridStackSubmodules = _megatron_hybrid_stack_spec = None
 
 if _HybridStack is not None:
 
@@ -83,11 +86,6 @@ def local_hybrid_stack_spec(config, pattern: str = "", *, device: Optional[str] 
     when CUDA is available, else ``"cpu"``). Mamba on CPU, or any other layer symbol, is refused in one line.
     """
     require_hybrid_model()
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
-    from megatron.core.ssm.mlp_layer import MLPLayer
-    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
-    from megatron.core.transformer.spec_utils import ModuleSpec
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     layers = set(pattern) - set(_STRUCTURE)
@@ -104,9 +102,7 @@ def local_hybrid_stack_spec(config, pattern: str = "", *, device: Optional[str] 
                 f"hybrid layer pattern {pattern!r} has Mamba 'M' layers, which need Mamba's CUDA kernels: run on "
                 "GPUs, or use attention '*' and MLP '-' layers only on CPU.")
         require_transformer_engine("Mamba 'M' layers (Megatron's Mamba layer spec)", error=ConfigError)
-        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec  # optional: needs TE
-
-        mamba = hybrid_stack_spec.submodules.mamba_layer
+        mamba = _megatron_hybrid_stack_spec.submodules.mamba_layer
     layer = get_gpt_layer_local_spec(normalization=getattr(config, "normalization", "LayerNorm"))
     sub = layer.submodules
     attention = dataclasses.replace(layer, submodules=dataclasses.replace(
