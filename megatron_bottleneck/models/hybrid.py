@@ -26,6 +26,9 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -58,10 +61,9 @@ def require_hybrid_model():
 
 try:  # megatron-core >= 0.19
     from megatron.core.models.hybrid.hybrid_block import HybridStack as _HybridStack, HybridStackSubmodules
-    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as _megatron_hybrid_stack_spec
     from megatron.core.models.hybrid.hybrid_model import HybridModel as _HybridModel
 except ImportError:  # megatron-core 0.16: no models/hybrid (require_hybrid_model says so in one line)
-    _HybridStack = _HybridModel = HybridStackSubmodules = _megatron_hybrid_stack_spec = None
+    _HybridStack = _HybridModel = HybridStackSubmodules = None
 
 if _HybridStack is not None:
 
@@ -75,6 +77,17 @@ if _HybridStack is not None:
             if self.post_process and post_layer_norm:
                 self.final_norm = SequenceParallelNorm(config, config.hidden_size, eps=config.layernorm_epsilon,
                                                        tp_group=self.tp_group)
+
+
+def _mamba_layer_spec():
+    """Megatron's Mamba layer spec (``hybrid_layer_specs.hybrid_stack_spec``'s, TE linear layers)."""
+    require_transformer_engine("Mamba 'M' layers (Megatron's Mamba layer spec)", error=ConfigError)
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TERowParallelLinear
+
+    return ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+        mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+            in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear)),
+        mamba_bda=get_bias_dropout_add))
 
 
 def local_hybrid_stack_spec(config, pattern: str = "", *, device: Optional[str] = None):
@@ -101,8 +114,7 @@ def local_hybrid_stack_spec(config, pattern: str = "", *, device: Optional[str] 
             raise ConfigError(
                 f"hybrid layer pattern {pattern!r} has Mamba 'M' layers, which need Mamba's CUDA kernels: run on "
                 "GPUs, or use attention '*' and MLP '-' layers only on CPU.")
-        require_transformer_engine("Mamba 'M' layers (Megatron's Mamba layer spec)", error=ConfigError)
-        mamba = _megatron_hybrid_stack_spec.submodules.mamba_layer
+        mamba = _mamba_layer_spec()
     layer = get_gpt_layer_local_spec(normalization=getattr(config, "normalization", "LayerNorm"))
     sub = layer.submodules
     attention = dataclasses.replace(layer, submodules=dataclasses.replace(

@@ -86,6 +86,12 @@ def test_build_hybrid_model_defaults_hooks_and_refusals():
     for pattern, c, text in cases:
         message = error_of(lambda: mb.build_hybrid_model(c, support.VOCAB, support.SEQ, hybrid_layer_pattern=pattern))
         assert message.startswith("ConfigError: ") and text in message and "\n" not in message, message
+    # on GPUs Mamba layers pass through to Megatron's TE Mamba layer: without TE that is one line too
+    message = error_of(lambda: mb.local_hybrid_stack_spec(cfg, "*M*-", device="cuda"))
+    assert message.startswith("ConfigError: Mamba 'M' layers (Megatron's Mamba layer spec) needs NVIDIA Transformer "
+                              "Engine") and "\n" not in message, message
+    spec = mb.local_hybrid_stack_spec(cfg, "*-|*-", device="cuda")  # no Mamba: the same local layers on GPUs
+    assert spec.submodules.mlp_layer.submodules.pre_mlp_layernorm is mb.SequenceParallelNorm
     message = error_of(lambda: mb.build_hybrid_model(sh.config(3), support.VOCAB, support.SEQ))
     assert "give hybrid_layer_pattern explicitly" in message and "\n" not in message
     from megatron_bottleneck.models.hybrid import default_hybrid_pattern
