@@ -49,6 +49,9 @@ def tp2_then_pp2(root):
         sp = sh.hybrid(kind, tp=2, sp=True)
         support.load([sp], _ckpt(root, kind))
         out["loss_sp"][kind] = _loss(sp, batch)
+        out.setdefault("tags", {})[kind] = {
+            n: (getattr(p, "is_embedding_or_output_parameter", False), getattr(p, "sequence_parallel", False),
+                getattr(p, "tensor_model_parallel", False)) for n, p in sp.output_layer.named_parameters()}
         if kind in PROBED:
             out["record"][kind] = _probe_record(sp, batch)
         mb.enable_fused_loss(sp)
@@ -123,6 +126,17 @@ def test_tp2_and_sp_equal_tp1_from_the_tp2_checkpoint(runs):
         for r in two:
             for key in ("loss", "loss_sp", "loss_fused_sp"):
                 assert r[key][kind] == pytest.approx(want, rel=1e-5), (kind, key)
+
+
+def test_head_parameters_carry_megatron_tags_under_tp2_sp(runs):
+    """Decoupled LR / Muon tag on every head parameter; the replicated ones (not vocab-sharded) used on the sequence
+    shard tagged sequence_parallel (finalize_model_grads all-reduces them over TP)."""
+    tags = runs[0][0]["tags"]
+    for kind in sh.KINDS:
+        assert all(t[0] for t in tags[kind].values()), (kind, tags[kind])
+        assert not any(t[1] and t[2] for t in tags[kind].values()), (kind, tags[kind])  # sharded: never SP-summed
+    assert tags["low_rank:r=8"]["input_proj"] == (True, True, False)
+    assert tags["stacked:width=40,activation=tanh"]["proj"][1] and tags["mos:k=2"]["prior"][1]
 
 
 def test_the_probe_on_hybrid_at_tp2_sp_equals_tp1(runs):
