@@ -34,7 +34,7 @@ from ..integrations.cpu import enable_cpu_mode
 from ..integrations.launch import launch
 from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
-from ..models import build_gpt_model, llama_config
+from ..models import build_gpt_model, build_hybrid_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
 from .checkpoint import (PER_RANK, CheckpointWriter, latest_checkpoint, load_checkpoint, save_checkpoint,
                          start_writer_helpers)
@@ -43,6 +43,8 @@ from .config import TrainConfig, fused_wgrad_available
 
 # model fields a resume may change: they do not change the weights' shapes or meaning
 RESUMABLE_MODEL_KEYS = ("init_method_std",)
+# model keys at the value every checkpoint saved before they existed had: left out of the layout, so those resume
+PRE_HYBRID_DEFAULTS = (("arch", "gpt"), ("hybrid_layer_pattern", None))
 
 
 class _StopFlag:
@@ -69,8 +71,10 @@ def build_models(cfg: TrainConfig):
     """Megatron config and model chunks (one per virtual pipeline stage) for this rank."""
     m, p = cfg.model, cfg.parallel
     bf16 = _precision(cfg) == "bf16"
+    pattern = cfg.hybrid_pattern()  # model.arch: hybrid (None: gpt); attention and MLP count one layer each
+    num_layers = m.num_layers if pattern is None else len(pattern.replace("|", ""))
     tcfg = llama_config(
-        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
+        num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
@@ -84,10 +88,15 @@ def build_models(cfg: TrainConfig):
     )
     head = cfg.head_config()
     vpp = p.virtual_pipeline_model_parallel_size
-    chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
-                              real_vocab_size=m.vocab_size,
-                              fused_loss=FusedLossConfig(fp8=m.head_fp8) if m.fused_loss else False)
-              for i in range(vpp or 1)]
+    fused = FusedLossConfig(fp8=m.head_fp8) if m.fused_loss else False
+    if pattern is not None:
+        chunks = [build_hybrid_model(tcfg, m.vocab_size, m.seq_length, hybrid_layer_pattern=pattern, head=head,
+                                     vp_stage=(i if vpp else None), real_vocab_size=m.vocab_size, fused_loss=fused)
+                  for i in range(vpp or 1)]
+    else:
+        chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
+                                  real_vocab_size=m.vocab_size, fused_loss=fused)
+                  for i in range(vpp or 1)]
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
     return tcfg, chunks
@@ -246,7 +255,7 @@ class Trainer:
         sizes, the optimizer kind and state format, and the model (every ``model`` field, the precision)."""
         p = self.cfg.parallel
         model = {f"model.{k}": v for k, v in dataclasses.asdict(self.cfg.model).items()
-                 if k not in RESUMABLE_MODEL_KEYS}
+                 if k not in RESUMABLE_MODEL_KEYS and (k, v) not in PRE_HYBRID_DEFAULTS}
         model["train.precision"] = _precision(self.cfg)
         return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tensor_model_parallel_size": p.tensor_model_parallel_size,
