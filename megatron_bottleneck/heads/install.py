@@ -12,7 +12,9 @@ Two entry points, one mechanism (:func:`install_head`):
   last pipeline stage) and leaves the others alone.
 
 ``install_low_rank_head(model, rank)`` / ``low_rank_head_hook(rank)`` are the same for the ``low_rank`` kind.
-(``megatron_bottleneck.models.build_gpt_model(config, ..., head=HeadConfig(...))`` builds a GPTModel with it.)
+(``megatron_bottleneck.models.build_gpt_model(config, ..., head=HeadConfig(...))`` builds a GPTModel with it,
+``build_hybrid_model`` a HybridModel.) The new head's parameters carry the replaced dense weight's Megatron tags
+(:func:`copy_output_tags`).
 """
 from __future__ import annotations
 
