@@ -16,7 +16,7 @@ from tests.lanes import MEGATRON_CORE
 
 HAS_HYBRID = not MEGATRON_CORE.startswith("0.16.")
 NEEDS_HYBRID = pytest.mark.skipif(not HAS_HYBRID, reason=f"HybridModel needs megatron-core >= 0.19 (this lane: "
-                                                        f"{MEGATRON_CORE}, whose build_hybrid_model refuses in one line)")
+                                  f"{MEGATRON_CORE}, whose build_hybrid_model refuses in one line)")
 PATTERN = "*-*-"
 # every built-in kind, with options fitting D = 32 (test_every_builtin_kind_is_covered checks the list is complete)
 KINDS = ["dense", "low_rank:r=8", "mos:k=2", "mos:k=2,fused=false", "sigsoftmax", "softcap:cap=2",
@@ -32,7 +32,8 @@ def config(num_layers, tp=1, pp=1, sp=False, **kw):
 
 def hybrid(kind, tp=1, pp=1, sp=False, pattern=PATTERN, fused=False):
     return mb.build_hybrid_model(config(len(pattern.replace("|", "")), tp, pp, sp), support.VOCAB, support.SEQ,
-                                 hybrid_layer_pattern=pattern, head=mb.HeadConfig.parse(kind, seed=7), fused_loss=fused)
+                                 hybrid_layer_pattern=pattern, head=mb.HeadConfig.parse(kind, seed=7),
+                                 fused_loss=fused)
 
 
 def gpt(kind, fused=False):

@@ -48,6 +48,12 @@ LOCAL_SYMBOLS = "*-"
 """Layer symbols the local spec builds on any device (attention, MLP); ``M`` (Mamba) on GPUs only."""
 _STRUCTURE = "|/"
 
+try:  # megatron-core >= 0.19
+    from megatron.core.models.hybrid.hybrid_block import HybridStack as _HybridStack, HybridStackSubmodules
+    from megatron.core.models.hybrid.hybrid_model import HybridModel as _HybridModel
+except ImportError:  # megatron-core 0.16: no models/hybrid (require_hybrid_model says so in one line)
+    _HybridStack = _HybridModel = HybridStackSubmodules = None
+
 
 def require_hybrid_model():
     """Megatron-Core's ``HybridModel`` class; one line (:class:`ConfigError`) when the installed megatron-core
@@ -58,12 +64,6 @@ def require_hybrid_model():
             "megatron.core.models.hybrid): upgrade megatron-core, or build a GPTModel (build_gpt_model).")
     return _HybridModel
 
-
-try:  # megatron-core >= 0.19
-    from megatron.core.models.hybrid.hybrid_block import HybridStack as _HybridStack, HybridStackSubmodules
-    from megatron.core.models.hybrid.hybrid_model import HybridModel as _HybridModel
-except ImportError:  # megatron-core 0.16: no models/hybrid (require_hybrid_model says so in one line)
-    _HybridStack = _HybridModel = HybridStackSubmodules = None
 
 if _HybridStack is not None:
 
@@ -138,11 +138,21 @@ def _check_pattern(config, pattern) -> None:
     if config.num_layers != n:
         raise ConfigError(f"config.num_layers={config.num_layers} but hybrid layer pattern {pattern!r} has {n} "
                           f"layers: set num_layers={n}.")
-    pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
+    pp, vpp = _stages(config)
     stages = pattern.count("|") + 1
+    if vpp > 1 and stages != pp * vpp:
+        raise ConfigError(f"hybrid layer pattern {pattern!r} has {stages} pipeline segments ('|'), and "
+                          f"pipeline_model_parallel_size={pp} x virtual_pipeline_model_parallel_size={vpp} stages "
+                          "need one segment each.")
     if pp > 1 and stages > 1 and stages % pp:
         raise ConfigError(f"hybrid layer pattern {pattern!r} has {stages} pipeline segments ('|'), not a multiple "
                           f"of pipeline_model_parallel_size={pp}.")
+
+
+def _stages(config):
+    """(PP, VPP) of ``config`` (1 when unset)."""
+    return (getattr(config, "pipeline_model_parallel_size", 1) or 1,
+            getattr(config, "virtual_pipeline_model_parallel_size", None) or 1)
 
 
 def default_hybrid_pattern(num_layers: int, pipeline_model_parallel_size: int = 1) -> str:
@@ -182,8 +192,9 @@ def build_hybrid_model(
     head if asked: :func:`~megatron_bottleneck.models.build_gpt_model` with a layer pattern.
 
     ``hybrid_layer_pattern``: one symbol per layer (``*`` attention, ``-`` MLP, ``M`` Mamba on GPUs), ``|`` between
-    pipeline stages; ``config.num_layers`` must equal the number of layers. None: :func:`default_hybrid_pattern`
-    (``"*-" * (num_layers // 2)``, split into ``pipeline_model_parallel_size`` stages), the plain transformer
+    pipeline stages (one segment per PP x VPP stage); ``config.num_layers`` must equal the number of layers.
+    None: :func:`default_hybrid_pattern` (``"*-" * (num_layers // 2)``, split into PP x VPP stages), the plain
+    transformer
     of ``num_layers // 2`` blocks. ``stack_spec`` defaults to :func:`local_hybrid_stack_spec` (CPU and no-TE
     capable); pass Megatron's ``hybrid_stack_spec`` for its TE layers. ``vocab_size`` must already be padded for
     TP (:func:`~megatron_bottleneck.models.padded_vocab_size`). ``head``, ``head_rank``, ``real_vocab_size`` and
@@ -193,8 +204,8 @@ def build_hybrid_model(
     hybrid_model = require_hybrid_model()
     require_transformer_engine_for_fp8(config)
     if hybrid_layer_pattern is None:
-        hybrid_layer_pattern = default_hybrid_pattern(config.num_layers,
-                                                      getattr(config, "pipeline_model_parallel_size", 1))
+        pp, vpp = _stages(config)
+        hybrid_layer_pattern = default_hybrid_pattern(config.num_layers, pp * vpp)
     _check_pattern(config, hybrid_layer_pattern)
     if head is None and head_rank is not None:
         head = LowRankHeadConfig(rank=head_rank)

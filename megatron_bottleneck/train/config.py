@@ -348,8 +348,9 @@ class TrainConfig:
         pattern = self.hybrid_pattern()
         other = sorted(set(pattern) - set(LOCAL_SYMBOLS) - {"|"})
         if not pattern.replace("|", "") or other:
+            extra = f", not {''.join(other)!r}" if other else ""
             raise ConfigError(f"model.hybrid_layer_pattern={pattern!r}: the trainer builds attention '*' and MLP '-' "
-                              f"layers (with '|' between pipeline stages){', not ' + repr(''.join(other)) if other else ''}")
+                              f"layers (with '|' between pipeline stages){extra}")
         stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
         if stages > 1 and pattern.count("|") + 1 != stages:
             raise ConfigError(f"model.hybrid_layer_pattern={pattern!r} has {pattern.count('|') + 1} stage segments "

@@ -4,7 +4,8 @@
   (the same checkpoint loaded) and with the fused loss at TP = 2 + SP; GradientProbe's record at TP = 2 + SP for
   a linear (low-rank) and a general (sigsoftmax) head; then, on the same ranks at PP = 2 (``*-|*-``), the
   low-rank model loaded from the TP = 2 checkpoint trains a few steps through Megatron's pipeline schedule, the
-  probe watching its last stage.
+  probe watching its last stage; and at PP = 2 x VPP = 2 (the default pattern ``*-|*-|*-|*-``) the chunks run
+  one step of Megatron's interleaved schedule.
 * 1 rank at TP = 1: every TP = 2 checkpoint loads; its loss equals the TP = 2 ones, the probe's record equals
   the TP = 2 + SP one, and the PP = 2 run's first loss and probe record equal the TP = 1 ones of the same
   batches.
@@ -80,6 +81,14 @@ def tp2_then_pp2(root):
         if result.losses is not None:
             losses.append(sum(result.losses) / len(result.losses))
     out["pp_losses"] = losses or None
+    mb.destroy_parallel()
+
+    mb.initialize_parallel(1, 2, 2, seed=21)  # PP = 2 x VPP = 2: the default pattern '*-|*-|*-|*-'
+    cfg = sh.config(8, pp=2, virtual_pipeline_model_parallel_size=2)
+    chunks = [mb.build_hybrid_model(cfg, support.VOCAB, support.SEQ, vp_stage=i, head="mos:k=2") for i in range(2)]
+    out["vpp_layers"] = [[layer.layer_number for layer in c.decoder.layers] for c in chunks]
+    out["vpp_head"] = [type(getattr(c, "output_layer", None)).__name__ for c in chunks]
+    out["vpp_losses"] = mb.forward_backward(support.wrap_ddp(cfg, chunks), support.batches(0)).losses
     mb.destroy_parallel()
     return out
 
@@ -160,6 +169,11 @@ def test_pp2_trains_from_the_tp2_checkpoint(runs):
     assert len(losses) == STEPS
     assert losses[0] == pytest.approx(one["pp_first"], rel=1e-5)
     assert losses[-1] < losses[0] - 0.1, losses
+    # interleaved: PP = 2 x VPP = 2 chunks take the default pattern's segments in Megatron's order and run
+    assert sorted(r["vpp_layers"] for r in two) == [[[1, 2], [5, 6]], [[3, 4], [7, 8]]]
+    assert sorted(r["vpp_head"] for r in two) == [["NoneType", "MixtureOfSoftmaxesHead"], ["NoneType", "NoneType"]]
+    vpp = [r["vpp_losses"] for r in two if r["vpp_losses"]]
+    assert len(vpp) == 1 and len(vpp[0]) == support.NUM_MICRO and all(4.0 < x < 7.0 for x in vpp[0])
     # the probe on the last stage of the pipeline: the TP = 1 record of the same step
     records = [r["pp_record"] for r in two if r["pp_record"]]
     assert len(records) == 1 and 0.0 < one["pp_record"]["destroyed_ratio"] < 1.0

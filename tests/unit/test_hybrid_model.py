@@ -83,6 +83,9 @@ def test_build_hybrid_model_defaults_hooks_and_refusals():
         ("*-*-*-", cfg, "config.num_layers=4 but hybrid layer pattern '*-*-*-' has 6 layers: set num_layers=6."),
         ("", cfg, "must be a non-empty string"),
     ]
+    vpp = sh.config(8, pp=2, virtual_pipeline_model_parallel_size=2)
+    cases.append(("*-*-|*-*-", vpp, "has 2 pipeline segments ('|'), and pipeline_model_parallel_size=2 x "
+                                    "virtual_pipeline_model_parallel_size=2 stages need one segment each."))
     for pattern, c, text in cases:
         message = error_of(lambda: mb.build_hybrid_model(c, support.VOCAB, support.SEQ, hybrid_layer_pattern=pattern))
         assert message.startswith("ConfigError: ") and text in message and "\n" not in message, message
