@@ -25,6 +25,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.utils import scaled_init_method_normal
 
 from ..base.errors import DeviceError
 from ..base.sinks import MetricsLogger
@@ -73,6 +74,9 @@ def build_models(cfg: TrainConfig):
     bf16 = _precision(cfg) == "bf16"
     pattern = cfg.hybrid_pattern()  # model.arch: hybrid (None: gpt); attention and MLP count one layer each
     num_layers = m.num_layers if pattern is None else len(pattern.replace("|", ""))
+    # the default hybrid pattern is the gpt model under other names: the same scaled init of the output projections
+    same_init = ({"output_layer_init_method": scaled_init_method_normal(m.init_method_std, m.num_layers)}
+                 if pattern is not None and m.hybrid_layer_pattern is None else {})
     tcfg = llama_config(
         num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -84,7 +88,7 @@ def build_models(cfg: TrainConfig):
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         gradient_accumulation_fusion=(fused_wgrad_available() if p.gradient_accumulation_fusion is None
                                       else p.gradient_accumulation_fusion),
-        **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}),
+        **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}), **same_init,
     )
     head = cfg.head_config()
     vpp = p.virtual_pipeline_model_parallel_size

@@ -1,4 +1,5 @@
-"""``model.arch: gpt | hybrid`` in the trainer's config: the default HybridModel pattern per pipeline layout, and
+"""``model.arch: gpt | hybrid`` in the trainer's config: the default HybridModel pattern per pipeline layout (the gpt
+model's weights from the same seed, under other names), and
 one-line refusals (a pattern with arch gpt, FP8 with hybrid, other layer symbols, a stage count that does not match
 PP x VPP, megatron-core 0.16); a gpt run's checkpoint layout has no new keys (older checkpoints still resume)."""
 import dataclasses
@@ -56,3 +57,27 @@ def test_arch_hybrid_on_megatron_core_016_is_one_line():
     message = error_of(lambda: cfg({"arch": "hybrid"}).validate())
     assert message.startswith("ConfigError: model.arch=hybrid: HybridModel needs megatron-core >= 0.19")
     assert "\n" not in message
+
+
+@sh.NEEDS_HYBRID
+@pytest.mark.usefixtures("megatron_one_rank")
+def test_the_trainers_hybrid_model_is_its_gpt_model_under_other_names():
+    """The same seed draws the same weights for model.arch gpt and hybrid (default pattern): the output projections'
+    scaled init uses the transformer's num_layers, not the hybrid layer count."""
+    import torch
+
+    from megatron_bottleneck.train.trainer import build_models
+
+    params = {}
+    for arch in ("gpt", "hybrid"):
+        c = cfg({"arch": arch, "num_layers": 2, "head_rank": 8, "init_method_std": 0.3})
+        c.validate()
+        torch.manual_seed(5)
+        _, (model,) = build_models(c)
+        name = sh.gpt_name if arch == "hybrid" else (lambda n: n)
+        params[arch] = {name(n): p.detach() for n, p in model.named_parameters()}
+    assert sorted(params["gpt"]) == sorted(params["hybrid"])
+    fc2 = "decoder.layers.1.mlp.linear_fc2.weight"
+    assert params["gpt"][fc2].std() < 0.3 / 1.5  # scaled: 0.3 / sqrt(2 x 2)
+    for n, p in params["gpt"].items():
+        torch.testing.assert_close(params["hybrid"][n], p, rtol=0, atol=0, msg=n)
