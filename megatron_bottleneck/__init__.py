@@ -4,7 +4,7 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 
 * ``base``: errors, the head view the probe reads, head lookup, default process groups, metric sinks (torch only);
 * ``ops``: the head's math kernels (torch only);
-* ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT builder, Llama spec) over heads;
+* ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT and Hybrid builders, Llama and local hybrid specs) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
 * the application: ``train``, ``data``, ``sweep``, ``zoo`` / ``zoo_report`` (the head zoo benchmark), ``report``,
   ``plots``, ``measure``, ``evaluate``
@@ -42,6 +42,7 @@ _LAZY = {
     "MixtureOfSoftmaxesHead": "heads.mos", "PointwiseLogitHead": "heads.pointwise", "StackedHead": "heads.stacked",
     "VocabParallelHead": "heads.vocab_parallel",
     "build_gpt_model": "models.gpt", "padded_vocab_size": "models.gpt",
+    "build_hybrid_model": "models.hybrid", "local_hybrid_stack_spec": "models.hybrid",
     "SequenceParallelNorm": "models.llama", "llama_block_spec": "models.llama", "llama_config": "models.llama",
     # measure (the [hf] extra for HuggingFace models)
     "measure_model": "measure.run", "MeasureConfig": "measure.run",
@@ -102,6 +103,7 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .integrations.parallel import destroy_parallel, initialize_parallel  # noqa: F401
     from .integrations.schedule import forward_backward, gpt_forward_step  # noqa: F401
     from .models.gpt import build_gpt_model, padded_vocab_size  # noqa: F401
+    from .models.hybrid import build_hybrid_model, local_hybrid_stack_spec  # noqa: F401
     from .models.llama import SequenceParallelNorm, llama_block_spec, llama_config  # noqa: F401
     from .probe.probe import GradientProbe, ProbeConfig  # noqa: F401
     from .measure.run import MeasureConfig, measure_model  # noqa: F401

@@ -12,7 +12,9 @@ Two entry points, one mechanism (:func:`install_head`):
   last pipeline stage) and leaves the others alone.
 
 ``install_low_rank_head(model, rank)`` / ``low_rank_head_hook(rank)`` are the same for the ``low_rank`` kind.
-(``megatron_bottleneck.models.build_gpt_model(config, ..., head=HeadConfig(...))`` builds a GPTModel with it.)
+(``megatron_bottleneck.models.build_gpt_model(config, ..., head=HeadConfig(...))`` builds a GPTModel with it,
+``build_hybrid_model`` a HybridModel.) The new head's parameters carry the replaced dense weight's Megatron tags
+(:func:`copy_output_tags`).
 """
 from __future__ import annotations
 
@@ -146,9 +148,27 @@ def install_head(model, head: "HeadConfig | str", *, tp_group=None, fused_loss: 
             device=old.weight.device if getattr(old, "weight", None) is not None else None,
             gather_output=bool(getattr(old, "gather_output", False)), old_head=old)
         model.output_layer = check_head(spec.builder(ctx, options), head.kind)
+        copy_output_tags(old, model.output_layer)
     if fused_loss:
         enable_fused_loss(model, fused_loss if isinstance(fused_loss, FusedLossConfig) else None)
     return outer
+
+
+OUTPUT_TAGS = ("is_embedding_or_output_parameter", "is_embedding_parameter")
+"""Megatron's parameter tags on the dense output weight (``LanguageModule.setup_embeddings_and_output_layer``):
+decoupled learning rate and Muon exclusion (``is_embedding_or_output_parameter``), MuP's embedding-class grouping
+(``is_embedding_parameter``, megatron-core >= 0.19 with ``use_mup``)."""
+
+
+def copy_output_tags(old, new) -> None:
+    """Every parameter of the head ``new`` carries the tags of :data:`OUTPUT_TAGS` that the replaced dense head's
+    weight carries, so Megatron's optimizer groups (decoupled LR, MuP, Muon) put each of them where they put the
+    dense output weight. (``sequence_parallel`` is the head's own: set on its replicated parameters under SP.)"""
+    weight = getattr(old, "weight", None)
+    tags = {t: getattr(weight, t) for t in OUTPUT_TAGS if getattr(weight, t, None) is not None}
+    for p in new.parameters():
+        for tag, value in tags.items():
+            setattr(p, tag, value)
 
 
 def head_hook(head: "HeadConfig | str", *, fused_loss: "bool | FusedLossConfig" = False) -> Callable[[List], List]:

@@ -17,6 +17,7 @@ from ..base.errors import ConfigError, DataError, HeadConfigError
 from ..heads import HeadConfig
 from ..heads.install import require_transformer_engine
 from ..data import spamlang_sequence_tokens, validate_gpt_data
+from ..models.hybrid import LOCAL_SYMBOLS, default_hybrid_pattern, require_hybrid_model
 from ..probe import ProbeConfig
 
 
@@ -60,6 +61,13 @@ class ModelSection:
     FP8 autocast wraps only the decoder); ``head_fp8`` puts it in FP8 too."""
     init_method_std: float = 0.02
     """Std of the weight init (and of each entry of A B for the low-rank head)."""
+    arch: Literal["gpt", "hybrid"] = "gpt"
+    """Megatron-Core's model class: ``gpt`` (GPTModel) or ``hybrid`` (HybridModel, megatron-core >= 0.19, with
+    the local hybrid stack spec: the same math and parameters as ``gpt`` under other names)."""
+    hybrid_layer_pattern: Optional[str] = None
+    """With arch hybrid: the layer pattern (``*`` attention, ``-`` MLP, ``|`` between pipeline stages, one segment
+    per pipeline stage and virtual stage); None: ``*-`` per layer of ``num_layers``, split evenly into the pipeline
+    (and virtual pipeline) stages. When given, it alone sets the layers (``num_layers`` is not read)."""
 
 
 @dataclass
@@ -320,6 +328,50 @@ class TrainConfig:
                               f"got {opts.width}")
         return head
 
+    def hybrid_pattern(self) -> Optional[str]:
+        """The HybridModel layer pattern of ``model.arch: hybrid`` (None for gpt): ``model.hybrid_layer_pattern``,
+        or ``*-`` per layer split into PP x VPP stages with ``|``."""
+        m, p = self.model, self.parallel
+        if m.arch != "hybrid":
+            return None
+        if m.hybrid_layer_pattern is not None:
+            return m.hybrid_layer_pattern
+        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+        try:
+            return default_hybrid_pattern(2 * m.num_layers, stages)
+        except ConfigError:
+            raise ConfigError(f"model.num_layers={m.num_layers} does not split evenly into {stages} pipeline stages "
+                              "(parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size): give "
+                              "model.hybrid_layer_pattern with '|' between stages") from None
+
+    def _validate_arch(self) -> None:
+        m, p = self.model, self.parallel
+        if m.arch not in ("gpt", "hybrid"):
+            raise ConfigError(f"model.arch must be gpt or hybrid, got {m.arch!r}")
+        if m.arch == "gpt":
+            if m.hybrid_layer_pattern is not None:
+                raise ConfigError("model.hybrid_layer_pattern is for model.arch=hybrid: set arch=hybrid, or drop the "
+                                  "pattern")
+            return
+        try:
+            require_hybrid_model()
+        except ConfigError as exc:
+            raise ConfigError(f"model.arch=hybrid: {exc}") from None
+        if m.fp8:
+            raise ConfigError("model.fp8 runs through Transformer Engine's GPT layer spec: with model.arch=hybrid "
+                              "set fp8=null, or use arch=gpt")
+        pattern = self.hybrid_pattern()
+        other = sorted(set(pattern) - set(LOCAL_SYMBOLS) - {"|"})
+        if not pattern.replace("|", "") or other:
+            extra = f", not {''.join(other)!r}" if other else ""
+            raise ConfigError(f"model.hybrid_layer_pattern={pattern!r}: the trainer builds attention '*' and MLP '-' "
+                              f"layers (with '|' between pipeline stages){extra}")
+        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+        if stages > 1 and pattern.count("|") + 1 != stages:
+            raise ConfigError(f"model.hybrid_layer_pattern={pattern!r} has {pattern.count('|') + 1} stage segments "
+                              f"('|'), and this run has {stages} pipeline stages (parallel.pipeline_model_parallel_size"
+                              " x virtual_pipeline_model_parallel_size): one segment per stage")
+
     def validate(self) -> None:
         m, p, t = self.model, self.parallel, self.train
         positive = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
@@ -334,6 +386,7 @@ class TrainConfig:
         if m.head_rank is not None and not 1 <= m.head_rank <= m.hidden_size:
             raise ConfigError(f"model.head_rank must be in [1, model.hidden_size={m.hidden_size}] or null "
                               f"(dense head), got {m.head_rank}")
+        self._validate_arch()
         head = self.head_config()
         if head.kind not in ("dense", "low_rank") and m.head_fp8:
             raise ConfigError(f"model.head_fp8 is for the dense and low-rank heads, not model.head_type={head.kind}: "

@@ -26,6 +26,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.utils import scaled_init_method_normal
 
 from ..base.device import DeviceChoice, choose_device
 from ..base.sinks import MetricsLogger
@@ -34,7 +35,7 @@ from ..heads import FusedLossConfig
 from ..integrations.launch import init_process, launch
 from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
-from ..models import build_gpt_model, llama_config
+from ..models import build_gpt_model, build_hybrid_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
 from .checkpoint import (PER_RANK, CheckpointWriter, check_optimizer_format, latest_checkpoint, load_checkpoint,
                          save_checkpoint, start_writer_helpers)
@@ -43,6 +44,8 @@ from .config import TrainConfig, fused_wgrad_available
 
 # model fields a resume may change: they do not change the weights' shapes or meaning
 RESUMABLE_MODEL_KEYS = ("init_method_std",)
+# model keys at the value every checkpoint saved before they existed had: left out of the layout, so those resume
+PRE_HYBRID_DEFAULTS = (("arch", "gpt"), ("hybrid_layer_pattern", None))
 
 
 class _StopFlag:
@@ -69,8 +72,13 @@ def build_models(cfg: TrainConfig):
     """Megatron config and model chunks (one per virtual pipeline stage) for this rank."""
     m, p = cfg.model, cfg.parallel
     bf16 = _precision(cfg) == "bf16"
+    pattern = cfg.hybrid_pattern()  # model.arch: hybrid (None: gpt); attention and MLP count one layer each
+    num_layers = m.num_layers if pattern is None else len(pattern.replace("|", ""))
+    # the default hybrid pattern is the gpt model under other names: the same scaled init of the output projections
+    same_init = ({"output_layer_init_method": scaled_init_method_normal(m.init_method_std, m.num_layers)}
+                 if pattern is not None and m.hybrid_layer_pattern is None else {})
     tcfg = llama_config(
-        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
+        num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
@@ -80,14 +88,19 @@ def build_models(cfg: TrainConfig):
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         gradient_accumulation_fusion=(fused_wgrad_available() if p.gradient_accumulation_fusion is None
                                       else p.gradient_accumulation_fusion),
-        **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}),
+        **(dict(fp8="hybrid", fp8_recipe=m.fp8) if m.fp8 else {}), **same_init,
     )
     head = cfg.head_config()
     vpp = p.virtual_pipeline_model_parallel_size
-    chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
-                              real_vocab_size=m.vocab_size,
-                              fused_loss=FusedLossConfig(fp8=m.head_fp8) if m.fused_loss else False)
-              for i in range(vpp or 1)]
+    fused = FusedLossConfig(fp8=m.head_fp8) if m.fused_loss else False
+    if pattern is not None:
+        chunks = [build_hybrid_model(tcfg, m.vocab_size, m.seq_length, hybrid_layer_pattern=pattern, head=head,
+                                     vp_stage=(i if vpp else None), real_vocab_size=m.vocab_size, fused_loss=fused)
+                  for i in range(vpp or 1)]
+    else:
+        chunks = [build_gpt_model(tcfg, m.vocab_size, m.seq_length, head=head, vp_stage=(i if vpp else None),
+                                  real_vocab_size=m.vocab_size, fused_loss=fused)
+                  for i in range(vpp or 1)]
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
     return tcfg, chunks
@@ -249,7 +262,7 @@ class Trainer:
         precision)."""
         p = self.cfg.parallel
         model = {f"model.{k}": v for k, v in dataclasses.asdict(self.cfg.model).items()
-                 if k not in RESUMABLE_MODEL_KEYS}
+                 if k not in RESUMABLE_MODEL_KEYS and (k, v) not in PRE_HYBRID_DEFAULTS}
         model["train.precision"] = _precision(self.cfg)
         return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tensor_model_parallel_size": p.tensor_model_parallel_size,
