@@ -39,6 +39,12 @@ calls it, and :meth:`remove` calls it for the last step.
 Failing together: an exception in any rank's probe code is caught there (training never stops for it); that
 rank still enters every collective, with zeros and its flag set, so at ``end_step`` every rank of the TP group
 learns of it from the same reduction and switches its probe off: no stall, no rank left alone in a collective.
+The collectives a rank enters follow from shapes and the plan alone: on the general path its zeros take the
+peers' branch of :func:`.general.head_sums` (labels on the fused path), whose local work between collectives is
+guarded (``errors``) so a failure mid-CG still makes the remaining JVP / VJP collectives; the SP all-gather of
+the token sample is entered with zeros where the sample failed; a failure in the figures after ``end_step``'s
+reduction is agreed in a one-value all-reduce before the host transfer. (An exception inside the head's own
+``log_prob_fn`` between two of its collectives cannot be repaired from outside it.)
 
 Reporting: the figures describe the micro-batches of data-parallel rank 0 and are logged by rank 0 of its
 tensor-parallel group among the ranks of data x context parallel rank 0 (``is_reporter``).

@@ -81,12 +81,14 @@ def failing_rank(tp: int, sp: bool, fail_rank: int, probe_on: bool, steps: int =
 
     StepAccumulator.add_hidden_grad = faulty
     losses, enabled = [], []
+    log = CollectiveLog()
     try:
         for step in range(steps):
-            result = mb.forward_backward(models, support.batches(step))
-            if probe is not None:
-                probe.end_step()
-                enabled.append(probe.enabled)
+            with log:
+                result = mb.forward_backward(models, support.batches(step))
+                if probe is not None:
+                    probe.end_step()
+                    enabled.append(probe.enabled)
             losses.append(result.losses)
             with torch.no_grad():
                 for m in models:
@@ -95,7 +97,7 @@ def failing_rank(tp: int, sp: bool, fail_rank: int, probe_on: bool, steps: int =
     finally:
         StepAccumulator.add_hidden_grad = original
     return {"losses": losses, "enabled": enabled, "steps": [h["step"] for h in probe.history] if probe else [],
-            "error": probe.last_error if probe else None}
+            "error": probe.last_error if probe else None, "collectives": log.calls}
 
 
 class LogitSizedAllocations(TorchDispatchMode):

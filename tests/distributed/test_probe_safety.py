@@ -33,6 +33,8 @@ def test_a_fault_on_one_rank_switches_the_probe_off_on_every_rank(fault_runs):
         assert "ProbeFault: injected" in r_on["error"] or "another tensor-parallel rank" in r_on["error"]
         assert r_on["losses"] == r_off["losses"]  # training went on, unchanged (bitwise)
     assert "ProbeFault" in on[1]["error"] and "another tensor-parallel rank" in on[0]["error"]
+    # the collective-sequence check: both ranks entered the same collectives (op, shapes, dtypes) in order
+    assert on[0]["collectives"] == on[1]["collectives"] and len(on[0]["collectives"]) > len(off[0]["collectives"])
 
 
 def test_fused_update_and_rank_figures_equal_the_unfused_probe():
