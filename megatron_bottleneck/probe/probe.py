@@ -744,9 +744,16 @@ class GradientProbe:
             if float(host[0]) > 0 or self._failed is not None:
                 self._disable(self._failed or RuntimeError("the probe failed on another tensor-parallel rank"))
                 return None
-            out = self._host_figures(closed, names, host)
+            try:
+                out = self._host_figures(closed, names, host)
+            except Exception as exc:  # after the sync, on this rank only: the next step's reduction tells every
+                self._failed = exc  # rank (the flag), so all switch off together; this step's record is dropped
+                return None
         if out:
-            self._record(closed.step, out)
+            try:
+                self._record(closed.step, out)
+            except Exception as exc:  # a callback or log write: as above, every rank switches off at the next step
+                self._failed = exc
         return out
 
     def _device(self) -> torch.device:

@@ -178,7 +178,8 @@ class CollectiveLog(TorchDispatchMode):
 FAULT_STAGES = ("forward", "backward", "cg", "end")
 """Where the injected fault hits the general probe (rank 1, step 1): the forward hook's token sample, the backward
 hook on the head's output, the conjugate gradients (mid-way: the 5th dot product of the step's CG), the figures
-after end_step's reduction."""
+after end_step's reduction. ("host": the host figures after end_step's one sync, on one rank: told to every rank by
+the next step's reduction.)"""
 
 
 @contextlib.contextmanager
@@ -188,7 +189,8 @@ def _fault(stage: Optional[str], when):
 
     target = {"forward": (probe_module.GradientProbe, "_take_sample"),
               "backward": (probe_module.GradientProbe, "_general_grad"),
-              "cg": (general, "_dot"), "end": (probe_module, "figures_from_sums"), None: None}[stage]
+              "cg": (general, "_dot"), "end": (probe_module, "figures_from_sums"),
+              "host": (probe_module.GradientProbe, "_host_figures"), None: None}[stage]
     if target is None:
         yield
         return
@@ -227,7 +229,7 @@ def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
     out = {}
     for kind, fused in sh.PROBE_CASES:
         for sp in (False, True):
-            for stage in ("off", None) + FAULT_STAGES:
+            for stage in ("off", None) + FAULT_STAGES + ("host",):
                 head = sh.build(kind, tp, sp).double()
                 head.train()
                 gen = torch.Generator().manual_seed(13)

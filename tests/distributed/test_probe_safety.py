@@ -86,6 +86,13 @@ def test_the_general_probe_fails_together_at_every_stage(general_faults):
         for stage in ranks.FAULT_STAGES:
             assert "ProbeFault: injected" in general_faults[1][f"{case} {stage}"]["error"], (case, stage)
             assert "another tensor-parallel rank" in general_faults[0][f"{case} {stage}"]["error"], (case, stage)
+        # a fault after the step's one host sync: that rank drops its record, and the next step's reduction
+        # switches every rank off
+        zero, one = (r[f"{case} host"] for r in general_faults)
+        assert zero["losses"] == one["losses"] == general_faults[0][f"{case} off"]["losses"]
+        assert zero["enabled"] == one["enabled"] == [True, True, False], case
+        assert zero["steps"] == [0, 1] and one["steps"] == [0], case
+        assert "ProbeFault: injected" in one["error"] and "another tensor-parallel rank" in zero["error"]
 
 
 def test_every_rank_enters_the_same_collectives(general_faults):
