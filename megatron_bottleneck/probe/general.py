@@ -111,17 +111,20 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
     makes its ``matvec`` and ``token_sum`` calls (their collectives), with a zero direction after the failure.
     None: an exception propagates."""
     work = torch.float64 if dh.dtype in (torch.float32, torch.float16, torch.bfloat16) else dh.dtype
-    b = dh.to(work)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = _dot(r, r)
-    bnorm = rr.sqrt()
+
+    def start(b):
+        rr = _dot(b, b)
+        return b, torch.zeros_like(b), b.clone(), b.clone(), rr, rr.sqrt()
+
+    # b, x, r, p, rr, bnorm (zeros after a local failure: the iterations below still make their collectives)
+    b, x, r, p, rr, bnorm = _guarded(errors, lambda: start(dh.to(work)),
+                                     lambda: start(torch.zeros(dh.shape, dtype=work, device=dh.device)))
     tiny = torch.finfo(work).tiny
     converged = CONVERGED if rtol is None else max(CONVERGED, rtol)
     total = token_sum or (lambda t: t)
     history: List[Tensor] = []
     done = 0
+
     def advance(x, r, p, rr, mp):
         curv = _dot(p, mp)
         # A token stops once converged (its residual at rounding level: M_t may be singular, and past that CG
