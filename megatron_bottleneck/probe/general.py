@@ -85,9 +85,25 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
+def _guarded(errors: Optional[List[BaseException]], fn: Callable, fallback: Callable):
+    """``fn()``, this rank's local work between two collectives. With an ``errors`` list: once any local work
+    has failed (the exception appended to ``errors``), ``fallback()`` instead (zeros of the same shapes), so the
+    rank goes on entering the collectives that follow, as its peers do; its result is then meaningless and the
+    caller discards it. ``errors`` None: ``fn()``, exceptions propagate."""
+    if errors is None:
+        return fn()
+    if not errors:
+        try:
+            return fn()
+        except Exception as exc:  # kept for the caller; the collectives go on with zeros
+            errors.append(exc)
+    return fallback()
+
+
 def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations: int = 32,
                       rtol: Optional[float] = None,
-                      token_sum: Optional[Callable[[Tensor], Tensor]] = None) -> CGResult:
+                      token_sum: Optional[Callable[[Tensor], Tensor]] = None,
+                      errors: Optional[List[BaseException]] = None) -> CGResult:
     """Batched conjugate gradients on ``M_t x_t = dh_t`` (``dh [T, D]``), from ``x_0 = 0``.
 
     Runs ``iterations`` iterations (D suffice in exact arithmetic: M_t is D x D), with no host sync; a token
@@ -97,23 +113,26 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
     ranks hold the same tokens, else leave it None). Per token, the
     step sizes are its own (``alpha_t = r_t^T r_t / p_t^T M_t p_t``); a token whose residual reaches zero (or
     whose direction has no curvature) stops moving. token_sum: sums a scalar over the data-parallel ranks for
-    ``history`` (None: this rank's tokens only). The work is float64 where the input is float32 or lower."""
+    ``history`` (None: this rank's tokens only). The work is float64 where the input is float32 or lower.
+    errors: a list to keep a failure of this rank's local work in (see :func:`_guarded`): every iteration still
+    makes its ``matvec`` and ``token_sum`` calls (their collectives), with a zero direction after the failure.
+    None: an exception propagates."""
     work = torch.float64 if dh.dtype in (torch.float32, torch.float16, torch.bfloat16) else dh.dtype
-    b = dh.to(work)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = _dot(r, r)
-    bnorm = rr.sqrt()
+
+    def start(b):
+        rr = _dot(b, b)
+        return b, torch.zeros_like(b), b.clone(), b.clone(), rr, rr.sqrt()
+
+    # b, x, r, p, rr, bnorm (zeros after a local failure: the iterations below still make their collectives)
+    b, x, r, p, rr, bnorm = _guarded(errors, lambda: start(dh.to(work)),
+                                     lambda: start(torch.zeros(dh.shape, dtype=work, device=dh.device)))
     tiny = torch.finfo(work).tiny
     converged = CONVERGED if rtol is None else max(CONVERGED, rtol)
     total = token_sum or (lambda t: t)
     history: List[Tensor] = []
     done = 0
-    for k in range(iterations):
-        if rtol is not None and bool(((rr.sqrt() <= rtol * bnorm) | (bnorm == 0)).all()):
-            break
-        mp = matvec(p.to(dh.dtype)).to(work)
+
+    def advance(x, r, p, rr, mp):
         curv = _dot(p, mp)
         # A token stops once converged (its residual at rounding level: M_t may be singular, and past that CG
         # would follow rounding into M_t's null space) or where its direction has no curvature.
@@ -124,13 +143,20 @@ def visible_energy_cg(matvec: Callable[[Tensor], Tensor], dh: Tensor, iterations
         rr_new = _dot(r, r)
         beta = torch.where(active & (rr > 0), rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)),
                            torch.zeros_like(rr))
-        p = r + beta[:, None] * p
-        rr = rr_new
-        history.append(total(_dot(b, x).sum()))
+        return x, r, r + beta[:, None] * p, rr_new, _dot(b, x).sum()
+
+    for k in range(iterations):
+        if rtol is not None and bool(((rr.sqrt() <= rtol * bnorm) | (bnorm == 0)).all()):
+            break
+        mp = matvec(p.to(dh.dtype)).to(work)  # collectives: entered on every iteration, whatever failed
+        x, r, p, rr, seen = _guarded(errors, functools.partial(advance, x, r, p, rr, mp),
+                                     lambda: (x, r, torch.zeros_like(p), rr, b.new_zeros(())))
+        history.append(total(seen))
         done = k + 1
-    residual = torch.where(bnorm > 0, rr.sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm)),
-                           torch.zeros_like(bnorm))
-    return CGResult(visible=_dot(b, x), residual=residual, iterations=done,
+    visible, residual = _guarded(errors, lambda: (_dot(b, x), torch.where(
+        bnorm > 0, rr.sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm)), torch.zeros_like(bnorm))),
+        lambda: (torch.zeros_like(bnorm), torch.zeros_like(bnorm)))
+    return CGResult(visible=visible, residual=residual, iterations=done,
                     history=torch.stack(history) if history else b.new_zeros(0))
 
 
@@ -140,7 +166,7 @@ SUM_NAMES = ("visible", "grad_sq", "residual_max", "update_inner", "update_sq", 
 
 def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_size: int,
                scale: Optional[Tensor] = None, label_smoothing: float = 0.0, logit_scale: float = 1.0,
-               tp_group=None) -> Tensor:
+               tp_group=None, normalised: bool = False) -> Tensor:
     """This rank's columns of the logit gradient ``g_t = w_t (p_t - q_t)``, float64 ``[T, n_valid]``, from the
     effective log-probabilities u ``[T, n_valid]`` (p = exp u, normalised over every shard) and global labels
     ``[T]``: q_t = (1 - s) onehot(y_t) + s / V (Megatron's label smoothing, s = alpha V / (V - 1); s = 0 without),
@@ -148,8 +174,9 @@ def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_
 
     ``logit_scale`` c != 1 (MuP's output multiplier, applied by the model to the head's output u): the loss
     is the cross-entropy of c u, so p = softmax(c u) (normalised over every shard of ``tp_group``: one MAX
-    and one SUM all-reduce, every rank calls it) and the gradient at u itself is c w_t (p_t - q_t)."""
-    if logit_scale != 1.0:
+    and one SUM all-reduce, every rank calls it) and the gradient at u itself is c w_t (p_t - q_t).
+    ``normalised=True``: ``u`` is already log softmax(c u) (the caller ran those collectives), no collective here."""
+    if logit_scale != 1.0 and not normalised:
         u = tp_log_softmax(u.detach().double() * logit_scale, tp_group)
     p = u.detach().double().exp()
     y = labels.reshape(-1)
@@ -167,7 +194,8 @@ def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_
 
 def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: Optional[Tensor] = None,
               iterations: Optional[int] = None, update: bool = False, scale: Optional[Tensor] = None,
-              label_smoothing: float = 0.0, logit_scale: float = 1.0) -> Tensor:
+              label_smoothing: float = 0.0, logit_scale: float = 1.0,
+              errors: Optional[List[BaseException]] = None) -> Tensor:
     """The probe's sums for any head on one batch of T tokens: a float64 vector in the order of
     :data:`SUM_NAMES`, the same on every TP rank (already reduced over the vocabulary shards), on the device (no
     host sync). :func:`figures_from_sums` turns it (or a sum of such vectors, ``residual_max`` excepted) into the
@@ -188,8 +216,12 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
       dtheta (dtheta = J_theta^T G: the first-order change of u from an SGD step on (H, head parameters), up
       to the step's sign and size, by one JVP; C centres each token's row); 0 without.
 
-    Every rank of the head's TP group must call it with the same T and ``iterations`` (the JVP / VJP hold
-    collectives, a fixed number of them)."""
+    Every rank of the head's TP group must call it with the same T, ``iterations``, ``update`` and the same
+    kind of G (``grad`` or ``labels``: the ``grad`` branch makes one more all-reduce): the JVP / VJP hold
+    collectives, a fixed number of them, in an order fixed by these alone. errors: a list to keep a failure of
+    this rank's own local work in (the probe's arithmetic between collectives, see :func:`_guarded`): the rank
+    then goes on with zeros through every remaining collective and the sums are meaningless; None: an
+    exception propagates."""
     params = {k: v.detach() for k, v in log_prob.params.items()}
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     reduce = functools.partial(tp_reduce_sum, group=log_prob.tp_group)
@@ -199,11 +231,17 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
 
     with torch.enable_grad():  # also inside a backward hook (where autograd runs with grad mode off)
         u, vjp_h = tfunc.vjp(u_of_h, h)
+        like = functools.partial(torch.zeros, u.shape, dtype=torch.float64, device=u.device)
         if grad is None:
-            g = logit_grad(u, labels, log_prob.vocab_start, log_prob.n_valid, log_prob.vocab_size, scale,
-                           label_smoothing, logit_scale, log_prob.tp_group)
+            lp = u
+            if logit_scale != 1.0:  # softmax(c u): its collectives entered on every rank, zeros after a failure
+                lp = tp_log_softmax(_guarded(errors, lambda: u.detach().double() * logit_scale, like),
+                                    log_prob.tp_group)
+            g = _guarded(errors, lambda: logit_grad(lp, labels, log_prob.vocab_start, log_prob.n_valid,
+                                                    log_prob.vocab_size, scale, label_smoothing, logit_scale,
+                                                    normalised=True), like)
         else:  # the logit gradient with the same J^T c: c - p sum_i c_i (c itself when c = w (p - q))
-            c = grad.detach().reshape(-1, u.shape[-1]).double()
+            c = _guarded(errors, lambda: grad.detach().reshape(-1, u.shape[-1]).double(), like)
             g = c - u.detach().double().exp() * reduce(c.sum(-1, keepdim=True))
         g2 = reduce(g.square().sum().reshape(1)).reshape(())
         dh = vjp_h(g.to(u.dtype))[0]
@@ -217,7 +255,8 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
         its = 2 * h.shape[-1] if iterations is None else int(iterations)
         zero = torch.zeros((), dtype=torch.float64, device=g.device)
         if its > 0:
-            res = visible_energy_cg(centred_gram_matvec(jvp, vjp, log_prob.vocab_size, reduce), dh, iterations=its)
+            res = visible_energy_cg(centred_gram_matvec(jvp, vjp, log_prob.vocab_size, reduce), dh, iterations=its,
+                                    errors=errors)
             vis = res.visible.sum()
             resid = res.residual.max() if res.residual.numel() else zero
         else:

@@ -39,6 +39,12 @@ calls it, and :meth:`remove` calls it for the last step.
 Failing together: an exception in any rank's probe code is caught there (training never stops for it); that
 rank still enters every collective, with zeros and its flag set, so at ``end_step`` every rank of the TP group
 learns of it from the same reduction and switches its probe off: no stall, no rank left alone in a collective.
+The collectives a rank enters follow from shapes and the plan alone: on the general path its zeros take the
+peers' branch of :func:`.general.head_sums` (labels on the fused path), whose local work between collectives is
+guarded (``errors``) so a failure mid-CG still makes the remaining JVP / VJP collectives; the SP all-gather of
+the token sample is entered with zeros where the sample failed; a failure in the figures after ``end_step``'s
+reduction is agreed in a one-value all-reduce before the host transfer. (An exception inside the head's own
+``log_prob_fn`` between two of its collectives cannot be repaired from outside it.)
 
 Reporting: the figures describe the micro-batches of data-parallel rank 0 and are logged by rank 0 of its
 tensor-parallel group among the ranks of data x context parallel rank 0 (``is_reporter``).
@@ -138,6 +144,7 @@ class _Plan:
     sequence_parallel: bool = False
     general: bool = False  # a non-linear head's token sample is measured at the step's close
     logit_scale: float = 1.0  # the fused loss's multiplier of the head's logits (MuP's output multiplier)
+    sample_dtype: Optional[torch.dtype] = None  # general path: the head input's dtype (zeros of it where work failed)
 
     @property
     def any(self) -> bool:
@@ -238,6 +245,7 @@ class GradientProbe:
         self._gen_samples: List[Dict] = []
         self._gen_taken = 0
         self._gen_names: List[str] = []
+        self._log_prob = None
         self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
 
     # ------------------------------------------------------------------ setup
@@ -451,10 +459,8 @@ class GradientProbe:
             watch_hidden = (plan.cheap or plan.update) and hidden.requires_grad
             plan.watch_hidden = mb.watch_hidden = watch_hidden
             # Collectives first and unconditionally (every TP rank takes the same branch).
-            if plan.update and sp:
-                mb.full_hidden = _gather_sequence(hidden, self.tp_group)
-            elif plan.update:
-                mb.full_hidden = hidden.detach()
+            if plan.update:
+                mb.full_hidden = self._gathered(hidden, sp)
             mb.hidden = hidden.detach()
             mb.pending = 1 + int(watch_hidden)
             target = logits
@@ -477,6 +483,7 @@ class GradientProbe:
     # ------------------------------------------------- the general path (non-linear heads)
     def _general_shape(self, head) -> _Shape:
         lp = head.log_prob_fn()
+        self._log_prob = lp  # for a step where building it fails on this rank only (see _general_sums)
         d = int(head.head_input_size)
         return _Shape(k=d, d=d, r=None, v_local=int(lp.n_valid), padded=False)
 
@@ -492,19 +499,36 @@ class GradientProbe:
         sp = bool(getattr(module, "sequence_parallel", False)) and tp > 1
         plan.fused, plan.sequence_parallel, plan.general = fused, sp, True
         plan.logit_scale = float(ctx.logit_scale) if fused else 1.0
+        plan.sample_dtype = hidden.dtype
+        # from shapes alone, before anything that can fail: the same count on every rank
         rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
         n = max(0, min(rows * (tp if sp else 1), self.config.general_tokens - self._gen_taken))
         self._gen_taken += n
         mb = _MicroBatch(fused=fused, rows=rows, pending=1)
         if n:
-            full = _gather_sequence(hidden, self.tp_group) if sp else hidden.detach()
-            sample = {"n": n, "hidden": full.reshape(-1, full.shape[-1])[:n].clone()}
-            if fused:
-                sample["labels"] = ctx.labels.reshape(-1)[:n].clone()
-                sample["smoothing"] = float(ctx.config.label_smoothing)
-            self._gen_samples.append(sample)
-            mb.record = sample
+            full = self._gathered(hidden, sp)  # under SP a collective: entered on every rank
+            mb.record = self._try(self._take_sample, full, n, ctx if fused else None)
         output.register_hook(lambda g: self._on_general_grad(g, mb))
+
+    def _gathered(self, hidden: torch.Tensor, sp: bool) -> torch.Tensor:
+        """The head input over the full sequence: all-gathered under SP (every TP rank enters the all-gather, with
+        zeros of the same shape where its probe work failed this step), else the input itself."""
+        if not sp:
+            return hidden.detach()
+        local = self._try(lambda: hidden.detach().contiguous())
+        if local is None:
+            local = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        return _gather_sequence(local, self.tp_group)
+
+    def _take_sample(self, full: torch.Tensor, n: int, ctx) -> Dict:
+        """This micro-batch's share of the step's token sample (local work): the first ``n`` rows of the head
+        input ``[n, D]`` and, fused (``ctx`` the head's loss context), their labels."""
+        sample = {"n": n, "hidden": full.reshape(-1, full.shape[-1])[:n].clone()}
+        if ctx is not None:
+            sample["labels"] = ctx.labels.reshape(-1)[:n].clone()
+            sample["smoothing"] = float(ctx.config.label_smoothing)
+        self._gen_samples.append(sample)
+        return sample
 
     def _on_general_grad(self, grad, mb: _MicroBatch) -> None:
         with self._timed():
@@ -533,9 +557,9 @@ class GradientProbe:
         head, cfg, n = self._head, self.config, self._gen_taken  # (inside the last hook's timing)
         try:
             lp = head.log_prob_fn()
-        except Exception as exc:
+        except Exception as exc:  # the one taken at the first forward: its collectives, values irrelevant now
             self._failed = self._failed or exc
-            return None
+            lp = self._log_prob
         dev = self._device()
         kw = {}
 
@@ -551,19 +575,23 @@ class GradientProbe:
         got = self._try(inputs)
         if got is not None and got[0].shape[0] == n:
             h, kw = got
-        else:  # this rank failed: the same collectives with zeros (its flag is set)
+        else:  # this rank failed: the same call with zeros of the same shapes and kind (its flag is set)
             self._failed = self._failed or RuntimeError("the general probe's token sample is incomplete")
-            p = next(iter(lp.params.values()))
-            h = torch.zeros(n, self._shape.d, dtype=p.dtype, device=dev)
-            if plan.fused:  # the healthy ranks' path, its collectives included (MuP's normaliser), G = 0
-                kw = {"labels": torch.full((n,), -100, dtype=torch.long, device=dev), "logit_scale": plan.logit_scale}
+            h = torch.zeros(n, self._shape.d, dtype=plan.sample_dtype, device=dev)
+            if plan.fused:  # the healthy ranks' labels branch, its collectives included (MuP's normaliser), G = 0
+                kw = {"labels": torch.zeros(n, dtype=torch.long, device=dev),
+                      "scale": torch.zeros(n, dtype=torch.float64, device=dev), "logit_scale": plan.logit_scale}
             else:
                 kw = {"grad": torch.zeros(n, self._shape.v_local, dtype=torch.float64, device=dev)}
+        errors: List[BaseException] = []  # a failure of local work inside: the collectives go on with zeros
         try:
             sums = head_sums(lp, h, iterations=cfg.general_iterations if plan.cheap else 0, update=plan.update,
-                             **kw)
+                             errors=errors, **kw)
         except Exception as exc:
             self._failed = self._failed or exc
+            return None
+        if errors:
+            self._failed = self._failed or errors[0]
             return None
         return sums * (1.0 if get_pg_rank(self.tp_group) == 0 else 0.0)
 
@@ -712,13 +740,26 @@ class GradientProbe:
                 names, values = [], flat[:1]
             else:
                 names, values = figures
+            if get_pg_size(self.tp_group) > 1:
+                # a failure after the reduction (the figures) on one rank: every rank of the group learns of it
+                late = torch.full((1,), 1.0 if figures is None and not failed else 0.0, dtype=torch.float64,
+                                  device=device)
+                dist.all_reduce(late, group=self.tp_group)
+                values = torch.cat([values[:1] + late.to(values.device), values[1:]])
             host = values.cpu()  # the probe's one host synchronisation of the step
             if float(host[0]) > 0 or self._failed is not None:
                 self._disable(self._failed or RuntimeError("the probe failed on another tensor-parallel rank"))
                 return None
-            out = self._host_figures(closed, names, host)
+            try:
+                out = self._host_figures(closed, names, host)
+            except Exception as exc:  # after the sync, on this rank only: the next step's reduction tells every
+                self._failed = exc  # rank (the flag), so all switch off together; this step's record is dropped
+                return None
         if out:
-            self._record(closed.step, out)
+            try:
+                self._record(closed.step, out)
+            except Exception as exc:  # a callback or log write: as above, every rank switches off at the next step
+                self._failed = exc
         return out
 
     def _device(self) -> torch.device:

@@ -547,3 +547,11 @@ def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Di
 def load_model_only(path: str, chunks: List) -> None:
     """Load just the model weights (any TP/PP layout), strictly."""
     _load_model(chunks, dist_checkpointing.load(_model_state(chunks), path))
+
+
+def read_saved_state(path: str) -> Dict:
+    """The state of the checkpoint at ``path`` that is the same on every rank (iteration, sample count,
+    scheduler: ``rank_0.pt`` without its per-rank part), read before anything loads."""
+    extra = torch.load(os.path.join(path, "rank_0.pt"), weights_only=False)
+    extra.pop(PER_RANK, None)
+    return extra

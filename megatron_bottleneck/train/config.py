@@ -206,6 +206,12 @@ class CheckpointSection:
     """Write the model and optimizer shards in a background process while training goes on (Megatron's async
     distributed-checkpoint save); the checkpoint becomes ``latest`` only once every rank's write has finished,
     and a pending save is finished before the trainer returns. None: on (NCCL and gloo alike)."""
+    scheduler: Literal["error", "config", "checkpoint"] = "error"
+    """What a resume does when the saved learning-rate schedule (optim.lr, min_lr, warmup_steps,
+    weight_decay, train.train_steps) differs from this config's: error (one CheckpointError line naming the
+    fields), config (this config's schedule continued from the saved step, e.g. to extend a run's
+    train_steps; Megatron-LM's --override-opt_param-scheduler) or checkpoint (the saved schedule; Megatron-LM's
+    --use-checkpoint-opt_param-scheduler)."""
 
 
 @dataclass

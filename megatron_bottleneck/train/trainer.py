@@ -24,7 +24,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.utils import scaled_init_method_normal
 
@@ -37,9 +36,11 @@ from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
 from ..models import build_gpt_model, build_hybrid_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
-from .checkpoint import (PER_RANK, CheckpointWriter, check_optimizer_format, latest_checkpoint, load_checkpoint,
-                         save_checkpoint, start_writer_helpers)
+from .checkpoint import (PER_RANK, CheckpointWriter, check_layout, check_optimizer_format, latest_checkpoint,
+                         load_checkpoint, read_saved_state, save_checkpoint, start_writer_helpers)
 from .config import TrainConfig, fused_wgrad_available
+from .lr_schedule import (build_scheduler, check_schedule, restore_schedule, schedule_changes,
+                          set_group_learning_rates, warmup_warning)
 
 
 # model fields a resume may change: they do not change the weights' shapes or meaning
@@ -145,11 +146,10 @@ class Trainer:
                             clip_grad=o.clip_grad, bf16=bf16, params_dtype=self.tcfg.params_dtype,
                             use_distributed_optimizer=dist_opt, overlap_param_gather=run.overlap_param_gather),
             self.models)
-        steps = t.train_steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=min(o.warmup_steps, steps - 1), lr_decay_steps=steps, lr_decay_style="cosine",
-            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
+        self.scheduler = build_scheduler(self.optimizer, config)
+        warmup = warmup_warning(config)
+        if warmup and (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            warnings.warn(warmup, UserWarning, stacklevel=2)
         self.probe = probe
         if self.probe is None and config.probe:
             kw = dict(config.probe)
@@ -277,9 +277,16 @@ class Trainer:
                 "model": model}
 
     def _restore(self, path: str) -> None:
-        extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer,
-                                layout=self.layout())
-        self.scheduler.load_state_dict(extra["scheduler"])  # the same on every rank
+        layout = self.layout()
+        check_layout(path, layout)  # another model is said first
+        saved = read_saved_state(path)["scheduler"]  # the same on every rank
+        mode = self.cfg.checkpoint.scheduler
+        check_schedule(path, saved, self.scheduler, mode)  # checkpoint.scheduler=error: one line, nothing loaded
+        changes = schedule_changes(saved, self.scheduler.state_dict())
+        # the optimizer's groups hold the saved learning rates while it loads (megatron-core matches them)
+        set_group_learning_rates(self.optimizer, self.scheduler.state_dict(), saved)
+        extra = load_checkpoint(path, [m.module for m in self.models], optimizer=self.optimizer, layout=layout)
+        restore_schedule(self.scheduler, self.optimizer, extra["scheduler"])
         self.iteration, self.consumed = extra["iteration"], extra["consumed"]
         own = extra.get(PER_RANK)
         if own is None and extra["same_layout"]:  # saved before PER_RANK existed
@@ -292,6 +299,10 @@ class Trainer:
         if self.is_logger:
             note = "" if extra["same_layout"] else " (resharded to this layout; per-rank RNG not restored)"
             print(f"resumed from {path} at step {self.iteration}{note}", flush=True)
+            if changes:
+                which = "this config's" if mode == "config" else "the checkpoint's"
+                print(f"learning-rate schedule: {which} (checkpoint.scheduler={mode}; {'; '.join(changes)})",
+                      flush=True)
 
     # ----------------------------------------------------------------- loop
     def train(self) -> Dict:

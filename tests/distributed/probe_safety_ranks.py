@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import traceback
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,12 +81,14 @@ def failing_rank(tp: int, sp: bool, fail_rank: int, probe_on: bool, steps: int =
 
     StepAccumulator.add_hidden_grad = faulty
     losses, enabled = [], []
+    log = CollectiveLog()
     try:
         for step in range(steps):
-            result = mb.forward_backward(models, support.batches(step))
-            if probe is not None:
-                probe.end_step()
-                enabled.append(probe.enabled)
+            with log:
+                result = mb.forward_backward(models, support.batches(step))
+                if probe is not None:
+                    probe.end_step()
+                    enabled.append(probe.enabled)
             losses.append(result.losses)
             with torch.no_grad():
                 for m in models:
@@ -94,7 +97,7 @@ def failing_rank(tp: int, sp: bool, fail_rank: int, probe_on: bool, steps: int =
     finally:
         StepAccumulator.add_hidden_grad = original
     return {"losses": losses, "enabled": enabled, "steps": [h["step"] for h in probe.history] if probe else [],
-            "error": probe.last_error if probe else None}
+            "error": probe.last_error if probe else None, "collectives": log.calls}
 
 
 class LogitSizedAllocations(TorchDispatchMode):
@@ -146,3 +149,126 @@ def fused_update_rank(tp: int, fused: bool, slice_mib: float, track: bool = Fals
         mb.forward_backward(models, wide_batches())
         probe.end_step()
     return {"history": probe.history, "logit_sized": tracker.seen}
+
+
+class CollectiveLog(TorchDispatchMode):
+    """Every collective this rank enters, as ``(op, ((shape, dtype), ...))`` of its tensor arguments, in order:
+    the c10d ops ``torch.distributed`` dispatches (``c10d.allreduce_``, ``c10d._allgather_base_``, ...), whoever
+    calls them (the probe, the head's autograd functions, Megatron's mappings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("c10d."):
+            tensors = []
+
+            def visit(a):
+                if isinstance(a, torch.Tensor):
+                    tensors.append((tuple(a.shape), str(a.dtype)))
+                elif isinstance(a, (list, tuple)):
+                    for b in a:
+                        visit(b)
+            visit(args)
+            self.calls.append((str(func), tuple(tensors)))
+        return func(*args, **(kwargs or {}))
+
+
+FAULT_STAGES = ("forward", "backward", "cg", "end")
+"""Where the injected fault hits the general probe (rank 1, step 1): the forward hook's token sample, the backward
+hook on the head's output, the conjugate gradients (mid-way: the 5th dot product of the step's CG), the figures
+after end_step's reduction. ("host": the host figures after end_step's one sync, on one rank: told to every rank by
+the next step's reduction.)"""
+
+
+@contextlib.contextmanager
+def _fault(stage: Optional[str], when):
+    """Make the probe's work at ``stage`` raise ProbeFault while ``when()`` holds (None: no fault)."""
+    from megatron_bottleneck.probe import general, probe as probe_module
+
+    target = {"forward": (probe_module.GradientProbe, "_take_sample"),
+              "backward": (probe_module.GradientProbe, "_general_grad"),
+              "cg": (general, "_dot"), "end": (probe_module, "figures_from_sums"),
+              "host": (probe_module.GradientProbe, "_host_figures"), None: None}[stage]
+    if target is None:
+        yield
+        return
+    owner, name = target
+    original = getattr(owner, name)
+    calls = [0]
+
+    def faulty(*args, **kwargs):
+        if when():
+            calls[0] += 1
+            if stage != "cg" or calls[0] == 5:
+                raise ProbeFault("injected")
+        return original(*args, **kwargs)
+
+    setattr(owner, name, faulty)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
+    """TP=2 (and TP=2 + SP): a non-linear head driven through its fused loss (mos, labels from its loss context)
+    and unfused (sigsoftmax, Megatron's vocab-parallel cross-entropy of its log-probabilities), two micro-batches
+    a step and an SGD step on the head's parameters after each; the general probe (cheap + update figures) on
+    every step. Per case (kind, fused, sp) and stage (None: no fault; "off": no probe; else a fault on
+    ``fail_rank`` at step 1 at that stage): the losses, the probe's state after each step, its records and
+    last_error, and every collective this rank entered."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_bottleneck.heads.contract import FusedLossConfig, LossContext
+    from tests import support_heads as sh
+
+    mb.initialize_parallel(2, 1, seed=5)
+    _group, tp, rank = sh._tp()
+    out = {}
+    for kind, fused in sh.PROBE_CASES:
+        for sp in (False, True):
+            for stage in ("off", None) + FAULT_STAGES + ("host",):
+                head = sh.build(kind, tp, sp).double()
+                head.train()
+                gen = torch.Generator().manual_seed(13)
+                probe = None
+                if stage != "off":
+                    probe = mb.GradientProbe(mb.ProbeConfig(interval=1, update_interval=1, general_tokens=20,
+                                                            general_iterations=2 * sh.D))
+                    probe.watch_head(head, num_microbatches=2)
+                log = CollectiveLog()
+                losses, enabled = [], []
+                for step in range(steps):
+                    hs = [torch.randn(sh.S, sh.B, sh.D, generator=gen, dtype=torch.float64) for _ in range(2)]
+                    ys = [torch.randint(0, sh.V_REAL, (sh.S, sh.B), generator=gen) for _ in range(2)]
+                    when = lambda s=step: s == 1 and rank == fail_rank  # noqa: E731
+                    with _fault(None if stage == "off" else stage, when), log:
+                        for h, y in zip(hs, ys):
+                            x = sh._local(h, rank, tp, sp).clone().requires_grad_(True)
+                            if fused:
+                                head.loss_context = LossContext(y, FusedLossConfig())
+                                loss, _ = head(x)
+                                head.loss_context = None
+                            else:
+                                u, _ = head(x)
+                                loss = vocab_parallel_cross_entropy(u.clone(), y)
+                            loss = loss.mean() / 2
+                            loss.backward()
+                            losses.append(loss.item())
+                        if probe is not None:
+                            probe.end_step()
+                            enabled.append(probe.enabled)
+                    with torch.no_grad():
+                        for p in head.parameters():
+                            p.add_(p.grad, alpha=-0.5)
+                            p.grad = None
+                out[f"{kind} fused={fused} sp={sp} {stage}"] = {
+                    "losses": losses, "enabled": enabled, "collectives": log.calls,
+                    "steps": [h["step"] for h in probe.history] if probe else [],
+                    "error": probe.last_error if probe else None}
+                if probe is not None:
+                    probe.remove()
+    mb.destroy_parallel()
+    return out

@@ -104,3 +104,50 @@ def resume_error(log_dir: str, data: Dict, ckpt: str, model: Optional[Dict] = No
     except CheckpointError as e:
         return str(e)
     return None
+
+
+def schedule_config(log_dir, data, ckpt, steps, scheduler="error", **optim):
+    """The smallest trainer run (one rank, TP=1, no probe, no validation) with warmup 4 and ``steps`` steps."""
+    cfg = config(log_dir, data, ckpt=ckpt, steps=steps, parallel={"tensor_model_parallel_size": 1},
+                 train={"eval_interval": 0}, optim={"warmup_steps": 4, **optim},
+                 checkpoint={"save_interval": 0, "scheduler": scheduler, "async_save": False})
+    cfg.probe = {}
+    return cfg
+
+
+def _history(trainer, out) -> Dict:
+    hist = out["history"]
+    return {"steps": [h["step"] for h in hist], "losses": [h["loss"] for h in hist],
+            "lrs": [h["lr"] for h in hist], "iteration": out["iteration"]}
+
+
+def schedule_run(log_dir: str, data: Dict, ckpt: Optional[str], steps: int, scheduler: str = "error",
+                 optim: Optional[Dict] = None, stop_at: Optional[int] = None) -> Dict:
+    """A run of :func:`schedule_config` (resuming from ``ckpt`` when it holds a checkpoint; SIGTERM after step
+    ``stop_at``): per step the loss and the learning rate set after it (the one the next step's update uses),
+    or ``error``: a CheckpointError's message."""
+    try:
+        trainer = Trainer(schedule_config(log_dir, data, ckpt, steps, scheduler, **(optim or {})),
+                          on_step=None if stop_at is None else sigterm_at(stop_at))
+    except CheckpointError as e:
+        return {"error": str(e)}
+    return _history(trainer, trainer.train())
+
+
+def switched_schedule_run(log_dir: str, data: Dict, first: int, steps: int) -> Dict:
+    """The reference of an extended run, uninterrupted: ``steps`` steps of one process whose learning rates
+    follow the schedule of a ``first``-step run up to step ``first``, then the ``steps``-step schedule from
+    there (what a run saved at ``first`` and resumed with ``checkpoint.scheduler=config`` must reproduce)."""
+    from megatron_bottleneck.train.lr_schedule import build_scheduler
+
+    cfg = schedule_config(log_dir, data, None, steps)
+    trainer = Trainer(cfg)
+    trainer.scheduler = build_scheduler(trainer.optimizer, schedule_config(log_dir, data, None, first))
+
+    def on_step(step, _rec):
+        if step == first:
+            longer = build_scheduler(trainer.optimizer, cfg)
+            longer.step(increment=first)
+            trainer.scheduler = longer
+    trainer.on_step = on_step
+    return _history(trainer, trainer.train())
