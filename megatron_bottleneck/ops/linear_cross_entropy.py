@@ -208,7 +208,7 @@ class _Gemms:
     up to the GEMMs' summation order: one rounding per result, none to 16 bits between chunks.
     """
 
-    def __init__(self, u: torch.Tensor, weight: torch.Tensor, chunk: int, fp32_out: bool, with_u32: bool = True):
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, chunk: int, fp32_out: bool):
         self.u, self.weight = u, weight
         if u.dtype == torch.float32:
             self.mode = "fp32"
@@ -217,7 +217,7 @@ class _Gemms:
         else:
             self.mode = "upcast"
         if self.mode == "upcast":
-            self.u32 = u.float() if with_u32 else None
+            self.u32 = u.float()
             self.wbuf = torch.empty(min(chunk, weight.shape[0]) * weight.shape[1], dtype=torch.float32,
                                     device=u.device)
 

@@ -154,12 +154,12 @@ def test_memory_budget_picks_chunk_and_matches():
 
 # ------------------------------------------------------------------ 16-bit accuracy, syncs, main_grad
 def accuracy_side_by_side(dtype=torch.bfloat16, t=1024, k=64, v_rows=2048, vocab=None, ignore_every=0,
-                          chunk_size=256, problem=peaked_zipf_problem, **kw):
+                          chunk_size=256, problem=peaked_zipf_problem, device="cpu", **kw):
     """Gradient errors against float64 (of the same 16-bit inputs) of the fused op and of the unfused path
     (16-bit logits GEMM, float32 softmax CE, 16-bit backward GEMMs), on Zipfian labels and peaked logits
     (``problem``: or flat ones), loss = token mean. Returns (fused errors, unfused errors, mean p_y,
-    top-class share)."""
-    u, w, y = problem(t, k, v_rows, vocab, ignore_every=ignore_every, dtype=dtype)
+    top-class share). ``device``: where all three run."""
+    u, w, y = (x.to(device) for x in problem(t, k, v_rows, vocab, ignore_every=ignore_every, dtype=dtype))
     n = int((y != -100).sum())
     grads = {}
     for name, fn, dt in (("ref", unfused_loss, torch.float64), ("unfused", unfused_loss, dtype),
@@ -357,6 +357,33 @@ def test_gpu_path_runs_on_meta_tensors_and_chunks_as_planned():
         loss.sum().backward()
     assert mms.count == 3 * 11  # logits recomputed, dL/du, dL/dW
     assert u.grad.dtype == w.grad.dtype == torch.bfloat16 and w.grad.shape == (1000, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fp32_output_gemms_equal_their_cpu_emulation(dtype):
+    """On a GPU: the loops with float32-output 16-bit GEMMs (the CUDA path) and with their emulation (the
+    CPU path: float32 GEMMs on the 16-bit values) give the same lse, dL/du and dL/dW up to summation order,
+    and the public op's gradients are no worse than the unfused path's on flat logits."""
+    from megatron_bottleneck.ops.linear_cross_entropy import _backward_chunks, _forward_chunks
+
+    assert fp32_output_mm("cuda"), "torch >= 2.8 CUDA builds have float32-output 16-bit GEMMs"
+    u, w, y = flat_zipf_problem(512, 64, 1000, dtype=dtype)
+    u, w, y = u.cuda(), w.cuda(), y.cuda()
+    tgt = torch.where(y < 1000, y, -1)
+    out = {}
+    for fp32_out in (True, False):
+        lse = _forward_chunks(u, w, 1000, 96, False, None, tgt, fp32_out=fp32_out)[0]
+        gu = torch.zeros(512, 64, device="cuda")
+        gw = torch.zeros(1000, 64, device="cuda")
+        coef = torch.full((512,), 1 / 512, device="cuda")
+        _backward_chunks(u, w, 1000, 96, lse, coef, None, gu, gw, tgt, coef.clone(), None, fp32_out=fp32_out)
+        out[fp32_out] = (lse, gu, gw)
+    for a, b in zip(out[True], out[False]):
+        assert rel(a, b) < 1e-5
+    fused, unfused, _, _ = accuracy_side_by_side(dtype, chunk_size=128, problem=flat_zipf_problem, device="cuda")
+    for key in ("du", "dw", "dw_top"):
+        assert fused[key] <= 1.02 * unfused[key], (key, fused, unfused)
 
 
 def test_an_out_of_memory_error_is_raised_and_changes_nothing_after():
