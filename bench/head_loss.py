@@ -359,10 +359,11 @@ def child(args) -> dict:
     _, ops = count_ops(step)
     chunks = 1
     if kind == "fused":
-        from megatron_bottleneck.ops import chunk_count, default_memory_budget
+        from megatron_bottleneck.ops import ChunkLoopPlan, chunk_count, chunk_row_bytes
 
-        budget = _budget(args) or default_memory_budget(torch.device(dev))
-        chunks = chunk_count(t, v, budget)
+        plan = ChunkLoopPlan.for_device(torch.device(dev), _budget(args))
+        chunks = chunk_count(t, v, plan.memory_budget_bytes,
+                             chunk_row_bytes(dtype, r if low_rank else d, plan.fp32_output_mm))
     elif kind != "megatron":
         chunks = None  # the library's own chunking
     med = statistics.median(times)

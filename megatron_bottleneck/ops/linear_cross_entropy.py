@@ -173,26 +173,34 @@ class ChunkLoopPlan:
         return cls(budget, fp32_output_mm(dev.type))
 
 
-def choose_chunk_size(num_tokens: int, num_rows: int, memory_budget_bytes: int) -> int:
-    """Vocab rows per chunk C so that 2 float32 [T, C] tensors fit ``memory_budget_bytes``.
+def choose_chunk_size(num_tokens: int, num_rows: int, memory_budget_bytes: int, row_bytes: int = 0) -> int:
+    """Vocab rows per chunk C so that 2 float32 [T, C] tensors (and ``row_bytes`` per row) fit
+    ``memory_budget_bytes``: C = budget // (8 T + row_bytes).
 
     The op holds one such buffer (forward and backward each) and a 16-bit [T, C] cast of it for 16-bit
-    inputs; the rest of the budget covers the fp8 path's casts. A multiple of 16 (FP8 GEMMs and tensor
-    cores want it), at least 16, at most ``num_rows``. The [T, k] and [V_local, k] gradients come on top
-    (they are outputs), and, for 16-bit inputs without :func:`fp32_output_mm` (CPUs), a float32 [T, k] copy
-    of u and a float32 [C, k] copy of the weight chunk.
+    inputs; the rest of the budget covers the fp8 path's casts. ``row_bytes`` = 4 k where 16-bit inputs run
+    without :func:`fp32_output_mm` (CPUs): the float32 [C, k] copy of the weight chunk (:func:`chunk_row_bytes`).
+    A multiple of 16 (FP8 GEMMs and tensor cores want it), at least 16, at most ``num_rows``. The [T, k] and
+    [V_local, k] gradients come on top (they are outputs), and, without :func:`fp32_output_mm`, a float32
+    [T, k] copy of 16-bit u.
     """
-    c = int(memory_budget_bytes) // max(1, 8 * num_tokens)
+    c = int(memory_budget_bytes) // max(1, 8 * num_tokens + int(row_bytes))
     c = max(_MIN_CHUNK, c - c % _MIN_CHUNK)
     return max(1, min(c, num_rows))
 
 
-def chunk_count(num_tokens: int, num_rows: int, memory_budget_bytes: int) -> int:
+def chunk_row_bytes(dtype: torch.dtype, width: int, fp32_out: bool) -> int:
+    """Working bytes per vocabulary row of a chunk besides the [T, C] buffers: 4 k (the float32 copy of a
+    weight row) for 16-bit (or float64) inputs without float32-output GEMMs, else 0."""
+    return 4 * int(width) if dtype != torch.float32 and not (dtype in _16BIT and fp32_out) else 0
+
+
+def chunk_count(num_tokens: int, num_rows: int, memory_budget_bytes: int, row_bytes: int = 0) -> int:
     """Vocabulary chunks per pass of the torch loop (forward; the backward walks as many):
     ceil(num_rows / :func:`choose_chunk_size`)."""
     if num_rows <= 0:
         return 0
-    c = choose_chunk_size(num_tokens, num_rows, memory_budget_bytes)
+    c = choose_chunk_size(num_tokens, num_rows, memory_budget_bytes, row_bytes)
     return -(-num_rows // c)
 
 
@@ -426,7 +434,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab_start, vocab_size = cfg["vocab_start"], cfg["vocab_size"]
         n_real = int(max(0, min(v_local, vocab_size - vocab_start)))
         s = cfg["smoothing"]
-        chunk = cfg["chunk_size"] or choose_chunk_size(u.shape[0], max(n_real, 1), cfg["plan"].memory_budget_bytes)
+        plan = cfg["plan"]
+        chunk = cfg["chunk_size"] or choose_chunk_size(
+            u.shape[0], max(n_real, 1), plan.memory_budget_bytes,
+            0 if cfg["fp8"] else chunk_row_bytes(u.dtype, u.shape[1], plan.fp32_output_mm))
         q = _Fp8Cache(u, weight, n_real) if cfg["fp8"] else None
         if q is not None and chunk % 16:
             raise ValueError(f"fp8 needs chunk_size to be a multiple of 16, got {chunk}.")
@@ -555,7 +566,8 @@ def logit_grad_rows(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     lse = lse.float()
     coef, b, e = _logit_grad_terms(grad_out, valid, lse, smoothing, vocab_size, z_loss_weight)
     plan = ChunkLoopPlan.for_device(u.device, memory_budget_bytes)
-    chunk = choose_chunk_size(s_tok, n_real, plan.memory_budget_bytes)
+    chunk = choose_chunk_size(s_tok, n_real, plan.memory_budget_bytes,
+                              chunk_row_bytes(u.dtype, u.shape[1], plan.fp32_output_mm))
     buf = torch.empty(s_tok * min(chunk, n_real), dtype=torch.float32, device=u.device)
     gemms = _Gemms(u, weight, min(chunk, n_real), plan.fp32_output_mm)
     for c0 in range(0, n_real, chunk):

@@ -13,6 +13,7 @@ from megatron_bottleneck.ops import (
     HeadLossStats,
     choose_chunk_size,
     chunk_count,
+    chunk_row_bytes,
     default_memory_budget,
     fp32_output_mm,
     linear_cross_entropy,
@@ -140,6 +141,10 @@ def test_stats_give_logit_grad_norm(case):
 def test_choose_chunk_size():
     assert choose_chunk_size(4096, 49152, 64 * 2**20) == 2048
     assert chunk_count(4096, 49152, 64 * 2**20) == 24 and chunk_count(4096, 49153, 64 * 2**20) == 25
+    # 16-bit inputs without float32-output GEMMs (CPUs): the float32 weight-chunk copy counts, 4 k bytes a row
+    assert chunk_row_bytes(torch.bfloat16, 4096, False) == 4 * 4096
+    assert chunk_row_bytes(torch.bfloat16, 4096, True) == chunk_row_bytes(torch.float32, 4096, False) == 0
+    assert choose_chunk_size(512, 8192, 16 * 2**20, 4 * 4096) == 816  # 16 MiB // (8 * 512 + 16384) = 819
     assert choose_chunk_size(10**7, 49152, 2**20) == 16  # floor
     assert choose_chunk_size(8, 50, 2**30) == 50  # at most the rows
     assert choose_chunk_size(4096, 49152, 64 * 2**20) % 16 == 0
@@ -357,6 +362,17 @@ def test_gpu_path_runs_on_meta_tensors_and_chunks_as_planned():
         loss.sum().backward()
     assert mms.count == 3 * 11  # logits recomputed, dL/du, dL/dW
     assert u.grad.dtype == w.grad.dtype == torch.bfloat16 and w.grad.shape == (1000, 64)
+
+
+def test_cpu_16bit_chunks_fit_the_budget_with_the_weight_copy():
+    """bf16 on a CPU (float32 GEMMs on an upcast weight chunk): the logit GEMMs of a forward pass are as many
+    as chunk_count with the weight copy's 4 k bytes per row, which keeps the chunk buffers within budget."""
+    u, w, y = flat_zipf_problem(64, 256, 1000, dtype=torch.bfloat16)
+    budget = 96 * (8 * 64 + 4 * 256)  # 96-row chunks with the copy (11 of them); 288 rows (4) without
+    mms = _CountOps(("mm",))
+    with mms:
+        linear_cross_entropy(u, w, y, memory_budget_bytes=budget, check_labels=False)
+    assert mms.count == chunk_count(64, 1000, budget, chunk_row_bytes(torch.bfloat16, 256, False)) == 11
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
