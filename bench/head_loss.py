@@ -37,6 +37,15 @@ relative to megatron dense divided by its FLOPs relative to megatron dense (1.0:
 dense head). Loss is the mean over tokens (grad_out = 1/T). Writes bench/results/head_loss.json
 (``--out``).
 
+Launches: each row also reports ``chunks`` (vocabulary chunks per pass of the fused torch loop: ceil(V /
+C), C from the memory budget, ``ops.chunk_count``; 1 for a materialised head) and ``ops/step``: the aten
+operators that launch work (views and bare allocations not counted) in one fwd+bwd step, counted with a
+``TorchDispatchMode`` on the row's device; on a GPU each is about one kernel launch. A second table
+projects the fused torch loop to GPU-sized shapes without a GPU: the op runs fwd+bwd on ``meta`` tensors
+(shapes and dtypes, no data) along the CUDA path (float32-output 16-bit GEMMs), where the dispatch mode
+counts its operators, once with the former 64 MiB GPU budget and once per free-memory figure with
+``ops.memory_budget_for`` (``--gpu-shapes T,k,V_local;...``, ``--gpu-free-gib``).
+
 ``--accuracy`` (the default for a 16-bit ``--dtype``): the data is a trained-like problem instead of
 random (``ops.reference.peaked_zipf_problem``: Zipfian labels, the top class ~10% of the tokens; logits
 peaked, mean p_y ~0.9; low-rank: U = H B^T with orthonormal rows of B, so U is the problem's u), and each
@@ -131,6 +140,71 @@ def _sync(device: str) -> None:
 def _budget(args):
     """The fused op's memory_budget_bytes: --budget-mib, else None (the op's own default)."""
     return None if args.budget_mib is None else int(args.budget_mib * 2**20)
+
+
+_NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "_local_scalar_dense", "lift_fresh",
+              "set_", "record_stream")
+
+
+def count_ops(fn) -> tuple:
+    """(result of fn(), aten operators that launch work while it runs): every aten op the dispatcher sees
+    below autograd, except views (metadata only) and bare allocations / host reads (``_NO_LAUNCH``)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _NO_LAUNCH:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        out = fn()
+    return out, c.n
+
+
+GPU_SHAPES = "8192,4096,128256;32768,4096,128256;32768,4096,16032;32768,256,128256"
+GPU_FREE_GIB = "8,24,64"
+
+
+def gpu_projection(shapes: str = GPU_SHAPES, free_gib: str = GPU_FREE_GIB, dtype: str = "bfloat16") -> list:
+    """The fused torch loop at GPU-sized shapes, run fwd+bwd on ``meta`` tensors (no data, no GPU) along the
+    CUDA path: per (T, k, V_local) and budget (the former 64 MiB, and ``memory_budget_for("cuda", free)``
+    per free-memory figure) the chunk count and the operators (about kernel launches) per step, and the
+    chunk's working memory (the float32 [T, C] buffer and its 16-bit cast)."""
+    import torch
+
+    from megatron_bottleneck.ops import ChunkLoopPlan, chunk_count, choose_chunk_size, linear_cross_entropy
+    from megatron_bottleneck.ops import memory_budget_for
+
+    dt = getattr(torch, dtype)
+    assert ChunkLoopPlan.for_device("meta", 1).fp32_output_mm, "this torch has no float32-output 16-bit mm"
+    rows = []
+    for shape in shapes.split(";"):
+        t, k, v = (int(x) for x in shape.split(","))
+        budgets = [("64 MiB (before)", 64 * 2**20)]
+        budgets += [(f"rule, {g} GiB free", memory_budget_for("cuda", int(float(g) * 2**30)))
+                    for g in free_gib.split(",")]
+        for label, budget in budgets:
+            u = torch.empty(t, k, dtype=dt, device="meta", requires_grad=True)
+            w = torch.empty(v, k, dtype=dt, device="meta", requires_grad=True)
+            y = torch.empty(t, dtype=torch.long, device="meta")
+            g = torch.empty(t, dtype=torch.float32, device="meta")
+
+            def step():
+                linear_cross_entropy(u, w, y, memory_budget_bytes=budget, check_labels=False).backward(g)
+
+            _, ops = count_ops(step)
+            c = choose_chunk_size(t, v, budget)
+            rows.append(dict(T=t, k=k, V_local=v, dtype=dtype, budget=label, budget_mib=budget / 2**20,
+                             chunk_rows=c, chunks=chunk_count(t, v, budget), ops_per_step=ops,
+                             chunk_mem_mib=t * c * (4 + dt.itemsize) / 2**20))
+    return rows
 
 
 def child(args) -> dict:
@@ -280,6 +354,18 @@ def child(args) -> dict:
         z = u64.detach() @ f64.detach().t()
         errors["mean_p_y"] = float(torch.softmax(z, 1).gather(1, y[:, None]).mean())
         errors["top_share"] = float(torch.bincount(y).max()) / t
+    for p_ in (h,) + ((a, b) if low_rank else (w,)):
+        p_.grad = None
+    _, ops = count_ops(step)
+    chunks = 1
+    if kind == "fused":
+        from megatron_bottleneck.ops import ChunkLoopPlan, chunk_count, chunk_row_bytes
+
+        plan = ChunkLoopPlan.for_device(torch.device(dev), _budget(args))
+        chunks = chunk_count(t, v, plan.memory_budget_bytes,
+                             chunk_row_bytes(dtype, r if low_rank else d, plan.fp32_output_mm))
+    elif kind != "megatron":
+        chunks = None  # the library's own chunking
     med = statistics.median(times)
     best = min(times)
     return dict(
@@ -298,6 +384,8 @@ def child(args) -> dict:
         row_matmul_peak_gflops=peak,
         threads=torch.get_num_threads(),
         flops=flops,
+        chunks=chunks,
+        ops_per_step=ops,
         **errors,
         **({"mem_mib": mem} if mem is not None else {}),
     )
@@ -358,6 +446,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results", "head_loss.json"))
     p.add_argument("--merge", default="", help="JSON of an earlier run: add its rows for configs not run now")
     p.add_argument("--only", default="", help="comma list: run only configs whose name starts with one of these")
+    p.add_argument("--gpu-shapes", default=GPU_SHAPES,
+                   help="T,k,V_local;... of the GPU projection of the fused torch loop (meta tensors); '' skips it")
+    p.add_argument("--gpu-free-gib", default=GPU_FREE_GIB,
+                   help="free GPU memory figures (GiB) for the projection's budget rule, comma list")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--measure", default="time", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -414,14 +506,14 @@ def main(argv=None) -> None:
                    "dL/dF of the 16 most frequent rows, whole dL/dF, dL/du)")
     lines = [header, "",
              "| config | r | wall min (s) | wall median (s) | CPU min (s) | x megatron (time) | working mem (MiB) "
-             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it | x ideal |"
+             "| x megatron | GFLOP/s (wall min) | row's matmul peak | % of it | x ideal | chunks | ops/step |"
              + (" err dF top-16 | err dF | err du |" if acc else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if acc else "")]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if acc else "")]
     for row in rows:
         r = "" if row.get("rank") is None else str(row["rank"])
         if not row.get("available"):
             why = row.get("why") or " ".join(row.get("error") or [])
-            lines.append(f"| {row['name']} | {r} | n/a{': ' + why if why else ''} | | | | | | | | | |"
+            lines.append(f"| {row['name']} | {r} | n/a{': ' + why if why else ''} | | | | | | | | | | | |"
                          + (" | | |" if acc else ""))
             continue
         ref = ref_for(row)
@@ -435,15 +527,25 @@ def main(argv=None) -> None:
         lines.append(f"| {row['name']} | {r} | {row['time_min_s']:.3f} | {row['time_s']:.3f} | "
                      f"{row['cpu_min_s']:.3f} | {fmt(tr, '.2f')} | "
                      f"{fmt(row.get('mem_mib'), '.0f')} | {fmt(mr, '.3f')} | {row['gflops']:.1f} | "
-                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} | {fmt(ideal, '.2f')} |"
+                     f"{fmt(rp, '.0f')} | {fmt(pct, '.0f')} | {fmt(ideal, '.2f')} | "
+                     f"{fmt(row.get('chunks'), 'd')} | {fmt(row.get('ops_per_step'), 'd')} |"
                      + (f" {fmt(row.get('err_dw_top'), '.2e')} | {fmt(row.get('err_dw'), '.2e')} | "
                         f"{fmt(row.get('err_du'), '.2e')} |" if acc else ""))
+    gpu = gpu_projection(args.gpu_shapes, args.gpu_free_gib) if args.gpu_shapes else []
+    if gpu:
+        lines += ["", "Fused torch loop at GPU-sized shapes, bfloat16, CUDA path, counted on meta tensors (no GPU "
+                  "ran): chunks per pass and operators (~ kernel launches) per fwd+bwd step", "",
+                  "| T | k | V_local | budget | budget (MiB) | rows per chunk | chunks | ops/step | chunk buffers (MiB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for g in gpu:
+            lines.append(f"| {g['T']} | {g['k']} | {g['V_local']} | {g['budget']} | {g['budget_mib']:.0f} | "
+                         f"{g['chunk_rows']} | {g['chunks']} | {g['ops_per_step']} | {g['chunk_mem_mib']:.0f} |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(T=args.T, D=args.D, V=args.V, reps=args.reps, budget_mib=args.budget_mib,
                        device=args.device, dtype=args.dtype, accuracy=bool(args.accuracy),
-                       matmul_peak_gflops=peak, rows=rows, table="\n".join(lines),
+                       matmul_peak_gflops=peak, rows=rows, gpu_projection=gpu, table="\n".join(lines),
                        command=" ".join(sys.argv), merged_from=args.merge or None), f, indent=1)
     if os.path.exists(args.out + ".partial"):
         os.remove(args.out + ".partial")

@@ -43,8 +43,8 @@ class FusedLossConfig:
     z_loss_weight: float = 0.0
     """w >= 0: adds w lse^2 per token (PaLM's z-loss)."""
     memory_budget_mib: Optional[float] = None
-    """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs,
-    64 MiB on GPUs (``ops.default_memory_budget``)."""
+    """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs, on GPUs
+    1/8 of the free memory rounded down to a power of two, 1 to 4 GiB (``ops.default_memory_budget``)."""
     fp8: Optional[Literal["e4m3"]] = None
     """e4m3: the head's GEMMs in FP8 through ``torch._scaled_mm`` (opt-in; tokens and width multiples of 16)."""
     kernel: Literal["torch", "triton", "auto"] = "torch"

@@ -33,15 +33,28 @@ all-reduce (over [T]-sized vectors, never V-sized) combine the ranks, as Megatro
     dL/dF_chunk += (g_z)_chunk^T u      [C, k]
 
 as Liger-Kernel and cut-cross-entropy do: p_y u and u never cancel after rounding. For 16-bit inputs the
-float32 chunk is cast to the input dtype for the two GEMMs (float32 accumulation; on CUDA the GEMM's float32
-result is kept through ``out_dtype``, on a CPU torch has no such kernel and the chunk's product is rounded
-to the input dtype once before it is added; the same holds for the logit GEMM, so on a CPU the 16-bit logits
-are rounded as an unfused head's are, and float32 on CUDA). With fp8 the float32 chunk is quantised to e5m2
-(one-hot term included). dL/du and dL/dF are accumulated in float32 buffers and cast
+float32 chunk is rounded to the input dtype for the two gradient GEMMs, and all three GEMMs (logits, dL/du,
+dL/dF) keep float32 results: the 16-bit products are summed in float32 within a chunk and across chunks,
+and each gradient is rounded to 16 bits once, at the end. Where torch has float32-output 16-bit GEMMs
+(:func:`fp32_output_mm`: ``torch.mm`` / ``torch.addmm`` with ``out_dtype=torch.float32``, CUDA builds of
+torch >= 2.8) they run as such; elsewhere (CPUs) the op emulates them exactly: u is upcast to float32 once
+per pass ([T, k]), each weight chunk into a float32 [C, k] buffer, the rounded logit gradient is used as
+float32, and the GEMMs run in float32. A product of two 16-bit numbers is exact in float32, so both ways
+compute the same sums, up to summation order: a CPU test of the 16-bit numerics tests the GPU's. (Before,
+a CPU rounded each chunk's 16-bit partial product of dL/du to 16 bits before the float32 sum: a second
+rounding that made dL/du up to 1.4x (bf16) and 1.8x (fp16) less accurate than the unfused path on flat
+logits once the vocabulary was chunked.) The decision is made once per call from the torch build and the
+device, never by catching an error: an out-of-memory error stays one. With fp8 the float32 chunk is
+quantised to e5m2 (one-hot term included). dL/du and dL/dF are accumulated in float32 buffers and cast
 to the input dtype once at the end (or dL/dF is added into ``weight.main_grad``, see
 ``weight_grad_into_main_grad``). Nothing V_local x k besides dL/dF is allocated, and no [T, C] tensor
 besides the chunk buffer (and its 16-bit cast). The op makes no host synchronisation in forward or backward
 (``check_labels=True`` makes one, before the op).
+
+Chunk size: C vocabulary rows per chunk so that two float32 [T, C] tensors fit the memory budget
+(:func:`choose_chunk_size`); the default budget (:func:`memory_budget_for`) is 16 MiB on a CPU and, on a GPU,
+the power of two at or below 1/8 of the free memory, between 1 and 4 GiB. Each chunk costs a fixed number
+of kernel launches (about 20 per pass, see ``bench/head_loss.py``), so the chunk count is the launch count.
 
 TP contract for dL/du: by default the op returns this rank's partial sum over its vocab shard, like a
 ``ColumnParallelLinear`` without its input region: the caller wraps u in Megatron's
@@ -61,6 +74,7 @@ GPU test has passed on a GPU.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -71,51 +85,184 @@ from . import fp8 as fp8_ops
 from . import triton_linear_cross_entropy as triton_lce
 from .common import _group_rank, _group_size
 
-DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes for one chunk's working tensors (GPUs)
 CPU_MEMORY_BUDGET = 16 * 2**20  # CPUs: a smaller [T, C] chunk stays nearer the caches
+GPU_MEMORY_BUDGET_MIN = 2**30  # GPUs: at least 1 GiB ...
+GPU_MEMORY_BUDGET_MAX = 4 * 2**30  # ... at most 4 GiB ...
+GPU_FREE_MEMORY_SHARE = 8  # ... else the power of two at or below 1/8 of the free memory
 _MIN_CHUNK = 16
+_16BIT = (torch.bfloat16, torch.float16)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- device decisions
+def memory_budget_for(device_type: str, free_bytes: Optional[int] = None) -> int:
+    """The op's default ``memory_budget_bytes`` on a device of type ``device_type`` with ``free_bytes`` free.
+
+    * ``"cpu"``: 16 MiB (:data:`CPU_MEMORY_BUDGET`). Measured (bench/head_loss.py, T=4096, r=64, V=49152,
+      fp32, one CPU core): ~15% faster than 64 MiB and 22 instead of 46 MiB of working memory.
+    * any other device (GPUs): ``clamp(2^floor(log2(free_bytes / 8)), 1 GiB, 4 GiB)``: the power of two at
+      or below an eighth of the free memory, at least 1 GiB and at most 4 GiB; 1 GiB when ``free_bytes`` is
+      unknown (None). The power of two keeps the chunk size, hence the numerics, the same from step to step
+      while free memory drifts. At T tokens the chunk is C = budget / (8 T) vocabulary rows
+      (:func:`choose_chunk_size`): at T = 32k, 1 GiB is 4096 rows (32 chunks of V/tp = 128k), 4 GiB 16384
+      rows (8 chunks), against 256 rows (500 chunks) with the former 64 MiB.
+
+    A pure function (no device query): :func:`default_memory_budget` supplies ``free_bytes``.
+    """
+    if device_type == "cpu":
+        return CPU_MEMORY_BUDGET
+    if free_bytes is None:
+        return GPU_MEMORY_BUDGET_MIN
+    share = max(0, int(free_bytes)) // GPU_FREE_MEMORY_SHARE
+    pow2 = 1 << (share.bit_length() - 1) if share > 0 else 0
+    return min(GPU_MEMORY_BUDGET_MAX, max(GPU_MEMORY_BUDGET_MIN, pow2))
+
+
 def default_memory_budget(device: torch.device) -> int:
-    """The op's default ``memory_budget_bytes``: 16 MiB on a CPU, else 64 MiB.
+    """:func:`memory_budget_for` of ``device``: 16 MiB on a CPU; on a CUDA device from its free memory, the
+    driver's (``torch.cuda.mem_get_info``) plus what torch's caching allocator holds unused (reserved -
+    allocated): between 1 and 4 GiB; 1 GiB on other devices. ``mem_get_info`` is a driver query, not a
+    stream synchronisation; the op calls this once per call (forward and backward share the decision)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return memory_budget_for(dev.type)
+    free, _total = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return memory_budget_for("cuda", free)
 
-    Measured (bench/head_loss.py, T=4096, r=64, V=49152, fp32, one CPU core): the op is ~15% faster with
-    16 MiB than with 64 MiB and needs 22 instead of 46 MiB.
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta", "xpu": "XPU", "mps": "MPS", "hpu": "HPU"}
+
+
+def _build_has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether this torch build registers a kernel of ``aten::<op>`` (e.g. "mm.dtype_out") for the dispatch
+    key (e.g. "CUDA"): False when the overload does not exist (older torch) or has no such kernel."""
+    name, overload = op.split(".")
+    key = getattr(torch._C.DispatchKey, dispatch_key, None)
+    packet = getattr(torch.ops.aten, name)
+    fn = getattr(packet, overload, None) if overload in packet.overloads() else None
+    return key is not None and fn is not None and bool(fn.has_kernel_for_dispatch_key(key))
+
+
+def fp32_output_mm(device_type: str, has_kernel=_build_has_kernel) -> bool:
+    """Whether 16-bit GEMMs can write float32 results on ``device_type``: ``torch.mm(a, b, out_dtype=
+    torch.float32)`` and ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` for bfloat16 / float16 a, b
+    (float32 accumulation, one rounding of the result to float32, none to 16 bits).
+
+    Decided from the torch build, by feature: true when the build registers kernels of ``aten::mm.dtype_out``
+    and ``aten::addmm.dtype_out`` (torch >= 2.8) for the device's dispatch key. CUDA builds of torch >= 2.8
+    have them for "cuda" (and "meta"); no build has them for "cpu" (torch 2.13, 2.14). ``has_kernel(op, key)``
+    answers the registry question (tests pass a fake). Never decided by catching an error: an OOM in a GEMM
+    is an OOM. Where this is False the op emulates the float32-output GEMM exactly (see the module
+    docstring: operands upcast to float32, products of 16-bit numbers are exact in float32)."""
+    key = _DISPATCH_KEYS.get(device_type, device_type.upper())
+    return has_kernel("mm.dtype_out", key) and has_kernel("addmm.dtype_out", key)
+
+
+@dataclass(frozen=True)
+class ChunkLoopPlan:
+    """How the torch chunk loop runs for one call, decided once before the forward pass (the backward
+    reuses it from the autograd context): the memory budget (bytes) and whether 16-bit GEMMs write float32
+    (:func:`fp32_output_mm`)."""
+
+    memory_budget_bytes: int
+    fp32_output_mm: bool
+
+    @classmethod
+    def for_device(cls, device: torch.device, memory_budget_bytes: Optional[int] = None) -> "ChunkLoopPlan":
+        dev = torch.device(device)
+        budget = default_memory_budget(dev) if memory_budget_bytes is None else int(memory_budget_bytes)
+        return cls(budget, fp32_output_mm(dev.type))
+
+
+def choose_chunk_size(num_tokens: int, num_rows: int, memory_budget_bytes: int, row_bytes: int = 0) -> int:
+    """Vocab rows per chunk C so that 2 float32 [T, C] tensors (and ``row_bytes`` per row) fit
+    ``memory_budget_bytes``: C = budget // (8 T + row_bytes).
+
+    The op holds one such buffer (forward and backward each) and a 16-bit [T, C] cast of it for 16-bit
+    inputs; the rest of the budget covers the fp8 path's casts. ``row_bytes`` = 4 k where 16-bit inputs run
+    without :func:`fp32_output_mm` (CPUs): the float32 [C, k] copy of the weight chunk (:func:`chunk_row_bytes`).
+    A multiple of 16 (FP8 GEMMs and tensor cores want it), at least 16, at most ``num_rows``. The [T, k] and
+    [V_local, k] gradients come on top (they are outputs), and, without :func:`fp32_output_mm`, a float32
+    [T, k] copy of 16-bit u.
     """
-    return CPU_MEMORY_BUDGET if torch.device(device).type == "cpu" else DEFAULT_MEMORY_BUDGET
-
-
-def choose_chunk_size(num_tokens: int, num_rows: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
-    """Vocab rows per chunk C so that 2 float32 [T, C] tensors fit ``memory_budget_bytes``.
-
-    The op holds one such buffer (forward and backward each); the other half of the budget covers the
-    bf16 / fp8 paths' casts. A multiple of 16 (FP8 GEMMs and tensor cores want it), at least 16, at
-    most ``num_rows``. The [T, k] and [V_local, k] gradients come on top (they are outputs).
-    """
-    c = int(memory_budget_bytes) // max(1, 8 * num_tokens)
+    c = int(memory_budget_bytes) // max(1, 8 * num_tokens + int(row_bytes))
     c = max(_MIN_CHUNK, c - c % _MIN_CHUNK)
     return max(1, min(c, num_rows))
 
 
-_CUDA_OUT_DTYPE = [True]  # becomes False if this torch has no CUDA mm(..., out_dtype=float32)
+def chunk_row_bytes(dtype: torch.dtype, width: int, fp32_out: bool) -> int:
+    """Working bytes per vocabulary row of a chunk besides the [T, C] buffers: 4 k (the float32 copy of a
+    weight row) for 16-bit (or float64) inputs without float32-output GEMMs, else 0."""
+    return 4 * int(width) if dtype != torch.float32 and not (dtype in _16BIT and fp32_out) else 0
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a [M, K] @ b [K, N] as float32 (into ``out`` if given). float32 operands: torch.mm. 16-bit operands:
-    a 16-bit GEMM (float32 accumulation); on CUDA its float32 result is kept (``out_dtype``), elsewhere
-    (no such CPU kernel) the result is rounded to the operands' dtype once and upcast."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda and _CUDA_OUT_DTYPE[0]:
-        try:
-            if out is None:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        except (RuntimeError, NotImplementedError, TypeError):
-            _CUDA_OUT_DTYPE[0] = False
-    r = torch.mm(a, b)
-    return r.float() if out is None else out.copy_(r)
+def chunk_count(num_tokens: int, num_rows: int, memory_budget_bytes: int, row_bytes: int = 0) -> int:
+    """Vocabulary chunks per pass of the torch loop (forward; the backward walks as many):
+    ceil(num_rows / :func:`choose_chunk_size`)."""
+    if num_rows <= 0:
+        return 0
+    c = choose_chunk_size(num_tokens, num_rows, memory_budget_bytes, row_bytes)
+    return -(-num_rows // c)
+
+
+class _Gemms:
+    """The chunk loop's GEMMs for head input u [T, k] and weight [V_local, k], float32 results.
+
+    Modes: "fp32" (float32 operands: torch.mm / addmm_); "out_dtype" (16-bit operands, float32 output and
+    accumulation: ``torch.mm`` / ``torch.addmm`` with ``out_dtype=torch.float32``, see :func:`fp32_output_mm`);
+    "upcast" (other 16-bit cases, and float64: the operands are cast to float32 and multiplied in float32:
+    u once per pass ([T, k], the size of dL/du's accumulator), each weight chunk into one [C, k] buffer, and
+    the logit gradient is used as float32 after its rounding to u's dtype). Products of two 16-bit numbers
+    are exact in float32 (8 + 8 or 11 + 11 significant bits), so "upcast" computes what "out_dtype" computes,
+    up to the GEMMs' summation order: one rounding per result, none to 16 bits between chunks.
+    """
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, chunk: int, fp32_out: bool):
+        self.u, self.weight = u, weight
+        if u.dtype == torch.float32:
+            self.mode = "fp32"
+        elif u.dtype in _16BIT and fp32_out:
+            self.mode = "out_dtype"
+        else:
+            self.mode = "upcast"
+        if self.mode == "upcast":
+            self.u32 = u.float()
+            self.wbuf = torch.empty(min(chunk, weight.shape[0]) * weight.shape[1], dtype=torch.float32,
+                                    device=u.device)
+
+    def weight_rows(self, c0: int, c1: int) -> torch.Tensor:
+        """Rows c0:c1 of the weight as the GEMMs take them (float32 copy in "upcast" mode)."""
+        w = self.weight[c0:c1]
+        if self.mode != "upcast":
+            return w
+        return self.wbuf[: w.numel()].view(w.shape).copy_(w)
+
+    def logits(self, w_c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [T, C] = u w_c^T, float32."""
+        if self.mode == "fp32":
+            return torch.mm(self.u, w_c.t(), out=out)
+        if self.mode == "out_dtype":
+            return torch.mm(self.u, w_c.t(), out_dtype=torch.float32, out=out)
+        return torch.mm(self.u32, w_c.t(), out=out)
+
+    def add_grads(self, g: torch.Tensor, low: Optional[torch.Tensor], w_c: torch.Tensor, grad_u: torch.Tensor,
+                  grad_w_c: torch.Tensor) -> None:
+        """grad_u += G w_c and grad_w_c += G^T u (float32 accumulators) for the float32 logit gradient G
+        [T, C] (overwritten in "upcast" mode), rounded to u's dtype first for 16-bit u (``low``: a [T, C]
+        buffer of u's dtype)."""
+        if self.mode == "fp32":
+            grad_u.addmm_(g, w_c)
+            grad_w_c.addmm_(g.t(), self.u)
+            return
+        if self.mode == "out_dtype":
+            gl = low.copy_(g)
+            torch.addmm(grad_u, gl, w_c, out_dtype=torch.float32, out=grad_u)
+            torch.addmm(grad_w_c, gl.t(), self.u, out_dtype=torch.float32, out=grad_w_c)
+            return
+        if low is not None:  # round G to u's 16-bit dtype, as the GEMM operand it is on a GPU
+            g.copy_(low.copy_(g))
+        grad_u.addmm_(g, w_c)
+        grad_w_c.addmm_(g.t(), self.u32)
 
 
 class _Fp8Cache:
@@ -135,26 +282,24 @@ class _Fp8Cache:
         return fp8_ops.scaled_matmul(self.u8, self.w8[c0:c1p].t(), scale_a=self.su, scale_b=self.sw)
 
 
-def _chunk_logits(u, weight, c0, c1, q: Optional[_Fp8Cache], buf: torch.Tensor, lbuf) -> torch.Tensor:
-    """float32 logits [T, c1 - c0] of rows c0:c1, written into (a view of) the flat buffer ``buf``.
+def _chunk_logits(gemms: Optional[_Gemms], c0, c1, q: Optional[_Fp8Cache], buf: torch.Tensor, t: int):
+    """(float32 logits [T, c1 - c0] of rows c0:c1, the weight rows as the GEMMs take them), the logits
+    written into (a view of) the flat buffer ``buf``.
 
     One buffer serves every chunk: a fresh T x C allocation per chunk costs page faults comparable to
-    the chunk's exp pass (CPU), or allocator traffic (GPU). ``lbuf``: a flat buffer of u's dtype for the
-    16-bit GEMM's output where it cannot write float32 (CPU), else None."""
-    t, c = u.shape[0], c1 - c0
+    the chunk's exp pass (CPU), or allocator traffic (GPU). ``gemms`` is None with fp8 (``q``); t = T."""
+    c = c1 - c0
     z = buf[: t * c].view(t, c)
     if q is not None:
         z.copy_(q.logits(c0, c1)[:, :c])
-    elif lbuf is not None:
-        z.copy_(torch.mm(u, weight[c0:c1].t(), out=lbuf[: t * c].view(t, c)))
-    else:
-        _mm_f32(u, weight[c0:c1].t(), out=z)
-    return z
+        return z, None
+    w_c = gemms.weight_rows(c0, c1)
+    return gemms.logits(w_c, z), w_c
 
 
 def _low_buffer(u: torch.Tensor, t: int, chunk: int, q) -> Optional[torch.Tensor]:
-    """The flat 16-bit [T, C] buffer of the 16-bit paths (None for float32 and fp8)."""
-    if q is not None or u.dtype not in (torch.bfloat16, torch.float16):
+    """The flat 16-bit [T, C] buffer of the logit gradient's cast (None for float32, float64 and fp8)."""
+    if q is not None or u.dtype not in _16BIT:
         return None
     return torch.empty(t * chunk, dtype=u.dtype, device=u.device)
 
@@ -165,7 +310,7 @@ def _target_hits(tgt: torch.Tensor, c0: int, c: int):
     return j.clamp(0, c - 1).unsqueeze(1), (j >= 0) & (j < c)
 
 
-def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=False):
+def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=False, fp32_out=None):
     """Local online log-sum-exp over rows [0, n_real) of weight, and the target / sum logits.
 
     tgt [T] (int): the local row of y_t, or -1 where y_t is not a real row of this shard (None: all -1).
@@ -173,6 +318,7 @@ def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=Fal
     (-inf where n_real == 0), lse2 = log sum_i exp(2 z_i) if ``want_p2``, z_y = z_{t, tgt_t} (0 where
     tgt_t = -1), sum_z = sum_i z_ti if ``want_sum``; all from the same float32 chunk logits.
     Per chunk: m' = max(m, max_i z_i); S <- S e^(m - m') + sum_i e^(z_i - m'); S2 likewise with squares.
+    ``fp32_out``: :func:`fp32_output_mm` of u's device (None: decided here); see :class:`_Gemms`.
     """
     t = u.shape[0]
     m = torch.full((t,), float("-inf"), dtype=torch.float32, device=u.device)
@@ -186,9 +332,11 @@ def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=Fal
         tgt = torch.full((t,), -1, dtype=torch.long, device=u.device)
     c_max = min(chunk, n_real)
     buf = torch.empty(t * c_max, dtype=torch.float32, device=u.device)
-    lbuf = _low_buffer(u, t, c_max, q) if not (u.is_cuda and _CUDA_OUT_DTYPE[0]) else None
+    if fp32_out is None:
+        fp32_out = fp32_output_mm(u.device.type)
+    gemms = _Gemms(u, weight, c_max, fp32_out) if q is None else None
     for c0 in range(0, n_real, chunk):
-        z = _chunk_logits(u, weight, c0, min(c0 + chunk, n_real), q, buf, lbuf)
+        z, _ = _chunk_logits(gemms, c0, min(c0 + chunk, n_real), q, buf, t)
         col, hit = _target_hits(tgt, c0, z.shape[1])
         z_y += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
         if want_sum:
@@ -236,13 +384,16 @@ def _logit_grad_(z, c0, lse, coef, tgt, b, e) -> torch.Tensor:
     return z
 
 
-def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt=None, b=None, e=None):
+def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt=None, b=None, e=None,
+                     fp32_out=None):
     """grad_u [T, k] += sum_c G_c F_c and grad_w[c] += G_c^T u (both float32, "+=" semantics), with
 
         G_c = coef * exp(z_c - lse) - b [i = tgt] - e        (float32 [T, C], :func:`_logit_grad_`)
 
-    formed before the GEMMs; for 16-bit u it is cast to u's dtype for them (float32 accumulation), for fp8
-    quantised to e5m2. tgt / b / e as in :func:`_logit_grad_` (None: no target / smoothing terms)."""
+    formed before the GEMMs; for 16-bit u it is rounded to u's dtype for them, and every product is
+    accumulated in float32 across the chunks (:class:`_Gemms`: float32-output GEMMs, or their exact
+    emulation by upcasting); for fp8 quantised to e5m2. tgt / b / e as in :func:`_logit_grad_` (None: no
+    target / smoothing terms). ``fp32_out`` as in :func:`_forward_chunks`."""
     if n_real == 0:
         return
     t = u.shape[0]
@@ -252,8 +403,10 @@ def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt
         b = torch.zeros_like(coef)
     c_max = min(chunk, n_real)
     buf = torch.empty(t * c_max, dtype=torch.float32, device=u.device)
-    low = _low_buffer(u, t, c_max, q)  # the 16-bit cast of G (and the CPU logits' 16-bit output)
-    lbuf = low if not (u.is_cuda and _CUDA_OUT_DTYPE[0]) else None
+    low = _low_buffer(u, t, c_max, q)  # the 16-bit cast of G
+    if fp32_out is None:
+        fp32_out = fp32_output_mm(u.device.type)
+    gemms = _Gemms(u, weight, c_max, fp32_out) if q is None else None
     for c0 in range(0, n_real, chunk):
         c1 = min(c0 + chunk, n_real)
         c = c1 - c0
@@ -267,16 +420,9 @@ def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt
             gw = fp8_ops.scaled_matmul(p8.t(), q.u8, scale_a=sp, scale_b=q.su)
             grad_w[c0:c1] += gw[:c]
             continue
-        p = _logit_grad_(_chunk_logits(u, weight, c0, c1, None, buf, lbuf), c0, lse, coef, tgt, b, e)
-        w_c = weight[c0:c1]
-        if low is not None:
-            pl = low[: t * c].view(t, c)
-            pl.copy_(p)
-            grad_u += _mm_f32(pl, w_c)
-            grad_w[c0:c1] += _mm_f32(pl.t(), u)
-        else:
-            grad_u.addmm_(p, w_c)
-            grad_w[c0:c1].addmm_(p.t(), u)
+        z, w_c = _chunk_logits(gemms, c0, c1, None, buf, t)
+        p = _logit_grad_(z, c0, lse, coef, tgt, b, e)
+        gemms.add_grads(p, None if low is None else low[: t * c].view(t, c), w_c, grad_u, grad_w[c0:c1])
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -289,7 +435,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab_start, vocab_size = cfg["vocab_start"], cfg["vocab_size"]
         n_real = int(max(0, min(v_local, vocab_size - vocab_start)))
         s = cfg["smoothing"]
-        chunk = cfg["chunk_size"] or choose_chunk_size(u.shape[0], max(n_real, 1), cfg["memory_budget_bytes"])
+        plan = cfg["plan"]
+        chunk = cfg["chunk_size"] or choose_chunk_size(
+            u.shape[0], max(n_real, 1), plan.memory_budget_bytes,
+            0 if cfg["fp8"] else chunk_row_bytes(u.dtype, u.shape[1], plan.fp32_output_mm))
         q = _Fp8Cache(u, weight, n_real) if cfg["fp8"] else None
         if q is not None and chunk % 16:
             raise ValueError(f"fp8 needs chunk_size to be a multiple of 16, got {chunk}.")
@@ -301,7 +450,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if use_triton:
             lse, lse2, z_y, sum_z = triton_lce.forward_chunks(u, weight, n_real, want_p2, tgt, want_sum)
         else:
-            lse, lse2, z_y, sum_z = _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt, want_sum)
+            lse, lse2, z_y, sum_z = _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt, want_sum,
+                                                    fp32_out=cfg["plan"].fp32_output_mm)
 
         if tp > 1:
             gmax = lse.clone()
@@ -364,7 +514,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.use_triton:
             triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e, chunk)
         else:
-            _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt, b, e)
+            _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt, b, e,
+                             fp32_out=cfg["plan"].fp32_output_mm)
 
         if cfg["reduce_grad_input"] and ctx.tp > 1:
             dist.all_reduce(grad_u, group=cfg["tp_group"])
@@ -415,13 +566,14 @@ def logit_grad_rows(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     smoothing = label_smoothing * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0
     lse = lse.float()
     coef, b, e = _logit_grad_terms(grad_out, valid, lse, smoothing, vocab_size, z_loss_weight)
-    budget = default_memory_budget(u.device) if memory_budget_bytes is None else memory_budget_bytes
-    chunk = choose_chunk_size(s_tok, n_real, budget)
+    plan = ChunkLoopPlan.for_device(u.device, memory_budget_bytes)
+    chunk = choose_chunk_size(s_tok, n_real, plan.memory_budget_bytes,
+                              chunk_row_bytes(u.dtype, u.shape[1], plan.fp32_output_mm))
     buf = torch.empty(s_tok * min(chunk, n_real), dtype=torch.float32, device=u.device)
-    lbuf = _low_buffer(u, s_tok, min(chunk, n_real), None) if not (u.is_cuda and _CUDA_OUT_DTYPE[0]) else None
+    gemms = _Gemms(u, weight, min(chunk, n_real), plan.fp32_output_mm)
     for c0 in range(0, n_real, chunk):
         c1 = min(c0 + chunk, n_real)
-        out[:, c0:c1] = _logit_grad_(_chunk_logits(u, weight, c0, c1, None, buf, lbuf), c0, lse, coef, tgt, b, e)
+        out[:, c0:c1] = _logit_grad_(_chunk_logits(gemms, c0, c1, None, buf, s_tok)[0], c0, lse, coef, tgt, b, e)
     return out
 
 
@@ -464,7 +616,7 @@ def linear_cross_entropy(
         chunk_size: vocab rows per chunk; None picks it so that the one float32 [T, C] chunk buffer takes
             about half of ``memory_budget_bytes``.
         memory_budget_bytes: working memory of the chunk loop; None: :func:`default_memory_budget`
-            (16 MiB on CPUs, 64 MiB otherwise).
+            (16 MiB on CPUs; on GPUs 1/8 of the free memory rounded down to a power of two, 1 to 4 GiB).
         stats: a :class:`HeadLossStats` to fill (sum p^2, p_target, lse per token).
         fp8: None or "e4m3": logit GEMMs in float8_e4m3fn, gradient GEMMs with the dL/dz chunk in
             float8_e5m2, per-tensor scales (``torch._scaled_mm``). T and k must be multiples of 16.
@@ -488,10 +640,9 @@ def linear_cross_entropy(
     """
     _validate(u, weight, labels, label_smoothing, z_loss_weight, chunk_size, fp8)
     triton_lce.check_kernel(kernel)
-    if memory_budget_bytes is None:
-        memory_budget_bytes = default_memory_budget(u.device)
-    elif int(memory_budget_bytes) < 1:
+    if memory_budget_bytes is not None and int(memory_budget_bytes) < 1:
         raise ValueError(f"memory_budget_bytes must be a positive int or None, got {memory_budget_bytes!r}.")
+    plan = ChunkLoopPlan.for_device(u.device, memory_budget_bytes)  # decided once; backward reuses it
     tp = _group_size(tp_group)
     v_local = weight.shape[0]
     if vocab_start is None:
@@ -522,7 +673,7 @@ def linear_cross_entropy(
         smoothing=float(label_smoothing) * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0,
         z_loss_weight=float(z_loss_weight),
         chunk_size=chunk_size,
-        memory_budget_bytes=memory_budget_bytes,
+        plan=plan,
         fp8=fp8,
         reduce_grad_input=reduce_grad_input,
         kernel=kernel,

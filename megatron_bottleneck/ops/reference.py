@@ -80,6 +80,15 @@ def peaked_zipf_problem(t: int, k: int, v_rows: int, vocab: Optional[int] = None
     return u.to(dtype), w.to(dtype), y
 
 
+def flat_zipf_problem(t: int, k: int, v_rows: int, vocab: Optional[int] = None, *, ignore_every: int = 0,
+                      seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """Flat logits with Zipfian labels (the inputs of Liger-Kernel's and cut-cross-entropy's tests): (u [T, k],
+    weight [V_rows, k], labels [T]) as :func:`peaked_zipf_problem` with alpha = 0 and u ~ N(0, I), so the
+    logits z_ti = u_t . w_i ~ N(0, 1) (|w_i| ~ 1) and p is near uniform (p_y ~ 1 / V), labels independent of u."""
+    return peaked_zipf_problem(t, k, v_rows, vocab, alpha=0.0, noise=k**0.5, ignore_every=ignore_every,
+                               seed=seed, dtype=dtype)
+
+
 def unfused_loss(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, vocab_size: Optional[int] = None,
                  ignore_index: int = -100, label_smoothing: float = 0.0, z_loss_weight: float = 0.0) -> torch.Tensor:
     """Per-token loss the way an unfused head computes it (Megatron's ColumnParallelLinear +
