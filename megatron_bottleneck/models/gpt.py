@@ -51,19 +51,9 @@ def build_gpt_model(
     computes the loss with the head's own loss (fused where the head allows it: no T x V logits).
     """
     require_transformer_engine_for_fp8(config)
-    if head is None and head_rank is not None:
-        head = LowRankHeadConfig(rank=head_rank)
-    fused_from_head = getattr(head, "fused_loss", False) if isinstance(head, LowRankHeadConfig) else False
-    if head is not None:
-        head = as_head_config(head)
-        options = head.resolved_options()  # an unknown kind or option: one line, before anything is built
-        if head.kind == "low_rank":
-            validate_head_shape(config.hidden_size, vocab_size, options.r, config.tensor_model_parallel_size)
+    head, fused_from_head = prepare_head(config, vocab_size, head, head_rank)
     gpt_kwargs.setdefault("share_embeddings_and_output_weights", False)
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    pre_process, post_process = stage_ends(pre_process, post_process, vp_stage)
     if layer_spec is None:
         layer_spec = llama_block_spec(config, vp_stage=vp_stage)
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
@@ -80,6 +70,36 @@ def build_gpt_model(
         **extra,
         **gpt_kwargs,
     )
+    return finish_head(model, head, fused_from_head, post_process, real_vocab_size, fused_loss)
+
+
+def prepare_head(config, vocab_size: int, head, head_rank: Optional[int]):
+    """The head a builder installs, checked before anything is built (an unknown kind or option, a rank that does
+    not fit: one line): ``(HeadConfig or None, fused_from_head)``; ``head_rank`` alone means a low-rank head."""
+    if head is None and head_rank is not None:
+        head = LowRankHeadConfig(rank=head_rank)
+    fused_from_head = getattr(head, "fused_loss", False) if isinstance(head, LowRankHeadConfig) else False
+    if head is not None:
+        head = as_head_config(head)
+        options = head.resolved_options()
+        if head.kind == "low_rank":
+            validate_head_shape(config.hidden_size, vocab_size, options.r, config.tensor_model_parallel_size)
+    return head, fused_from_head
+
+
+def stage_ends(pre_process: Optional[bool], post_process: Optional[bool], vp_stage: Optional[int]):
+    """``(pre_process, post_process)`` of this pipeline stage where not given."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return pre_process, post_process
+
+
+def finish_head(model, head, fused_from_head: bool, post_process: bool, real_vocab_size: Optional[int],
+                fused_loss):
+    """Install ``head`` on a built model (GPTModel or HybridModel), record the real vocabulary on the last stage's
+    head and the fused loss's config; returns the model."""
     if head is not None:
         install_head(model, head, fused_loss=fused_from_head)
     if post_process and (real_vocab_size is not None or fused_loss):

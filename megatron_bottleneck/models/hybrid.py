@@ -24,7 +24,6 @@ from importlib.metadata import version
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -34,11 +33,10 @@ from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..base.errors import ConfigError
-from ..heads.fused import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
 from ..base.head import HeadConfig
-from ..heads.install import LowRankHeadConfig, as_head_config, install_head, require_transformer_engine, \
-    require_transformer_engine_for_fp8
-from ..heads.low_rank import validate_head_shape
+from ..heads.fused import FusedLossConfig, check_fusable, fused_model_class
+from ..heads.install import LowRankHeadConfig, require_transformer_engine, require_transformer_engine_for_fp8
+from .gpt import finish_head, prepare_head, stage_ends
 from .llama import SequenceParallelNorm
 
 __all__ = ["build_hybrid_model", "local_hybrid_stack_spec", "default_hybrid_pattern", "require_hybrid_model",
@@ -207,19 +205,9 @@ def build_hybrid_model(
         pp, vpp = _stages(config)
         hybrid_layer_pattern = default_hybrid_pattern(config.num_layers, pp * vpp)
     _check_pattern(config, hybrid_layer_pattern)
-    if head is None and head_rank is not None:
-        head = LowRankHeadConfig(rank=head_rank)
-    fused_from_head = getattr(head, "fused_loss", False) if isinstance(head, LowRankHeadConfig) else False
-    if head is not None:
-        head = as_head_config(head)
-        options = head.resolved_options()  # an unknown kind or option: one line, before anything is built
-        if head.kind == "low_rank":
-            validate_head_shape(config.hidden_size, vocab_size, options.r, config.tensor_model_parallel_size)
+    head, fused_from_head = prepare_head(config, vocab_size, head, head_rank)
     hybrid_kwargs.setdefault("share_embeddings_and_output_weights", False)
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    pre_process, post_process = stage_ends(pre_process, post_process, vp_stage)
     if stack_spec is None:
         stack_spec = local_hybrid_stack_spec(config, hybrid_layer_pattern)
     if fused_loss:
@@ -236,10 +224,4 @@ def build_hybrid_model(
         vp_stage=vp_stage,
         **hybrid_kwargs,
     )
-    if head is not None:
-        install_head(model, head, fused_loss=fused_from_head)
-    if post_process and (real_vocab_size is not None or fused_loss):
-        as_lm_head(model.output_layer, real_vocab_size)
-    if fused_loss:
-        model.fused_loss_config = fused_loss if isinstance(fused_loss, FusedLossConfig) else FusedLossConfig()
-    return model
+    return finish_head(model, head, fused_from_head, post_process, real_vocab_size, fused_loss)
