@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers", reason="measure's HuggingFace
 
 from megatron_bottleneck.cli import main  # noqa: E402
 
-from .test_measure import save_tiny, token_docs  # noqa: E402,F401 (a fixture)
+from .test_measure import _one_line, save_tiny, token_docs  # noqa: E402,F401 (a fixture)
 
 
 def _softmax_minus_onehot(t: int, v: int, seed: int = 0) -> torch.Tensor:
@@ -78,14 +78,6 @@ def test_measure_json_has_the_resolved_dtype_and_device_and_a_full_rank_plot(tmp
     png = tmp_path / "out" / "rank_curve.png"
     assert png.stat().st_size > 5000
     assert "![rank curve](rank_curve.png)" in (tmp_path / "out" / "measure.md").read_text()
-
-
-def _one_line(args, capsys):
-    capsys.readouterr()
-    code = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    return err[0]
 
 
 def test_a_folder_that_is_neither_hf_nor_gguf_is_one_line(tmp_path, token_docs, capsys):  # noqa: F811
