@@ -67,7 +67,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=300, script=None):
+def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=900, script=None):
     """Run Megatron-LM's pretrain_gpt.py through the zero-edit runner, or an edited copy ``script`` directly
     (one process); returns (returncode, combined output)."""
     cmd = [sys.executable]
