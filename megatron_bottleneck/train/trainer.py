@@ -270,10 +270,12 @@ class Trainer:
                 "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
                 "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer,
                 "optimizer_format": self.cfg.checkpoint.optimizer_format if p.distributed_optimizer else None,
-                # the DDP buckets (unpadded sizes): the dp_reshardable optimizer state is laid out by them
+                # the DDP buckets (unpadded sizes): the dp_reshardable optimizer state is laid out by them. Those
+                # of the first pipeline stage (what rank 0 writes; other stages hold other parameters: None there)
                 "ddp_bucket_size": self.options.bucket_size,
-                "ddp_buckets": [[b.numel_unpadded for b in buf.buckets] for m in self.models
-                                for buf in m.buffers + m.expert_parallel_buffers],
+                "ddp_buckets": ([[b.numel_unpadded for b in buf.buckets] for m in self.models
+                                 for buf in m.buffers + m.expert_parallel_buffers]
+                                if ps.get_pipeline_model_parallel_rank() == 0 else None),
                 "model": model}
 
     def _restore(self, path: str) -> None:

@@ -20,12 +20,12 @@ def hybrid_runs(root, data):
     from megatron_bottleneck.train import Trainer
     from tests.distributed import trainer_ranks as tr
 
-    def config(steps, arch="hybrid"):
+    def config(steps, arch="hybrid"):  # resumed with more steps: follow this config's schedule
         return tr.config(os.path.join(root, "logs"), data, ckpt=os.path.join(root, "ckpt"), steps=steps,
                          model={"arch": arch, "num_layers": 2, "head_rank": None, "head_type": "mos",
                                 "head_options": {"k": 2}, "fused_loss": True},
                          parallel={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2},
-                         checkpoint={"save_interval": 6, "async_save": False},
+                         checkpoint={"save_interval": 6, "async_save": False, "scheduler": "config"},
                          optim={"lr": 3e-2, "warmup_steps": 1}, probe={"interval": 1})
 
     trainer = Trainer(config(6))
