@@ -3,6 +3,10 @@
 Single-process tests live in ``tests/unit``, multi-process ones (gloo ranks on 127.0.0.1 through
 ``megatron_bottleneck.launch``) in ``tests/distributed``. Functions run on ranks must be importable: they
 sit in the test modules themselves or in ``tests/support.py``.
+
+Test tiers: ``pytest tests/unit`` is the quick tier; every test also carries one area marker (``AREAS``
+below, by the file's name), so ``pytest -m heads`` runs everything about heads, unit and distributed. A test
+file whose name matches no area stops the collection: add it to ``AREAS``.
 """
 import os
 import warnings
@@ -13,6 +17,56 @@ import megatron_bottleneck as mb
 from tests import support
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+# area -> substrings of test file names (the first area that matches wins; README lists the areas' times)
+AREAS = (
+    ("slurm", ("test_slurm_",)),
+    ("bridge", ("bridge",)),
+    ("megatron_lm", ("megatron_lm", "forward_step_wrapper")),
+    ("probe", ("probe",)),
+    ("loss", ("ops_", "fused_head", "fp8")),
+    ("heads", ("head", "layers", "hybrid", "param_tags")),
+    ("measure", ("measure", "smollm2", "eval", "report", "zoo")),
+    ("trainer", ("trainer", "config", "checkpoint", "resume", "lr_schedule", "optimizer_format", "gpt_data",
+                 "spamlang", "text_data")),
+    ("runtime", ("cpu_mode", "device", "launch", "lightning")),
+    ("cli", ("cli", "examples", "readme", "docs")),
+)
+
+
+def area_of(filename: str) -> str:
+    """The area marker of a test file (``tests/unit/test_probe_math.py`` -> ``probe``)."""
+    name = os.path.basename(filename)
+    for area, keys in AREAS:
+        if any(k in name for k in keys):
+            return area
+    raise pytest.UsageError(f"{filename}: no test area matches its name; add it to AREAS in tests/conftest.py")
+
+
+class AreaTimes:
+    """Sums each area's setup + call + teardown seconds and prints them at the end (README's tier times)."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+
+    def pytest_runtest_logreport(self, report):
+        area = area_of(report.fspath)
+        self.seconds[area] = self.seconds.get(area, 0.0) + report.duration
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.seconds:
+            terminalreporter.write_sep("=", "seconds per test area (pytest -m AREA)")
+            for area, sec in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+                terminalreporter.write_line(f"{area:>12} {sec:8.1f}")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(AreaTimes(), "megatron-bottleneck-area-times")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, area_of(str(item.fspath))))
 
 
 @pytest.fixture(scope="session")

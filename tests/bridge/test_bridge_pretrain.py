@@ -55,14 +55,14 @@ def _config(tp: int, tied: bool, log_dir: str):
 
 
 def readme_bridge_example() -> str:
-    """The README's Bridge code block (the one after ``<!-- bridge-example -->``)."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    """docs/bridge.md's Bridge code block (the one after ``<!-- bridge-example -->``)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "bridge.md").read_text(encoding="utf-8")
     block = text.split("<!-- bridge-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     return block
 
 
 def _pretrain(tp: int, tied: bool, log_dir: str):
-    """One rank of Bridge's pretrain() through the README example: (per-step losses, probe history)."""
+    """One rank of Bridge's pretrain() through the docs' example: (per-step losses, probe history)."""
     from megatron.bridge.training.callbacks import Callback
 
     losses = []
@@ -72,7 +72,7 @@ def _pretrain(tp: int, tied: bool, log_dir: str):
             losses.append({k: float(v) for k, v in (context.loss_dict or {}).items()})
 
     example: dict = {}
-    exec(compile(readme_bridge_example(), "README.md:bridge-example", "exec"), example)
+    exec(compile(readme_bridge_example(), "docs/bridge.md:bridge-example", "exec"), example)
     history = example["bridge_pretrain"](_config(tp, tied, log_dir), [Losses()])
     return losses, history
 

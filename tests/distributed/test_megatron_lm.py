@@ -280,7 +280,7 @@ def test_without_tensorboard_jsonl_complete_and_one_warning(tmp_path):
 def test_one_line_edit_of_pretrain_gpt(tmp_path):
     """The minimal edit: one line after ``import torch`` in pretrain_gpt.py, run with plain python."""
     src = open(os.path.join(MLM, "pretrain_gpt.py")).read()
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:  # the README's ```diff block, as written
+    with open(os.path.join(REPO, "docs", "megatron-lm.md"), encoding="utf-8") as f:  # the docs' ```diff block
         diff = re.search(r"```diff\n(.*?)```", f.read(), re.S).group(1).splitlines()
     assert diff[0] == " import torch" and len(diff) == 2 and diff[1].startswith("+")
     line = diff[1][1:]

@@ -22,7 +22,7 @@ HEADS = "dense,sigsoftmax"  # a head the probe measures and one it refuses (2 x 
 def _zoo(out):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "megatron_bottleneck.cli", "zoo", "examples/zoo_tiny.yaml",
-                           "--out", str(out), "--heads", HEADS, f"zoo.text_files=[{os.path.join(ROOT, 'README.md')}]"],
+                           "--out", str(out), "--heads", HEADS, f"zoo.text_files=[{os.path.join(ROOT, 'docs', 'heads.md')}]"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -82,7 +82,7 @@ def test_zoo_rerun_skips_finished_runs(zoo, capsys, monkeypatch):
     (out / "zoo_report.md").unlink()
     monkeypatch.chdir(ROOT)  # the same command, in this process (nothing left to train: no process starts)
     assert main(["zoo", "examples/zoo_tiny.yaml", "--out", str(out), "--heads", HEADS,
-                 f"zoo.text_files=[{os.path.join(ROOT, 'README.md')}]"]) == 0
+                 f"zoo.text_files=[{os.path.join(ROOT, 'docs', 'heads.md')}]"]) == 0
     stdout = capsys.readouterr().out
     assert stdout.count("skip (done): ") == 4 and "measuring" not in stdout and "runs to do" not in stdout
     assert {p: p.stat().st_mtime_ns for p in metrics} == before

@@ -1,4 +1,5 @@
-"""Every code block of README.md runs as a user would run it (a fresh process in a scratch directory).
+"""Every code block of README.md and docs/*.md runs as a user would run it (a fresh process in a scratch
+directory).
 
 A block is preceded by an optional marker line ``<!-- readme-test: KIND[: detail] -->``:
   (none)        python: run as a script; bash: run with ``bash -e`` (the installed ``megatron-bottleneck``);
@@ -10,6 +11,7 @@ A block is preceded by an optional marker line ``<!-- readme-test: KIND[: detail
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -25,9 +27,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MARKER = re.compile(r"<!-- readme-test: (\w+)(?::\s*(.*?))? -->")
 
 
-def readme_blocks(path=os.path.join(REPO, "README.md")):
-    """[(line, language, kind, detail, code)] for every fenced block."""
-    lines = open(path, encoding="utf-8").read().splitlines()
+DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+
+
+def readme_blocks(page="README.md"):
+    """[(where, language, kind, detail, code)] for every fenced block of one page (where: ``page:line``)."""
+    lines = open(os.path.join(REPO, page), encoding="utf-8").read().splitlines()
     out, i = [], 0
     while i < len(lines):
         m = re.match(r"^```(\w*)\s*$", lines[i])
@@ -45,7 +50,7 @@ def readme_blocks(path=os.path.join(REPO, "README.md")):
             kind, detail = "bridge", "tests/bridge/test_bridge_pretrain.py"
         if prev.strip() == "<!-- test-command -->":  # .ci/run reads the line after that marker's fence
             kind, detail = "skip", "the test command itself (.ci/run runs it in both lanes)"
-        out.append((start + 1, lang, kind, detail, "\n".join(lines[start + 1:j]) + "\n"))
+        out.append((f"{page}:{start + 1}", lang, kind, detail, "\n".join(lines[start + 1:j]) + "\n"))
         i = j + 1
     return out
 
@@ -61,29 +66,29 @@ def _corpus(cwd):
 
 
 SETUP = {"corpus": _corpus}
-BLOCKS = readme_blocks()
+BLOCKS = [b for page in DOCS for b in readme_blocks(page)]
 
 
 def test_every_block_is_run_or_says_why_not():
     kinds = {k for _, _, k, _, _ in BLOCKS}
     assert kinds <= {"run", "setup", "bridge", "diff", "skip"}, kinds
     for line, lang, kind, detail, _ in BLOCKS:
-        assert lang in ("python", "bash", "diff"), f"README.md:{line}: a ```{lang} block"
+        assert lang in ("python", "bash", "diff"), f"{line}: a ```{lang} block"
         if kind == "skip":
-            assert lang == "bash" and len(detail) > 20, f"README.md:{line}: skip only bash, with its reason"
+            assert lang == "bash" and len(detail) > 20, f"{line}: skip only bash, with its reason"
         if lang == "diff":
-            assert kind == "diff" and "::" in detail, f"README.md:{line}: a diff names the test that applies it"
+            assert kind == "diff" and "::" in detail, f"{line}: a diff names the test that applies it"
         if kind == "setup":
-            assert detail in SETUP, f"README.md:{line}: unknown setup {detail!r}"
+            assert detail in SETUP, f"{line}: unknown setup {detail!r}"
         if kind == "bridge":
             with open(os.path.join(REPO, detail), encoding="utf-8") as f:
-                assert "bridge-example" in f.read(), f"README.md:{line}: {detail} does not read the block"
+                assert "bridge-example" in f.read(), f"{line}: {detail} does not read the block"
     assert sum(k in ("run", "setup") for _, _, k, _, _ in BLOCKS) >= 8
 
 
 @pytest.mark.parametrize("line, lang, kind, detail, code",
                          [b for b in BLOCKS if b[2] in ("run", "setup")],
-                         ids=[f"README.md:{b[0]}" for b in BLOCKS if b[2] in ("run", "setup")])
+                         ids=[b[0] for b in BLOCKS if b[2] in ("run", "setup")])
 def test_readme_block_runs(line, lang, kind, detail, code, tmp_path):
     if not README_LANE:
         pytest.skip(NOT_README_LANE)
@@ -101,4 +106,4 @@ def test_readme_block_runs(line, lang, kind, detail, code, tmp_path):
     else:
         cmd = ["bash", "-e", "-c", code]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"README.md:{line} failed:\n{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{line} failed:\n{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
