@@ -84,6 +84,11 @@ class ZooSection:
     """Tokens of the head + loss timing; None: one micro-batch (train.micro_batch_size x model.seq_length)."""
     timing_reps: int = 3
     """Timed forward + backward passes (after one warm-up)."""
+    lrs: List[float] = field(default_factory=list)
+    """Learning rates tried for every head (a grid; the report takes each head at its best one); [] : optim.lr."""
+    seeds: List[int] = field(default_factory=list)
+    """train.seed of each repeat of every (head, learning rate) run (the report gives the spread across them and
+    a Welch t-test against dense); [] : train.seed once."""
 
 
 @dataclass
@@ -158,15 +163,29 @@ class ZooPlan:
                               f"D={d}, V={vocab_size}")
         return best[1]
 
+    def lrs(self) -> List[float]:
+        return [float(x) for x in self.zoo.lrs] or [float(self.base.optim.lr)]
+
+    def seeds(self) -> List[int]:
+        return [int(x) for x in self.zoo.seeds] or [int(self.base.train.seed)]
+
     def expand(self) -> List[Dict]:
-        """Every (setting, head) run: the setting's fields plus ``head`` (its spec, ``auto`` resolved for the
-        setting's vocabulary by :meth:`matched`), ``head_spec`` (as given) and ``name``."""
+        """Every (setting, head, learning rate, seed) run: the setting's fields plus ``head`` (its spec, ``auto``
+        resolved for the setting's vocabulary by :meth:`matched`), ``head_spec`` (as given), ``lr``, ``seed``,
+        ``head_name`` (``setting/head``: where the head's inspection goes) and ``name`` (``setting/head``, with
+        ``__lr<lr>_seed<seed>`` appended when the zoo has a learning-rate grid or several seeds)."""
         out = []
+        lrs, seeds = self.lrs(), self.seeds()
+        grid = len(lrs) > 1 or len(seeds) > 1
         for s in self.settings():
             for i, h in enumerate(self.heads()):
                 m = self.matched(h, s["vocab_size"])
-                out.append({**s, "head": str(m), "head_spec": str(h), "head_index": i,
-                            "name": f"{s['setting']}/{head_slug(m)}"})
+                head_name = f"{s['setting']}/{head_slug(m)}"
+                for lr in lrs:
+                    for seed in seeds:
+                        name = head_name + (f"__lr{lr:g}_seed{seed}" if grid else "")
+                        out.append({**s, "head": str(m), "head_spec": str(h), "head_index": i, "lr": lr,
+                                    "seed": seed, "head_name": head_name, "name": name})
         return out
 
     def run_config(self, run: Dict, data_prefix: Optional[Dict], run_dir: str, probe: bool) -> TrainConfig:
@@ -179,6 +198,10 @@ class ZooPlan:
         cfg.model.head_type, cfg.model.head_rank = head.kind, None
         cfg.model.head_options = {k: getattr(opts, k) for k in head.options} if dataclasses.is_dataclass(opts) \
             else dict(head.options)
+        if "lr" in run:
+            cfg.optim.lr = float(run["lr"])
+        if "seed" in run:
+            cfg.train.seed = int(run["seed"])
         if data_prefix is not None:
             cfg.data.train_prefix = data_prefix["train_prefix"]
             cfg.data.valid_prefix = data_prefix.get("valid_prefix")
@@ -223,6 +246,16 @@ def load_zoo(path: Optional[str], overrides: Sequence[str] = (), heads: Optional
     for r in zoo.vd_ratios:
         if not isinstance(r, int) or r < 1:
             raise ConfigError(f"zoo.vd_ratios must be positive integers (V = ratio x D), got {r!r}")
+    for lr in zoo.lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ConfigError(f"zoo.lrs must be positive numbers (learning rates), got {lr!r}")
+    for seed in zoo.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"zoo.seeds must be integers (train.seed of each repeat), got {seed!r}")
+    for key in ("lrs", "seeds"):
+        vals = getattr(zoo, key)
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"zoo.{key} lists a value twice: {vals}")
     plan = ZooPlan(base, zoo)
     plan.check()
     return plan
@@ -338,8 +371,10 @@ def _inspect(jobs: List[Dict]) -> List[Dict]:
         record.update(time_ms_min=1e3 * min(walls), time_ms_median=1e3 * statistics.median(walls),
                       cpu_ms_min=1e3 * min(cpus), saved_bytes=saved)
         os.makedirs(os.path.dirname(job["path"]), exist_ok=True)
-        with open(job["path"], "w", encoding="utf-8") as f:
+        tmp = f"{job['path']}.{os.getpid()}.tmp"  # workers sharing a head's inspection may both write it
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
+        os.replace(tmp, job["path"])
         out.append(record)
     return out
 
@@ -350,13 +385,14 @@ def head_stats_path(out: str, run_name: str) -> str:
 
 
 def _inspect_jobs(plan: ZooPlan, out: str) -> Dict[str, Dict]:
-    """run name -> its inspection job (:func:`_inspect`)."""
+    """run name -> its inspection job (:func:`_inspect`; one per setting and head, shared by the head's
+    learning rates and seeds)."""
     base = plan.base
     tokens = plan.zoo.timing_tokens or base.train.micro_batch_size * base.model.seq_length
     return {run["name"]: {"head": run["head"], "vocab_size": run["vocab_size"],
                           "hidden_size": base.model.hidden_size, "tokens": tokens, "reps": plan.zoo.timing_reps,
                           "seed": base.train.seed, "init_method_std": base.model.init_method_std,
-                          "path": head_stats_path(out, run["name"])}
+                          "path": head_stats_path(out, run["head_name"])}
             for run in plan.expand()}
 
 
@@ -364,7 +400,7 @@ def inspect_heads(plan: ZooPlan, out: str, log=print) -> Dict[str, Dict]:
     """run name -> its head's inspection (``heads/<setting>__<head>.json``); the missing ones are measured in
     one fresh CPU process (one thread) and kept across reruns."""
     jobs = _inspect_jobs(plan, out)
-    todo = [j for j in jobs.values() if not os.path.exists(j["path"])]
+    todo = list({j["path"]: j for j in jobs.values() if not os.path.exists(j["path"])}.values())
     if todo:
         log(f"measuring {len(todo)} head(s): parameters, probe support, head + loss time and memory "
             f"({todo[0]['tokens']} tokens)")
@@ -380,7 +416,7 @@ def _train_runs(items: List[Dict]) -> List[str]:
     """The zoo's runner in its training process: first the head inspections not done yet (no extra process
     start), then each run with the probe on only where the inspection says the probe measures the head."""
     torch.set_num_threads(1)
-    todo = [i["inspect"] for i in items if not os.path.exists(i["inspect"]["path"])]
+    todo = list({i["inspect"]["path"]: i["inspect"] for i in items if not os.path.exists(i["inspect"]["path"])}.values())
     if todo:
         _inspect(todo)
     for item in items:
@@ -423,7 +459,7 @@ def zoo_runs(plan: ZooPlan, out: str, log=print, inspect: bool = False) -> List[
         params = {"kind": "zoo", **run, "head_kind": head.kind, "head_options": cfg.model.head_options,
                   "head_rank": cfg.model.head_options.get("r") if head.kind == "low_rank" else None,
                   "hidden_size": base.model.hidden_size, "vd": run["vocab_size"] / base.model.hidden_size,
-                  "lr": base.optim.lr, "train_steps": base.train.train_steps,
+                  "lr": run["lr"], "seed": run["seed"], "train_steps": base.train.train_steps,
                   "tokens_per_step": base.train.global_batch_size * base.model.seq_length,
                   "params": cost.params if cost else None, "flops_per_token": cost.flops_per_token if cost else None,
                   "head_stats": os.path.relpath(jobs[run["name"]]["path"], d)}

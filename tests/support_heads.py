@@ -10,6 +10,9 @@ The reference math is written here again, independently of megatron_bottleneck.h
     monotone:   u = log_softmax(z + sum_j softplus(a_j) tanh(z - b_j)),  z = W h,
     stacked:    u = log_softmax(W act(P h)),
     mfs:        as mos over facets z_1,i = W_i tanh(P_{j(i)} h) (j(i) = i // ceil(V_REAL / J)), z_k = W tanh(P_{J+k-2} h),
+    mixtape:    u = log_softmax(sum_k pi_k,i W_i tanh(H_k h)), pi from the sigmoid tree of
+                l_n,i = v_{min(i,S),n} . tanh(U_n h) + b_{min(i,S),n} (leaf k: the bits of k from the root),
+    decoupled:  u = log_softmax(W P h),
     loss_t = -u[t, y_t] (0 where y_t = -100).
 """
 from __future__ import annotations
@@ -25,8 +28,9 @@ import megatron_bottleneck as mb
 
 D, V_REAL, V_PAD, S, B = 8, 60, 64, 8, 2
 KINDS = ["mos:k=3", "mos:k=2,fused=false", "sigsoftmax", "softcap:cap=2", "monotone:terms=3",
-         "stacked:width=12,activation=tanh", "mfs:k=2,partitions=3"]
-FUSED = {"mos:k=3", "stacked:width=12,activation=tanh"}  # kinds whose loss is fused: also checked materialised
+         "stacked:width=12,activation=tanh", "mfs:k=2,partitions=3", "mixtape:k=4,frequent=20,gate_width=4",
+         "decoupled:width=12"]
+FUSED = {"mos:k=3", "stacked:width=12,activation=tanh", "decoupled:width=12"}  # kinds whose loss is fused: also checked materialised
 
 
 def head_config(tp: int, sp: bool):
@@ -79,6 +83,25 @@ def reference_log_probs(kind: str, p: Dict[str, torch.Tensor], h: torch.Tensor, 
         return torch.logsumexp(log_pi.unsqueeze(-1) + torch.log_softmax(z, dim=-1), dim=1)
     if name == "stacked":
         return torch.log_softmax(r(r(torch.tanh(r(h @ p["proj"].t()))) @ w.t()), dim=-1)
+    if name == "decoupled":
+        return torch.log_softmax(r(r(h @ p["proj"].t()) @ w.t()), dim=-1)
+    if name == "mixtape":
+        k, shared = p["proj"].shape[0], p["gate_vec"].shape[0] - 1
+        c = r(torch.tanh(r(torch.einsum("td,ked->tke", h, p["proj"]))))  # [T, K, D]
+        q = r(torch.tanh(r(torch.einsum("td,ngd->tng", h, p["gate_proj"]))))  # [T, K - 1, G]
+        gid = torch.clamp(torch.arange(vocab), max=shared)  # each word's gate row
+        gate = torch.sigmoid(r(r(torch.einsum("tng,ing->tni", q, p["gate_vec"][gid])) + p["gate_bias"][gid].t()))
+        depth = k.bit_length() - 1
+        pis = []
+        for leaf in range(k):  # walk root -> leaf by the bits of the leaf's index, most significant first
+            node, pi = 0, torch.ones_like(gate[:, 0])
+            for level in reversed(range(depth)):
+                right = (leaf >> level) & 1
+                pi = pi * (1 - gate[:, node] if right else gate[:, node])
+                node = 2 * node + 1 + right
+            pis.append(pi)
+        dots = r(torch.einsum("tkd,vd->tkv", c, w))
+        return torch.log_softmax((torch.stack(pis, dim=1) * dots).sum(dim=1), dim=-1)
     z = r(h @ w.t())
     if name == "sigsoftmax":
         f = z + F.logsigmoid(z)

@@ -20,7 +20,8 @@ NEEDS_HYBRID = pytest.mark.skipif(not HAS_HYBRID, reason=f"HybridModel needs meg
 PATTERN = "*-*-"
 # every built-in kind, with options fitting D = 32 (test_every_builtin_kind_is_covered checks the list is complete)
 KINDS = ["dense", "low_rank:r=8", "mos:k=2", "mos:k=2,fused=false", "sigsoftmax", "softcap:cap=2",
-         "monotone:terms=3", "stacked:width=40,activation=tanh", "mfs:k=2,partitions=3"]
+         "monotone:terms=3", "stacked:width=40,activation=tanh", "mfs:k=2,partitions=3", "mixtape:k=2,frequent=8",
+         "decoupled:width=40"]
 
 
 def config(num_layers, tp=1, pp=1, sp=False, **kw):

@@ -11,6 +11,9 @@ softcap    c tanh(W h / c)                              materialised            
 monotone   z + sum_j softplus(a_j) tanh(z - b_j)        materialised            V D + 2 J
 stacked    W act(P h), P: D' x D                        fused                   V D' + D' D
 mfs        mos with J vocab partitions in facet 1       materialised            V D + (J+K-1) D^2 + K D
+mixtape    sum_k pi_k(h, i) W_i tanh(H_k h), gate tree  materialised            V D + K D^2 + (K-1) G D
+                                                                                + (S+1)(K-1)(G+1)
+decoupled  W P h, W: V x D', P: D' x D (rank <= D)      fused                   V D' + D' D
 ========== ============================================ ======================= ====================
 """
 from __future__ import annotations
@@ -25,11 +28,12 @@ from ..base.head import HeadBuildContext, register_head, registered_heads
 from .fused import DenseOutputLayer, as_lm_head
 from .low_rank import LowRankOutputLayer, validate_head_shape
 from .mfs import MultiFacetHead, MultiFacetOptions
+from .mixtape import MixtapeHead, MixtapeOptions
 from .mos import MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions
 from .pointwise import MonotoneOptions, PointwiseLogitHead, SigsoftmaxOptions, SoftcapOptions
 from .stacked import StackedHead, StackedOptions
 
-__all__ = ["DenseOptions", "LowRankOptions", "register_builtin_heads"]
+__all__ = ["DenseOptions", "LowRankOptions", "DecoupledOptions", "register_builtin_heads"]
 
 
 @dataclass
@@ -47,6 +51,22 @@ class LowRankOptions:
     """balanced, orthogonal, or from_dense (best rank-r approximation of the model's current head)."""
     init_std: Optional[float] = None
     """sigma, the per-entry std of A B; None: ``config.init_method_std``."""
+
+
+@dataclass
+class DecoupledOptions:
+    """Options of the ``decoupled`` head: output embeddings of their own width (Chung et al. 2021, "Rethinking
+    embedding coupling in pre-trained language models"), W ``[V, D']`` and a projection P ``[D', D]``; the
+    logits W P h still have rank <= D (the baseline for heads that add rank, not parameters)."""
+
+    width: Optional[int] = None
+    """D' >= D, the output embeddings' width; None: 2 D."""
+    proj_std: Optional[float] = None
+    """Std of P's entries at init; None: 1/sqrt(D)."""
+
+
+def _decoupled(ctx: HeadBuildContext, o: DecoupledOptions):
+    return StackedHead(ctx, StackedOptions(width=o.width, activation="linear", proj_std=o.proj_std))
 
 
 def _dense(ctx: HeadBuildContext, _options):
@@ -84,6 +104,11 @@ def register_builtin_heads() -> None:
     register_head("mfs", MultiFacetHead, MultiFacetOptions,
                   description="multi-facet softmax: mos whose first facet is split over J vocabulary partitions "
                               "(after Chang & McCallum 2022)")
+    register_head("mixtape", MixtapeHead, MixtapeOptions,
+                  description="Mixtape: logit-space mixture with word-dependent sigmoid-tree gates and gate sharing "
+                              "(Yang et al. 2019)")
+    register_head("decoupled", _decoupled, DecoupledOptions,
+                  description="output embeddings of width D' decoupled from D, W P h (Chung et al. 2021; rank <= D)")
 
 
 register_builtin_heads()

@@ -74,14 +74,29 @@ class LossContext:
     output: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. Megatron's region ops all-reduce
+    ``grad.contiguous()`` in place and return ``grad``: for a non-contiguous gradient (e.g. a broadcast one,
+    stride 0) the reduced copy would be dropped and each rank keep its partial sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def tp_region_input(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
     """x over the full sequence in the TP region: all-gathered under sequence parallelism (backward:
-    reduce-scatter), else copied into the region (backward: all-reduce over the vocab shards)."""
+    reduce-scatter), else copied into the region (backward: all-reduce over the vocab shards; the gradient
+    made contiguous first, see :class:`_ContiguousGrad`)."""
     if get_pg_size(tp_group) == 1:
         return x
     if sequence_parallel:
-        return gather_from_sequence_parallel_region(x, group=tp_group)
-    return copy_to_tensor_model_parallel_region(x, group=tp_group)
+        return _ContiguousGrad.apply(gather_from_sequence_parallel_region(x, group=tp_group))
+    return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(x, group=tp_group))
 
 
 class FusedHeadMixin:

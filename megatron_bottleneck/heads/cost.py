@@ -11,6 +11,9 @@ For a head with input h ``[D]`` and vocabulary V (the real one; TP padding not c
     monotone J   V D + 2 J                       2 V D
     stacked D'   V D' + D' D                     2 D' D + 2 V D'
     mfs K, J     V D + (J + K - 1) D^2 + K D     2 (J + K - 1) D^2 + 2 K D + 2 K V D
+    mixtape K,S  V D + K D^2 + (K - 1) G D       2 K D^2 + 2 (K - 1) G D + 2 (K - 1) G V + 2 K V D
+                 + (S + 1)(K - 1)(G + 1)         (gate logits counted for every word: shared ones repeat)
+    decoupled D' V D' + D' D                     2 D' D + 2 V D'
 
 The softmax, log-sum-exp and pointwise maps (O(V) or O(K V) per token) are not counted; a training step
 (forward + backward) is about 3x the forward figure. A registered kind without a cost function
@@ -77,6 +80,18 @@ def _mfs(o, d, v):
     return HeadCost(v * d + f * d * d + k * d, 2 * f * d * d + 2 * k * d + 2 * k * v * d)
 
 
+def _mixtape(o, d, v):
+    k, g, s = o.k, o.gate_width or d, min(o.frequent, v)
+    params = v * d + k * d * d + (k - 1) * g * d + (s + 1) * (k - 1) * (g + 1)
+    return HeadCost(params, 2 * k * d * d + 2 * (k - 1) * g * d + 2 * (k - 1) * g * v + 2 * k * v * d)
+
+
+def _decoupled(o, d, v):
+    w = o.width or 2 * d
+    return HeadCost(v * w + w * d, 2 * w * d + 2 * v * w)
+
+
 for _kind, _fn in (("dense", _linear), ("sigsoftmax", _linear), ("softcap", _linear), ("low_rank", _low_rank),
-                   ("mos", _mos), ("monotone", _monotone), ("stacked", _stacked), ("mfs", _mfs)):
+                   ("mos", _mos), ("monotone", _monotone), ("stacked", _stacked), ("mfs", _mfs),
+                   ("mixtape", _mixtape), ("decoupled", _decoupled)):
     register_head_cost(_kind, _fn)

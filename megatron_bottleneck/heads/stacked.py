@@ -1,6 +1,8 @@
 """A stacked (wider) head: z = W psi(h), psi an MLP from D into D' >= D, vocab-parallel W ``[V/tp, D']``.
 
-psi(h) = act(P h) with P ``[D', D]`` (``proj``) replicated over TP, act one of gelu / tanh / relu. The logits
+psi(h) = act(P h) with P ``[D', D]`` (``proj``) replicated over TP, act one of gelu / tanh / relu / linear
+(``linear``: W P, an output embedding of width D' decoupled from the hidden size, still of rank <= D: the
+``decoupled`` kind). The logits
 are linear in W given psi(h), so the loss is the fused head + loss of the dense head with ``loss_input`` =
 psi(h) (:func:`megatron_bottleneck.ops.linear_cross_entropy`, no ``[T, V]`` logits; label smoothing and
 z-loss as there). Parameters: V D' + D' D. For the probe it is non-linear in h (J_t = W diag(act'(P h_t)) P
@@ -22,7 +24,7 @@ from .vocab_parallel import VocabParallelHead
 
 __all__ = ["StackedOptions", "StackedHead"]
 
-_ACT = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
+_ACT = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu, "linear": lambda x: x}
 
 
 @dataclass
@@ -31,8 +33,8 @@ class StackedOptions:
 
     width: Optional[int] = None
     """D' >= D, the width of psi(h) and of W's rows; None: 2 D."""
-    activation: Literal["gelu", "tanh", "relu"] = "gelu"
-    """The MLP's non-linearity."""
+    activation: Literal["gelu", "tanh", "relu", "linear"] = "gelu"
+    """The MLP's non-linearity; ``linear``: none (W P, rank <= D: the ``decoupled`` baseline)."""
     proj_std: Optional[float] = None
     """Std of P's entries at init; None: 1/sqrt(D)."""
 

@@ -14,7 +14,8 @@ from tests.support import error_of
 def test_every_builtin_kind_is_covered():
     from megatron_bottleneck.heads import registered_heads
 
-    builtin = {"dense", "low_rank", "mos", "sigsoftmax", "softcap", "monotone", "stacked", "mfs"}
+    builtin = {"dense", "low_rank", "mos", "sigsoftmax", "softcap", "monotone", "stacked", "mfs", "mixtape",
+               "decoupled"}
     assert builtin <= set(registered_heads())
     assert {k.split(":")[0] for k in sh.KINDS} == builtin
 

@@ -118,3 +118,94 @@ def test_megatrons_cross_entropy_of_an_unpadded_nonlinear_head_backpropagates(ki
     h.grad = None
     module.loss(h, labels).sum().backward()
     torch.testing.assert_close(got, h.grad, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ learning-rate grid, seeds, significance
+def test_a_learning_rate_grid_and_seeds_expand_into_runs_with_their_own_config(tmp_path):
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "zoo": {"vd_ratios": [4], "lrs": [1e-2, 3e-2], "seeds": [1, 2, 3]}}))
+    plan = load_zoo(str(path), heads="dense,low_rank:r=4")
+    runs = plan.expand()
+    assert len(runs) == 2 * 2 * 3 and len({r["name"] for r in runs}) == 12
+    assert runs[0]["name"] == "spamlang_V32/dense__lr0.01_seed1" and runs[-1]["name"] == "spamlang_V32/low_rank_r4__lr0.03_seed3"
+    assert {r["head_name"] for r in runs} == {"spamlang_V32/dense", "spamlang_V32/low_rank_r4"}  # one inspection per head
+    cfg = plan.run_config(runs[-1], None, str(tmp_path / "r"), probe=False)
+    assert cfg.optim.lr == 3e-2 and cfg.train.seed == 3
+    # without a grid the names (and run directories) are those of earlier zoos
+    one = load_zoo(str(path), ["zoo.lrs=[]", "zoo.seeds=[]"], heads="dense").expand()
+    assert [r["name"] for r in one] == ["spamlang_V32/dense"] and one[0]["lr"] == plan.base.optim.lr
+
+
+@pytest.mark.parametrize("override, words", [("zoo.lrs=[0.01,-1]", ["zoo.lrs", "-1"]),
+                                             ("zoo.seeds=[1,1]", ["zoo.seeds", "twice"]),
+                                             ("zoo.seeds=[1.5]", ["zoo.seeds", "1.5"])])
+def test_bad_grids_are_one_line(tmp_path, capsys, override, words):
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert main(["zoo", str(path), "--heads", "dense", "--out", str(tmp_path / "out"), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+def test_welch_t_test_against_scipy_and_the_t_table():
+    from megatron_bottleneck.zoo_report import welch_t_test
+
+    # the t table: two-sided 5% at df = 4 is t = 2.776445; equal variances and sizes give df = 2 n - 2
+    a, b = [0.0, 1.0, 2.0], [2.776445 * (2 / 3) ** 0.5 + x for x in (0.0, 1.0, 2.0)]
+    got = welch_t_test(b, a)
+    assert got["df"] == pytest.approx(4.0) and got["p"] == pytest.approx(0.05, abs=1e-6)
+    assert welch_t_test([1.0], [1.0, 2.0]) is None
+    assert welch_t_test([1.0, 1.0], [1.0, 1.0])["p"] == 1.0 and welch_t_test([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+    stats = pytest.importorskip("scipy.stats")
+    import random
+
+    rng = random.Random(0)
+    for n_a, n_b, shift in [(3, 3, 0.1), (3, 5, 1.0), (5, 4, 0.0), (2, 6, 3.0), (8, 8, 0.05)]:
+        x = [rng.gauss(4.2, 0.05) for _ in range(n_a)]
+        y = [rng.gauss(4.2 + shift * 0.05, 0.2) for _ in range(n_b)]
+        ref = stats.ttest_ind(x, y, equal_var=False)
+        got = welch_t_test(x, y)
+        assert got["t"] == pytest.approx(ref.statistic, rel=1e-12) and got["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def _zoo_run(root, head, kind, lr, seed, valid):
+    import json
+    import os
+
+    d = os.path.join(root, "runs", "spamlang_V32", f"{head}__lr{lr:g}_seed{seed}")
+    os.makedirs(os.path.join(d, "logs"))
+    with open(os.path.join(d, "run.json"), "w") as f:
+        json.dump({"kind": "zoo", "setting": "spamlang_V32", "data": "spamlang", "vocab_size": 32, "hidden_size": 8,
+                   "head": head, "head_kind": kind, "lr": lr, "seed": seed, "train_steps": 2, "tokens_per_step": 64,
+                   "params": 256}, f)
+    with open(os.path.join(d, "logs", "metrics.jsonl"), "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "tokens": 64 * step, "loss": valid + 1 / step,
+                                "valid_loss": valid + (0.5 if step == 1 else 0.0)}) + "\n")
+
+
+def test_the_report_takes_each_head_at_its_best_learning_rate_with_spread_and_welch_test(tmp_path):
+    """Run directories as the zoo writes them, with final valid losses chosen so that the figures are known:
+    dense is best at lr 0.01, low_rank at 0.03; low_rank's best is clearly worse than dense's, mos's is not
+    separable from it. The report's table and zoo.json hold those figures (read back from the files)."""
+    import json
+    import statistics
+
+    from megatron_bottleneck.zoo_report import write_zoo_report
+
+    losses = {("dense", "dense", 0.01): [4.00, 4.02, 3.98], ("dense", "dense", 0.03): [4.10, 4.12, 4.08],
+              ("low_rank:r=4", "low_rank", 0.01): [4.60, 4.62, 4.58], ("low_rank:r=4", "low_rank", 0.03): [4.50, 4.53, 4.47],
+              ("mos:k=2", "mos", 0.01): [4.01, 3.95, 4.06], ("mos:k=2", "mos", 0.03): [4.30, 4.31, 4.29]}
+    for (head, kind, lr), vals in losses.items():
+        for seed, v in zip((1, 2, 3), vals):
+            _zoo_run(str(tmp_path), head, kind, lr, seed, v)
+    md = open(write_zoo_report(str(tmp_path))).read()
+    table = {h["head"]: h for h in json.load(open(tmp_path / "zoo.json"))["settings"][0]["best_lr"]}
+    assert table["dense"]["best_lr"] == 0.01 and table["low_rank:r=4"]["best_lr"] == 0.03
+    assert table["low_rank:r=4"]["best"]["mean"] == pytest.approx(4.50)
+    assert table["low_rank:r=4"]["best"]["std"] == pytest.approx(statistics.stdev([4.50, 4.53, 4.47]))
+    assert table["low_rank:r=4"]["vs_dense"]["verdict"] == "worse than dense"
+    assert table["low_rank:r=4"]["vs_dense"]["difference"] == pytest.approx(0.5)
+    assert table["mos:k=2"]["vs_dense"]["verdict"] == "not separable" and table["mos:k=2"]["vs_dense"]["test"]["p"] > 0.05
+    assert "| low_rank:r=4 | 4.600 | 4.500 | 0.03 | 4.500 +- 0.030 (3) | +0.5 |" in md, md
+    assert "| dense | 4.000 | 4.100 | 0.01 |" in md and "(the reference)" in md and "seeds [1, 2, 3]" in md
