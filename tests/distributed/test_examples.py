@@ -24,13 +24,3 @@ def test_probe_forward_step_example_prints_a_record_per_step(tmp_path):
 def test_tp2_low_rank_head_example_runs(tmp_path):
     out = _run("tp2_low_rank_head.py", tmp_path)
     assert "LowRankOutputLayer(" in out and "rank=64, TP=2" in out
-
-
-def test_custom_head_example_registers_and_trains_its_head(tmp_path):
-    # exits 1 unless the loss fell, p sums to 1 over the TP shards and every step has a destroyed ratio in (0, 1)
-    out = _run("custom_head.py", tmp_path)
-    head = next(line for line in out.splitlines() if line.startswith("TemperatureHead("))
-    assert "TP=2" in head
-    probed = [line for line in out.splitlines() if line.startswith("probe step ")]  # the general probe's figures
-    assert [line.split(":")[0] for line in probed] == ["probe step 0", "probe step 5"]
-    assert all("destroyed_ratio 0." in line and "update_cosine" in line for line in probed), probed
