@@ -37,6 +37,7 @@ _LAZY = {
     "DenseOutputLayer": "heads.fused", "as_lm_head": "heads.fused",
     # head plug-ins (the registry lives in base; "heads" registers the built-in kinds on import)
     "register_head": "heads", "get_head_builder": "heads", "registered_heads": "heads", "HeadConfig": "heads",
+    "HeadSpec": "base.head", "HeadRegistry": "base.head", "HEADS": "base.head",
     "HeadBuildContext": "base.head", "HeadLogProb": "base.head", "NonLinearHead": "base.head",
     "LinearHead": "base.head", "check_head": "base.head", "install_head": "heads.install", "head_hook": "heads.install",
     "MixtureOfSoftmaxesHead": "heads.mos", "PointwiseLogitHead": "heads.pointwise", "StackedHead": "heads.stacked",
@@ -55,7 +56,7 @@ _LAZY = {
     "evaluate_checkpoint": "evaluate.harness", "harness_model": "evaluate.harness",
     "open_checkpoint": "evaluate.scorer", "CheckpointScorer": "evaluate.scorer",
     # application: the head zoo benchmark
-    "head_cost": "heads.cost", "HeadCost": "heads.cost", "register_head_cost": "heads.cost",
+    "head_cost": "heads.cost", "HeadCost": "base.head", "register_head_cost": "heads.cost",
     "load_zoo": "zoo", "run_zoo": "zoo", "ZooPlan": "zoo", "write_zoo_report": "zoo_report",
 }
 

@@ -53,6 +53,7 @@ from .loss import FusedLossRecord, LossRequest
 
 __all__ = ["HeadView", "LMHead", "LinearHead", "NonLinearHead", "HeadLogProb", "find_head", "head_view",
            "is_lm_head", "is_linear_head", "is_nonlinear_head", "HeadConfig", "HeadBuildContext", "HeadSpec",
+           "HeadCost", "HeadRegistry", "HEADS",
            "register_head", "get_head_builder", "get_head_spec", "registered_heads", "check_head",
            "refuse_nonlinear", "parse_head_options"]
 
@@ -263,12 +264,12 @@ class HeadConfig:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         return f"{self.kind}:{opts}" if opts else self.kind
 
-    def spec(self) -> "HeadSpec":
-        return get_head_spec(self.kind)
+    def spec(self, registry: Optional["HeadRegistry"] = None) -> "HeadSpec":
+        return get_head_spec(self.kind, registry)
 
-    def resolved_options(self):
+    def resolved_options(self, registry: Optional["HeadRegistry"] = None):
         """The options as the kind's options dataclass (or a dict for a kind registered without one)."""
-        return self.spec().make_options(self.options)
+        return self.spec(registry).make_options(self.options)
 
 
 def parse_head_options(text: str, what: str = "head options") -> Dict[str, str]:
@@ -339,15 +340,32 @@ def _type_value(name: str, tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class HeadCost:
+    """Analytic cost of a head per token: ``params`` (trainable parameters, V the real vocabulary, TP padding not
+    counted) and ``flops_per_token`` (forward FLOPs of its matrix products, 2 per multiply-add; a training step
+    is about 3x)."""
+
+    params: int
+    flops_per_token: int
+
+
 @dataclass
 class HeadSpec:
-    """A registered head kind: ``builder(context: HeadBuildContext, options) -> module`` and its options
-    dataclass (None: the options are passed as a dict, unchecked)."""
+    """A head kind: everything the package knows about it, in one place.
+
+    ``builder(context: HeadBuildContext, options) -> module``; ``options`` its options dataclass (None: the
+    options are passed as a dict, unchecked); ``cost(options, D, V) -> HeadCost`` its analytic cost (None:
+    unknown, reported n/a by the zoo); ``probe`` the gradient probe's path for it: ``"linear"`` (the closed form,
+    the head gives ``probe_view``), ``"general"`` (CG through ``log_prob_fn``) or None (undeclared: the probe
+    decides from the module)."""
 
     name: str
     builder: Callable[[HeadBuildContext, Any], torch.nn.Module]
     options: Optional[type] = None
     description: str = ""
+    cost: Optional[Callable[[Any, int, int], HeadCost]] = None
+    probe: Optional[str] = None
 
     def make_options(self, given: Mapping[str, Any]):
         where = f"head kind {self.name!r}"
@@ -370,37 +388,69 @@ class HeadSpec:
             raise HeadConfigError(f"{where}: {exc}") from None
 
 
-_REGISTRY: Dict[str, HeadSpec] = {}
+class HeadRegistry:
+    """Head kinds by name (:class:`HeadSpec`), in registration order. The package's built-in kinds live in
+    :data:`HEADS`, the registry every call uses unless given another (``registry=``); a separate registry
+    (``HeadRegistry()``) keeps an experiment's kinds apart from it."""
+
+    def __init__(self):
+        self._specs: Dict[str, HeadSpec] = {}
+
+    def register(self, spec: HeadSpec, replace: bool = False) -> HeadSpec:
+        name = spec.name
+        if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+            raise HeadConfigError(f"head kind name {name!r} must be a lower-case identifier (e.g. 'my_head')")
+        if not callable(spec.builder):
+            raise HeadConfigError(f"head kind {name!r}: the builder {spec.builder!r} is not callable")
+        if spec.options is not None and not dataclasses.is_dataclass(spec.options):
+            raise HeadConfigError(f"head kind {name!r}: options must be a dataclass type, got {spec.options!r}")
+        if spec.cost is not None and not callable(spec.cost):
+            raise HeadConfigError(f"head kind {name!r}: cost must be a function (options, D, V) -> HeadCost")
+        if name in self._specs and not replace:
+            raise HeadConfigError(f"head kind {name!r} is already registered (pass replace=True to override it)")
+        if spec.probe not in (None, "linear", "general"):
+            raise HeadConfigError(f"head kind {spec.name!r}: probe must be 'linear', 'general' or None, "
+                                  f"got {spec.probe!r}")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> HeadSpec:
+        """The :class:`HeadSpec` of a registered kind; an unknown one is refused in one line."""
+        if name not in self._specs:
+            raise HeadConfigError(f"unknown head kind {name!r}: known kinds are {', '.join(self.names())} "
+                                  f"(register one with megatron_bottleneck.register_head)")
+        return self._specs[name]
+
+    def names(self) -> List[str]:
+        return list(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+
+HEADS = HeadRegistry()
+"""The default registry: the built-in kinds (registered by :mod:`megatron_bottleneck.heads`) and yours."""
 
 
 def register_head(name: str, builder: Callable[[HeadBuildContext, Any], torch.nn.Module], options: Optional[type] = None,
-                  *, description: str = "", replace: bool = False) -> HeadSpec:
+                  *, description: str = "", replace: bool = False, cost=None, probe: Optional[str] = None,
+                  registry: Optional[HeadRegistry] = None) -> HeadSpec:
     """Register a head kind ``name`` (lower-case identifier) built by ``builder(context, options)``.
 
     ``options``: a dataclass whose fields are the kind's options (typed; with defaults where optional;
-    ``__post_init__`` may raise :class:`HeadConfigError` for bad values); None passes a dict. The module the
-    builder returns is checked by :func:`check_head` each time it is built (one line naming what it lacks).
-    ``replace=True`` overrides an existing kind. Returns the :class:`HeadSpec`.
+    ``__post_init__`` may raise :class:`HeadConfigError` for bad values); None passes a dict. ``cost``:
+    ``fn(options, D, V) -> HeadCost``; ``probe``: ``"linear"`` / ``"general"`` (see :class:`HeadSpec`). The
+    module the builder returns is checked by :func:`check_head` each time it is built (one line naming what it
+    lacks). ``replace=True`` overrides an existing kind. ``registry``: default :data:`HEADS`. Returns the
+    :class:`HeadSpec`.
     """
-    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
-        raise HeadConfigError(f"head kind name {name!r} must be a lower-case identifier (e.g. 'my_head')")
-    if not callable(builder):
-        raise HeadConfigError(f"head kind {name!r}: the builder {builder!r} is not callable")
-    if options is not None and not dataclasses.is_dataclass(options):
-        raise HeadConfigError(f"head kind {name!r}: options must be a dataclass type, got {options!r}")
-    if name in _REGISTRY and not replace:
-        raise HeadConfigError(f"head kind {name!r} is already registered (pass replace=True to override it)")
-    spec = HeadSpec(name, builder, options, description)
-    _REGISTRY[name] = spec
-    return spec
+    spec = HeadSpec(name, builder, options, description, cost, probe)
+    return (registry or HEADS).register(spec, replace=replace)
 
 
-def get_head_spec(name: str) -> HeadSpec:
+def get_head_spec(name: str, registry: Optional[HeadRegistry] = None) -> HeadSpec:
     """The :class:`HeadSpec` of a registered kind; an unknown one is refused in one line."""
-    if name not in _REGISTRY:
-        raise HeadConfigError(f"unknown head kind {name!r}: known kinds are {', '.join(registered_heads())} "
-                              f"(register one with megatron_bottleneck.register_head)")
-    return _REGISTRY[name]
+    return (registry or HEADS).get(name)
 
 
 def get_head_builder(name: str) -> Callable[[HeadBuildContext, Any], torch.nn.Module]:
@@ -408,9 +458,9 @@ def get_head_builder(name: str) -> Callable[[HeadBuildContext, Any], torch.nn.Mo
     return get_head_spec(name).builder
 
 
-def registered_heads() -> List[str]:
+def registered_heads(registry: Optional[HeadRegistry] = None) -> List[str]:
     """Names of the registered head kinds, in registration order."""
-    return list(_REGISTRY)
+    return (registry or HEADS).names()
 
 
 _COMMON = ("tp_group", "sequence_parallel", "vocab_size", "loss_request", "last_loss")

@@ -2,7 +2,7 @@
 the low-rank output layer, Megatron's dense head, the fused head + loss, the built-in non-linear heads
 (mixture of softmaxes, pointwise logit maps, stacked, multi-facet), the head registry's built-in kinds and how to install
 any registered head."""
-from ..base.head import HeadConfig, get_head_builder, register_head, registered_heads
+from ..base.head import HEADS, HeadConfig, HeadRegistry, HeadSpec, get_head_builder, register_head, registered_heads
 from .builtin import DenseOptions, LowRankOptions
 from .contract import FusedLossConfig, LossContext
 from .fused import (DenseOutputLayer, FusedLossModel, as_lm_head, disable_fused_loss, enable_fused_loss,
@@ -19,6 +19,7 @@ __all__ = ["FusedLossConfig", "LossContext", "DenseOutputLayer", "FusedLossModel
            "fused_model_class", "enable_fused_loss", "disable_fused_loss", "fused_loss_hook", "head_loss", "is_fused",
            "LowRankOutputLayer", "LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook",
            "validate_head_shape", "HeadConfig", "register_head", "get_head_builder", "registered_heads",
+           "HeadRegistry", "HeadSpec", "HEADS",
            "install_head", "head_hook", "DenseOptions", "LowRankOptions", "MixtureOfSoftmaxesHead",
            "MixtureOfSoftmaxesOptions", "PointwiseLogitHead", "SigsoftmaxOptions", "SoftcapOptions",
            "MonotoneOptions", "StackedHead", "StackedOptions", "MultiFacetHead", "MultiFacetOptions",

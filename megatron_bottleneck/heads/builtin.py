@@ -24,7 +24,8 @@ from typing import Literal, Optional
 from megatron.core.utils import get_pg_size
 
 from ..base.groups import default_tp_group
-from ..base.head import HeadBuildContext, register_head, registered_heads
+from ..base.head import HEADS, HeadBuildContext, HeadRegistry, register_head
+from .cost import BUILTIN_COSTS
 from .fused import DenseOutputLayer, as_lm_head
 from .low_rank import LowRankOutputLayer, validate_head_shape
 from .mfs import MultiFacetHead, MultiFacetOptions
@@ -86,29 +87,35 @@ def _low_rank(ctx: HeadBuildContext, o: LowRankOptions):
                               real_vocab_size=ctx.real_vocab_size)
 
 
-def register_builtin_heads() -> None:
-    """Register the built-in kinds (idempotent)."""
-    if "dense" in registered_heads():
+BUILTIN = (
+    # kind, builder, options, the probe's path, description
+    ("dense", _dense, DenseOptions, "linear", "Megatron's dense head, z = W h"),
+    ("low_rank", _low_rank, LowRankOptions, "linear", "rank-r head W = A B"),
+    ("mos", MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions, "general", "mixture of K softmaxes (Yang et al. 2018)"),
+    ("sigsoftmax", lambda ctx, o: PointwiseLogitHead(ctx, "sigsoftmax", o), SigsoftmaxOptions, "general",
+     "sigsoftmax, z + log sigmoid(z) (Kanai et al. 2018)"),
+    ("softcap", lambda ctx, o: PointwiseLogitHead(ctx, "softcap", o), SoftcapOptions, "general",
+     "tanh soft-capping, c tanh(z / c)"),
+    ("monotone", lambda ctx, o: PointwiseLogitHead(ctx, "monotone", o), MonotoneOptions, "general",
+     "learnable monotone map of the logits (Ganea et al. 2019)"),
+    ("stacked", StackedHead, StackedOptions, "general", "z = W act(P h), P: D' x D"),
+    ("mfs", MultiFacetHead, MultiFacetOptions, "general",
+     "multi-facet softmax: mos whose first facet is split over J vocabulary partitions (after Chang & McCallum 2022)"),
+    ("mixtape", MixtapeHead, MixtapeOptions, "general",
+     "Mixtape: logit-space mixture with word-dependent sigmoid-tree gates and gate sharing (Yang et al. 2019)"),
+    ("decoupled", _decoupled, DecoupledOptions, "general",
+     "output embeddings of width D' decoupled from D, W P h (Chung et al. 2021; rank <= D)"),
+)
+"""The built-in kinds: builder, options dataclass, the gradient probe's path, and (``BUILTIN_COSTS``) the cost."""
+
+
+def register_builtin_heads(registry: HeadRegistry = HEADS) -> None:
+    """Register the built-in kinds into ``registry`` (idempotent)."""
+    if "dense" in registry:
         return
-    register_head("dense", _dense, DenseOptions, description="Megatron's dense head, z = W h")
-    register_head("low_rank", _low_rank, LowRankOptions, description="rank-r head W = A B")
-    register_head("mos", MixtureOfSoftmaxesHead, MixtureOfSoftmaxesOptions,
-                  description="mixture of K softmaxes (Yang et al. 2018)")
-    register_head("sigsoftmax", lambda ctx, o: PointwiseLogitHead(ctx, "sigsoftmax", o), SigsoftmaxOptions,
-                  description="sigsoftmax, z + log sigmoid(z) (Kanai et al. 2018)")
-    register_head("softcap", lambda ctx, o: PointwiseLogitHead(ctx, "softcap", o), SoftcapOptions,
-                  description="tanh soft-capping, c tanh(z / c)")
-    register_head("monotone", lambda ctx, o: PointwiseLogitHead(ctx, "monotone", o), MonotoneOptions,
-                  description="learnable monotone map of the logits (Ganea et al. 2019)")
-    register_head("stacked", StackedHead, StackedOptions, description="z = W act(P h), P: D' x D")
-    register_head("mfs", MultiFacetHead, MultiFacetOptions,
-                  description="multi-facet softmax: mos whose first facet is split over J vocabulary partitions "
-                              "(after Chang & McCallum 2022)")
-    register_head("mixtape", MixtapeHead, MixtapeOptions,
-                  description="Mixtape: logit-space mixture with word-dependent sigmoid-tree gates and gate sharing "
-                              "(Yang et al. 2019)")
-    register_head("decoupled", _decoupled, DecoupledOptions,
-                  description="output embeddings of width D' decoupled from D, W P h (Chung et al. 2021; rank <= D)")
+    for kind, builder, options, probe, description in BUILTIN:
+        register_head(kind, builder, options, description=description, cost=BUILTIN_COSTS[kind], probe=probe,
+                      registry=registry)
 
 
 register_builtin_heads()

@@ -21,36 +21,27 @@ The softmax, log-sum-exp and pointwise maps (O(V) or O(K V) per token) are not c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
-from ..base.head import HeadConfig
+from ..base.head import HEADS, HeadConfig, HeadCost, HeadRegistry
 
-__all__ = ["HeadCost", "head_cost", "register_head_cost"]
-
-
-@dataclass(frozen=True)
-class HeadCost:
-    """``params``: trainable parameters of the head; ``flops_per_token``: forward FLOPs of its matrix products
-    per token (module docstring)."""
-
-    params: int
-    flops_per_token: int
+__all__ = ["HeadCost", "head_cost", "register_head_cost", "BUILTIN_COSTS"]
 
 
-_COSTS: Dict[str, Callable[[Any, int, int], HeadCost]] = {}
+def register_head_cost(kind: str, fn: Callable[[Any, int, int], HeadCost],
+                       registry: Optional[HeadRegistry] = None) -> None:
+    """Set ``fn(options, D, V) -> HeadCost`` as the cost of a registered head kind (or give ``cost=`` to
+    :func:`~megatron_bottleneck.base.head.register_head`)."""
+    (registry or HEADS).get(kind).cost = fn
 
 
-def register_head_cost(kind: str, fn: Callable[[Any, int, int], HeadCost]) -> None:
-    """``fn(options, D, V) -> HeadCost`` for a head kind (``options``: its resolved options dataclass)."""
-    _COSTS[kind] = fn
-
-
-def head_cost(head: HeadConfig, hidden_size: int, vocab_size: int) -> Optional[HeadCost]:
+def head_cost(head: HeadConfig, hidden_size: int, vocab_size: int,
+              registry: Optional[HeadRegistry] = None) -> Optional[HeadCost]:
     """The cost of ``head`` with input width D = ``hidden_size`` over V = ``vocab_size``; None for a kind
     without a cost function. Bad options raise :class:`~megatron_bottleneck.base.errors.HeadConfigError`."""
-    fn = _COSTS.get(head.kind)
-    return None if fn is None else fn(head.resolved_options(), int(hidden_size), int(vocab_size))
+    spec = head.spec(registry)
+    return None if spec.cost is None else spec.cost(spec.make_options(head.options), int(hidden_size),
+                                                     int(vocab_size))
 
 
 def _linear(o, d, v):
@@ -91,7 +82,7 @@ def _decoupled(o, d, v):
     return HeadCost(v * w + w * d, 2 * w * d + 2 * v * w)
 
 
-for _kind, _fn in (("dense", _linear), ("sigsoftmax", _linear), ("softcap", _linear), ("low_rank", _low_rank),
-                   ("mos", _mos), ("monotone", _monotone), ("stacked", _stacked), ("mfs", _mfs),
-                   ("mixtape", _mixtape), ("decoupled", _decoupled)):
-    register_head_cost(_kind, _fn)
+BUILTIN_COSTS = {"dense": _linear, "sigsoftmax": _linear, "softcap": _linear, "low_rank": _low_rank, "mos": _mos,
+                 "monotone": _monotone, "stacked": _stacked, "mfs": _mfs, "mixtape": _mixtape,
+                 "decoupled": _decoupled}
+"""The built-in kinds' cost functions (the table above), given to their specs by ``heads/builtin.py``."""

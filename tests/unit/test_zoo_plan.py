@@ -209,3 +209,36 @@ def test_the_report_takes_each_head_at_its_best_learning_rate_with_spread_and_we
     assert table["mos:k=2"]["vs_dense"]["verdict"] == "not separable" and table["mos:k=2"]["vs_dense"]["test"]["p"] > 0.05
     assert "| low_rank:r=4 | 4.600 | 4.500 | 0.03 | 4.500 +- 0.030 (3) | +0.5 |" in md, md
     assert "| dense | 4.000 | 4.100 | 0.01 |" in md and "(the reference)" in md and "seeds [1, 2, 3]" in md
+
+
+@pytest.mark.usefixtures("megatron_one_rank")
+def test_every_builtin_spec_holds_its_cost_and_the_probe_path_the_probe_takes():
+    """One HeadSpec per kind: builder, options, analytic cost and the gradient probe's path; the path declared is
+    the one GradientProbe takes on the built head (closed form: probe_view; general: log_prob_fn)."""
+    import megatron_bottleneck as mb
+    from megatron_bottleneck.base.head import HEADS
+
+    for kind in ["dense", "low_rank:r=3"] + support_heads.KINDS:
+        spec = HeadConfig.parse(kind).spec()
+        assert spec is HEADS.get(spec.name) and spec.cost is not None and spec.probe in ("linear", "general")
+        module = support_heads.build(kind, 1, False)
+        probe = mb.GradientProbe(mb.ProbeConfig(interval=1, log_dir=None)).watch_head(module)
+        assert ("general" if probe._general else "linear") == spec.probe, kind
+        probe.remove()
+
+
+def test_a_registry_of_ones_own_keeps_its_kinds_apart():
+    from megatron_bottleneck.base.errors import HeadConfigError
+    from megatron_bottleneck.base.head import HEADS, HeadCost, HeadRegistry, register_head
+    from megatron_bottleneck.heads.builtin import register_builtin_heads
+
+    mine = HeadRegistry()
+    register_builtin_heads(mine)
+    register_head("wide", lambda ctx, o: None, cost=lambda o, d, v: HeadCost(3 * v * d, 6 * v * d), registry=mine)
+    assert "wide" in mine and "wide" not in HEADS and mine.names()[:2] == ["dense", "low_rank"]
+    assert head_cost(HeadConfig.parse("wide"), 8, 100, registry=mine) == HeadCost(2400, 4800)
+    assert head_cost(HeadConfig.parse("mos:k=2"), 8, 100, registry=mine) == head_cost(HeadConfig.parse("mos:k=2"), 8, 100)
+    with pytest.raises(HeadConfigError, match="unknown head kind 'wide'"):
+        HeadConfig.parse("wide").spec()
+    with pytest.raises(HeadConfigError, match="already registered"):
+        register_head("wide", lambda ctx, o: None, registry=mine)
