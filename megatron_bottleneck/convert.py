@@ -62,6 +62,9 @@ def _trainer_checkpoint(path: str) -> str:
                               "its iter_* directories")
     if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isfile(os.path.join(path, "rank_0.pt")):
         return path
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("latest_checkpointed_iteration.txt", "metadata.json")):
+        raise CheckpointError(f"{path}: a Megatron-LM checkpoint; convert-head converts trainer checkpoints "
+                              "(megatron-bottleneck train) only so far")
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"no checkpoint at {path!r}: expected an iter_* directory with config.yaml or a "

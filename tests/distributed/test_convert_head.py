@@ -3,7 +3,7 @@ V=64, D=16) factorised through the command line at r = D and r = 4 (2 CPU ranks 
 model's per-token losses are the dense model's; at r = 4 the head A B is the best rank-4 approximation of the trained
 W (a float64 SVD) to 1e-5; every other weight is copied unchanged; the r = 4 checkpoint resumes (at TP=1 x DP=2) with
 the low-rank head, its optimizer state reset in one console line, from the saved step. Bad input is one line, exit 2,
-before any rank starts."""
+before any rank starts (a Megatron-LM checkpoint too: not converted yet). 4 launches of 2 CPU ranks."""
 import os
 import shutil
 
@@ -88,10 +88,14 @@ def test_the_converted_checkpoint_resumes_with_the_low_rank_head(runs):
     assert res["losses"][1] == res["losses"][1] and res["losses"][1] < 2 * res["losses"][0]  # it trains on
 
 
-@pytest.mark.parametrize("case", ["missing", "rank", "not_dense", "kind", "out"])
+@pytest.mark.parametrize("case", ["missing", "rank", "not_dense", "kind", "out", "megatron_lm"])
 def test_bad_input_is_one_line_exit_2(runs, case, tmp_path):
     dense, tmp = runs["dense"], runs["tmp"]
+    mlm = tmp_path / "mlm"
+    mlm.mkdir()
+    (mlm / "latest_checkpointed_iteration.txt").write_text("6")
     argv = {"missing": [os.path.join(tmp, "nothing"), "--head", "low_rank:r=4"],
+            "megatron_lm": [str(mlm), "--head", "low_rank:r=4"],
             "rank": [dense, "--head", "low_rank:r=17"],
             "not_dense": [runs[4], "--head", "low_rank:r=2"],
             "kind": [dense, "--head", "mos:k=2"],
@@ -102,5 +106,6 @@ def test_bad_input_is_one_line_exit_2(runs, case, tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert {"missing": "no checkpoint at", "rank": "exceeds the hidden size 16", "not_dense": "its head is low_rank",
-            "kind": "writes a low_rank head", "out": "already holds a checkpoint"}[case] in lines[0]
+            "kind": "writes a low_rank head", "out": "already holds a checkpoint",
+            "megatron_lm": "a Megatron-LM checkpoint; convert-head converts trainer checkpoints"}[case] in lines[0]
     assert not os.path.exists(tmp_path / "o")
