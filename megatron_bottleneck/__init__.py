@@ -7,7 +7,7 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 * ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT and Hybrid builders, Llama and local hybrid specs) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
 * the application: ``train``, ``data``, ``sweep``, ``zoo`` / ``zoo_report`` (the head zoo benchmark), ``report``,
-  ``plots``, ``measure``, ``evaluate``
+  ``plots``, ``measure``, ``convert`` (``convert-head``), ``evaluate``
   (zero-shot scores through lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
 
 ``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:
@@ -57,6 +57,8 @@ _LAZY = {
     # application: the head zoo benchmark
     "head_cost": "heads.cost", "HeadCost": "heads.cost", "register_head_cost": "heads.cost",
     "load_zoo": "zoo", "run_zoo": "zoo", "ZooPlan": "zoo", "write_zoo_report": "zoo_report",
+    # application: a trained dense head factorised into a low-rank one (``megatron-bottleneck convert-head``)
+    "convert_head": "convert",
 }
 
 __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError",

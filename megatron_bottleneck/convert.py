@@ -30,8 +30,19 @@ import functools
 import os
 from typing import Dict, Optional, Tuple
 
+import torch
+from megatron.core import parallel_state as ps
+
 from .base.errors import CheckpointError, HeadConfigError
 from .base.head import HeadConfig
+from .heads.install import install_head
+from .heads.low_rank import validate_head_shape
+from .integrations.launch import launch
+from .integrations.parallel import initialize_parallel
+from .train.checkpoint import (OPTIMIZER_SAVED, PER_RANK, latest_checkpoint, load_model_only, read_layout,
+                               read_saved_state, save_checkpoint)
+from .train.config import TrainConfig
+from .train.trainer import build_models, model_layout
 
 __all__ = ["convert_head", "ConvertResult"]
 
@@ -55,8 +66,6 @@ def _rank_of(head) -> int:
 
 def _trainer_checkpoint(path: str) -> str:
     """The ``iter_*`` directory of a trainer checkpoint at ``path`` (itself, or the one ``latest`` names)."""
-    from .train.checkpoint import latest_checkpoint
-
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path!r}: give a trainer checkpoint.dir (holding 'latest') or one of "
                               "its iter_* directories")
@@ -75,10 +84,6 @@ def _trainer_checkpoint(path: str) -> str:
 def _configs(ckpt: str, rank: int, out: str):
     """``(dense, low_rank)`` configs: the checkpoint's, at its saved precision, and the one the new checkpoint
     holds. The checkpoint's head must be dense and ``rank`` fit it (one line each)."""
-    from .heads.low_rank import validate_head_shape
-    from .train.checkpoint import read_layout
-    from .train.config import TrainConfig
-
     dense = TrainConfig.load(os.path.join(ckpt, "config.yaml"))
     precision = ((read_layout(ckpt) or {}).get("model") or {}).get("train.precision")
     if precision is not None:
@@ -99,17 +104,9 @@ def _configs(ckpt: str, rank: int, out: str):
     return dense, low
 
 
-def _convert_rank(ckpt: str, rank: int, out: str) -> Optional[Tuple[float, float, Dict]]:
-    """One rank: load the dense model, factorise its head (``from_dense``), save the checkpoint."""
-    import torch
-    from megatron.core import parallel_state as ps
-
-    from .heads.install import install_head
-    from .integrations.parallel import initialize_parallel
-    from .train.checkpoint import OPTIMIZER_SAVED, PER_RANK, load_model_only, read_layout, read_saved_state, \
-        save_checkpoint
-    from .train.trainer import build_models, model_layout
-
+def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float, float]], Dict]:
+    """One rank: load the dense model, factorise its head (``from_dense``), save the checkpoint. Returns this
+    rank's ``(||W_shard||_F^2, ||A_shard||_F^2)`` (None off the last stage) and the checkpoint's path and step."""
     dense, low = _configs(ckpt, rank, out)
     p = dense.parallel
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
@@ -145,8 +142,6 @@ def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "au
     (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save it under ``out`` (see
     the module docstring); on the checkpoint's TP x PP local ranks on ``device`` (auto: one GPU per rank when
     visible, else CPU ranks). Returns a :data:`ConvertResult`."""
-    from .integrations.launch import launch
-    from .train.checkpoint import latest_checkpoint
 
     rank = _rank_of(head)
     ckpt = _trainer_checkpoint(checkpoint)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 
 from .errors import DeviceError
 
@@ -158,8 +159,6 @@ def collective_device(backend: str, tensor_device: torch.device, *, cuda_availab
 def communicator_device(group, tensor_device: torch.device) -> torch.device:
     """:func:`collective_device` for ``group`` (None: the default group) in this process: its backend as
     ``torch.distributed`` reports it, GPUs as ``torch.cuda`` sees them."""
-    import torch.distributed as dist  # function-level: the rule above needs no process group
-
     backend = str(dist.get_backend(group))
     available = backend == "nccl" and torch.cuda.is_available()
     return collective_device(backend, tensor_device, cuda_available=available,
