@@ -66,7 +66,7 @@ __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigErr
 
 
 _SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "plots",
-                "measure", "evaluate", "zoo", "zoo_report", "cli")
+                "measure", "evaluate", "zoo", "zoo_report", "convert", "cli")
 
 
 def __getattr__(name: str):
@@ -111,3 +111,4 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .measure.run import MeasureConfig, measure_model  # noqa: F401
     from .evaluate.harness import evaluate_checkpoint, harness_model  # noqa: F401
     from .evaluate.scorer import CheckpointScorer, open_checkpoint  # noqa: F401
+    from .convert import convert_head  # noqa: F401
