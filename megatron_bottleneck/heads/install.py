@@ -118,19 +118,19 @@ def as_head_config(head) -> HeadConfig:
     raise HeadConfigError(f"a head is a HeadConfig, a 'kind:name=value' string or a rank, got {head!r}")
 
 
-def refuse_from_dense_before_load(head, where: str, error=HeadConfigError) -> None:
+def refuse_from_dense_before_load(head, where: str, error=HeadConfigError, note: str = "") -> None:
     """One ``error`` line when ``head`` (anything :func:`as_head_config` takes) is a ``low_rank`` head with
     ``init=from_dense`` and ``where`` (a model builder, a provider or pre-wrap hook) installs it on a freshly built
     model: those run before a checkpoint loads, so from_dense would factorise the random initialisation. A
     trained dense head is factorised by ``megatron-bottleneck convert-head`` (or ``install_low_rank_head`` on a
-    model whose weights are loaded)."""
+    model whose weights are loaded). ``note`` ends the line (what applies where)."""
     if head is None:
         return
     head = as_head_config(head)
     if head.kind == "low_rank" and str(head.options.get("init", "balanced")) == "from_dense":
         raise error(f"{where}: low_rank init=from_dense would factorise the randomly initialised head (it runs before "
                     "a checkpoint loads): train with the dense head, then run `megatron-bottleneck convert-head "
-                    "CHECKPOINT --head low_rank:r=R --out DIR` and resume from DIR")
+                    f"CHECKPOINT --head low_rank:r=R --out DIR` and resume from DIR{note}")
 
 
 def install_head(model, head: "HeadConfig | str", *, tp_group=None, fused_loss: "bool | FusedLossConfig" = False):
