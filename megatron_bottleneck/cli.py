@@ -148,7 +148,8 @@ def cmd_convert_head(a):
 
     res = convert_head(a.checkpoint, a.head, a.out, device=a.device)
     print(f"wrote {res['path']}: low_rank r={res['rank']} head from the SVD of the trained dense head (D="
-          f"{res['hidden_size']}; keeps {100 * res['kept']:.2f}% of its squared Frobenius norm), step {res['iteration']}")
+          f"{res['hidden_size']}; keeps {100 * res['kept']:.2f}% of its squared Frobenius norm), "
+          f"step {res['iteration']}")
     print(f"resume: megatron-bottleneck train {os.path.join(res['path'], 'config.yaml')} (or your config with "
           f"model.head_rank={res['rank']} checkpoint.dir={a.out}); the optimizer state starts afresh")
 

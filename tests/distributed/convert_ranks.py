@@ -59,8 +59,8 @@ def _model(path: str):
 
 def check_and_resume(dense_path: str, converted: Dict[int, str], resume_dir: str, data: Dict, steps: int) -> Dict:
     """At TP=2: the dense checkpoint's and each converted one's losses on fixed batches, full W, A, B and every
-    other weight's difference; then the trainer resumes a copy of ``converted[min r]`` (``resume_dir/ckpt``) at TP=1 x DP=2 for 2 more
-    steps."""
+    other weight's difference; then the trainer resumes a copy of ``converted[min r]`` (``resume_dir/ckpt``) at
+    TP=1 x DP=2 for 2 more steps."""
     from megatron_bottleneck.integrations.parallel import initialize_parallel
 
     initialize_parallel(2, 1, seed=1)
@@ -94,7 +94,8 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], resume_dir: str
         first = ref(batch["tokens"], pos, None, labels=batch["labels"]).float().mean().double()
     dist.all_reduce(first)
     result = trainer.train()
-    out["resume"] = {"console": console.getvalue(), "reference_first_loss": float(first) / dist.get_world_size(), "steps": [h["step"] for h in result["history"]],
+    out["resume"] = {"console": console.getvalue(), "reference_first_loss": float(first) / dist.get_world_size(),
+                     "steps": [h["step"] for h in result["history"]],
                      "losses": [h["loss"] for h in result["history"]],
                      "head": type(trainer.models[0].module.output_layer).__name__,
                      "rank": trainer.models[0].module.output_layer.rank}
