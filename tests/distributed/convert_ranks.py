@@ -57,15 +57,20 @@ def _model(path: str):
     return chunk
 
 
-def check_and_resume(dense_path: str, converted: Dict[int, str], resume_dir: str, data: Dict, steps: int) -> Dict:
-    """At TP=2: the dense checkpoint's and each converted one's losses on fixed batches, full W, A, B and every
+def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: str, resume_dir: str, data: Dict,
+                     steps: int) -> Dict:
+    """The r = D conversion of ``dense_path`` into ``full_rank_out`` (the command's rank function, no launch of its
+    own); at TP=2: the dense checkpoint's and each converted one's losses on fixed batches, full W, A, B and every
     other weight's difference; then the trainer resumes a copy of ``converted[min r]`` (``resume_dir/ckpt``) at
     TP=1 x DP=2 for 2 more steps."""
+    from megatron_bottleneck.convert import _convert_rank
     from megatron_bottleneck.integrations.parallel import initialize_parallel
 
+    sums, info = _convert_rank(dense_path, 16, full_rank_out)
+    converted = {16: info["path"], **converted}
     initialize_parallel(2, 1, seed=1)
     dense = _model(dense_path)
-    out = {"dense_losses": _losses(dense), "w": _gathered(dense.output_layer.weight)}
+    out = {"dense_losses": _losses(dense), "w": _gathered(dense.output_layer.weight), "converted": converted}
     dense_state = {k: v for k, v in dense.state_dict().items() if not k.startswith("output_layer")}
     for r, path in converted.items():
         low = _model(path)
@@ -99,4 +104,6 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], resume_dir: str
                      "losses": [h["loss"] for h in result["history"]],
                      "head": type(trainer.models[0].module.output_layer).__name__,
                      "rank": trainer.models[0].module.output_layer.rank}
+    out["all_sums"] = [None] * dist.get_world_size()
+    dist.all_gather_object(out["all_sums"], sums)
     return out if dist.get_rank() == 0 else None

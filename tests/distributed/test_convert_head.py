@@ -1,9 +1,10 @@
 """``megatron-bottleneck convert-head`` (issue 26): a dense head trained at TP=2 (6 steps, the trainer's tiny model,
-V=64, D=16) factorised through the command line at r = D and r = 4 (2 CPU ranks each). At r = D the converted
+V=64, D=16) factorised at r = 4 through the command line and at r = D by the command's rank function (2 CPU ranks
+each). At r = D the converted
 model's per-token losses are the dense model's; at r = 4 the head A B is the best rank-4 approximation of the trained
 W (a float64 SVD) to 1e-5; every other weight is copied unchanged; the r = 4 checkpoint resumes (at TP=1 x DP=2) with
 the low-rank head, its optimizer state reset in one console line, from the saved step. Bad input is one line, exit 2,
-before any rank starts (a Megatron-LM checkpoint too: not converted yet). 4 launches of 2 CPU ranks."""
+before any rank starts (a Megatron-LM checkpoint too: not converted yet). 3 launches of 2 CPU ranks."""
 import os
 import shutil
 
@@ -23,16 +24,14 @@ def runs(tmp_path_factory, spamlang):
     tmp = str(tmp_path_factory.mktemp("convert"))
     dense = os.path.join(tmp, "dense")
     trained = mb.launch(cr.train_dense, 2, os.path.join(tmp, "logs"), spamlang, dense, STEPS, timeout=600)[0]
-    out = {"tmp": tmp, "dense": dense, "trained": trained, "cli": {}}
-    for r in (16, 4):
-        out[r] = os.path.join(tmp, f"r{r}")
-        out["cli"][r] = _cli_capture(["convert-head", dense, "--head", f"low_rank:r={r}", "--out", out[r],
-                                      "--device", "cpu"])
-    converted = {r: os.path.join(out[r], f"iter_{STEPS:07d}") for r in (16, 4)}
+    out = {"tmp": tmp, "dense": dense, "trained": trained, 16: os.path.join(tmp, "r16"), 4: os.path.join(tmp, "r4")}
+    out["cli"] = _cli_capture(["convert-head", dense, "--head", "low_rank:r=4", "--out", out[4], "--device", "cpu"])
     resumed = os.path.join(tmp, "resumed")
     shutil.copytree(out[4], os.path.join(resumed, "ckpt"))  # the resumed run saves there, out[4] stays as written
-    out["checked"] = mb.launch(cr.check_and_resume, 2, os.path.join(dense, f"iter_{STEPS:07d}"), converted,
-                               resumed, spamlang, STEPS + 2, timeout=600)[0]
+    # r = D through the command's rank function, in the launch that checks both conversions and resumes one
+    out["checked"] = mb.launch(cr.check_and_resume, 2, os.path.join(dense, f"iter_{STEPS:07d}"),
+                               {4: os.path.join(out[4], f"iter_{STEPS:07d}")}, out[16], resumed, spamlang, STEPS + 2,
+                               timeout=600)[0]
     return out
 
 
@@ -47,14 +46,14 @@ def _cli_capture(argv):
 
 
 def test_the_command_writes_a_low_rank_checkpoint(runs):
+    code, text, err = runs["cli"]
+    assert code == 0, err
+    assert "low_rank r=4 head" in text and f"step {STEPS}" in text and "resume: megatron-bottleneck train" in text
     for r in (16, 4):
-        code, text, err = runs["cli"][r]
-        assert code == 0, err
-        assert f"low_rank r={r} head" in text and f"step {STEPS}" in text
-        assert "resume: megatron-bottleneck train" in text
         layout = read_layout(os.path.join(runs[r], f"iter_{STEPS:07d}"))
         assert layout["optimizer_saved"] is False and layout["model"]["model.head_rank"] == r
-    assert "keeps 100.00% of its squared Frobenius norm" in runs["cli"][16][1]
+    sums = runs["checked"]["all_sums"]  # (||W_shard||^2, ||A_shard||^2) per TP rank: r = D keeps all of W
+    assert len(sums) == 2 and all(a == pytest.approx(w, rel=1e-6) for w, a in sums)
 
 
 def test_full_rank_reproduces_the_dense_losses(runs):
@@ -75,7 +74,7 @@ def test_low_rank_is_the_best_rank_r_approximation(runs):
     torch.testing.assert_close(head, best, rtol=0, atol=1e-5)
     assert (head - w).norm() == pytest.approx(s[4:].norm().item(), rel=1e-5)  # Eckart-Young's error
     kept = float(s[:4].square().sum() / s.square().sum())
-    assert f"keeps {100 * kept:.2f}%" in runs["cli"][4][1]
+    assert f"keeps {100 * kept:.2f}%" in runs["cli"][1]
     assert float((c[4]["losses"] - c["dense_losses"]).abs().max()) > 1e-4  # rank 4 < D: another model
 
 
