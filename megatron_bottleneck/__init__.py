@@ -7,7 +7,7 @@ Layers, imports going one way only (``tests/unit/test_layers.py`` enforces it):
 * ``heads`` and ``probe`` over those, neither importing the other; ``models`` (GPT and Hybrid builders, Llama and local hybrid specs) over heads;
 * ``integrations``: CPU mode, local launch, the Megatron schedule driver, Megatron-LM, Bridge, Lightning;
 * the application: ``train``, ``data``, ``sweep``, ``zoo`` / ``zoo_report`` (the head zoo benchmark), ``report``,
-  ``plots``, ``measure``, ``evaluate``
+  ``plots``, ``measure``, ``convert`` (``convert-head``), ``evaluate``
   (zero-shot scores through lm-evaluation-harness, the ``[eval]`` extra), ``cli``.
 
 ``import megatron_bottleneck`` imports neither Megatron-Core nor anything else heavy and changes nothing:
@@ -58,6 +58,8 @@ _LAZY = {
     # application: the head zoo benchmark
     "head_cost": "heads.cost", "HeadCost": "base.head", "register_head_cost": "heads.cost",
     "load_zoo": "zoo", "run_zoo": "zoo", "ZooPlan": "zoo", "write_zoo_report": "zoo_report",
+    # application: a trained dense head factorised into a low-rank one (``megatron-bottleneck convert-head``)
+    "convert_head": "convert",
 }
 
 __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError",
@@ -65,7 +67,7 @@ __all__ = sorted(list(_LAZY) + ["BottleneckError", "CheckpointError", "ConfigErr
 
 
 _SUBPACKAGES = ("base", "ops", "heads", "probe", "models", "integrations", "train", "data", "sweep", "report", "plots",
-                "measure", "evaluate", "zoo", "zoo_report", "cli")
+                "measure", "evaluate", "zoo", "zoo_report", "convert", "cli")
 
 
 def __getattr__(name: str):
@@ -110,3 +112,4 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .measure.run import MeasureConfig, measure_model  # noqa: F401
     from .evaluate.harness import evaluate_checkpoint, harness_model  # noqa: F401
     from .evaluate.scorer import CheckpointScorer, open_checkpoint  # noqa: F401
+    from .convert import convert_head  # noqa: F401

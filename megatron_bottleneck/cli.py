@@ -1,4 +1,5 @@
-"""``megatron-bottleneck``: spamlang | train | sweep | zoo | probe | measure | eval | report | demo | bench-train.
+"""``megatron-bottleneck``: spamlang | train | sweep | zoo | probe | measure | eval | report | demo | bench-train |
+convert-head.
 
 Devices (``--device`` / ``train.device``: auto | cpu | cuda | cuda:N): auto runs on the GPUs when visible (one per
 rank, NCCL, bf16), else on CPU ranks (gloo, CPU mode, fp32); cpu runs on CPU ranks; cuda / cuda:N run on that GPU
@@ -141,6 +142,18 @@ def cmd_eval(a):
     print("results:", results["path"])
 
 
+def cmd_convert_head(a):
+    _check_device(a.device)
+    from .convert import convert_head
+
+    res = convert_head(a.checkpoint, a.head, a.out, device=a.device)
+    print(f"wrote {res['path']}: low_rank r={res['rank']} head from the SVD of the trained dense head (D="
+          f"{res['hidden_size']}; keeps {100 * res['kept']:.2f}% of its squared Frobenius norm), "
+          f"step {res['iteration']}")
+    print(f"resume: megatron-bottleneck train {os.path.join(res['path'], 'config.yaml')} (or your config with "
+          f"model.head_rank={res['rank']} checkpoint.dir={a.out}); the optimizer state starts afresh")
+
+
 def cmd_report(a):
     from .report import write_report
 
@@ -275,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", default=None, help="SentencePiece .model or tokenizer.json (default: the one "
                    "recorded beside the checkpoint's training data)")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("convert-head", help="factorise the dense LM head of a trainer checkpoint into a rank-r head "
+                                            "(best rank-r approximation), as a checkpoint that resumes with it")
+    s.add_argument("checkpoint", help="trainer checkpoint directory (the one holding 'latest', or an iter_* dir)")
+    s.add_argument("--head", required=True, help="the new head, low_rank:r=R (1 <= R <= hidden size)")
+    s.add_argument("--out", required=True, help="directory for the converted checkpoint (a new checkpoint.dir)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda: auto is one GPU per rank when visible, "
+                   "else CPU ranks (default: auto); one rank per TP x PP rank of the checkpoint")
+    s.set_defaults(fn=cmd_convert_head)
 
     s = sub.add_parser("report", help="markdown + PNG report from run logs")
     s.add_argument("runs", help="directory holding run directories (run.json, logs/config.yaml, or Megatron-LM's "

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 
 from .errors import DeviceError
 
-__all__ = ["DeviceChoice", "resolve_device", "choose_device", "auto_dtype"]
+__all__ = ["DeviceChoice", "resolve_device", "choose_device", "auto_dtype", "collective_device",
+           "communicator_device"]
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
@@ -137,3 +139,27 @@ def choose_device(requested: Optional[str] = None, *, local_rank: Optional[int] 
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return resolve_device(requested, cuda_available=available, device_count=count, local_rank=local_rank,
                           local_world_size=local_world_size, cpu_allowed=cpu_allowed, option=option, where=where)
+
+
+def collective_device(backend: str, tensor_device: torch.device, *, cuda_available: bool,
+                      current_device: int = 0) -> torch.device:
+    """Where a tensor on ``tensor_device`` must be for a collective of a group with ``backend``; pure (no CUDA
+    call). NCCL reduces CUDA tensors only: a CPU tensor (e.g. built under ``use_cpu_initialization``) goes to
+    ``cuda:current_device``. gloo, and a group with a backend per device type (``"cpu:gloo,cuda:nccl"``), take
+    it where it is. NCCL without a visible GPU is one :class:`DeviceError` line."""
+    tensor_device = torch.device(tensor_device)
+    if backend != "nccl" or tensor_device.type == "cuda":
+        return tensor_device
+    if not cuda_available:
+        raise DeviceError("the process group's backend is NCCL but this process sees no CUDA GPU: start the ranks "
+                          "on GPUs, or on CPU ranks with gloo (--device cpu)")
+    return torch.device("cuda", current_device)
+
+
+def communicator_device(group, tensor_device: torch.device) -> torch.device:
+    """:func:`collective_device` for ``group`` (None: the default group) in this process: its backend as
+    ``torch.distributed`` reports it, GPUs as ``torch.cuda`` sees them."""
+    backend = str(dist.get_backend(group))
+    available = backend == "nccl" and torch.cuda.is_available()
+    return collective_device(backend, tensor_device, cuda_available=available,
+                             current_device=torch.cuda.current_device() if available else 0)

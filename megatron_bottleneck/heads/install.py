@@ -29,7 +29,8 @@ from .fused import FusedLossConfig, as_lm_head, enable_fused_loss
 from .low_rank import INIT_METHODS
 
 __all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "install_head", "head_hook",
-           "as_head_config", "require_transformer_engine", "require_transformer_engine_for_fp8"]
+           "as_head_config", "require_transformer_engine", "require_transformer_engine_for_fp8",
+           "refuse_from_dense_before_load"]
 
 
 @dataclass
@@ -117,6 +118,21 @@ def as_head_config(head) -> HeadConfig:
     raise HeadConfigError(f"a head is a HeadConfig, a 'kind:name=value' string or a rank, got {head!r}")
 
 
+def refuse_from_dense_before_load(head, where: str, error=HeadConfigError, note: str = "") -> None:
+    """One ``error`` line when ``head`` (anything :func:`as_head_config` takes) is a ``low_rank`` head with
+    ``init=from_dense`` and ``where`` (a model builder, a provider or pre-wrap hook) installs it on a freshly built
+    model: those run before a checkpoint loads, so from_dense would factorise the random initialisation. A
+    trained dense head is factorised by ``megatron-bottleneck convert-head`` (or ``install_low_rank_head`` on a
+    model whose weights are loaded). ``note`` ends the line (what applies where)."""
+    if head is None:
+        return
+    head = as_head_config(head)
+    if head.kind == "low_rank" and str(head.options.get("init", "balanced")) == "from_dense":
+        raise error(f"{where}: low_rank init=from_dense would factorise the randomly initialised head (it runs before "
+                    "a checkpoint loads): train with the dense head, then run `megatron-bottleneck convert-head "
+                    f"CHECKPOINT --head low_rank:r=R --out DIR` and resume from DIR{note}")
+
+
 def install_head(model, head: "HeadConfig | str", *, tp_group=None, fused_loss: "bool | FusedLossConfig" = False):
     """Replace ``model.output_layer`` by the head ``head`` names (a :class:`HeadConfig` or ``"kind:k=v,..."``)
     in place; returns the model.
@@ -177,6 +193,7 @@ def head_hook(head: "HeadConfig | str", *, fused_loss: "bool | FusedLossConfig" 
     Megatron-Bridge (``config.model.register_pre_wrap_hook(mb.head_hook("mos:k=4"))``)."""
     head = as_head_config(head)
     get_head_spec(head.kind).make_options(head.options)  # refused now, not in the hook
+    refuse_from_dense_before_load(head, "head_hook (a pre-wrap hook)")
 
     def hook(models: List) -> List:
         return [install_head(m, head, fused_loss=fused_loss) for m in models]
@@ -200,7 +217,10 @@ def install_low_rank_head(model, head: "LowRankHeadConfig | int", *, tp_group=No
 
 
 def low_rank_head_hook(head: "LowRankHeadConfig | int") -> Callable[[List], List]:
-    """A pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]`` installing the head."""
+    """A pre-wrap hook ``(list[MegatronModule]) -> list[MegatronModule]`` installing the head (``init='from_dense'``
+    refused: the hook runs before the checkpoint loads)."""
+    refuse_from_dense_before_load(LowRankHeadConfig(rank=head) if isinstance(head, int) else head,
+                                  "low_rank_head_hook (a pre-wrap hook)")
 
     def hook(models: List) -> List:
         return [install_low_rank_head(m, head) for m in models]

@@ -24,8 +24,11 @@ Initialisation (``init``), with sigma the dense head's init std (``config.init_m
   r (sigma / sqrt r)^2 = sigma^2: the per-entry std of the dense head.
 * ``"orthogonal"``: B has orthonormal rows, A ~ N(0, sigma^2 D / r); E[(A B)_ij^2] = sigma^2.
 * ``"from_dense"``: from a dense weight W (``init_weight``): B = V_r^T, A = W V_r with V_r the top-r
-  right singular vectors of W (eigenvectors of W^T W, a D x D all-reduce), the best rank-r
-  approximation (Eckart-Young). For r == D, A = W and B = I exactly.
+  right singular vectors of W (eigenvectors of W^T W, a D x D all-reduce: :func:`dense_gram`, streamed over
+  the shard's rows), the best rank-r approximation (Eckart-Young). For r == D, A = W and B = I exactly.
+  It factorises the weights the head holds when it is built: a trained head (``install_low_rank_head`` on a
+  loaded model, ``megatron-bottleneck convert-head``); builders and pre-wrap hooks, which run before a
+  checkpoint loads, refuse it (:func:`~megatron_bottleneck.heads.install.refuse_from_dense_before_load`).
 
 Draws are TP-invariant: the full A is drawn on CPU from a generator seeded with ``seed`` and each
 rank keeps its shard, so a model has the same head at every TP size.
@@ -44,12 +47,15 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.nn import Parameter
 
+from ..base.device import communicator_device
 from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadView
 from .contract import FusedHeadMixin, tp_region_input
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
+ROW_BLOCK = 8192
+"""Rows of a dense shard converted to float64 at a time by :func:`dense_gram` and ``from_dense``."""
 
 
 class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
@@ -135,15 +141,11 @@ class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
                 f"init_weight has shape {tuple(w_local.shape)}, expected the local dense shard "
                 f"({self.output_size_per_partition}, {self.input_size})."
             )
-        w = w_local.double()
         if self.rank == self.input_size:
-            return w.float().cpu(), torch.eye(self.input_size, dtype=torch.float32)
-        gram = w.t() @ w  # D x D, a sum over vocab shards
-        if get_pg_size(self.tp_group) > 1:
-            dist.all_reduce(gram, group=self.tp_group)
-        _, vecs = torch.linalg.eigh(gram)  # ascending
-        v_r = vecs[:, -self.rank :].flip(-1)  # D x r, top-r right singular vectors of W
-        return (w @ v_r).float().cpu(), v_r.t().contiguous().float().cpu()
+            return w_local.float().cpu(), torch.eye(self.input_size, dtype=torch.float32)
+        v_r = top_right_singular_vectors(w_local, self.rank, self.tp_group)  # D x r, float64
+        a = torch.cat([(blk.double() @ v_r).float().cpu() for blk in w_local.split(ROW_BLOCK)])
+        return a, v_r.t().contiguous().float().cpu()
 
     def _tag_parameters(self) -> None:
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
@@ -230,6 +232,32 @@ class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
             f"in_features={self.input_size}, out_features={self.output_size}, rank={self.rank}, "
             f"TP={tp}, sequence_parallel={self.sequence_parallel}"
         )
+
+
+def dense_gram(w_local: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """G = W^T W, ``D x D`` float64 on ``w_local``'s device, of the dense head W whose vocabulary shard
+    ``w_local`` (``(V/tp) x D``) this rank holds: the shard's rows are read ``ROW_BLOCK`` at a time (no float64
+    copy of the shard), G_local = sum_blocks W_blk^T W_blk, then all-reduced over ``tp_group`` (sum over the
+    vocab shards) on the communicator's device (:func:`~megatron_bottleneck.base.device.communicator_device`:
+    a CPU Gram, as ``use_cpu_initialization`` builds it, goes to the GPU for NCCL and comes back)."""
+    d = w_local.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64, device=w_local.device)
+    for blk in w_local.detach().split(ROW_BLOCK):
+        blk = blk.double()
+        gram.addmm_(blk.t(), blk)
+    if get_pg_size(tp_group) > 1:
+        on_comm = gram.to(communicator_device(tp_group, gram.device))
+        dist.all_reduce(on_comm, group=tp_group)
+        gram = on_comm.to(gram.device)
+    return gram
+
+
+def top_right_singular_vectors(w_local: torch.Tensor, rank: int, tp_group=None) -> torch.Tensor:
+    """V_r, ``D x r`` float64: the top-``rank`` right singular vectors of the vocab-sharded W (eigenvectors of
+    :func:`dense_gram`'s W^T W, largest eigenvalue first), the same on every TP rank. W V_r V_r^T is the best
+    rank-r approximation of W (Eckart-Young)."""
+    _, vecs = torch.linalg.eigh(dense_gram(w_local, tp_group))  # ascending
+    return vecs[:, -rank:].flip(-1)
 
 
 def validate_head_shape(hidden_size: int, vocab_size: int, rank: int, tp_size: int) -> None:

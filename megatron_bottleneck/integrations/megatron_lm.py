@@ -40,7 +40,7 @@ from ..base.head import HeadConfig, parse_head_options
 from ..base.quiet import quiet_megatron_warnings
 from ..heads.fused import enable_fused_loss
 from ..heads import registered_heads
-from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head
+from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head, refuse_from_dense_before_load
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
 from ..probe.probe import GradientProbe, ProbeConfig
 from .cpu import enable_cpu_mode
@@ -86,7 +86,8 @@ def add_arguments(parser):
                    help="Replace the LM head by a rank-r factorised head W = A B (needs "
                         "--untie-embeddings-and-output-weights). Default: keep the dense head.")
     g.add_argument("--lm-head-init", choices=INIT_METHODS, default="balanced",
-                   help="Initialisation of the low-rank head.")
+                   help="Initialisation of the low-rank head (from_dense is refused: the provider runs before "
+                        "--load, on random weights).")
     g.add_argument("--lm-head-type", type=str, default=None,
                    help="The LM head kind (a registered one: " + ", ".join(registered_heads()) + "; needs "
                         "--untie-embeddings-and-output-weights unless dense). Default: low_rank with "
@@ -180,6 +181,13 @@ def check_arguments(argv: List[str]) -> List[str]:
     if args.lm_head_init not in INIT_METHODS:
         raise HeadConfigError(f"--lm-head-init {args.lm_head_init!r} is not an initialisation of the low-rank head: "
                               f"use one of {', '.join(INIT_METHODS)}")
+    if rank or (head_config is not None and head_config.kind == "low_rank"):
+        refuse_from_dense_before_load(head_config or LowRankHeadConfig(rank=rank, init=args.lm_head_init),
+                                      "--lm-head-init from_dense (the model provider runs before --load)",
+                                      note=" (convert-head reads the trainer's checkpoints; Megatron-LM torch_dist "
+                                           "ones are not converted yet: install_low_rank_head(model, "
+                                           "LowRankHeadConfig(r, init='from_dense')) on a model whose weights are "
+                                           "loaded does it)")
     if args.lm_head_fused_loss and args.cross_entropy_loss_fusion:
         raise HeadConfigError("--lm-head-fused-loss computes the cross-entropy inside the head, and "
                               "--cross-entropy-loss-fusion selects Megatron's own fused cross-entropy (both would "

@@ -196,12 +196,16 @@ def _transformer_config(args, dtype: torch.dtype):
 
 
 def _head(args):
-    """Our head from the saved ``--lm-head-type`` / ``--lm-head-rank`` (None: Megatron's dense output layer)."""
+    """Our head from the saved ``--lm-head-type`` / ``--lm-head-rank`` (None: Megatron's dense output layer); its
+    initialisation is balanced (the weights are loaded afterwards: the saved ``--lm-head-init`` does not matter)."""
     if getattr(args, "lm_head_type", None) is not None:
-        return head_config_from_args(args)
+        head = head_config_from_args(args)
+        if head.kind == "low_rank":
+            head = dataclasses.replace(head, options={**head.options, "init": "balanced"})
+        return head
     rank = getattr(args, "lm_head_rank", None)
     if rank:
-        return LowRankHeadConfig(rank=int(rank), init=getattr(args, "lm_head_init", "balanced"))
+        return LowRankHeadConfig(rank=int(rank))
     return None
 
 

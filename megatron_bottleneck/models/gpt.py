@@ -9,7 +9,8 @@ from megatron.core.models.gpt import GPTModel
 
 from ..heads.fused import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
 from ..base.head import HeadConfig
-from ..heads.install import LowRankHeadConfig, as_head_config, install_head, require_transformer_engine_for_fp8
+from ..heads.install import (LowRankHeadConfig, as_head_config, install_head, refuse_from_dense_before_load,
+                             require_transformer_engine_for_fp8)
 from ..heads.low_rank import validate_head_shape
 from .llama import llama_block_spec
 
@@ -82,6 +83,7 @@ def prepare_head(config, vocab_size: int, head, head_rank: Optional[int]):
     if head is not None:
         head = as_head_config(head)
         options = head.resolved_options()
+        refuse_from_dense_before_load(head, "a model builder")
         if head.kind == "low_rank":
             validate_head_shape(config.hidden_size, vocab_size, options.r, config.tensor_model_parallel_size)
     return head, fused_from_head

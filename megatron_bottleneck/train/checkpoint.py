@@ -436,6 +436,9 @@ def _prune(directory: str, keep_last: int) -> None:
 PARALLEL_KEYS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "virtual_pipeline_model_parallel_size", "data_parallel_size")
 PER_RANK = "rank"  # the key of the extra state that belongs to one rank of one layout (RNG, probe)
+# layout.json key: False for a checkpoint written without optimizer state (``megatron-bottleneck convert-head``);
+# resuming it starts the optimizer afresh (Adam moments zero) and reads only the model, at any TP/PP
+OPTIMIZER_SAVED = "optimizer_saved"
 
 
 def read_layout(path: str) -> Optional[Dict]:
@@ -475,6 +478,7 @@ def check_layout(path: str, layout: Dict) -> bool:
                 "load_model_only) in a new run (checkpoint.resume=false or another checkpoint.dir).")
         return True
     new_run = "or start a new run (another checkpoint.dir, or checkpoint.resume=false)"
+    has_optimizer = saved.get(OPTIMIZER_SAVED, True)
     saved_model, model = saved.get("model"), layout.get("model")
     if saved_model is not None and model is not None and saved_model != model:
         keys = list(dict.fromkeys([*saved_model, *model]))
@@ -482,7 +486,7 @@ def check_layout(path: str, layout: Dict) -> bool:
         fix = " ".join(f"{k}={json.dumps(saved_model.get(k))}" for k in keys if saved_model.get(k) != model.get(k))
         raise CheckpointError(f"{where}: it was saved with another model ({what}). Resume with the saved "
                               f"settings ({fix}), {new_run}.")
-    if saved.get("distributed_optimizer") != layout.get("distributed_optimizer"):
+    if has_optimizer and saved.get("distributed_optimizer") != layout.get("distributed_optimizer"):
         a = saved.get("distributed_optimizer")
         raise CheckpointError(
             f"{where}: it was saved with parallel.distributed_optimizer={str(a).lower()} and this run has "
@@ -490,7 +494,7 @@ def check_layout(path: str, layout: Dict) -> bool:
             f"with parallel.distributed_optimizer={str(a).lower()}, {new_run}.")
     fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT)
     buckets, now_buckets = saved.get("ddp_buckets"), layout.get("ddp_buckets")
-    if (saved.get("distributed_optimizer") and fmt == "dp_reshardable" and buckets is not None
+    if (has_optimizer and saved.get("distributed_optimizer") and fmt == "dp_reshardable" and buckets is not None
             and now_buckets is not None and buckets != now_buckets
             and all(saved.get(k) == layout.get(k) for k in PARALLEL_KEYS[1:4])):
         size = saved.get("ddp_bucket_size")
@@ -510,7 +514,7 @@ def check_layout(path: str, layout: Dict) -> bool:
         raise CheckpointError(
             f"{where}: it was saved with another pipeline layout ({what}) and resharding across virtual pipeline "
             f"stages is not supported here. Resume with the saved TP/PP/VPP sizes (any data-parallel size), {new_run}.")
-    if tp_pp and saved.get("distributed_optimizer") and fmt != "fully_reshardable":
+    if tp_pp and has_optimizer and saved.get("distributed_optimizer") and fmt != "fully_reshardable":
         raise CheckpointError(
             f"{where}: its optimizer state is in Megatron's {fmt} format, which reshards over data-parallel ranks "
             f"only, and the model-parallel layout changed ({what}). Resume with the saved TP/PP sizes (any "
@@ -528,19 +532,27 @@ def _load_model(chunks: List, state: Dict) -> None:
 def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Dict] = None) -> Dict:
     """Load the model into ``chunks`` and the optimizer state (resharded to this run's layout where
     :func:`check_layout` allows it) and return the extra state: this rank's own when the layout is the saved
-    one, else rank 0's without its per-rank part (``PER_RANK``). ``same_layout`` in it says which."""
+    one, else rank 0's without its per-rank part (``PER_RANK``). ``same_layout`` in it says which;
+    ``optimizer_reset`` whether the checkpoint holds no optimizer state (layout.json's ``optimizer_saved`` false,
+    as ``convert-head`` writes it): then the optimizer keeps its fresh state and its main weights are reloaded
+    from the model."""
     same = check_layout(path, layout) if layout is not None else True
     saved = read_layout(path) or {}
     fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT) if saved.get("distributed_optimizer", True) else None
-    state = dist_checkpointing.load(_full_state(chunks, optimizer, is_loading=True, fmt=fmt), path)
+    reset = optimizer is not None and not saved.get(OPTIMIZER_SAVED, True)
+    loaded_optimizer = None if reset else optimizer
+    state = dist_checkpointing.load(_full_state(chunks, loaded_optimizer, is_loading=True, fmt=fmt), path)
     _load_model(chunks, state["model"])
-    if optimizer is not None:
+    if loaded_optimizer is not None:
         _load_optimizer(optimizer, state["optimizer"], fmt)
+    elif reset:  # fresh Adam state; the main (fp32) weights from the loaded model, as Megatron-LM's --no-load-optim
+        optimizer.reload_model_params()
     rank = dist.get_rank() if dist.is_initialized() else 0
     extra = torch.load(os.path.join(path, f"rank_{rank if same else 0}.pt"), weights_only=False)
     if not same:
         extra.pop(PER_RANK, None)
     extra["same_layout"] = same
+    extra["optimizer_reset"] = reset
     return extra
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from ..base.errors import ConfigError, DataError, HeadConfigError
 from ..heads import HeadConfig
-from ..heads.install import require_transformer_engine
+from ..heads.install import refuse_from_dense_before_load, require_transformer_engine
 from ..data import spamlang_sequence_tokens, validate_gpt_data
 from ..models.hybrid import LOCAL_SYMBOLS, default_hybrid_pattern, require_hybrid_model
 from ..probe import ProbeConfig
@@ -42,7 +42,8 @@ class ModelSection:
     head_rank: Optional[int] = None
     """r of the low-rank head W = A B (1 <= r <= hidden_size); None: Megatron's dense head."""
     head_init: Literal["balanced", "orthogonal", "from_dense"] = "balanced"
-    """Initialisation of A and B (see LowRankOutputLayer)."""
+    """Initialisation of A and B (see LowRankOutputLayer); from_dense is refused (the model is built before a
+    checkpoint loads: ``megatron-bottleneck convert-head`` factorises a trained dense head)."""
     head_type: Optional[str] = None
     """The head kind, any registered one (``megatron_bottleneck.register_head``): dense, low_rank, mos,
     sigsoftmax, softcap, monotone, stacked, ...; None: low_rank when head_rank is set, else dense."""
@@ -394,6 +395,8 @@ class TrainConfig:
                               f"(dense head), got {m.head_rank}")
         self._validate_arch()
         head = self.head_config()
+        refuse_from_dense_before_load(head, "model.head_init=from_dense (the trainer builds the model before it "
+                                            "resumes)", error=ConfigError)
         if head.kind not in ("dense", "low_rank") and m.head_fp8:
             raise ConfigError(f"model.head_fp8 is for the dense and low-rank heads, not model.head_type={head.kind}: "
                               "set head_fp8=null")

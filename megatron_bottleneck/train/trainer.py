@@ -69,6 +69,14 @@ def _cpu_initialization(cfg: TrainConfig) -> bool:
     return (not torch.cuda.is_available()) if ci is None else ci
 
 
+def model_layout(cfg: TrainConfig) -> Dict:
+    """The ``model`` part of layout.json: every ``model`` field a resume must match, and the precision."""
+    model = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()
+             if k not in RESUMABLE_MODEL_KEYS and (k, v) not in PRE_HYBRID_DEFAULTS}
+    model["train.precision"] = _precision(cfg)
+    return model
+
+
 def build_models(cfg: TrainConfig):
     """Megatron config and model chunks (one per virtual pipeline stage) for this rank."""
     m, p = cfg.model, cfg.parallel
@@ -261,9 +269,7 @@ class Trainer:
         sizes, the optimizer kind and state format, the DDP buckets, and the model (every ``model`` field, the
         precision)."""
         p = self.cfg.parallel
-        model = {f"model.{k}": v for k, v in dataclasses.asdict(self.cfg.model).items()
-                 if k not in RESUMABLE_MODEL_KEYS and (k, v) not in PRE_HYBRID_DEFAULTS}
-        model["train.precision"] = _precision(self.cfg)
+        model = model_layout(self.cfg)
         return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tensor_model_parallel_size": p.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
@@ -301,6 +307,9 @@ class Trainer:
         if self.is_logger:
             note = "" if extra["same_layout"] else " (resharded to this layout; per-rank RNG not restored)"
             print(f"resumed from {path} at step {self.iteration}{note}", flush=True)
+            if extra["optimizer_reset"]:
+                print("optimizer state reset: the checkpoint holds none (written by convert-head: the head's factors "
+                      "are new parameters); Adam moments start at zero", flush=True)
             if changes:
                 which = "this config's" if mode == "config" else "the checkpoint's"
                 print(f"learning-rate schedule: {which} (checkpoint.scheduler={mode}; {'; '.join(changes)})",

@@ -182,3 +182,24 @@ def test_bench_train_on_gpus_that_are_not_there_is_one_line(tmp_path):
                 "--steps", "1", cwd=tmp_path)
     _one_error_line(proc, "error: train.device=cuda but this machine sees no CUDA GPU: run where a GPU is visible "
                           "(check CUDA_VISIBLE_DEVICES, nvidia-smi), or use train.device=cpu")
+
+
+# ------------------------------------------------------------------ the device of a collective (the D x D Gram)
+def test_a_cpu_tensor_goes_to_the_gpu_for_nccl_and_stays_for_gloo(gpus, monkeypatch):
+    from megatron_bottleneck.base.device import collective_device, communicator_device
+
+    cpu = torch.device("cpu")
+    assert collective_device("nccl", cpu, cuda_available=True, current_device=1) == torch.device("cuda", 1)
+    assert collective_device("nccl", torch.device("cuda", 0), cuda_available=True, current_device=1) == \
+        torch.device("cuda", 0)
+    for backend in ("gloo", "cpu:gloo,cuda:nccl"):  # a backend per device type takes CPU tensors itself
+        assert collective_device(backend, cpu, cuda_available=True) == cpu
+    with pytest.raises(DeviceError, match="NCCL but this process sees no CUDA GPU"):
+        collective_device("nccl", cpu, cuda_available=False)
+    # applied: the group's backend as torch.distributed reports it, CUDA as torch.cuda sees it (faked)
+    gpus(2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    assert communicator_device(None, cpu) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert communicator_device(None, cpu) == cpu

@@ -14,7 +14,7 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "megatron_bottleneck"
 LAYER = {"base": 0, "ops": 1, "heads": 2, "probe": 2, "models": 3, "integrations": 4,
-         "megatron_lm": 4, "train": 5, "data": 5, "sweep": 5, "report": 5, "measure": 5, "plots": 5, "cli": 5, "zoo": 5, "zoo_report": 5,
+         "megatron_lm": 4, "train": 5, "data": 5, "sweep": 5, "report": 5, "measure": 5, "plots": 5, "cli": 5, "zoo": 5, "zoo_report": 5, "convert": 5,
          "evaluate": 5}
 OPTIONAL = ("transformers", "tqdm", "tensorboard", "torch.utils.tensorboard", "wandb", "sentencepiece", "tokenizers", "lightning",
             "transformer_engine", "matplotlib", "megatron.training", "megatron.bridge", "liger_kernel",

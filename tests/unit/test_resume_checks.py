@@ -126,3 +126,16 @@ def test_dp_reshardable_state_needs_the_saved_ddp_buckets(tmp_path):
     assert "model-parallel layout changed" in refused(path, with_buckets(40_000_000, [[20_000_512]], tp=1, dp=4))
     full = saved(tmp_path / "full", with_buckets(40_000_000, [[40_000_512, 3_000_000]]))
     assert check_layout(full, with_buckets(41_000_000, [[41_000_192, 2_000_320]], dp=41)) is False
+
+
+def test_a_checkpoint_without_optimizer_state_reshards_tp_pp_and_any_optimizer(tmp_path):
+    """``convert-head``'s checkpoints (layout.json ``optimizer_saved: false``): nothing of the optimizer to reshard,
+    so another TP/PP, format, optimizer kind or buckets resume (the model reshards); another model and other
+    virtual pipeline stages are still refused."""
+    path = saved(tmp_path, {**layout(fmt="dp_reshardable"), "optimizer_saved": False, "ddp_buckets": [[100]]})
+    assert check_layout(path, layout(fmt="dp_reshardable")) is True
+    for now in (layout(tp=1, dp=4, fmt="dp_reshardable"), layout(pp=2, dp=1), layout(tp=1, dist_opt=False),
+                {**layout(fmt="dp_reshardable"), "ddp_buckets": [[50, 50]]}):
+        check_layout(path, now)
+    assert "saved with another model" in refused(path, layout(fmt="dp_reshardable", **{"model.head_rank": 4}))
+    assert "virtual pipeline" in refused(path, layout(vpp=2, fmt="dp_reshardable"))

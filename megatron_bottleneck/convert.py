@@ -1,0 +1,158 @@
+"""``megatron-bottleneck convert-head``: a trained dense LM head factorised into a rank-r head, written as a trainer
+checkpoint that resumes with it.
+
+For the dense head W (``V x D``, vocab-sharded over TP) of a trainer checkpoint (any TP / PP / VPP layout):
+
+1. the job runs one rank per model-parallel rank of the checkpoint (its TP x PP, data-parallel size 1), builds the
+   dense model from the checkpoint's ``config.yaml`` and loads its weights through Megatron-Core's distributed
+   checkpointing (:func:`~megatron_bottleneck.train.checkpoint.load_model_only`; the optimizer state is not read);
+2. on the last pipeline stage the ``low_rank`` head's ``init=from_dense`` factorises the loaded head: with G = W^T W
+   (``D x D``, float64, summed over the vocab shards: :func:`~megatron_bottleneck.heads.low_rank.dense_gram`, which
+   reads each shard's rows in blocks) and V_r its top-r eigenvectors, B = V_r^T (``r x D``) and A = W V_r (each
+   rank its ``(V/tp) x r`` shard). W_r = A B = W V_r V_r^T is the best rank-r approximation of W (Eckart-Young);
+   r = D gives A = W, B = I, the same logits. No rank holds more than its vocab shard of W and one D x D Gram;
+3. the model with the new head (every other weight as loaded) is saved to ``out`` with the checkpoint's step,
+   sample count and learning-rate schedule, ``config.yaml`` naming the low-rank head (``model.head_rank = r``,
+   ``checkpoint.dir = out``, ``logging.dir = out/logs``) and ``layout.json`` saying that no optimizer state was
+   saved (``optimizer_saved: false``): A and B are new parameters and the distributed optimizer's state is laid
+   out by buffer, so the resume starts the optimizer afresh (Adam moments zero, the fp32 main weights from the
+   model), which the trainer says in one console line.
+
+Resume with ``megatron-bottleneck train OUT/iter_N/config.yaml`` (or the run's own config with
+``model.head_rank=R checkpoint.dir=OUT``); a longer schedule than the saved one needs ``checkpoint.scheduler``.
+Bad input is one line: no checkpoint at the path, a head that is not dense in the checkpoint, r outside
+[1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from megatron.core import parallel_state as ps
+
+from .base.errors import CheckpointError, HeadConfigError
+from .base.head import HeadConfig
+from .heads.install import install_head
+from .heads.low_rank import validate_head_shape
+from .integrations.launch import launch
+from .integrations.parallel import initialize_parallel
+from .train.checkpoint import (OPTIMIZER_SAVED, PER_RANK, latest_checkpoint, load_model_only, read_layout,
+                               read_saved_state, save_checkpoint)
+from .train.config import TrainConfig
+from .train.trainer import build_models, model_layout
+
+__all__ = ["convert_head", "ConvertResult"]
+
+ConvertResult = Dict
+"""``{"path", "iteration", "rank", "hidden_size", "kept"}``: the new checkpoint, its step, r, D, and the share of
+the head's squared Frobenius norm the rank-r head keeps (sum of the top-r eigenvalues of W^T W over its trace)."""
+
+
+def _rank_of(head) -> int:
+    """r of a ``low_rank`` head spec (``"low_rank:r=256"`` or a HeadConfig); anything else is one line."""
+    head = head if isinstance(head, HeadConfig) else HeadConfig.parse(str(head))
+    if head.kind != "low_rank":
+        raise HeadConfigError(f"--head {head}: convert-head writes a low_rank head (e.g. --head low_rank:r=256)")
+    extra = sorted(set(head.options) - {"r", "init"})
+    init = str(head.options.get("init", "from_dense"))
+    if extra or init != "from_dense" or "r" not in head.options:
+        raise HeadConfigError(f"--head {head}: convert-head takes the rank alone (low_rank:r=R); the factors come "
+                              "from the SVD of the trained head")
+    return head.resolved_options().r
+
+
+def _trainer_checkpoint(path: str) -> str:
+    """The ``iter_*`` directory of a trainer checkpoint at ``path`` (itself, or the one ``latest`` names)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path!r}: give a trainer checkpoint.dir (holding 'latest') or one of "
+                              "its iter_* directories")
+    if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isfile(os.path.join(path, "rank_0.pt")):
+        return path
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("latest_checkpointed_iteration.txt", "metadata.json")):
+        raise CheckpointError(f"{path}: a Megatron-LM checkpoint; convert-head converts trainer checkpoints "
+                              "(megatron-bottleneck train) only so far")
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint at {path!r}: expected an iter_* directory with config.yaml or a "
+                              "directory with a 'latest' file (the trainer's checkpoint.dir)")
+    return latest
+
+
+def _configs(ckpt: str, rank: int, out: str):
+    """``(dense, low_rank)`` configs: the checkpoint's, at its saved precision, and the one the new checkpoint
+    holds. The checkpoint's head must be dense and ``rank`` fit it (one line each)."""
+    dense = TrainConfig.load(os.path.join(ckpt, "config.yaml"))
+    precision = ((read_layout(ckpt) or {}).get("model") or {}).get("train.precision")
+    if precision is not None:
+        dense.train.precision = precision  # "auto" resolved where it was trained (bf16 on GPUs)
+    kind = dense.head_config().kind
+    if kind != "dense":
+        raise CheckpointError(f"{ckpt}: its head is {kind}"
+                              + (f" (model.head_rank={dense.model.head_rank})" if dense.model.head_rank else "")
+                              + ": convert-head factorises a dense head (model.head_type dense, no head_rank)")
+    m = dense.model
+    validate_head_shape(m.hidden_size, m.vocab_size, rank, dense.parallel.tensor_model_parallel_size)
+    low = copy.deepcopy(dense)
+    low.model.head_type, low.model.head_rank, low.model.head_options = None, rank, {}
+    low.model.head_init = "balanced"
+    low.checkpoint.dir = out
+    low.logging.dir = os.path.join(out, "logs")
+    low.validate()
+    return dense, low
+
+
+def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float, float]], Dict]:
+    """One rank: load the dense model, factorise its head (``from_dense``), save the checkpoint. Returns this
+    rank's ``(||W_shard||_F^2, ||A_shard||_F^2)`` (None off the last stage) and the checkpoint's path and step."""
+    dense, low = _configs(ckpt, rank, out)
+    p = dense.parallel
+    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                        p.virtual_pipeline_model_parallel_size, seed=dense.train.seed)
+    _, chunks = build_models(dense)
+    load_model_only(ckpt, chunks)
+    sums = None
+    for chunk in chunks:
+        old = getattr(chunk, "output_layer", None)
+        if old is None or not chunk.post_process:
+            continue
+        w_sq = float(torch.linalg.vector_norm(old.weight.detach(), dtype=torch.float64) ** 2)
+        install_head(chunk, HeadConfig("low_rank", {"r": rank, "init": "from_dense"}, seed=dense.train.seed))
+        # ||A||_F^2 = ||W V_r||_F^2 = sum of the top-r eigenvalues of W^T W (this shard's part)
+        sums = (w_sq, float(torch.linalg.vector_norm(chunk.output_layer.weight.detach(), dtype=torch.float64) ** 2))
+    extra = read_saved_state(ckpt)
+    extra.pop(PER_RANK, None)  # the RNG of another layout: a resume seeds afresh
+    saved_layout = read_layout(ckpt) or {}
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    layout = {**saved_layout, "world_size": world, "data_parallel_size": 1, "ddp_buckets": None,
+              "tensor_model_parallel_size": p.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+              "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+              "distributed_optimizer": p.distributed_optimizer,
+              "model": model_layout(low), OPTIMIZER_SAVED: False}
+    path = save_checkpoint(out, extra["iteration"], chunks, extra, low, keep_last=0, layout=layout)
+    first_tp = ps.get_data_parallel_rank() == 0
+    return (sums if first_tp else None), {"path": path, "iteration": extra["iteration"]}
+
+
+def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "auto") -> ConvertResult:
+    """Factorise the dense head of the trainer checkpoint at ``checkpoint`` into the ``low_rank`` head ``head``
+    (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save it under ``out`` (see
+    the module docstring); on the checkpoint's TP x PP local ranks on ``device`` (auto: one GPU per rank when
+    visible, else CPU ranks). Returns a :data:`ConvertResult`."""
+
+    rank = _rank_of(head)
+    ckpt = _trainer_checkpoint(checkpoint)
+    dense, _low = _configs(ckpt, rank, out)
+    if latest_checkpoint(out) is not None or os.path.abspath(out) == os.path.abspath(os.path.dirname(ckpt)):
+        raise CheckpointError(f"--out {out} already holds a checkpoint: give an empty or new directory")
+    p = dense.parallel
+    world = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    results = launch(functools.partial(_convert_rank, ckpt, rank, out), world, timeout=3600, device=device)
+    parts = [r[0] for r in results if r[0] is not None]
+    total, kept = sum(s[0] for s in parts), sum(s[1] for s in parts)
+    info = results[0][1]
+    return {"path": info["path"], "iteration": info["iteration"], "rank": rank, "hidden_size": dense.model.hidden_size,
+            "kept": kept / total if total > 0 else 1.0}
