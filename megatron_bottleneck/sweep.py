@@ -28,6 +28,7 @@ import torch
 from .base.sinks import read_jsonl
 from .data import SpamLangConfig, coverage, draw_symbols, generate_spamlang
 from .integrations.launch import launch
+from .integrations.parallel import destroy_parallel
 from .train import TrainConfig, Trainer
 
 
@@ -129,7 +130,9 @@ def run_many(items: List[Dict]) -> List[str]:
     done = []
     for item in items:
         cfg = TrainConfig.from_dict(item["config"])
-        if Trainer(cfg).train().get("stopped_by_signal"):
+        stopped = Trainer(cfg).train().get("stopped_by_signal")
+        destroy_parallel()  # the run's process groups (and their threads) go with it
+        if stopped:
             break
         with open(os.path.join(item["dir"], "DONE"), "w") as f:
             f.write("ok\n")

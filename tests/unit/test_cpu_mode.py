@@ -1,4 +1,6 @@
 """CPU mode: every patch guarded, originals kept, enable / disable / enable again, the context manager."""
+import os
+
 import pytest
 import torch
 
@@ -78,3 +80,35 @@ def test_patch_sets_apply_only_when_their_package_imports(monkeypatch):
     with mb.cpu_mode():
         assert json.dumps({}) == "patched" and "json.dumps" in cpu.cpu_mode_patches()
     assert json.dumps({}) == "{}"
+
+
+def _gloo_threads() -> int:
+    import glob
+
+    names = []
+    for path in glob.glob("/proc/self/task/*/comm"):
+        try:
+            names.append(open(path).read().strip())
+        except OSError:
+            pass
+    return sum(n.startswith(("pt_gloo", "gloo_")) for n in names)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="counts threads through /proc (Linux)")
+@pytest.mark.usefixtures("megatron_one_rank")
+def test_rebuilding_parallel_state_does_not_accumulate_process_groups():
+    """Megatron's destroy_model_parallel only forgets its groups (each gloo group keeps its threads): the zoo's
+    and the sweep's workers, which build parallel state once per run, grew to 450 idle gloo threads."""
+    from megatron.core import parallel_state
+
+    mb.initialize_parallel(1, 1, seed=1)
+    groups = mb.integrations.parallel.megatron_groups()
+    assert groups and parallel_state.get_tensor_model_parallel_group() in groups
+    del groups  # a reference keeps a group (and its threads) alive
+    before = _gloo_threads()
+    for _ in range(4):
+        mb.initialize_parallel(1, 1, seed=1)
+    assert _gloo_threads() <= before
+    mb.destroy_parallel()
+    assert _gloo_threads() < before and not parallel_state.model_parallel_is_initialized()
+    mb.initialize_parallel(1, 1, seed=1)  # the fixture's teardown destroys it again
