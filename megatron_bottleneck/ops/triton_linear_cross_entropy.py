@@ -567,8 +567,8 @@ def inspect_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, capa
 def _compile_specs(dt: str, cap: bool = False):
     """The kernels as :func:`forward_chunks` / :func:`backward_chunks` launch them for contiguous inputs of
     dtype ``dt`` ("fp32" | "bf16" | "fp16") at realistic sizes (T, k, V_local and the chunk multiples of
-    16): [(report name, config kernel, fn, signature, constexprs, divisible)]. ``cap``: the softcap variants
-    (HAS_CAP) of the two logit kernels. The unit strides along k
+    16): [(report name, config kernel, fn, signature, constexprs, divisible)]. ``cap``: only the softcap
+    variants (HAS_CAP) of the two logit kernels. The unit strides along k
     are built into the kernels; the dU / dW GEMMs read Gc row- / column-major (Triton specializes the
     stride 1 at a launch, as here)."""
     x, f32 = "*" + dt, "*fp32"
@@ -588,8 +588,11 @@ def _compile_specs(dt: str, cap: bool = False):
     mm_div = ("a_ptr", "b_ptr", "c_ptr", "M", "N", "KR", "s_bk", "s_cm")
     du_sig, dw_sig = dict(mm_sig, s_ak="constexpr"), dict(mm_sig, s_am="constexpr")
     mm_const = dict(PREC=prec, UP=False, GROUP_M=8)
-    return [("lse_fwd", "lse_fwd", _lse_fwd_kernel, fwd_sig, fwd_const, fwd_div),
-            ("grad_logits", "grad_logits", _grad_logits_kernel, gl_sig, gl_const, gl_div),
+    logit_kernels = [("lse_fwd", "lse_fwd", _lse_fwd_kernel, fwd_sig, fwd_const, fwd_div),
+                     ("grad_logits", "grad_logits", _grad_logits_kernel, gl_sig, gl_const, gl_div)]
+    if cap:  # the GEMM kernels have no cap variant
+        return logit_kernels
+    return [*logit_kernels,
             ("mm_acc dU (Gc @ F)", "mm_acc", _mm_acc_kernel, du_sig, dict(mm_const, s_ak=1), mm_div + ("s_am",)),
             ("mm_acc dW (Gc^T @ u)", "mm_acc", _mm_acc_kernel, dw_sig, dict(mm_const, s_am=1), mm_div + ("s_ak",))]
 
