@@ -128,3 +128,46 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                                      tp_group=lp.tp_group, loss_spec=cfg.loss_spec())
                     checks.append((f"{label} G", got, z.grad[:, lp.vocab_start:lp.vocab_start + lp.n_valid]))
     return checks, refusals
+
+
+def check_op_tp() -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """``linear_cross_entropy`` on this rank's vocab shard (padded vocabulary: V = 29 real rows of 2 x 16,
+    bias shard, reduce_grad_input) for every option and reduction, against torch's float64 cross-entropy of
+    the full logits: (label, got, want) for the loss, dL/du, this rank's rows of dL/dW and dL/dbias."""
+    from megatron_bottleneck.ops import linear_cross_entropy
+
+    group, tp, rank = sh._tp()
+    v_real, v_local, k, t = 29, 32 // tp, 6, 11
+    gen = torch.Generator().manual_seed(9)
+    u = torch.randn(t, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(tp * v_local, k, generator=gen, dtype=torch.float64)
+    bias = torch.randn(tp * v_local, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, v_real, (t,), generator=gen)
+    y[2] = -100
+    cw = torch.rand(v_real, generator=gen, dtype=torch.float64) + 0.5
+    rows = slice(rank * v_local, (rank + 1) * v_local)
+    out = []
+    for name, opt in OPTIONS.items():
+        opt = dict(opt, ce_weight=cw if opt.get("ce_weight") else None)
+        for reduction in ("none", "sum", "mean"):
+            uu, ww, bb = (x[rows].clone() if x is not u else x.clone() for x in (u, w, bias))
+            uu, ww, bb = (x.float().requires_grad_(True) for x in (uu, ww, bb))
+            kw = dict(opt, ce_weight=None if opt["ce_weight"] is None else opt["ce_weight"].float())
+            loss = linear_cross_entropy(uu, ww, y, tp_group=group, vocab_size=v_real, bias=bb, reduction=reduction,
+                                        reduce_grad_input=True, chunk_size=16, **kw)
+            loss.sum().backward()
+            ru, rw, rb = (x.clone().requires_grad_(True) for x in (u, w, bias))
+            a = (ru @ rw.t() + rb)[:, :v_real]
+            ref_opt = dict(opt, ce_weight=None if opt["ce_weight"] is None else tuple(cw.tolist()))
+            ref = reference_loss(a, y, ref_opt)
+            if reduction != "none":
+                zl = torch.where(y != -100, opt.get("z_loss_weight", 0.0) * torch.logsumexp(
+                    opt["softcap"] * torch.tanh(a / opt["softcap"]) if opt.get("softcap") else a, -1) ** 2, 0.0)
+                ce = ref - zl
+                den = (cw[y.clamp(min=0)] * (y != -100)).sum() if opt["ce_weight"] is not None else (y != -100).sum()
+                ref = ce.sum() + zl.sum() if reduction == "sum" else ce.sum() / den + zl.sum() / (y != -100).sum()
+            ref.sum().backward()
+            label = f"op tp={tp} {name} {reduction}"
+            out += [(f"{label} loss", loss.detach().double(), ref.detach()), (f"{label} du", uu.grad.double(), ru.grad),
+                    (f"{label} dW", ww.grad.double(), rw.grad[rows]), (f"{label} dbias", bb.grad.double(), rb.grad[rows])]
+    return out
