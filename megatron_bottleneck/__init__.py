@@ -49,7 +49,8 @@ _LAZY = {
     # probe and base
     "GradientProbe": "probe.probe", "ProbeConfig": "probe.probe",
     "HeadView": "base.head", "LMHead": "base.head", "LossRequest": "base.loss", "FusedLossRecord": "base.loss",
-    "HeadLossStats": "base.loss", "LossSpec": "base.loss_spec", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
+    "HeadLossStats": "base.loss", "LossSpec": "base.loss_spec",
+    "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
     "DeviceChoice": "base.device", "resolve_device": "base.device", "choose_device": "base.device",
     # application: zero-shot evaluation (lm-eval is imported only when a harness model is made)
     "evaluate_checkpoint": "evaluate.harness", "harness_model": "evaluate.harness",

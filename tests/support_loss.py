@@ -112,15 +112,15 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                     rec = head.last_loss
                     st = rec.stats
                     n_valid = max(0, min(rec.weight.shape[0], rec.vocab_size - rec.vocab_start))
-                    got = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1]), rec.weight, rec.labels.reshape(-1),
-                                          st.lse.reshape(-1), (g * rec.logit_scale).float(),
+                    got = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1]), rec.weight,
+                                          rec.labels.reshape(-1), st.lse.reshape(-1), (g * rec.logit_scale).float(),
                                           vocab_start=rec.vocab_start, vocab_size=rec.vocab_size,
                                           loss_spec=st.loss_spec())
                     checks.append((f"{label} G padding", got[:, n_valid:], torch.zeros_like(got[:, n_valid:])))
                     checks.append((f"{label} G", got[:, :n_valid].double(),
                                    z.grad[:, rec.vocab_start:rec.vocab_start + n_valid]))
-                    checks.append((f"{label} ||G_t||^2", st.logit_grad_sq_norm((g * rec.logit_scale).reshape(st.lse.shape)).reshape(-1),
-                                   z.grad.square().sum(-1)))
+                    norms = st.logit_grad_sq_norm((g * rec.logit_scale).reshape(st.lse.shape)).reshape(-1)
+                    checks.append((f"{label} ||G_t||^2", norms, z.grad.square().sum(-1)))
                 else:
                     lp = head.log_prob_fn()
                     u = lp.fn(lp.params, h.reshape(-1, sh.D))
@@ -168,6 +168,8 @@ def check_op_tp() -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
                 ref = ce.sum() + zl.sum() if reduction == "sum" else ce.sum() / den + zl.sum() / (y != -100).sum()
             ref.sum().backward()
             label = f"op tp={tp} {name} {reduction}"
-            out += [(f"{label} loss", loss.detach().double(), ref.detach()), (f"{label} du", uu.grad.double(), ru.grad),
-                    (f"{label} dW", ww.grad.double(), rw.grad[rows]), (f"{label} dbias", bb.grad.double(), rb.grad[rows])]
+            out += [(f"{label} loss", loss.detach().double(), ref.detach()),
+                    (f"{label} du", uu.grad.double(), ru.grad),
+                    (f"{label} dW", ww.grad.double(), rw.grad[rows]),
+                    (f"{label} dbias", bb.grad.double(), rb.grad[rows])]
     return out

@@ -187,7 +187,8 @@ class FusedHeadMixin:
         budget = None if config.memory_budget_mib is None else int(config.memory_budget_mib * 2 ** 20)
         loss = linear_cross_entropy(
             u, f, labels, tp_group=self.tp_group, vocab_start=start, vocab_size=self.vocab_size,
-            loss_spec=spec.with_(logit_scale=1.0), memory_budget_bytes=budget, fp8=config.fp8, stats=stats, check_labels=False, kernel=config.kernel,
+            loss_spec=spec.with_(logit_scale=1.0), memory_budget_bytes=budget, fp8=config.fp8, stats=stats,
+            check_labels=False, kernel=config.kernel,
             weight_grad_into_main_grad=weight_grad_into_main_grad)
         if stats is not None:
             mix = self.loss_mix()

@@ -62,7 +62,8 @@ class DenseOutputLayer(FusedHeadMixin, ColumnParallelLinear):
     def logits_forward(self, input_, weight=None, runtime_gather_output=None):
         """Megatron's forward; logits c tanh(z / c) when the model config carries a final-logit softcap c
         (``final_logit_softcapping``, as Megatron-Bridge's Gemma output layer computes them)."""
-        out, bias = ColumnParallelLinear.forward(self, input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        out, bias = ColumnParallelLinear.forward(self, input_, weight=weight,
+                                                 runtime_gather_output=runtime_gather_output)
         cap = model_softcap(getattr(self, "config", None))
         return (out if cap is None else cap * torch.tanh(out / cap)), bias
 

@@ -436,7 +436,8 @@ def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: 
     prec, up = _precision(u)
     _lse_fwd_kernel[(t_blocks, n_split)](
         u, weight, tgt, lse, lse2, zy, sz, t, k, n_real, n_split, u.stride(0), weight.stride(0),
-        float(softcap or 1.0), WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), HAS_CAP=softcap is not None, PREC=prec, UP=up, BT=cfg.block_m,
+        float(softcap or 1.0), WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), HAS_CAP=softcap is not None,
+        PREC=prec, UP=up, BT=cfg.block_m,
         BV=cfg.block_n, BK=cfg.block_k, **opts)
     if n_split == 1:
         return lse[0], (lse2[0] if want_p2 else None), zy[0], (sz[0] if want_sum else None)
@@ -491,7 +492,8 @@ def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: tor
         w_c = weight[v0:v0 + vc]
         _grad_logits_kernel[(triton.cdiv(t, cfg.block_m), triton.cdiv(vc, cfg.block_n))](
             u, w_c, lse, coef, tgt, b, e, g, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0),
-            float(softcap or 1.0), HAS_E=has_e, HAS_CAP=softcap is not None, PREC=prec, UP=up, BT=cfg.block_m, BV=cfg.block_n, BK=cfg.block_k, **opts)
+            float(softcap or 1.0), HAS_E=has_e, HAS_CAP=softcap is not None, PREC=prec, UP=up, BT=cfg.block_m,
+            BV=cfg.block_n, BK=cfg.block_k, **opts)
         g_c = g[:, :vc]
         _mm_acc(g_c, w_c, grad_u, prec, up)  # dU pass: grad_u += Gc F_c
         _mm_acc(g_c.t(), u, grad_w[v0:v0 + vc], prec, up)  # dW pass: grad_w[chunk] += Gc^T u
@@ -601,7 +603,8 @@ def compile_resources(dtypes=("bf16", "fp16", "fp32"), archs=tuple(ARCHS), confi
                       softcap: bool = False) -> List[dict]:
     """Every kernel of this module compiled at its shipped configuration (or ``configs``, a dict like
     :data:`CONFIGS`) for each arch of :data:`ARCHS` and input dtype, without a GPU: one row per kernel x
-    dtype x arch (``softcap``: the kernels' softcap variants), :func:`inspect_kernel`'s figures plus "kernel", "dtype", "shared_limit" (the family's,
+    dtype x arch (``softcap``: the two logit kernels' softcap variants only), :func:`inspect_kernel`'s figures
+    plus "kernel", "dtype", "shared_limit" (the family's,
     :data:`SHARED_LIMIT`) and the configuration (block_m, block_n, block_k, num_warps, num_stages)."""
     reason = compile_unavailable()
     if reason:

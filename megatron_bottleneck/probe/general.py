@@ -202,7 +202,8 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
     logit gradient with the same J^T c, u being normalised; c itself for a cross-entropy of u as logits,
     w (p - q), and p - q for an NLL of u, -w q), or built from ``labels`` ``[T]`` by :func:`logit_grad`
     (``scale``: dL/dloss_t ``[T]``, ``label_smoothing`` or the whole ``loss_spec``, ``logit_scale``: MuP's
-    multiplier c of the model's logits c u). Then, with dh_t = J_t^T g_t (one VJP) and visible_t from :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
+    multiplier c of the model's logits c u). Then, with dh_t = J_t^T g_t (one VJP) and visible_t from
+    :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
     CG, visible = 0):
 
     * ``visible`` sum_t visible_t (a lower bound on sum_t ||P_t g_t||^2 whatever the count); ``grad_sq``
