@@ -12,7 +12,11 @@ p = softmax(z_t), label y_t, label smoothing alpha, s = alpha V / (V - 1), z-los
            = (1 - s)(lse_t - z_ty) - s mean_i log p_ti + w lse_t^2      (Megatron's smoothing, K = V)
     dloss_t/dz_ti = (1 + 2 w lse_t) p_ti - (1 - s) [i = y_t] - s / V
 
-and loss_t = 0, gradient 0, where y_t == ignore_index.
+and loss_t = 0, gradient 0, where y_t == ignore_index. This is the default of the options; with all of them
+(a bias, the softcap x = c tanh(a / c) applied before everything else, class weights w, torch's smoothing
+convention eps = alpha, reductions) the per-token loss and dL/dz are those of
+:mod:`megatron_bottleneck.base.loss_spec`, whose functions the loops below call (``token_loss``,
+``grad_terms``, ``logit_grad_``): one implementation shared with the heads' materialised loss and the probe.
 
 Against Megatron's ``vocab_parallel_cross_entropy``: equal (loss and gradients, tested) without padding
 at any TP size when alpha = 0, and at TP = 1 with smoothing. Two deliberate differences: (1) padded
