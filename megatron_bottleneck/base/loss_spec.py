@@ -79,6 +79,8 @@ class LossSpec:
     softcap: Optional[float] = None
     ce_weight: Optional[Union[Tensor, Tuple[float, ...]]] = field(default=None, compare=False)
     reduction: str = "none"
+    _weights: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """(device, dtype) -> the class weights as a tensor there, made once per spec (no copy per step)."""
 
     def __post_init__(self):
         if not 0.0 <= float(self.label_smoothing) < 1.0:
@@ -128,15 +130,20 @@ class LossSpec:
 
 # ----------------------------------------------------------------------------------------- pieces
 def class_weights(spec: LossSpec, vocab_size: int, device, dtype=torch.float32) -> Optional[Tensor]:
-    """w ``[V]`` in ``dtype`` on ``device`` (None without class weights); ConfigError unless it has V entries."""
+    """w ``[V]`` in ``dtype`` on ``device`` (None without class weights); ConfigError unless it has V entries.
+    Made once per (spec, device, dtype) and kept in the spec: a model's spec copies its weights to the GPU once."""
     if spec.ce_weight is None:
         return None
-    w = spec.ce_weight
-    w = w if isinstance(w, Tensor) else torch.tensor(w, dtype=torch.float64)
-    if w.shape[0] != vocab_size:
-        raise ConfigError(f"ce_weight has {w.shape[0]} entries, the vocabulary {vocab_size} real classes: give one "
+    n = spec.ce_weight.shape[0] if isinstance(spec.ce_weight, Tensor) else len(spec.ce_weight)
+    if n != vocab_size:
+        raise ConfigError(f"ce_weight has {n} entries, the vocabulary {vocab_size} real classes: give one "
                           f"weight per class.")
-    return w.detach().to(device=device, dtype=dtype)
+    key = (str(torch.device(device)), dtype)
+    if key not in spec._weights:
+        w = spec.ce_weight
+        w = w if isinstance(w, Tensor) else torch.tensor(w, dtype=torch.float64)
+        spec._weights[key] = w.detach().to(device=device, dtype=dtype)
+    return spec._weights[key]
 
 
 def target_weights(w: Optional[Tensor], labels: Tensor, valid: Tensor, dtype=torch.float32) -> Tensor:

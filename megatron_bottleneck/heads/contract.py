@@ -17,7 +17,7 @@ fused model, else ``logits_forward``), ``loss`` (through :func:`megatron_bottlen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -71,11 +71,17 @@ class FusedLossConfig:
 
     def loss_spec(self, logit_scale: float = 1.0, softcap: Optional[float] = None) -> LossSpec:
         """The :class:`~megatron_bottleneck.base.loss_spec.LossSpec` of these options (per-token reduction), with
-        MuP's ``logit_scale`` and ``softcap`` when this config sets none (the model config's)."""
-        return LossSpec(label_smoothing=float(self.label_smoothing), smoothing_convention=self.smoothing_convention,
-                        z_loss_weight=float(self.z_loss_weight), logit_scale=float(logit_scale),
-                        softcap=self.softcap if self.softcap is not None else softcap,
-                        ce_weight=None if self.ce_weight is None else tuple(self.ce_weight))
+        MuP's ``logit_scale`` and ``softcap`` when this config sets none (the model config's). Built once per
+        (options, logit_scale, softcap) and kept: the class weights reach the GPU once, not every step."""
+        key = (self.label_smoothing, self.smoothing_convention, self.z_loss_weight, float(logit_scale),
+               self.softcap if self.softcap is not None else softcap, id(self.ce_weight))
+        cache = self.__dict__.setdefault("_specs", {})
+        if key not in cache:
+            cache[key] = LossSpec(label_smoothing=float(self.label_smoothing),
+                                  smoothing_convention=self.smoothing_convention,
+                                  z_loss_weight=float(self.z_loss_weight), logit_scale=float(logit_scale),
+                                  softcap=key[4], ce_weight=None if self.ce_weight is None else tuple(self.ce_weight))
+        return cache[key]
 
 
 def model_softcap(config) -> Optional[float]:
@@ -91,7 +97,6 @@ class LossContext:
 
     labels: ``[s, b]`` global class ids. config: the fused loss's options. logit_scale: the factor the model
     applies to the logits (MuP's ``mup_output_mult``; 1.0 otherwise), folded into the fused op's input.
-    softcap: the model config's final-logit softcap (None: none), used where ``config.softcap`` is None.
     gradient_accumulation_fusion: the model config's flag (the default of ``weight_grad_into_main_grad``).
     output: the loss tensor this forward returned (filled by the head), which the model recognises.
     """
@@ -101,7 +106,6 @@ class LossContext:
     logit_scale: float = 1.0
     gradient_accumulation_fusion: bool = False
     output: Optional[torch.Tensor] = field(default=None, repr=False)
-    softcap: Optional[float] = None
 
 
 def tp_region_input(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
@@ -151,10 +155,7 @@ class FusedHeadMixin:
         into_main = ctx.config.weight_grad_into_main_grad
         if into_main is None:
             into_main = ctx.gradient_accumulation_fusion
-        config = ctx.config
-        if ctx.softcap is not None and config.softcap is None:
-            config = replace(config, softcap=ctx.softcap)
-        loss = self.loss(input_, ctx.labels, weight, config=config, stats=stats, logit_scale=ctx.logit_scale,
+        loss = self.loss(input_, ctx.labels, weight, config=ctx.config, stats=stats, logit_scale=ctx.logit_scale,
                          weight_grad_into_main_grad=bool(into_main))
         ctx.output = loss
         return loss, None
@@ -187,7 +188,7 @@ class FusedHeadMixin:
         budget = None if config.memory_budget_mib is None else int(config.memory_budget_mib * 2 ** 20)
         loss = linear_cross_entropy(
             u, f, labels, tp_group=self.tp_group, vocab_start=start, vocab_size=self.vocab_size,
-            loss_spec=spec.with_(logit_scale=1.0), memory_budget_bytes=budget, fp8=config.fp8, stats=stats,
+            loss_spec=config.loss_spec(1.0), memory_budget_bytes=budget, fp8=config.fp8, stats=stats,
             check_labels=False, kernel=config.kernel,
             weight_grad_into_main_grad=weight_grad_into_main_grad)
         if stats is not None:

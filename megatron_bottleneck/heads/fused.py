@@ -28,6 +28,7 @@ gradient probe); the head knows nothing of who reads it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -115,8 +116,7 @@ class FusedLossModel:
         config = self.config
         scale = float(getattr(config, "mup_output_mult", 1.0)) if getattr(config, "use_mup", False) else 1.0
         head.loss_context = LossContext(labels.transpose(0, 1).contiguous(), self.fused_loss_config, scale,
-                                        bool(getattr(config, "gradient_accumulation_fusion", False)),
-                                        softcap=model_softcap(config))
+                                        bool(getattr(config, "gradient_accumulation_fusion", False)))
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -187,7 +187,8 @@ def enable_fused_loss(model, config: Optional[FusedLossConfig] = None):
         check_fusable(inner.config)
         as_lm_head(head)
         inner.__class__ = fused_model_class(type(inner))
-        inner.fused_loss_config = config
+        cap = model_softcap(inner.config)  # Megatron-Bridge's Gemma: final_logit_softcapping, unless set here
+        inner.fused_loss_config = replace(config, softcap=cap) if cap and config.softcap is None else config
     return model
 
 
