@@ -229,3 +229,28 @@ def test_probe_grad_equals_autograd_for_every_head_and_option_tp1():
         assert "\n" not in message and message, label
         if "softcap" in label.split()[1:]:
             assert "final-logit softcapping" in message, (label, message)
+
+
+def test_every_option_makes_no_host_sync():
+    """Softcap, class weights, bias, torch's smoothing, z-loss, statistics and the "mean" reduction: forward and
+    backward without one host synchronisation (aten._local_scalar_dense: item(), bool(tensor))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSyncs(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountSyncs.syncs += 1
+            return func(*args, **(kwargs or {}))
+
+    h, w, y, cw, bias = _problem("odd V")
+    u, f, b = (t.float().requires_grad_(True) for t in (h, w, bias))
+    spec = LossSpec(label_smoothing=0.1, smoothing_convention="torch", z_loss_weight=1e-2, softcap=2.0,
+                    ce_weight=tuple(cw.tolist()), reduction="mean")
+    with CountSyncs():
+        loss = linear_cross_entropy(u, f, y, loss_spec=spec, bias=b, chunk_size=16, check_labels=False,
+                                    stats=mb.HeadLossStats())
+        loss.backward()
+    assert CountSyncs.syncs == 0 and u.grad is not None and b.grad is not None
+    assert len(spec._weights) == 1  # the tuple became a tensor once, kept for the next call
