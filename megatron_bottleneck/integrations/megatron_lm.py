@@ -96,8 +96,8 @@ def add_arguments(parser):
     g.add_argument("--lm-head-fused-loss", action="store_true",
                    help="Compute the loss fused with the LM head (dense or low-rank): no [s, b, V/tp] logits.")
     g.add_argument("--lm-head-softcap", type=float, default=None,
-                   help="Fused loss: final-logit softcapping c, logits -> c tanh(z / c) (Gemma); needs "
-                        "--lm-head-fused-loss.")
+                   help="Fused loss: final-logit softcapping c, logits -> c tanh(z / c) (Gemma) inside the loss "
+                        "(logits returned without labels stay uncapped); needs --lm-head-fused-loss.")
     g.add_argument("--lm-head-z-loss-weight", type=float, default=0.0,
                    help="Fused loss: z-loss weight w, adds w lse^2 per token; needs --lm-head-fused-loss.")
     g.add_argument("--probe-interval", type=int, default=0,
