@@ -50,7 +50,8 @@ _LAZY = {
     # probe and base
     "GradientProbe": "probe.probe", "ProbeConfig": "probe.probe",
     "HeadView": "base.head", "LMHead": "base.head", "LossRequest": "base.loss", "FusedLossRecord": "base.loss",
-    "HeadLossStats": "base.loss", "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
+    "HeadLossStats": "base.loss", "LossSpec": "base.loss_spec",
+    "find_head": "base.head", "MetricsLogger": "base.sinks", "read_jsonl": "base.sinks",
     "DeviceChoice": "base.device", "resolve_device": "base.device", "choose_device": "base.device",
     # application: zero-shot evaluation (lm-eval is imported only when a harness model is made)
     "evaluate_checkpoint": "evaluate.harness", "harness_model": "evaluate.harness",
@@ -87,6 +88,7 @@ def __dir__():
 if TYPE_CHECKING:  # static analysers see the real names
     from .base.head import HeadView, LMHead, find_head  # noqa: F401
     from .base.loss import FusedLossRecord, HeadLossStats, LossRequest  # noqa: F401
+    from .base.loss_spec import LossSpec  # noqa: F401
     from .heads.contract import FusedLossConfig  # noqa: F401
     from .heads.fused import (DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss,  # noqa: F401
                               fused_loss_hook)

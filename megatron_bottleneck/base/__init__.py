@@ -8,11 +8,12 @@ from .head import (HeadBuildContext, HeadConfig, HeadLogProb, HeadSpec, HeadView
                    check_head, find_head, get_head_builder, head_view, is_linear_head, is_lm_head, is_nonlinear_head,
                    register_head, registered_heads)
 from .loss import FusedLossRecord, HeadLossStats, LossRequest
+from .loss_spec import LossSpec
 from .sinks import MetricsLogger, read_jsonl
 
 __all__ = ["BottleneckError", "CheckpointError", "ConfigError", "CpuModeError", "DataError", "DeviceError", "HeadConfigError",
            "RankFailure", "error_messages",
-           "HeadView", "LMHead", "find_head", "head_view", "is_lm_head", "FusedLossRecord", "HeadLossStats",
+           "HeadView", "LMHead", "find_head", "head_view", "is_lm_head", "FusedLossRecord", "HeadLossStats", "LossSpec",
            "HeadBuildContext", "HeadConfig", "HeadLogProb", "HeadSpec", "LinearHead", "NonLinearHead", "check_head",
            "get_head_builder", "is_linear_head", "is_nonlinear_head", "register_head", "registered_heads",
            "LossRequest", "DeviceChoice", "resolve_device", "choose_device", "auto_dtype",

@@ -20,20 +20,26 @@ from typing import Optional
 
 import torch
 
+from .loss_spec import LossSpec, grad_sq_norm, grad_terms
+
 __all__ = ["HeadLossStats", "LossRequest", "FusedLossRecord"]
 
 
 @dataclass
 class HeadLossStats:
     """Per-token softmax figures filled by :func:`megatron_bottleneck.ops.linear_cross_entropy`'s forward
-    (summed over TP).
+    (summed over TP), in the notation of :mod:`megatron_bottleneck.base.loss_spec` (x the capped logits,
+    p = softmax(x), d_i = 1 - (x_i / c)^2, 1 without a cap; w the class weights, 1 without).
 
-    sum_p2 [T]: sum_i p_ti^2 over the real classes. p_target [T]: p_{t, y_t}. lse [T]: log-sum-exp.
-    valid [T] bool: not ignored (ignored tokens have sum_p2 = p_target = 0). Shapes follow the loss
-    ([T] or [s, b]). label_smoothing, z_loss_weight and vocab_size are copied from the call.
+    sum_p2 [T]: S_pp = sum_i d_i^2 p_ti^2 over the real classes (sum_i p_ti^2 without a cap). p_target [T]: p_{t, y_t}.
+    lse [T]: log-sum-exp of x. valid [T] bool: not ignored (ignored tokens have sum_p2 = p_target = 0).
+    d_target [T]: d_{y_t}. w_target [T]: w_{y_t} (0 on ignored tokens). sum_pw [T]: S_pw = sum_i d_i^2 w_i p_ti,
+    sum_w2 [T]: S_ww = sum_i d_i^2 w_i^2 (needed with smoothing only). total_w: W = sum_i w_i. Shapes follow the
+    loss ([T] or [s, b]). spec: the call's :class:`~megatron_bottleneck.base.loss_spec.LossSpec` (its
+    label_smoothing, z_loss_weight also copied here), vocab_size: V.
 
-    :meth:`logit_grad_sq_norm` gives ||dL/dz_t||^2 per token without any T x V tensor; a probe sums it
-    for ||G||_F^2 (with grad_out = dL/dloss_t, e.g. loss_mask / num_tokens).
+    :meth:`logit_grad_sq_norm` gives ||dL/da_t||^2 per token (a the op's logits, before the cap) without any
+    T x V tensor; a probe sums it for ||G||_F^2 (with grad_out = dL/dloss_t, e.g. loss_mask / num_tokens).
     """
 
     sum_p2: Optional[torch.Tensor] = None
@@ -43,31 +49,48 @@ class HeadLossStats:
     label_smoothing: float = 0.0
     z_loss_weight: float = 0.0
     vocab_size: int = 0
+    spec: Optional[LossSpec] = None
+    d_target: Optional[torch.Tensor] = None
+    w_target: Optional[torch.Tensor] = None
+    sum_pw: Optional[torch.Tensor] = None
+    sum_w2: Optional[torch.Tensor] = None
+    total_w: object = None
     extra: dict = field(default_factory=dict)
+
+    def loss_spec(self) -> LossSpec:
+        """The pass's LossSpec (built from label_smoothing / z_loss_weight when none was recorded)."""
+        if self.spec is not None:
+            return self.spec
+        return LossSpec(label_smoothing=self.label_smoothing, z_loss_weight=self.z_loss_weight)
 
     @property
     def smoothing(self) -> float:
-        """s = alpha V / (V - 1): the weight of the uniform term in Megatron's label smoothing."""
-        v = float(self.vocab_size)
-        return self.label_smoothing * v / (v - 1) if self.label_smoothing > 0 else 0.0
+        """eps, the weight of the uniform term (Megatron's convention: alpha V / (V - 1))."""
+        return self.loss_spec().smoothing(int(self.vocab_size))
 
     def logit_grad_sq_norm(self, grad_out) -> torch.Tensor:
-        """Per-token ||dL/dz_t||^2 (float64, shape of the loss) for dL/dloss_t = grad_out.
-
-        With c = 1 + 2 w lse and q = (1 - s) e_y + s / V (s = alpha V / (V - 1)):
-        ||c p - q||^2 = c^2 sum p^2 - 2 c ((1 - s) p_y + s / V) + (1 - s)^2 + 2 (1 - s) s / V + s^2 / V.
-        Without smoothing or z-loss this is sum_i p_i^2 - 2 p_y + 1. Absolute error ~1e-7 per token
-        (float32 p), so tokens with p_y -> 1 have a relatively inaccurate (tiny) norm.
-        """
+        """Per-token ||dL/da_t||^2 (float64, shape of the loss) for dL/dloss_t = grad_out:
+        :func:`~megatron_bottleneck.base.loss_spec.grad_sq_norm` of :func:`~megatron_bottleneck.base.loss_spec.
+        grad_terms`. Without smoothing, z-loss, cap or weights this is sum_i p_i^2 - 2 p_y + 1. Absolute error
+        ~1e-7 per token (float32 p), so tokens with p_y -> 1 have a relatively inaccurate (tiny) norm."""
         if self.sum_p2 is None:
             raise ValueError("HeadLossStats is empty: pass it as stats= to linear_cross_entropy first.")
-        v = float(self.vocab_size)
-        s = self.smoothing
-        c = 1.0 + 2.0 * self.z_loss_weight * self.lse.double()
-        q2 = (1 - s) ** 2 + 2 * (1 - s) * s / v + s * s / v
-        n2 = c * c * self.sum_p2.double() - 2 * c * ((1 - s) * self.p_target.double() + s / v) + q2
-        g = torch.as_tensor(grad_out, dtype=torch.float64, device=n2.device)
-        return torch.where(self.valid, n2.clamp(min=0) * g * g, torch.zeros_like(n2))
+        spec, v = self.loss_spec(), int(self.vocab_size)
+        f64 = torch.float64
+        lse = self.lse.double()
+        valid = self.valid
+        g = torch.as_tensor(grad_out, dtype=f64, device=lse.device).expand_as(lse)
+        ones = torch.ones_like(lse)
+        w_y = ones if self.w_target is None else self.w_target.to(f64)
+        w_y = torch.where(valid, w_y, 0.0)
+        total_w = float(v) if self.total_w is None else self.total_w
+        total_w = total_w.to(f64) if isinstance(total_w, torch.Tensor) else float(total_w)
+        coef, b, e = grad_terms(g, None, lse, w_y, total_w, valid, spec, v)
+        d_y = ones if self.d_target is None else self.d_target.to(f64)
+        s_pw = ones if self.sum_pw is None else self.sum_pw.to(f64)
+        s_ww = torch.full_like(lse, float(v)) if self.sum_w2 is None else self.sum_w2.to(f64)
+        n2 = grad_sq_norm(coef, b, e, self.sum_p2.to(f64), s_pw, s_ww, self.p_target.to(f64), d_y, w_y)
+        return torch.where(valid, n2, torch.zeros_like(n2))
 
 
 @dataclass

@@ -18,7 +18,7 @@ fused model, else ``logits_forward``), ``loss`` (through :func:`megatron_bottlen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel.mappings import (
@@ -29,9 +29,10 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..base.errors import HeadConfigError
 from ..base.loss import FusedLossRecord, HeadLossStats, LossRequest
+from ..base.loss_spec import LossSpec
 from ..ops import linear_cross_entropy
 
-__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input"]
+__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input", "model_softcap"]
 
 
 @dataclass
@@ -39,9 +40,18 @@ class FusedLossConfig:
     """Options of the fused head + loss."""
 
     label_smoothing: float = 0.0
-    """alpha in [0, 1): Megatron's label smoothing over the real vocabulary."""
+    """alpha in [0, 1): label smoothing over the real vocabulary, in ``smoothing_convention``."""
+    smoothing_convention: Literal["megatron", "torch"] = "megatron"
+    """megatron: eps = alpha V / (V - 1) (Megatron-Core's, 1 - alpha on the label); torch: eps = alpha (torch's,
+    Liger-Kernel's, cut-cross-entropy's). See :mod:`megatron_bottleneck.base.loss_spec`."""
     z_loss_weight: float = 0.0
-    """w >= 0: adds w lse^2 per token (PaLM's z-loss)."""
+    """w >= 0: adds w lse^2 per token (PaLM's z-loss; Liger's ``lse_square_scale``)."""
+    softcap: Optional[float] = None
+    """c > 0: final-logit softcapping x = c tanh(z / c) before the loss (Gemma 2/3). None: the model config's
+    ``final_logit_softcapping`` (Megatron-Bridge's Gemma providers) when it has one, else no cap."""
+    ce_weight: Optional[Tuple[float, ...]] = None
+    """Class weights w ``[V]`` (>= 0), torch's / Liger's ``weight`` (None: 1 for every class). The per-token loss
+    carries w_y; Megatron's loss function then averages it over the tokens (not over sum w_y)."""
     memory_budget_mib: Optional[float] = None
     """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs, on GPUs
     1/8 of the free memory rounded down to a power of two, 1 to 4 GiB (``ops.default_memory_budget``)."""
@@ -55,6 +65,30 @@ class FusedLossConfig:
     """Add the head weight's float32 gradient straight into Megatron DDP's ``main_grad`` (as Megatron's
     ``gradient_accumulation_fusion`` does for its linear layers) instead of returning it in the weight's dtype.
     None: follow the model config's ``gradient_accumulation_fusion``."""
+
+    def __post_init__(self):
+        self.loss_spec()  # every loss option checked here, in one line (ConfigError)
+
+    def loss_spec(self, logit_scale: float = 1.0, softcap: Optional[float] = None) -> LossSpec:
+        """The :class:`~megatron_bottleneck.base.loss_spec.LossSpec` of these options (per-token reduction), with
+        MuP's ``logit_scale`` and ``softcap`` when this config sets none (the model config's). Built once per
+        (options, logit_scale, softcap) and kept: the class weights reach the GPU once, not every step."""
+        key = (self.label_smoothing, self.smoothing_convention, self.z_loss_weight, float(logit_scale),
+               self.softcap if self.softcap is not None else softcap, id(self.ce_weight))
+        cache = self.__dict__.setdefault("_specs", {})
+        if key not in cache:
+            cache[key] = LossSpec(label_smoothing=float(self.label_smoothing),
+                                  smoothing_convention=self.smoothing_convention,
+                                  z_loss_weight=float(self.z_loss_weight), logit_scale=float(logit_scale),
+                                  softcap=key[4], ce_weight=None if self.ce_weight is None else tuple(self.ce_weight))
+        return cache[key]
+
+
+def model_softcap(config) -> Optional[float]:
+    """The final-logit softcap a Megatron / Megatron-Bridge model config carries (``final_logit_softcapping``,
+    set by Bridge's Gemma 2 / 3 providers), None when it has none (or 0)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 @dataclass
@@ -120,6 +154,9 @@ class FusedHeadMixin:
     def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_loss_spec(self, spec: LossSpec) -> None:
+        """Refuse (HeadConfigError, one line) loss options this head cannot honour; every option by default."""
+
     def loss_mix(self) -> Optional[torch.Tensor]:
         """M with W = F M (``[k, D]``), None when F is W itself."""
         return None
@@ -151,6 +188,11 @@ class FusedHeadMixin:
         kept in ``last_loss``.
         """
         config = config or FusedLossConfig()
+        spec = config.loss_spec(logit_scale)
+        if spec.softcap is not None and logit_scale != 1.0:
+            raise HeadConfigError(f"final-logit softcapping (softcap={spec.softcap}) with MuP's output multiplier "
+                                  f"({logit_scale}) is ambiguous (cap then scale, or scale then cap): turn one off.")
+        self.check_loss_spec(spec)
         f = self.loss_weight(weight)
         if f is None:
             raise HeadConfigError("the head has no weight of its own (tied embeddings): pass weight= to loss().")
@@ -161,8 +203,8 @@ class FusedHeadMixin:
         budget = None if config.memory_budget_mib is None else int(config.memory_budget_mib * 2 ** 20)
         loss = linear_cross_entropy(
             u, f, labels, tp_group=self.tp_group, vocab_start=start, vocab_size=self.vocab_size,
-            label_smoothing=config.label_smoothing, z_loss_weight=config.z_loss_weight, memory_budget_bytes=budget,
-            fp8=config.fp8, stats=stats, check_labels=False, kernel=config.kernel,
+            loss_spec=config.loss_spec(1.0), memory_budget_bytes=budget, fp8=config.fp8, stats=stats,
+            check_labels=False, kernel=config.kernel,
             weight_grad_into_main_grad=weight_grad_into_main_grad)
         if stats is not None:
             mix = self.loss_mix()

@@ -28,6 +28,7 @@ gradient probe); the head knows nothing of who reads it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -37,7 +38,7 @@ from megatron.core.utils import get_pg_rank
 from ..base.errors import HeadConfigError
 from ..base.head import HeadView, find_head, is_lm_head
 from ..base.loss import HeadLossStats
-from .contract import FusedHeadMixin, FusedLossConfig, LossContext, tp_region_input
+from .contract import FusedHeadMixin, FusedLossConfig, LossContext, model_softcap, tp_region_input
 
 __all__ = ["FusedLossConfig", "DenseOutputLayer", "FusedLossModel", "as_lm_head", "fused_model_class",
            "enable_fused_loss", "disable_fused_loss", "fused_loss_hook", "head_loss", "is_fused"]
@@ -60,7 +61,12 @@ class DenseOutputLayer(FusedHeadMixin, ColumnParallelLinear):
         self._init_contract(self.output_size if real_vocab_size is None else real_vocab_size)
 
     def logits_forward(self, input_, weight=None, runtime_gather_output=None):
-        return ColumnParallelLinear.forward(self, input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        """Megatron's forward; logits c tanh(z / c) when the model config carries a final-logit softcap c
+        (``final_logit_softcapping``, as Megatron-Bridge's Gemma output layer computes them)."""
+        out, bias = ColumnParallelLinear.forward(self, input_, weight=weight,
+                                                 runtime_gather_output=runtime_gather_output)
+        cap = model_softcap(getattr(self, "config", None))
+        return (out if cap is None else cap * torch.tanh(out / cap)), bias
 
     def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return tp_region_input(hidden, self.tp_group, self.sequence_parallel)
@@ -83,7 +89,8 @@ def as_lm_head(layer, vocab_size: Optional[int] = None):
         if vocab_size is not None:
             layer.vocab_size = int(vocab_size)
         return layer
-    if type(layer) is not ColumnParallelLinear:
+    capped = isinstance(layer, ColumnParallelLinear) and model_softcap(getattr(layer, "config", None)) is not None
+    if type(layer) is not ColumnParallelLinear and not capped:
         raise HeadConfigError(
             f"the LM head is a {type(layer).__name__}, which the fused loss cannot drive: it needs Megatron's "
             "ColumnParallelLinear or a head implementing megatron_bottleneck.base.head.LMHead "
@@ -180,7 +187,8 @@ def enable_fused_loss(model, config: Optional[FusedLossConfig] = None):
         check_fusable(inner.config)
         as_lm_head(head)
         inner.__class__ = fused_model_class(type(inner))
-        inner.fused_loss_config = config
+        cap = model_softcap(inner.config)  # Megatron-Bridge's Gemma: final_logit_softcapping, unless set here
+        inner.fused_loss_config = replace(config, softcap=cap) if cap and config.softcap is None else config
     return model
 
 

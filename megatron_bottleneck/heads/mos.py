@@ -83,9 +83,10 @@ class MixtureOfSoftmaxesHead(VocabParallelHead):
         if not self.fused:
             return super().loss(hidden, labels, weight, config=config, logit_scale=logit_scale)
         self.check_loss_options(config, logit_scale)
-        if config.label_smoothing:
-            raise HeadConfigError("the fused mixture-of-softmaxes loss has no label smoothing (it needs every "
-                                  "log p_i): set label_smoothing=0, or the head option fused=false")
+        if config.label_smoothing or config.ce_weight is not None:
+            raise HeadConfigError("the fused mixture-of-softmaxes loss has no label smoothing and no class weights "
+                                  "(it sums per-component losses): set label_smoothing=0 and ce_weight=None, or the "
+                                  "head option fused=false")
         p = self._params(weight)
         hk, log_pi = self.replicated_part(p, hidden)
         hk = tp_region_input(hk, self.tp_group, self.sequence_parallel)  # [s, b, K, D]
@@ -102,7 +103,7 @@ class MixtureOfSoftmaxesHead(VocabParallelHead):
         loss = -torch.logsumexp(log_pi.float() - ce, dim=-1)
         return torch.where(labels != -100, loss, loss.new_zeros(()))
 
-    def materialised_loss(self, hidden, labels, weight=None, label_smoothing: float = 0.0):
+    def materialised_loss(self, hidden, labels, weight=None, label_smoothing: float = 0.0, spec=None):
         """The materialised loss whatever ``fused`` says (tests compare it with the fused one)."""
         return vocab_parallel_nll(self.log_probs(hidden, weight), labels, self.vocab_start, self.vocab_size,
-                                  self.tp_group, label_smoothing)
+                                  self.tp_group, label_smoothing, spec=spec)

@@ -32,6 +32,7 @@ at TP=1). A head whose math allows a fused loss overrides ``loss``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -45,6 +46,7 @@ from torch.nn import Parameter
 from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadBuildContext, HeadLogProb
+from ..base.loss_spec import LossSpec, log_prob_token_loss
 from ..base.tp_autograd import tp_copy, tp_reduce_sum
 from .contract import FusedHeadMixin, FusedLossConfig, tp_region_input
 
@@ -52,21 +54,17 @@ __all__ = ["VocabParallelHead", "vocab_parallel_nll"]
 
 
 def vocab_parallel_nll(u: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int, tp_group,
-                       label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+                       label_smoothing: float = 0.0, ignore_index: int = -100,
+                       spec: Optional[LossSpec] = None) -> torch.Tensor:
     """Per-token loss ``[...]`` float32 from this rank's log-probability columns u ``[..., n_valid]`` (global
-    rows vocab_start + j; float32 for 16-bit heads, see the module docstring): -log p(y) (all-reduced over ``tp_group``), with Megatron's label smoothing over the V
-    real classes: (1 - s)(-log p_y) - s mean_i log p_i, s = alpha V / (V - 1); 0 where y == ignore_index."""
-    n = u.shape[-1]
-    valid = labels != ignore_index
-    local = valid & (labels >= vocab_start) & (labels < vocab_start + n)
-    idx = torch.where(local, labels - vocab_start, torch.zeros_like(labels))
-    picked = torch.where(local, u.gather(-1, idx.unsqueeze(-1)).squeeze(-1), u.new_zeros(()))
-    loss = -tp_reduce_sum(picked.float(), tp_group)
-    if label_smoothing > 0:
-        s = label_smoothing * vocab_size / (vocab_size - 1)
-        mean = tp_reduce_sum(u.float().sum(dim=-1), tp_group) / vocab_size
-        loss = (1 - s) * loss - s * mean
-    return torch.where(valid, loss, loss.new_zeros(()))
+    rows vocab_start + j; float32 for 16-bit heads, see the module docstring), the one definition of
+    :func:`megatron_bottleneck.base.loss_spec.log_prob_token_loss` (sums all-reduced over ``tp_group``):
+    (1 - eps) w_y (-log p_y) - (eps / V) sum_i w_i log p_i; 0 where y is ignored. ``spec``: the loss options
+    (None: Megatron's smoothing ``label_smoothing`` and ``ignore_index``)."""
+    if spec is None:
+        spec = LossSpec(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return log_prob_token_loss(u, labels, spec, vocab_start, vocab_size,
+                               reduce=functools.partial(tp_reduce_sum, group=tp_group))
 
 
 class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
@@ -197,6 +195,16 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
         if logit_scale != 1.0:
             raise HeadConfigError(f"the {name} head does not take MuP's output multiplier (logit_scale="
                                   f"{logit_scale}): turn use_mup off for it")
+        self.check_loss_spec(config.loss_spec(logit_scale))
+
+    def check_loss_spec(self, spec: LossSpec) -> None:
+        """Final-logit softcapping caps a linear head's logits; this head's output is normalised log-probabilities
+        (the general probe sees log p, not the capped logits): refused in one line (the ``softcap`` head kind
+        caps its own logits)."""
+        if spec.softcap is not None:
+            raise HeadConfigError(f"the {type(self).__name__} head has no final-logit softcapping (softcap="
+                                  f"{spec.softcap}): leave softcap unset (a Gemma model: use the dense or low_rank "
+                                  f"head), or use the 'softcap' head kind")
 
     def loss(self, hidden, labels, weight=None, *, config=None, stats=None, logit_scale=1.0,
              weight_grad_into_main_grad=False):
@@ -204,7 +212,7 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
         config = config or FusedLossConfig()
         self.check_loss_options(config, logit_scale)
         return vocab_parallel_nll(self.log_probs(hidden, weight), labels, self.vocab_start, self.vocab_size,
-                                  self.tp_group, config.label_smoothing)
+                                  self.tp_group, spec=config.loss_spec())
 
     def log_prob_fn(self) -> HeadLogProb:
         """The general probe's view (:class:`~megatron_bottleneck.base.head.HeadLogProb`): fn(p, h [T, D]) =

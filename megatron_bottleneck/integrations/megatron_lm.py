@@ -38,7 +38,7 @@ from megatron.core import parallel_state as ps
 from ..base.errors import HeadConfigError
 from ..base.head import HeadConfig, parse_head_options
 from ..base.quiet import quiet_megatron_warnings
-from ..heads.fused import enable_fused_loss
+from ..heads.fused import FusedLossConfig, enable_fused_loss
 from ..heads import registered_heads
 from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head, refuse_from_dense_before_load
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
@@ -96,6 +96,11 @@ def add_arguments(parser):
                    help="The head kind's options as name=value,name=value, e.g. k=4 for mos.")
     g.add_argument("--lm-head-fused-loss", action="store_true",
                    help="Compute the loss fused with the LM head (dense or low-rank): no [s, b, V/tp] logits.")
+    g.add_argument("--lm-head-softcap", type=float, default=None,
+                   help="Fused loss: final-logit softcapping c, logits -> c tanh(z / c) (Gemma) inside the loss "
+                        "(logits returned without labels stay uncapped); needs --lm-head-fused-loss.")
+    g.add_argument("--lm-head-z-loss-weight", type=float, default=0.0,
+                   help="Fused loss: z-loss weight w, adds w lse^2 per token; needs --lm-head-fused-loss.")
     g.add_argument("--probe-interval", type=int, default=0,
                    help="Gradient-probe cheap figures every N steps (0: probe off).")
     g.add_argument("--probe-update-interval", type=int, default=0,
@@ -124,6 +129,8 @@ def _option_parser():
     p.add_argument("--lm-head-type", type=str, default=None)
     p.add_argument("--lm-head-options", type=str, default="")
     p.add_argument("--lm-head-fused-loss", action="store_true")
+    p.add_argument("--lm-head-softcap", type=str, default=None)
+    p.add_argument("--lm-head-z-loss-weight", type=str, default=None)
     for name, default in (("--probe-interval", "0"), ("--probe-update-interval", "0"),
                           ("--probe-rank-interval", "0"), ("--probe-rank-token-budget", "2048"),
                           ("--probe-general-tokens", "256"), ("--probe-general-iterations", "32")):
@@ -148,6 +155,27 @@ def _int(args, name: str, minimum: Optional[int] = None) -> Optional[int]:
     if minimum is not None and n < minimum:
         raise HeadConfigError(f"{name} must be >= {minimum}, got {n}")
     return n
+
+
+def _fused_loss_config(args) -> FusedLossConfig:
+    """The fused loss's options from ``--lm-head-softcap`` / ``--lm-head-z-loss-weight`` (one-line HeadConfigError
+    for a bad value, or for either without ``--lm-head-fused-loss``)."""
+    values = {}
+    for flag, key in (("--lm-head-softcap", "softcap"), ("--lm-head-z-loss-weight", "z_loss_weight")):
+        raw = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HeadConfigError(f"{flag} takes a number, got {raw!r}") from None
+        ok = value > 0 if key == "softcap" else value >= 0
+        if not ok:
+            raise HeadConfigError(f"{flag} must be {'> 0' if key == 'softcap' else '>= 0'}, got {value:g}")
+        if value and not getattr(args, "lm_head_fused_loss", False):
+            raise HeadConfigError(f"{flag} is an option of the fused head loss: add --lm-head-fused-loss")
+        values[key] = value
+    return FusedLossConfig(**values)
 
 
 def check_arguments(argv: List[str]) -> List[str]:
@@ -192,6 +220,7 @@ def check_arguments(argv: List[str]) -> List[str]:
         raise HeadConfigError("--lm-head-fused-loss computes the cross-entropy inside the head, and "
                               "--cross-entropy-loss-fusion selects Megatron's own fused cross-entropy (both would "
                               "run, on different steps): drop one of them")
+    _fused_loss_config(args)
     intervals = [_int(args, n, 0) for n in ("--probe-interval", "--probe-update-interval", "--probe-rank-interval")]
     budget = _int(args, "--probe-rank-token-budget")
     for name in ("--probe-general-tokens", "--probe-general-iterations"):
@@ -333,7 +362,7 @@ def install_head_from_args(models, args=None):
             for m in chunks:
                 install_head(m, head_config)
             if fused:
-                enable_fused_loss(models)
+                enable_fused_loss(models, _fused_loss_config(args))
         except HeadConfigError as exc:
             _fail(exc)
         if not _HEAD_LOGGED:
@@ -346,7 +375,7 @@ def install_head_from_args(models, args=None):
     if not rank:
         if fused:
             try:
-                enable_fused_loss(models)
+                enable_fused_loss(models, _fused_loss_config(args))
             except HeadConfigError as exc:
                 _fail(exc)
         return models
@@ -363,7 +392,7 @@ def install_head_from_args(models, args=None):
         _fail(exc)
     if fused:
         try:
-            enable_fused_loss(models)
+            enable_fused_loss(models, _fused_loss_config(args))
         except HeadConfigError as exc:
             _fail(exc)
     if installed and not _HEAD_LOGGED:

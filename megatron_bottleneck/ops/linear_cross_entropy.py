@@ -12,7 +12,11 @@ p = softmax(z_t), label y_t, label smoothing alpha, s = alpha V / (V - 1), z-los
            = (1 - s)(lse_t - z_ty) - s mean_i log p_ti + w lse_t^2      (Megatron's smoothing, K = V)
     dloss_t/dz_ti = (1 + 2 w lse_t) p_ti - (1 - s) [i = y_t] - s / V
 
-and loss_t = 0, gradient 0, where y_t == ignore_index.
+and loss_t = 0, gradient 0, where y_t == ignore_index. This is the default of the options; with all of them
+(a bias, the softcap x = c tanh(a / c) applied before everything else, class weights w, torch's smoothing
+convention eps = alpha, reductions) the per-token loss and dL/dz are those of
+:mod:`megatron_bottleneck.base.loss_spec`, whose functions the loops below call (``token_loss``,
+``grad_terms``, ``logit_grad_``): one implementation shared with the heads' materialised loss and the probe.
 
 Against Megatron's ``vocab_parallel_cross_entropy``: equal (loss and gradients, tested) without padding
 at any TP size when alpha = 0, and at TP = 1 with smoothing. Two deliberate differences: (1) padded
@@ -81,6 +85,9 @@ import torch
 import torch.distributed as dist
 
 from ..base.loss import HeadLossStats
+from ..base.loss_spec import (LossSpec, class_weights, grad_terms, reduce_token_loss, softcap_, softcap_slope,
+                              target_weights, token_loss)
+from ..base.loss_spec import logit_grad_ as _spec_logit_grad_
 from . import fp8 as fp8_ops
 from . import triton_linear_cross_entropy as triton_lce
 from .common import _group_rank, _group_size
@@ -310,14 +317,18 @@ def _target_hits(tgt: torch.Tensor, c0: int, c: int):
     return j.clamp(0, c - 1).unsqueeze(1), (j >= 0) & (j < c)
 
 
-def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=False, fp32_out=None):
+def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=False, fp32_out=None, *,
+                    cap=None, w_local=None, bias=None, moments=None):
     """Local online log-sum-exp over rows [0, n_real) of weight, and the target / sum logits.
 
     tgt [T] (int): the local row of y_t, or -1 where y_t is not a real row of this shard (None: all -1).
-    Returns (lse [T], lse2 [T] or None, z_y [T], sum_z [T] or None), float32: lse = log sum_i exp(z_i)
-    (-inf where n_real == 0), lse2 = log sum_i exp(2 z_i) if ``want_p2``, z_y = z_{t, tgt_t} (0 where
-    tgt_t = -1), sum_z = sum_i z_ti if ``want_sum``; all from the same float32 chunk logits.
-    Per chunk: m' = max(m, max_i z_i); S <- S e^(m - m') + sum_i e^(z_i - m'); S2 likewise with squares.
+    Logits x = c tanh(a / c) of a = u F^T (+ ``bias``) with the cap c = ``cap`` (None: x = a).
+    Returns (lse [T], lse2 [T] or None, z_y [T], sum_z [T] or None), float32: lse = log sum_i exp(x_i)
+    (-inf where n_real == 0), lse2 = log sum_i d_i^2 exp(2 x_i) if ``want_p2`` (d_i = 1 - (x_i / c)^2, 1 without
+    a cap), z_y = x_{t, tgt_t} (0 where tgt_t = -1), sum_z = sum_i w_i x_ti if ``want_sum`` (w = ``w_local``, the
+    shard's class weights [n_real]; None: 1); all from the same float32 chunk logits. ``moments`` (a dict, with
+    ``want_p2``): filled with "lspw" = log sum_i d_i^2 w_i exp(x_i) and "s_ww" = sum_i d_i^2 w_i^2 ([T]).
+    Per chunk: m' = max(m, max_i x_i); S <- S e^(m - m') + sum_i e^(x_i - m'); S2 likewise with squares.
     ``fp32_out``: :func:`fp32_output_mm` of u's device (None: decided here); see :class:`_Gemms`.
     """
     t = u.shape[0]
@@ -326,29 +337,60 @@ def _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt=None, want_sum=Fal
     s2 = torch.zeros_like(m) if want_p2 else None
     z_y = torch.zeros_like(m)
     sum_z = torch.zeros_like(m) if want_sum else None
+    full = moments is not None and want_p2 and (cap is not None or w_local is not None)
+    spw = torch.zeros_like(m) if full else None
+    sww = torch.zeros_like(m) if full else None
     if n_real == 0:
+        if moments is not None and want_p2:
+            moments.update(lspw=m.clone(), s_ww=torch.zeros_like(m))
         return m, (m.clone() if want_p2 else None), z_y, sum_z
     if tgt is None:
         tgt = torch.full((t,), -1, dtype=torch.long, device=u.device)
     c_max = min(chunk, n_real)
     buf = torch.empty(t * c_max, dtype=torch.float32, device=u.device)
+    dbuf = torch.empty(t * c_max, dtype=torch.float32, device=u.device) if (want_p2 and cap is not None) else None
     if fp32_out is None:
         fp32_out = fp32_output_mm(u.device.type)
     gemms = _Gemms(u, weight, c_max, fp32_out) if q is None else None
     for c0 in range(0, n_real, chunk):
-        z, _ = _chunk_logits(gemms, c0, min(c0 + chunk, n_real), q, buf, t)
+        c1 = min(c0 + chunk, n_real)
+        z, _ = _chunk_logits(gemms, c0, c1, q, buf, t)
+        if bias is not None:
+            z.add_(bias[c0:c1].float())
+        softcap_(z, cap)
+        w_c = None if w_local is None else w_local[c0:c1]
         col, hit = _target_hits(tgt, c0, z.shape[1])
         z_y += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
         if want_sum:
-            sum_z += z.sum(dim=1)
+            sum_z += z.sum(dim=1) if w_c is None else torch.mv(z, w_c)
+        d2 = None
+        if dbuf is not None:
+            d2 = softcap_slope(z, cap, out=dbuf[: z.numel()].view(z.shape)).square_()
         m_new = torch.maximum(m, z.amax(dim=1))
         rescale = torch.exp(m - m_new)
         z.sub_(m_new.unsqueeze(1)).exp_()
         s1.mul_(rescale).add_(z.sum(dim=1))
+        if full:
+            if d2 is None:  # no cap: d = 1
+                sww.add_((w_c * w_c).sum())
+                spw.mul_(rescale).add_(torch.mv(z, w_c))
+            else:
+                sww.add_(d2.sum(dim=1) if w_c is None else torch.mv(d2, w_c * w_c))
+                d2.mul_(z)  # d^2 e
+                spw.mul_(rescale).add_(d2.sum(dim=1) if w_c is None else torch.mv(d2, w_c))
         if want_p2:
-            s2.mul_(rescale.square()).add_(torch.linalg.vector_norm(z, dim=1).square())
+            rs2 = rescale.square()
+            if d2 is None:
+                s2.mul_(rs2).add_(torch.linalg.vector_norm(z, dim=1).square())
+            else:  # d2 holds d^2 e now when `full`, else d^2
+                s2.mul_(rs2).add_(torch.linalg.vecdot(d2, z) if full else torch.linalg.vecdot(d2 * z, z))
         m = m_new
     lse = m + torch.log(s1)
+    if moments is not None and want_p2:
+        if full:
+            moments.update(lspw=m + torch.log(spw), s_ww=sww)
+        else:
+            moments.update(lspw=lse.clone(), s_ww=torch.full_like(lse, float(n_real)))
     return lse, (2 * m + torch.log(s2) if want_p2 else None), z_y, sum_z
 
 
@@ -361,39 +403,25 @@ def _local_targets(labels, ignore_index: int, vocab_start: int, n_real: int):
     return valid, torch.where(local, local_idx, -1)
 
 
-def _logit_grad_terms(grad_loss, valid, lse, smoothing: float, vocab_size: int, z_loss_weight: float):
-    """(coef, b, e) [T] float32 of dL/dz_ti = coef_t p_ti - b_t [i = y_t] - e_t for dL/dloss_t = grad_loss:
-    coef = g (1 + 2 w lse), b = (1 - s) g, e = g s / V (None without smoothing), g = 0 on ignored tokens."""
-    g = torch.where(valid, grad_loss.float(), 0.0)
-    coef = g * (1.0 + 2.0 * z_loss_weight * lse) if z_loss_weight else g
-    b = g * (1.0 - smoothing)
-    e = g * (smoothing / vocab_size) if smoothing > 0 else None
-    return coef, b, e
+def _logit_grad_(z, c0, lse, coef, tgt, b, e, w_chunk=None, cap=None, slope_buf=None) -> torch.Tensor:
+    """In place, float32 logits z [T, C] of rows c0:c0+C (already capped) -> dL/da, the one formula of
+    :func:`megatron_bottleneck.base.loss_spec.logit_grad_`: (coef exp(z - lse) - b [i = tgt] - e w_i) (1 - (z/c)^2).
 
-
-def _logit_grad_(z, c0, lse, coef, tgt, b, e) -> torch.Tensor:
-    """In place, float32 logits z [T, C] of rows c0:c0+C -> dL/dz = coef exp(z - lse) - b [i = tgt] - e.
-
-    coef, b, e: [T] (e may be None: no smoothing); tgt [T] local target rows (-1: not on this shard).
-    No sign test on coef (it may be negative or 0): one multiply pass, no host decision."""
-    z.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))
-    col, hit = _target_hits(tgt, c0, z.shape[1])
-    z.scatter_add_(1, col, torch.where(hit, -b, 0.0).unsqueeze(1))
-    if e is not None:
-        z.sub_(e.unsqueeze(1))
-    return z
+    coef, b, e: [T] (e may be None: no smoothing); tgt [T] local target rows (-1: not on this shard)."""
+    return _spec_logit_grad_(z, c0, lse, coef, tgt, b, e, w_chunk, cap, slope_buf)
 
 
 def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt=None, b=None, e=None,
-                     fp32_out=None):
+                     fp32_out=None, *, cap=None, w_local=None, bias=None, grad_bias=None):
     """grad_u [T, k] += sum_c G_c F_c and grad_w[c] += G_c^T u (both float32, "+=" semantics), with
 
-        G_c = coef * exp(z_c - lse) - b [i = tgt] - e        (float32 [T, C], :func:`_logit_grad_`)
+        G_c = (coef * exp(x_c - lse) - b [i = tgt] - e w) (1 - (x_c / cap)^2)   (float32 [T, C], :func:`_logit_grad_`)
 
-    formed before the GEMMs; for 16-bit u it is rounded to u's dtype for them, and every product is
-    accumulated in float32 across the chunks (:class:`_Gemms`: float32-output GEMMs, or their exact
-    emulation by upcasting); for fp8 quantised to e5m2. tgt / b / e as in :func:`_logit_grad_` (None: no
-    target / smoothing terms). ``fp32_out`` as in :func:`_forward_chunks`."""
+    x_c the (capped, biased) chunk logits, formed before the GEMMs; for 16-bit u it is rounded to u's dtype for
+    them, and every product is accumulated in float32 across the chunks (:class:`_Gemms`: float32-output GEMMs,
+    or their exact emulation by upcasting); for fp8 quantised to e5m2. tgt / b / e as in :func:`_logit_grad_`
+    (None: no target / smoothing terms); w_local [n_real] the class weights (None: 1); grad_bias [n_real]
+    float32 += sum_t G (with ``bias``). ``fp32_out`` as in :func:`_forward_chunks`."""
     if n_real == 0:
         return
     t = u.shape[0]
@@ -403,16 +431,28 @@ def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt
         b = torch.zeros_like(coef)
     c_max = min(chunk, n_real)
     buf = torch.empty(t * c_max, dtype=torch.float32, device=u.device)
+    sbuf = torch.empty(t * c_max, dtype=torch.float32, device=u.device) if cap is not None else None
     low = _low_buffer(u, t, c_max, q)  # the 16-bit cast of G
     if fp32_out is None:
         fp32_out = fp32_output_mm(u.device.type)
     gemms = _Gemms(u, weight, c_max, fp32_out) if q is None else None
+
+    def grad(x, c0, c):
+        if bias is not None:
+            x.add_(bias[c0:c0 + c].float())
+        softcap_(x, cap)
+        g = _logit_grad_(x, c0, lse, coef, tgt, b, e, None if w_local is None else w_local[c0:c0 + c], cap,
+                         None if sbuf is None else sbuf[: x.numel()].view(x.shape))
+        if grad_bias is not None:
+            grad_bias[c0:c0 + c] += g.sum(dim=0)
+        return g
+
     for c0 in range(0, n_real, chunk):
         c1 = min(c0 + chunk, n_real)
         c = c1 - c0
         if q is not None:
             p = q.logits(c0, c1)  # [T, C rounded up to 16]
-            _logit_grad_(p[:, :c], c0, lse, coef, tgt, b, e)
+            grad(p[:, :c], c0, c)
             p[:, c:] = 0.0
             pad_rows = p.shape[1]
             p8, sp = fp8_ops.quantize(p, fp8_ops.E5M2)
@@ -421,37 +461,47 @@ def _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt
             grad_w[c0:c1] += gw[:c]
             continue
         z, w_c = _chunk_logits(gemms, c0, c1, None, buf, t)
-        p = _logit_grad_(z, c0, lse, coef, tgt, b, e)
+        p = grad(z, c0, c)
         gemms.add_grads(p, None if low is None else low[: t * c].view(t, c), w_c, grad_u, grad_w[c0:c1])
 
 
 # ----------------------------------------------------------------------------- autograd
 class _LinearCrossEntropy(torch.autograd.Function):
+    """(loss_t = ce_t + zl_t, zl_t) per token; see :mod:`megatron_bottleneck.base.loss_spec` for the math."""
+
     @staticmethod
-    def forward(ctx, u, weight, labels, cfg, stats):
+    def forward(ctx, u, weight, bias, labels, cfg, stats):
         tp_group = cfg["tp_group"]
         tp = _group_size(tp_group)
+        spec: LossSpec = cfg["spec"]
         v_local = weight.shape[0]
         vocab_start, vocab_size = cfg["vocab_start"], cfg["vocab_size"]
         n_real = int(max(0, min(v_local, vocab_size - vocab_start)))
-        s = cfg["smoothing"]
+        s = spec.smoothing(vocab_size)
         plan = cfg["plan"]
+        cap = spec.softcap
         chunk = cfg["chunk_size"] or choose_chunk_size(
             u.shape[0], max(n_real, 1), plan.memory_budget_bytes,
             0 if cfg["fp8"] else chunk_row_bytes(u.dtype, u.shape[1], plan.fp32_output_mm))
         q = _Fp8Cache(u, weight, n_real) if cfg["fp8"] else None
         if q is not None and chunk % 16:
             raise ValueError(f"fp8 needs chunk_size to be a multiple of 16, got {chunk}.")
-        use_triton = triton_lce.should_use(u, q, cfg["kernel"])
-
-        valid, tgt = _local_targets(labels, cfg["ignore_index"], vocab_start, n_real)
-
+        w_full = class_weights(spec, vocab_size, u.device)
+        w_local = None if w_full is None else w_full[vocab_start:vocab_start + n_real]
         want_p2, want_sum = stats is not None, s > 0
+        use_triton = (triton_lce.should_use(u, q, cfg["kernel"]) and w_full is None and bias is None
+                      and not (want_p2 and cap is not None))
+
+        valid, tgt = _local_targets(labels, spec.ignore_index, vocab_start, n_real)
+        moments = {} if want_p2 else None
         if use_triton:
-            lse, lse2, z_y, sum_z = triton_lce.forward_chunks(u, weight, n_real, want_p2, tgt, want_sum)
+            lse, lse2, z_y, sum_z = triton_lce.forward_chunks(u, weight, n_real, want_p2, tgt, want_sum, softcap=cap)
+            if want_p2:
+                moments.update(lspw=lse.clone(), s_ww=torch.full_like(lse, float(n_real)))
         else:
             lse, lse2, z_y, sum_z = _forward_chunks(u, weight, n_real, chunk, want_p2, q, tgt, want_sum,
-                                                    fp32_out=cfg["plan"].fp32_output_mm)
+                                                    fp32_out=plan.fp32_output_mm, cap=cap, w_local=w_local,
+                                                    bias=bias, moments=moments)
 
         if tp > 1:
             gmax = lse.clone()
@@ -460,7 +510,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if sum_z is not None:
                 parts.append(sum_z)
             if lse2 is not None:
-                parts.append(torch.exp(lse2 - 2 * gmax))
+                parts += [torch.exp(lse2 - 2 * gmax), torch.exp(moments["lspw"] - gmax), moments["s_ww"]]
             buf = torch.stack(parts)
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=tp_group)
             lse = gmax + torch.log(buf[0])
@@ -470,60 +520,73 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 sum_z, i = buf[2], 3
             if lse2 is not None:
                 lse2 = 2 * gmax + torch.log(buf[i])
+                moments = dict(lspw=gmax + torch.log(buf[i + 1]), s_ww=buf[i + 2])
 
-        loss = lse - (1.0 - s) * z_y
-        if sum_z is not None:
-            loss = loss - (s / vocab_size) * sum_z
-        if cfg["z_loss_weight"]:
-            loss = loss + cfg["z_loss_weight"] * lse * lse
-        zero = loss.new_zeros(())
-        loss = torch.where(valid, loss, zero)
+        w_y = target_weights(w_full, labels, valid)
+        total_w = float(vocab_size) if w_full is None else w_full.sum()
+        ce, zl = token_loss(lse, z_y, sum_z, w_y, total_w, spec, vocab_size, valid)
+        loss = ce + zl
 
         if stats is not None:
+            zero = loss.new_zeros(())
             stats.sum_p2 = torch.where(valid, torch.exp(lse2 - 2 * lse), zero)
             stats.p_target = torch.where(valid, torch.exp(z_y - lse), zero)
             stats.lse = lse
             stats.valid = valid
-            stats.label_smoothing = cfg["label_smoothing"]
-            stats.z_loss_weight = cfg["z_loss_weight"]
+            stats.label_smoothing = float(spec.label_smoothing)
+            stats.z_loss_weight = float(spec.z_loss_weight)
             stats.vocab_size = vocab_size
+            stats.spec = spec
+            stats.d_target = softcap_slope(z_y, cap) if cap is not None else None
+            stats.w_target = None if w_full is None else w_y
+            stats.sum_pw = torch.where(valid, torch.exp(moments["lspw"] - lse), zero)
+            stats.sum_w2 = moments["s_ww"]
+            stats.total_w = total_w
 
-        ctx.save_for_backward(u, weight, lse, valid, tgt)
+        ctx.save_for_backward(u, weight, bias, lse, valid, tgt, w_y, w_local)
         ctx.cfg, ctx.n_real, ctx.chunk, ctx.tp, ctx.use_triton = cfg, n_real, chunk, tp, use_triton
+        ctx.total_w = total_w
         # as Megatron's LinearWithGradAccumulationAndAsyncCommunication: main_grad is read in forward
         ctx.main_grad = getattr(weight, "main_grad", None) if cfg["weight_grad_into_main_grad"] else None
         ctx.mark_non_differentiable(lse)
-        return loss
+        return loss, zl
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        u, weight, lse, valid, tgt = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_zl):
+        u, weight, bias, lse, valid, tgt, w_y, w_local = ctx.saved_tensors
         cfg, n_real, chunk = ctx.cfg, ctx.n_real, ctx.chunk
-        coef, b, e = _logit_grad_terms(grad_loss, valid, lse, cfg["smoothing"], cfg["vocab_size"],
-                                       cfg["z_loss_weight"])
+        spec = cfg["spec"]
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        h = grad_loss if grad_zl is None else grad_loss + grad_zl
+        coef, b, e = grad_terms(grad_loss, h, lse, w_y, ctx.total_w, valid, spec, cfg["vocab_size"])
 
         q = _Fp8Cache(u, weight, n_real) if cfg["fp8"] else None
         main_grad = ctx.main_grad
         ctx.main_grad = None
         grad_u = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=u.device) if bias is not None else None
         if (main_grad is not None and main_grad.dtype == torch.float32 and main_grad.shape == weight.shape
                 and main_grad.is_contiguous()):
             grad_w, direct = main_grad, True  # "+=" straight into the float32 main_grad
         else:
             grad_w, direct = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), False
         if ctx.use_triton:
-            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e, chunk)
+            triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e, chunk,
+                                       softcap=spec.softcap)
         else:
             _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt, b, e,
-                             fp32_out=cfg["plan"].fp32_output_mm)
+                             fp32_out=cfg["plan"].fp32_output_mm, cap=spec.softcap, w_local=w_local, bias=bias,
+                             grad_bias=grad_b)
 
         if cfg["reduce_grad_input"] and ctx.tp > 1:
             dist.all_reduce(grad_u, group=cfg["tp_group"])
+        gb = None if grad_b is None else grad_b.to(bias.dtype)
         if main_grad is None:
-            return grad_u.to(u.dtype), grad_w.to(weight.dtype), None, None, None
+            return grad_u.to(u.dtype), grad_w.to(weight.dtype), gb, None, None, None
         if not direct:
             main_grad.add_(grad_w)
-        return grad_u.to(u.dtype), _dummy_weight_grad(weight, main_grad, u.dtype), None, None, None
+        return grad_u.to(u.dtype), _dummy_weight_grad(weight, main_grad, u.dtype), gb, None, None, None
 
 
 def _dummy_weight_grad(weight, main_grad, dtype):
@@ -547,25 +610,33 @@ def slice_rows(memory_bytes: int, v_local: int) -> int:
 def logit_grad_rows(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                     grad_out: torch.Tensor, *, vocab_start: int, vocab_size: int, ignore_index: int = -100,
                     label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
-                    memory_budget_bytes: Optional[int] = None) -> torch.Tensor:
-    """The logit gradient dL/dz of S tokens, recomputed from a pass's inputs and statistics: ``[S, V_local]``
-    float32, 0 on padded rows (global index >= V) and ignored tokens.
+                    memory_budget_bytes: Optional[int] = None, loss_spec: Optional[LossSpec] = None,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The logit gradient dL/da of S tokens, recomputed from a pass's inputs and statistics: ``[S, V_local]``
+    float32, 0 on padded rows (global index >= V) and ignored tokens (a = u F^T (+ bias), before the cap).
 
     u ``[S, k]`` and weight ``[V_local, k]`` (row 0 = global class ``vocab_start``) as given to
     :func:`linear_cross_entropy`; labels, lse (the pass's global log-sum-exp) and grad_out (dL/dloss_t): ``[S]``.
-    The same chunk loop and dL/dz as the op's backward (``dL/dz = coef p - (1 - s) g [i = y] - g s / V``,
-    formed in float32 per vocab chunk), written out instead of multiplied: a caller bounds the output's
-    memory by S (:func:`slice_rows`). The gradient probe uses it where the loss is fused (no logits exist).
+    ``loss_spec``: the pass's :class:`~megatron_bottleneck.base.loss_spec.LossSpec` (None: one from
+    ignore_index, label_smoothing, z_loss_weight). The same chunk loop and dL/da as the op's backward
+    (:func:`megatron_bottleneck.base.loss_spec.logit_grad_`, formed in float32 per vocab chunk), written out
+    instead of multiplied: a caller bounds the output's memory by S (:func:`slice_rows`). The gradient probe
+    uses it where the loss is fused (no logits exist).
     """
+    spec = loss_spec if loss_spec is not None else LossSpec(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                                             z_loss_weight=z_loss_weight)
     s_tok, v_local = u.shape[0], weight.shape[0]
     n_real = int(max(0, min(v_local, vocab_size - vocab_start)))
     out = torch.zeros(s_tok, v_local, dtype=torch.float32, device=u.device)
     if n_real == 0 or s_tok == 0:
         return out
-    valid, tgt = _local_targets(labels, ignore_index, vocab_start, n_real)
-    smoothing = label_smoothing * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0
+    valid, tgt = _local_targets(labels, spec.ignore_index, vocab_start, n_real)
     lse = lse.float()
-    coef, b, e = _logit_grad_terms(grad_out, valid, lse, smoothing, vocab_size, z_loss_weight)
+    w_full = class_weights(spec, vocab_size, u.device)
+    w_local = None if w_full is None else w_full[vocab_start:vocab_start + n_real]
+    w_y = target_weights(w_full, labels, valid)
+    total_w = float(vocab_size) if w_full is None else w_full.sum()
+    coef, b, e = grad_terms(grad_out, None, lse, w_y, total_w, valid, spec, vocab_size)
     plan = ChunkLoopPlan.for_device(u.device, memory_budget_bytes)
     chunk = choose_chunk_size(s_tok, n_real, plan.memory_budget_bytes,
                               chunk_row_bytes(u.dtype, u.shape[1], plan.fp32_output_mm))
@@ -573,7 +644,12 @@ def logit_grad_rows(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     gemms = _Gemms(u, weight, min(chunk, n_real), plan.fp32_output_mm)
     for c0 in range(0, n_real, chunk):
         c1 = min(c0 + chunk, n_real)
-        out[:, c0:c1] = _logit_grad_(_chunk_logits(gemms, c0, c1, None, buf, s_tok)[0], c0, lse, coef, tgt, b, e)
+        x = _chunk_logits(gemms, c0, c1, None, buf, s_tok)[0]
+        if bias is not None:
+            x.add_(bias[c0:c1].float())
+        softcap_(x, spec.softcap)
+        out[:, c0:c1] = _logit_grad_(x, c0, lse, coef, tgt, b, e, None if w_local is None else w_local[c0:c1],
+                                     spec.softcap)
     return out
 
 
@@ -588,6 +664,13 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss_weight: float = 0.0,
+    softcap: Optional[float] = None,
+    ce_weight=None,
+    reduction: str = "none",
+    return_z_loss: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    smoothing_convention: str = "megatron",
+    loss_spec: Optional[LossSpec] = None,
     chunk_size: Optional[int] = None,
     memory_budget_bytes: Optional[int] = None,
     stats: Optional[HeadLossStats] = None,
@@ -596,11 +679,16 @@ def linear_cross_entropy(
     check_labels: bool = True,
     kernel: str = "torch",
     weight_grad_into_main_grad: bool = False,
-) -> torch.Tensor:
-    """Per-token cross-entropy of logits u F^T over the vocabulary, without materialising them.
+):
+    """Cross-entropy of the logits u F^T (+ bias) over the vocabulary, without materialising them.
 
-    loss_t = lse_t - (1 - s) z_{t,y} - s mean_i z_ti + w lse_t^2 (0 for ignored tokens), see the module
-    docstring for the math, the gradients and the TP contract.
+    Per token (see :mod:`megatron_bottleneck.base.loss_spec` for the math), with x = c tanh(a / c) the capped
+    logits of a = u F^T + bias (x = a without ``softcap``), lse = log sum_i exp(x_i)::
+
+        loss_t = (1 - eps) w_y (lse - x_y) + (eps / V) sum_i w_i (lse - x_i) + w_z lse^2   (0 for ignored tokens)
+
+    i.e. torch's ``cross_entropy(x, y, weight=ce_weight, label_smoothing=eps)`` plus the z-loss; the module
+    docstring has the gradients and the TP contract.
 
     Args:
         u: [T, k] or [s, b, k] head input (U = H B^T for a low-rank head, H for a dense head); the same
@@ -611,8 +699,18 @@ def linear_cross_entropy(
             rank * V_local). vocab_size: real vocabulary V (default V_local * tp); rows at or beyond it
             are padding.
         ignore_index: label of tokens with loss 0 and no gradient.
-        label_smoothing: alpha in [0, 1), Megatron's semantics over the V real classes.
-        z_loss_weight: w >= 0, adds w lse^2 per token.
+        label_smoothing: alpha in [0, 1); ``smoothing_convention`` "megatron" (default: eps = alpha V / (V - 1),
+            Megatron-Core's) or "torch" (eps = alpha, torch's / Liger's / cut-cross-entropy's).
+        z_loss_weight: w_z >= 0, adds w_z lse^2 per token (Liger's ``lse_square_scale``).
+        softcap: c > 0 or None: final-logit softcapping x = c tanh(a / c) (Gemma 2/3), before everything else.
+        ce_weight: class weights [V] (>= 0) or None; "mean" then divides by sum_t w_{y_t} (torch / Liger).
+        reduction: "none" (per-token [T] / [s, b], default), "sum", or "mean" (divided by the non-ignored
+            count, or the weighted count with ce_weight; the z-loss part by the count; 0 if all ignored).
+        return_z_loss: also return the z-loss part (reduced like the loss; already inside the loss: for logging).
+        bias: [V_local] this rank's shard of a bias of the logits, or None (gradient returned in bias's dtype).
+        loss_spec: a :class:`~megatron_bottleneck.base.loss_spec.LossSpec` giving all the loss options at once
+            (then the individual ones above are not read; its logit_scale must be 1: fold MuP's
+            multiplier into u).
         chunk_size: vocab rows per chunk; None picks it so that the one float32 [T, C] chunk buffer takes
             about half of ``memory_budget_bytes``.
         memory_budget_bytes: working memory of the chunk loop; None: :func:`default_memory_budget`
@@ -622,12 +720,13 @@ def linear_cross_entropy(
             float8_e5m2, per-tensor scales (``torch._scaled_mm``). T and k must be multiples of 16.
         reduce_grad_input: all-reduce dL/du over ``tp_group`` inside the op (default: the caller's
             TP region does it, see the module docstring).
-        check_labels: raise ValueError for labels outside [0, V) other than ignore_index. This costs one
-            host synchronisation (the only one of the op); the model heads pass False.
+        check_labels: raise ValueError for labels outside [0, V) other than ignore_index (and for negative
+            class weights). This costs one host synchronisation (the only one of the op); the heads pass False.
         kernel: "torch" (the chunk loops, default), "triton" (the Triton kernels; CUDA tensors, or CPU
             tensors under TRITON_INTERPRET=1) or "auto" (Triton for CUDA float32 / bfloat16 / float16
-            tensors when Triton imports, else torch). fp8 always runs the torch loops. The environment
-            variable MB_FUSED_KERNEL, when set and not empty, overrides this argument.
+            tensors when Triton imports, else torch). fp8, ``ce_weight``, ``bias`` and statistics under a
+            softcap always run the torch loops. The environment variable MB_FUSED_KERNEL, when set and not
+            empty, overrides this argument. Both are deterministic (no atomics; fixed summation orders).
         weight_grad_into_main_grad: when True and ``weight.main_grad`` exists (Megatron DDP with
             gradient_accumulation_fusion), dL/dF (float32) is added into ``weight.main_grad`` (directly
             when main_grad is a float32 tensor of weight's shape) and the weight's gradient is a dummy, as
@@ -635,10 +734,20 @@ def linear_cross_entropy(
             ``weight.zero_out_wgrad`` else an empty tensor, with ``weight.grad_added_to_main_grad = True``;
             None if the weight has no ``grad_added_to_main_grad`` attribute. Without main_grad: ignored.
 
-    Returns: loss [T] or [s, b], float32. Gradients: dL/du in u's dtype (this rank's partial sum unless
-    ``reduce_grad_input``), dL/dF in weight's dtype, both accumulated in float32 and cast once.
+    Returns: the loss, float32: [T] or [s, b] for reduction "none", else a scalar; with ``return_z_loss`` a
+    pair (loss, z_loss). ``loss.mean()`` of the per-token loss divides by every token, ignored ones included
+    (reduction="mean" divides by the non-ignored ones). Gradients: dL/du in u's dtype (this rank's partial sum
+    unless ``reduce_grad_input``), dL/dF in weight's dtype, both accumulated in float32 and cast once.
     """
-    _validate(u, weight, labels, label_smoothing, z_loss_weight, chunk_size, fp8)
+    if loss_spec is None:
+        loss_spec = LossSpec(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                             smoothing_convention=smoothing_convention, z_loss_weight=float(z_loss_weight),
+                             softcap=softcap, ce_weight=ce_weight, reduction=reduction)
+    elif loss_spec.logit_scale != 1.0:
+        raise ValueError(f"linear_cross_entropy takes the logits u F^T as they are: fold loss_spec.logit_scale="
+                         f"{loss_spec.logit_scale} into u and pass loss_spec.with_(logit_scale=1.0).")
+    spec = loss_spec
+    _validate(u, weight, labels, chunk_size, fp8, bias)
     triton_lce.check_kernel(kernel)
     if memory_budget_bytes is not None and int(memory_budget_bytes) < 1:
         raise ValueError(f"memory_budget_bytes must be a positive int or None, got {memory_budget_bytes!r}.")
@@ -651,16 +760,20 @@ def linear_cross_entropy(
         vocab_size = v_local * tp
     if vocab_size < 2 or vocab_size > v_local * tp:
         raise ValueError(f"vocab_size={vocab_size} must be in [2, V_local * tp = {v_local * tp}].")
+    if spec.ce_weight is not None:
+        class_weights(spec, vocab_size, u.device)  # one line if it has not V entries
     lead = labels.shape
     u2 = u.reshape(-1, u.shape[-1])
     y = labels.reshape(-1)
     if check_labels:  # the op's only host synchronisation, opt-out with check_labels=False
-        bad = (y != ignore_index) & ((y < 0) | (y >= vocab_size))
+        bad = (y != spec.ignore_index) & ((y < 0) | (y >= vocab_size))
         if bool(bad.any()):
             raise ValueError(
                 f"labels contain {int(bad.sum())} ids outside [0, {vocab_size}) other than "
-                f"ignore_index={ignore_index}; fix the labels or vocab_size."
+                f"ignore_index={spec.ignore_index}; fix the labels or vocab_size."
             )
+        if isinstance(spec.ce_weight, torch.Tensor) and bool((spec.ce_weight < 0).any()):
+            raise ValueError("ce_weight holds negative class weights; class weights must be >= 0.")
     if fp8 is not None:
         fp8_ops.check_multiple_of_16("T (tokens)", u2.shape[0], "pad the micro-batch tokens (s * b) to a multiple of 16")
         fp8_ops.check_multiple_of_16("k (head input width)", u2.shape[1], "use a rank / hidden size that is a multiple of 16")
@@ -668,10 +781,7 @@ def linear_cross_entropy(
         tp_group=tp_group,
         vocab_start=int(vocab_start),
         vocab_size=int(vocab_size),
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        smoothing=float(label_smoothing) * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0,
-        z_loss_weight=float(z_loss_weight),
+        spec=spec,
         chunk_size=chunk_size,
         plan=plan,
         fp8=fp8,
@@ -679,14 +789,21 @@ def linear_cross_entropy(
         kernel=kernel,
         weight_grad_into_main_grad=bool(weight_grad_into_main_grad),
     )
-    loss = _LinearCrossEntropy.apply(u2, weight, y, cfg, stats)
+    loss, zl = _LinearCrossEntropy.apply(u2, weight, bias, y, cfg, stats)
     if stats is not None and len(lead) != 1:
-        for name in ("sum_p2", "p_target", "lse", "valid"):
-            setattr(stats, name, getattr(stats, name).reshape(lead))
-    return loss.reshape(lead)
+        for name in ("sum_p2", "p_target", "lse", "valid", "d_target", "w_target", "sum_pw", "sum_w2"):
+            if getattr(stats, name) is not None:
+                setattr(stats, name, getattr(stats, name).reshape(lead))
+    if spec.reduction == "none":
+        loss, zl = loss.reshape(lead), zl.reshape(lead)
+    else:
+        valid = y != spec.ignore_index
+        w_full = class_weights(spec, int(vocab_size), u.device)
+        loss, zl = reduce_token_loss(loss, zl, valid, target_weights(w_full, y, valid), spec, w_full is not None)
+    return (loss, zl) if return_z_loss else loss
 
 
-def _validate(u, weight, labels, label_smoothing, z_loss_weight, chunk_size, fp8) -> None:
+def _validate(u, weight, labels, chunk_size, fp8, bias=None) -> None:
     if u.dim() not in (2, 3):
         raise ValueError(f"u must be [T, k] or [s, b, k], got shape {tuple(u.shape)}.")
     if weight.dim() != 2 or weight.shape[1] != u.shape[-1]:
@@ -697,10 +814,8 @@ def _validate(u, weight, labels, label_smoothing, z_loss_weight, chunk_size, fp8
         raise ValueError(f"labels must be an integer tensor of class ids, got {labels.dtype}.")
     if u.dtype != weight.dtype:
         raise ValueError(f"u ({u.dtype}) and weight ({weight.dtype}) must have the same dtype; cast one.")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-    if z_loss_weight < 0:
-        raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight}.")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be [V_local] = [{weight.shape[0]}] (this rank's shard), got {tuple(bias.shape)}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     if fp8 not in (None, "e4m3"):

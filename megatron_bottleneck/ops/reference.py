@@ -24,12 +24,14 @@ def linear_cross_entropy_reference(
     label_smoothing: float = 0.0,
     z_loss_weight: float = 0.0,
     logits_out: Optional[list] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """u [T, k] or [s, b, k]; weight [V_rows, k] (the whole vocabulary); labels [T] or [s, b].
 
     Returns per-token loss (float32, shape of labels). ``logits_out``: if a list, the float32 real
     logits [T, V] (requiring grad when u or weight do, with ``retain_grad``) are appended to it, so a
-    test can read G = dL/dZ after backward.
+    test can read G = dL/dZ after backward. ``softcap`` c: the loss of c tanh(Z / c) (Z itself is what
+    ``logits_out`` holds, so G is the gradient through the cap).
     """
     lead = labels.shape
     u2 = u.reshape(-1, u.shape[-1])
@@ -40,6 +42,8 @@ def linear_cross_entropy_reference(
         if logits.requires_grad:
             logits.retain_grad()
         logits_out.append(logits)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse.unsqueeze(-1)
     valid = y != ignore_index
@@ -90,7 +94,8 @@ def flat_zipf_problem(t: int, k: int, v_rows: int, vocab: Optional[int] = None, 
 
 
 def unfused_loss(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, vocab_size: Optional[int] = None,
-                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss_weight: float = 0.0) -> torch.Tensor:
+                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                 softcap: Optional[float] = None) -> torch.Tensor:
     """Per-token loss the way an unfused head computes it (Megatron's ColumnParallelLinear +
     vocab_parallel_cross_entropy): logits = u @ weight^T in u's dtype (a 16-bit GEMM for 16-bit inputs),
     then a float32 (float64 for float64 inputs) softmax cross-entropy with Megatron's smoothing and the
@@ -98,6 +103,8 @@ def unfused_loss(u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
     v = weight.shape[0] if vocab_size is None else vocab_size
     logits = (u @ weight.t())[:, :v]
     logits = logits.double() if u.dtype == torch.float64 else logits.float()
+    if softcap is not None:  # as Megatron-Bridge's Gemma output layer, on the upcast logits
+        logits = softcap * torch.tanh(logits / softcap)
     s = label_smoothing * v / (v - 1) if label_smoothing > 0 else 0.0
     valid = labels != ignore_index
     loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none",

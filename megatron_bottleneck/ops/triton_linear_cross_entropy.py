@@ -245,6 +245,14 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _tanh(y):
+        """tanh(y) in float32 from exp (no libdevice: the interpreter runs it too): sign(y) (1 - e) / (1 + e),
+        e = exp(-2 |y|); absolute error ~1e-7."""
+        e = tl.exp(-2.0 * tl.abs(y))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(y < 0, -t, t)
+
+    @triton.jit
     def _logit_tile(u_rows, w_cols, mask_t, mask_v, K, PREC: tl.constexpr, UP: tl.constexpr,
                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
         """z [BT, BV] float32 = u[t-block] F[v-tile]^T, accumulated over k in BK pieces (edges masked to 0);
@@ -261,7 +269,7 @@ if triton is not None:
 
     @triton.jit
     def _lse_fwd_kernel(u_ptr, w_ptr, tgt_ptr, lse_ptr, lse2_ptr, zy_ptr, sz_ptr, T, K, n_real, n_split,
-                        s_ut, s_wv, WANT_P2: tl.constexpr, WANT_SUM: tl.constexpr,
+                        s_ut, s_wv, cap, WANT_P2: tl.constexpr, WANT_SUM: tl.constexpr, HAS_CAP: tl.constexpr,
                         PREC: tl.constexpr, UP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                         BK: tl.constexpr):
         pid_t = tl.program_id(0)
@@ -281,6 +289,8 @@ if triton is not None:
             mask_v = offs_v < n_real
             w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * s_wv
             z = _logit_tile(u_rows, w_cols, mask_t, mask_v, K, PREC, UP, BT, BV, BK)
+            if HAS_CAP:  # final-logit softcapping, x = c tanh(z / c)
+                z = cap * _tanh(z / cap)
             zy += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)  # tgt < n_real
             if WANT_SUM:
                 sz += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
@@ -302,7 +312,7 @@ if triton is not None:
 
     @triton.jit
     def _grad_logits_kernel(u_ptr, w_ptr, lse_ptr, coef_ptr, tgt_ptr, b_ptr, e_ptr, g_ptr, T, K, v0, vc,
-                            s_ut, s_wv, s_gt, HAS_E: tl.constexpr, PREC: tl.constexpr,
+                            s_ut, s_wv, s_gt, cap, HAS_E: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
                             UP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
         """Gc[t, c] = G[t, v0 + c] for the chunk's columns c < vc (w_ptr points at row v0), rounded to
         Gc's dtype; zeros for token blocks without an active token."""
@@ -327,11 +337,16 @@ if triton is not None:
             u_rows = u_ptr + t64[:, None] * s_ut
             w_cols = w_ptr + offs_c.to(tl.int64)[None, :] * s_wv
             z = _logit_tile(u_rows, w_cols, mask_t, mask_c, K, PREC, UP, BT, BV, BK)
+            if HAS_CAP:
+                th = _tanh(z / cap)
+                z = cap * th
             # dL/dz in float32, one-hot and smoothing included, rounded once for the GEMMs
             p = coef[:, None] * tl.exp(z - lse[:, None])
             p -= tl.where((offs_c + v0)[None, :] == tgt[:, None], bt[:, None], 0.0)
             if HAS_E:
                 p -= et[:, None]
+            if HAS_CAP:  # through the cap: dx/dz = 1 - tanh^2
+                p = p * (1.0 - th * th)
             if UP:  # interpreter: round to nearest as a GPU's cast does (the interpreter's truncates)
                 p = _round_bf16(p)
             tl.store(g_out, p.to(g_ptr.dtype.element_ty), mask=mask_g)
@@ -396,11 +411,13 @@ def _no_target(t: int, device) -> torch.Tensor:
 
 
 def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: bool,
-                   tgt: Optional[torch.Tensor] = None, want_sum: bool = False):
+                   tgt: Optional[torch.Tensor] = None, want_sum: bool = False, softcap: Optional[float] = None):
     """(lse [T], lse2 [T] or None, z_y [T], sum_z [T] or None), float32, over rows [0, n_real) of weight.
 
     tgt [T]: the local row of each token's target, -1 where it is not a real row here (None: all -1);
-    z_y = z_{t, tgt_t} (0 for -1). lse / lse2 are -inf where n_real == 0. See the module docstring."""
+    z_y = z_{t, tgt_t} (0 for -1). lse / lse2 are -inf where n_real == 0. See the module docstring.
+    softcap: c (None: none): every quantity is of the capped logits x = c tanh(z / c) (lse2 then is NOT the
+    probe's d-weighted sum: the op runs the torch loop when it needs statistics under a cap)."""
     u, weight = _prepare(u, weight)
     t, k = u.shape
     z_y = torch.zeros(t, dtype=torch.float32, device=u.device)
@@ -419,7 +436,8 @@ def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: 
     prec, up = _precision(u)
     _lse_fwd_kernel[(t_blocks, n_split)](
         u, weight, tgt, lse, lse2, zy, sz, t, k, n_real, n_split, u.stride(0), weight.stride(0),
-        WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), PREC=prec, UP=up, BT=cfg.block_m,
+        float(softcap or 1.0), WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), HAS_CAP=softcap is not None,
+        PREC=prec, UP=up, BT=cfg.block_m,
         BV=cfg.block_n, BK=cfg.block_k, **opts)
     if n_split == 1:
         return lse[0], (lse2[0] if want_p2 else None), zy[0], (sz[0] if want_sum else None)
@@ -440,12 +458,13 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, prec, up) -> None
 def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: torch.Tensor, coef: torch.Tensor,
                     grad_u: torch.Tensor, grad_w: torch.Tensor, tgt: Optional[torch.Tensor] = None,
                     b: Optional[torch.Tensor] = None, e: Optional[torch.Tensor] = None,
-                    chunk: Optional[int] = None) -> None:
+                    chunk: Optional[int] = None, softcap: Optional[float] = None) -> None:
     """grad_u [T, k] += G F[:n_real]; grad_w[:n_real] += G^T u (both float32), with
     G = coef exp(z - lse) - b [i = tgt] - e formed in float32 in the kernel (b, e [T]; None: 0).
 
     chunk: vocab rows per pass (None: all n_real); a [T, chunk] buffer of u's dtype holds G rounded to
-    u's dtype. Three launches per chunk, no atomics (see the module docstring)."""
+    u's dtype. Three launches per chunk, no atomics (see the module docstring). softcap: c (None: none):
+    G = (coef exp(x - lse) - b [i = tgt] - e) (1 - (x / c)^2) with x = c tanh(z / c)."""
     u, weight = _prepare(u, weight)
     t, k = u.shape
     if n_real == 0 or t == 0:
@@ -472,8 +491,9 @@ def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: tor
         vc = min(c, n_real - v0)
         w_c = weight[v0:v0 + vc]
         _grad_logits_kernel[(triton.cdiv(t, cfg.block_m), triton.cdiv(vc, cfg.block_n))](
-            u, w_c, lse, coef, tgt, b, e, g, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0), HAS_E=has_e,
-            PREC=prec, UP=up, BT=cfg.block_m, BV=cfg.block_n, BK=cfg.block_k, **opts)
+            u, w_c, lse, coef, tgt, b, e, g, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0),
+            float(softcap or 1.0), HAS_E=has_e, HAS_CAP=softcap is not None, PREC=prec, UP=up, BT=cfg.block_m,
+            BV=cfg.block_n, BK=cfg.block_k, **opts)
         g_c = g[:, :vc]
         _mm_acc(g_c, w_c, grad_u, prec, up)  # dU pass: grad_u += Gc F_c
         _mm_acc(g_c.t(), u, grad_w[v0:v0 + vc], prec, up)  # dW pass: grad_w[chunk] += Gc^T u
@@ -546,22 +566,23 @@ def inspect_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, capa
             "shared_bytes": int(k.metadata.shared)}
 
 
-def _compile_specs(dt: str):
+def _compile_specs(dt: str, cap: bool = False):
     """The kernels as :func:`forward_chunks` / :func:`backward_chunks` launch them for contiguous inputs of
     dtype ``dt`` ("fp32" | "bf16" | "fp16") at realistic sizes (T, k, V_local and the chunk multiples of
-    16): [(report name, config kernel, fn, signature, constexprs, divisible)]. The unit strides along k
+    16): [(report name, config kernel, fn, signature, constexprs, divisible)]. ``cap``: only the softcap
+    variants (HAS_CAP) of the two logit kernels. The unit strides along k
     are built into the kernels; the dU / dW GEMMs read Gc row- / column-major (Triton specializes the
     stride 1 at a launch, as here)."""
     x, f32 = "*" + dt, "*fp32"
     prec = "ieee" if dt == "fp32" else None
     fwd_sig = dict(u_ptr=x, w_ptr=x, tgt_ptr="*i64", lse_ptr=f32, lse2_ptr=f32, zy_ptr=f32, sz_ptr=f32, T="i32",
-                   K="i32", n_real="i32", n_split="i32", s_ut="i32", s_wv="i32")
-    fwd_const = dict(WANT_P2=True, WANT_SUM=True, PREC=prec, UP=False)
+                   K="i32", n_real="i32", n_split="i32", s_ut="i32", s_wv="i32", cap="fp32")
+    fwd_const = dict(WANT_P2=True, WANT_SUM=True, HAS_CAP=cap, PREC=prec, UP=False)
     fwd_div = ("u_ptr", "w_ptr", "tgt_ptr", "lse_ptr", "lse2_ptr", "zy_ptr", "sz_ptr", "T", "K", "n_real", "s_ut",
                "s_wv")
     gl_sig = dict(u_ptr=x, w_ptr=x, lse_ptr=f32, coef_ptr=f32, tgt_ptr="*i64", b_ptr=f32, e_ptr=f32, g_ptr=x,
-                  T="i32", K="i32", v0="i32", vc="i32", s_ut="i32", s_wv="i32", s_gt="i32")
-    gl_const = dict(HAS_E=True, PREC=prec, UP=False)
+                  T="i32", K="i32", v0="i32", vc="i32", s_ut="i32", s_wv="i32", s_gt="i32", cap="fp32")
+    gl_const = dict(HAS_E=True, HAS_CAP=cap, PREC=prec, UP=False)
     gl_div = ("u_ptr", "w_ptr", "lse_ptr", "coef_ptr", "tgt_ptr", "b_ptr", "e_ptr", "g_ptr", "T", "K", "v0", "vc",
               "s_ut", "s_wv", "s_gt")
     mm_sig = dict(a_ptr=x, b_ptr=x, c_ptr=f32, M="i32", N="i32", KR="i32", s_am="i32", s_ak="i32", s_bk="i32",
@@ -569,16 +590,21 @@ def _compile_specs(dt: str):
     mm_div = ("a_ptr", "b_ptr", "c_ptr", "M", "N", "KR", "s_bk", "s_cm")
     du_sig, dw_sig = dict(mm_sig, s_ak="constexpr"), dict(mm_sig, s_am="constexpr")
     mm_const = dict(PREC=prec, UP=False, GROUP_M=8)
-    return [("lse_fwd", "lse_fwd", _lse_fwd_kernel, fwd_sig, fwd_const, fwd_div),
-            ("grad_logits", "grad_logits", _grad_logits_kernel, gl_sig, gl_const, gl_div),
+    logit_kernels = [("lse_fwd", "lse_fwd", _lse_fwd_kernel, fwd_sig, fwd_const, fwd_div),
+                     ("grad_logits", "grad_logits", _grad_logits_kernel, gl_sig, gl_const, gl_div)]
+    if cap:  # the GEMM kernels have no cap variant
+        return logit_kernels
+    return [*logit_kernels,
             ("mm_acc dU (Gc @ F)", "mm_acc", _mm_acc_kernel, du_sig, dict(mm_const, s_ak=1), mm_div + ("s_am",)),
             ("mm_acc dW (Gc^T @ u)", "mm_acc", _mm_acc_kernel, dw_sig, dict(mm_const, s_am=1), mm_div + ("s_ak",))]
 
 
-def compile_resources(dtypes=("bf16", "fp16", "fp32"), archs=tuple(ARCHS), configs=None) -> List[dict]:
+def compile_resources(dtypes=("bf16", "fp16", "fp32"), archs=tuple(ARCHS), configs=None,
+                      softcap: bool = False) -> List[dict]:
     """Every kernel of this module compiled at its shipped configuration (or ``configs``, a dict like
     :data:`CONFIGS`) for each arch of :data:`ARCHS` and input dtype, without a GPU: one row per kernel x
-    dtype x arch, :func:`inspect_kernel`'s figures plus "kernel", "dtype", "shared_limit" (the family's,
+    dtype x arch (``softcap``: the two logit kernels' softcap variants only), :func:`inspect_kernel`'s figures
+    plus "kernel", "dtype", "shared_limit" (the family's,
     :data:`SHARED_LIMIT`) and the configuration (block_m, block_n, block_k, num_warps, num_stages)."""
     reason = compile_unavailable()
     if reason:
@@ -586,7 +612,7 @@ def compile_resources(dtypes=("bf16", "fp16", "fp32"), archs=tuple(ARCHS), confi
     configs = CONFIGS if configs is None else configs
     rows = []
     for dt in dtypes:
-        for name, cfg_name, fn, sig, const, div in _compile_specs(dt):
+        for name, cfg_name, fn, sig, const, div in _compile_specs(dt, softcap):
             for arch in archs:
                 cap, fam = ARCHS[arch]
                 cfg = configs[(cfg_name, dt, fam)]

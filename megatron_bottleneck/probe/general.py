@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.func as tfunc
 
+from ..base.loss_spec import LossSpec, log_prob_logit_grad
 from ..base.tp_autograd import tp_log_softmax, tp_reduce_sum
 
 __all__ = ["CGResult", "centred_gram_matvec", "visible_energy_cg", "logit_grad", "head_sums", "figures_from_sums",
@@ -166,36 +167,30 @@ SUM_NAMES = ("visible", "grad_sq", "residual_max", "update_inner", "update_sq", 
 
 def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_size: int,
                scale: Optional[Tensor] = None, label_smoothing: float = 0.0, logit_scale: float = 1.0,
-               tp_group=None, normalised: bool = False) -> Tensor:
-    """This rank's columns of the logit gradient ``g_t = w_t (p_t - q_t)``, float64 ``[T, n_valid]``, from the
-    effective log-probabilities u ``[T, n_valid]`` (p = exp u, normalised over every shard) and global labels
-    ``[T]``: q_t = (1 - s) onehot(y_t) + s / V (Megatron's label smoothing, s = alpha V / (V - 1); s = 0 without),
-    w_t = ``scale[t]`` (dL/dloss_t; None: 1), and g_t = 0 for y_t = -100. No host sync (no ``nonzero``).
+               tp_group=None, normalised: bool = False, loss_spec: Optional[LossSpec] = None) -> Tensor:
+    """This rank's columns of the logit gradient ``g_t = w_t (A_t p_t - B_t onehot(y_t) - E_t w)``, float64
+    ``[T, n_valid]``, from the effective log-probabilities u ``[T, n_valid]`` (p = exp u, normalised over every
+    shard) and global labels ``[T]``: the one formula of :func:`megatron_bottleneck.base.loss_spec.
+    log_prob_logit_grad` for the loss options ``loss_spec`` (None: Megatron's smoothing ``label_smoothing``;
+    ignore index, smoothing convention, class weights from the spec: g_t = 0 for ignored tokens), w_t =
+    ``scale[t]`` (dL/dloss_t; None: 1). Without class weights or smoothing, g_t = w_t (p_t - onehot(y_t)). No host
+    sync (no ``nonzero``).
 
     ``logit_scale`` c != 1 (MuP's output multiplier, applied by the model to the head's output u): the loss
     is the cross-entropy of c u, so p = softmax(c u) (normalised over every shard of ``tp_group``: one MAX
-    and one SUM all-reduce, every rank calls it) and the gradient at u itself is c w_t (p_t - q_t).
+    and one SUM all-reduce, every rank calls it) and the gradient at u itself is c times that at c u.
     ``normalised=True``: ``u`` is already log softmax(c u) (the caller ran those collectives), no collective here."""
+    spec = loss_spec if loss_spec is not None else LossSpec(label_smoothing=label_smoothing)
     if logit_scale != 1.0 and not normalised:
         u = tp_log_softmax(u.detach().double() * logit_scale, tp_group)
-    p = u.detach().double().exp()
-    y = labels.reshape(-1)
-    local = y - vocab_start
-    mine = (y != -100) & (local >= 0) & (local < n_valid)
-    s = label_smoothing * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0
-    g = p - s / vocab_size if s else p.clone()
-    idx = torch.where(mine, local, torch.zeros_like(local)).unsqueeze(-1)
-    g.scatter_add_(1, idx, torch.where(mine, -(1.0 - s), 0.0).to(g.dtype).unsqueeze(-1))
-    w = (y != -100).to(g.dtype) * logit_scale
-    if scale is not None:
-        w = w * scale.reshape(-1).to(g.dtype)
-    return g * w[:, None]
+    g = log_prob_logit_grad(u.reshape(-1, n_valid), labels, spec, vocab_start, vocab_size, scale)
+    return g * logit_scale if logit_scale != 1.0 else g
 
 
 def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: Optional[Tensor] = None,
               iterations: Optional[int] = None, update: bool = False, scale: Optional[Tensor] = None,
               label_smoothing: float = 0.0, logit_scale: float = 1.0,
-              errors: Optional[List[BaseException]] = None) -> Tensor:
+              errors: Optional[List[BaseException]] = None, loss_spec: Optional[LossSpec] = None) -> Tensor:
     """The probe's sums for any head on one batch of T tokens: a float64 vector in the order of
     :data:`SUM_NAMES`, the same on every TP rank (already reduced over the vocabulary shards), on the device (no
     host sync). :func:`figures_from_sums` turns it (or a sum of such vectors, ``residual_max`` excepted) into the
@@ -206,8 +201,9 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
     (e.g. the unfused head's dL/du from autograd), as g_t = c_t - p_t sum_i c_ti (sum over every shard: the
     logit gradient with the same J^T c, u being normalised; c itself for a cross-entropy of u as logits,
     w (p - q), and p - q for an NLL of u, -w q), or built from ``labels`` ``[T]`` by :func:`logit_grad`
-    (``scale``: dL/dloss_t ``[T]``, ``label_smoothing``, ``logit_scale``: MuP's multiplier c of the model's
-    logits c u). Then, with dh_t = J_t^T g_t (one VJP) and visible_t from :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
+    (``scale``: dL/dloss_t ``[T]``, ``label_smoothing`` or the whole ``loss_spec``, ``logit_scale``: MuP's
+    multiplier c of the model's logits c u). Then, with dh_t = J_t^T g_t (one VJP) and visible_t from
+    :func:`visible_energy_cg` after ``iterations`` iterations (default 2 D; 0: no
     CG, visible = 0):
 
     * ``visible`` sum_t visible_t (a lower bound on sum_t ||P_t g_t||^2 whatever the count); ``grad_sq``
@@ -239,7 +235,7 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
                                     log_prob.tp_group)
             g = _guarded(errors, lambda: logit_grad(lp, labels, log_prob.vocab_start, log_prob.n_valid,
                                                     log_prob.vocab_size, scale, label_smoothing, logit_scale,
-                                                    normalised=True), like)
+                                                    normalised=True, loss_spec=loss_spec), like)
         else:  # the logit gradient with the same J^T c: c - p sum_i c_i (c itself when c = w (p - q))
             c = _guarded(errors, lambda: grad.detach().reshape(-1, u.shape[-1]).double(), like)
             g = c - u.detach().double().exp() * reduce(c.sum(-1, keepdim=True))

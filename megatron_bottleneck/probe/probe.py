@@ -526,7 +526,7 @@ class GradientProbe:
         sample = {"n": n, "hidden": full.reshape(-1, full.shape[-1])[:n].clone()}
         if ctx is not None:
             sample["labels"] = ctx.labels.reshape(-1)[:n].clone()
-            sample["smoothing"] = float(ctx.config.label_smoothing)
+            sample["spec"] = ctx.config.loss_spec()
         self._gen_samples.append(sample)
         return sample
 
@@ -569,7 +569,7 @@ class GradientProbe:
             if plan.fused:
                 return h, {"labels": torch.cat([s["labels"] for s in samples]),
                            "scale": torch.cat([s["scale"] for s in samples]),
-                           "label_smoothing": samples[0]["smoothing"], "logit_scale": plan.logit_scale}
+                           "loss_spec": samples[0]["spec"], "logit_scale": plan.logit_scale}
             return h, {"grad": torch.cat([s["grad"] for s in samples])}
 
         got = self._try(inputs)
@@ -634,8 +634,7 @@ class GradientProbe:
         st = rec.stats
         g = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1])[:n], rec.weight, rec.labels.reshape(-1)[:n],
                             st.lse.reshape(-1)[:n], grad_out.reshape(-1)[:n], vocab_start=rec.vocab_start,
-                            vocab_size=rec.vocab_size, label_smoothing=st.label_smoothing,
-                            z_loss_weight=st.z_loss_weight)
+                            vocab_size=rec.vocab_size, loss_spec=st.loss_spec())
         if self._slice is not None:
             self._slice.add_logit_grad(g, mb.view, mb.full_hidden.reshape(-1, mb.full_hidden.shape[-1])[:n],
                                        padding=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import megatron_bottleneck as mb
-from tests import support_heads
+from tests import support_heads, support_loss
 
 
 def train_mos(log_dir, data):
@@ -69,10 +69,20 @@ def probe_in_training():
     return out
 
 
+def loss_spec_checks():
+    """tests/support_loss.py at TP=2: every LossSpec option through every head (the probe's G == autograd) and
+    through the fused op (reductions, class weights, softcap, bias, padded vocabulary), in this one spawn."""
+    mb.initialize_parallel(2, 1, seed=5)
+    checks, refusals = support_loss.check_probe_grads()
+    checks += support_loss.check_op_tp()
+    mb.destroy_parallel()
+    return {"checks": checks, "refusals": refusals}
+
+
 def heads_then_trainer(ckpt_dir, log_dir, data):
     checks = support_heads.heads_on_layout(2, True, ckpt_dir)
     return {"checks": checks, "probe": general_probe_figures(), "probe_training": probe_in_training(),
-            "train": train_mos(log_dir, data)}
+            "loss_spec": loss_spec_checks(), "train": train_mos(log_dir, data)}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +111,19 @@ def test_the_general_probe_of_every_head_at_tp2_equals_brute_force(ranks):
         for kind, (got, want) in r["probe"].items():
             for key in ("destroyed_ratio", "update_cosine"):
                 assert got[key] == pytest.approx(want[key], rel=1e-8), (kind, key, got, want)
+
+
+def test_probe_grad_and_fused_op_equal_float64_for_every_loss_option_at_tp2(ranks):
+    """Every built-in head x LossSpec option at TP=2: the probe's G (this rank's vocabulary columns) equals
+    autograd's dL/dz of the float64 loss the head trains on, the HeadLossStats norms the full ones; the fused op
+    at TP=2 (padded vocabulary, bias, class weights, softcap, every reduction) equals torch's cross-entropy."""
+    for r in ranks:
+        checks = r["loss_spec"]["checks"]
+        assert sum(label.startswith("op tp=2") for label, _, _ in checks) == 4 * 3 * len(support_loss.OPTIONS)
+        assert any(label.startswith("dense all m=1.0 tp=2 G") for label, _, _ in checks)
+        for label, got, want in checks:
+            torch.testing.assert_close(got.double(), want.double(), rtol=2e-5, atol=2e-6, msg=label)
+        assert all("\n" not in m and m for _, m in r["loss_spec"]["refusals"])
 
 
 def test_trainer_trains_a_mixture_of_softmaxes_head(ranks):

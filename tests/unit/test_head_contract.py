@@ -80,6 +80,44 @@ def test_mup_logit_scale_is_inside_the_fused_loss(megatron_one_rank):
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
 
 
+def test_a_gemma_style_softcapped_output_layer_gets_the_fused_loss(megatron_one_rank):
+    """A model config carrying ``final_logit_softcapping`` and its output layer extended to cap the logits, as
+    Megatron-Bridge's Gemma 2 / 3 providers build them (``extend_instance(model.output_layer, Gemma2OutputLayer)``):
+    enable_fused_loss converts the layer and the fused loss (softcap inside) equals Megatron's cross-entropy of the
+    capped logits, loss and every gradient."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class Gemma2StyleOutputLayer(ColumnParallelLinear):  # what Bridge mixes into the output layer
+        def forward(self, *args, **kwargs):
+            out, bias = super().forward(*args, **kwargs)
+            c = self.config.final_logit_softcapping
+            return c * torch.tanh(out / c), bias
+
+    cfg = support.config()
+    cfg.final_logit_softcapping = 0.5  # small: the cap bends this tiny model's logits
+    model = mb.build_gpt_model(cfg, support.VOCAB, support.SEQ)
+    layer = model.output_layer
+    layer.__class__ = type(type(layer).__name__, (Gemma2StyleOutputLayer, type(layer)), {})
+    b = support.batches()[0]
+    pos = torch.arange(support.SEQ).unsqueeze(0).expand(support.MICRO, -1)
+    runs = []
+    for fused in (False, True):
+        if fused:
+            H.enable_fused_loss(model)
+        model.zero_grad()
+        loss = model(b["tokens"], pos, None, labels=b["labels"])
+        loss.sum().backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert isinstance(model.output_layer, H.DenseOutputLayer)
+    (l0, g0), (l1, g1) = runs
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    uncapped = mb.heads.FusedLossConfig(softcap=1e9)  # a cap that does nothing: another loss
+    model.fused_loss_config = uncapped
+    assert not torch.allclose(model(b["tokens"], pos, None, labels=b["labels"]), l0, rtol=1e-3)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def _probed_step(model, fused: bool, update: bool):
     """One forward-backward of ``model`` (fused or not) under a fresh probe: its figures."""
     if fused:

@@ -20,11 +20,25 @@ BASE = ["--hidden-size", "64", "--train-iters", "10", "--global-batch-size", "4"
     (["--probe-interval", "-1"], "--probe-interval must be >= 0, got -1"),
     (["--probe-rank-interval", "5", "--probe-rank-token-budget", "1"], "--probe-rank-token-budget must be >= 2"),
     (["--probe-interval", "1", "--probe-general-iterations", "0"], "--probe-general-iterations must be >= 1, got 0"),
+    (["--lm-head-softcap", "30"], "--lm-head-softcap is an option of the fused head loss: add --lm-head-fused-loss"),
+    (["--lm-head-fused-loss", "--lm-head-softcap", "0"], "--lm-head-softcap must be > 0, got 0"),
+    (["--lm-head-fused-loss", "--lm-head-z-loss-weight", "x"], "--lm-head-z-loss-weight takes a number, got 'x'"),
+    (["--lm-head-fused-loss", "--lm-head-z-loss-weight", "-1"], "--lm-head-z-loss-weight must be >= 0, got -1"),
 ])
 def test_a_bad_flag_is_one_line(flags, message):
     with pytest.raises(HeadConfigError) as e:
         check_arguments(BASE + flags)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_fused_loss_options_reach_the_fused_loss_config():
+    from megatron_bottleneck.integrations.megatron_lm import _fused_loss_config, _option_parser
+
+    args, _ = _option_parser().parse_known_args(BASE + ["--lm-head-fused-loss", "--lm-head-softcap", "30",
+                                                        "--lm-head-z-loss-weight", "1e-4"])
+    cfg = _fused_loss_config(args)
+    assert (cfg.softcap, cfg.z_loss_weight) == (30.0, 1e-4)
+    assert check_arguments(BASE + ["--lm-head-fused-loss", "--lm-head-softcap", "30"])[-1].startswith("head: ")
 
 
 def test_tied_embeddings_with_a_low_rank_head_are_refused():
