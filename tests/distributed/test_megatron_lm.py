@@ -39,6 +39,9 @@ def _mlm_dir():
 
 
 MLM, _why = _mlm_dir()
+HYBRID_SCRIPT = os.path.join(MLM, "pretrain_hybrid.py") if MLM else ""
+needs_hybrid_script = pytest.mark.skipif(not os.path.isfile(HYBRID_SCRIPT), reason=(
+    f"no {HYBRID_SCRIPT or 'pretrain_hybrid.py'}: Megatron-LM's hybrid training is core_v0.19 (megatron-core >= 0.19)"))
 _missing = [d for d in DEPS if importlib.util.find_spec(d) is None]
 pytestmark = [
     pytest.mark.skipif(MLM is None, reason=_why),
@@ -455,18 +458,26 @@ def _hybrid_weights_as_gpt(iter_dir, pattern="*-*-"):
     return w
 
 
-def test_measure_reads_the_tp2_checkpoint_and_matches_float64_reference(tp_runs, tmp_path):
+def test_measure_reads_the_tp2_checkpoints_and_matches_float64_reference(tp_runs, request, tmp_path):
     """``megatron-bottleneck measure`` on the TP=2 torch_dist checkpoint (its architecture, rank-16 head and
     NullTokenizer from the saved args, loaded at TP=1, without megatron.training on the path): every figure
     equals a float64 brute force from the raw saved tensors (own forward, P from an SVD of W = A B on the
-    real 1001 rows of the 1024 padded ones, ranks from an SVD of G)."""
+    real 1001 rows of the 1024 padded ones, ranks from an SVD of G). Where Megatron-LM has pretrain_hybrid.py
+    (core_v0.19), the same measure call also reads its HybridModel checkpoint (:func:`hybrid_run`: built at TP=1
+    with the local hybrid spec), checked against the brute force from its raw tensors (attention layers at the
+    pattern's '*', MLP layers at its '-')."""
     _ok(*tp_runs[2][:2])
-    _assert_measure_matches_float64(tp_runs["ckpt"], tmp_path, _gpt_weights)
+    checkpoints = [(tp_runs["ckpt"], _gpt_weights)]
+    if os.path.isfile(HYBRID_SCRIPT):
+        hybrid = request.getfixturevalue("hybrid_run")
+        _ok(hybrid["rc"], hybrid["out"])
+        checkpoints.append((hybrid["ckpt"], _hybrid_weights_as_gpt))
+    _assert_measure_matches_float64(checkpoints, tmp_path)
 
 
-def _assert_measure_matches_float64(ckpt, tmp_path, weights):
-    """measure (CLI) on the rank-16 checkpoint ``ckpt`` saved at step 6 against the float64 reference from
-    ``weights(iter_dir)`` (the tensors under :func:`_reference_forward`'s names)."""
+def _assert_measure_matches_float64(checkpoints, tmp_path):
+    """measure (one CLI call) on the rank-16 checkpoints saved at step 6, each ``(ckpt, weights)`` against the
+    float64 reference from ``weights(iter_dir)`` (the tensors under :func:`_reference_forward`'s names)."""
     import math
 
     import numpy as np
@@ -483,42 +494,44 @@ def _assert_measure_matches_float64(ckpt, tmp_path, weights):
     docs = [d.tolist() for d in load_documents([str(data)], None, documents=0, seq_length=32, seed=0)]
     assert max(map(len, raw)) > 33 and max(map(len, docs)) == 33
     budget = 40
-    rc, out, err = _measure_cli([str(ckpt), "--data", str(data), "--out", str(tmp_path / "m"),
+    rc, out, err = _measure_cli([*(str(c) for c, _ in checkpoints), "--data", str(data), "--out", str(tmp_path / "m"),
                                  "--documents", "0", "--dtype", "float64", "--rank-budget", str(budget)])
     assert rc == 0, err[-3000:]
-    res = json.loads((tmp_path / "m" / "measure.json").read_text())
-    res = res[0] if isinstance(res, list) else res
-    assert res["kind"] == "megatron-lm" and res["vocab_size"] == 1001 and res["hidden_size"] == 64
-    assert res["head_rank"] == 16 and res["seq_length"] == 32 and res["documents"] == 5
-
-    w = weights(ckpt / "iter_0000006")
-    assert w["output_layer.weight"].shape == (1024, 16)  # padded vocabulary, rank-16 factor
-    head = w["output_layer.weight"][:1001] @ w["output_layer.input_proj"]  # W = A B on the real rows
-    u, sv, _ = torch.linalg.svd(head, full_matrices=False)
-    q = u[:, sv > sv[0] * 1e-10]  # orthonormal basis of col(W): rank 16 (a QR of the 1001 x 64 W would span 64)
-    assert q.shape[1] == 16
-    rows, doc_r = [], []
-    with torch.no_grad():
-        for d in docs:
-            h = _reference_forward(w, torch.tensor(d[:-1]), heads=4)
-            g = torch.softmax(h @ head.t(), -1) - torch.nn.functional.one_hot(torch.tensor(d[1:]), 1001).double()
-            rows.append(g)
-            doc_r.append(math.sqrt(1 - (g @ q).square().sum() / g.square().sum()))
-    g = torch.cat(rows)
-    vis2, g2 = (g @ q).square().sum(), g.square().sum()
-    assert res["tokens"] == g.shape[0]
-    assert res["destroyed_ratio"] == pytest.approx(math.sqrt(1 - vis2 / g2), rel=1e-6)
-    assert res["visible_cosine"] == pytest.approx(math.sqrt(vis2 / g2), rel=1e-6)
-    assert res["grad_norm"] == pytest.approx(math.sqrt(g2) / g.shape[0], rel=1e-6)
-    assert res["isotropic_baseline"] == pytest.approx(math.sqrt(1 - 16 / 1000), rel=1e-12)
-    assert res["per_document"]["mean"] == pytest.approx(float(np.mean(doc_r)), rel=1e-6)
-    assert res["per_document"]["q50"] == pytest.approx(float(np.median(doc_r)), rel=1e-6)
-    s = torch.linalg.svdvals(g[:budget])  # the rank curve's tokens: the first of the documents in measure's order
-    tol = s[0] * max(budget, 1001) * torch.finfo(torch.float64).eps
-    p = s / s.sum()
-    assert res["rank"]["numerical_rank"] == int((s > tol).sum())
-    assert res["rank"]["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
     assert "Traceback" not in err
+    results = json.loads((tmp_path / "m" / "measure.json").read_text())
+    results = results if isinstance(results, list) else [results]
+    assert len(results) == len(checkpoints)
+    for res, (ckpt, weights) in zip(results, checkpoints):
+        assert res["kind"] == "megatron-lm" and res["vocab_size"] == 1001 and res["hidden_size"] == 64
+        assert res["head_rank"] == 16 and res["seq_length"] == 32 and res["documents"] == 5
+
+        w = weights(ckpt / "iter_0000006")
+        assert w["output_layer.weight"].shape == (1024, 16)  # padded vocabulary, rank-16 factor
+        head = w["output_layer.weight"][:1001] @ w["output_layer.input_proj"]  # W = A B on the real rows
+        u, sv, _ = torch.linalg.svd(head, full_matrices=False)
+        q = u[:, sv > sv[0] * 1e-10]  # orthonormal basis of col(W): rank 16 (a QR of the 1001 x 64 W would span 64)
+        assert q.shape[1] == 16
+        rows, doc_r = [], []
+        with torch.no_grad():
+            for d in docs:
+                h = _reference_forward(w, torch.tensor(d[:-1]), heads=4)
+                g = torch.softmax(h @ head.t(), -1) - torch.nn.functional.one_hot(torch.tensor(d[1:]), 1001).double()
+                rows.append(g)
+                doc_r.append(math.sqrt(1 - (g @ q).square().sum() / g.square().sum()))
+        g = torch.cat(rows)
+        vis2, g2 = (g @ q).square().sum(), g.square().sum()
+        assert res["tokens"] == g.shape[0]
+        assert res["destroyed_ratio"] == pytest.approx(math.sqrt(1 - vis2 / g2), rel=1e-6)
+        assert res["visible_cosine"] == pytest.approx(math.sqrt(vis2 / g2), rel=1e-6)
+        assert res["grad_norm"] == pytest.approx(math.sqrt(g2) / g.shape[0], rel=1e-6)
+        assert res["isotropic_baseline"] == pytest.approx(math.sqrt(1 - 16 / 1000), rel=1e-12)
+        assert res["per_document"]["mean"] == pytest.approx(float(np.mean(doc_r)), rel=1e-6)
+        assert res["per_document"]["q50"] == pytest.approx(float(np.median(doc_r)), rel=1e-6)
+        s = torch.linalg.svdvals(g[:budget])  # the rank curve's tokens: the first of the documents in measure's order
+        tol = s[0] * max(budget, 1001) * torch.finfo(torch.float64).eps
+        p = s / s.sum()
+        assert res["rank"]["numerical_rank"] == int((s > tol).sum())
+        assert res["rank"]["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
 
 
 def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp_path, capsys):
@@ -558,11 +571,6 @@ def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp
 
 
 # ------------------------------------------------------------------ pretrain_hybrid.py (HybridModel)
-HYBRID_SCRIPT = os.path.join(MLM, "pretrain_hybrid.py") if MLM else ""
-needs_hybrid_script = pytest.mark.skipif(not os.path.isfile(HYBRID_SCRIPT), reason=(
-    f"no {HYBRID_SCRIPT or 'pretrain_hybrid.py'}: Megatron-LM's hybrid training is core_v0.19 (megatron-core >= 0.19)"))
-
-
 @pytest.fixture(scope="module")
 def hybrid_run(tmp_path_factory):
     """pretrain_hybrid.py with the attention/MLP pattern *-*- (the 2-layer GPT of tp_runs, layer for layer) at TP=2,
@@ -599,12 +607,3 @@ def test_pretrain_hybrid_with_the_local_spec_trains_as_pretrain_gpt(hybrid_run, 
     saved = read_megatron_lm_args(str(hybrid_run["ckpt"] / "iter_0000006"))
     assert saved.hybrid_layer_pattern == "*-*-" and tuple(saved.spec) == LOCAL_HYBRID_SPEC
     assert saved.tensor_model_parallel_size == 2 and saved.num_layers == 4
-
-
-@needs_hybrid_script
-def test_measure_reads_the_hybrid_checkpoint_and_matches_float64_reference(hybrid_run, tmp_path):
-    """measure on pretrain_hybrid.py's TP=2 torch_dist checkpoint (a HybridModel built at TP=1 with the local hybrid
-    spec): every figure equals the float64 brute force from its raw tensors, attention layers at the pattern's '*'
-    and MLP layers at its '-'."""
-    _ok(hybrid_run["rc"], hybrid_run["out"])
-    _assert_measure_matches_float64(hybrid_run["ckpt"], tmp_path, _hybrid_weights_as_gpt)
