@@ -57,11 +57,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from ..base.errors import CheckpointError
+from ..base.errors import CheckpointError, ConfigError
 from ..heads.install import LowRankHeadConfig
 from ..integrations.megatron_lm import LOCAL_HYBRID_SPEC, MEGATRON_HYBRID_SPECS, head_config_from_args
 from ..models.gpt import build_gpt_model
-from ..models.hybrid import build_hybrid_model
+from ..models.hybrid import build_hybrid_model, require_hybrid_model
 from .common import import_transformers, no_tokenizer
 
 __all__ = ["read_megatron_lm_args", "resolve_megatron_lm_checkpoint", "build_megatron_lm_model",
@@ -185,6 +185,10 @@ def _check_hybrid(args, pattern: str, name: str) -> None:
         raise CheckpointError(f"{name}: saved with --spec {' '.join(spec)} (a custom hybrid stack spec): measure "
                               f"builds the layers of --spec {' '.join(LOCAL_HYBRID_SPEC)} and of Megatron's "
                               f"{' '.join(MEGATRON_HYBRID_SPECS[0])}")
+    try:
+        require_hybrid_model()
+    except ConfigError as exc:
+        raise CheckpointError(f"{name}: saved with {arg} {pattern!r} (a HybridModel): {exc}") from None
 
 
 def check_supported(args, name: str) -> None:

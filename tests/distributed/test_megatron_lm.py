@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from tests.lanes import MEGATRON_CORE
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = os.path.join(REPO, "..", "shared", "megatron-lm")
 DEPS = ("six", "regex", "pydantic", "triton", "pybind11")
@@ -555,6 +557,9 @@ def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp
              ({"hybrid_layer_pattern": "*E*-"}, ["--hybrid-layer-pattern '*E*-'", "mixture-of-experts 'E'"]),
              ({"hybrid_layer_pattern": "*-*-/*-"}, ["--hybrid-layer-pattern '*-*-/*-'", "multi-token prediction"]),
              ({"hybrid_layer_pattern": "*-*-", "spec": ["my.specs", "stack"]}, ["--spec my.specs stack", "custom"])]
+    if MEGATRON_CORE.startswith("0.16."):  # no HybridModel to build
+        cases.append(({"hybrid_layer_pattern": "*-*-"}, ["--hybrid-layer-pattern '*-*-' (a HybridModel): HybridModel "
+                                                         "needs megatron-core >= 0.19"]))
     for i, (edit, words) in enumerate(cases):
         fake = tmp_path / f"fake{i}"
         (fake / "iter_0000006").mkdir(parents=True)
