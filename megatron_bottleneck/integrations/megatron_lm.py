@@ -53,6 +53,8 @@ from .launch import free_port
 __all__ = [
     "add_arguments",
     "check_arguments",
+    "check_hybrid_arguments",
+    "LOCAL_HYBRID_SPEC",
     "extra_args_provider",
     "wrap_model_provider",
     "wrap_forward_step",

@@ -500,8 +500,9 @@ def _assert_measure_matches_float64(checkpoints, tmp_path):
                                  "--documents", "0", "--dtype", "float64", "--rank-budget", str(budget)])
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err
-    results = json.loads((tmp_path / "m" / "measure.json").read_text())
-    results = results if isinstance(results, list) else [results]
+    one = len(checkpoints) == 1  # measure.json for one model, measures.json (the list) for several
+    results = json.loads((tmp_path / "m" / ("measure.json" if one else "measures.json")).read_text())
+    results = [results] if one else results
     assert len(results) == len(checkpoints)
     for res, (ckpt, weights) in zip(results, checkpoints):
         assert res["kind"] == "megatron-lm" and res["vocab_size"] == 1001 and res["hidden_size"] == 64
