@@ -3,7 +3,8 @@
 Three ways to use it, from least to most explicit:
 
 * zero edit: ``python -m megatron_bottleneck.megatron_lm pretrain_gpt.py <Megatron args> --lm-head-rank 64``
-  (or under ``torchrun``) runs the unchanged script after :func:`patch`;
+  (or under ``torchrun``) runs the unchanged script after :func:`patch`; ``pretrain_hybrid.py`` (Megatron-LM
+  core_v0.19, megatron-core >= 0.19: HybridModel) the same way;
 * one line at the top of ``pretrain_gpt.py`` (before ``from megatron.training import pretrain``)::
 
       import megatron_bottleneck.megatron_lm as mbl; mbl.patch()
@@ -17,7 +18,9 @@ Three ways to use it, from least to most explicit:
 ``pretrain`` builds the model from ``cfg_container.model``), its ``forward_step`` attaches the probe,
 and the arguments below are parsed (``extra_args_provider`` of ``pretrain`` for core_v0.16,
 ``megatron.training.arguments.parse_and_validate_args`` for core_v0.19). Without CUDA it also
-enables the CPU mode and :mod:`.megatron_training_cpu`'s patches.
+enables the CPU mode and :mod:`.megatron_training_cpu`'s patches, and gives a ``pretrain_hybrid.py`` run without
+``--spec`` megatron-bottleneck's local hybrid stack spec (Megatron's default needs Transformer Engine; one line says
+so): the spec ``--spec megatron_bottleneck.models.hybrid LOCAL_HYBRID_STACK_SPEC`` selects on any device.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from typing import Any, Callable, List, Optional
 import torch
 from megatron.core import parallel_state as ps
 
-from ..base.errors import HeadConfigError
+from ..base.errors import ConfigError, HeadConfigError
 from ..base.head import HeadConfig, parse_head_options
 from ..base.quiet import quiet_megatron_warnings
 from ..heads.fused import FusedLossConfig, enable_fused_loss
@@ -50,6 +53,8 @@ from .launch import free_port
 __all__ = [
     "add_arguments",
     "check_arguments",
+    "check_hybrid_arguments",
+    "LOCAL_HYBRID_SPEC",
     "extra_args_provider",
     "wrap_model_provider",
     "wrap_forward_step",
@@ -62,6 +67,12 @@ __all__ = [
 
 PREFIX = "megatron-bottleneck:"
 _WRAPPED = "__megatron_bottleneck_wrapped__"
+LOCAL_HYBRID_SPEC = ("megatron_bottleneck.models.hybrid", "LOCAL_HYBRID_STACK_SPEC")
+"""``--spec`` of megatron-bottleneck's local (non-TE) hybrid stack spec for ``pretrain_hybrid.py``."""
+MEGATRON_HYBRID_SPECS = (("megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"),
+                         ("megatron.core.models.hybrid.hybrid_layer_specs", "mamba_stack_spec"))
+"""``--spec`` of Megatron's own (Transformer Engine) hybrid stack spec."""
+HYBRID_SCRIPT = "pretrain_hybrid.py"
 
 
 def _rank() -> int:
@@ -137,6 +148,8 @@ def _option_parser():
         p.add_argument(name, type=str, default=default)
     p.add_argument("--probe-log-dir", type=str, default=None)
     p.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    p.add_argument("--hybrid-layer-pattern", type=str, default=None)
+    p.add_argument("--spec", type=str, nargs="*", default=None)
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
     for name in ("--hidden-size", "--train-iters", "--global-batch-size", "--seq-length",
                  "--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
@@ -178,11 +191,14 @@ def _fused_loss_config(args) -> FusedLossConfig:
     return FusedLossConfig(**values)
 
 
-def check_arguments(argv: List[str]) -> List[str]:
+def check_arguments(argv: List[str], cpu: Optional[bool] = None) -> List[str]:
     """The head and probe options of a Megatron-LM command line, checked before Megatron-LM parses it (and
-    prints its argument dump). Raises :class:`HeadConfigError` with one line for a bad option; returns the
-    warnings (one line each) and, last, the one line saying which head, loss and probe are active."""
+    prints its argument dump). Raises :class:`HeadConfigError` (:class:`ConfigError` for a hybrid layer pattern the
+    chosen spec does not build, see :func:`check_hybrid_arguments`) with one line for a bad option; returns the
+    warnings (one line each) and, last, the one line saying which head, loss and probe are active. ``cpu``: whether
+    the run is in CPU mode (None: no CUDA)."""
     args, _ = _option_parser().parse_known_args(argv)
+    check_hybrid_arguments(args, (not torch.cuda.is_available()) if cpu is None else cpu)
     warnings: List[str] = []
     rank = args.lm_head_rank
     if rank is not None:
@@ -253,6 +269,32 @@ def check_arguments(argv: List[str]) -> List[str]:
     return warnings
 
 
+def check_hybrid_arguments(args, cpu: bool) -> None:
+    """``--hybrid-layer-pattern`` against the hybrid stack spec the run will build: megatron-bottleneck's local
+    spec (``--spec megatron_bottleneck.models.hybrid LOCAL_HYBRID_STACK_SPEC``, or no ``--spec`` in CPU mode) builds
+    attention ``*`` and MLP ``-`` layers (``|`` pipeline stages); Megatron's TE spec does not run in CPU mode. One
+    line (:class:`ConfigError`) otherwise."""
+    spec = tuple(args.spec) if getattr(args, "spec", None) else None
+    if cpu and spec in MEGATRON_HYBRID_SPECS:
+        raise ConfigError(f"--spec {' '.join(spec)} is Megatron's Transformer Engine hybrid stack, which does not run "
+                          f"in CPU mode: omit --spec (the runner then picks --spec {' '.join(LOCAL_HYBRID_SPEC)})")
+    pattern = getattr(args, "hybrid_layer_pattern", None)
+    if pattern is None or not (spec == LOCAL_HYBRID_SPEC or (spec is None and cpu)):
+        return
+    which = ("megatron-bottleneck's local hybrid spec, the CPU mode's default," if spec is None else
+             f"--spec {' '.join(spec)}")
+    other = sorted(set(pattern) - set("*-|/"))
+    if other:
+        mamba = ("; Mamba 'M' layers need Mamba's CUDA kernels and Transformer Engine: on GPUs use --spec "
+                 f"{' '.join(MEGATRON_HYBRID_SPECS[0])}" if "M" in other else
+                 f": use --spec {' '.join(MEGATRON_HYBRID_SPECS[0])} (Transformer Engine, GPUs)")
+        raise ConfigError(f"--hybrid-layer-pattern {pattern!r}: {which} builds attention '*' and MLP '-' layers, not "
+                          f"{', '.join(repr(c) for c in other)}{mamba}")
+    if "/" in pattern:
+        raise ConfigError(f"--hybrid-layer-pattern {pattern!r} declares multi-token prediction ('/'), which {which} "
+                          "does not build: drop the '/...' depths")
+
+
 def head_config_from_args(args, rank: Optional[int] = None) -> Optional[HeadConfig]:
     """The head of ``--lm-head-type`` / ``--lm-head-options`` (with ``--lm-head-rank`` / ``--lm-head-init`` for
     low_rank), checked; None without ``--lm-head-type`` (then ``--lm-head-rank`` alone decides). One-line
@@ -284,7 +326,7 @@ def head_config_from_args(args, rank: Optional[int] = None) -> Optional[HeadConf
 _CHECKED = False
 
 
-def _check_command_line() -> None:
+def _check_command_line(cpu: Optional[bool] = None) -> None:
     """:func:`check_arguments` on this process's command line, once: an error is one line (rank 0) and exit
     status 2 on every rank, before Megatron-LM parses anything."""
     global _CHECKED
@@ -292,8 +334,8 @@ def _check_command_line() -> None:
         return
     _CHECKED = True
     try:
-        lines = check_arguments(sys.argv[1:])
-    except HeadConfigError as exc:
+        lines = check_arguments(sys.argv[1:], cpu)
+    except (HeadConfigError, ConfigError) as exc:
         _exit_one_line(exc, _rank() == 0)
     for i, line in enumerate(lines):
         _print0(line if i == len(lines) - 1 else f"warning: {line}")
@@ -545,14 +587,37 @@ def _wrap_arguments(fn: Callable, edit: Callable[[inspect.Signature, dict], None
     return wrapped
 
 
-def _edit_pretrain_arguments(sig: inspect.Signature, a: dict) -> None:
+def _use_local_hybrid_spec(model_cfg) -> None:
+    """CPU mode: a ``HybridModelConfig`` (core_v0.19 ``pretrain_hybrid.py``) with no stack spec (no ``--spec``), which
+    Megatron would build with its Transformer Engine ``hybrid_stack_spec``, gets megatron-bottleneck's
+    ``LOCAL_HYBRID_STACK_SPEC``; the saved args record it as ``--spec``. One line says so."""
+    if getattr(model_cfg, "hybrid_stack_spec", False) is not None:  # not a hybrid config, or a spec given
+        return
+    if getattr(model_cfg, "transformer_impl", None) == "inference_optimized" or getattr(
+            model_cfg, "restore_modelopt_state", False):  # Megatron's own choice then
+        return
+    from ..models.hybrid import LOCAL_HYBRID_STACK_SPEC
+
+    model_cfg.hybrid_stack_spec = LOCAL_HYBRID_STACK_SPEC
+    try:
+        _get_args().spec = list(LOCAL_HYBRID_SPEC)
+    except Exception:  # noqa: BLE001 (pretrain called without Megatron-LM's global args)
+        pass
+    _print0(f"CPU mode, no --spec: HybridModel is built with megatron-bottleneck's local hybrid stack spec (--spec "
+            f"{' '.join(LOCAL_HYBRID_SPEC)}; Megatron's default hybrid_stack_spec needs Transformer Engine)")
+
+
+def _edit_pretrain_arguments(sig: inspect.Signature, a: dict, cpu: bool = False) -> None:
     """Megatron-LM's ``pretrain``: the model provider (core_v0.16) or the config's pre-wrap hooks (core_v0.19)
-    install the head; the forward step gets the probe; the extra-arguments provider our options."""
-    _check_command_line()
+    install the head; the forward step gets the probe; the extra-arguments provider our options; in CPU mode a
+    hybrid model config without a stack spec gets the local one (:func:`_use_local_hybrid_spec`)."""
+    _check_command_line(cpu)
     if a.get("model_provider") is not None:
         a["model_provider"] = wrap_model_provider(a["model_provider"])
     cfg = a.get("cfg_container")
     model_cfg = getattr(cfg, "model", None) if cfg is not None else None
+    if model_cfg is not None and cpu:
+        _use_local_hybrid_spec(model_cfg)
     if model_cfg is not None and hasattr(model_cfg, "pre_wrap_hooks"):
         if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
             model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
@@ -579,9 +644,9 @@ def _end_probe_step(train_step: Callable) -> Callable:
     return wrapped
 
 
-def _edit_parse_arguments(_sig: inspect.Signature, a: dict) -> None:
+def _edit_parse_arguments(_sig: inspect.Signature, a: dict, cpu: bool = False) -> None:
     """``parse_and_validate_args``: our options chained onto the caller's extra-arguments provider."""
-    _check_command_line()
+    _check_command_line(cpu)
     a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
 
@@ -609,7 +674,7 @@ def patch(cpu: Optional[bool] = None) -> None:
     if not hasattr(mtt, "pretrain"):
         raise RuntimeError(f"{PREFIX} megatron.training.training.pretrain not found; this "
                            "Megatron-LM version is not supported.")
-    wrapped = _wrap_arguments(mtt.pretrain, _edit_pretrain_arguments)
+    wrapped = _wrap_arguments(mtt.pretrain, functools.partial(_edit_pretrain_arguments, cpu=cpu))
     mtt.pretrain = wrapped
     if hasattr(mt, "pretrain"):
         mt.pretrain = wrapped
@@ -620,19 +685,35 @@ def patch(cpu: Optional[bool] = None) -> None:
     arguments = importlib.import_module("megatron.training.arguments")
     if hasattr(arguments, "parse_and_validate_args"):
         parse = arguments.parse_and_validate_args
-        arguments.parse_and_validate_args = _wrap_arguments(parse, _edit_parse_arguments)
+        arguments.parse_and_validate_args = _wrap_arguments(parse, functools.partial(_edit_parse_arguments, cpu=cpu))
         done.append("megatron.training.arguments.parse_and_validate_args")
     _PATCHED = True
     _print0("patched " + ", ".join(done))
 
 
 # ------------------------------------------------------------------------------------- main
-USAGE = ("usage: python -m megatron_bottleneck.megatron_lm path/to/pretrain_gpt.py <Megatron-LM args> "
+USAGE = ("usage: python -m megatron_bottleneck.megatron_lm path/to/pretrain_gpt.py|pretrain_hybrid.py "
+         "<Megatron-LM args> "
          "[--lm-head-rank R] [--lm-head-init {balanced,orthogonal,from_dense}] [--lm-head-type KIND] "
          "[--lm-head-options k=v,...] [--probe-interval N] "
          "[--probe-update-interval N] [--probe-rank-interval N] [--probe-rank-token-budget T] "
          "[--probe-general-tokens N] [--probe-general-iterations N] "
          "[--probe-log-dir DIR]")
+
+
+def _require_hybrid(script: str) -> None:
+    """One line and exit status 2 when the installed megatron-core has no HybridModel (< 0.19)."""
+    from ..models.hybrid import require_hybrid_model
+
+    try:
+        require_hybrid_model()
+    except ConfigError:
+        from importlib.metadata import version
+
+        print(f"{PREFIX} error: {script} builds Megatron-Core's HybridModel, which needs megatron-core >= 0.19 and "
+              f"Megatron-LM core_v0.19 or later (installed megatron-core {version('megatron-core')}; core_v0.16 has "
+              "no pretrain_hybrid.py): upgrade both, or train a GPTModel with pretrain_gpt.py", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -642,6 +723,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(USAGE)
         return
     script, rest = argv[0], argv[1:]
+    if os.path.basename(script) == HYBRID_SCRIPT:
+        _require_hybrid(script)
     if not os.path.isfile(script):
         print(f"{PREFIX} error: no such script: {script}", file=sys.stderr)
         raise SystemExit(2)

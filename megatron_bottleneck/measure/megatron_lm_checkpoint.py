@@ -23,6 +23,14 @@ state holds the run's ``args`` (an ``argparse.Namespace``; it unpickles with meg
   figure (the head view's ``vocab_size``, :meth:`~megatron_bottleneck.base.head.HeadView.valid_rows`). When no
   tokenizer loads, V is ``args.vocab_size`` if the run gave it, else the padded size (said in one warning).
 
+A checkpoint of Megatron-LM's ``pretrain_hybrid.py`` (core_v0.19, its args have ``hybrid_layer_pattern``) is a
+Megatron-Core ``HybridModel``: built by :func:`megatron_bottleneck.models.build_hybrid_model` with the local hybrid
+stack spec (attention ``*`` and MLP ``-`` layers; ``|`` pipeline stages dropped, the layers being numbered across
+stages), from checkpoints saved with that spec (``--spec megatron_bottleneck.models.hybrid
+LOCAL_HYBRID_STACK_SPEC``, what the runner picks on CPU) or with Megatron's Transformer Engine ``hybrid_stack_spec``
+(the same names). Other layers (Mamba ``M``, MoE ``E``, MLA ``+``, ...), multi-token prediction (``/``) and other
+specs are refused in one line naming the argument.
+
 What the local GPT model does not build is refused in one line naming the argument: MoE (``num_experts``),
 MLA (``multi_latent_attention``), multi-token prediction, custom / heterogeneous / experimental layer specs,
 legacy models, sliding-window attention, and the like (:data:`UNSUPPORTED`).
@@ -49,15 +57,16 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from ..base.errors import CheckpointError
+from ..base.errors import CheckpointError, ConfigError
 from ..heads.install import LowRankHeadConfig
-from ..integrations.megatron_lm import head_config_from_args
+from ..integrations.megatron_lm import LOCAL_HYBRID_SPEC, MEGATRON_HYBRID_SPECS, head_config_from_args
 from ..models.gpt import build_gpt_model
+from ..models.hybrid import build_hybrid_model, require_hybrid_model
 from .common import import_transformers, no_tokenizer
 
 __all__ = ["read_megatron_lm_args", "resolve_megatron_lm_checkpoint", "build_megatron_lm_model",
            "load_megatron_lm_weights", "megatron_lm_tokenizer", "check_supported", "check_megatron_lm_checkpoint",
-           "UNSUPPORTED"]
+           "hybrid_pattern", "UNSUPPORTED"]
 
 # (argument, what it is): refused when the saved value is truthy
 UNSUPPORTED = (
@@ -147,14 +156,53 @@ def read_megatron_lm_args(iter_dir: str):
     return args
 
 
+_HYBRID_LAYERS = {"M": "Mamba", "G": "gated delta net", "D": "DeepSeek sparse attention", "+": "multi-latent attention",
+                  "E": "mixture-of-experts"}
+# what a hybrid run's args may hold that a GPT checkpoint may not (the pattern and spec are checked on their own)
+_HYBRID_ARGS = ("spec", "is_hybrid_model", "hybrid_override_pattern")
+
+
+def hybrid_pattern(args) -> Optional[str]:
+    """The saved hybrid layer pattern (``hybrid_layer_pattern``, else the older ``hybrid_override_pattern``): a
+    ``HybridModel`` checkpoint; None for a GPT one."""
+    return getattr(args, "hybrid_layer_pattern", None) or getattr(args, "hybrid_override_pattern", None)
+
+
+def _check_hybrid(args, pattern: str, name: str) -> None:
+    """The layer pattern and ``--spec`` of a HybridModel checkpoint: attention / MLP layers of the local or TE spec."""
+    arg = "--hybrid-layer-pattern" if getattr(args, "hybrid_layer_pattern", None) else "--hybrid-override-pattern"
+    other = sorted(set(pattern) - set("*-|/"))
+    if other:
+        kinds = ", ".join(f"{_HYBRID_LAYERS.get(c, 'unknown')} {c!r}" for c in other)
+        raise CheckpointError(f"{name}: saved with {arg} {pattern!r} ({kinds} layers): measure builds hybrid models of "
+                              "attention '*' and MLP '-' layers; convert it to HuggingFace (Megatron-Bridge) and "
+                              "measure that")
+    if "/" in pattern:
+        raise CheckpointError(f"{name}: saved with {arg} {pattern!r} (multi-token prediction depths '/'): measure "
+                              "builds hybrid models of attention '*' and MLP '-' layers without MTP")
+    spec = tuple(args.spec) if getattr(args, "spec", None) else None
+    if spec not in (None, LOCAL_HYBRID_SPEC, *MEGATRON_HYBRID_SPECS):
+        raise CheckpointError(f"{name}: saved with --spec {' '.join(spec)} (a custom hybrid stack spec): measure "
+                              f"builds the layers of --spec {' '.join(LOCAL_HYBRID_SPEC)} and of Megatron's "
+                              f"{' '.join(MEGATRON_HYBRID_SPECS[0])}")
+    try:
+        require_hybrid_model()
+    except ConfigError as exc:
+        raise CheckpointError(f"{name}: saved with {arg} {pattern!r} (a HybridModel): {exc}") from None
+
+
 def check_supported(args, name: str) -> None:
-    """One line naming the first saved argument the local GPT model does not build (see :data:`UNSUPPORTED`)."""
+    """One line naming the first saved argument the local GPT (or attention / MLP hybrid) model does not build (see
+    :data:`UNSUPPORTED`)."""
+    pattern = hybrid_pattern(args)
+    if pattern:
+        _check_hybrid(args, pattern, name)
     for arg, what in UNSUPPORTED:
         value = getattr(args, arg, None)
-        if value:
+        if value and not (pattern and arg in _HYBRID_ARGS):
             raise CheckpointError(f"{name}: saved with --{arg.replace('_', '-')} {value!r} ({what}): measure builds "
-                                  "dense GPT models from Megatron-LM checkpoints; convert it to HuggingFace "
-                                  "(Megatron-Bridge) and measure that")
+                                  "dense GPT models and attention / MLP hybrid models from Megatron-LM checkpoints; "
+                                  "convert it to HuggingFace (Megatron-Bridge) and measure that")
     impl = getattr(args, "transformer_impl", "local")
     if impl not in ("local", "transformer_engine"):
         raise CheckpointError(f"{name}: saved with --transformer-impl {impl}; measure loads local and "
@@ -187,6 +235,8 @@ def _transformer_config(args, dtype: torch.dtype):
     elif getattr(args, "squared_relu", False):
         kw["activation_func"] = squared_relu
     # this job's layout and kernels: one rank, no fusions, no dropout (eval), weights built on the CPU
+    if hybrid_pattern(args):
+        kw["is_hybrid_model"] = True
     kw.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
               hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
               bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -210,18 +260,30 @@ def _head(args):
 
 
 def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
-    """The GPTModel ``args`` describe at TP = PP = 1 (needs Megatron-Core's parallel state initialised), its
-    weights not loaded yet; params in ``dtype``. What Megatron-Core itself refuses to build is one line."""
+    """The GPTModel (HybridModel when the args have a layer pattern) ``args`` describe at TP = PP = 1 (needs
+    Megatron-Core's parallel state initialised), its weights not loaded yet; params in ``dtype``. What Megatron-Core
+    itself refuses to build is one line."""
     try:
         return _build(args, real_vocab_size, dtype)
     except (AssertionError, ValueError, NotImplementedError, TypeError) as exc:  # megatron-core's own checks
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(f"the saved args describe a GPT model Megatron-Core's local spec does not build "
+        kind = "a HybridModel" if hybrid_pattern(args) else "a GPT model"
+        raise CheckpointError(f"the saved args describe {kind} Megatron-Core's local spec does not build "
                               f"here ({type(exc).__name__}: {first})") from None
 
 
 def _build(args, real_vocab_size: int, dtype: torch.dtype):
     config = _transformer_config(args, dtype)
+    pattern = hybrid_pattern(args)
+    if pattern:
+        hybrid_kw = dict(share_embeddings_and_output_weights=not getattr(args, "untie_embeddings_and_output_weights",
+                                                                         False),
+                         rotary_percent=getattr(args, "rotary_percent", 1.0),
+                         rotary_base=getattr(args, "rotary_base", 10000), parallel_output=True)
+        return build_hybrid_model(config, int(args.padded_vocab_size), int(args.max_position_embeddings),
+                                  hybrid_layer_pattern=pattern.replace("|", ""), head=_head(args),
+                                  position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
+                                  pre_process=True, post_process=True, real_vocab_size=real_vocab_size, **hybrid_kw)
     spec_kw = dict(qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
                    normalization=getattr(args, "normalization", None))
     params = inspect.signature(get_gpt_layer_local_spec).parameters
@@ -244,7 +306,8 @@ def load_megatron_lm_weights(model, iter_dir: str, name: str) -> None:
     metadata first, for a one-line error naming the first missing key)."""
     sharded = model.sharded_state_dict()
     saved = dcp.FileSystemReader(iter_dir).read_metadata().state_dict_metadata
-    what = f"the GPT model its args describe (local layer spec, {type(model.output_layer).__name__} head)"
+    what = (f"the {'HybridModel' if hasattr(model, 'hybrid_layer_pattern') else 'GPT model'} its args describe "
+            f"(local layer spec, {type(model.output_layer).__name__} head)")
     for t in nested_values(sharded):
         if not isinstance(t, ShardedTensor):
             continue

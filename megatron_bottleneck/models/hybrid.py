@@ -40,7 +40,7 @@ from .gpt import finish_head, prepare_head, stage_ends
 from .llama import SequenceParallelNorm
 
 __all__ = ["build_hybrid_model", "local_hybrid_stack_spec", "default_hybrid_pattern", "require_hybrid_model",
-           "LOCAL_SYMBOLS"]
+           "LOCAL_SYMBOLS", "LOCAL_HYBRID_STACK_SPEC"]
 
 LOCAL_SYMBOLS = "*-"
 """Layer symbols the local spec builds on any device (attention, MLP); ``M`` (Mamba) on GPUs only."""
@@ -70,11 +70,27 @@ if _HybridStack is not None:
         TE's ``TENorm``): y = x / rms(x) * w (or LayerNorm, per ``config.normalization``) on [s(/tp), b, D]."""
 
         def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
+            _check_layers(submodules, kwargs.get("layer_type_list") or ())
             super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
             self.post_layer_norm = post_layer_norm
             if self.post_process and post_layer_norm:
                 self.final_norm = SequenceParallelNorm(config, config.hidden_size, eps=config.layernorm_epsilon,
                                                        tp_group=self.tp_group)
+
+
+_LAYER_FIELDS = {"M": "mamba_layer", "G": "gdn_layer", "*": "attention_layer", "D": "dsa_layer", "+": "mla_layer",
+                 "-": "mlp_layer", "E": "moe_layer"}
+
+
+def _check_layers(submodules, layer_types) -> None:
+    """One line for a layer symbol whose layer this stack spec leaves out (Megatron's ``HybridStack`` would build an
+    ``IdentityOp`` there: a layer that silently does nothing)."""
+    absent = sorted({t for t in layer_types if getattr(submodules, _LAYER_FIELDS.get(t, ""), IdentityOp) is IdentityOp})
+    if absent:
+        raise ConfigError(
+            f"hybrid layer pattern symbol(s) {', '.join(repr(t) for t in absent)}: this local hybrid stack spec has no "
+            "such layer (it builds attention '*' and MLP '-' layers; Mamba 'M' on GPUs through "
+            "local_hybrid_stack_spec(config, pattern)): use Megatron's hybrid_stack_spec for the others.")
 
 
 def _mamba_layer_spec():
@@ -225,3 +241,11 @@ def build_hybrid_model(
         **hybrid_kwargs,
     )
     return finish_head(model, head, fused_from_head, post_process, real_vocab_size, fused_loss)
+
+
+LOCAL_HYBRID_STACK_SPEC = local_hybrid_stack_spec(None, "") if _HybridStack is not None else None
+"""The local hybrid stack spec as one ``ModuleSpec`` object, for Megatron-LM's ``--spec MODULE NAME`` (which imports an
+object, not a function): ``pretrain_hybrid.py --spec megatron_bottleneck.models.hybrid LOCAL_HYBRID_STACK_SPEC``.
+Attention ``*`` and MLP ``-`` layers (:func:`local_hybrid_stack_spec` with no pattern; the layer norms follow
+``config.normalization`` when built); a pattern with other layers is refused in one line when the model is built.
+None on megatron-core < 0.19."""

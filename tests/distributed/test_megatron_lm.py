@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from tests.lanes import MEGATRON_CORE
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = os.path.join(REPO, "..", "shared", "megatron-lm")
 DEPS = ("six", "regex", "pydantic", "triton", "pybind11")
@@ -39,6 +41,9 @@ def _mlm_dir():
 
 
 MLM, _why = _mlm_dir()
+HYBRID_SCRIPT = os.path.join(MLM, "pretrain_hybrid.py") if MLM else ""
+needs_hybrid_script = pytest.mark.skipif(not os.path.isfile(HYBRID_SCRIPT), reason=(
+    f"no {HYBRID_SCRIPT or 'pretrain_hybrid.py'}: Megatron-LM's hybrid training is core_v0.19 (megatron-core >= 0.19)"))
 _missing = [d for d in DEPS if importlib.util.find_spec(d) is None]
 pytestmark = [
     pytest.mark.skipif(MLM is None, reason=_why),
@@ -67,15 +72,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=900, script=None):
-    """Run Megatron-LM's pretrain_gpt.py through the zero-edit runner, or an edited copy ``script`` directly
-    (one process); returns (returncode, combined output)."""
+def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=900, script=None,
+        entry="pretrain_gpt.py"):
+    """Run Megatron-LM's ``entry`` (pretrain_gpt.py) through the zero-edit runner, or an edited copy ``script``
+    directly (one process); returns (returncode, combined output)."""
     cmd = [sys.executable]
     if nproc > 1:
         # --standalone: torchrun's own rendezvous binds a port it picks (no free-port race with other jobs)
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     if script is None:
-        cmd += ["-m", "megatron_bottleneck.megatron_lm", os.path.join(MLM, "pretrain_gpt.py")]
+        cmd += ["-m", "megatron_bottleneck.megatron_lm", os.path.join(MLM, entry)]
     else:
         cmd += [str(script)]
     cmd += [*BASE, "--train-iters", str(train_iters), *args]
@@ -423,17 +429,62 @@ def _measure_cli(args):
     return p.returncode, p.stdout, p.stderr
 
 
-def test_measure_reads_the_tp2_checkpoint_and_matches_float64_reference(tp_runs, tmp_path):
+def _checkpoint_names(iter_dir):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return [n for n, m in FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata.items()
+            if (n.startswith(("embedding.", "decoder.", "output_layer.")) and "_extra_state" not in n)]
+
+
+def _gpt_weights(iter_dir):
+    return _dcp_tensors(iter_dir, _checkpoint_names(iter_dir))
+
+
+def _hybrid_weights_as_gpt(iter_dir, pattern="*-*-"):
+    """A HybridModel checkpoint's tensors under the GPT names of :func:`_reference_forward`: the attention layers'
+    (at the pattern's ``*``) and the MLP layers' (at its ``-``) tensors stacked on dim 0, final_norm as
+    final_layernorm."""
+    import torch
+
+    raw = _dcp_tensors(iter_dir, _checkpoint_names(iter_dir))
+    w = {k: v for k, v in raw.items() if not k.startswith("decoder.")}
+    w.update({f"decoder.final_layernorm.{p}": raw[f"decoder.final_norm.{p}"] for p in ("weight", "bias")})
+    per = {}
+    for k, v in raw.items():
+        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", k)
+        if m:
+            per.setdefault(m.group(2), []).append((int(m.group(1)), v))
+    for sub, items in per.items():
+        assert {pattern[i] for i, _ in items} == {"*" if sub.startswith("self_attention.") else "-"}, (sub, items)
+        w["decoder.layers." + sub] = torch.stack([v for _, v in sorted(items, key=lambda x: x[0])])
+    return w
+
+
+def test_measure_reads_the_tp2_checkpoints_and_matches_float64_reference(tp_runs, request, tmp_path):
     """``megatron-bottleneck measure`` on the TP=2 torch_dist checkpoint (its architecture, rank-16 head and
     NullTokenizer from the saved args, loaded at TP=1, without megatron.training on the path): every figure
     equals a float64 brute force from the raw saved tensors (own forward, P from an SVD of W = A B on the
-    real 1001 rows of the 1024 padded ones, ranks from an SVD of G)."""
+    real 1001 rows of the 1024 padded ones, ranks from an SVD of G). Where Megatron-LM has pretrain_hybrid.py
+    (core_v0.19), the same measure call also reads its HybridModel checkpoint (:func:`hybrid_run`: built at TP=1
+    with the local hybrid spec), checked against the brute force from its raw tensors (attention layers at the
+    pattern's '*', MLP layers at its '-')."""
+    _ok(*tp_runs[2][:2])
+    checkpoints = [(tp_runs["ckpt"], _gpt_weights)]
+    if os.path.isfile(HYBRID_SCRIPT):
+        hybrid = request.getfixturevalue("hybrid_run")
+        _ok(hybrid["rc"], hybrid["out"])
+        checkpoints.append((hybrid["ckpt"], _hybrid_weights_as_gpt))
+    _assert_measure_matches_float64(checkpoints, tmp_path)
+
+
+def _assert_measure_matches_float64(checkpoints, tmp_path):
+    """measure (one CLI call) on the rank-16 checkpoints saved at step 6, each ``(ckpt, weights)`` against the
+    float64 reference from ``weights(iter_dir)`` (the tensors under :func:`_reference_forward`'s names)."""
     import math
 
     import numpy as np
     import torch
 
-    _ok(*tp_runs[2][:2])
     from megatron_bottleneck.measure.documents import load_documents
 
     gen = torch.Generator().manual_seed(3)
@@ -445,52 +496,53 @@ def test_measure_reads_the_tp2_checkpoint_and_matches_float64_reference(tp_runs,
     docs = [d.tolist() for d in load_documents([str(data)], None, documents=0, seq_length=32, seed=0)]
     assert max(map(len, raw)) > 33 and max(map(len, docs)) == 33
     budget = 40
-    rc, out, err = _measure_cli([str(tp_runs["ckpt"]), "--data", str(data), "--out", str(tmp_path / "m"),
+    rc, out, err = _measure_cli([*(str(c) for c, _ in checkpoints), "--data", str(data), "--out", str(tmp_path / "m"),
                                  "--documents", "0", "--dtype", "float64", "--rank-budget", str(budget)])
     assert rc == 0, err[-3000:]
-    res = json.loads((tmp_path / "m" / "measure.json").read_text())
-    res = res[0] if isinstance(res, list) else res
-    assert res["kind"] == "megatron-lm" and res["vocab_size"] == 1001 and res["hidden_size"] == 64
-    assert res["head_rank"] == 16 and res["seq_length"] == 32 and res["documents"] == 5
-
-    iter_dir = tp_runs["ckpt"] / "iter_0000006"
-    from torch.distributed.checkpoint import FileSystemReader
-
-    names = [n for n, m in FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata.items()
-             if (n.startswith(("embedding.", "decoder.", "output_layer.")) and "_extra_state" not in n)]
-    w = _dcp_tensors(iter_dir, names)
-    assert w["output_layer.weight"].shape == (1024, 16)  # padded vocabulary, rank-16 factor
-    head = w["output_layer.weight"][:1001] @ w["output_layer.input_proj"]  # W = A B on the real rows
-    u, sv, _ = torch.linalg.svd(head, full_matrices=False)
-    q = u[:, sv > sv[0] * 1e-10]  # orthonormal basis of col(W): rank 16 (a QR of the 1001 x 64 W would span 64)
-    assert q.shape[1] == 16
-    rows, doc_r = [], []
-    with torch.no_grad():
-        for d in docs:
-            h = _reference_forward(w, torch.tensor(d[:-1]), heads=4)
-            g = torch.softmax(h @ head.t(), -1) - torch.nn.functional.one_hot(torch.tensor(d[1:]), 1001).double()
-            rows.append(g)
-            doc_r.append(math.sqrt(1 - (g @ q).square().sum() / g.square().sum()))
-    g = torch.cat(rows)
-    vis2, g2 = (g @ q).square().sum(), g.square().sum()
-    assert res["tokens"] == g.shape[0]
-    assert res["destroyed_ratio"] == pytest.approx(math.sqrt(1 - vis2 / g2), rel=1e-6)
-    assert res["visible_cosine"] == pytest.approx(math.sqrt(vis2 / g2), rel=1e-6)
-    assert res["grad_norm"] == pytest.approx(math.sqrt(g2) / g.shape[0], rel=1e-6)
-    assert res["isotropic_baseline"] == pytest.approx(math.sqrt(1 - 16 / 1000), rel=1e-12)
-    assert res["per_document"]["mean"] == pytest.approx(float(np.mean(doc_r)), rel=1e-6)
-    assert res["per_document"]["q50"] == pytest.approx(float(np.median(doc_r)), rel=1e-6)
-    s = torch.linalg.svdvals(g[:budget])  # the rank curve's tokens: the first of the documents in measure's order
-    tol = s[0] * max(budget, 1001) * torch.finfo(torch.float64).eps
-    p = s / s.sum()
-    assert res["rank"]["numerical_rank"] == int((s > tol).sum())
-    assert res["rank"]["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
     assert "Traceback" not in err
+    one = len(checkpoints) == 1  # measure.json for one model, measures.json (the list) for several
+    results = json.loads((tmp_path / "m" / ("measure.json" if one else "measures.json")).read_text())
+    results = [results] if one else results
+    assert len(results) == len(checkpoints)
+    for res, (ckpt, weights) in zip(results, checkpoints):
+        assert res["kind"] == "megatron-lm" and res["vocab_size"] == 1001 and res["hidden_size"] == 64
+        assert res["head_rank"] == 16 and res["seq_length"] == 32 and res["documents"] == 5
+
+        w = weights(ckpt / "iter_0000006")
+        assert w["output_layer.weight"].shape == (1024, 16)  # padded vocabulary, rank-16 factor
+        head = w["output_layer.weight"][:1001] @ w["output_layer.input_proj"]  # W = A B on the real rows
+        u, sv, _ = torch.linalg.svd(head, full_matrices=False)
+        q = u[:, sv > sv[0] * 1e-10]  # orthonormal basis of col(W): rank 16 (a QR of the 1001 x 64 W would span 64)
+        assert q.shape[1] == 16
+        rows, doc_r = [], []
+        with torch.no_grad():
+            for d in docs:
+                h = _reference_forward(w, torch.tensor(d[:-1]), heads=4)
+                g = torch.softmax(h @ head.t(), -1) - torch.nn.functional.one_hot(torch.tensor(d[1:]), 1001).double()
+                rows.append(g)
+                doc_r.append(math.sqrt(1 - (g @ q).square().sum() / g.square().sum()))
+        g = torch.cat(rows)
+        vis2, g2 = (g @ q).square().sum(), g.square().sum()
+        assert res["tokens"] == g.shape[0]
+        assert res["destroyed_ratio"] == pytest.approx(math.sqrt(1 - vis2 / g2), rel=1e-6)
+        assert res["visible_cosine"] == pytest.approx(math.sqrt(vis2 / g2), rel=1e-6)
+        assert res["grad_norm"] == pytest.approx(math.sqrt(g2) / g.shape[0], rel=1e-6)
+        assert res["isotropic_baseline"] == pytest.approx(math.sqrt(1 - 16 / 1000), rel=1e-12)
+        assert res["per_document"]["mean"] == pytest.approx(float(np.mean(doc_r)), rel=1e-6)
+        assert res["per_document"]["q50"] == pytest.approx(float(np.median(doc_r)), rel=1e-6)
+        s = torch.linalg.svdvals(g[:budget])  # the rank curve's tokens: the first of the documents in measure's order
+        tol = s[0] * max(budget, 1001) * torch.finfo(torch.float64).eps
+        p = s / s.sum()
+        assert res["rank"]["numerical_rank"] == int((s > tol).sum())
+        assert res["rank"]["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
 
 
 def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp_path, capsys):
-    """A checkpoint whose saved args ask for what the local GPT model does not build (here MoE): one line, from
-    the saved args alone (in process: nothing is built or launched)."""
+    """A checkpoint whose saved args ask for what the local GPT / attention-MLP hybrid model does not build (MoE; a
+    hybrid pattern with Mamba or MTP depths; a custom hybrid spec): one line naming the argument, from the saved args
+    alone (in process: nothing is built or launched)."""
+    import copy
+
     import torch
 
     from megatron_bottleneck.cli import main
@@ -501,14 +553,63 @@ def test_measure_refuses_an_unsupported_megatron_lm_arg_in_one_line(tp_runs, tmp
     saved = tp_runs["ckpt"] / "iter_0000006"
     args = read_megatron_lm_args(str(saved))
     assert args.tensor_model_parallel_size == 2 and args.lm_head_rank == 16
-    args.num_experts = 8
-    fake = tmp_path / "moe"
-    (fake / "iter_0000006").mkdir(parents=True)
-    (fake / "latest_checkpointed_iteration.txt").write_text("6")
-    (fake / "iter_0000006" / "metadata.json").write_text((saved / "metadata.json").read_text())
-    torch.save({"args": args}, fake / "iter_0000006" / "common.pt")  # megatron-core 0.16's layout of the args
-    capsys.readouterr()
-    rc = main(["measure", str(fake), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith("error: ") and "--num-experts 8" in err[0] and "mixture of experts" in err[0], err
+    cases = [({"num_experts": 8}, ["--num-experts 8", "mixture of experts"]),
+             ({"hybrid_layer_pattern": "M*M-"}, ["--hybrid-layer-pattern 'M*M-'", "Mamba 'M' layers"]),
+             ({"hybrid_layer_pattern": "*E*-"}, ["--hybrid-layer-pattern '*E*-'", "mixture-of-experts 'E'"]),
+             ({"hybrid_layer_pattern": "*-*-/*-"}, ["--hybrid-layer-pattern '*-*-/*-'", "multi-token prediction"]),
+             ({"hybrid_layer_pattern": "*-*-", "spec": ["my.specs", "stack"]}, ["--spec my.specs stack", "custom"])]
+    if MEGATRON_CORE.startswith("0.16."):  # no HybridModel to build
+        cases.append(({"hybrid_layer_pattern": "*-*-"}, ["--hybrid-layer-pattern '*-*-' (a HybridModel): HybridModel "
+                                                         "needs megatron-core >= 0.19"]))
+    for i, (edit, words) in enumerate(cases):
+        fake = tmp_path / f"fake{i}"
+        (fake / "iter_0000006").mkdir(parents=True)
+        (fake / "latest_checkpointed_iteration.txt").write_text("6")
+        (fake / "iter_0000006" / "metadata.json").write_text((saved / "metadata.json").read_text())
+        edited = copy.copy(args)
+        vars(edited).update(edit)
+        torch.save({"args": edited}, fake / "iter_0000006" / "common.pt")  # megatron-core 0.16's layout of the args
+        capsys.readouterr()
+        rc = main(["measure", str(fake), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (edit, err)
+        assert err[0].startswith("error: ") and all(w in err[0] for w in words), (edit, err)
+
+
+# ------------------------------------------------------------------ pretrain_hybrid.py (HybridModel)
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    """pretrain_hybrid.py with the attention/MLP pattern *-*- (the 2-layer GPT of tp_runs, layer for layer) at TP=2,
+    through the runner in CPU mode without --spec, with the rank-16 head and the probe; saves at step 6."""
+    root = tmp_path_factory.mktemp("mlm_hybrid")
+    rc, text = run(2, HEAD + ["--hybrid-layer-pattern", "*-*-", "--tensor-model-parallel-size", "2",
+                              "--probe-log-dir", str(root / "probe"), "--save", str(root / "ckpt"), "--save-interval",
+                              "6", "--ckpt-format", "torch_dist"], entry="pretrain_hybrid.py")
+    return {"rc": rc, "out": text, "probe": root / "probe", "ckpt": root / "ckpt"}
+
+
+@needs_hybrid_script
+def test_pretrain_hybrid_with_the_local_spec_trains_as_pretrain_gpt(hybrid_run, tp_runs):
+    """Megatron-LM's unchanged pretrain_hybrid.py through the runner on CPU: the local hybrid spec picked and said in
+    one line (recorded as --spec in the saved args), the head installed once, and the *-*- HybridModel at TP=2 gives
+    pretrain_gpt.py's TP=1 losses and probe figures (the same weights under other names)."""
+    from megatron_bottleneck.integrations.megatron_lm import LOCAL_HYBRID_SPEC
+    from megatron_bottleneck.measure.megatron_lm_checkpoint import read_megatron_lm_args
+
+    out = hybrid_run["out"]
+    _ok(hybrid_run["rc"], out)
+    assert out.count("megatron-bottleneck: CPU mode, no --spec: HybridModel is built with megatron-bottleneck's "
+                     "local hybrid stack spec (--spec megatron_bottleneck.models.hybrid LOCAL_HYBRID_STACK_SPEC") == 1
+    assert out.count("installed a rank-16 low-rank LM head") == 1
+    one, hy = losses(tp_runs[1][1]), losses(out)
+    assert sorted(hy) == sorted(one) == list(range(1, 7))
+    for it in one:
+        assert hy[it] == pytest.approx(one[it], rel=1e-5), (it, one, hy)
+    r1, rh = records(tp_runs[1][2]), records(hybrid_run["probe"])
+    assert [r["step"] for r in rh] == list(range(6))
+    for a, b in zip(r1, rh):
+        assert b["probe/destroyed_ratio"] == pytest.approx(a["probe/destroyed_ratio"], rel=1e-5)
+        assert b["probe/isotropic_baseline"] == pytest.approx(a["probe/isotropic_baseline"], rel=1e-12)
+    saved = read_megatron_lm_args(str(hybrid_run["ckpt"] / "iter_0000006"))
+    assert saved.hybrid_layer_pattern == "*-*-" and tuple(saved.spec) == LOCAL_HYBRID_SPEC
+    assert saved.tensor_model_parallel_size == 2 and saved.num_layers == 4

@@ -189,3 +189,33 @@ def test_megatron_lm_sbatch_outside_slurm_one_error_line_and_status_2(script, tm
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "sbatch" in lines[0], r.stderr
+
+
+def test_megatron_lm_sbatch_hybrid_layer_pattern_dry_run(tmp_path):
+    """HYBRID_LAYER_PATTERN (no Slurm daemons needed: the job's variables given, --dry-run): the job launches
+    pretrain_hybrid.py with --hybrid-layer-pattern after the args file's arguments, before the head and yours;
+    without the pattern pretrain_gpt.py; a Megatron-LM without pretrain_hybrid.py is one error line (not a dry run)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", MASTER_ADDR="n1", MB_CPU="1",
+               MEGATRON_LM="/mlm", LM_HEAD_RANK="8", RUN_DIR=str(tmp_path / "run"), PYTHON="python")
+
+    def srun_line(**more):
+        r = subprocess.run(["bash", ONE, TINY, "--seed", "7", "--dry-run"], env={**env, **more}, capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        return r.stdout, next(x for x in r.stdout.splitlines() if x.startswith("srun "))
+
+    out, line = srun_line(HYBRID_LAYER_PATTERN="*-*-")
+    assert "hybrid layer pattern *-*-, Megatron-LM /mlm/pretrain_hybrid.py" in out
+    assert "-m megatron_bottleneck.megatron_lm /mlm/pretrain_hybrid.py --save " in line
+    assert line.endswith(r" --probe-rank-token-budget 64 --hybrid-layer-pattern \*-\*- --lm-head-rank 8 --seed 7'")
+    out, line = srun_line()
+    assert "-m megatron_bottleneck.megatron_lm /mlm/pretrain_gpt.py --save " in line
+    assert "hybrid layer pattern" not in out and "--hybrid-layer-pattern" not in line
+    assert line.endswith(" --probe-rank-token-budget 64 --lm-head-rank 8 --seed 7'")
+    r = subprocess.run(["bash", ONE, TINY], env={**env, "HYBRID_LAYER_PATTERN": "*-*-"}, capture_output=True,
+                       text=True, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no training script "
+                                                                         "/mlm/pretrain_hybrid.py"), r.stderr
+    assert "Megatron-LM has from core_v0.19" in lines[0] and not os.path.exists(tmp_path / "run")

@@ -111,3 +111,29 @@ def test_megatron_core_016_is_refused_in_one_line():
     message = error_of(lambda: mb.build_hybrid_model(sh.config(4), support.VOCAB, support.SEQ))
     assert message.startswith("ConfigError: HybridModel needs megatron-core >= 0.19 (installed: 0.16")
     assert "\n" not in message
+
+
+@sh.NEEDS_HYBRID
+@pytest.mark.usefixtures("megatron_one_rank")
+def test_the_spec_object_for_megatron_lm_builds_the_same_model_and_refuses_other_layers():
+    """LOCAL_HYBRID_STACK_SPEC (Megatron-LM's --spec imports an object) builds what local_hybrid_stack_spec(config,
+    pattern) builds, the norms following config.normalization (RMSNorm here); a layer symbol it has no layer for
+    (Megatron's stack would build a do-nothing IdentityOp) is one line."""
+    from megatron_bottleneck.models.hybrid import LOCAL_HYBRID_STACK_SPEC
+
+    cfg = sh.config(4)
+    built = []
+    for spec in (LOCAL_HYBRID_STACK_SPEC, None):
+        torch.manual_seed(5)
+        built.append(mb.build_hybrid_model(cfg, support.VOCAB, support.SEQ, stack_spec=spec).state_dict())
+    assert built[0].keys() == built[1].keys()
+    for k, v in built[0].items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, built[1][k]), k
+    model = mb.build_hybrid_model(cfg, support.VOCAB, support.SEQ, stack_spec=LOCAL_HYBRID_STACK_SPEC)
+    norms = [m for m in model.modules() if isinstance(m, mb.SequenceParallelNorm)]
+    assert len(norms) == 5 and all(n.rms and n.bias is None for n in norms)  # 2 attention + 2 MLP layers + final
+    message = error_of(lambda: mb.build_hybrid_model(cfg, support.VOCAB, support.SEQ, hybrid_layer_pattern="*M*-",
+                                                     stack_spec=LOCAL_HYBRID_STACK_SPEC))
+    assert message.startswith("ConfigError: hybrid layer pattern symbol(s) 'M': this local hybrid stack spec has no "
+                              "such layer") and "\n" not in message, message

@@ -63,3 +63,54 @@ def test_the_active_head_loss_and_probe_are_one_line():
     assert line == ("head: low-rank rank 16 (init balanced); loss: fused with the head (no [s, b, V/tp] logits); "
                     "probe: interval 10, update_interval 0, rank_interval 0 (budget 2048 tokens), log dir runs/p")
     assert "loss: Megatron's fused cross-entropy" in check_arguments(BASE + ["--cross-entropy-loss-fusion"])[0]
+
+
+HYBRID = BASE + ["--hybrid-layer-pattern"]
+LOCAL = ["--spec", "megatron_bottleneck.models.hybrid", "LOCAL_HYBRID_STACK_SPEC"]
+TE = ["--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
+
+
+@pytest.mark.parametrize("flags, cpu, message", [
+    (["M*-*-"], True, "--hybrid-layer-pattern 'M*-*-': megatron-bottleneck's local hybrid spec, the CPU mode's "
+                      "default, builds attention '*' and MLP '-' layers, not 'M'; Mamba 'M' layers need Mamba's CUDA "
+                      "kernels and Transformer Engine: on GPUs use --spec megatron.core.models.hybrid"),
+    (["*E*-", *LOCAL], False, "--hybrid-layer-pattern '*E*-': --spec megatron_bottleneck.models.hybrid "
+                              "LOCAL_HYBRID_STACK_SPEC builds attention '*' and MLP '-' layers, not 'E': use --spec "
+                              "megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec"),
+    (["*-*-/*-"], True, "--hybrid-layer-pattern '*-*-/*-' declares multi-token prediction ('/')"),
+    (["*-*-", *TE], True, "--spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec is Megatron's "
+                          "Transformer Engine hybrid stack, which does not run in CPU mode: omit --spec"),
+])
+def test_a_hybrid_pattern_the_spec_does_not_build_is_one_line(flags, cpu, message):
+    from megatron_bottleneck.base.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_arguments(HYBRID + flags, cpu=cpu)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_hybrid_patterns_the_spec_builds_pass():
+    """Attention / MLP with pipeline stages under the local spec (CPU default or --spec), anything under Megatron's
+    own spec on GPUs: the usual status line only."""
+    for flags, cpu in ((["*-|*-"], True), (["*-*-", *LOCAL], False), (["M*M-/*-", *TE], False), (["M*M-"], False)):
+        assert check_arguments(HYBRID + flags, cpu=cpu)[-1].startswith("head: Megatron's dense output layer")
+
+
+def test_pretrain_hybrid_on_megatron_core_016_is_one_line(tmp_path, capsys):
+    """Megatron-LM core_v0.16 has no pretrain_hybrid.py, megatron-core 0.16 no HybridModel: the runner says so in one
+    line (exit 2) before anything runs; with megatron-core >= 0.19 the check passes."""
+    from megatron_bottleneck.integrations.megatron_lm import _require_hybrid
+    from tests.lanes import MEGATRON_CORE
+
+    script = str(tmp_path / "pretrain_hybrid.py")
+    if not MEGATRON_CORE.startswith("0.16."):
+        _require_hybrid(script)
+        return
+    from megatron_bottleneck.integrations.megatron_lm import main
+
+    with pytest.raises(SystemExit) as e:
+        main([script, "--hybrid-layer-pattern", "*-*-"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"megatron-bottleneck: error: {script} builds Megatron-Core's HybridModel, which needs "
+                             "megatron-core >= 0.19 and Megatron-LM core_v0.19 or later (installed megatron-core 0.16.1")
