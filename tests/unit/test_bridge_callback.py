@@ -1,4 +1,5 @@
 """ProbeCallback against a stand-in for megatron.bridge.training.callbacks (Bridge not needed)."""
+import inspect
 import sys
 import types
 
@@ -63,7 +64,8 @@ def test_probe_callback_attaches_and_continues_step(fake_bridge):
 
 
 def test_batch_size_rampup_gives_each_step_its_own_micro_batches(fake_bridge, megatron_one_rank):
-    """Megatron's ramp-up calculator (rampup_batch_size [1, 1, 2], global batch 3, micro-batch 1) gives steps of
+    """Megatron's ramp-up calculator (rampup_batch_size [1, 1, 2], global batch 3, micro-batch 1; megatron-core 0.19:
+    the step schedule "0:1 1:2 3:3") gives steps of
     1, 2 and 3 micro-batches; the callback opens each probe step with get_num_microbatches() of that step, so each
     record covers exactly that step's micro-batches (the last step's forwards all run before its backwards): its
     grad_norm, hidden_grad_norm and destroyed_ratio equal the float64 brute force of that step's logit gradient
@@ -93,7 +95,10 @@ def test_batch_size_rampup_gives_each_step_its_own_micro_batches(fake_bridge, me
                                   cfg=types.SimpleNamespace(model=types.SimpleNamespace(vocab_size=V)))
     ctx = types.SimpleNamespace(model=[model], state=state)
     cb = ProbeCallback(probe)
-    init_num_microbatches_calculator(0, [1, 1, 2], 3, 1, 1)
+    if "step_batch_size_schedule" in inspect.signature(init_num_microbatches_calculator).parameters:
+        init_num_microbatches_calculator(0, None, 3, 1, 1, step_batch_size_schedule="0:1 1:2 3:3")  # >= 0.19
+    else:
+        init_num_microbatches_calculator(0, [1, 1, 2], 3, 1, 1)  # rampup_batch_size (ignored from 0.19 on)
     try:
         cb.on_train_start(ctx)
         consumed, wants = 0, []
