@@ -334,14 +334,18 @@ loss context) and the unfused sigsoftmax head (G from the log-probabilities' out
 
 
 def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_counter=None,
-                      brute: bool = True) -> Dict:
+                      brute: bool = True, forwards_ahead: bool = False, begin: Optional[int] = None,
+                      reference: bool = True) -> Dict:
     """Rank function (any TP layout): ``GradientProbe`` (cheap + update figures, ``general_tokens=tokens``) on a
     float64 head over two micro-batches of [S, B] tokens driven as the models drive it (fused: a
     ``LossContext`` with the labels, the head returns -log p(y); unfused: Megatron's vocab-parallel
     cross-entropy of the head's log-probabilities), the loss the micro-batch mean / 2. Returns the probe's record,
     ``head_figures`` and (``brute``) the brute force on the same (first ``tokens``) tokens, and the loss weight w = 1/(2 S B).
     With ``sync_counter`` (a TorchDispatchMode class), also the host syncs of the forward-backward passes with
-    and without the probe, and of ``end_step``."""
+    and without the probe, and of ``end_step``. ``forwards_ahead``: both forwards run before the first backward
+    (as combined 1F1B or an interleaved schedule may run them); ``begin``: the step is opened by
+    ``probe.begin_step(begin)`` (else by its first forward, of ``watch``'s 2 micro-batches); ``reference=False``:
+    the record only (no ``head_figures``, no brute force)."""
     import dataclasses
 
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -358,17 +362,24 @@ def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_c
     probe = mb.GradientProbe(mb.ProbeConfig(interval=1, update_interval=1, general_tokens=tokens,
                                             general_iterations=2 * D))
 
+    def forward(h, y):
+        x = _local(h, rank, tp, sp).clone().requires_grad_(True)
+        if fused:
+            head.loss_context = LossContext(y, FusedLossConfig())
+            loss, _ = head(x)
+            head.loss_context = None
+        else:
+            u, _ = head(x)
+            loss = vocab_parallel_cross_entropy(u.clone(), y)
+        return loss.mean() / 2
+
     def step():
-        for h, y in zip(hs, ys):
-            x = _local(h, rank, tp, sp).clone().requires_grad_(True)
-            if fused:
-                head.loss_context = LossContext(y, FusedLossConfig())
-                loss, _ = head(x)
-                head.loss_context = None
-            else:
-                u, _ = head(x)
-                loss = vocab_parallel_cross_entropy(u.clone(), y)
-            (loss.mean() / 2).backward()
+        if forwards_ahead:
+            for loss in [forward(h, y) for h, y in zip(hs, ys)]:
+                loss.backward()
+        else:
+            for h, y in zip(hs, ys):
+                forward(h, y).backward()
 
     syncs = {}
     if sync_counter is not None:
@@ -377,6 +388,8 @@ def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_c
             step()
         syncs["without_probe"] = off.count
     probe.watch_head(head, num_microbatches=2)
+    if begin is not None:
+        probe.begin_step(begin)
     counter = sync_counter() if sync_counter is not None else None
     if counter is not None:
         with counter:
@@ -389,7 +402,11 @@ def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_c
     else:
         step()
         probe.end_step()
-    record = dict(probe.history[-1])
+    records = len(probe.history)
+    record = dict(probe.history[-1]) if probe.history else {}
+    if not reference:
+        probe.remove()
+        return {"record": record, "error": probe.last_error, "records": records, "enabled": probe.enabled}
     h_all = torch.cat([h.reshape(-1, D) for h in hs])[:tokens]
     y_all = torch.cat([y.reshape(-1) for y in ys])[:tokens]
     lp = head.log_prob_fn()
@@ -399,4 +416,4 @@ def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_c
     brute = brute_probe_figures(kind, full, h_all, y_all) if brute else None
     probe.remove()
     return {"record": record, "head_figures": want, "brute": brute, "weight": 1.0 / (2 * S * B), "syncs": syncs,
-            "error": probe.last_error}
+            "error": probe.last_error, "records": records, "enabled": probe.enabled}

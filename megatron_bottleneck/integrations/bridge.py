@@ -4,8 +4,10 @@
     pretrain(config, forward_step, callbacks=[ProbeCallback(probe)])
 
 ``on_train_start`` attaches the probe to ``context.model`` (the DDP-wrapped chunks) and sets
-``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_step_end``
-finishes the step's figures (``probe.end_step()``); ``on_train_end`` detaches it. The probe's vocabulary is the
+``probe.step = context.state.train_state.step`` (the loaded iteration when resuming); ``on_train_step_start``
+opens the probe's step with that step's micro-batch count (``probe.begin_step``: Megatron's
+``get_num_microbatches()``, read afresh every step, after Bridge has updated it for batch-size ramp-up);
+``on_train_step_end`` ends it (``probe.end_step()``: its figures); ``on_train_end`` detaches it. The probe's vocabulary is the
 provider's ``vocab_size`` (the tokenizer's, not the padded one). Bridge is imported only when the class is first
 requested, so importing this module does not need Bridge. For the low-rank head and the fused loss use Bridge's
 pre-wrap hooks: ``config.model.register_pre_wrap_hook(mb.low_rank_head_hook(rank))`` and
@@ -131,7 +133,10 @@ def make_probe_callback_class():
         ) from None
 
     class ProbeCallback(Callback):
-        """Attach a :class:`~megatron_bottleneck.probe.GradientProbe` for a Bridge ``pretrain``."""
+        """Attach a :class:`~megatron_bottleneck.probe.GradientProbe` for a Bridge ``pretrain``.
+
+        ``num_microbatches``: every step's micro-batch count, for a run without Megatron's num-microbatches
+        calculator; None (default): the calculator's count, read at the start of each step."""
 
         def __init__(self, probe, num_microbatches=None):
             self.probe = probe
@@ -147,6 +152,9 @@ def make_probe_callback_class():
             if self.probe.config.vocab_size is None and isinstance(vocab, int):
                 self.probe.config.vocab_size = vocab
             self.probe.watch(context.model, self.num_microbatches)
+
+        def on_train_step_start(self, context) -> None:
+            self.probe.begin_step(self.num_microbatches)  # None: get_num_microbatches() of this step
 
         def on_train_step_end(self, context) -> None:
             self.probe.end_step()  # the probe's one reduction and host transfer of the step

@@ -627,17 +627,24 @@ def _edit_pretrain_arguments(sig: inspect.Signature, a: dict, cpu: bool = False)
         a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
 
-def _end_probe_step(train_step: Callable) -> Callable:
-    """Megatron-LM's ``train_step`` followed by the probe's :meth:`~GradientProbe.end_step` (its one reduction
-    and host transfer of the step, after the schedule). Idempotent."""
+def _probe_train_step(train_step: Callable) -> Callable:
+    """Megatron-LM's ``train_step`` as the probe's step: :meth:`~GradientProbe.begin_step` with this step's
+    micro-batch count (Megatron's ``get_num_microbatches()``, read afresh: the training loop has updated it for
+    batch-size ramp-up before calling ``train_step``), then the step, then :meth:`~GradientProbe.end_step` (its
+    one reduction and host transfer, after the schedule). Idempotent."""
     if getattr(train_step, _WRAPPED, False):
         return train_step
 
     @functools.wraps(train_step)
     def wrapped(*args, **kwargs):
+        probe = get_probe()  # arguments parsed and checkpoint loaded by now: what the forward step would build
+        if probe is not None:
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            probe.begin_step(get_num_microbatches())
         out = train_step(*args, **kwargs)
-        if _PROBE is not None:
-            _PROBE.end_step()
+        if probe is not None:
+            probe.end_step()
         return out
 
     setattr(wrapped, _WRAPPED, True)
@@ -680,8 +687,8 @@ def patch(cpu: Optional[bool] = None) -> None:
         mt.pretrain = wrapped
     done.append("megatron.training.pretrain")
     if hasattr(mtt, "train_step"):
-        mtt.train_step = _end_probe_step(mtt.train_step)
-        done.append("megatron.training.training.train_step (probe step end)")
+        mtt.train_step = _probe_train_step(mtt.train_step)
+        done.append("megatron.training.training.train_step (probe step begin / end)")
     arguments = importlib.import_module("megatron.training.arguments")
     if hasattr(arguments, "parse_and_validate_args"):
         parse = arguments.parse_and_validate_args

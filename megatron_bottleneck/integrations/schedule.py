@@ -129,6 +129,7 @@ def forward_backward(
     micro_batch_size: Optional[int] = None,
     finalize: bool = True,
     param_sync: bool = True,
+    probe=None,
 ) -> StepResult:
     """One step over ``batches`` (one per micro-batch) through Megatron's pipeline schedule.
 
@@ -141,23 +142,34 @@ def forward_backward(
     schedule hooks it needs (:func:`wire_overlap`). ``param_sync=False`` runs this step without the overlapped
     parameter all-gather (no forward pre-hooks, no ``param_sync_func``), as Megatron-LM does for the first step
     of a run: the weights are already in place then.
+
+    ``probe`` (a :class:`~megatron_bottleneck.probe.GradientProbe`, training steps only): the step's boundaries,
+    ``probe.begin_step(len(batches))`` before the schedule and ``probe.end_step()`` (its one reduction and host
+    transfer) after it, so the probe's step is this step whatever order the schedule runs the micro-batches in.
     """
     chunks = list(models) if isinstance(models, (list, tuple)) else [models]
     wire_overlap(chunks)
     args = (chunks, batches, forward_step, forward_only, seq_length, micro_batch_size, finalize)
+    probe = None if forward_only else probe
+    if probe is not None:
+        probe.begin_step(len(batches))
     if param_sync:
-        return _forward_backward(*args)
-    config = get_model_config(chunks[0])
-    held, config.param_sync_func = config.param_sync_func, None
-    unhooked = [m for m in chunks if getattr(m, "use_forward_hook", False) and m.remove_forward_pre_hook_handles]
-    for m in unhooked:
-        m.disable_forward_pre_hook(param_sync=False)
-    try:
-        return _forward_backward(*args)
-    finally:
-        config.param_sync_func = held
+        result = _forward_backward(*args)
+    else:
+        config = get_model_config(chunks[0])
+        held, config.param_sync_func = config.param_sync_func, None
+        unhooked = [m for m in chunks if getattr(m, "use_forward_hook", False) and m.remove_forward_pre_hook_handles]
         for m in unhooked:
-            m.enable_forward_pre_hook()
+            m.disable_forward_pre_hook(param_sync=False)
+        try:
+            result = _forward_backward(*args)
+        finally:
+            config.param_sync_func = held
+            for m in unhooked:
+                m.enable_forward_pre_hook()
+    if probe is not None:
+        probe.end_step()
+    return result
 
 
 def _forward_backward(chunks, batches, forward_step, forward_only, seq_length, micro_batch_size,

@@ -30,6 +30,21 @@ no collective that can be skipped (the one collective in a hook, the padding cor
 over a padded vocabulary, is entered by every TP rank whatever happened before it). When the step's last
 micro-batch has gone through backward, each rank builds its local partial sums (still on the device).
 
+Step boundaries come from whoever drives the schedule: :meth:`GradientProbe.begin_step` opens an optimizer step
+of ``n`` micro-batches (the count of *that* step: Megatron's ``get_num_microbatches()`` read afresh, so
+batch-size ramp-up is followed) and :meth:`GradientProbe.end_step` ends it (the schedule driver
+:func:`~megatron_bottleneck.integrations.schedule.forward_backward` given ``probe=``, hence the trainer; the
+Megatron-LM ``train_step`` wrap; the Bridge callback's step hooks). Inside an open step the head's forwards and
+backwards may come in any order the schedule likes (forwards running ahead of backwards: combined 1F1B with
+expert-parallel overlap, interleaved pipelines): the step's plan and token sample are decided once, at its
+first forward, and the step closes (its partial sums built, before any optimizer step) when its ``n``-th
+micro-batch has finished backward. Counting is a consistency check only: more head forwards than ``n``, or an
+explicitly begun step that has not finished ``n`` micro-batches at ``end_step``, is a failure (the same on every
+TP rank, as the schedule is): the step is closed with its failure flag and the probe switches off everywhere
+(``last_error`` says so), never a hang. A loop that calls no ``begin_step`` (a hand-written one) gets a step
+opened by its first head forward, of ``watch``'s ``num_microbatches`` (default: Megatron's calculator at that
+moment, else 1).
+
 :meth:`GradientProbe.end_step`, after the schedule, does the rest: one SUM all-reduce over the head's TP group
 of everything (with a failure flag), the figures on the device, and one transfer to the host: the only host
 synchronisation of the probe, once per recorded step. Call it after each step's forward-backward (the trainer,
@@ -176,6 +191,7 @@ class _MicroBatch:
     full_hidden: Optional[torch.Tensor] = None
     record: object = None
     pending: int = 2  # hooks still to fire before the micro-batch counts
+    opened: int = 0  # the step it belongs to (GradientProbe._opened when its forward ran)
 
 
 @dataclass
@@ -223,7 +239,12 @@ class GradientProbe:
         self.tp_group = tp_group
         self.dp_group = dp_group
         self.step = 0
-        self.num_microbatches = 1
+        self.num_microbatches = 1  # of the open (or last) step
+        self._default_microbatches: Optional[int] = 1  # watch's count for a step no begin_step opened
+        self._open = False  # a step is open: begun, not yet closed
+        self._explicit = False  # ... by begin_step (end_step checks that it completed)
+        self._opened = 0  # steps opened so far (tags each micro-batch with its step)
+        self._forwards = 0  # head forwards of the open step
         self.enabled = True
         self.time_hooks = False  # benchmarking: accumulate the time spent in the probe in `seconds`
         self.seconds = 0.0
@@ -252,24 +273,24 @@ class GradientProbe:
     def watch(self, model, num_microbatches: Optional[int] = None) -> "GradientProbe":
         """Attach to the head of ``model`` (a module or list of chunks); idempotent.
 
-        ``num_microbatches`` per optimizer step; default: Megatron's num-microbatches calculator if
-        initialised, else 1.
+        ``num_microbatches``: micro-batches per optimizer step of a step that no :meth:`begin_step` opened (a
+        hand-written loop); default None: Megatron's num-microbatches calculator, read when each such step
+        opens, else 1. A driver that calls :meth:`begin_step` passes each step's count there instead.
         """
-        if num_microbatches is None:
-            num_microbatches = _megatron_num_microbatches()
-        self.num_microbatches = int(num_microbatches)
+        self._default_microbatches = None if num_microbatches is None else int(num_microbatches)
         if self._head is not None:
             return self
         head = find_head(model)
         if head is None:
             return self  # not the last pipeline stage: idle
-        return self.watch_head(head, self.num_microbatches)
+        return self.watch_head(head, num_microbatches)
 
-    def watch_head(self, head: torch.nn.Module, num_microbatches: int = 1) -> "GradientProbe":
+    def watch_head(self, head: torch.nn.Module, num_microbatches: Optional[int] = 1) -> "GradientProbe":
         """Attach to a head module directly: a head whose logits are linear in its weight (closed form), or a
         :class:`~megatron_bottleneck.base.head.NonLinearHead` (the general path: its ``log_prob_fn``; a
-        head implementing neither is refused with HeadConfigError in one line)."""
-        self.num_microbatches = int(num_microbatches)
+        head implementing neither is refused with HeadConfigError in one line). ``num_microbatches`` as in
+        :meth:`watch`."""
+        self._default_microbatches = None if num_microbatches is None else int(num_microbatches)
         if self._head is not None:
             return self
         cfg = self.config
@@ -396,8 +417,10 @@ class GradientProbe:
         return interval > 0 and self.step % interval == 0
 
     def _before_forward(self, module, args, kwargs):
-        """First micro-batch of a step: finish the previous step if nobody did, decide this step's plan and
-        tell a head implementing the contract whether to keep a record of its fused pass."""
+        """A head forward in training: open a step if no :meth:`begin_step` did (finishing the previous one if
+        nobody did), count the forward (one more than the step's micro-batches is a failure), decide the step's
+        plan at its first forward and tell a head implementing the contract whether to keep a record of its
+        fused pass."""
         if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
             return None
         if not (module.training and torch.is_grad_enabled()):
@@ -413,9 +436,16 @@ class GradientProbe:
                 return None
             self._warn_if_vocab_unknown(module)
         with self._timed():
-            if self._seen == 0:
-                if self._closed is not None:
-                    self.end_step()
+            if (self._open and self._forwards >= self.num_microbatches) or (not self._open and self._explicit):
+                self._mismatch(f"a head forward beyond the step's {self.num_microbatches} micro-batches")
+            if not self._open and not self._explicit:
+                self._open_step(self._count_for_unbegun_step(), explicit=False)
+            if not (self.enabled and self._open):  # switched off, or a forward beyond a begun step's count
+                if is_lm_head(module):
+                    module.loss_request.record = False
+                return None
+            self._forwards += 1
+            if self._plan is None:
                 cfg = self.config
                 rank = not self._general and (self._due(cfg.rank_interval)
                                               or (self._gram is not None and not self._gram.full))
@@ -429,7 +459,7 @@ class GradientProbe:
         with self._timed():
             plan = self._plan
             logits = output[0] if isinstance(output, (tuple, list)) else output
-            if not (self.enabled and module.training and torch.is_grad_enabled()):
+            if not (self.enabled and self._open and module.training and torch.is_grad_enabled()):
                 return None
             if not (plan is not None and plan.any and isinstance(logits, torch.Tensor) and logits.requires_grad):
                 self._count_microbatch()
@@ -444,7 +474,7 @@ class GradientProbe:
             if is_lm_head(module):
                 module.last_loss = None  # the record lives in this micro-batch's hooks only
             rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
-            mb = _MicroBatch(fused=fused, rows=rows, record=record)
+            mb = _MicroBatch(fused=fused, rows=rows, record=record, opened=self._opened)
             shape = self._shape
             if fused and (plan.update or plan.rank):
                 mb.slice_rows = min(rows, slice_rows(int(self.config.slice_memory_mib * 2 ** 20), shape.v_local))
@@ -504,7 +534,7 @@ class GradientProbe:
         rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
         n = max(0, min(rows * (tp if sp else 1), self.config.general_tokens - self._gen_taken))
         self._gen_taken += n
-        mb = _MicroBatch(fused=fused, rows=rows, pending=1)
+        mb = _MicroBatch(fused=fused, rows=rows, pending=1, opened=self._opened)
         if n:
             full = self._gathered(hidden, sp)  # under SP a collective: entered on every rank
             mb.record = self._try(self._take_sample, full, n, ctx if fused else None)
@@ -660,15 +690,74 @@ class GradientProbe:
             self._count_microbatch(mb)
 
     def _count_microbatch(self, mb: Optional[_MicroBatch] = None) -> None:
+        """A micro-batch of the open step is done (its backward hooks have fired, or, unprobed, its forward ran):
+        the step closes with its ``num_microbatches``-th."""
+        if not self._open or (mb is not None and mb.opened != self._opened):
+            return  # a micro-batch of a step already closed after a mismatch: its failure is on record
         self._seen += 1
-        if self._seen < self.num_microbatches:
-            return
-        self._seen = 0
-        plan = self._plan
+        if self._seen >= self.num_microbatches:
+            self._finish_step()
+
+    # ------------------------------------------------------------- step boundaries
+    def begin_step(self, num_microbatches: Optional[int] = None) -> None:
+        """Open an optimizer step of ``num_microbatches`` micro-batches (None: Megatron's
+        ``get_num_microbatches()`` now, else 1), on every rank, before the step's schedule runs; :meth:`end_step`
+        after it. The count is this step's own (read it afresh each step: batch-size ramp-up changes it), so the
+        step closes after exactly that many micro-batches have gone through the head's backward, in whatever
+        order the schedule runs their forwards and backwards. A previous step that was not ended is ended first
+        (one that had not finished its micro-batches is a failure: the probe switches off on every rank of its TP
+        group, ``last_error`` says so). Host work only: no device synchronisation."""
+        n = _megatron_num_microbatches() if num_microbatches is None else int(num_microbatches)
+        if n < 1:
+            raise ConfigError(f"GradientProbe.begin_step: num_microbatches must be >= 1, got {num_microbatches}")
+        if self._open and self._forwards and not self._explicit:
+            self._mismatch(f"a step began before the previous one's {self.num_microbatches} micro-batches finished "
+                           f"backward ({self._seen} did)")
+        self.end_step()
+        self._open_step(n, explicit=True)
+
+    def _count_for_unbegun_step(self) -> int:
+        n = self._default_microbatches
+        return _megatron_num_microbatches() if n is None else n
+
+    def _open_step(self, num_microbatches: int, explicit: bool) -> None:
+        if self._closed is not None:  # the previous step's end_step, if nobody called it
+            self.end_step()
+        self._open, self._explicit = self.enabled, explicit and self.enabled
+        self.num_microbatches = num_microbatches
+        self._opened += 1
+        self._seen = self._forwards = 0
+        self._plan = None
+
+    def _finish_step(self, force: bool = False) -> None:
+        """Close the open step: build its payload for :meth:`end_step` when it measured something (``force``: in
+        any case, a step failing on a mismatch: its flag must reach every rank)."""
+        self._open = False
+        plan, self._plan = self._plan, None
         gram_full = self._gram is not None and self._gram.full
-        if plan is not None and (plan.watch_hidden or gram_full or plan.general):
+        if plan is not None and (force or plan.watch_hidden or gram_full or plan.general):
             self._close(plan)
+        elif force:
+            self._flag_only_step()
         self.step += 1
+
+    def _flag_only_step(self) -> None:
+        """A closed step carrying nothing but the failure flag (a mismatch where the step measured nothing)."""
+        if self._closed is None:
+            self._closed = _Closed(step=self.step, sizes=(0, 0, 0, 0), payload=None, acc=None, slice_acc=None,
+                                   gram=None, gram_tokens=0, sequence_parallel=False)
+
+    def _mismatch(self, what: str) -> None:
+        """The micro-batches the schedule ran disagree with the step's count. The same on every TP rank (they run
+        the same schedule with the same count), so closing the step now, flagged, is a collective-safe failure:
+        the next :meth:`end_step` switches the probe off on every rank of the group."""
+        self._failed = self._failed or RuntimeError(
+            f"step boundaries: {what} (begin_step / watch said {self.num_microbatches} per step; pass each step's "
+            f"own count)")
+        if self._open:
+            self._finish_step(force=True)
+        else:
+            self._flag_only_step()
 
     # ------------------------------------------------------------- step end
     def _sizes(self, plan: _Plan, gram_tokens: int) -> Tuple[int, int, int, int]:
@@ -714,7 +803,20 @@ class GradientProbe:
         """Finish the last closed step: one SUM all-reduce over the TP group (failure flag, partial sums, Gram),
         the figures on the device, one transfer to the host, then the record (or, if any rank of the group
         failed, the probe switched off on all of them). Returns the figures (None when nothing was pending).
-        Call it on every rank after the step's forward-backward; it is a no-op when no step is pending."""
+        Call it on every rank after the step's forward-backward; it is a no-op when no step is pending.
+
+        It ends a step :meth:`begin_step` opened: one whose micro-batches have not all finished backward is a
+        failure (closed with its flag, the probe switched off on every rank of its TP group); one in which the
+        head ran no forward (a skipped iteration, a rank without the head) just counts."""
+        if self._open and self._explicit:
+            if self._forwards and self.enabled:
+                self._mismatch(f"end_step after {self._seen} of the step's {self.num_microbatches} micro-batches "
+                               f"finished backward")
+            else:
+                self._open, self._plan = False, None
+                if self._head is not None:
+                    self.step += 1
+        self._explicit = False
         closed, self._closed = self._closed, None
         if closed is None:
             return None
@@ -851,3 +953,5 @@ class GradientProbe:
         self._acc = self._slice = self._gram = None
         self._gen_samples, self._gen_taken = [], 0
         self._failed = None
+        self._open = self._explicit = False
+        self._plan = None

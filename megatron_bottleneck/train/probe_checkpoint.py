@@ -56,8 +56,7 @@ def _probe_rank(ckpt: str, data_prefix: str, batches: int) -> Optional[Dict]:
     stream = trainer.batches("train")
     for step in range(batches):
         probe.step = step
-        trainer.forward_backward([next(stream) for _ in range(trainer.num_micro)])
-        probe.end_step()
+        trainer.forward_backward([next(stream) for _ in range(trainer.num_micro)])  # the probe's step, ended
     out: Dict = {"checkpoint": ckpt, "batches": batches}
     for key in MEAN_KEYS:
         vals = [h[key] for h in probe.history if key in h]

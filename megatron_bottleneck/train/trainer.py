@@ -207,11 +207,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def forward_backward(self, batches: List, forward_only: bool = False) -> StepResult:
-        """One global batch (this rank's micro-batches) through Megatron's schedule; gradients reduced."""
+        """One global batch (this rank's micro-batches) through Megatron's schedule; gradients reduced; a
+        training step is the probe's step (begun and ended around the schedule)."""
         return forward_backward(self.models, batches, forward_only=forward_only,
                                 seq_length=self.cfg.model.seq_length,
                                 micro_batch_size=self.cfg.train.micro_batch_size,
-                                param_sync=forward_only or self._param_sync_ready)
+                                param_sync=forward_only or self._param_sync_ready, probe=self.probe)
 
     def _train_step(self, stream) -> Dict:
         for m in self.models:
@@ -221,9 +222,7 @@ class Trainer:
             self.optimizer.zero_grad()
         if self.probe is not None:
             self.probe.step = self.iteration
-        loss = self.forward_backward([next(stream) for _ in range(self.num_micro)]).loss
-        if self.probe is not None:
-            self.probe.end_step()
+        loss = self.forward_backward([next(stream) for _ in range(self.num_micro)]).loss  # the probe's step too
         _ok, grad_norm, _ = self.optimizer.step()
         self._param_sync_ready = True  # from now on the next forward gathers what the step updated
         self.scheduler.step(increment=1)

@@ -216,7 +216,8 @@ def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
     """TP=2 (and TP=2 + SP): a non-linear head driven through its fused loss (mos, labels from its loss context)
     and unfused (sigsoftmax, Megatron's vocab-parallel cross-entropy of its log-probabilities), two micro-batches
     a step and an SGD step on the head's parameters after each; the general probe (cheap + update figures) on
-    every step. Per case (kind, fused, sp) and stage (None: no fault; "off": no probe; else a fault on
+    every step. Per case (kind, fused, sp) and stage (None: no fault; "off": no probe; "boundary": steps opened
+    by ``begin_step``, step 1's on every rank with a count of 1 for its 2 micro-batches; else a fault on
     ``fail_rank`` at step 1 at that stage): the losses, the probe's state after each step, its records and
     last_error, and every collective this rank entered."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -229,7 +230,7 @@ def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
     out = {}
     for kind, fused in sh.PROBE_CASES:
         for sp in (False, True):
-            for stage in ("off", None) + FAULT_STAGES + ("host",):
+            for stage in ("off", None) + FAULT_STAGES + ("host", "boundary"):
                 head = sh.build(kind, tp, sp).double()
                 head.train()
                 gen = torch.Generator().manual_seed(13)
@@ -244,7 +245,9 @@ def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
                     hs = [torch.randn(sh.S, sh.B, sh.D, generator=gen, dtype=torch.float64) for _ in range(2)]
                     ys = [torch.randint(0, sh.V_REAL, (sh.S, sh.B), generator=gen) for _ in range(2)]
                     when = lambda s=step: s == 1 and rank == fail_rank  # noqa: E731
-                    with _fault(None if stage == "off" else stage, when), log:
+                    with _fault(None if stage in ("off", "boundary") else stage, when), log:
+                        if stage == "boundary":  # explicit steps; step 1's count disagrees with its 2 micro-batches
+                            probe.begin_step(1 if step == 1 else 2)
                         for h, y in zip(hs, ys):
                             x = sh._local(h, rank, tp, sp).clone().requires_grad_(True)
                             if fused:

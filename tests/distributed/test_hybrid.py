@@ -5,7 +5,7 @@
   a linear (low-rank) and a general (sigsoftmax) head; then, on the same ranks at PP = 2 (``*-|*-``), the
   low-rank model loaded from the TP = 2 checkpoint trains a few steps through Megatron's pipeline schedule, the
   probe watching its last stage; and at PP = 2 x VPP = 2 (the default pattern ``*-|*-|*-|*-``) the chunks run
-  one step of Megatron's interleaved schedule.
+  one step of Megatron's interleaved schedule (micro-batch groups of 4 > PP), the probe's step being that step.
 * 1 rank at TP = 1: every TP = 2 checkpoint loads; its loss equals the TP = 2 ones, the probe's record equals
   the TP = 2 + SP one, and the PP = 2 run's first loss and probe record equal the TP = 1 ones of the same
   batches.
@@ -84,11 +84,16 @@ def tp2_then_pp2(root):
     mb.destroy_parallel()
 
     mb.initialize_parallel(1, 2, 2, seed=21)  # PP = 2 x VPP = 2: the default pattern '*-|*-|*-|*-'
-    cfg = sh.config(8, pp=2, virtual_pipeline_model_parallel_size=2)
+    # micro-batch groups of 4 per virtual stage (> PP): the first chunk runs all four forwards before any backward
+    cfg = sh.config(8, pp=2, virtual_pipeline_model_parallel_size=2, microbatch_group_size_per_vp_stage=4)
     chunks = [mb.build_hybrid_model(cfg, support.VOCAB, support.SEQ, vp_stage=i, head="mos:k=2") for i in range(2)]
     out["vpp_layers"] = [[layer.layer_number for layer in c.decoder.layers] for c in chunks]
     out["vpp_head"] = [type(getattr(c, "output_layer", None)).__name__ for c in chunks]
-    out["vpp_losses"] = mb.forward_backward(support.wrap_ddp(cfg, chunks), support.batches(0)).losses
+    probe = mb.GradientProbe(mb.ProbeConfig(interval=1, vocab_size=support.VOCAB, general_iterations=8))
+    probe.watch(chunks)
+    out["vpp_losses"] = mb.forward_backward(support.wrap_ddp(cfg, chunks), support.batches(0), probe=probe).losses
+    out["vpp_probe"] = (list(probe.history), probe.last_error)
+    probe.remove()
     mb.destroy_parallel()
     return out
 
@@ -174,6 +179,13 @@ def test_pp2_trains_from_the_tp2_checkpoint(runs):
     assert sorted(r["vpp_head"] for r in two) == [["NoneType", "MixtureOfSoftmaxesHead"], ["NoneType", "NoneType"]]
     vpp = [r["vpp_losses"] for r in two if r["vpp_losses"]]
     assert len(vpp) == 1 and len(vpp[0]) == support.NUM_MICRO and all(4.0 < x < 7.0 for x in vpp[0])
+    # the probe's step is the interleaved schedule's step (begun and ended by the driver): one record whose token
+    # sample holds every micro-batch's tokens
+    probed = [r["vpp_probe"] for r in two if r["vpp_probe"][0]]
+    assert len(probed) == 1 and probed[0][1] is None, [r["vpp_probe"] for r in two]
+    (record,) = probed[0][0]
+    assert record["probe_tokens"] == support.NUM_MICRO * support.MICRO * support.SEQ
+    assert 0.0 < record["destroyed_ratio"] < 1.0 and record["grad_norm"] > 0
     # the probe on the last stage of the pipeline: the TP = 1 record of the same step
     records = [r["pp_record"] for r in two if r["pp_record"]]
     assert len(records) == 1 and 0.0 < one["pp_record"]["destroyed_ratio"] < 1.0

@@ -73,9 +73,9 @@ def _free_port() -> int:
 
 
 def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=None, timeout=900, script=None,
-        entry="pretrain_gpt.py"):
+        entry="pretrain_gpt.py", base=BASE):
     """Run Megatron-LM's ``entry`` (pretrain_gpt.py) through the zero-edit runner, or an edited copy ``script``
-    directly (one process); returns (returncode, combined output)."""
+    directly (one process); returns (returncode, combined output). ``train_iters=None``: ``args`` say how long."""
     cmd = [sys.executable]
     if nproc > 1:
         # --standalone: torchrun's own rendezvous binds a port it picks (no free-port race with other jobs)
@@ -84,7 +84,7 @@ def run(nproc: int, args, *, train_iters: int = 6, env=None, pythonpath_first=No
         cmd += ["-m", "megatron_bottleneck.megatron_lm", os.path.join(MLM, entry)]
     else:
         cmd += [str(script)]
-    cmd += [*BASE, "--train-iters", str(train_iters), *args]
+    cmd += [*base, *(["--train-iters", str(train_iters)] if train_iters else []), *args]
     e = dict(os.environ)
     e.pop("WORLD_SIZE", None)
     if script is not None and nproc == 1:
@@ -233,21 +233,31 @@ def test_save_tp2_load_tp1_probe_continues(tp_runs, tmp_path):
 
 def test_mixture_of_softmaxes_head_trains_and_is_probed(tmp_path):
     """A non-linear head through Megatron-LM's own loop (--lm-head-type mos, fused loss) with the probe on: its
-    general path logs the destroyed ratio and the update cosine every step, under the linear heads' names."""
+    general path logs the destroyed ratio and the update cosine every step, under the linear heads' names. Under
+    batch-size ramp-up (2 samples a step, then 4: 1, then 2 micro-batches of 64 tokens) each probe step is
+    Megatron-LM's step (the train_step wrap opens it with that step's get_num_microbatches()): its token sample,
+    up to 96 tokens, takes 64 tokens from a 1-micro-batch step and 96 from a 2-micro-batch one."""
     log_dir = tmp_path / "probe"
+    base = list(BASE)
+    if MLM.endswith("core_v0.19.0"):  # ignores --rampup-batch-size: its step schedule replaces the global batch
+        i = base.index("--global-batch-size")
+        del base[i:i + 2]
+        rampup = ["--step-batch-size-schedule", "0:2 128:4"]  # thresholds in tokens: 4 samples of 32
+    else:
+        rampup = ["--rampup-batch-size", "2", "2", "4"]
     rc, out = run(1, ["--untie-embeddings-and-output-weights", "--lm-head-type", "mos", "--lm-head-options", "k=2",
                       "--lm-head-fused-loss", "--probe-interval", "1", "--probe-update-interval", "2",
-                      "--probe-general-tokens", "32", "--probe-general-iterations", "8",
-                      "--probe-log-dir", str(log_dir)], train_iters=4)
+                      "--probe-general-tokens", "96", "--probe-general-iterations", "8",
+                      *rampup, "--train-samples", "12", "--probe-log-dir", str(log_dir)], train_iters=None, base=base)
     _ok(rc, out)
     assert "head: mos:k=2" in out, out[-3000:]
     ls = losses(out)
-    assert sorted(ls) == [1, 2, 3, 4] and all(0 < v < 20 for v in ls.values())
+    assert sorted(ls) == [1, 2, 3, 4] and all(0 < v < 20 for v in ls.values())  # 12 samples: 2 + 2 + 4 + 4
     r = records(log_dir)
-    assert [x["step"] for x in r] == [0, 1, 2, 3]
+    assert [x["step"] for x in r] == [0, 1, 2, 3] and "switched off" not in out
     for x in r:
         assert 0 < x["probe/destroyed_ratio"] <= 1 and x["probe/grad_norm"] > 0 and x["probe/cg_residual"] >= 0
-        assert x["probe/probe_tokens"] == 32
+    assert [x["probe/probe_tokens"] for x in r] == [64, 64, 96, 96]
     assert [("probe/update_cosine" in x) for x in r] == [True, False, True, False]
 
 

@@ -93,6 +93,12 @@ def test_the_general_probe_fails_together_at_every_stage(general_faults):
         assert zero["enabled"] == one["enabled"] == [True, True, False], case
         assert zero["steps"] == [0, 1] and one["steps"] == [0], case
         assert "ProbeFault: injected" in one["error"] and "another tensor-parallel rank" in zero["error"]
+        # step boundaries from begin_step: a count that disagrees with the schedule (1 for 2 micro-batches, on
+        # every rank) closes the step at its second forward, flagged: both switch off together, losses unchanged
+        for r in general_faults:
+            got = r[f"{case} boundary"]
+            assert got["losses"] == r[f"{case} off"]["losses"] and got["enabled"] == [True, False, False], case
+            assert got["steps"] == [0] and "step boundaries: a head forward beyond" in got["error"], case
 
 
 def test_every_rank_enters_the_same_collectives(general_faults):

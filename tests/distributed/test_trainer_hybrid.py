@@ -67,3 +67,4 @@ def test_the_trainer_builds_and_trains_hybrid_and_resumes_it(runs):
     losses = [x for x in last["losses"] if x is not None]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     assert last["probe"] and all(0.0 < rec["destroyed_ratio"] < 1.0 for rec in last["probe"])
+    assert [rec["step"] for rec in last["probe"]] == list(range(6))  # the trainer's steps, begun and ended by it

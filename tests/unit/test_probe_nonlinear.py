@@ -32,6 +32,29 @@ def test_gradient_probe_on_a_nonlinear_head_equals_brute_force(kind, fused):
 
 
 @pytest.mark.usefixtures("megatron_one_rank")
+@pytest.mark.parametrize("kind,fused", sh.PROBE_CASES)
+def test_forwards_ahead_of_backwards_give_the_in_order_figures(kind, fused):
+    """A schedule that runs both forwards before their backwards (combined 1F1B, interleaved pipelines): one step,
+    its token sample spanning both micro-batches, the figures of the in-order run, with the step opened by
+    begin_step(2) and by its first forward alike (before, the second forward restarted the step: the sample
+    lost the first micro-batch). A count that disagrees with the schedule (begin_step(1) or (3) for 2
+    micro-batches) switches the probe off with last_error, training unharmed."""
+    keys = ("grad_norm", "destroyed_ratio", "visible_cosine", "cg_residual", "update_cosine", "probe_tokens")
+    want = sh.probe_in_training(kind, fused, sp=False, reference=False)
+    assert want["error"] is None and want["records"] == 1 and want["record"]["probe_tokens"] == 20
+    cheap = kind == "sigsoftmax"  # the mixture's CG costs seconds a run here: its fused path gets one run of each
+    for begin in ((None, 2) if cheap else (2,)):
+        got = sh.probe_in_training(kind, fused, sp=False, forwards_ahead=True, begin=begin, reference=False)
+        assert got["error"] is None and got["records"] == 1, begin
+        for key in keys:
+            assert got["record"][key] == pytest.approx(want["record"][key], rel=1e-12, abs=1e-15), (begin, key)
+    for begin in ((1, 3) if cheap else (1,)):
+        off = sh.probe_in_training(kind, fused, sp=False, forwards_ahead=True, begin=begin, reference=False)
+        assert off["records"] == 0 and not off["enabled"], begin
+        assert "step boundaries" in off["error"] and f"said {begin} per step" in off["error"], off["error"]
+
+
+@pytest.mark.usefixtures("megatron_one_rank")
 def test_fewer_iterations_bound_the_destroyed_ratio_from_above():
     """A short CG run (2 iterations < D) reports a destroyed ratio >= the converged one, and says so in
     cg_residual."""
