@@ -105,10 +105,11 @@ def test_rebuilding_parallel_state_does_not_accumulate_process_groups():
     groups = mb.integrations.parallel.megatron_groups()
     assert groups and parallel_state.get_tensor_model_parallel_group() in groups
     del groups  # a reference keeps a group (and its threads) alive
-    before = _gloo_threads()
-    for _ in range(4):
-        mb.initialize_parallel(1, 1, seed=1)
-    assert _gloo_threads() <= before
+    one = _gloo_threads()  # parallel state built once
     mb.destroy_parallel()
-    assert _gloo_threads() < before and not parallel_state.model_parallel_is_initialized()
-    mb.initialize_parallel(1, 1, seed=1)  # the fixture's teardown destroys it again
+    none = _gloo_threads()
+    assert none < one and not parallel_state.model_parallel_is_initialized()
+    for _ in range(5):
+        mb.initialize_parallel(1, 1, seed=1)
+    # five builds hold about one build's threads (a few start or end late), not five builds' (the leak)
+    assert _gloo_threads() - none < 1.5 * (one - none), (none, one, _gloo_threads())
