@@ -33,10 +33,12 @@ import os
 import runpy
 import sys
 import time
+from importlib.metadata import version
 from typing import Any, Callable, List, Optional
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 
 from ..base.errors import ConfigError, HeadConfigError
 from ..base.head import HeadConfig, parse_head_options
@@ -45,6 +47,7 @@ from ..heads.fused import FusedLossConfig, enable_fused_loss
 from ..heads import registered_heads
 from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head, refuse_from_dense_before_load
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
+from ..models.hybrid import LOCAL_HYBRID_STACK_SPEC, require_hybrid_model
 from ..probe.probe import GradientProbe, ProbeConfig
 from .cpu import enable_cpu_mode
 from .forward_step import wrap_forward_step as _wrap_forward_step
@@ -596,8 +599,6 @@ def _use_local_hybrid_spec(model_cfg) -> None:
     if getattr(model_cfg, "transformer_impl", None) == "inference_optimized" or getattr(
             model_cfg, "restore_modelopt_state", False):  # Megatron's own choice then
         return
-    from ..models.hybrid import LOCAL_HYBRID_STACK_SPEC
-
     model_cfg.hybrid_stack_spec = LOCAL_HYBRID_STACK_SPEC
     try:
         _get_args().spec = list(LOCAL_HYBRID_SPEC)
@@ -639,8 +640,6 @@ def _probe_train_step(train_step: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         probe = get_probe()  # arguments parsed and checkpoint loaded by now: what the forward step would build
         if probe is not None:
-            from megatron.core.num_microbatches_calculator import get_num_microbatches
-
             probe.begin_step(get_num_microbatches())
         out = train_step(*args, **kwargs)
         if probe is not None:
@@ -710,13 +709,9 @@ USAGE = ("usage: python -m megatron_bottleneck.megatron_lm path/to/pretrain_gpt.
 
 def _require_hybrid(script: str) -> None:
     """One line and exit status 2 when the installed megatron-core has no HybridModel (< 0.19)."""
-    from ..models.hybrid import require_hybrid_model
-
     try:
         require_hybrid_model()
     except ConfigError:
-        from importlib.metadata import version
-
         print(f"{PREFIX} error: {script} builds Megatron-Core's HybridModel, which needs megatron-core >= 0.19 and "
               f"Megatron-LM core_v0.19 or later (installed megatron-core {version('megatron-core')}; core_v0.16 has "
               "no pretrain_hybrid.py): upgrade both, or train a GPTModel with pretrain_gpt.py", file=sys.stderr)
