@@ -9,7 +9,8 @@ megatron-core >= 0.19).
   trains none of the head's parameters (their gradients equal those of the model whose MTP loss weighs 0) while
   without it it does;
 * the probe: on the main head by default (its figures equal those of the same model without MTP), on depth k by
-  ``ProbeConfig.mtp_depth``, the same fused and unfused; refusals in one line.
+  ``ProbeConfig.mtp_depth``, the same fused and unfused; refusals in one line;
+* a HybridModel pattern with two MTP depths builds the local MTP block and logs two MTP losses.
 """
 import pytest
 import torch
@@ -162,13 +163,8 @@ def test_the_probe_measures_the_main_head_or_one_depth(kind):
 
 @sh.NEEDS_HYBRID
 @pytest.mark.usefixtures("megatron_one_rank")
-def test_hybrid_mtp_pattern_refusals():
-    cfg = sh.config(4)
-    assert error_of(lambda: mb.build_hybrid_model(cfg, support.VOCAB, support.SEQ, hybrid_layer_pattern="*-*-/*-")) \
-        == ("ConfigError: hybrid layer pattern '*-*-/*-' declares 1 multi-token-prediction depths ('/'), "
-            "config.mtp_num_layers=None: set mtp_num_layers=1.")
-    assert "needs layer symbols" in error_of(lambda: mb.build_hybrid_model(
-        sh.config(4, mtp_num_layers=1), support.VOCAB, support.SEQ, hybrid_layer_pattern="*-*-/"))
+def test_hybrid_pattern_with_two_mtp_depths():
+    """(The pattern's refusals: tests/unit/test_hybrid_model.py.)"""
     two = mb.build_hybrid_model(sh.config(4, mtp_num_layers=2), support.VOCAB, support.SEQ,
                                 hybrid_layer_pattern="*-*-/-/-", head="low_rank:r=8")
     assert len(two.mtp.layers) == 2 and type(two.mtp.layers[0].enorm).__name__ == "SequenceParallelNorm"
