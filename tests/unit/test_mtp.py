@@ -88,9 +88,15 @@ def test_low_rank_at_full_rank_from_dense_equals_the_dense_head_with_mtp(arch):
     a, b = low.output_layer.weight.detach(), low.output_layer.input_proj.detach()
     torch.testing.assert_close(got["grads"]["output_layer.weight"], gw @ b.t(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got["grads"]["output_layer.input_proj"], a.t() @ gw, rtol=1e-5, atol=1e-7)
+    record = probe_record(low, batch, 1) if arch == "hybrid" else None  # (GPTModel's probe: below)
     # fused: the main and every depth's loss through the fused op, with the depth's rolled labels
     mb.enable_fused_loss(low)
     same(run(low, batch), got)
+    if record is not None:
+        fused = probe_record(low, batch, 1)
+        assert record["grad_norm"] > 0 and set(record) <= set(fused)
+        for key, value in record.items():
+            assert fused[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
 @pytest.mark.usefixtures("megatron_one_rank")
