@@ -128,7 +128,7 @@ class FusedLossModel:
         """The labels ``[s, b]`` of MTP depths 1..n on this stage (none without MTP): ``labels`` ``[b, s]`` rolled
         left k times by Megatron's ``roll_tensor``, as ``process_mtp_loss`` rolls them."""
         n = int(getattr(self.config, "mtp_num_layers", None) or 0) if getattr(self, "mtp_process", False) else 0
-        if not n:
+        if not n or _inference_mode_active():  # Megatron runs no MTP depth in inference (megatron-core >= 0.19)
             return []
         from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.transformer.multi_token_prediction import roll_tensor
@@ -157,6 +157,15 @@ class FusedLossModel:
         if self._fused_output(logits):  # [s, b] (an MTP depth's [s, b, 1]) -> [b, s], as Megatron returns it
             return logits.reshape(logits.shape[0], logits.shape[1]).transpose(0, 1).contiguous()
         return super().compute_language_model_loss(labels, logits)
+
+
+def _inference_mode_active() -> bool:
+    """megatron-core >= 0.19's ``InferenceMode.is_active()`` (0.16 has none: False)."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return False
+    return bool(InferenceMode.is_active())
 
 
 _FUSED_CLASSES: Dict[type, type] = {}
