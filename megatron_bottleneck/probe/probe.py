@@ -123,9 +123,11 @@ class ProbeConfig:
     once it reaches D (in exact arithmetic)."""
 
     def __post_init__(self):
-        for key in ("interval", "update_interval", "rank_interval", "num_buckets", "mtp_depth"):
+        for key in ("interval", "update_interval", "rank_interval", "num_buckets"):
             if int(getattr(self, key)) < 0:
                 raise ConfigError(f"probe.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
+        if int(self.mtp_depth) < 0:
+            raise ConfigError(f"probe.mtp_depth must be >= 0 (0: the main head), got {self.mtp_depth}")
         if self.rank_interval and self.rank_token_budget < 2:
             raise ConfigError(f"probe.rank_token_budget must be >= 2, got {self.rank_token_budget}")
         if not self.slice_memory_mib > 0:
