@@ -107,7 +107,7 @@ def test_every_head_is_shared_by_the_mtp_depths_fused_and_detached(kind):
     model = build(head=head)
     unfused = run(model, batch)
     head_names = [n for n in unfused["grads"] if n.startswith("output_layer.")]
-    assert head_names and all(n.startswith(("output_layer.", "mtp.", "decoder.", "embedding.")) for n in unfused["grads"])
+    assert head_names and any(n.startswith("mtp.") for n in unfused["grads"])
     mb.enable_fused_loss(model)
     same(run(model, batch), unfused)
     if not HAS_DETACH:
