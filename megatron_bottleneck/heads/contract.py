@@ -18,7 +18,7 @@ fused model, else ``logits_forward``), ``loss`` (through :func:`megatron_bottlen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel.mappings import (
@@ -32,7 +32,7 @@ from ..base.loss import FusedLossRecord, HeadLossStats, LossRequest
 from ..base.loss_spec import LossSpec
 from ..ops import linear_cross_entropy
 
-__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input", "model_softcap"]
+__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input", "model_softcap", "detached_alias"]
 
 
 @dataclass
@@ -98,7 +98,13 @@ class LossContext:
     labels: ``[s, b]`` global class ids. config: the fused loss's options. logit_scale: the factor the model
     applies to the logits (MuP's ``mup_output_mult``; 1.0 otherwise), folded into the fused op's input.
     gradient_accumulation_fusion: the model config's flag (the default of ``weight_grad_into_main_grad``).
-    output: the loss tensor this forward returned (filled by the head), which the model recognises.
+    output: the loss tensor the head's last call returned (filled by the head), which the model recognises.
+
+    Multi-token prediction: Megatron calls the one head once per MTP depth k = 1..n (``process_mtp_loss``), then
+    for the main loss. ``mtp_labels`` holds the labels ``[s, b]`` of the depths still to come (depth k's are the
+    labels rolled left k times, as Megatron rolls them); each head call takes the first of them (``labels`` of the
+    main call otherwise) and sets ``depth`` (k, 0 for the main head) and ``call_labels`` (the labels it used).
+    A depth's output is its per-token loss as ``[s, b, 1]`` (Megatron reads a depth's output as logits).
     """
 
     labels: torch.Tensor
@@ -106,6 +112,18 @@ class LossContext:
     logit_scale: float = 1.0
     gradient_accumulation_fusion: bool = False
     output: Optional[torch.Tensor] = field(default=None, repr=False)
+    mtp_labels: List[torch.Tensor] = field(default_factory=list, repr=False)
+    depth: int = 0
+    call_labels: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def next_call(self) -> torch.Tensor:
+        """The labels ``[s, b]`` of the head call now starting (the next MTP depth's, then the main ones)."""
+        if self.mtp_labels:
+            self.depth = self.depth + 1
+            self.call_labels = self.mtp_labels.pop(0)
+        else:
+            self.depth, self.call_labels = 0, self.labels
+        return self.call_labels
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -133,10 +151,22 @@ def tp_region_input(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch
     return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(x, group=tp_group))
 
 
+def detached_alias(weight: Optional[torch.Tensor], own: Optional[torch.Tensor]) -> bool:
+    """Whether ``weight`` is ``own.detach()`` (the same storage, no gradient): what Megatron's ``mtp_detach_heads``
+    hands the shared output layer for the MTP depths (``output_layer.weight.detach()``)."""
+    return (weight is not None and own is not None and weight is not own and not weight.requires_grad
+            and weight.shape == own.shape and weight.data_ptr() == own.data_ptr())
+
+
 class FusedHeadMixin:
-    """Fused forward, ``loss``, ``loss_request`` and ``last_loss`` for a head class (see the module docstring)."""
+    """Fused forward, ``loss``, ``loss_request`` and ``last_loss`` for a head class (see the module docstring).
+
+    ``params_detached``: True for the duration of a forward given ``weight=`` a detached alias of the head's own
+    ``weight`` (:func:`detached_alias`, Megatron's ``mtp_detach_heads``): the head then reads every parameter
+    detached, so that call's loss trains none of them, as the detached weight does for Megatron's dense head."""
 
     loss_context: Optional[LossContext] = None
+    params_detached: bool = False
 
     def _init_contract(self, vocab_size: int) -> None:
         self.vocab_size = int(vocab_size)
@@ -163,17 +193,27 @@ class FusedHeadMixin:
 
     # the contract ------------------------------------------------------------------------------------
     def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not detached_alias(weight, getattr(self, "weight", None)):
+            return self._contract_forward(input_, weight, runtime_gather_output)
+        self.params_detached = True
+        try:
+            return self._contract_forward(input_, weight, runtime_gather_output)
+        finally:
+            self.params_detached = False
+
+    def _contract_forward(self, input_, weight, runtime_gather_output):
         ctx = self.loss_context
+        labels = None if ctx is None else ctx.next_call()
         if ctx is None or self.loss_request.logits:
             return self.logits_forward(input_, weight, runtime_gather_output)
         stats = HeadLossStats() if self.loss_request.record else None
         into_main = ctx.config.weight_grad_into_main_grad
-        if into_main is None:
-            into_main = ctx.gradient_accumulation_fusion
-        loss = self.loss(input_, ctx.labels, weight, config=ctx.config, stats=stats, logit_scale=ctx.logit_scale,
+        if into_main is None or self.params_detached:
+            into_main = ctx.gradient_accumulation_fusion and not self.params_detached
+        loss = self.loss(input_, labels, weight, config=ctx.config, stats=stats, logit_scale=ctx.logit_scale,
                          weight_grad_into_main_grad=bool(into_main))
-        ctx.output = loss
-        return loss, None
+        ctx.output = loss if ctx.depth == 0 else loss.unsqueeze(-1)  # an MTP depth's: [s, b, 1] (see LossContext)
+        return ctx.output, None
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
              config: Optional[FusedLossConfig] = None, stats: Optional[HeadLossStats] = None,

@@ -18,8 +18,16 @@ Two explicit classes, no method of any instance replaced:
 :func:`enable_fused_loss` makes a built model fused: each chunk's class becomes ``fused_model_class(type(chunk))``
 (the pattern torch's ``fully_shard`` uses for its FSDP classes: ``isinstance`` checks, state dicts, hooks and
 parameters are unchanged) and its dense head a :class:`DenseOutputLayer`. ``build_gpt_model(..., fused_loss=)``
-builds the fused class directly. Refused in one line: multi-token prediction (its heads read the logits),
-Megatron's own fused cross-entropy (``cross_entropy_loss_fusion``), Transformer Engine's MXFP8 LM head.
+builds the fused class directly. Refused in one line: Megatron's own fused cross-entropy
+(``cross_entropy_loss_fusion``), Transformer Engine's MXFP8 LM head.
+
+Multi-token prediction (``mtp_num_layers``, a HybridModel pattern with ``/``): Megatron's ``process_mtp_loss``
+calls the one head once per MTP depth k before the main call, and rolls the labels left k times for depth k.
+The fused model hands the head those labels (rolled by Megatron's own ``roll_tensor``, context parallelism and
+packed sequences included), so every depth's loss is fused too; Megatron applies its loss mask and
+``mtp_loss_scaling_factor`` as always. A depth's loss comes back as ``[s, b, 1]`` where Megatron expects
+logits: Megatron's logged MTP acceptance rate (megatron-core >= 0.19, argmax of the logits) has no logits to
+read under the fused loss and is meaningless there (the MTP losses are exact).
 
 A head's ``loss_request`` (:class:`~megatron_bottleneck.base.loss.LossRequest`) says per forward whether to build
 the logits instead (``logits=True``) and whether to keep a record of the fused pass (``record=True``, for the
@@ -116,11 +124,32 @@ class FusedLossModel:
         config = self.config
         scale = float(getattr(config, "mup_output_mult", 1.0)) if getattr(config, "use_mup", False) else 1.0
         head.loss_context = LossContext(labels.transpose(0, 1).contiguous(), self.fused_loss_config, scale,
-                                        bool(getattr(config, "gradient_accumulation_fusion", False)))
+                                        bool(getattr(config, "gradient_accumulation_fusion", False)),
+                                        mtp_labels=self._mtp_labels(labels, args, kwargs))
         try:
             return super().forward(*args, **kwargs)
         finally:
             head.loss_context = None
+
+    def _mtp_labels(self, labels, args, kwargs) -> List[torch.Tensor]:
+        """The labels ``[s, b]`` of MTP depths 1..n on this stage (none without MTP): ``labels`` ``[b, s]`` rolled
+        left k times by Megatron's ``roll_tensor``, as ``process_mtp_loss`` rolls them."""
+        n = int(getattr(self.config, "mtp_num_layers", None) or 0) if getattr(self, "mtp_process", False) else 0
+        if not n or _inference_mode_active():  # Megatron runs no MTP depth in inference (megatron-core >= 0.19)
+            return []
+        from megatron.core.packed_seq_params import PackedSeqParams
+        from megatron.core.transformer.multi_token_prediction import roll_tensor
+
+        packed = kwargs.get("packed_seq_params")
+        if packed is None:
+            packed = next((a for a in args if isinstance(a, PackedSeqParams)), None)
+        pg = getattr(self, "pg_collection", None)
+        cp_group = getattr(pg, "cp", None) if pg is not None else getattr(self, "cp_group", None)
+        out, rolled = [], labels
+        for _ in range(n):
+            rolled, _ = roll_tensor(rolled, shifts=-1, dims=-1, cp_group=cp_group, packed_seq_params=packed)
+            out.append(rolled.transpose(0, 1).contiguous())
+        return out
 
     def _fused_output(self, tensor) -> bool:
         ctx = getattr(getattr(self, "output_layer", None), "loss_context", None)
@@ -132,9 +161,18 @@ class FusedLossModel:
         return super()._scale_logits(logits)
 
     def compute_language_model_loss(self, labels, logits):
-        if self._fused_output(logits):
-            return logits.transpose(0, 1).contiguous()  # [s, b] -> [b, s], as Megatron returns it
+        if self._fused_output(logits):  # [s, b] (an MTP depth's [s, b, 1]) -> [b, s], as Megatron returns it
+            return logits.reshape(logits.shape[0], logits.shape[1]).transpose(0, 1).contiguous()
         return super().compute_language_model_loss(labels, logits)
+
+
+def _inference_mode_active() -> bool:
+    """megatron-core >= 0.19's ``InferenceMode.is_active()`` (0.16 has none: False)."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return False
+    return bool(InferenceMode.is_active())
 
 
 _FUSED_CLASSES: Dict[type, type] = {}
@@ -161,9 +199,6 @@ def _language_module(chunk):
 
 def check_fusable(config) -> None:
     """One-line refusals for model settings the fused head loss cannot honour."""
-    if getattr(config, "mtp_num_layers", None):
-        raise HeadConfigError("the fused head loss does not support multi-token prediction (mtp_num_layers): "
-                              "disable one of them.")
     for flag in _UNFUSED_FLAGS:
         if getattr(config, flag, False):
             raise HeadConfigError(

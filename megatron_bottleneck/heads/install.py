@@ -15,6 +15,11 @@ Two entry points, one mechanism (:func:`install_head`):
 (``megatron_bottleneck.models.build_gpt_model(config, ..., head=HeadConfig(...))`` builds a GPTModel with it,
 ``build_hybrid_model`` a HybridModel.) The new head's parameters carry the replaced dense weight's Megatron tags
 (:func:`copy_output_tags`).
+
+Multi-token prediction: the MTP depths call ``model.output_layer`` (Megatron shares the output layer across
+depths), so the installed head is shared by every depth as Megatron's dense head is; Megatron's
+``mtp_detach_heads`` (megatron-core >= 0.19) hands it ``output_layer.weight.detach()``, upon which every head reads
+all its parameters detached (``FusedHeadMixin.params_detached``): the MTP losses train none of them.
 """
 from __future__ import annotations
 
@@ -89,11 +94,6 @@ def _check_model(model, what: str = "a low-rank head") -> None:
             "Untie them: GPTModel(..., share_embeddings_and_output_weights=False) "
             "(Megatron-LM: --untie-embeddings-and-output-weights; Megatron-Bridge: "
             "share_embeddings_and_output_weights=False in the model provider)."
-        )
-    if getattr(config, "mtp_num_layers", None):
-        raise HeadConfigError(
-            f"multi-token prediction (mtp_num_layers={config.mtp_num_layers}) is not supported with "
-            f"{what} yet: set mtp_num_layers=None."
         )
     if getattr(config, "defer_embedding_wgrad_compute", False):
         raise HeadConfigError(

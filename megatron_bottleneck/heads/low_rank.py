@@ -180,7 +180,8 @@ class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
         """U = H B^T, ``[s, b, r]`` over the full sequence, in the TP region: under sequence parallelism B
         is applied to the local shard ``[s/tp, b, D]`` and U all-gathered (backward: reduce-scatter); else
         U is copied into the region (backward: all-reduce of dL/dU over the vocab shards)."""
-        projected = torch.matmul(input_, self.input_proj.t())  # [s(/tp), b, r]
+        b = self.input_proj.detach() if self.params_detached else self.input_proj  # mtp_detach_heads
+        projected = torch.matmul(input_, b.t())  # [s(/tp), b, r]
         return tp_region_input(projected, self.tp_group, self.sequence_parallel)
 
     # the fused loss's part of the head contract (FusedHeadMixin)

@@ -147,7 +147,7 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
         return int(max(0, min(self.output_size_per_partition, self.vocab_size - self.vocab_start)))
 
     def _params(self, weight: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        p = dict(self.named_parameters())
+        p = {n: (q.detach() if self.params_detached else q) for n, q in self.named_parameters()}  # mtp_detach_heads
         if weight is not None:
             if tuple(weight.shape) != tuple(self.weight.shape):
                 raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not the head's "

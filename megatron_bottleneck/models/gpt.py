@@ -50,6 +50,9 @@ def build_gpt_model(
     ``fused_loss`` (True or a :class:`~megatron_bottleneck.heads.FusedLossConfig`): the model is a
     ``FusedLossGPTModel`` (:func:`~megatron_bottleneck.heads.fused_model_class`) whose forward with labels
     computes the loss with the head's own loss (fused where the head allows it: no T x V logits).
+    ``config.mtp_num_layers`` (multi-token prediction): the MTP block is Megatron's ``get_gpt_mtp_block_spec`` of
+    ``layer_spec`` (local layers, TE ones with ``config.fp8``) unless ``mtp_block_spec`` is given; the head is
+    shared by the MTP depths as Megatron's output layer is.
     """
     require_transformer_engine_for_fp8(config)
     head, fused_from_head = prepare_head(config, vocab_size, head, head_rank)
@@ -57,6 +60,11 @@ def build_gpt_model(
     pre_process, post_process = stage_ends(pre_process, post_process, vp_stage)
     if layer_spec is None:
         layer_spec = llama_block_spec(config, vp_stage=vp_stage)
+    if getattr(config, "mtp_num_layers", None) and "mtp_block_spec" not in gpt_kwargs:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        gpt_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config, layer_spec, use_transformer_engine=bool(getattr(config, "fp8", None)), vp_stage=vp_stage)
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
     if fused_loss:
         check_fusable(config)

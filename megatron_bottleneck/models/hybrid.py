@@ -2,7 +2,8 @@
 builder.
 
 A hybrid layer pattern is a string with one symbol per layer: ``*`` attention, ``-`` MLP, ``M`` Mamba (``|``
-separates pipeline stages, ``/`` multi-token-prediction depths). A pattern of ``*`` and ``-`` only is a plain
+separates pipeline stages, ``/`` multi-token-prediction depths: ``"*-*-/*-"`` one depth of an attention and an MLP
+layer, with ``config.mtp_num_layers`` = the number of depths). A pattern of ``*`` and ``-`` only is a plain
 transformer: ``"*-*-"`` is the two-layer GPTModel whose layer k is hybrid layers 2k (input norm + attention)
 and 2k + 1 (pre-MLP norm + MLP), with the same parameters under other names.
 
@@ -138,22 +139,44 @@ def local_hybrid_stack_spec(config, pattern: str = "", *, device: Optional[str] 
         sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp,
         pre_mlp_layernorm=SequenceParallelNorm))
     return ModuleSpec(module=LocalHybridStack,
-                      submodules=HybridStackSubmodules(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp))
+                      submodules=HybridStackSubmodules(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp,
+                                                       mtp_block_spec=_local_mtp_block_spec()))
+
+
+def _local_mtp_block_spec():
+    """Megatron's MTP block with local parts (``hybrid_layer_specs``'s has TE's): per depth the norms of the
+    embedding (enorm), of the hidden state (hnorm) and the final one :class:`SequenceParallelNorm`, the projection
+    [h; e] (2D -> D) a ``ColumnParallelLinear``; the depth's layers come from the pattern after its ``/``."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer,
+        MultiTokenPredictionLayerSubmodules)
+
+    layer = ModuleSpec(module=MultiTokenPredictionLayer, submodules=MultiTokenPredictionLayerSubmodules(
+        enorm=SequenceParallelNorm, hnorm=SequenceParallelNorm, eh_proj=ColumnParallelLinear, mtp_model_layer=None,
+        layer_norm=SequenceParallelNorm))
+    return ModuleSpec(module=MultiTokenPredictionBlock,
+                      submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[layer]))
 
 
 def _check_pattern(config, pattern) -> None:
     if not isinstance(pattern, str) or not pattern.strip(_STRUCTURE):
         raise ConfigError(f"hybrid_layer_pattern must be a non-empty string of layer symbols such as '*-*-', "
                           f"got {pattern!r}.")
-    if "/" in pattern:
-        raise ConfigError(f"hybrid layer pattern {pattern!r} declares multi-token prediction ('/'), which "
-                          "megatron-bottleneck's heads do not support yet: drop the '/...' depths.")
-    n = len(pattern.replace("|", ""))
+    main, *depths = pattern.split("/")
+    if any(not d.strip("|") for d in depths):
+        raise ConfigError(f"hybrid layer pattern {pattern!r}: every multi-token-prediction depth after '/' needs "
+                          "layer symbols, e.g. '*-*-/*-/*-' (two depths).")
+    if (getattr(config, "mtp_num_layers", None) or 0) != len(depths):
+        raise ConfigError(f"hybrid layer pattern {pattern!r} declares {len(depths)} multi-token-prediction depths "
+                          f"('/'), config.mtp_num_layers={getattr(config, 'mtp_num_layers', None)}: set "
+                          f"mtp_num_layers={len(depths) or None}.")
+    n = len(main.replace("|", ""))
     if config.num_layers != n:
         raise ConfigError(f"config.num_layers={config.num_layers} but hybrid layer pattern {pattern!r} has {n} "
-                          f"layers: set num_layers={n}.")
+                          f"layers before any '/': set num_layers={n}.")
     pp, vpp = _stages(config)
-    stages = pattern.count("|") + 1
+    stages = main.count("|") + 1
     if vpp > 1 and stages != pp * vpp:
         raise ConfigError(f"hybrid layer pattern {pattern!r} has {stages} pipeline segments ('|'), and "
                           f"pipeline_model_parallel_size={pp} x virtual_pipeline_model_parallel_size={vpp} stages "

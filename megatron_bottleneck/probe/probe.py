@@ -127,6 +127,10 @@ class ProbeConfig:
     ``general_tokens`` tokens (the first micro-batches' rows in order, full sequence: the same tokens on every TP
     rank; ``probe_tokens`` says how many). Their head input ``[n, D]`` (and, unfused, G's shard ``[n, V/tp]``)
     is kept until the step's last backward."""
+    mtp_depth: int = 0
+    """Multi-token prediction (the model's ``mtp_num_layers`` / a HybridModel pattern with ``/``): which of the
+    shared head's calls per forward the probe measures: 0 the main head (default), k in 1..n MTP depth k (the
+    head on depth k's hidden state, with depth k's loss). Needs :meth:`GradientProbe.watch` on the model."""
     general_iterations: int = 32
     """Non-linear heads: conjugate-gradient iterations per step (a fixed count: every TP rank runs the same
     collectives, no host sync). Each is one JVP + one VJP through the head on the ``general_tokens`` tokens;
@@ -137,6 +141,8 @@ class ProbeConfig:
         for key in ("interval", "update_interval", "rank_interval", "num_buckets"):
             if int(getattr(self, key)) < 0:
                 raise ConfigError(f"probe.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
+        if int(self.mtp_depth) < 0:
+            raise ConfigError(f"probe.mtp_depth must be >= 0 (0: the main head), got {self.mtp_depth}")
         if self.rank_interval and self.rank_token_budget < 2:
             raise ConfigError(f"probe.rank_token_budget must be >= 2, got {self.rank_token_budget}")
         if not self.slice_memory_mib > 0:
@@ -268,6 +274,9 @@ class GradientProbe:
         self._gen_names: List[str] = []
         self._log_prob = None
         self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
+        self._mtp_depths = 0  # MTP depths per model forward (the head is called n + 1 times: depths 1..n, main)
+        self._head_call = 0  # index of the head's call within the current model forward
+        self._call_measured = True  # the current head call is the one ProbeConfig.mtp_depth names
 
     # ------------------------------------------------------------------ setup
     def watch(self, model, num_microbatches: Optional[int] = None) -> "GradientProbe":
@@ -283,7 +292,46 @@ class GradientProbe:
         head = find_head(model)
         if head is None:
             return self  # not the last pipeline stage: idle
-        return self.watch_head(head, num_microbatches)
+        self.watch_head(head, num_microbatches)
+        self._watch_mtp(model, head)
+        return self
+
+    def _watch_mtp(self, model, head) -> None:
+        """Multi-token prediction: Megatron calls the shared head once per MTP depth 1..n, then for the main loss,
+        in every forward (``process_mtp_loss``). A forward pre-hook on the model holding the head restarts the
+        count of head calls, so the head's hooks measure only the call of ``config.mtp_depth``."""
+        holder = None
+        for chunk in (list(model) if isinstance(model, (list, tuple)) else [model]):
+            inner = chunk
+            while getattr(inner, "output_layer", None) is not head and isinstance(getattr(inner, "module", None),
+                                                                                 torch.nn.Module):
+                inner = inner.module
+            if getattr(inner, "output_layer", None) is head:
+                holder = inner
+                break
+        depths = 0
+        if holder is not None and getattr(holder, "mtp_process", False):
+            depths = int(getattr(holder.config, "mtp_num_layers", None) or 0)
+        if self.config.mtp_depth > depths:
+            raise ConfigError(f"probe.mtp_depth={self.config.mtp_depth}, but the model has {depths} multi-token "
+                              f"prediction depths on this stage: set probe.mtp_depth between 0 and {depths}.")
+        if depths and holder is not None:
+            self._mtp_depths = depths
+            self._handles.append(holder.register_forward_pre_hook(self._model_forward_starts))
+
+    def _model_forward_starts(self, module, args) -> None:
+        self._head_call = 0
+        return None
+
+    def _mtp_call_measured(self, module) -> bool:
+        """Count this head call (MTP depth i + 1 for call i < n, the main head for call n) and say whether it is the
+        depth the probe measures; a call it skips keeps no fused record."""
+        i = self._head_call
+        self._head_call += 1
+        self._call_measured = (i + 1 if i < self._mtp_depths else 0) == self.config.mtp_depth
+        if not self._call_measured and is_lm_head(module):
+            module.loss_request.record = False
+        return self._call_measured
 
     def watch_head(self, head: torch.nn.Module, num_microbatches: Optional[int] = 1) -> "GradientProbe":
         """Attach to a head module directly: a head whose logits are linear in its weight (closed form), or a
@@ -423,6 +471,8 @@ class GradientProbe:
         fused pass."""
         if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
             return None
+        if self._mtp_depths and not self._mtp_call_measured(module):
+            return None
         if not (module.training and torch.is_grad_enabled()):
             if is_lm_head(module):
                 module.loss_request.record = False
@@ -461,6 +511,8 @@ class GradientProbe:
             logits = output[0] if isinstance(output, (tuple, list)) else output
             if not (self.enabled and self._open and module.training and torch.is_grad_enabled()):
                 return None
+            if self._mtp_depths and not self._call_measured:
+                return None
             if not (plan is not None and plan.any and isinstance(logits, torch.Tensor) and logits.requires_grad):
                 self._count_microbatch()
                 return None
@@ -469,7 +521,8 @@ class GradientProbe:
                 return None
             hidden = args[0] if args else kwargs["input_"]
             record = getattr(module, "last_loss", None) if is_lm_head(module) else None
-            fused = record is not None and record.loss is logits
+            ctx = getattr(module, "loss_context", None)  # an MTP depth's fused output is record.loss as [s, b, 1]
+            fused = record is not None and (record.loss is logits or (ctx is not None and ctx.output is logits))
             plan.fused = fused
             if is_lm_head(module):
                 module.last_loss = None  # the record lives in this micro-batch's hooks only
@@ -493,7 +546,7 @@ class GradientProbe:
                 mb.full_hidden = self._gathered(hidden, sp)
             mb.hidden = hidden.detach()
             mb.pending = 1 + int(watch_hidden)
-            target = logits
+            target = record.loss if fused else logits
             target.register_hook(lambda g: self._on_output_grad(g, mb, sp))
             if watch_hidden:
                 hidden.register_hook(lambda dh: self._on_hidden_grad(dh, mb))
@@ -555,7 +608,8 @@ class GradientProbe:
         input ``[n, D]`` and, fused (``ctx`` the head's loss context), their labels."""
         sample = {"n": n, "hidden": full.reshape(-1, full.shape[-1])[:n].clone()}
         if ctx is not None:
-            sample["labels"] = ctx.labels.reshape(-1)[:n].clone()
+            labels = ctx.labels if ctx.call_labels is None else ctx.call_labels  # an MTP depth's own labels
+            sample["labels"] = labels.reshape(-1)[:n].clone()
             sample["spec"] = ctx.config.loss_spec()
         self._gen_samples.append(sample)
         return sample

@@ -1,7 +1,8 @@
 """HybridModel with the local hybrid stack spec (one process, TP = PP = 1): a ``*-*-`` model with every built-in
 head equals the two-layer GPTModel with the same weights (losses to 1e-6, every gradient), with the fused loss
 too; GradientProbe's record is the same on both; the builder's refusals are one line each (Mamba on CPU, other
-layer symbols, multi-token prediction, a pattern / num_layers mismatch, megatron-core 0.16)."""
+layer symbols, a multi-token-prediction pattern / mtp_num_layers mismatch, a pattern / num_layers mismatch,
+megatron-core 0.16). Multi-token prediction: tests/unit/test_mtp.py."""
 import pytest
 import torch
 
@@ -80,8 +81,11 @@ def test_build_hybrid_model_defaults_hooks_and_refusals():
     cases = [
         ("*M*-", cfg, "has Mamba 'M' layers, which need Mamba's CUDA kernels"),
         ("*E*-", cfg, "not 'E': pass Megatron's hybrid_stack_spec"),
-        ("*-*-/*-", cfg, "declares multi-token prediction ('/')"),
-        ("*-*-*-", cfg, "config.num_layers=4 but hybrid layer pattern '*-*-*-' has 6 layers: set num_layers=6."),
+        ("*-*-/*-", cfg, "hybrid layer pattern '*-*-/*-' declares 1 multi-token-prediction depths ('/'), "
+                         "config.mtp_num_layers=None: set mtp_num_layers=1."),
+        ("*-*-/", sh.config(4, mtp_num_layers=1), "every multi-token-prediction depth after '/' needs layer symbols"),
+        ("*-*-*-", cfg, "config.num_layers=4 but hybrid layer pattern '*-*-*-' has 6 layers before any '/': set "
+                        "num_layers=6."),
         ("", cfg, "must be a non-empty string"),
     ]
     vpp = sh.config(8, pp=2, virtual_pipeline_model_parallel_size=2)

@@ -29,7 +29,6 @@ def validation_error(case: str) -> str:
         "rank0": lambda: build(head_rank=0),
         "rank_too_big": lambda: build(head_rank=support.HIDDEN + 1),
         "tied": lambda: build(head_rank=8, share_embeddings_and_output_weights=True),
-        "mtp": lambda: build(support.config(mtp_num_layers=1), head_rank=8),
         "bad_init": lambda: build(head=mb.LowRankHeadConfig(rank=8, init="svd")),
         "fp8_without_te": lambda: build(support.config(fp8="hybrid"), head_rank=8),
     }[case])
@@ -62,7 +61,6 @@ def test_low_rank_grads_match_float64_reference():
         ("rank0", r"rank must be an integer >= 1"),
         ("rank_too_big", r"exceeds the hidden size 32"),
         ("tied", r"ties its input embedding.*untie-embeddings-and-output-weights"),
-        ("mtp", r"multi-token prediction .* mtp_num_layers=None"),
         ("bad_init", r"init='svd' is not one of"),
         ("twice", r"already has a LowRankOutputLayer"),
         ("wrapped", r"before DDP wrapping"),
