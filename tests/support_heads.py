@@ -333,6 +333,21 @@ loss, the fused op being float32-only; the trainer test runs the fused op): the 
 loss context) and the unfused sigsoftmax head (G from the log-probabilities' output gradient)."""
 
 
+def head_loss_of(head, x, y, fused: bool):
+    """Per-token loss of a head on input x: its fused loss (through a loss context, as the fused model passes
+    labels) or Megatron's vocab-parallel cross-entropy of its unfused output."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron_bottleneck.heads import FusedLossConfig, LossContext
+
+    if fused:
+        head.loss_context = LossContext(y, FusedLossConfig())
+        loss, _ = head(x)
+        head.loss_context = None
+        return loss
+    u, _ = head(x)
+    return vocab_parallel_cross_entropy(u.clone(), y)
+
+
 def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_counter=None,
                       brute: bool = True, forwards_ahead: bool = False, begin: Optional[int] = None,
                       reference: bool = True) -> Dict:
@@ -348,9 +363,6 @@ def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_c
     the record only (no ``head_figures``, no brute force)."""
     import dataclasses
 
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from megatron_bottleneck.heads.contract import FusedLossConfig, LossContext
     from megatron_bottleneck.probe.general import head_figures
 
     group, tp, rank = _tp()
@@ -363,15 +375,7 @@ def probe_in_training(kind: str, fused: bool, sp: bool, tokens: int = 20, sync_c
                                             general_iterations=2 * D))
 
     def forward(h, y):
-        x = _local(h, rank, tp, sp).clone().requires_grad_(True)
-        if fused:
-            head.loss_context = LossContext(y, FusedLossConfig())
-            loss, _ = head(x)
-            head.loss_context = None
-        else:
-            u, _ = head(x)
-            loss = vocab_parallel_cross_entropy(u.clone(), y)
-        return loss.mean() / 2
+        return head_loss_of(head, _local(h, rank, tp, sp).clone().requires_grad_(True), y, fused).mean() / 2
 
     def step():
         if forwards_ahead:

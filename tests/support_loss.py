@@ -90,7 +90,7 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
         p = sh._full_params(head, group, tp)
         for name, opt in OPTIONS.items():
             scales = (1.0, MUP) if linear and not opt.get("softcap") else (1.0,)
-            if kind.startswith("stacked") and not opt.get("softcap") and name == "plain":
+            if kind.startswith(("stacked", "decoupled")) and not opt.get("softcap") and name == "plain":
                 scales = (1.0, MUP)
             for m in scales:
                 label = f"{kind} {name} m={m} tp={tp}"
@@ -100,7 +100,7 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                 if why:
                     refusals.append((label, why))
                     continue
-                if kind.startswith("stacked") and opt.get("z_loss_weight"):
+                if kind.startswith(("stacked", "decoupled")) and opt.get("z_loss_weight"):
                     continue  # the general probe sees log p: no z-loss in its G (a documented limit)
                 loss = head.loss(h, y, config=cfg, stats=stats, logit_scale=m)
                 hh = h.double().reshape(-1, sh.D)

@@ -40,6 +40,8 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.multi_token_prediction import roll_tensor
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.utils import get_pg_rank
 
@@ -47,6 +49,11 @@ from ..base.errors import HeadConfigError
 from ..base.head import HeadView, find_head, is_lm_head
 from ..base.loss import HeadLossStats
 from .contract import FusedHeadMixin, FusedLossConfig, LossContext, model_softcap, tp_region_input
+
+try:  # megatron-core >= 0.19
+    from megatron.core.inference.utils import InferenceMode
+except ImportError:  # 0.16: no inference mode to ask
+    InferenceMode = None
 
 __all__ = ["FusedLossConfig", "DenseOutputLayer", "FusedLossModel", "as_lm_head", "fused_model_class",
            "enable_fused_loss", "disable_fused_loss", "fused_loss_hook", "head_loss", "is_fused"]
@@ -137,9 +144,6 @@ class FusedLossModel:
         n = int(getattr(self.config, "mtp_num_layers", None) or 0) if getattr(self, "mtp_process", False) else 0
         if not n or _inference_mode_active():  # Megatron runs no MTP depth in inference (megatron-core >= 0.19)
             return []
-        from megatron.core.packed_seq_params import PackedSeqParams
-        from megatron.core.transformer.multi_token_prediction import roll_tensor
-
         packed = kwargs.get("packed_seq_params")
         if packed is None:
             packed = next((a for a in args if isinstance(a, PackedSeqParams)), None)
@@ -168,11 +172,7 @@ class FusedLossModel:
 
 def _inference_mode_active() -> bool:
     """megatron-core >= 0.19's ``InferenceMode.is_active()`` (0.16 has none: False)."""
-    try:
-        from megatron.core.inference.utils import InferenceMode
-    except ImportError:
-        return False
-    return bool(InferenceMode.is_active())
+    return InferenceMode is not None and bool(InferenceMode.is_active())
 
 
 _FUSED_CLASSES: Dict[type, type] = {}

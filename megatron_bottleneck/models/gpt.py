@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
@@ -61,8 +62,6 @@ def build_gpt_model(
     if layer_spec is None:
         layer_spec = llama_block_spec(config, vp_stage=vp_stage)
     if getattr(config, "mtp_num_layers", None) and "mtp_block_spec" not in gpt_kwargs:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-
         gpt_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
             config, layer_spec, use_transformer_engine=bool(getattr(config, "fp8", None)), vp_stage=vp_stage)
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}

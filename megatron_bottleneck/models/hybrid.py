@@ -31,6 +31,10 @@ from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules)
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..base.errors import ConfigError
@@ -147,10 +151,6 @@ def _local_mtp_block_spec():
     """Megatron's MTP block with local parts (``hybrid_layer_specs``'s has TE's): per depth the norms of the
     embedding (enorm), of the hidden state (hnorm) and the final one :class:`SequenceParallelNorm`, the projection
     [h; e] (2D -> D) a ``ColumnParallelLinear``; the depth's layers come from the pattern after its ``/``."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-    from megatron.core.transformer.multi_token_prediction import (
-        MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer,
-        MultiTokenPredictionLayerSubmodules)
 
     layer = ModuleSpec(module=MultiTokenPredictionLayer, submodules=MultiTokenPredictionLayerSubmodules(
         enorm=SequenceParallelNorm, hnorm=SequenceParallelNorm, eh_proj=ColumnParallelLinear, mtp_model_layer=None,

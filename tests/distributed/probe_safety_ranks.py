@@ -220,9 +220,6 @@ def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
     by ``begin_step``, step 1's on every rank with a count of 1 for its 2 micro-batches; else a fault on
     ``fail_rank`` at step 1 at that stage): the losses, the probe's state after each step, its records and
     last_error, and every collective this rank entered."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from megatron_bottleneck.heads.contract import FusedLossConfig, LossContext
     from tests import support_heads as sh
 
     mb.initialize_parallel(2, 1, seed=5)
@@ -250,14 +247,7 @@ def general_failing_rank(fail_rank: int = 1, steps: int = 3) -> Dict:
                             probe.begin_step(1 if step == 1 else 2)
                         for h, y in zip(hs, ys):
                             x = sh._local(h, rank, tp, sp).clone().requires_grad_(True)
-                            if fused:
-                                head.loss_context = LossContext(y, FusedLossConfig())
-                                loss, _ = head(x)
-                                head.loss_context = None
-                            else:
-                                u, _ = head(x)
-                                loss = vocab_parallel_cross_entropy(u.clone(), y)
-                            loss = loss.mean() / 2
+                            loss = sh.head_loss_of(head, x, y, fused).mean() / 2
                             loss.backward()
                             losses.append(loss.item())
                         if probe is not None:
