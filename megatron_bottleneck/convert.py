@@ -18,10 +18,17 @@ For the dense head W (``V x D``, vocab-sharded over TP) of a trainer checkpoint 
    out by buffer, so the resume starts the optimizer afresh (Adam moments zero, the fp32 main weights from the
    model), which the trainer says in one console line.
 
+A Megatron-LM ``torch_dist`` checkpoint (``--save`` directory or an ``iter_*`` directory, dense untied head) is
+converted on one rank at TP = PP = 1 (:func:`_convert_megatron_lm_rank`: the model its saved args describe, as
+``measure`` builds it, the weights resharded from any TP / PP by distributed checkpointing; that rank holds the whole
+W and G) and written as a Megatron-LM checkpoint (``OUT/iter_N`` through ``dist_checkpointing.save``, the args naming
+``--lm-head-rank R``, ``latest_checkpointed_iteration.txt``); the runner resumes it with the run's own arguments plus
+:data:`MEGATRON_LM_RESUME`, Megatron-LM resharding it to the run's TP / PP at load.
+
 Resume with ``megatron-bottleneck train OUT/iter_N/config.yaml`` (or the run's own config with
 ``model.head_rank=R checkpoint.dir=OUT``); a longer schedule than the saved one needs ``checkpoint.scheduler``.
-Bad input is one line: no checkpoint at the path, a head that is not dense in the checkpoint, r outside
-[1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
+Bad input is one line: no checkpoint at the path, a head that is not dense in the checkpoint (Megatron-LM: or tied
+to the embedding), r outside [1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
 """
 from __future__ import annotations
 
