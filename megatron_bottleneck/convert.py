@@ -38,6 +38,7 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from .base.errors import CheckpointError, HeadConfigError
@@ -46,6 +47,8 @@ from .heads.install import install_head
 from .heads.low_rank import validate_head_shape
 from .integrations.launch import launch
 from .integrations.parallel import initialize_parallel
+from .measure.megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint,
+                                             load_megatron_lm_weights, read_megatron_lm_common_state)
 from .train.checkpoint import (OPTIMIZER_SAVED, PER_RANK, latest_checkpoint, load_model_only, read_layout,
                                read_saved_state, save_checkpoint)
 from .train.config import TrainConfig
@@ -185,8 +188,6 @@ def _is_megatron_lm(path: str) -> bool:
 def _megatron_lm_source(checkpoint: str, rank: int):
     """``(iter_dir, args)`` of a Megatron-LM checkpoint whose dense, untied head can take rank ``rank`` (one line
     each otherwise)."""
-    from .measure.megatron_lm_checkpoint import check_megatron_lm_checkpoint
-
     iter_dir, args = check_megatron_lm_checkpoint(checkpoint)
     kind = getattr(args, "lm_head_type", None)
     head_rank = getattr(args, "lm_head_rank", None)
@@ -226,11 +227,6 @@ def _convert_megatron_lm_rank(iter_dir: str, rank: int, out: str) -> Dict:
     (TP = PP = 1) and no optimizer / RNG state (``no_save_optim``, ``no_save_rng``); the optimizer, RNG and
     rerun-machine states are left out. Megatron-LM's torch_dist load reshards it to the resuming run's TP / PP.
     Returns ``{"path", "iteration", "kept"}``."""
-    from megatron.core import dist_checkpointing
-
-    from .measure.megatron_lm_checkpoint import (build_megatron_lm_model, load_megatron_lm_weights,
-                                                 read_megatron_lm_common_state)
-
     common = read_megatron_lm_common_state(iter_dir)
     args = common["args"]
     initialize_parallel(1, 1, None, seed=int(getattr(args, "seed", 1234)))
