@@ -294,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded beside the checkpoint's training data)")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("convert-head", help="factorise the dense LM head of a trainer or Megatron-LM torch_dist checkpoint "
-                                            "into a rank-r head "
-                                            "(best rank-r approximation), as a checkpoint that resumes with it")
+    s = sub.add_parser("convert-head", help="factorise the dense LM head of a trainer or Megatron-LM torch_dist "
+                                            "checkpoint into a rank-r head (best rank-r approximation), as a "
+                                            "checkpoint that resumes with it")
     s.add_argument("checkpoint", help="trainer checkpoint directory (the one holding 'latest', or an iter_* dir), or a "
                    "Megatron-LM torch_dist checkpoint (--save directory or one of its iter_* dirs)")
     s.add_argument("--head", required=True, help="the new head, low_rank:r=R (1 <= R <= hidden size)")

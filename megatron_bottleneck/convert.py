@@ -147,10 +147,10 @@ def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float,
 
 
 def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "auto") -> ConvertResult:
-    """Factorise the dense head of the trainer or Megatron-LM ``torch_dist`` checkpoint at ``checkpoint`` into the ``low_rank`` head ``head``
-    (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save it under ``out`` (see
-    the module docstring); on the checkpoint's TP x PP local ranks (a Megatron-LM checkpoint: one rank) on
-    ``device`` (auto: one GPU per rank when visible, else CPU ranks). Returns a :data:`ConvertResult`."""
+    """Factorise the dense head of the trainer or Megatron-LM ``torch_dist`` checkpoint at ``checkpoint`` into the
+    ``low_rank`` head ``head`` (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save
+    it under ``out`` (see the module docstring); on the checkpoint's TP x PP local ranks (a Megatron-LM checkpoint:
+    one rank) on ``device`` (auto: one GPU per rank when visible, else CPU ranks). Returns a :data:`ConvertResult`."""
 
     rank = _rank_of(head)
     if _is_megatron_lm(checkpoint):

@@ -55,9 +55,9 @@ from ..integrations.megatron_lm import head_config_from_args
 from ..models.gpt import build_gpt_model
 from .common import import_transformers, no_tokenizer
 
-__all__ = ["read_megatron_lm_args", "read_megatron_lm_common_state", "resolve_megatron_lm_checkpoint", "build_megatron_lm_model",
-           "load_megatron_lm_weights", "megatron_lm_tokenizer", "check_supported", "check_megatron_lm_checkpoint",
-           "UNSUPPORTED"]
+__all__ = ["read_megatron_lm_args", "read_megatron_lm_common_state", "resolve_megatron_lm_checkpoint",
+           "build_megatron_lm_model", "load_megatron_lm_weights", "megatron_lm_tokenizer", "check_supported",
+           "check_megatron_lm_checkpoint", "UNSUPPORTED"]
 
 # (argument, what it is): refused when the saved value is truthy
 UNSUPPORTED = (
