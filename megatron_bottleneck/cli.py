@@ -150,6 +150,11 @@ def cmd_convert_head(a):
     print(f"wrote {res['path']}: low_rank r={res['rank']} head from the SVD of the trained dense head (D="
           f"{res['hidden_size']}; keeps {100 * res['kept']:.2f}% of its squared Frobenius norm), "
           f"step {res['iteration']}")
+    if res["kind"] == "megatron-lm":
+        print(f"resume: python -m megatron_bottleneck.megatron_lm pretrain_gpt.py <the run's arguments> {res['resume']}"
+              " (saved at TP = PP = 1, resharded to the run's TP / PP on load; no optimizer state: Adam and the "
+              "learning-rate schedule start afresh)")
+        return
     print(f"resume: megatron-bottleneck train {os.path.join(res['path'], 'config.yaml')} (or your config with "
           f"model.head_rank={res['rank']} checkpoint.dir={a.out}); the optimizer state starts afresh")
 
@@ -289,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded beside the checkpoint's training data)")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("convert-head", help="factorise the dense LM head of a trainer checkpoint into a rank-r head "
-                                            "(best rank-r approximation), as a checkpoint that resumes with it")
-    s.add_argument("checkpoint", help="trainer checkpoint directory (the one holding 'latest', or an iter_* dir)")
+    s = sub.add_parser("convert-head", help="factorise the dense LM head of a trainer or Megatron-LM torch_dist "
+                                            "checkpoint into a rank-r head (best rank-r approximation), as a "
+                                            "checkpoint that resumes with it")
+    s.add_argument("checkpoint", help="trainer checkpoint directory (the one holding 'latest', or an iter_* dir), or a "
+                   "Megatron-LM torch_dist checkpoint (--save directory or one of its iter_* dirs)")
     s.add_argument("--head", required=True, help="the new head, low_rank:r=R (1 <= R <= hidden size)")
     s.add_argument("--out", required=True, help="directory for the converted checkpoint (a new checkpoint.dir)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda: auto is one GPU per rank when visible, "

@@ -18,10 +18,17 @@ For the dense head W (``V x D``, vocab-sharded over TP) of a trainer checkpoint 
    out by buffer, so the resume starts the optimizer afresh (Adam moments zero, the fp32 main weights from the
    model), which the trainer says in one console line.
 
+A Megatron-LM ``torch_dist`` checkpoint (``--save`` directory or an ``iter_*`` directory, dense untied head) is
+converted on one rank at TP = PP = 1 (:func:`_convert_megatron_lm_rank`: the model its saved args describe, as
+``measure`` builds it, the weights resharded from any TP / PP by distributed checkpointing; that rank holds the whole
+W and G) and written as a Megatron-LM checkpoint (``OUT/iter_N`` through ``dist_checkpointing.save``, the args naming
+``--lm-head-rank R``, ``latest_checkpointed_iteration.txt``); the runner resumes it with the run's own arguments plus
+:data:`MEGATRON_LM_RESUME`, Megatron-LM resharding it to the run's TP / PP at load.
+
 Resume with ``megatron-bottleneck train OUT/iter_N/config.yaml`` (or the run's own config with
 ``model.head_rank=R checkpoint.dir=OUT``); a longer schedule than the saved one needs ``checkpoint.scheduler``.
-Bad input is one line: no checkpoint at the path, a head that is not dense in the checkpoint, r outside
-[1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
+Bad input is one line: no checkpoint at the path, a head that is not dense in the checkpoint (Megatron-LM: or tied
+to the embedding), r outside [1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from .base.errors import CheckpointError, HeadConfigError
@@ -39,6 +47,8 @@ from .heads.install import install_head
 from .heads.low_rank import validate_head_shape
 from .integrations.launch import launch
 from .integrations.parallel import initialize_parallel
+from .measure.megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint,
+                                             load_megatron_lm_weights, read_megatron_lm_common_state)
 from .train.checkpoint import (OPTIMIZER_SAVED, PER_RANK, latest_checkpoint, load_model_only, read_layout,
                                read_saved_state, save_checkpoint)
 from .train.config import TrainConfig
@@ -47,8 +57,10 @@ from .train.trainer import build_models, model_layout
 __all__ = ["convert_head", "ConvertResult"]
 
 ConvertResult = Dict
-"""``{"path", "iteration", "rank", "hidden_size", "kept"}``: the new checkpoint, its step, r, D, and the share of
-the head's squared Frobenius norm the rank-r head keeps (sum of the top-r eigenvalues of W^T W over its trace)."""
+"""``{"path", "iteration", "rank", "hidden_size", "kept", "kind"}``: the new checkpoint (its ``iter_*``
+directory), its step, r, D, the share of the head's squared Frobenius norm the rank-r head keeps (sum of the top-r
+eigenvalues of W^T W over its trace) and ``"trainer"`` or ``"megatron-lm"``; for Megatron-LM also ``"resume"``,
+the arguments to add to the run's own (:data:`MEGATRON_LM_RESUME`, with R and OUT)."""
 
 
 def _rank_of(head) -> int:
@@ -71,9 +83,6 @@ def _trainer_checkpoint(path: str) -> str:
                               "its iter_* directories")
     if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isfile(os.path.join(path, "rank_0.pt")):
         return path
-    if any(os.path.isfile(os.path.join(path, n)) for n in ("latest_checkpointed_iteration.txt", "metadata.json")):
-        raise CheckpointError(f"{path}: a Megatron-LM checkpoint; convert-head converts trainer checkpoints "
-                              "(megatron-bottleneck train) only so far")
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"no checkpoint at {path!r}: expected an iter_* directory with config.yaml or a "
@@ -138,12 +147,14 @@ def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float,
 
 
 def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "auto") -> ConvertResult:
-    """Factorise the dense head of the trainer checkpoint at ``checkpoint`` into the ``low_rank`` head ``head``
-    (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save it under ``out`` (see
-    the module docstring); on the checkpoint's TP x PP local ranks on ``device`` (auto: one GPU per rank when
-    visible, else CPU ranks). Returns a :data:`ConvertResult`."""
+    """Factorise the dense head of the trainer or Megatron-LM ``torch_dist`` checkpoint at ``checkpoint`` into the
+    ``low_rank`` head ``head`` (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save
+    it under ``out`` (see the module docstring); on the checkpoint's TP x PP local ranks (a Megatron-LM checkpoint:
+    one rank) on ``device`` (auto: one GPU per rank when visible, else CPU ranks). Returns a :data:`ConvertResult`."""
 
     rank = _rank_of(head)
+    if _is_megatron_lm(checkpoint):
+        return _convert_megatron_lm(checkpoint, rank, out, device)
     ckpt = _trainer_checkpoint(checkpoint)
     dense, _low = _configs(ckpt, rank, out)
     if latest_checkpoint(out) is not None or os.path.abspath(out) == os.path.abspath(os.path.dirname(ckpt)):
@@ -155,4 +166,98 @@ def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "au
     total, kept = sum(s[0] for s in parts), sum(s[1] for s in parts)
     info = results[0][1]
     return {"path": info["path"], "iteration": info["iteration"], "rank": rank, "hidden_size": dense.model.hidden_size,
-            "kept": kept / total if total > 0 else 1.0}
+            "kept": kept / total if total > 0 else 1.0, "kind": "trainer"}
+
+
+# ------------------------------------------------------------------------------------------ Megatron-LM
+MEGATRON_LM_RESUME = "--lm-head-rank {rank} --load {out} --no-load-optim"
+"""What a Megatron-LM run adds to its own arguments to resume a converted checkpoint (through
+``python -m megatron_bottleneck.megatron_lm pretrain_gpt.py ...``). ``--no-load-optim``: the checkpoint holds no
+optimizer state (Megatron-LM stops with a KeyError without it) and Megatron-LM then also starts its learning-rate
+schedule afresh; the RNG state is not saved either, which the saved args say (``no_save_rng``), so Megatron-LM
+skips it without ``--no-load-rng``."""
+
+
+def _is_megatron_lm(path: str) -> bool:
+    """A Megatron-LM checkpoint: its tracker file, or a torch_dist ``iter_*`` directory without our config.yaml."""
+    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+        return True
+    return os.path.isfile(os.path.join(path, "metadata.json")) and not os.path.isfile(os.path.join(path, "config.yaml"))
+
+
+def _megatron_lm_source(checkpoint: str, rank: int):
+    """``(iter_dir, args)`` of a Megatron-LM checkpoint whose dense, untied head can take rank ``rank`` (one line
+    each otherwise)."""
+    iter_dir, args = check_megatron_lm_checkpoint(checkpoint)
+    kind = getattr(args, "lm_head_type", None)
+    head_rank = getattr(args, "lm_head_rank", None)
+    if (kind not in (None, "dense")) or head_rank:
+        what = f"--lm-head-type {kind}" if kind not in (None, "dense") else f"--lm-head-rank {head_rank}"
+        raise CheckpointError(f"{checkpoint}: saved with {what}: convert-head factorises a dense head (Megatron's "
+                              "own output layer)")
+    if not getattr(args, "untie_embeddings_and_output_weights", False):
+        raise CheckpointError(f"{checkpoint}: its output layer is the input embedding (tied; saved without "
+                              "--untie-embeddings-and-output-weights): a low-rank head needs an untied one")
+    validate_head_shape(int(args.hidden_size), int(args.padded_vocab_size), rank, 1)
+    return iter_dir, args
+
+
+def _convert_megatron_lm(checkpoint: str, rank: int, out: str, device: Optional[str]) -> ConvertResult:
+    """convert_head for a Megatron-LM ``torch_dist`` checkpoint (see :func:`_convert_megatron_lm_rank`)."""
+    iter_dir, args = _megatron_lm_source(checkpoint, rank)
+    if os.path.exists(os.path.join(out, "latest_checkpointed_iteration.txt")) or (
+            os.path.isdir(out) and any(n.startswith("iter_") or n == "release" for n in os.listdir(out))):
+        raise CheckpointError(f"--out {out} already holds a checkpoint: give an empty or new directory")
+    results = launch(functools.partial(_convert_megatron_lm_rank, iter_dir, rank, out), 1, timeout=3600,
+                     device=device)
+    info = results[0]
+    return {**info, "rank": rank, "hidden_size": int(args.hidden_size), "kind": "megatron-lm",
+            "resume": MEGATRON_LM_RESUME.format(rank=rank, out=out)}
+
+
+def _convert_megatron_lm_rank(iter_dir: str, rank: int, out: str) -> Dict:
+    """One rank, TP = PP = 1: the GPTModel the saved args describe, its weights loaded through Megatron-Core's
+    distributed checkpointing (resharded from the checkpoint's TP / PP:
+    :func:`~megatron_bottleneck.measure.megatron_lm_checkpoint.load_megatron_lm_weights`), its dense head W
+    (``V_padded x D``) factorised by ``low_rank``'s ``init=from_dense`` (A = W V_r, B = V_r^T, V_r the top-r
+    eigenvectors of the float64 W^T W), saved with ``dist_checkpointing.save`` as Megatron-LM saves it: the
+    model's sharded state dict under ``model`` (A is ``output_layer.weight``, ``V_padded x r``; B is
+    ``output_layer.input_proj``, ``r x D``), beside the source's common state (iteration, schedule, FLOPs so far,
+    content metadata) with ``args`` recording the new head (``lm_head_rank = r``), the saved layout
+    (TP = PP = 1) and no optimizer / RNG state (``no_save_optim``, ``no_save_rng``); the optimizer, RNG and
+    rerun-machine states are left out. Megatron-LM's torch_dist load reshards it to the resuming run's TP / PP.
+    Returns ``{"path", "iteration", "kept"}``."""
+    common = read_megatron_lm_common_state(iter_dir)
+    args = common["args"]
+    initialize_parallel(1, 1, None, seed=int(getattr(args, "seed", 1234)))
+    dtype = (torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False)
+             else torch.float32)
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    model = build_megatron_lm_model(args, int(args.padded_vocab_size), dtype)
+    if on_gpu:
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    load_megatron_lm_weights(model, iter_dir, iter_dir)
+    w_sq = float(torch.linalg.vector_norm(model.output_layer.weight.detach(), dtype=torch.float64) ** 2)
+    install_head(model, HeadConfig("low_rank", {"r": rank, "init": "from_dense"}, seed=getattr(args, "seed", None)))
+    a_sq = float(torch.linalg.vector_norm(model.output_layer.weight.detach(), dtype=torch.float64) ** 2)
+
+    new_args = copy.deepcopy(args)
+    new_args.lm_head_rank, new_args.lm_head_type = rank, None
+    new_args.lm_head_options = None
+    new_args.no_save_optim, new_args.no_save_rng = True, True
+    new_args.tensor_model_parallel_size, new_args.pipeline_model_parallel_size = 1, 1
+    new_args.virtual_pipeline_model_parallel_size = None
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+    drop = {"args", "optimizer", "rng_state", "rerun_state_machine", "content_metadata"}  # content: saved anew
+    state = {k: v for k, v in common.items() if k not in drop and not str(k).startswith("model")}
+    state["args"] = new_args
+    state["model"] = model.sharded_state_dict(
+        metadata={**(content or {}), "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)})
+    name = os.path.basename(os.path.normpath(iter_dir))
+    path = os.path.join(out, name)
+    os.makedirs(path, exist_ok=False)
+    dist_checkpointing.save(state, path, content_metadata=content)
+    tracker = "release" if name == "release" else str(int(common.get("iteration", name.split("_")[-1])))
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w", encoding="utf-8") as f:
+        f.write(tracker)
+    return {"path": path, "iteration": int(common.get("iteration", 0)), "kept": a_sq / w_sq if w_sq > 0 else 1.0}

@@ -231,10 +231,8 @@ def check_arguments(argv: List[str], cpu: Optional[bool] = None) -> List[str]:
     if rank or (head_config is not None and head_config.kind == "low_rank"):
         refuse_from_dense_before_load(head_config or LowRankHeadConfig(rank=rank, init=args.lm_head_init),
                                       "--lm-head-init from_dense (the model provider runs before --load)",
-                                      note=" (convert-head reads the trainer's checkpoints; Megatron-LM torch_dist "
-                                           "ones are not converted yet: install_low_rank_head(model, "
-                                           "LowRankHeadConfig(r, init='from_dense')) on a model whose weights are "
-                                           "loaded does it)")
+                                      note=" (CHECKPOINT: the dense run's --save directory; resume with "
+                                           "--lm-head-rank R --load DIR --no-load-optim)")
     if args.lm_head_fused_loss and args.cross_entropy_loss_fusion:
         raise HeadConfigError("--lm-head-fused-loss computes the cross-entropy inside the head, and "
                               "--cross-entropy-loss-fusion selects Megatron's own fused cross-entropy (both would "

@@ -64,9 +64,9 @@ from ..models.gpt import build_gpt_model
 from ..models.hybrid import build_hybrid_model, require_hybrid_model
 from .common import import_transformers, no_tokenizer
 
-__all__ = ["read_megatron_lm_args", "resolve_megatron_lm_checkpoint", "build_megatron_lm_model",
-           "load_megatron_lm_weights", "megatron_lm_tokenizer", "check_supported", "check_megatron_lm_checkpoint",
-           "hybrid_pattern", "UNSUPPORTED"]
+__all__ = ["read_megatron_lm_args", "read_megatron_lm_common_state", "resolve_megatron_lm_checkpoint",
+           "build_megatron_lm_model", "load_megatron_lm_weights", "megatron_lm_tokenizer", "check_supported",
+           "check_megatron_lm_checkpoint", "hybrid_pattern", "UNSUPPORTED"]
 
 # (argument, what it is): refused when the saved value is truthy
 UNSUPPORTED = (
@@ -141,19 +141,24 @@ def _common_state(iter_dir: str):
     return obj[0] if isinstance(obj, (list, tuple)) else obj
 
 
-def read_megatron_lm_args(iter_dir: str):
-    """The ``args`` namespace saved in the checkpoint's common state (see :func:`_common_state`)."""
+def read_megatron_lm_common_state(iter_dir: str) -> dict:
+    """The checkpoint's whole common state (``args``, ``iteration``, ``opt_param_scheduler``, ...; see
+    :func:`_common_state`); a file that does not load, or no saved ``args``, is one line."""
     try:
         common = _common_state(iter_dir)
     except Exception as exc:  # noqa: BLE001 (a missing file, a truncated pickle, a class that does not import)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{iter_dir}: its common state (the saved args) does not load "
                               f"({type(exc).__name__}: {first})") from None
-    args = common.get("args") if isinstance(common, dict) else None
-    if args is None:
+    if not isinstance(common, dict) or common.get("args") is None:
         raise CheckpointError(f"{iter_dir}: no saved 'args' in its common state (save with Megatron-LM's "
                               "pretrain_gpt.py)")
-    return args
+    return common
+
+
+def read_megatron_lm_args(iter_dir: str):
+    """The ``args`` namespace saved in the checkpoint's common state (see :func:`_common_state`)."""
+    return read_megatron_lm_common_state(iter_dir)["args"]
 
 
 _HYBRID_LAYERS = {"M": "Mamba", "G": "gated delta net", "D": "DeepSeek sparse attention", "+": "multi-latent attention",

@@ -4,7 +4,7 @@ each). At r = D the converted
 model's per-token losses are the dense model's; at r = 4 the head A B is the best rank-4 approximation of the trained
 W (a float64 SVD) to 1e-5; every other weight is copied unchanged; the r = 4 checkpoint resumes (at TP=1 x DP=2) with
 the low-rank head, its optimizer state reset in one console line, from the saved step. Bad input is one line, exit 2,
-before any rank starts (a Megatron-LM checkpoint too: not converted yet). 3 launches of 2 CPU ranks."""
+before any rank starts (a Megatron-LM directory without its iteration too). 3 launches of 2 CPU ranks."""
 import os
 import shutil
 
@@ -107,5 +107,5 @@ def test_bad_input_is_one_line_exit_2(runs, case, tmp_path):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert {"missing": "no checkpoint at", "rank": "exceeds the hidden size 16", "not_dense": "its head is low_rank",
             "kind": "writes a low_rank head", "out": "already holds a checkpoint",
-            "megatron_lm": "a Megatron-LM checkpoint; convert-head converts trainer checkpoints"}[case] in lines[0]
+            "megatron_lm": "no metadata.json: not a torch_dist checkpoint directory"}[case] in lines[0]
     assert not os.path.exists(tmp_path / "o")
