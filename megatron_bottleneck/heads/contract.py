@@ -57,10 +57,11 @@ class FusedLossConfig:
     1/8 of the free memory rounded down to a power of two, 1 to 4 GiB (``ops.default_memory_budget``)."""
     fp8: Optional[Literal["e4m3"]] = None
     """e4m3: the head's GEMMs in FP8 through ``torch._scaled_mm`` (opt-in; tokens and width multiples of 16)."""
-    kernel: Literal["torch", "triton", "auto"] = "torch"
-    """The vocab loops: ``torch`` (default until the Triton kernels' GPU test has passed), ``triton`` (forced),
-    ``auto`` (Triton on CUDA tensors when it imports). The environment variable ``MB_FUSED_KERNEL``, when set,
-    overrides this field (for a quick A/B without editing a config)."""
+    kernel: Optional[Literal["torch", "triton", "auto"]] = None
+    """The vocab loops: ``torch``, ``triton`` (forced), ``auto`` (Triton on CUDA tensors when it imports); None
+    (default): the environment variable ``MB_FUSED_KERNEL`` when set (a quick A/B without editing a config),
+    else ``torch`` (the default until the Triton kernels' GPU test has passed). A value set here wins over the
+    environment."""
     weight_grad_into_main_grad: Optional[bool] = None
     """Add the head weight's float32 gradient straight into Megatron DDP's ``main_grad`` (as Megatron's
     ``gradient_accumulation_fusion`` does for its linear layers) instead of returning it in the weight's dtype.

@@ -677,7 +677,7 @@ def linear_cross_entropy(
     fp8: Optional[str] = None,
     reduce_grad_input: bool = False,
     check_labels: bool = True,
-    kernel: str = "torch",
+    kernel: Optional[str] = None,
     weight_grad_into_main_grad: bool = False,
 ):
     """Cross-entropy of the logits u F^T (+ bias) over the vocabulary, without materialising them.
@@ -722,11 +722,12 @@ def linear_cross_entropy(
             TP region does it, see the module docstring).
         check_labels: raise ValueError for labels outside [0, V) other than ignore_index (and for negative
             class weights). This costs one host synchronisation (the only one of the op); the heads pass False.
-        kernel: "torch" (the chunk loops, default), "triton" (the Triton kernels; CUDA tensors, or CPU
+        kernel: "torch" (the chunk loops), "triton" (the Triton kernels; CUDA tensors, or CPU
             tensors under TRITON_INTERPRET=1) or "auto" (Triton for CUDA float32 / bfloat16 / float16
-            tensors when Triton imports, else torch). fp8, ``ce_weight``, ``bias`` and statistics under a
-            softcap always run the torch loops. The environment variable MB_FUSED_KERNEL, when set and not
-            empty, overrides this argument. Both are deterministic (no atomics; fixed summation orders).
+            tensors when Triton imports, else torch); None (default): the environment variable
+            MB_FUSED_KERNEL when set and not empty, else "torch" (an explicit argument wins over the
+            environment). fp8, ``ce_weight``, ``bias`` and statistics under a softcap always run the torch
+            loops. Both are deterministic (no atomics; fixed summation orders).
         weight_grad_into_main_grad: when True and ``weight.main_grad`` exists (Megatron DDP with
             gradient_accumulation_fusion), dL/dF (float32) is added into ``weight.main_grad`` (directly
             when main_grad is a float32 tensor of weight's shape) and the weight's gradient is a dummy, as

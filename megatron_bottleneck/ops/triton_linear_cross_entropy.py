@@ -169,27 +169,31 @@ KERNELS = ("torch", "triton", "auto")
 
 
 def check_kernel(kernel) -> None:
-    """ValueError unless ``kernel`` is one of "torch", "triton", "auto"."""
-    if kernel not in KERNELS:
+    """ValueError unless ``kernel`` is one of "torch", "triton", "auto" (or None: the default, see
+    :func:`resolve_kernel`)."""
+    if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}.")
 
 
-def resolve_kernel(kernel: str = "torch") -> str:
-    """The kernel mode in force: MB_FUSED_KERNEL when set and not empty (it overrides the argument), else
-    ``kernel``. ValueError for any other value than "torch", "triton", "auto" (case-insensitive env)."""
+def resolve_kernel(kernel: Optional[str] = None) -> str:
+    """The kernel mode in force: ``kernel`` when given (an explicit argument always wins), else the environment
+    variable MB_FUSED_KERNEL when set and not empty (a default for a quick A/B without editing a config), else
+    "torch". ValueError for any other value than "torch", "triton", "auto" (case-insensitive env)."""
+    if kernel is not None:
+        check_kernel(kernel)
+        return kernel
     env = os.environ.get("MB_FUSED_KERNEL", "").strip().lower()
     if env:
         if env not in KERNELS:
             raise ValueError(f"MB_FUSED_KERNEL must be 'auto', 'torch' or 'triton', got {env!r}.")
         return env
-    check_kernel(kernel)
-    return kernel
+    return "torch"
 
 
-def should_use(u: torch.Tensor, q, kernel: str = "torch") -> bool:
+def should_use(u: torch.Tensor, q, kernel: Optional[str] = None) -> bool:
     """Whether the op runs these kernels for head input ``u`` (q: the op's fp8 cache, None without fp8).
 
-    Mode = :func:`resolve_kernel` (kernel) (MB_FUSED_KERNEL overrides ``kernel``). Never for fp8 (q is not
+    Mode = :func:`resolve_kernel` (kernel) (MB_FUSED_KERNEL only when ``kernel`` is None). Never for fp8 (q is not
     None) or other dtypes than float32 / bfloat16 / float16. "torch" -> False; "triton" -> True
     (ValueError if Triton or CUDA is missing; CPU tensors are fine under TRITON_INTERPRET=1); "auto" ->
     True on CUDA when Triton is available. The op's default is "torch" until the kernels' GPU test

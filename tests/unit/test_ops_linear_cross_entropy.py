@@ -541,7 +541,7 @@ def test_weight_gradient_is_float32_accumulated():
     assert torch.equal(wb.grad, (p.main_grad - 1).bfloat16()) or rel(wb.grad, p.main_grad - 1) < 4e-3
 
 
-def test_kernel_argument_and_env_override(monkeypatch):
+def test_kernel_argument_wins_over_the_environment(monkeypatch):
     h, w, y, g = make()
     monkeypatch.delenv("MB_FUSED_KERNEL", raising=False)
     with pytest.raises(ValueError, match="kernel must be 'torch', 'triton' or 'auto'"):
@@ -551,11 +551,13 @@ def test_kernel_argument_and_env_override(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="triton"):  # CPU tensors without the interpreter (or no triton)
         linear_cross_entropy(h.float(), w.float(), y, kernel="triton")
-    monkeypatch.setenv("MB_FUSED_KERNEL", "torch")  # the env var overrides the argument
-    assert torch.equal(linear_cross_entropy(h.float(), w.float(), y, kernel="triton"), ref)
+    monkeypatch.setenv("MB_FUSED_KERNEL", "torch")  # the environment is a default: an explicit argument wins
+    with pytest.raises(ValueError, match="triton"):
+        linear_cross_entropy(h.float(), w.float(), y, kernel="triton")
     monkeypatch.setenv("MB_FUSED_KERNEL", "triton")
-    with pytest.raises(ValueError, match="MB_FUSED_KERNEL=triton"):
-        linear_cross_entropy(h.float(), w.float(), y, kernel="torch")
+    assert torch.equal(linear_cross_entropy(h.float(), w.float(), y, kernel="torch"), ref)
+    with pytest.raises(ValueError, match="MB_FUSED_KERNEL=triton"):  # no argument: the environment's choice
+        linear_cross_entropy(h.float(), w.float(), y)
     monkeypatch.setenv("MB_FUSED_KERNEL", "bogus")
     with pytest.raises(ValueError, match="MB_FUSED_KERNEL must be"):
         linear_cross_entropy(h.float(), w.float(), y)
