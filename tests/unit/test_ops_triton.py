@@ -66,7 +66,7 @@ def test_should_use(monkeypatch):
     if tk.available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert tk.should_use(u, None)
-    # the kernel argument, overridden by the env var when it is set
+    # the kernel argument, which always wins: the env var is only the default
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("MB_FUSED_KERNEL")
     assert tk.resolve_kernel() == "torch" and not tk.should_use(u, None)
@@ -75,10 +75,11 @@ def test_should_use(monkeypatch):
         tk.should_use(u, None, "triton")
     with pytest.raises(ValueError, match="kernel must be"):
         tk.should_use(u, None, "fast")
-    monkeypatch.setenv("MB_FUSED_KERNEL", "torch")
-    assert tk.resolve_kernel("triton") == "torch" and not tk.should_use(u, None, "triton")
-    monkeypatch.setenv("MB_FUSED_KERNEL", "")  # empty: the argument decides
-    assert tk.resolve_kernel("auto") == "auto"
+    monkeypatch.setenv("MB_FUSED_KERNEL", "triton")
+    assert tk.resolve_kernel("torch") == "torch" and not tk.should_use(u, None, "torch")  # explicit wins
+    assert tk.resolve_kernel() == "triton" and tk.resolve_kernel(None) == "triton"  # no argument: the env
+    monkeypatch.setenv("MB_FUSED_KERNEL", "")  # empty: the default
+    assert tk.resolve_kernel() == "torch" and tk.resolve_kernel("auto") == "auto"
 
 
 def test_tile_configs_cover_every_gpu_family():
