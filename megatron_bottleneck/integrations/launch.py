@@ -86,13 +86,25 @@ def init_process(choice: DeviceChoice, **init_kwargs: Any) -> None:
         enable_cpu_mode()
 
 
+def rank_threads(world_size: int, env: Optional[Dict[str, str]] = None) -> int:
+    """Intra-op threads of one CPU rank: ``OMP_NUM_THREADS`` from ``env`` (the caller's environment) when it is a
+    positive integer (as torchrun's ranks take it: a machine shared with other jobs, e.g. CI's two lanes side by
+    side, where OpenMP threads beyond the free cores spin and slow every process), else the machine's cores
+    split over the ``world_size`` ranks."""
+    env = os.environ if env is None else env
+    value = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def _worker(rank: int, world_size: int, store_file: str, env: Dict[str, str], choice: DeviceChoice, fn: Callable,
             args: Sequence, queue) -> None:
     os.environ.clear()  # the caller's environment now, not the fork server's from its start
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(rank_threads(world_size, env))
     quiet_megatron_warnings()
     try:
         # The ranks meet in a file store, not on a TCP port: a port picked by free_port() can be taken by

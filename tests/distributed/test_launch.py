@@ -23,6 +23,21 @@ def raise_other():
     raise KeyError(f"missing thing {dist.get_rank()}")
 
 
+def threads():
+    import torch
+    return torch.get_num_threads()
+
+
+def test_ranks_take_the_callers_omp_num_threads_else_split_the_cores(monkeypatch):
+    from megatron_bottleneck.integrations.launch import rank_threads
+
+    cores = os.cpu_count() or 1
+    assert rank_threads(2, {}) == max(1, cores // 2) and rank_threads(1, {"OMP_NUM_THREADS": "x"}) == cores
+    assert rank_threads(2, {"OMP_NUM_THREADS": "3"}) == 3 and rank_threads(2, {"OMP_NUM_THREADS": "0"}) == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # CI's lanes: one core each
+    assert mb.launch(threads, 2, timeout=120) == [1, 1]
+
+
 def test_our_error_comes_back_with_its_type_and_one_message():
     with pytest.raises(DataError) as info:
         mb.launch(raise_ours, 2, (0, 1), timeout=120)
