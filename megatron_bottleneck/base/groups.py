@@ -1,11 +1,29 @@
-"""Default process groups: an explicit group wins, else Megatron's parallel state, else none.
+"""Process groups: their size and rank, and the defaults (an explicit group wins, else Megatron's parallel state,
+else none).
 
-Sizes and ranks of a group come from ``megatron.core.utils.get_pg_size`` / ``get_pg_rank`` (1 and 0 for
-no group), used directly by the modules that need them.
+:func:`group_size` / :func:`group_rank` are the one way to size a group below the integrations (torch only, as
+``megatron.core.utils.get_pg_size`` / ``get_pg_rank``, which the Megatron-facing modules use): 1 and 0 for no group
+or without an initialised ``torch.distributed``.
 """
 from __future__ import annotations
 
-__all__ = ["default_tp_group", "default_dp_group", "default_dp_cp_group"]
+import torch.distributed as dist
+
+__all__ = ["group_size", "group_rank", "default_tp_group", "default_dp_group", "default_dp_cp_group"]
+
+
+def group_size(group) -> int:
+    """Ranks in ``group`` (1 for None, or without an initialised torch.distributed)."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank in ``group`` (0 for None, or without an initialised torch.distributed)."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
 
 
 def _parallel_state():

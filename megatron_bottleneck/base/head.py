@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
-import torch.distributed as dist
 
 from .errors import HeadConfigError
+from .groups import group_rank, group_size
 from .loss import FusedLossRecord, LossRequest
 
 __all__ = ["HeadView", "LMHead", "LinearHead", "NonLinearHead", "HeadLogProb", "find_head", "head_view",
@@ -187,7 +187,7 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
     else:
         w = head.weight if weight is None else weight
         group = getattr(head, "tp_group", None)
-        rank, size = _group_rank_size(group)
+        rank, size = group_rank(group), group_size(group)
         rows = w.shape[0]
         view = HeadView(basis=w.detach(), mix=None, vocab_start=rank * rows,
                         vocab_size=int(getattr(head, "output_size", rows * size)))
@@ -195,11 +195,6 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
         view = HeadView(view.basis, view.mix, view.vocab_start, int(vocab_size))
     return view
 
-
-def _group_rank_size(group):
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["tp_copy", "tp_reduce_sum", "tp_log_softmax", "tp_size", "softmax_dtype"]
+from .groups import group_size
+
+__all__ = ["tp_copy", "tp_reduce_sum", "tp_log_softmax", "softmax_dtype"]
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -36,12 +38,6 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     for bf16 / fp16 (Megatron's cross-entropy works in float32 whatever the logits' dtype), else ``dtype``."""
     return torch.float32 if dtype in _SIXTEEN_BIT else dtype
 
-
-def tp_size(group) -> int:
-    """Ranks in ``group`` (1 for None or without torch.distributed)."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
 
 
 def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -93,10 +89,10 @@ def _global_lse(z: torch.Tensor, group) -> torch.Tensor:
         m = z.detach().amax(dim=-1, keepdim=True)
     else:
         m = z.new_full(z.shape[:-1] + (1,), float("-inf"))
-    m = _all_reduce(m, group, dist.ReduceOp.MAX) if tp_size(group) > 1 else m
+    m = _all_reduce(m, group, dist.ReduceOp.MAX) if group_size(group) > 1 else m
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = torch.exp(z - m).sum(dim=-1, keepdim=True)
-    if tp_size(group) > 1:
+    if group_size(group) > 1:
         s = _all_reduce(s, group)
     return m + torch.log(s)
 
@@ -131,18 +127,18 @@ class _LogSoftmax(torch.autograd.Function):
 
 def tp_copy(x: torch.Tensor, group=None) -> torch.Tensor:
     """A replicated tensor entering vocab-sharded code (see the module docstring)."""
-    return x if tp_size(group) == 1 else _Copy.apply(x, group)
+    return x if group_size(group) == 1 else _Copy.apply(x, group)
 
 
 def tp_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     """The sum over the group of each rank's partial ``x`` (a replicated result)."""
-    return x if tp_size(group) == 1 else _ReduceSum.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceSum.apply(x, group)
 
 
 def tp_log_softmax(z: torch.Tensor, group=None) -> torch.Tensor:
     """u = z - log sum_(all shards) exp(z) over the last dim: this rank's columns of the log-softmax, in
     :func:`softmax_dtype` (float32 for 16-bit z: cast before the max / sum all-reduces, never after)."""
     z = z.to(softmax_dtype(z.dtype))
-    if tp_size(group) == 1:
+    if group_size(group) == 1:
         return torch.log_softmax(z, dim=-1)
     return _LogSoftmax.apply(z, group)[0]

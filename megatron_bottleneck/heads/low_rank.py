@@ -40,10 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.nn import Parameter
 
@@ -52,13 +50,14 @@ from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadView
 from .contract import FusedHeadMixin, tp_region_input
+from .shards import VocabSharded
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
 ROW_BLOCK = 8192
 """Rows of a dense shard converted to float64 at a time by :func:`dense_gram` and ``from_dense``."""
 
 
-class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
+class LowRankOutputLayer(FusedHeadMixin, VocabSharded, torch.nn.Module):
     """Drop-in replacement for ``GPTModel.output_layer`` with W = A B of rank ``rank``.
 
     Contract of Megatron's ``ColumnParallelLinear`` head: ``forward(input_, weight=None,
@@ -163,13 +162,7 @@ class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
         runtime_gather_output: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, None]:
         """The unfused forward: logits ``[s, b, V/tp]`` = U A_local^T (gathered when asked)."""
-        if weight is None:
-            weight = self.weight
-        elif tuple(weight.shape) != tuple(self.weight.shape):
-            raise RuntimeError(
-                f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
-                f"{tuple(self.weight.shape)} (a LowRankOutputLayer's weight is A, (V/tp) x r)"
-            )
+        weight = self.supplied_weight(weight)  # A, (V/tp) x r
         logits = torch.matmul(self.project(input_), weight.t())  # [s, b, V/tp]
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and get_pg_size(self.tp_group) > 1:
@@ -189,30 +182,12 @@ class LowRankOutputLayer(FusedHeadMixin, torch.nn.Module):
         return self.project(hidden)
 
     def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
-        if weight is not None and tuple(weight.shape) != tuple(self.weight.shape):
-            raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not the low-rank factor A's "
-                               f"{tuple(self.weight.shape)}")
-        return self.weight if weight is None else weight
+        return self.supplied_weight(weight)
 
     def loss_mix(self) -> torch.Tensor:
         return self.input_proj
 
     # ------------------------------------------------------------ checkpoint
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """A sharded along the vocabulary (axis 0) over TP; B replicated."""
-        dp_cp_group = (metadata or {}).get("dp_cp_group")
-        if dp_cp_group is None:
-            dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict,
-            prefix,
-            {"weight": 0},
-            sharded_offsets,
-            tp_group=self.tp_group,
-            dp_cp_group=dp_cp_group,
-        )
-
     def probe_view(self, weight: Optional[torch.Tensor] = None) -> HeadView:
         """For the gradient probe: col(W) = col(A) (B has full rank r), W = A B."""
         a = (self.weight if weight is None else weight).detach()

@@ -36,10 +36,8 @@ import functools
 from typing import Dict, Optional, Tuple
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.nn import Parameter
 
@@ -49,6 +47,7 @@ from ..base.head import HeadBuildContext, HeadLogProb
 from ..base.loss_spec import LossSpec, log_prob_token_loss
 from ..base.tp_autograd import tp_copy, tp_reduce_sum
 from .contract import FusedHeadMixin, FusedLossConfig, tp_region_input
+from .shards import VocabSharded
 
 __all__ = ["VocabParallelHead", "vocab_parallel_nll"]
 
@@ -67,7 +66,7 @@ def vocab_parallel_nll(u: torch.Tensor, labels: torch.Tensor, vocab_start: int, 
                                reduce=functools.partial(tp_reduce_sum, group=tp_group))
 
 
-class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
+class VocabParallelHead(FusedHeadMixin, VocabSharded, torch.nn.Module):
     """Base of a vocab-parallel head given by ``replicated_part`` / ``sharded_part`` (see the module docstring).
 
     Attributes as Megatron's ``ColumnParallelLinear`` head: ``weight`` W ``[V/tp, width]`` (vocab-sharded,
@@ -149,10 +148,7 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
     def _params(self, weight: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         p = {n: (q.detach() if self.params_detached else q) for n, q in self.named_parameters()}  # mtp_detach_heads
         if weight is not None:
-            if tuple(weight.shape) != tuple(self.weight.shape):
-                raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not the head's "
-                                   f"{tuple(self.weight.shape)}")
-            p["weight"] = weight
+            p["weight"] = self.supplied_weight(weight)
         return p
 
     def _sharded(self, p: Dict[str, torch.Tensor], xs) -> torch.Tensor:
@@ -225,14 +221,6 @@ class VocabParallelHead(FusedHeadMixin, torch.nn.Module):
         return HeadLogProb(fn=fn, params={n: q.detach() for n, q in self.named_parameters()},
                            sharded=frozenset({"weight"}), vocab_start=self.vocab_start, vocab_size=self.vocab_size,
                            n_valid=self.n_valid, tp_group=self.tp_group)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """W sharded along the vocabulary (axis 0) over TP; every other parameter replicated."""
-        dp_cp_group = (metadata or {}).get("dp_cp_group")
-        if dp_cp_group is None:
-            dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
-                                                   sharded_offsets, tp_group=self.tp_group, dp_cp_group=dp_cp_group)
 
     def weight_rows(self, p: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The real rows of this rank's W shard, ``[n_valid, width]``."""

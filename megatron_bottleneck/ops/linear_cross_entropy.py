@@ -90,7 +90,7 @@ from ..base.loss_spec import (LossSpec, class_weights, grad_terms, reduce_token_
 from ..base.loss_spec import logit_grad_ as _spec_logit_grad_
 from . import fp8 as fp8_ops
 from . import triton_linear_cross_entropy as triton_lce
-from .common import _group_rank, _group_size
+from ..base.groups import group_rank, group_size
 
 CPU_MEMORY_BUDGET = 16 * 2**20  # CPUs: a smaller [T, C] chunk stays nearer the caches
 GPU_MEMORY_BUDGET_MIN = 2**30  # GPUs: at least 1 GiB ...
@@ -472,7 +472,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, weight, bias, labels, cfg, stats):
         tp_group = cfg["tp_group"]
-        tp = _group_size(tp_group)
+        tp = group_size(tp_group)
         spec: LossSpec = cfg["spec"]
         v_local = weight.shape[0]
         vocab_start, vocab_size = cfg["vocab_start"], cfg["vocab_size"]
@@ -753,10 +753,10 @@ def linear_cross_entropy(
     if memory_budget_bytes is not None and int(memory_budget_bytes) < 1:
         raise ValueError(f"memory_budget_bytes must be a positive int or None, got {memory_budget_bytes!r}.")
     plan = ChunkLoopPlan.for_device(u.device, memory_budget_bytes)  # decided once; backward reuses it
-    tp = _group_size(tp_group)
+    tp = group_size(tp_group)
     v_local = weight.shape[0]
     if vocab_start is None:
-        vocab_start = _group_rank(tp_group) * v_local
+        vocab_start = group_rank(tp_group) * v_local
     if vocab_size is None:
         vocab_size = v_local * tp
     if vocab_size < 2 or vocab_size > v_local * tp:
