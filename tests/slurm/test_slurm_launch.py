@@ -23,7 +23,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "launch", "train.sbatch")
 SWEEP = os.path.join(REPO, "launch", "rank_sweep.sbatch")
-STEPS = 200
+STEPS = 100  # long enough that job B is still training when USR1 reaches it
 RECIPE = os.path.join(REPO, "examples", "llama_2b_rank_sweep.yaml")
 WORDS = ("gradient bottleneck softmax vocabulary hidden rank head logit token model train learn the a of to "
          "and in is was for on with as by at from").split()
@@ -72,7 +72,7 @@ def jobs(slurm_cluster, tmp_path_factory):
     cfg = {
         "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8, "head_rank": 8},
         "parallel": {"tensor_model_parallel_size": 2},
-        "train": {"train_steps": STEPS, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 100,
+        "train": {"train_steps": STEPS, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": STEPS // 2,
                   "log_interval": 50},
         "optim": {"lr": 1e-2, "warmup_steps": 2},
         "data": {"train_prefix": data["train_prefix"], "valid_prefix": data["valid_prefix"]},
@@ -144,12 +144,12 @@ def test_multinode_job_trains_like_a_local_run(jobs):
     assert jobs["local"]["rc"] == 0, jobs["local"]["output"][-3000:]
     text = _read(jobs["a"]["out"])
     assert "on n[1-2]: 2 node(s) x 2 rank(s), master n1:" in text
-    assert "SignalException" not in text and "finished at step 200" in text
+    assert "SignalException" not in text and f"finished at step {STEPS}" in text
     a, local = _metrics(os.path.join(jobs["tmp"], "a")), _metrics(jobs["local"]["dir"])
     assert [r["step"] for r in a] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in local], rel=1e-6, abs=1e-7)
     valid = [(r["step"], r["valid_loss"]) for r in a if "valid_loss" in r]
-    assert [s for s, _ in valid] == [100, 200]
+    assert [s for s, _ in valid] == [STEPS // 2, STEPS]
     assert [v for _, v in valid] == pytest.approx([r["valid_loss"] for r in local if "valid_loss" in r], rel=1e-6)
     assert os.path.exists(os.path.join(jobs["tmp"], "a", "checkpoints", "latest"))  # default checkpoint dir
 
