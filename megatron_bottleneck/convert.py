@@ -185,6 +185,17 @@ def _is_megatron_lm(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json")) and not os.path.isfile(os.path.join(path, "config.yaml"))
 
 
+def _megatron_lm_layout(args) -> Tuple[int, int]:
+    """The saved ``(TP, PP)`` of a Megatron-LM checkpoint (its args); virtual pipeline stages are one line."""
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    if vpp:
+        raise CheckpointError(f"saved with virtual pipeline stages (--virtual-pipeline-model-parallel-size {vpp}, "
+                              "or --num-layers-per-virtual-pipeline-stage): convert-head reads Megatron-LM "
+                              "checkpoints without them; re-save it without virtual stages first")
+    return (int(getattr(args, "tensor_model_parallel_size", 1) or 1),
+            int(getattr(args, "pipeline_model_parallel_size", 1) or 1))
+
+
 def _megatron_lm_source(checkpoint: str, rank: int):
     """``(iter_dir, args)`` of a Megatron-LM checkpoint whose dense, untied head can take rank ``rank`` (one line
     each otherwise)."""
@@ -198,55 +209,71 @@ def _megatron_lm_source(checkpoint: str, rank: int):
     if not getattr(args, "untie_embeddings_and_output_weights", False):
         raise CheckpointError(f"{checkpoint}: its output layer is the input embedding (tied; saved without "
                               "--untie-embeddings-and-output-weights): a low-rank head needs an untied one")
-    validate_head_shape(int(args.hidden_size), int(args.padded_vocab_size), rank, 1)
+    try:
+        tp, _pp = _megatron_lm_layout(args)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from None
+    validate_head_shape(int(args.hidden_size), int(args.padded_vocab_size), rank, tp)
     return iter_dir, args
 
 
 def _convert_megatron_lm(checkpoint: str, rank: int, out: str, device: Optional[str]) -> ConvertResult:
-    """convert_head for a Megatron-LM ``torch_dist`` checkpoint (see :func:`_convert_megatron_lm_rank`)."""
+    """convert_head for a Megatron-LM ``torch_dist`` checkpoint: one rank per model-parallel rank of its saved
+    TP x PP (see :func:`_convert_megatron_lm_rank`)."""
     iter_dir, args = _megatron_lm_source(checkpoint, rank)
     if os.path.exists(os.path.join(out, "latest_checkpointed_iteration.txt")) or (
             os.path.isdir(out) and any(n.startswith("iter_") or n == "release" for n in os.listdir(out))):
         raise CheckpointError(f"--out {out} already holds a checkpoint: give an empty or new directory")
-    results = launch(functools.partial(_convert_megatron_lm_rank, iter_dir, rank, out), 1, timeout=3600,
+    tp, pp = _megatron_lm_layout(args)
+    results = launch(functools.partial(_convert_megatron_lm_rank, iter_dir, rank, out), tp * pp, timeout=3600,
                      device=device)
-    info = results[0]
-    return {**info, "rank": rank, "hidden_size": int(args.hidden_size), "kind": "megatron-lm",
-            "resume": MEGATRON_LM_RESUME.format(rank=rank, out=out)}
+    parts = [r["sums"] for r in results if r["sums"] is not None]
+    total, kept = sum(s[0] for s in parts), sum(s[1] for s in parts)
+    info = {k: v for k, v in results[0].items() if k != "sums"}
+    return {**info, "kept": kept / total if total > 0 else 1.0, "rank": rank, "hidden_size": int(args.hidden_size),
+            "kind": "megatron-lm", "resume": MEGATRON_LM_RESUME.format(rank=rank, out=out),
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
 
 
 def _convert_megatron_lm_rank(iter_dir: str, rank: int, out: str) -> Dict:
-    """One rank, TP = PP = 1: the GPTModel the saved args describe, its weights loaded through Megatron-Core's
-    distributed checkpointing (resharded from the checkpoint's TP / PP:
-    :func:`~megatron_bottleneck.measure.megatron_lm_checkpoint.load_megatron_lm_weights`), its dense head W
-    (``V_padded x D``) factorised by ``low_rank``'s ``init=from_dense`` (A = W V_r, B = V_r^T, V_r the top-r
-    eigenvectors of the float64 W^T W), saved with ``dist_checkpointing.save`` as Megatron-LM saves it: the
-    model's sharded state dict under ``model`` (A is ``output_layer.weight``, ``V_padded x r``; B is
-    ``output_layer.input_proj``, ``r x D``), beside the source's common state (iteration, schedule, FLOPs so far,
-    content metadata) with ``args`` recording the new head (``lm_head_rank = r``), the saved layout
-    (TP = PP = 1) and no optimizer / RNG state (``no_save_optim``, ``no_save_rng``); the optimizer, RNG and
-    rerun-machine states are left out. Megatron-LM's torch_dist load reshards it to the resuming run's TP / PP.
-    Returns ``{"path", "iteration", "kept"}``."""
+    """One rank of the checkpoint's saved TP x PP (data-parallel size 1): this rank's part of the GPTModel the
+    saved args describe (:func:`~megatron_bottleneck.measure.megatron_lm_checkpoint.build_megatron_lm_model` at
+    that layout: its vocabulary shard of the head on the last stage, its stage's layers), its weights loaded
+    through Megatron-Core's distributed checkpointing (each rank reads its own shards:
+    :func:`~megatron_bottleneck.measure.megatron_lm_checkpoint.load_megatron_lm_weights`); on the last stage the
+    dense head W (``V_padded x D``, each TP rank its ``(V_padded/tp) x D`` rows) factorised by ``low_rank``'s
+    ``init=from_dense``: G = W^T W (``D x D`` float64, summed over the TP group: ``dense_gram``), V_r its top-r
+    eigenvectors, A = W V_r (this rank's rows), B = V_r^T; no rank holds more than its shard and G. Saved with
+    ``dist_checkpointing.save`` at the same layout, as Megatron-LM saves it: the model's sharded state dict under
+    ``model`` (A is ``output_layer.weight``, ``V_padded x r``; B is ``output_layer.input_proj``, ``r x D``),
+    beside the source's common state (iteration, schedule, FLOPs so far, content metadata) with ``args`` recording
+    the new head (``lm_head_rank = r``), the layout (the saved TP / PP) and no optimizer / RNG state
+    (``no_save_optim``, ``no_save_rng``); the optimizer, RNG and rerun-machine states are left out. Megatron-LM's
+    torch_dist load reshards it to the resuming run's TP / PP. Returns ``{"path", "iteration", "sums"}``, sums
+    this rank's ``(||W_shard||_F^2, ||A_shard||_F^2)`` (None off the last stage and on DP ranks > 0)."""
     common = read_megatron_lm_common_state(iter_dir)
     args = common["args"]
-    initialize_parallel(1, 1, None, seed=int(getattr(args, "seed", 1234)))
+    tp, pp = _megatron_lm_layout(args)
+    initialize_parallel(tp, pp, None, seed=int(getattr(args, "seed", 1234)))
     dtype = (torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False)
              else torch.float32)
     on_gpu = torch.distributed.get_backend() == "nccl"
-    model = build_megatron_lm_model(args, int(args.padded_vocab_size), dtype)
+    model = build_megatron_lm_model(args, int(args.padded_vocab_size), dtype, tp, pp)
     if on_gpu:
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     load_megatron_lm_weights(model, iter_dir, iter_dir)
-    w_sq = float(torch.linalg.vector_norm(model.output_layer.weight.detach(), dtype=torch.float64) ** 2)
-    install_head(model, HeadConfig("low_rank", {"r": rank, "init": "from_dense"}, seed=getattr(args, "seed", None)))
-    a_sq = float(torch.linalg.vector_norm(model.output_layer.weight.detach(), dtype=torch.float64) ** 2)
+    sums = None
+    if getattr(model, "post_process", True) and getattr(model, "output_layer", None) is not None:
+        w_sq = float(torch.linalg.vector_norm(model.output_layer.weight.detach(), dtype=torch.float64) ** 2)
+        install_head(model, HeadConfig("low_rank", {"r": rank, "init": "from_dense"},
+                                       seed=getattr(args, "seed", None)))
+        # ||A_shard||_F^2: this shard's part of the sum of the top-r eigenvalues of W^T W
+        sums = (w_sq, float(torch.linalg.vector_norm(model.output_layer.weight.detach(), dtype=torch.float64) ** 2))
 
     new_args = copy.deepcopy(args)
     new_args.lm_head_rank, new_args.lm_head_type = rank, None
     new_args.lm_head_options = None
     new_args.no_save_optim, new_args.no_save_rng = True, True
-    new_args.tensor_model_parallel_size, new_args.pipeline_model_parallel_size = 1, 1
-    new_args.virtual_pipeline_model_parallel_size = None
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
     drop = {"args", "optimizer", "rng_state", "rerun_state_machine", "content_metadata"}  # content: saved anew
     state = {k: v for k, v in common.items() if k not in drop and not str(k).startswith("model")}
@@ -255,9 +282,15 @@ def _convert_megatron_lm_rank(iter_dir: str, rank: int, out: str) -> Dict:
         metadata={**(content or {}), "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)})
     name = os.path.basename(os.path.normpath(iter_dir))
     path = os.path.join(out, name)
-    os.makedirs(path, exist_ok=False)
+    first = torch.distributed.get_rank() == 0
+    if first:
+        os.makedirs(path, exist_ok=False)
+    torch.distributed.barrier()
     dist_checkpointing.save(state, path, content_metadata=content)
     tracker = "release" if name == "release" else str(int(common.get("iteration", name.split("_")[-1])))
-    with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w", encoding="utf-8") as f:
-        f.write(tracker)
-    return {"path": path, "iteration": int(common.get("iteration", 0)), "kept": a_sq / w_sq if w_sq > 0 else 1.0}
+    if first:
+        with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w", encoding="utf-8") as f:
+            f.write(tracker)
+    torch.distributed.barrier()
+    return {"path": path, "iteration": int(common.get("iteration", 0)),
+            "sums": sums if ps.get_data_parallel_rank() == 0 else None}

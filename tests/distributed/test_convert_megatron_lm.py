@@ -1,10 +1,11 @@
 """``megatron-bottleneck convert-head`` on a Megatron-LM ``torch_dist`` checkpoint (issue 26): a dense, untied head
 trained by the unchanged ``pretrain_gpt.py`` at TP=2 (the tiny model of test_megatron_lm: D=64, V=1000 padded to
 1024; 8 iterations, saved at 6), converted at r = D through the command line and at r = 4 through ``mb.convert_head``
-(one CPU rank each, TP=1), then the r = D checkpoint resumed through the runner at TP=2 with ``--lm-head-rank 64``:
+(two CPU ranks each, at the saved TP=2: each rank reads, factorises and writes its vocabulary shard), then the r = D
+checkpoint resumed through the runner at TP=2 with ``--lm-head-rank 64``:
 its first loss (iteration 7, computed before that step's update) is the dense run's own iteration 7. From the raw
 saved tensors: A B = W at r = D, A B is the float64 best rank-4 approximation of W at r = 4 (to 1e-5), every other
-weight copied exactly. Bad input is one line before any rank starts. 2 Megatron-LM runs (2 ranks), 2 one-rank
+weight copied exactly. Bad input is one line before any rank starts. 2 Megatron-LM runs (2 ranks), 2 two-rank
 conversions; both lanes (megatron-core 0.16 keeps the common state in common.pt, 0.19 inside the .distcp files)."""
 from __future__ import annotations
 
@@ -72,13 +73,15 @@ def test_the_command_writes_a_megatron_lm_checkpoint(runs):
         assert (d / "latest_checkpointed_iteration.txt").read_text() == str(STEP)
         common = read_megatron_lm_common_state(str(d / f"iter_{STEP:07d}"))
         a = common["args"]
-        assert a.lm_head_rank == r and a.no_save_optim and a.no_save_rng and a.tensor_model_parallel_size == 1
+        assert a.lm_head_rank == r and a.no_save_optim and a.no_save_rng
+        assert a.tensor_model_parallel_size == 2 and a.pipeline_model_parallel_size == 1  # the saved layout
         assert common["iteration"] == STEP and "optimizer" not in common and a.consumed_train_samples == 4 * STEP
     assert runs["r4"]["path"] == str(runs["root"] / "r4" / f"iter_{STEP:07d}") and runs["r4"]["kind"] == "megatron-lm"
+    assert runs["r4"]["tensor_model_parallel_size"] == 2
 
 
 def test_full_rank_resumes_with_the_dense_runs_loss(runs):
-    """The runner loads the TP=1 conversion at TP=2 (torch_dist reshards it) with the low-rank head; iteration 7's
+    """The runner loads the conversion (written at the saved TP=2) with the low-rank head; iteration 7's
     loss (before its update) is the dense run's iteration 7: the converted model is the trained one."""
     rc, text = runs["resumed"]
     _ok(rc, text)
