@@ -33,6 +33,7 @@ to the embedding), r outside [1, D], another kind than ``low_rank``, an ``out`` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 from typing import Dict, Optional, Tuple
@@ -49,10 +50,11 @@ from .integrations.launch import launch
 from .integrations.parallel import initialize_parallel
 from .measure.megatron_lm_checkpoint import (build_megatron_lm_model, check_megatron_lm_checkpoint,
                                              load_megatron_lm_weights, read_megatron_lm_common_state)
-from .train.checkpoint import (OPTIMIZER_SAVED, PER_RANK, latest_checkpoint, load_model_only, read_layout,
+from .train.checkpoint import (OPTIMIZER_RESET_PARAMS, OPTIMIZER_SAVED, PER_RANK, ensure_optimizer_state,
+                               adam_state, latest_checkpoint, load_checkpoint, load_model_only, read_layout,
                                read_saved_state, save_checkpoint)
 from .train.config import TrainConfig
-from .train.trainer import build_models, model_layout
+from .train.trainer import build_models, build_optimizer, model_layout, run_layout
 
 __all__ = ["convert_head", "ConvertResult"]
 
@@ -113,15 +115,84 @@ def _configs(ckpt: str, rank: int, out: str):
     return dense, low
 
 
+def _kept_optimizer_state(optimizer, chunks) -> Dict[str, Tuple[torch.Tensor, Dict]]:
+    """``{"chunk<i>.<name>": (main, adam_state)}``, cloned, of every parameter but the dense head's
+    (``output_layer.*``) in the loaded ``optimizer`` (this rank's, data-parallel size 1: whole parameters)."""
+    kept = {}
+    for i, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            found = None if name.startswith("output_layer.") else adam_state(optimizer, param)
+            if found is not None:
+                main, st = found
+                kept[f"chunk{i}.{name}"] = (main.detach().clone(),
+                                            {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()})
+    return kept
+
+
+def _carry_optimizer_state(optimizer, chunks, kept: Dict) -> list:
+    """Give the new optimizer (over ``chunks``, the low-rank model) the source's state for every parameter in
+    ``kept`` (main weights, Adam moments, step) and fresh state to the rest, the head's factors: Adam moments
+    zero, the step count the others' (Megatron-Core's distributed optimizer saves one count for all parameters).
+    Returns the fresh ones' names; a parameter outside the head without saved state is one line."""
+    ensure_optimizer_state(optimizer)  # zero moments for every parameter (a step at lr 0 on zero gradients)
+    step = next((st["step"] for _, st in kept.values() if torch.is_tensor(st.get("step"))), None)
+    fresh = []
+    with torch.no_grad():
+        for i, chunk in enumerate(chunks):
+            for name, param in chunk.named_parameters():
+                found = adam_state(optimizer, param)
+                if found is None:
+                    continue
+                main, st = found
+                key = f"chunk{i}.{name}"
+                if key in kept:
+                    src_main, src = kept.pop(key)
+                    main.copy_(src_main.view_as(main))
+                    for k, v in src.items():
+                        if torch.is_tensor(v) and torch.is_tensor(st.get(k)) and k != "step":
+                            st[k].copy_(v.view_as(st[k]))
+                        else:
+                            st[k] = v
+                    continue
+                if not name.startswith("output_layer."):
+                    raise CheckpointError(f"the converted model's parameter {key} has no optimizer state in the "
+                                          "source checkpoint (only the head's factors are new)")
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if torch.is_tensor(st.get(k)):
+                        st[k].zero_()
+                if step is not None:
+                    st["step"] = step.clone()
+                fresh.append(key)
+    if kept:
+        raise CheckpointError(f"the source checkpoint's optimizer state for {sorted(kept)[0]} has no parameter in the "
+                              "converted model")
+    return fresh
+
+
 def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float, float]], Dict]:
-    """One rank: load the dense model, factorise its head (``from_dense``), save the checkpoint. Returns this
-    rank's ``(||W_shard||_F^2, ||A_shard||_F^2)`` (None off the last stage) and the checkpoint's path and step."""
+    """One rank: load the dense model and its optimizer state, factorise the head (``from_dense``), carry the
+    optimizer state of every other parameter into the low-rank model's optimizer, save the checkpoint. Returns
+    this rank's ``(||W_shard||_F^2, ||A_shard||_F^2)`` (None off the last stage) and the checkpoint's path and
+    step."""
     dense, low = _configs(ckpt, rank, out)
     p = dense.parallel
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                         p.virtual_pipeline_model_parallel_size, seed=dense.train.seed)
-    _, chunks = build_models(dense)
-    load_model_only(ckpt, chunks)
+    saved_layout = read_layout(ckpt) or {}
+    with_optimizer = bool(saved_layout.get(OPTIMIZER_SAVED, True))
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "gloo"
+    run = dense.runtime_options(backend, 1)
+    if "ddp_bucket_size" in saved_layout:  # the saved buckets: the dp_reshardable state is laid out by them
+        run = dataclasses.replace(run, bucket_size=saved_layout["ddp_bucket_size"])
+    tcfg, chunks = build_models(dense)
+    kept = {}
+    if with_optimizer:
+        models, optimizer = build_optimizer(dense, tcfg, chunks, run)
+        load_checkpoint(ckpt, chunks, optimizer=optimizer, layout=run_layout(dense, run, models, 1))
+        kept = _kept_optimizer_state(optimizer, chunks)
+        del models, optimizer
+    else:
+        load_model_only(ckpt, chunks)
     sums = None
     for chunk in chunks:
         old = getattr(chunk, "output_layer", None)
@@ -131,19 +202,39 @@ def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float,
         install_head(chunk, HeadConfig("low_rank", {"r": rank, "init": "from_dense"}, seed=dense.train.seed))
         # ||A||_F^2 = ||W V_r||_F^2 = sum of the top-r eigenvalues of W^T W (this shard's part)
         sums = (w_sq, float(torch.linalg.vector_norm(chunk.output_layer.weight.detach(), dtype=torch.float64) ** 2))
+    low_tcfg, low_chunks = build_models(low)
+    for src, dst in zip(chunks, low_chunks):
+        dst.load_state_dict(src.state_dict(), strict=True)
+    del chunks
     extra = read_saved_state(ckpt)
     extra.pop(PER_RANK, None)  # the RNG of another layout: a resume seeds afresh
-    saved_layout = read_layout(ckpt) or {}
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    layout = {**saved_layout, "world_size": world, "data_parallel_size": 1, "ddp_buckets": None,
-              "tensor_model_parallel_size": p.tensor_model_parallel_size,
-              "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-              "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
-              "distributed_optimizer": p.distributed_optimizer,
-              "model": model_layout(low), OPTIMIZER_SAVED: False}
-    path = save_checkpoint(out, extra["iteration"], chunks, extra, low, keep_last=0, layout=layout)
+    if with_optimizer:
+        low_models, low_optimizer = build_optimizer(low, low_tcfg, low_chunks, run)
+        fresh = _carry_optimizer_state(low_optimizer, low_chunks, kept)
+        fresh = _all_names(fresh)
+        layout = {**saved_layout, **run_layout(low, run, low_models, 1), OPTIMIZER_RESET_PARAMS: fresh}
+        path = save_checkpoint(out, extra["iteration"], low_chunks, extra, low, keep_last=0, optimizer=low_optimizer,
+                               layout=layout)
+    else:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        layout = {**saved_layout, "world_size": world, "data_parallel_size": 1, "ddp_buckets": None,
+                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
+                  "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                  "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+                  "distributed_optimizer": p.distributed_optimizer,
+                  "model": model_layout(low), OPTIMIZER_SAVED: False}
+        path = save_checkpoint(out, extra["iteration"], low_chunks, extra, low, keep_last=0, layout=layout)
     first_tp = ps.get_data_parallel_rank() == 0
     return (sums if first_tp else None), {"path": path, "iteration": extra["iteration"]}
+
+
+def _all_names(names: list) -> list:
+    """The union of every rank's ``names`` (each pipeline stage holds its own parameters), sorted."""
+    if not torch.distributed.is_initialized():
+        return sorted(names)
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, list(names))
+    return sorted({n for part in every for n in part})
 
 
 def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "auto") -> ConvertResult:

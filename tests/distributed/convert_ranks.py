@@ -57,12 +57,26 @@ def _model(path: str):
     return chunk
 
 
+def _optimizer_state(trainer) -> Dict:
+    """``{name: (main, exp_avg, exp_avg_sq, step)}`` of this rank's parameters in the trainer's optimizer (loaded)."""
+    from megatron_bottleneck.train.checkpoint import adam_state
+
+    out = {}
+    for name, param in trainer.models[0].module.named_parameters():
+        found = adam_state(trainer.optimizer, param)
+        if found is not None:
+            main, st = found
+            out[name] = (main.detach().clone().flatten(), st["exp_avg"].detach().clone().flatten(),
+                         st["exp_avg_sq"].detach().clone().flatten(), float(st["step"]))
+    return out
+
+
 def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: str, resume_dir: str, data: Dict,
                      steps: int) -> Dict:
     """The r = D conversion of ``dense_path`` into ``full_rank_out`` (the command's rank function, no launch of its
     own); at TP=2: the dense checkpoint's and each converted one's losses on fixed batches, full W, A, B and every
-    other weight's difference; then the trainer resumes a copy of ``converted[min r]`` (``resume_dir/ckpt``) at
-    TP=1 x DP=2 for 2 more steps."""
+    other weight's difference; the optimizer state the trainer loads from the dense checkpoint and from a copy of
+    ``converted[min r]`` (``resume_dir/ckpt``), which it then resumes at the saved TP=2 for 2 more steps."""
     from megatron_bottleneck.convert import _convert_rank
     from megatron_bottleneck.integrations.parallel import initialize_parallel
 
@@ -80,26 +94,38 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: 
                   "others": max(float((state[k].float() - v.float()).abs().max()) for k, v in dense_state.items()
                                 if torch.is_tensor(v) and torch.is_tensor(state.get(k)))}
     r = min(converted)
+    # the source's optimizer state as the trainer resumes it (an independent load of the dense checkpoint)
+    src_cfg = TrainConfig.load(os.path.join(dense_path, "config.yaml"),
+                               [f"logging.dir={resume_dir}/src_logs", f"checkpoint.dir={os.path.dirname(dense_path)}"])
+    source = {k: v for k, v in _optimizer_state(Trainer(src_cfg)).items() if not k.startswith("output_layer.")}
     cfg = TrainConfig.load(os.path.join(converted[r], "config.yaml"),
                            [f"train.train_steps={steps}", "checkpoint.scheduler=config",
-                            "parallel.tensor_model_parallel_size=1", f"logging.dir={resume_dir}/logs",
-                            f"checkpoint.dir={resume_dir}/ckpt"])
+                            f"logging.dir={resume_dir}/logs", f"checkpoint.dir={resume_dir}/ckpt"])
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
         trainer = Trainer(cfg)
-    # the converted checkpoint loaded independently (a plain model at the trainer's TP=1) on the first resumed
-    # step's batch (this DP rank's micro-batch, averaged over the DP ranks): the step's loss, taken before its update
-    ref_cfg = TrainConfig.load(os.path.join(converted[r], "config.yaml"), ["parallel.tensor_model_parallel_size=1"])
-    _, (ref,) = build_models(ref_cfg)
+    loaded = _optimizer_state(trainer)
+    out["optimizer"] = {"names": sorted(loaded), "source_names": sorted(source),
+                        "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max())
+                                             for k in source for j in range(3)),
+                        "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
+                        "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items()
+                                 if k not in source},
+                        "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
+    # the converted checkpoint loaded independently (a plain model, the trainer's TP=2) on the first resumed step's
+    # micro-batches: the step's loss, taken before its update
+    _, (ref,) = build_models(TrainConfig.load(os.path.join(converted[r], "config.yaml")))
     load_model_only(converted[r], [ref])
     ref.eval()
-    batch = next(trainer.batches("train", trainer.consumed))
-    pos = torch.arange(8).unsqueeze(0).expand(batch["tokens"].shape[0], -1)
+    stream = trainer.batches("train", trainer.consumed)
     with torch.no_grad():
-        first = ref(batch["tokens"], pos, None, labels=batch["labels"]).float().mean().double()
-    dist.all_reduce(first)
+        firsts = []
+        for _ in range(trainer.num_micro):
+            batch = next(stream)
+            pos = torch.arange(8).unsqueeze(0).expand(batch["tokens"].shape[0], -1)
+            firsts.append(ref(batch["tokens"], pos, None, labels=batch["labels"]).float().mean().double())
     result = trainer.train()
-    out["resume"] = {"console": console.getvalue(), "reference_first_loss": float(first) / dist.get_world_size(),
+    out["resume"] = {"console": console.getvalue(), "reference_first_loss": float(sum(firsts) / len(firsts)),
                      "steps": [h["step"] for h in result["history"]],
                      "losses": [h["loss"] for h in result["history"]],
                      "head": type(trainer.models[0].module.output_layer).__name__,
