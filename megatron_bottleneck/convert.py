@@ -4,31 +4,40 @@ checkpoint that resumes with it.
 For the dense head W (``V x D``, vocab-sharded over TP) of a trainer checkpoint (any TP / PP / VPP layout):
 
 1. the job runs one rank per model-parallel rank of the checkpoint (its TP x PP, data-parallel size 1), builds the
-   dense model from the checkpoint's ``config.yaml`` and loads its weights through Megatron-Core's distributed
-   checkpointing (:func:`~megatron_bottleneck.train.checkpoint.load_model_only`; the optimizer state is not read);
+   dense model from the checkpoint's ``config.yaml`` and Megatron-Core's optimizer over it as the trainer does
+   (:func:`~megatron_bottleneck.train.trainer.build_optimizer`: distributed or not, the saved DDP buckets), and
+   loads both through Megatron-Core's distributed checkpointing
+   (:func:`~megatron_bottleneck.train.checkpoint.load_checkpoint`, the optimizer state resharded to data-parallel
+   size 1: each rank then holds whole parameters' state);
 2. on the last pipeline stage the ``low_rank`` head's ``init=from_dense`` factorises the loaded head: with G = W^T W
    (``D x D``, float64, summed over the vocab shards: :func:`~megatron_bottleneck.heads.low_rank.dense_gram`, which
    reads each shard's rows in blocks) and V_r its top-r eigenvectors, B = V_r^T (``r x D``) and A = W V_r (each
    rank its ``(V/tp) x r`` shard). W_r = A B = W V_r V_r^T is the best rank-r approximation of W (Eckart-Young);
    r = D gives A = W, B = I, the same logits. No rank holds more than its vocab shard of W and one D x D Gram;
-3. the model with the new head (every other weight as loaded) is saved to ``out`` with the checkpoint's step,
-   sample count and learning-rate schedule, ``config.yaml`` naming the low-rank head (``model.head_rank = r``,
-   ``checkpoint.dir = out``, ``logging.dir = out/logs``) and ``layout.json`` saying that no optimizer state was
-   saved (``optimizer_saved: false``): A and B are new parameters and the distributed optimizer's state is laid
-   out by buffer, so the resume starts the optimizer afresh (Adam moments zero, the fp32 main weights from the
-   model), which the trainer says in one console line.
+3. the low-rank model (every other weight as loaded) gets its own Megatron-Core optimizer; each parameter but the
+   head's factors takes the source's state (its fp32 main weight, ``exp_avg``, ``exp_avg_sq`` and ``step``, read
+   through :func:`~megatron_bottleneck.train.checkpoint.adam_state`), A and B keep fresh state (Adam moments zero;
+   the step count is the others', Megatron-Core's distributed optimizer saving one for all parameters);
+4. model and optimizer are saved to ``out`` by the trainer's own save (the source's optimizer format) with the
+   checkpoint's step, sample count and learning-rate schedule, ``config.yaml`` naming the low-rank head
+   (``model.head_rank = r``, ``checkpoint.dir = out``, ``logging.dir = out/logs``) and ``layout.json`` listing the
+   parameters whose optimizer state is fresh (``optimizer_reset_params``), which the resume says in one console
+   line. A resume keeps the saved TP / PP with the ``dp_reshardable`` format (any data-parallel size). A source
+   without optimizer state (``optimizer_saved: false``) gives a checkpoint without (the resume starts Adam afresh).
 
-A Megatron-LM ``torch_dist`` checkpoint (``--save`` directory or an ``iter_*`` directory, dense untied head) is
-converted on one rank at TP = PP = 1 (:func:`_convert_megatron_lm_rank`: the model its saved args describe, as
-``measure`` builds it, the weights resharded from any TP / PP by distributed checkpointing; that rank holds the whole
-W and G) and written as a Megatron-LM checkpoint (``OUT/iter_N`` through ``dist_checkpointing.save``, the args naming
-``--lm-head-rank R``, ``latest_checkpointed_iteration.txt``); the runner resumes it with the run's own arguments plus
-:data:`MEGATRON_LM_RESUME`, Megatron-LM resharding it to the run's TP / PP at load.
+A Megatron-LM ``torch_dist`` checkpoint (``--save`` directory or an ``iter_*`` directory, dense untied head, no
+virtual pipeline stages) is converted on one rank per model-parallel rank of its saved TP x PP
+(:func:`_convert_megatron_lm_rank`: each rank builds its part of the model its saved args describe, as ``measure``
+builds it, loads its shards through distributed checkpointing and factorises its vocab shard of the head as above)
+and written at that layout as a Megatron-LM checkpoint (``OUT/iter_N`` through ``dist_checkpointing.save``, the
+args naming ``--lm-head-rank R``, ``latest_checkpointed_iteration.txt``), without optimizer state; the runner
+resumes it with the run's own arguments plus :data:`MEGATRON_LM_RESUME`, Megatron-LM resharding it to the run's
+TP / PP at load.
 
 Resume with ``megatron-bottleneck train OUT/iter_N/config.yaml`` (or the run's own config with
 ``model.head_rank=R checkpoint.dir=OUT``); a longer schedule than the saved one needs ``checkpoint.scheduler``.
 Bad input is one line: no checkpoint at the path, a head that is not dense in the checkpoint (Megatron-LM: or tied
-to the embedding), r outside [1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
+to the embedding; saved with virtual pipeline stages), r outside [1, D], another kind than ``low_rank``, an ``out`` that already holds a checkpoint.
 """
 from __future__ import annotations
 
@@ -61,8 +70,10 @@ __all__ = ["convert_head", "ConvertResult"]
 ConvertResult = Dict
 """``{"path", "iteration", "rank", "hidden_size", "kept", "kind"}``: the new checkpoint (its ``iter_*``
 directory), its step, r, D, the share of the head's squared Frobenius norm the rank-r head keeps (sum of the top-r
-eigenvalues of W^T W over its trace) and ``"trainer"`` or ``"megatron-lm"``; for Megatron-LM also ``"resume"``,
-the arguments to add to the run's own (:data:`MEGATRON_LM_RESUME`, with R and OUT)."""
+eigenvalues of W^T W over its trace) and ``"trainer"`` or ``"megatron-lm"``; for the trainer also
+``"optimizer_kept"`` (whether the optimizer state of the non-head parameters was carried over: the source held
+one); for Megatron-LM also ``"resume"``, the arguments to add to the run's own (:data:`MEGATRON_LM_RESUME`, with R
+and OUT), and the saved ``"tensor_model_parallel_size"`` / ``"pipeline_model_parallel_size"``."""
 
 
 def _rank_of(head) -> int:
@@ -225,7 +236,8 @@ def _convert_rank(ckpt: str, rank: int, out: str) -> Tuple[Optional[Tuple[float,
                   "model": model_layout(low), OPTIMIZER_SAVED: False}
         path = save_checkpoint(out, extra["iteration"], low_chunks, extra, low, keep_last=0, layout=layout)
     first_tp = ps.get_data_parallel_rank() == 0
-    return (sums if first_tp else None), {"path": path, "iteration": extra["iteration"]}
+    return (sums if first_tp else None), {"path": path, "iteration": extra["iteration"],
+                                          "optimizer_kept": with_optimizer}
 
 
 def _all_names(names: list) -> list:
@@ -240,8 +252,7 @@ def _all_names(names: list) -> list:
 def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "auto") -> ConvertResult:
     """Factorise the dense head of the trainer or Megatron-LM ``torch_dist`` checkpoint at ``checkpoint`` into the
     ``low_rank`` head ``head`` (``"low_rank:r=256"``, a :class:`~megatron_bottleneck.base.head.HeadConfig`) and save
-    it under ``out`` (see the module docstring); on the checkpoint's TP x PP local ranks (a Megatron-LM checkpoint:
-    one rank) on ``device`` (auto: one GPU per rank when visible, else CPU ranks). Returns a :data:`ConvertResult`."""
+    it under ``out`` (see the module docstring); on the checkpoint's TP x PP local ranks on ``device`` (auto: one GPU per rank when visible, else CPU ranks). Returns a :data:`ConvertResult`."""
 
     rank = _rank_of(head)
     if _is_megatron_lm(checkpoint):
@@ -257,7 +268,7 @@ def convert_head(checkpoint: str, head, out: str, *, device: Optional[str] = "au
     total, kept = sum(s[0] for s in parts), sum(s[1] for s in parts)
     info = results[0][1]
     return {"path": info["path"], "iteration": info["iteration"], "rank": rank, "hidden_size": dense.model.hidden_size,
-            "kept": kept / total if total > 0 else 1.0, "kind": "trainer"}
+            "kept": kept / total if total > 0 else 1.0, "kind": "trainer", "optimizer_kept": info["optimizer_kept"]}
 
 
 # ------------------------------------------------------------------------------------------ Megatron-LM

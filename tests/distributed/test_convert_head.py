@@ -50,6 +50,7 @@ def test_the_command_writes_a_low_rank_checkpoint(runs):
     code, text, err = runs["cli"]
     assert code == 0, err
     assert "low_rank r=4 head" in text and f"step {STEPS}" in text and "resume: megatron-bottleneck train" in text
+    assert "the optimizer state is the checkpoint's but for the head's factors" in text
     for r in (16, 4):
         layout = read_layout(os.path.join(runs[r], f"iter_{STEPS:07d}"))
         assert layout.get("optimizer_saved", True) and layout["model"]["model.head_rank"] == r

@@ -69,6 +69,7 @@ def test_the_command_writes_a_megatron_lm_checkpoint(runs):
     out = runs["root"] / "r64"
     assert f"low_rank r={D} head" in text and f"step {STEP}" in text and "keeps 100.00%" in text
     assert f"--lm-head-rank {D} --load {out} --no-load-optim" in text and "megatron_bottleneck.megatron_lm" in text
+    assert "saved at TP = 2, PP = 1" in text
     for r, d in ((D, out), (4, runs["root"] / "r4")):
         assert (d / "latest_checkpointed_iteration.txt").read_text() == str(STEP)
         common = read_megatron_lm_common_state(str(d / f"iter_{STEP:07d}"))
