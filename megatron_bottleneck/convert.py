@@ -294,8 +294,13 @@ def _megatron_lm_layout(args) -> Tuple[int, int]:
         raise CheckpointError(f"saved with virtual pipeline stages (--virtual-pipeline-model-parallel-size {vpp}, "
                               "or --num-layers-per-virtual-pipeline-stage): convert-head reads Megatron-LM "
                               "checkpoints without them; re-save it without virtual stages first")
-    return (int(getattr(args, "tensor_model_parallel_size", 1) or 1),
-            int(getattr(args, "pipeline_model_parallel_size", 1) or 1))
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    custom = getattr(args, "pipeline_model_parallel_layout", None)
+    if pp > 1 and custom:
+        raise CheckpointError(f"saved with --pipeline-model-parallel-layout {custom!r}: convert-head builds Megatron's "
+                              "even (or first / last stage) pipeline split; re-save it at PP = 1 first")
+    return tp, pp
 
 
 def _megatron_lm_source(checkpoint: str, rank: int):

@@ -2,7 +2,7 @@
 import contextlib
 import io
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -11,11 +11,12 @@ from megatron_bottleneck.train import Trainer, TrainConfig, load_model_only
 from megatron_bottleneck.train.trainer import build_models
 
 
-def dense_config(log_dir: str, data: Dict, ckpt: str, steps: int, tp: int = 2, **train) -> TrainConfig:
+def dense_config(log_dir: str, data: Dict, ckpt: str, steps: int, tp: int = 2, parallel: Optional[Dict] = None,
+                 **train) -> TrainConfig:
     """The tiny model of the trainer tests (V=64, D=16) with Megatron's dense head, no probe."""
     return TrainConfig.from_dict({
         "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8},
-        "parallel": {"tensor_model_parallel_size": tp},
+        "parallel": {"tensor_model_parallel_size": tp, **(parallel or {})},
         "train": {"train_steps": steps, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 0,
                   "log_interval": 100, **train},
         "optim": {"lr": 1e-2, "warmup_steps": 2},
@@ -130,6 +131,23 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: 
                      "losses": [h["loss"] for h in result["history"]],
                      "head": type(trainer.models[0].module.output_layer).__name__,
                      "rank": trainer.models[0].module.output_layer.rank}
+    # without the distributed optimizer (Megatron-Core's FP32Optimizer, state by parameter): a 2-step dense run at
+    # TP=2, converted at r = 4, resumed by a trainer that only loads it; its state against the run's own
+    nodist = os.path.join(resume_dir, "nodist")
+    trained = Trainer(dense_config(f"{nodist}/logs", data, f"{nodist}/dense", 2,
+                                   parallel={"distributed_optimizer": False}))
+    trained.train()
+    source = {k: v for k, v in _optimizer_state(trained).items() if not k.startswith("output_layer.")}
+    _convert_rank(os.path.join(nodist, "dense", "iter_0000002"), 4, f"{nodist}/r4")
+    loaded = _optimizer_state(Trainer(TrainConfig.load(f"{nodist}/r4/iter_0000002/config.yaml",
+                                                       [f"logging.dir={nodist}/r4_logs"])))
+    out["nodist"] = {"names": sorted(loaded), "source_names": sorted(source),
+                     "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max())
+                                          for k in source for j in range(3)),
+                     "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
+                     "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items()
+                              if k not in source},
+                     "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
     out["all_sums"] = [None] * dist.get_world_size()
     dist.all_gather_object(out["all_sums"], sums)
     return out if dist.get_rank() == 0 else None
