@@ -131,10 +131,11 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: 
                      "losses": [h["loss"] for h in result["history"]],
                      "head": type(trainer.models[0].module.output_layer).__name__,
                      "rank": trainer.models[0].module.output_layer.rank}
-    # without the distributed optimizer (Megatron-Core's FP32Optimizer, state by parameter): a 2-step dense run at
-    # TP=2, converted at r = 4, resumed by a trainer that only loads it; its state against the run's own
+    # without the distributed optimizer, in bf16 (Megatron-Core's Float16OptimizerWithFloat16Params: fp32 main
+    # weights beside the bf16 model, state by parameter): a 2-step dense run at TP=2, converted at r = 4, resumed by
+    # a trainer that only loads it; its state against the run's own
     nodist = os.path.join(resume_dir, "nodist")
-    trained = Trainer(dense_config(f"{nodist}/logs", data, f"{nodist}/dense", 2,
+    trained = Trainer(dense_config(f"{nodist}/logs", data, f"{nodist}/dense", 2, precision="bf16",
                                    parallel={"distributed_optimizer": False}))
     trained.train()
     source = {k: v for k, v in _optimizer_state(trained).items() if not k.startswith("output_layer.")}

@@ -4,8 +4,8 @@ each). At r = D the converted
 model's per-token losses are the dense model's; at r = 4 the head A B is the best rank-4 approximation of the trained
 W (a float64 SVD) to 1e-5; every other weight is copied unchanged; the r = 4 checkpoint resumes (at the saved TP=2)
 with the low-rank head from the saved step, every other parameter's optimizer state (fp32 main weights, Adam moments,
-step) the dense checkpoint's as the trainer loads it, the head's Adam moments zero, said in one console line; the same without the distributed optimizer (a 2-step run in
-the same launch). Bad input is one line, exit 2,
+step) the dense checkpoint's as the trainer loads it, the head's Adam moments zero, said in one console line; the same without the distributed optimizer in bf16 (a 2-step
+run in the same launch). Bad input is one line, exit 2,
 before any rank starts (a Megatron-LM directory without its iteration too). 3 launches of 2 CPU ranks."""
 import os
 import shutil
@@ -97,8 +97,8 @@ def test_the_converted_checkpoint_resumes_with_the_low_rank_head(runs):
 @pytest.mark.parametrize("kind", ["optimizer", "nodist"])
 def test_the_optimizer_state_is_kept_but_for_the_head(runs, kind):
     """What the resumed trainer loads: every non-head parameter's fp32 main weight, Adam moments and step are the
-    dense checkpoint's (loaded by a trainer of its own; ``nodist``: a 2-step run without the distributed optimizer,
-    its state in memory); the head's factors A, B have zero moments and the step."""
+    dense checkpoint's (loaded by a trainer of its own; ``nodist``: a 2-step bf16 run without the distributed
+    optimizer, its fp32 main weights apart from the model's, its state in memory); the head's factors A, B have zero moments and the step."""
     opt = runs["checked"][kind]
     steps = STEPS if kind == "optimizer" else 2
     assert set(opt["names"]) == set(opt["source_names"]) | {"output_layer.weight", "output_layer.input_proj"}
