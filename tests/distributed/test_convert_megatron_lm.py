@@ -119,16 +119,18 @@ def test_saved_factors_are_the_svd_of_the_trained_head(runs):
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["low_rank", "tied", "rank", "out"])
+@pytest.mark.parametrize("case", ["low_rank", "tied", "vpp", "rank", "out"])
 def test_bad_megatron_lm_input_is_one_line(runs, case, tmp_path):
     """Each refused before any rank starts (the saved args edited into a common.pt, megatron-core 0.16's layout)."""
     from megatron_bottleneck.measure.megatron_lm_checkpoint import read_megatron_lm_common_state
 
     ckpt = runs["src"]
-    if case in ("low_rank", "tied"):
+    if case in ("low_rank", "tied", "vpp"):
         common = read_megatron_lm_common_state(str(runs["src"]))
         if case == "low_rank":
             common["args"].lm_head_rank = 16
+        elif case == "vpp":
+            common["args"].virtual_pipeline_model_parallel_size = 2
         else:
             common["args"].untie_embeddings_and_output_weights = False
         ckpt = tmp_path / "edited" / f"iter_{STEP:07d}"
@@ -142,5 +144,6 @@ def test_bad_megatron_lm_input_is_one_line(runs, case, tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert {"low_rank": "saved with --lm-head-rank 16", "tied": "--untie-embeddings-and-output-weights",
-            "rank": f"exceeds the hidden size {D}", "out": "already holds a checkpoint"}[case] in lines[0]
+            "rank": f"exceeds the hidden size {D}", "out": "already holds a checkpoint",
+            "vpp": "--virtual-pipeline-model-parallel-size 2"}[case] in lines[0]
     assert not os.path.exists(tmp_path / "o")
