@@ -50,6 +50,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 from megatron.core.activations import squared_relu
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
@@ -290,8 +291,6 @@ def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype, tp: 
 def _build(args, real_vocab_size: int, dtype: torch.dtype, tp: int = 1, pp: int = 1):
     config = _transformer_config(args, dtype, tp, pp)
     if pp > 1:
-        from megatron.core import parallel_state as ps
-
         stage = dict(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     else:
         stage = dict(pre_process=True, post_process=True)
