@@ -152,11 +152,14 @@ def cmd_convert_head(a):
           f"step {res['iteration']}")
     if res["kind"] == "megatron-lm":
         print(f"resume: python -m megatron_bottleneck.megatron_lm pretrain_gpt.py <the run's arguments> {res['resume']}"
-              " (saved at TP = PP = 1, resharded to the run's TP / PP on load; no optimizer state: Adam and the "
+              f" (saved at TP = {res['tensor_model_parallel_size']}, PP = {res['pipeline_model_parallel_size']}, "
+              "resharded to the run's TP / PP on load; no optimizer state: Adam and the "
               "learning-rate schedule start afresh)")
         return
     print(f"resume: megatron-bottleneck train {os.path.join(res['path'], 'config.yaml')} (or your config with "
-          f"model.head_rank={res['rank']} checkpoint.dir={a.out}); the optimizer state starts afresh")
+          f"model.head_rank={res['rank']} checkpoint.dir={a.out}); "
+          + ("the optimizer state is the checkpoint's but for the head's factors (Adam moments zero)"
+             if res["optimizer_kept"] else "the optimizer state starts afresh (the checkpoint held none)"))
 
 
 def cmd_report(a):

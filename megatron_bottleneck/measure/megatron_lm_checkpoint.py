@@ -50,6 +50,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 from megatron.core.activations import squared_relu
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
@@ -229,7 +230,12 @@ def check_megatron_lm_checkpoint(path: str):
     return iter_dir, args
 
 
-def _transformer_config(args, dtype: torch.dtype):
+# Megatron-LM's uneven pipeline split, copied when the model is built at the saved PP size
+_PIPELINE_SPLIT = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                   "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+
+
+def _transformer_config(args, dtype: torch.dtype, tp: int = 1, pp: int = 1):
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     kw = {k: getattr(args, k) for k in _ARCH if k in fields and getattr(args, k, None) is not None}
     kw["num_query_groups"] = args.num_query_groups if getattr(args, "group_query_attention", False) else None
@@ -239,10 +245,13 @@ def _transformer_config(args, dtype: torch.dtype):
         kw.update(activation_func=F.silu, gated_linear_unit=True)
     elif getattr(args, "squared_relu", False):
         kw["activation_func"] = squared_relu
-    # this job's layout and kernels: one rank, no fusions, no dropout (eval), weights built on the CPU
+    # this job's layout (TP x PP; measure: one rank) and kernels: no fusions, no dropout (eval), weights built on
+    # the CPU
     if hybrid_pattern(args):
         kw["is_hybrid_model"] = True
-    kw.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
+    if pp > 1:
+        kw.update({k: getattr(args, k) for k in _PIPELINE_SPLIT if getattr(args, k, None) is not None})
+    kw.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
               hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
               bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
               persist_layer_norm=False, use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype,
@@ -264,12 +273,14 @@ def _head(args):
     return None
 
 
-def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
-    """The GPTModel (HybridModel when the args have a layer pattern) ``args`` describe at TP = PP = 1 (needs
-    Megatron-Core's parallel state initialised), its weights not loaded yet; params in ``dtype``. What Megatron-Core
+def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype, tp: int = 1, pp: int = 1):
+    """The GPTModel (HybridModel when the args have a layer pattern) ``args`` describe at TP = ``tp``, PP = ``pp``
+    (measure: 1 x 1; Megatron-Core's parallel state initialised at those sizes): this rank's part, its vocabulary
+    and projections sharded over TP and its pipeline stage's layers (the saved uneven split, if any; the embedding
+    on the first stage, the head on the last), its weights not loaded yet; params in ``dtype``. What Megatron-Core
     itself refuses to build is one line."""
     try:
-        return _build(args, real_vocab_size, dtype)
+        return _build(args, real_vocab_size, dtype, tp, pp)
     except (AssertionError, ValueError, NotImplementedError, TypeError) as exc:  # megatron-core's own checks
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         kind = "a HybridModel" if hybrid_pattern(args) else "a GPT model"
@@ -277,8 +288,12 @@ def build_megatron_lm_model(args, real_vocab_size: int, dtype: torch.dtype):
                               f"here ({type(exc).__name__}: {first})") from None
 
 
-def _build(args, real_vocab_size: int, dtype: torch.dtype):
-    config = _transformer_config(args, dtype)
+def _build(args, real_vocab_size: int, dtype: torch.dtype, tp: int = 1, pp: int = 1):
+    config = _transformer_config(args, dtype, tp, pp)
+    if pp > 1:
+        stage = dict(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    else:
+        stage = dict(pre_process=True, post_process=True)
     pattern = hybrid_pattern(args)
     if pattern:
         hybrid_kw = dict(share_embeddings_and_output_weights=not getattr(args, "untie_embeddings_and_output_weights",
@@ -288,7 +303,7 @@ def _build(args, real_vocab_size: int, dtype: torch.dtype):
         return build_hybrid_model(config, int(args.padded_vocab_size), int(args.max_position_embeddings),
                                   hybrid_layer_pattern=pattern.replace("|", ""), head=_head(args),
                                   position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
-                                  pre_process=True, post_process=True, real_vocab_size=real_vocab_size, **hybrid_kw)
+                                  real_vocab_size=real_vocab_size, **stage, **hybrid_kw)
     spec_kw = dict(qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
                    normalization=getattr(args, "normalization", None))
     params = inspect.signature(get_gpt_layer_local_spec).parameters
@@ -302,7 +317,7 @@ def _build(args, real_vocab_size: int, dtype: torch.dtype):
     return build_gpt_model(config, int(args.padded_vocab_size), int(args.max_position_embeddings),
                            head=_head(args), layer_spec=spec,
                            position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
-                           pre_process=True, post_process=True, real_vocab_size=real_vocab_size, **gpt_kw)
+                           real_vocab_size=real_vocab_size, **stage, **gpt_kw)
 
 
 def load_megatron_lm_weights(model, iter_dir: str, name: str) -> None:

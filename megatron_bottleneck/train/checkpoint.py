@@ -125,7 +125,7 @@ def _sub_optimizers(optimizer) -> List:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _ensure_optimizer_state(optimizer) -> None:
+def ensure_optimizer_state(optimizer) -> None:
     """Give every parameter Adam state (zeros, step 1) before a load, so the sharded state dict has the
     shapes the checkpoint fills in. Megatron does this with a dummy step for some formats only. The
     step uses zero gradients and lr 0, so AdamW leaves the weights exactly as they are."""
@@ -142,6 +142,35 @@ def _ensure_optimizer_state(optimizer) -> None:
         inner.zero_grad(set_to_none=True)  # a load precedes training: no gradients to keep
         for g, lr in zip(inner.param_groups, lrs):
             g["lr"] = lr
+
+
+def adam_state(optimizer, model_param: torch.nn.Parameter):
+    """``(main, state)`` of ``model_param`` in a Megatron-Core optimizer: the fp32 main parameter Adam updates
+    (the model parameter itself for an fp32 model; for the distributed optimizer this rank's flat shard of it,
+    the whole parameter at data-parallel size 1) and its Adam state (``exp_avg``, ``exp_avg_sq``, ``step``: what
+    torch Adam holds, empty before the first step), found through Megatron-Core's own maps
+    (``model_param_group_index_map`` of the distributed optimizer, ``float16_groups`` /
+    ``fp32_from_float16_groups`` of the mixed-precision one). None when no sub-optimizer holds it (a parameter
+    without gradient, or a shard on another data-parallel rank)."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        index = getattr(sub, "model_param_group_index_map", None)
+        if index is not None:  # DistributedOptimizer
+            if model_param not in index:
+                continue
+            group, order = index[model_param]
+            main = inner.param_groups[group]["params"][order]
+            return main, inner.state[main]
+        for models, mains in zip(getattr(sub, "float16_groups", ()), getattr(sub, "fp32_from_float16_groups", ())):
+            for p, main in zip(models, mains):
+                if p is model_param:
+                    return main, inner.state[main]
+        for g in inner.param_groups:  # fp32 parameters: the model parameter is the main one
+            if any(p is model_param for p in g["params"]):
+                return model_param, inner.state[model_param]
+    return None
 
 
 def _restore_adam_steps(optimizer) -> None:
@@ -169,7 +198,7 @@ def _full_state(chunks, optimizer, is_loading: bool, fmt: Optional[str] = None, 
         fmt = fmt or DEFAULT_OPTIMIZER_FORMAT
         check_optimizer_format(fmt)
         if is_loading:
-            _ensure_optimizer_state(optimizer)
+            ensure_optimizer_state(optimizer)
         fix = fmt == "fully_reshardable"
         with _world_tensors_in_buffer_coordinates(optimizer) if fix else contextlib.nullcontext():
             state["optimizer"] = optimizer.sharded_state_dict(
@@ -436,9 +465,13 @@ def _prune(directory: str, keep_last: int) -> None:
 PARALLEL_KEYS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "virtual_pipeline_model_parallel_size", "data_parallel_size")
 PER_RANK = "rank"  # the key of the extra state that belongs to one rank of one layout (RNG, probe)
-# layout.json key: False for a checkpoint written without optimizer state (``megatron-bottleneck convert-head``);
-# resuming it starts the optimizer afresh (Adam moments zero) and reads only the model, at any TP/PP
+# layout.json key: False for a checkpoint written without optimizer state (``megatron-bottleneck convert-head`` of a
+# checkpoint that held none); resuming it starts the optimizer afresh (Adam moments zero) and reads only the model,
+# at any TP/PP
 OPTIMIZER_SAVED = "optimizer_saved"
+# layout.json key: the parameters (``chunk<i>.<name>``) whose optimizer state was written fresh (Adam moments zero)
+# beside the kept state of every other one: the low-rank head's factors of a ``convert-head`` checkpoint
+OPTIMIZER_RESET_PARAMS = "optimizer_reset_params"
 
 
 def read_layout(path: str) -> Optional[Dict]:
@@ -533,9 +566,10 @@ def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Di
     """Load the model into ``chunks`` and the optimizer state (resharded to this run's layout where
     :func:`check_layout` allows it) and return the extra state: this rank's own when the layout is the saved
     one, else rank 0's without its per-rank part (``PER_RANK``). ``same_layout`` in it says which;
-    ``optimizer_reset`` whether the checkpoint holds no optimizer state (layout.json's ``optimizer_saved`` false,
-    as ``convert-head`` writes it): then the optimizer keeps its fresh state and its main weights are reloaded
-    from the model."""
+    ``optimizer_reset`` whether the checkpoint holds no optimizer state (layout.json's ``optimizer_saved`` false):
+    then the optimizer keeps its fresh state and its main weights are reloaded from the model;
+    ``optimizer_reset_params`` the parameters whose saved state is fresh (layout.json's, as ``convert-head``
+    writes it for the new head; empty otherwise)."""
     same = check_layout(path, layout) if layout is not None else True
     saved = read_layout(path) or {}
     fmt = saved.get("optimizer_format", OLD_OPTIMIZER_FORMAT) if saved.get("distributed_optimizer", True) else None
@@ -553,6 +587,7 @@ def load_checkpoint(path: str, chunks: List, optimizer=None, layout: Optional[Di
         extra.pop(PER_RANK, None)
     extra["same_layout"] = same
     extra["optimizer_reset"] = reset
+    extra[OPTIMIZER_RESET_PARAMS] = list(saved.get(OPTIMIZER_RESET_PARAMS) or []) if optimizer is not None else []
     return extra
 
 

@@ -115,6 +115,51 @@ def build_models(cfg: TrainConfig):
     return tcfg, chunks
 
 
+def build_optimizer(cfg: TrainConfig, tcfg, chunks, run):
+    """``(models, optimizer)``: ``chunks`` wrapped in Megatron-Core's DistributedDataParallel (fp32 gradient
+    buffers, ``run``'s buckets and overlap: :meth:`TrainConfig.runtime_options`) and Megatron-Core's Adam over them
+    (``get_megatron_optimizer``; distributed with ``parallel.distributed_optimizer``), as the trainer runs them."""
+    bf16 = _precision(cfg) == "bf16"
+    dist_opt = cfg.parallel.distributed_optimizer
+    ddp = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, bucket_size=run.bucket_size,
+        overlap_grad_reduce=run.overlap_grad_reduce, overlap_param_gather=run.overlap_param_gather,
+        # all-gathers launched by the interleaved schedule, chunk by chunk (Megatron-LM's default with VPP)
+        align_param_gather=run.overlap_param_gather and len(chunks) > 1)
+    # Bucketing only for the first chunk: the others' communication overlaps compute anyway (Megatron-LM).
+    models = [DistributedDataParallel(config=tcfg, ddp_config=ddp, module=c, disable_bucketing=i > 0)
+              for i, c in enumerate(chunks)]
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                        clip_grad=o.clip_grad, bf16=bf16, params_dtype=tcfg.params_dtype,
+                        use_distributed_optimizer=dist_opt, overlap_param_gather=run.overlap_param_gather),
+        models)
+    return models, optimizer
+
+
+def run_layout(cfg: TrainConfig, run, models, dp_size: int) -> Dict:
+    """What layout.json records and a resume checks (``checkpoint.check_layout``) for a run of ``cfg`` with
+    ``run``'s options (:meth:`TrainConfig.runtime_options`), its DDP-wrapped ``models`` and ``dp_size``
+    data-parallel ranks: world size, the parallel sizes, the optimizer kind and state format, the DDP buckets, and
+    the model (every ``model`` field, the precision)."""
+    p = cfg.parallel
+    return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "tensor_model_parallel_size": p.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+            "data_parallel_size": dp_size, "distributed_optimizer": p.distributed_optimizer,
+            "optimizer_format": cfg.checkpoint.optimizer_format if p.distributed_optimizer else None,
+            # the DDP buckets (unpadded sizes): the dp_reshardable optimizer state is laid out by them. Those
+            # of the first pipeline stage (what rank 0 writes; other stages hold other parameters: None there)
+            "ddp_bucket_size": run.bucket_size,
+            "ddp_buckets": ([[b.numel_unpadded for b in buf.buckets] for m in models
+                             for buf in m.buffers + m.expert_parallel_buffers]
+                            if ps.get_pipeline_model_parallel_rank() == 0 else None),
+            "model": model_layout(cfg)}
+
+
 class Trainer:
     """``Trainer(config, probe=None).train()``; ``on_step(step, record)`` is called after each step."""
 
@@ -135,25 +180,10 @@ class Trainer:
         t = config.train
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.tcfg, chunks = build_models(config)
-        bf16 = _precision(config) == "bf16"
-        dist_opt = config.parallel.distributed_optimizer
         run = self.options
-        ddp = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, bucket_size=run.bucket_size,
-            overlap_grad_reduce=run.overlap_grad_reduce, overlap_param_gather=run.overlap_param_gather,
-            # all-gathers launched by the interleaved schedule, chunk by chunk (Megatron-LM's default with VPP)
-            align_param_gather=run.overlap_param_gather and len(chunks) > 1)
-        # Bucketing only for the first chunk: the others' communication overlaps compute anyway (Megatron-LM).
-        self.models = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp, module=c,
-                                               disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        dist_opt = config.parallel.distributed_optimizer
+        self.models, self.optimizer = build_optimizer(config, self.tcfg, chunks, run)
         self._param_sync_ready = False  # Megatron-LM runs the first step without the overlapped all-gather
-        o = config.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                            clip_grad=o.clip_grad, bf16=bf16, params_dtype=self.tcfg.params_dtype,
-                            use_distributed_optimizer=dist_opt, overlap_param_gather=run.overlap_param_gather),
-            self.models)
         self.scheduler = build_scheduler(self.optimizer, config)
         warmup = warmup_warning(config)
         if warmup and (dist.get_rank() if dist.is_initialized() else 0) == 0:
@@ -264,24 +294,8 @@ class Trainer:
                                writer=self.writer)
 
     def layout(self) -> Dict:
-        """What layout.json records and a resume checks (``checkpoint.check_layout``): world size, the parallel
-        sizes, the optimizer kind and state format, the DDP buckets, and the model (every ``model`` field, the
-        precision)."""
-        p = self.cfg.parallel
-        model = model_layout(self.cfg)
-        return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "tensor_model_parallel_size": p.tensor_model_parallel_size,
-                "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-                "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
-                "data_parallel_size": self.dp_size, "distributed_optimizer": p.distributed_optimizer,
-                "optimizer_format": self.cfg.checkpoint.optimizer_format if p.distributed_optimizer else None,
-                # the DDP buckets (unpadded sizes): the dp_reshardable optimizer state is laid out by them. Those
-                # of the first pipeline stage (what rank 0 writes; other stages hold other parameters: None there)
-                "ddp_bucket_size": self.options.bucket_size,
-                "ddp_buckets": ([[b.numel_unpadded for b in buf.buckets] for m in self.models
-                                 for buf in m.buffers + m.expert_parallel_buffers]
-                                if ps.get_pipeline_model_parallel_rank() == 0 else None),
-                "model": model}
+        """What layout.json records and a resume checks: :func:`run_layout` of this run."""
+        return run_layout(self.cfg, self.options, self.models, self.dp_size)
 
     def _restore(self, path: str) -> None:
         layout = self.layout()
@@ -307,8 +321,11 @@ class Trainer:
             note = "" if extra["same_layout"] else " (resharded to this layout; per-rank RNG not restored)"
             print(f"resumed from {path} at step {self.iteration}{note}", flush=True)
             if extra["optimizer_reset"]:
-                print("optimizer state reset: the checkpoint holds none (written by convert-head: the head's factors "
-                      "are new parameters); Adam moments start at zero", flush=True)
+                print("optimizer state reset: the checkpoint holds none; Adam moments start at zero", flush=True)
+            elif extra["optimizer_reset_params"]:
+                print(f"optimizer state reset for the head ({', '.join(extra['optimizer_reset_params'])}: new "
+                      "parameters written by convert-head, Adam moments zero); every other parameter's kept",
+                      flush=True)
             if changes:
                 which = "this config's" if mode == "config" else "the checkpoint's"
                 print(f"learning-rate schedule: {which} (checkpoint.scheduler={mode}; {'; '.join(changes)})",

@@ -2,7 +2,7 @@
 import contextlib
 import io
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -11,11 +11,12 @@ from megatron_bottleneck.train import Trainer, TrainConfig, load_model_only
 from megatron_bottleneck.train.trainer import build_models
 
 
-def dense_config(log_dir: str, data: Dict, ckpt: str, steps: int, tp: int = 2, **train) -> TrainConfig:
+def dense_config(log_dir: str, data: Dict, ckpt: str, steps: int, tp: int = 2, parallel: Optional[Dict] = None,
+                 **train) -> TrainConfig:
     """The tiny model of the trainer tests (V=64, D=16) with Megatron's dense head, no probe."""
     return TrainConfig.from_dict({
         "model": {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8},
-        "parallel": {"tensor_model_parallel_size": tp},
+        "parallel": {"tensor_model_parallel_size": tp, **(parallel or {})},
         "train": {"train_steps": steps, "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 0,
                   "log_interval": 100, **train},
         "optim": {"lr": 1e-2, "warmup_steps": 2},
@@ -57,12 +58,26 @@ def _model(path: str):
     return chunk
 
 
+def _optimizer_state(trainer) -> Dict:
+    """``{name: (main, exp_avg, exp_avg_sq, step)}`` of this rank's parameters in the trainer's optimizer (loaded)."""
+    from megatron_bottleneck.train.checkpoint import adam_state
+
+    out = {}
+    for name, param in trainer.models[0].module.named_parameters():
+        found = adam_state(trainer.optimizer, param)
+        if found is not None:
+            main, st = found
+            out[name] = (main.detach().clone().flatten(), st["exp_avg"].detach().clone().flatten(),
+                         st["exp_avg_sq"].detach().clone().flatten(), float(st["step"]))
+    return out
+
+
 def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: str, resume_dir: str, data: Dict,
                      steps: int) -> Dict:
     """The r = D conversion of ``dense_path`` into ``full_rank_out`` (the command's rank function, no launch of its
     own); at TP=2: the dense checkpoint's and each converted one's losses on fixed batches, full W, A, B and every
-    other weight's difference; then the trainer resumes a copy of ``converted[min r]`` (``resume_dir/ckpt``) at
-    TP=1 x DP=2 for 2 more steps."""
+    other weight's difference; the optimizer state the trainer loads from the dense checkpoint and from a copy of
+    ``converted[min r]`` (``resume_dir/ckpt``), which it then resumes at the saved TP=2 for 2 more steps."""
     from megatron_bottleneck.convert import _convert_rank
     from megatron_bottleneck.integrations.parallel import initialize_parallel
 
@@ -80,30 +95,60 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: 
                   "others": max(float((state[k].float() - v.float()).abs().max()) for k, v in dense_state.items()
                                 if torch.is_tensor(v) and torch.is_tensor(state.get(k)))}
     r = min(converted)
+    # the source's optimizer state as the trainer resumes it (an independent load of the dense checkpoint)
+    src_cfg = TrainConfig.load(os.path.join(dense_path, "config.yaml"),
+                               [f"logging.dir={resume_dir}/src_logs", f"checkpoint.dir={os.path.dirname(dense_path)}"])
+    source = {k: v for k, v in _optimizer_state(Trainer(src_cfg)).items() if not k.startswith("output_layer.")}
     cfg = TrainConfig.load(os.path.join(converted[r], "config.yaml"),
                            [f"train.train_steps={steps}", "checkpoint.scheduler=config",
-                            "parallel.tensor_model_parallel_size=1", f"logging.dir={resume_dir}/logs",
-                            f"checkpoint.dir={resume_dir}/ckpt"])
+                            f"logging.dir={resume_dir}/logs", f"checkpoint.dir={resume_dir}/ckpt"])
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
         trainer = Trainer(cfg)
-    # the converted checkpoint loaded independently (a plain model at the trainer's TP=1) on the first resumed
-    # step's batch (this DP rank's micro-batch, averaged over the DP ranks): the step's loss, taken before its update
-    ref_cfg = TrainConfig.load(os.path.join(converted[r], "config.yaml"), ["parallel.tensor_model_parallel_size=1"])
-    _, (ref,) = build_models(ref_cfg)
+    loaded = _optimizer_state(trainer)
+    out["optimizer"] = {"names": sorted(loaded), "source_names": sorted(source),
+                        "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max())
+                                             for k in source for j in range(3)),
+                        "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
+                        "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items()
+                                 if k not in source},
+                        "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
+    # the converted checkpoint loaded independently (a plain model, the trainer's TP=2) on the first resumed step's
+    # micro-batches: the step's loss, taken before its update
+    _, (ref,) = build_models(TrainConfig.load(os.path.join(converted[r], "config.yaml")))
     load_model_only(converted[r], [ref])
     ref.eval()
-    batch = next(trainer.batches("train", trainer.consumed))
-    pos = torch.arange(8).unsqueeze(0).expand(batch["tokens"].shape[0], -1)
+    stream = trainer.batches("train", trainer.consumed)
     with torch.no_grad():
-        first = ref(batch["tokens"], pos, None, labels=batch["labels"]).float().mean().double()
-    dist.all_reduce(first)
+        firsts = []
+        for _ in range(trainer.num_micro):
+            batch = next(stream)
+            pos = torch.arange(8).unsqueeze(0).expand(batch["tokens"].shape[0], -1)
+            firsts.append(ref(batch["tokens"], pos, None, labels=batch["labels"]).float().mean().double())
     result = trainer.train()
-    out["resume"] = {"console": console.getvalue(), "reference_first_loss": float(first) / dist.get_world_size(),
+    out["resume"] = {"console": console.getvalue(), "reference_first_loss": float(sum(firsts) / len(firsts)),
                      "steps": [h["step"] for h in result["history"]],
                      "losses": [h["loss"] for h in result["history"]],
                      "head": type(trainer.models[0].module.output_layer).__name__,
                      "rank": trainer.models[0].module.output_layer.rank}
+    # without the distributed optimizer, in bf16 (Megatron-Core's Float16OptimizerWithFloat16Params: fp32 main
+    # weights beside the bf16 model, state by parameter): a 2-step dense run at TP=2, converted at r = 4, resumed by
+    # a trainer that only loads it; its state against the run's own
+    nodist = os.path.join(resume_dir, "nodist")
+    trained = Trainer(dense_config(f"{nodist}/logs", data, f"{nodist}/dense", 2, precision="bf16",
+                                   parallel={"distributed_optimizer": False}))
+    trained.train()
+    source = {k: v for k, v in _optimizer_state(trained).items() if not k.startswith("output_layer.")}
+    _convert_rank(os.path.join(nodist, "dense", "iter_0000002"), 4, f"{nodist}/r4")
+    loaded = _optimizer_state(Trainer(TrainConfig.load(f"{nodist}/r4/iter_0000002/config.yaml",
+                                                       [f"logging.dir={nodist}/r4_logs"])))
+    out["nodist"] = {"names": sorted(loaded), "source_names": sorted(source),
+                     "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max())
+                                          for k in source for j in range(3)),
+                     "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
+                     "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items()
+                              if k not in source},
+                     "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
     out["all_sums"] = [None] * dist.get_world_size()
     dist.all_gather_object(out["all_sums"], sums)
     return out if dist.get_rank() == 0 else None

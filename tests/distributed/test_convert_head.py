@@ -2,8 +2,10 @@
 V=64, D=16) factorised at r = 4 through the command line and at r = D by the command's rank function (2 CPU ranks
 each). At r = D the converted
 model's per-token losses are the dense model's; at r = 4 the head A B is the best rank-4 approximation of the trained
-W (a float64 SVD) to 1e-5; every other weight is copied unchanged; the r = 4 checkpoint resumes (at TP=1 x DP=2) with
-the low-rank head, its optimizer state reset in one console line, from the saved step. Bad input is one line, exit 2,
+W (a float64 SVD) to 1e-5; every other weight is copied unchanged; the r = 4 checkpoint resumes (at the saved TP=2)
+with the low-rank head from the saved step, every other parameter's optimizer state (fp32 main weights, Adam moments,
+step) the dense checkpoint's as the trainer loads it, the head's Adam moments zero, said in one console line; the same without the distributed optimizer in bf16 (a 2-step
+run in the same launch). Bad input is one line, exit 2,
 before any rank starts (a Megatron-LM directory without its iteration too). 3 launches of 2 CPU ranks."""
 import os
 import shutil
@@ -49,9 +51,11 @@ def test_the_command_writes_a_low_rank_checkpoint(runs):
     code, text, err = runs["cli"]
     assert code == 0, err
     assert "low_rank r=4 head" in text and f"step {STEPS}" in text and "resume: megatron-bottleneck train" in text
+    assert "the optimizer state is the checkpoint's but for the head's factors" in text
     for r in (16, 4):
         layout = read_layout(os.path.join(runs[r], f"iter_{STEPS:07d}"))
-        assert layout["optimizer_saved"] is False and layout["model"]["model.head_rank"] == r
+        assert layout.get("optimizer_saved", True) and layout["model"]["model.head_rank"] == r
+        assert layout["optimizer_reset_params"] == ["chunk0.output_layer.input_proj", "chunk0.output_layer.weight"]
     sums = runs["checked"]["all_sums"]  # (||W_shard||^2, ||A_shard||^2) per TP rank: r = D keeps all of W
     assert len(sums) == 2 and all(a == pytest.approx(w, rel=1e-6) for w, a in sums)
 
@@ -82,10 +86,26 @@ def test_the_converted_checkpoint_resumes_with_the_low_rank_head(runs):
     res = runs["checked"]["resume"]
     assert res["head"] == "LowRankOutputLayer" and res["rank"] == 4
     assert res["steps"] == [STEPS + 1, STEPS + 2]
-    assert "optimizer state reset" in res["console"] and f"at step {STEPS}" in res["console"]
+    lines = [ln for ln in res["console"].splitlines() if "optimizer state reset" in ln]
+    assert len(lines) == 1 and "for the head" in lines[0] and "every other parameter's kept" in lines[0], res["console"]
+    assert f"at step {STEPS}" in res["console"]
     # the first step's loss (before its update) is the converted model's, loaded on its own at TP=1
     assert res["losses"][0] == pytest.approx(res["reference_first_loss"], rel=1e-5)
     assert res["losses"][1] == res["losses"][1] and res["losses"][1] < 2 * res["losses"][0]  # it trains on
+
+
+@pytest.mark.parametrize("kind", ["optimizer", "nodist"])
+def test_the_optimizer_state_is_kept_but_for_the_head(runs, kind):
+    """What the resumed trainer loads: every non-head parameter's fp32 main weight, Adam moments and step are the
+    dense checkpoint's (loaded by a trainer of its own; ``nodist``: a 2-step bf16 run without the distributed
+    optimizer, its fp32 main weights apart from the model's, its state in memory); the head's factors A, B have zero moments and the step."""
+    opt = runs["checked"][kind]
+    steps = STEPS if kind == "optimizer" else 2
+    assert set(opt["names"]) == set(opt["source_names"]) | {"output_layer.weight", "output_layer.input_proj"}
+    assert opt["moments_nonzero"] > 0  # six steps of Adam: the comparison means something
+    assert opt["kept_max_diff"] == 0.0 and opt["kept_steps"] == [float(steps)]
+    assert sorted(opt["head"]) == ["output_layer.input_proj", "output_layer.weight"]
+    assert all(v == [0.0, 0.0, float(steps)] for v in opt["head"].values())
 
 
 @pytest.mark.parametrize("case", ["missing", "rank", "not_dense", "kind", "out", "megatron_lm"])

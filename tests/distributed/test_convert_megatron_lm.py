@@ -1,10 +1,11 @@
 """``megatron-bottleneck convert-head`` on a Megatron-LM ``torch_dist`` checkpoint (issue 26): a dense, untied head
 trained by the unchanged ``pretrain_gpt.py`` at TP=2 (the tiny model of test_megatron_lm: D=64, V=1000 padded to
 1024; 8 iterations, saved at 6), converted at r = D through the command line and at r = 4 through ``mb.convert_head``
-(one CPU rank each, TP=1), then the r = D checkpoint resumed through the runner at TP=2 with ``--lm-head-rank 64``:
+(two CPU ranks each, at the saved TP=2: each rank reads, factorises and writes its vocabulary shard), then the r = D
+checkpoint resumed through the runner at TP=2 with ``--lm-head-rank 64``:
 its first loss (iteration 7, computed before that step's update) is the dense run's own iteration 7. From the raw
 saved tensors: A B = W at r = D, A B is the float64 best rank-4 approximation of W at r = 4 (to 1e-5), every other
-weight copied exactly. Bad input is one line before any rank starts. 2 Megatron-LM runs (2 ranks), 2 one-rank
+weight copied exactly. Bad input is one line before any rank starts. 2 Megatron-LM runs (2 ranks), 2 two-rank
 conversions; both lanes (megatron-core 0.16 keeps the common state in common.pt, 0.19 inside the .distcp files)."""
 from __future__ import annotations
 
@@ -68,17 +69,20 @@ def test_the_command_writes_a_megatron_lm_checkpoint(runs):
     out = runs["root"] / "r64"
     assert f"low_rank r={D} head" in text and f"step {STEP}" in text and "keeps 100.00%" in text
     assert f"--lm-head-rank {D} --load {out} --no-load-optim" in text and "megatron_bottleneck.megatron_lm" in text
+    assert "saved at TP = 2, PP = 1" in text
     for r, d in ((D, out), (4, runs["root"] / "r4")):
         assert (d / "latest_checkpointed_iteration.txt").read_text() == str(STEP)
         common = read_megatron_lm_common_state(str(d / f"iter_{STEP:07d}"))
         a = common["args"]
-        assert a.lm_head_rank == r and a.no_save_optim and a.no_save_rng and a.tensor_model_parallel_size == 1
+        assert a.lm_head_rank == r and a.no_save_optim and a.no_save_rng
+        assert a.tensor_model_parallel_size == 2 and a.pipeline_model_parallel_size == 1  # the saved layout
         assert common["iteration"] == STEP and "optimizer" not in common and a.consumed_train_samples == 4 * STEP
     assert runs["r4"]["path"] == str(runs["root"] / "r4" / f"iter_{STEP:07d}") and runs["r4"]["kind"] == "megatron-lm"
+    assert runs["r4"]["tensor_model_parallel_size"] == 2
 
 
 def test_full_rank_resumes_with_the_dense_runs_loss(runs):
-    """The runner loads the TP=1 conversion at TP=2 (torch_dist reshards it) with the low-rank head; iteration 7's
+    """The runner loads the conversion (written at the saved TP=2) with the low-rank head; iteration 7's
     loss (before its update) is the dense run's iteration 7: the converted model is the trained one."""
     rc, text = runs["resumed"]
     _ok(rc, text)
@@ -115,16 +119,18 @@ def test_saved_factors_are_the_svd_of_the_trained_head(runs):
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["low_rank", "tied", "rank", "out"])
+@pytest.mark.parametrize("case", ["low_rank", "tied", "vpp", "rank", "out"])
 def test_bad_megatron_lm_input_is_one_line(runs, case, tmp_path):
     """Each refused before any rank starts (the saved args edited into a common.pt, megatron-core 0.16's layout)."""
     from megatron_bottleneck.measure.megatron_lm_checkpoint import read_megatron_lm_common_state
 
     ckpt = runs["src"]
-    if case in ("low_rank", "tied"):
+    if case in ("low_rank", "tied", "vpp"):
         common = read_megatron_lm_common_state(str(runs["src"]))
         if case == "low_rank":
             common["args"].lm_head_rank = 16
+        elif case == "vpp":
+            common["args"].virtual_pipeline_model_parallel_size = 2
         else:
             common["args"].untie_embeddings_and_output_weights = False
         ckpt = tmp_path / "edited" / f"iter_{STEP:07d}"
@@ -138,5 +144,6 @@ def test_bad_megatron_lm_input_is_one_line(runs, case, tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert {"low_rank": "saved with --lm-head-rank 16", "tied": "--untie-embeddings-and-output-weights",
-            "rank": f"exceeds the hidden size {D}", "out": "already holds a checkpoint"}[case] in lines[0]
+            "rank": f"exceeds the hidden size {D}", "out": "already holds a checkpoint",
+            "vpp": "--virtual-pipeline-model-parallel-size 2"}[case] in lines[0]
     assert not os.path.exists(tmp_path / "o")
