@@ -1,40 +1,32 @@
 """``GradientProbe``: measure the LM-head gradient bottleneck on the real training step.
 
-The front. ``watch(model)`` puts a forward pre-hook and a forward hook on the head (``output_layer``) of the
-model chunk that holds it (last pipeline stage; elsewhere the probe stays idle) and picks, once, the strategy that
-measures it (:mod:`.strategy`): :class:`~.closed_form.ClosedFormStrategy` for a head whose logits are linear in its
-weight, :class:`~.cg.CGStrategy` for a :class:`~megatron_bottleneck.base.head.NonLinearHead`. On a step due for
-measurement the strategy accumulates each micro-batch from backward hooks (local work only, bar the collectives
-every TP rank enters at the same point), builds its local partial sums when the step's last micro-batch has gone
-through backward (still on the device), and finalises the figures after the front's reduction.
+The front. ``watch(model)`` hooks the head (``output_layer``) of the model chunk that holds it (last pipeline
+stage; elsewhere the probe stays idle) and picks, once, the strategy that measures it (:mod:`.strategy`):
+:class:`~.closed_form.ClosedFormStrategy` for a head whose logits are linear in its weight, :class:`~.cg.CGStrategy`
+for a :class:`~megatron_bottleneck.base.head.NonLinearHead`. On a step due for measurement the strategy accumulates
+each micro-batch from backward hooks (local work, bar collectives every TP rank enters at the same point), builds
+its local sums when the step's last micro-batch has gone through backward, and finalises the figures after the
+front's reduction.
 
-Step boundaries come from whoever drives the schedule: :meth:`GradientProbe.begin_step` opens an optimizer step
-of ``n`` micro-batches (the count of *that* step: Megatron's ``get_num_microbatches()`` read afresh, so
-batch-size ramp-up is followed) and :meth:`GradientProbe.end_step` ends it (the schedule driver
-:func:`~megatron_bottleneck.integrations.schedule.forward_backward` given ``probe=``, hence the trainer; the
-Megatron-LM ``train_step`` wrap; the Bridge callback's step hooks). Inside an open step the head's forwards and
-backwards may come in any order the schedule likes (forwards running ahead of backwards: combined 1F1B with
-expert-parallel overlap, interleaved pipelines): the step's plan and token sample are decided once, at its
-first forward, and the step closes (its partial sums built, before any optimizer step) when its ``n``-th
-micro-batch has finished backward. Counting is a consistency check only: more head forwards than ``n``, or an
-explicitly begun step that has not finished ``n`` micro-batches at ``end_step``, is a failure (the same on every
-TP rank, as the schedule is): the step is closed with its failure flag and the probe switches off everywhere
-(``last_error`` says so), never a hang. A loop that calls no ``begin_step`` (a hand-written one) gets a step
-opened by its first head forward, of ``watch``'s ``num_microbatches`` (default: Megatron's calculator at that
-moment, else 1).
+Step boundaries: :meth:`GradientProbe.begin_step` opens an optimizer step of ``n`` micro-batches (that step's own
+count: batch-size ramp-up is followed) and :meth:`GradientProbe.end_step` ends it (the schedule driver
+:func:`~megatron_bottleneck.integrations.schedule.forward_backward`, hence the trainer; the Megatron-LM
+``train_step`` wrap; the Bridge callback). Inside an open step forwards and backwards may come in any order
+(combined 1F1B, interleaved pipelines): the plan and token sample are decided at the step's first forward, and the
+step closes (before any optimizer step) when its ``n``-th micro-batch has finished backward. A count that
+disagrees with the schedule is a failure, the same on every TP rank: the step closes with its failure flag and the
+probe switches off everywhere (``last_error``), never a hang. A loop that calls no ``begin_step`` gets a step
+opened by its first head forward, of ``watch``'s ``num_microbatches``.
 
-:meth:`GradientProbe.end_step`, after the schedule, does the rest: one SUM all-reduce over the head's TP group
-of everything (with a failure flag), the figures on the device, and one transfer to the host: the only host
-synchronisation of the probe, once per recorded step. Call it after each step's forward-backward (the trainer,
-the Bridge and Lightning callbacks and the Megatron-LM integration do); otherwise the next step's first forward
-calls it, and :meth:`remove` calls it for the last step.
+:meth:`GradientProbe.end_step` does one SUM all-reduce over the head's TP group of everything (with a failure
+flag), the figures on the device, and one transfer to the host: the probe's only host synchronisation, once per
+recorded step (the next step's first forward, or :meth:`remove`, calls it if nobody did).
 
 Failing together: an exception in any rank's probe code is caught there (``_try``; training never stops for it);
-that rank still enters every collective, with zeros and its flag set, so at ``end_step`` every rank of the TP
-group learns of it from the same reduction and switches its probe off (``_disable``): no stall, no rank left
-alone in a collective. The collectives a rank enters follow from shapes and the plan alone (the strategies'
-contract, :mod:`.strategy`); a failure in the figures after ``end_step``'s reduction is agreed in a one-value
-all-reduce before the host transfer, after the failing rank has entered the strategy's matching collectives.
+that rank still enters every collective, with zeros and its flag set (the collectives follow from shapes and the
+plan alone: the strategies' contract), so at ``end_step`` every rank of the TP group learns of it from the same
+reduction and switches off (``_disable``). A failure in the figures after the reduction is agreed in a one-value
+all-reduce before the host transfer, the failing rank having entered the strategy's matching collectives.
 
 Reporting: the figures describe the micro-batches of data-parallel rank 0 and are logged by rank 0 of its
 tensor-parallel group among the ranks of data x context parallel rank 0 (``is_reporter``).
@@ -58,6 +50,7 @@ from ..base.sinks import MetricsLogger
 from .cg import CGStrategy
 from .closed_form import ClosedFormStrategy
 from .config import ProbeConfig
+from .mtp import MTPSelector
 from .strategy import ClosedStep, MicroBatch, Plan, ProbeStrategy
 
 log = logging.getLogger(__name__)
@@ -103,9 +96,7 @@ class GradientProbe:
         self._closed: Optional[ClosedStep] = None
         self._was_reporter = False
         self._callbacks: List[Callable[[int, Dict[str, float]], None]] = []
-        self._mtp_depths = 0  # MTP depths per model forward (the head is called n + 1 times: depths 1..n, main)
-        self._head_call = 0  # index of the head's call within the current model forward
-        self._call_measured = True  # the current head call is the one ProbeConfig.mtp_depth names
+        self._mtp: Optional[MTPSelector] = None  # the model has MTP depths: which head call is measured
 
     # ------------------------------------------------------------------ setup
     def watch(self, model, num_microbatches: Optional[int] = None) -> "GradientProbe":
@@ -122,45 +113,11 @@ class GradientProbe:
         if head is None:
             return self  # not the last pipeline stage: idle
         self.watch_head(head, num_microbatches)
-        self._watch_mtp(model, head)
+        mtp = MTPSelector(model, head, self.config.mtp_depth)
+        if mtp.handle is not None:
+            self._mtp = mtp
+            self._handles.append(mtp.handle)
         return self
-
-    def _watch_mtp(self, model, head) -> None:
-        """Multi-token prediction: Megatron calls the shared head once per MTP depth 1..n, then for the main loss,
-        in every forward (``process_mtp_loss``). A forward pre-hook on the model holding the head restarts the
-        count of head calls, so the head's hooks measure only the call of ``config.mtp_depth``."""
-        holder = None
-        for chunk in (list(model) if isinstance(model, (list, tuple)) else [model]):
-            inner = chunk
-            while getattr(inner, "output_layer", None) is not head and isinstance(getattr(inner, "module", None),
-                                                                                 torch.nn.Module):
-                inner = inner.module
-            if getattr(inner, "output_layer", None) is head:
-                holder = inner
-                break
-        depths = 0
-        if holder is not None and getattr(holder, "mtp_process", False):
-            depths = int(getattr(holder.config, "mtp_num_layers", None) or 0)
-        if self.config.mtp_depth > depths:
-            raise ConfigError(f"probe.mtp_depth={self.config.mtp_depth}, but the model has {depths} multi-token "
-                              f"prediction depths on this stage: set probe.mtp_depth between 0 and {depths}.")
-        if depths and holder is not None:
-            self._mtp_depths = depths
-            self._handles.append(holder.register_forward_pre_hook(self._model_forward_starts))
-
-    def _model_forward_starts(self, module, args) -> None:
-        self._head_call = 0
-        return None
-
-    def _mtp_call_measured(self, module) -> bool:
-        """Count this head call (MTP depth i + 1 for call i < n, the main head for call n) and say whether it is the
-        depth the probe measures; a call it skips keeps no fused record."""
-        i = self._head_call
-        self._head_call += 1
-        self._call_measured = (i + 1 if i < self._mtp_depths else 0) == self.config.mtp_depth
-        if not self._call_measured and is_lm_head(module):
-            module.loss_request.record = False
-        return self._call_measured
 
     def watch_head(self, head: torch.nn.Module, num_microbatches: Optional[int] = 1) -> "GradientProbe":
         """Attach to a head module directly: a head whose logits are linear in its weight (closed form), or a
@@ -282,7 +239,7 @@ class GradientProbe:
         fused pass."""
         if not self.enabled:  # a switched-off probe leaves the head alone (one enabled probe per head decides)
             return None
-        if self._mtp_depths and not self._mtp_call_measured(module):
+        if self._mtp is not None and not self._mtp.count_call(module):
             return None
         if not (module.training and torch.is_grad_enabled()):
             if is_lm_head(module):
@@ -299,7 +256,8 @@ class GradientProbe:
             if (self._open and self._forwards >= self.num_microbatches) or (not self._open and self._explicit):
                 self._mismatch(f"a head forward beyond the step's {self.num_microbatches} micro-batches")
             if not self._open and not self._explicit:
-                self._open_step(self._count_for_unbegun_step(), explicit=False)
+                n = self._default_microbatches
+                self._open_step(_megatron_num_microbatches() if n is None else n, explicit=False)
             if not (self.enabled and self._open):  # switched off, or a forward beyond a begun step's count
                 if is_lm_head(module):
                     module.loss_request.record = False
@@ -322,7 +280,7 @@ class GradientProbe:
             logits = output[0] if isinstance(output, (tuple, list)) else output
             if not (self.enabled and self._open and module.training and torch.is_grad_enabled()):
                 return None
-            if self._mtp_depths and not self._call_measured:
+            if self._mtp is not None and not self._mtp.measured:
                 return None
             if not (plan is not None and plan.any and isinstance(logits, torch.Tensor) and logits.requires_grad):
                 self._count_microbatch()
@@ -361,10 +319,6 @@ class GradientProbe:
                            f"backward ({self._seen} did)")
         self.end_step()
         self._open_step(n, explicit=True)
-
-    def _count_for_unbegun_step(self) -> int:
-        n = self._default_microbatches
-        return _megatron_num_microbatches() if n is None else n
 
     def _open_step(self, num_microbatches: int, explicit: bool) -> None:
         if self._closed is not None:  # the previous step's end_step, if nobody called it
@@ -426,18 +380,16 @@ class GradientProbe:
         if closed is None:
             return None
         with self._timed():
-            device = self._device()
+            device, total = self._device(), sum(closed.sizes)
             failed = closed.payload is None or self._failed is not None
-            total = 1 + sum(closed.sizes)  # the failure flag first
+            if not failed and closed.payload.numel() != total:  # a layout bug: a failure, never a size mismatch
+                self._failed = RuntimeError(f"probe payload has {closed.payload.numel()} values, expected {total}")
+                failed = True
+            flat = torch.zeros(1 + total, dtype=torch.float64, device=device)  # the failure flag first
             if failed:
-                flat = torch.zeros(total, dtype=torch.float64, device=device)
                 flat[0] = 1.0
             else:
-                flat = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), closed.payload.to(device)])
-                if flat.numel() != total:  # a layout bug: treated as a failure, never as a size mismatch
-                    self._failed = RuntimeError(f"probe payload has {flat.numel()} values, expected {total}")
-                    flat = torch.zeros(total, dtype=torch.float64, device=device)
-                    flat[0] = 1.0
+                flat[1:] = closed.payload.to(device)
             if get_pg_size(self.tp_group) > 1:
                 dist.all_reduce(flat, group=self.tp_group)
             figures = None if failed else self._try(self._device_figures, closed, flat)
