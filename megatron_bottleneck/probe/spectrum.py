@@ -133,6 +133,21 @@ class GramAccumulator:
     def full(self) -> bool:
         return self.tokens >= self.token_budget
 
+    def state_dict(self) -> Dict:
+        """The accumulation so far, on the CPU (a checkpoint of this rank's vocabulary shard)."""
+        return {"token_budget": self.token_budget, "tokens": self.tokens, "vocab_size": self.vocab_size,
+                "eps": self.eps, "rows": [r.detach().cpu() for r in self.rows],
+                "blocks": [[b.detach().cpu() for b in row] for row in self.blocks]}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict, device=None) -> "GramAccumulator":
+        """The accumulator :meth:`state_dict` saved, its tensors on ``device``."""
+        g = cls(state["token_budget"])
+        g.tokens, g.vocab_size, g.eps = state["tokens"], state["vocab_size"], state["eps"]
+        g.rows = [r.to(device) for r in state["rows"]]
+        g.blocks = [[b.to(device) for b in row] for row in state["blocks"]]
+        return g
+
     def take(self, rows: int) -> int:
         """How many of a micro-batch's ``rows`` tokens go in (the rest of the budget)."""
         return max(0, min(int(rows), self.token_budget - self.tokens))

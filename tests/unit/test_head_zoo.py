@@ -100,7 +100,7 @@ def test_install_head_build_gpt_model_and_the_pre_wrap_hook():
 def test_the_probe_takes_a_nonlinear_head_through_the_general_path_and_refuses_an_incomplete_one():
     model = mb.build_gpt_model(support.config(), support.VOCAB, support.SEQ, head="sigsoftmax")
     probe = mb.GradientProbe(mb.ProbeConfig(interval=1)).watch(model)
-    assert probe._head is model.output_layer and probe._general
+    assert probe._head is model.output_layer and probe._strategy.kind == "general"
     probe.remove()
     message = error_of(lambda: mb.base.head_view(model.output_layer))  # the closed form's view: none
     assert message.startswith("HeadConfigError: the linear probe's view") and "log_prob_fn" in message \

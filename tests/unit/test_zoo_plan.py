@@ -223,7 +223,7 @@ def test_every_builtin_spec_holds_its_cost_and_the_probe_path_the_probe_takes():
         assert spec is HEADS.get(spec.name) and spec.cost is not None and spec.probe in ("linear", "general")
         module = support_heads.build(kind, 1, False)
         probe = mb.GradientProbe(mb.ProbeConfig(interval=1, log_dir=None)).watch_head(module)
-        assert ("general" if probe._general else "linear") == spec.probe, kind
+        assert probe._strategy.kind == spec.probe, kind
         probe.remove()
 
 
