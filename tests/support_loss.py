@@ -115,7 +115,7 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                     got = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1]), rec.weight,
                                           rec.labels.reshape(-1), st.lse.reshape(-1), (g * rec.logit_scale).float(),
                                           vocab_start=rec.vocab_start, vocab_size=rec.vocab_size,
-                                          loss_spec=st.loss_spec())
+                                          loss_spec=st.loss_spec(), bias=rec.bias)
                     checks.append((f"{label} G padding", got[:, n_valid:], torch.zeros_like(got[:, n_valid:])))
                     checks.append((f"{label} G", got[:, :n_valid].double(),
                                    z.grad[:, rec.vocab_start:rec.vocab_start + n_valid]))

@@ -64,13 +64,16 @@ class HeadView:
 
     basis: F, the local vocab shard, ``(V_local, k)``. mix: M, ``(k, D)``, replicated over TP; None stands
     for the identity (dense head, k = D). vocab_start: global vocabulary index of basis row 0.
-    vocab_size: the real (unpadded) V; rows at global index >= vocab_size are padding.
+    vocab_size: the real (unpadded) V; rows at global index >= vocab_size are padding. softcap: c when the head
+    outputs x = c tanh(z / c) of its linear logits z = F M h (Gemma's final-logit softcapping), else None: the
+    probe takes G at z, through the cap (dL/dz = dL/dx (1 - (x / c)^2)), on the unfused path as the fused one.
     """
 
     basis: torch.Tensor
     mix: Optional[torch.Tensor]
     vocab_start: int
     vocab_size: int
+    softcap: Optional[float] = None
 
     def valid_rows(self) -> int:
         """Rows of ``basis`` that are real vocabulary (the rest is Megatron's padding)."""
@@ -192,7 +195,7 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
         view = HeadView(basis=w.detach(), mix=None, vocab_start=rank * rows,
                         vocab_size=int(getattr(head, "output_size", rows * size)))
     if vocab_size is not None:
-        view = HeadView(view.basis, view.mix, view.vocab_start, int(vocab_size))
+        view = HeadView(view.basis, view.mix, view.vocab_start, int(vocab_size), view.softcap)
     return view
 
 

@@ -80,6 +80,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from ..base.errors import ConfigError, HeadConfigError
 from ..base.groups import default_dp_cp_group, default_tp_group
 from ..base.head import HeadView, find_head, head_view, is_lm_head, is_nonlinear_head
+from ..base.loss_spec import softcap_slope
 from ..base.sinks import MetricsLogger
 from ..ops.linear_cross_entropy import logit_grad_rows, slice_rows
 from .general import SUM_NAMES, figures_from_sums, head_sums
@@ -198,6 +199,7 @@ class _MicroBatch:
     record: object = None
     pending: int = 2  # hooks still to fire before the micro-batch counts
     opened: int = 0  # the step it belongs to (GradientProbe._opened when its forward ran)
+    capped: Optional[torch.Tensor] = None  # unfused head with a softcap: its output x = c tanh(z / c), detached
 
 
 @dataclass
@@ -551,6 +553,10 @@ class GradientProbe:
             if watch_hidden:
                 hidden.register_hook(lambda dh: self._on_hidden_grad(dh, mb))
             self._try(self._prepare, module, kwargs.get("weight"), mb, plan, sp, watch_hidden)
+            if not fused and mb.view is not None and mb.view.softcap is not None:
+                # a copy: Megatron's cross-entropy subtracts the row max from its input in place (one logit-sized
+                # tensor on a probed unfused step of a capped head, released by the hook)
+                mb.capped = logits.detach().clone()
         return None
 
     def _prepare(self, module, weight, mb: _MicroBatch, plan: _Plan, sp: bool, watch_hidden: bool) -> None:
@@ -680,11 +686,15 @@ class GradientProbe:
         return sums * (1.0 if get_pg_rank(self.tp_group) == 0 else 0.0)
 
     def _on_output_grad(self, grad, mb: _MicroBatch, sp: bool) -> None:
-        """dL/dlogits (unfused: G's vocab shard [s, b, V/tp]) or dL/dloss_t (fused: [s, b])."""
+        """dL/dlogits (unfused: G's vocab shard [s, b, V/tp], taken through a softcapped head's cap to its linear
+        logits, where the fused path takes it) or dL/dloss_t (fused: [s, b])."""
         with self._timed():
             if mb.fused:
                 self._try(self._fused_output_grad, grad, mb)
             else:
+                if mb.capped is not None:  # G at the linear logits z, through the cap (as the fused path's)
+                    grad = grad.float() * softcap_slope(mb.capped.float(), mb.view.softcap)
+                    mb.capped = None
                 e = self._try(self._unfused_output_grad, grad, mb)
                 if self._shape.padded and mb.watch_hidden:
                     # padding correction: every TP rank enters this one collective, zeros if it failed
@@ -718,7 +728,7 @@ class GradientProbe:
         st = rec.stats
         g = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1])[:n], rec.weight, rec.labels.reshape(-1)[:n],
                             st.lse.reshape(-1)[:n], grad_out.reshape(-1)[:n], vocab_start=rec.vocab_start,
-                            vocab_size=rec.vocab_size, loss_spec=st.loss_spec())
+                            vocab_size=rec.vocab_size, loss_spec=st.loss_spec(), bias=rec.bias)
         if self._slice is not None:
             self._slice.add_logit_grad(g, mb.view, mb.full_hidden.reshape(-1, mb.full_hidden.shape[-1])[:n],
                                        padding=False)
