@@ -287,6 +287,8 @@ class FusedHeadMixin:
             u = u * logit_scale
         start = get_pg_rank(self.tp_group) * f.shape[0]
         bias = self.loss_bias(weight)
+        if bias is not None and logit_scale != 1.0:
+            bias = bias * logit_scale  # MuP multiplies the biased logits
         budget = None if config.memory_budget_mib is None else int(config.memory_budget_mib * 2 ** 20)
         loss, zl = linear_cross_entropy(
             u, f, labels, tp_group=self.tp_group, vocab_start=start, vocab_size=self.vocab_size,
@@ -299,5 +301,5 @@ class FusedHeadMixin:
                                              mix=None if mix is None else mix.detach(), labels=labels,
                                              vocab_start=start, vocab_size=self.vocab_size,
                                              logit_scale=float(logit_scale),
-                                             bias=None if bias is None else bias.detach())
+                                             bias=None if bias is None else bias.detach())  # x logit_scale
         return reduced_loss(loss, zl, labels, config, self.vocab_size)
