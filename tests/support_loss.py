@@ -74,6 +74,10 @@ def _ref_logits(kind: str, p, h):
         return h @ w.t()
     if kind.startswith("low_rank"):
         return (h @ p["input_proj"].t()) @ w.t()
+    if kind.startswith("stacked"):  # the loss is the cross-entropy of its logits z = W act(P h) (z-loss on lse(z))
+        return torch.tanh(h @ p["proj"].t()) @ w.t()
+    if kind.startswith("decoupled"):
+        return (h @ p["proj"].t()) @ w.t()
     return sh.reference_log_probs(kind, p, h)
 
 
@@ -106,7 +110,7 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
             p["bias"] = sh._gather0(head.bias, group, tp).double()
         for name, opt in OPTIONS.items():
             scales = (1.0, MUP) if linear and not opt.get("softcap") else (1.0,)
-            if kind.startswith(("stacked", "decoupled")) and not opt.get("softcap") and name == "plain":
+            if kind.startswith(("stacked", "decoupled")) and not opt.get("softcap") and name in ("plain", "z-loss"):
                 scales = (1.0, MUP)
             for m in scales:
                 label = f"{kind} {name} m={m} tp={tp}"
@@ -116,8 +120,6 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                 if why:
                     refusals.append((label, why))
                     continue
-                if kind.startswith(("stacked", "decoupled")) and opt.get("z_loss_weight"):
-                    continue  # the general probe sees log p: no z-loss in its G (a documented limit)
                 loss = head.loss(h, y, config=cfg, stats=stats, logit_scale=m)
                 hh = h.double().reshape(-1, sh.D)
                 z = _ref_logits(kind, p, hh).detach().requires_grad_(True)
@@ -141,9 +143,10 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                     checks.append((f"{label} ||G_t||^2", norms, z.grad.square().sum(-1)))
                 else:
                     lp = head.log_prob_fn()
-                    u = lp.fn(lp.params, h.reshape(-1, sh.D))
+                    logits = lp.logits_fn is not None  # stacked / decoupled: G at their logits, z-loss included
+                    u = (lp.logits_fn if logits else lp.fn)(lp.params, h.reshape(-1, sh.D))
                     got = logit_grad(u, yy, lp.vocab_start, lp.n_valid, lp.vocab_size, scale=g, logit_scale=m,
-                                     tp_group=lp.tp_group, loss_spec=cfg.loss_spec())
+                                     tp_group=lp.tp_group, loss_spec=cfg.loss_spec(), logits=logits)
                     checks.append((f"{label} G", got, z.grad[:, lp.vocab_start:lp.vocab_start + lp.n_valid]))
     return checks, refusals
 

@@ -138,6 +138,11 @@ class HeadLogProb:
     vocab_size: int
     n_valid: int
     tp_group: Any = None
+    logits_fn: Optional[Callable[[Dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = None
+    """For a head whose loss is the cross-entropy of logits z with fn = log_softmax(z) (the ``stacked`` and
+    ``decoupled`` heads): z's function (fn's signature and TP convention, not normalised). The general probe then
+    runs through z, G = dL/dz: the same figures without z-loss (G sums to 0 per token and the update and Gram
+    are centred), and the z-loss's 2 zeta lse p term, which log p cannot carry, with it."""
 
     def __call__(self, h: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         return self.fn(self.params if params is None else params, h)

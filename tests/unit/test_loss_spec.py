@@ -232,6 +232,8 @@ def test_probe_grad_equals_autograd_for_every_head_and_option_tp1():
         torch.testing.assert_close(got.double(), want.double(), rtol=2e-5, atol=2e-6, msg=label)
     refused = {label.split(" m=")[0] for label, _ in refusals}
     assert "sigsoftmax softcap" in refused and "mos:k=3 ce_weight" in refused and "dense softcap" not in refused
+    assert {"decoupled:width=12 z-loss", "stacked:width=12,activation=tanh z-loss"}.isdisjoint(refused)
+    assert any(label.startswith("decoupled:width=12 z-loss m=0.5") for label, _, _ in checks)
     for label, message in refusals:
         assert "\n" not in message and message, label
         if "softcap" in label.split()[1:]:
