@@ -235,7 +235,7 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     reduce = functools.partial(tp_reduce_sum, group=log_prob.tp_group)
 
-    logits = log_prob.logits_fn is not None  # G at the head's logits (HeadLogProb.logits_fn), z-loss included
+    logits = getattr(log_prob, "logits_fn", None) is not None  # G at the head's logits (HeadLogProb.logits_fn), z-loss included
     fn = log_prob.logits_fn if logits else log_prob.fn
 
     def u_of_h(hh):
