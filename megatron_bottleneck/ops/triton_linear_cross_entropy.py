@@ -22,7 +22,8 @@ Backward, :func:`backward_chunks` (adds to grad_u [T, k] and grad_w[:n_real] [n_
     grad_u += G @ F[:n_real],                         grad_w[:n_real] += G^T @ u
 
 (coef may be negative or 0; the one-hot term b only where tgt_t is the column; e the smoothing term,
-optional). The vocabulary is walked in chunks of C rows (``chunk``: the torch loop's chunk, sized by the
+optional, e_t w_i with class weights w; z is u F^T + bias with a bias, before the cap, and grad_bias += sum_t G
+from float32 per-token-block column sums). The vocabulary is walked in chunks of C rows (``chunk``: the torch loop's chunk, sized by the
 op's memory budget for two float32 [T, C] tensors); per chunk [v0, v0 + C), three launches, no atomics:
 
 1. ``_grad_logits_kernel``, grid (T / BT, C / BV): recomputes the logit tile z = u_t-block F_v-tile^T
