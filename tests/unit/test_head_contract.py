@@ -30,6 +30,11 @@ def test_both_heads_implement_the_contract(megatron_one_rank):
 def test_fused_model_is_a_class_not_an_instance_patch(megatron_one_rank):
     model = _model(megatron_one_rank, 8)
     cls = type(model)
+    for bad, message in ((dict(reduction="mean"), "reduction='mean' in a model"),
+                         (dict(return_z_loss=True), "return_z_loss=True in a model"),
+                         (dict(ce_weight=(1.0, 2.0)), "ce_weight has 2 class weights, the model's vocabulary")):
+        with pytest.raises(mb.HeadConfigError, match=re.escape(message)):  # Megatron's loss function reduces
+            H.enable_fused_loss(model, H.FusedLossConfig(**bad))
     enable_fused = H.enable_fused_loss(model)
     assert isinstance(enable_fused, H.FusedLossModel) and type(model).__name__ == "FusedLossGPTModel"
     assert "forward" not in vars(model) and "compute_language_model_loss" not in vars(model)
