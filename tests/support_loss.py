@@ -36,7 +36,7 @@ OPTIONS = {
     "all": dict(label_smoothing=0.1, smoothing_convention="torch", z_loss_weight=0.02, softcap=2.0, ce_weight=W_CLASS),
 }
 MUP = 0.5  # a MuP output multiplier, with the options that allow it (no softcap)
-LINEAR = ["dense", "low_rank:r=4"]
+LINEAR = ["dense", "low_rank:r=4", "dense+bias"]  # dense+bias: a ColumnParallelLinear with bias=True as the head
 
 
 def reference_loss(x_in: torch.Tensor, y: torch.Tensor, opt: dict, m: float = 1.0) -> torch.Tensor:
@@ -54,12 +54,30 @@ def reference_loss(x_in: torch.Tensor, y: torch.Tensor, opt: dict, m: float = 1.
     return loss
 
 
+def _build(kind: str, tp: int):
+    if kind != "dense+bias":
+        return sh.build(kind, tp, False)
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    cfg = sh.head_config(tp, False)
+    layer = ColumnParallelLinear(sh.D, sh.V_PAD, config=cfg, init_method=cfg.init_method, bias=True)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=torch.Generator().manual_seed(5)))
+    return mb.heads.as_lm_head(layer, sh.V_REAL)
+
+
 def _ref_logits(kind: str, p, h):
     w = p["weight"][:sh.V_REAL]
+    if kind == "dense+bias":
+        return h @ w.t() + p["bias"][:sh.V_REAL]
     if kind.startswith("dense"):
         return h @ w.t()
     if kind.startswith("low_rank"):
         return (h @ p["input_proj"].t()) @ w.t()
+    if kind.startswith("stacked"):  # the loss is the cross-entropy of its logits z = W act(P h) (z-loss on lse(z))
+        return torch.tanh(h @ p["proj"].t()) @ w.t()
+    if kind.startswith("decoupled"):
+        return (h @ p["proj"].t()) @ w.t()
     return sh.reference_log_probs(kind, p, h)
 
 
@@ -86,11 +104,13 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
     checks, refusals = [], []
     for kind in LINEAR + sh.KINDS:
         linear = kind in LINEAR
-        head = sh.build(kind, tp, False)
+        head = _build(kind, tp)
         p = sh._full_params(head, group, tp)
+        if kind == "dense+bias":  # the bias is sharded over the vocabulary as the weight
+            p["bias"] = sh._gather0(head.bias, group, tp).double()
         for name, opt in OPTIONS.items():
             scales = (1.0, MUP) if linear and not opt.get("softcap") else (1.0,)
-            if kind.startswith(("stacked", "decoupled")) and not opt.get("softcap") and name == "plain":
+            if kind.startswith(("stacked", "decoupled")) and not opt.get("softcap") and name in ("plain", "z-loss"):
                 scales = (1.0, MUP)
             for m in scales:
                 label = f"{kind} {name} m={m} tp={tp}"
@@ -100,14 +120,14 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                 if why:
                     refusals.append((label, why))
                     continue
-                if kind.startswith(("stacked", "decoupled")) and opt.get("z_loss_weight"):
-                    continue  # the general probe sees log p: no z-loss in its G (a documented limit)
                 loss = head.loss(h, y, config=cfg, stats=stats, logit_scale=m)
                 hh = h.double().reshape(-1, sh.D)
                 z = _ref_logits(kind, p, hh).detach().requires_grad_(True)
                 ref = reference_loss(z, yy, opt, m)
                 (ref * g).sum().backward()
                 checks.append((f"{label} loss", loss.reshape(-1).double(), ref.detach()))
+                if m == 1.0 and name in ("z-loss", "all"):  # config.reduction / return_z_loss (head.loss)
+                    checks += _reduced_checks(head, h, y, cfg, z.detach(), opt, label)
                 if linear:
                     rec = head.last_loss
                     st = rec.stats
@@ -115,7 +135,7 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                     got = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1]), rec.weight,
                                           rec.labels.reshape(-1), st.lse.reshape(-1), (g * rec.logit_scale).float(),
                                           vocab_start=rec.vocab_start, vocab_size=rec.vocab_size,
-                                          loss_spec=st.loss_spec())
+                                          loss_spec=st.loss_spec(), bias=rec.bias)
                     checks.append((f"{label} G padding", got[:, n_valid:], torch.zeros_like(got[:, n_valid:])))
                     checks.append((f"{label} G", got[:, :n_valid].double(),
                                    z.grad[:, rec.vocab_start:rec.vocab_start + n_valid]))
@@ -123,11 +143,33 @@ def check_probe_grads() -> Tuple[List[Tuple[str, torch.Tensor, torch.Tensor]], L
                     checks.append((f"{label} ||G_t||^2", norms, z.grad.square().sum(-1)))
                 else:
                     lp = head.log_prob_fn()
-                    u = lp.fn(lp.params, h.reshape(-1, sh.D))
+                    logits = lp.logits_fn is not None  # stacked / decoupled: G at their logits, z-loss included
+                    u = (lp.logits_fn if logits else lp.fn)(lp.params, h.reshape(-1, sh.D))
                     got = logit_grad(u, yy, lp.vocab_start, lp.n_valid, lp.vocab_size, scale=g, logit_scale=m,
-                                     tp_group=lp.tp_group, loss_spec=cfg.loss_spec())
+                                     tp_group=lp.tp_group, loss_spec=cfg.loss_spec(), logits=logits)
                     checks.append((f"{label} G", got, z.grad[:, lp.vocab_start:lp.vocab_start + lp.n_valid]))
     return checks, refusals
+
+
+def _reduced_checks(head, h, y, cfg, z, opt, label):
+    """head.loss with FusedLossConfig(reduction=..., return_z_loss=True) against the float64 reference: the
+    (loss, z-loss) pair, "sum" and "mean" (the weighted mean's denominator sum_t w_{y_t})."""
+    from dataclasses import replace
+
+    yy = y.reshape(-1)
+    valid = yy != -100
+    ref = reference_loss(z, yy, opt)
+    x = opt["softcap"] * torch.tanh(z / opt["softcap"]) if opt.get("softcap") else z
+    zl = torch.where(valid, opt["z_loss_weight"] * torch.logsumexp(x, -1) ** 2, 0.0)
+    w = torch.tensor(opt["ce_weight"], dtype=torch.float64)[yy.clamp(min=0)] if opt.get("ce_weight") else 1.0
+    den = (w * valid).sum()
+    out = []
+    for reduction, want, want_z in (("sum", ref.sum(), zl.sum()),
+                                    ("mean", (ref - zl).sum() / den + zl.sum() / valid.sum(), zl.sum() / valid.sum())):
+        got, got_z = head.loss(h, y, config=replace(cfg, reduction=reduction, return_z_loss=True))
+        out += [(f"{label} reduction={reduction}", got.double(), want), (f"{label} z-loss {reduction}", got_z.double(),
+                                                                          want_z)]
+    return out
 
 
 def check_op_tp() -> List[Tuple[str, torch.Tensor, torch.Tensor]]:

@@ -64,13 +64,16 @@ class HeadView:
 
     basis: F, the local vocab shard, ``(V_local, k)``. mix: M, ``(k, D)``, replicated over TP; None stands
     for the identity (dense head, k = D). vocab_start: global vocabulary index of basis row 0.
-    vocab_size: the real (unpadded) V; rows at global index >= vocab_size are padding.
+    vocab_size: the real (unpadded) V; rows at global index >= vocab_size are padding. softcap: c when the head
+    outputs x = c tanh(z / c) of its linear logits z = F M h (Gemma's final-logit softcapping), else None: the
+    probe takes G at z, through the cap (dL/dz = dL/dx (1 - (x / c)^2)), on the unfused path as the fused one.
     """
 
     basis: torch.Tensor
     mix: Optional[torch.Tensor]
     vocab_start: int
     vocab_size: int
+    softcap: Optional[float] = None
 
     def valid_rows(self) -> int:
         """Rows of ``basis`` that are real vocabulary (the rest is Megatron's padding)."""
@@ -135,6 +138,11 @@ class HeadLogProb:
     vocab_size: int
     n_valid: int
     tp_group: Any = None
+    logits_fn: Optional[Callable[[Dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = None
+    """For a head whose loss is the cross-entropy of logits z with fn = log_softmax(z) (the ``stacked`` and
+    ``decoupled`` heads): z's function (fn's signature and TP convention, not normalised). The general probe then
+    runs through z, G = dL/dz: the same figures without z-loss (G sums to 0 per token and the update and Gram
+    are centred), and the z-loss's 2 zeta lse p term, which log p cannot carry, with it."""
 
     def __call__(self, h: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         return self.fn(self.params if params is None else params, h)
@@ -192,7 +200,7 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
         view = HeadView(basis=w.detach(), mix=None, vocab_start=rank * rows,
                         vocab_size=int(getattr(head, "output_size", rows * size)))
     if vocab_size is not None:
-        view = HeadView(view.basis, view.mix, view.vocab_start, int(vocab_size))
+        view = HeadView(view.basis, view.mix, view.vocab_start, int(vocab_size), view.softcap)
     return view
 
 

@@ -118,6 +118,7 @@ class FusedLossRecord:
     labels: ``[s, b]`` global class ids. vocab_start: global id of F's row 0. vocab_size: real V.
     logit_scale: c, the factor the logits carry (MuP's output multiplier; 1.0 otherwise). The probe's G is the
     gradient at the head's own logits z, c dL/d(c z) (what an unfused probe hooks, and what dL/dH carries).
+    bias: this rank's shard ``[V_local]`` of the head's logit bias, detached, times ``logit_scale`` (None: no bias).
     """
 
     loss: torch.Tensor
@@ -129,3 +130,4 @@ class FusedLossRecord:
     vocab_start: int
     vocab_size: int
     logit_scale: float = 1.0
+    bias: Optional[torch.Tensor] = None

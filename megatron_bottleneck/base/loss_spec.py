@@ -282,11 +282,13 @@ def log_prob_token_loss(logp: Tensor, labels: Tensor, spec: LossSpec, vocab_star
 
 
 def log_prob_logit_grad(logp: Tensor, labels: Tensor, spec: LossSpec, vocab_start: int, vocab_size: int,
-                        scale: Optional[Tensor] = None) -> Tensor:
+                        scale: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> Tensor:
     """dL/dx ``[T, n_valid]`` float64 of :func:`log_prob_token_loss`'s loss (times dL/dloss_t = ``scale``, None: 1)
     from this rank's normalised log-probabilities logp ``[T, n_valid]``: A p - B [i = y] - E w_i with lse = 0.
     The gradient at the model's logits c x (MuP's multiplier c = ``spec.logit_scale``, logp = log softmax(c x))
-    is c times this; the caller multiplies. No collective, no host sync."""
+    is c times this; the caller multiplies. ``lse`` ``[T]``: when logp is the log-softmax of logits a (a head whose
+    loss is the cross-entropy of a), their log-sum-exp: the z-loss term 2 zeta lse_t p enters (dL/da); None: no
+    z-loss (log-probabilities alone carry none). No collective, no host sync."""
     y = labels.reshape(-1)
     p = logp.detach().double().reshape(-1, logp.shape[-1])
     valid = y != spec.ignore_index
@@ -295,9 +297,11 @@ def log_prob_logit_grad(logp: Tensor, labels: Tensor, spec: LossSpec, vocab_star
     w_y = target_weights(w, y, valid, torch.float64)
     total_w = float(vocab_size) if w is None else w.sum()
     g = torch.ones_like(w_y) if scale is None else scale.reshape(-1).to(torch.float64)
-    lse = torch.zeros_like(w_y)
-    coef, b, e = grad_terms(g, None, lse, w_y, total_w, valid, spec.with_(z_loss_weight=0.0), vocab_size)
+    lse0 = torch.zeros_like(w_y)
+    z_spec = spec if lse is not None else spec.with_(z_loss_weight=0.0)
+    coef, b, e = grad_terms(g, None, lse0 if lse is None else lse.reshape(-1).to(torch.float64), w_y, total_w, valid,
+                            z_spec, vocab_size)  # lse enters the z-loss term only
     local = y - vocab_start
     tgt = torch.where(valid & (local >= 0) & (local < n), local, -1)
     out = p.clone()  # logit_grad_ takes logits and lse: logp itself with lse = 0
-    return logit_grad_(out, 0, lse, coef, tgt, b, e, None if w is None else w[vocab_start:vocab_start + n])
+    return logit_grad_(out, 0, lse0, coef, tgt, b, e, None if w is None else w[vocab_start:vocab_start + n])

@@ -27,12 +27,13 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from ..base.errors import HeadConfigError
+from ..base.errors import ConfigError, HeadConfigError
 from ..base.loss import FusedLossRecord, HeadLossStats, LossRequest
-from ..base.loss_spec import LossSpec
+from ..base.loss_spec import LossSpec, class_weights, reduce_token_loss, target_weights
 from ..ops import linear_cross_entropy
 
-__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input", "model_softcap", "detached_alias"]
+__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input", "model_softcap", "detached_alias",
+           "reduced_loss"]
 
 
 @dataclass
@@ -52,6 +53,14 @@ class FusedLossConfig:
     ce_weight: Optional[Tuple[float, ...]] = None
     """Class weights w ``[V]`` (>= 0), torch's / Liger's ``weight`` (None: 1 for every class). The per-token loss
     carries w_y; Megatron's loss function then averages it over the tokens (not over sum w_y)."""
+    reduction: Literal["none", "sum", "mean"] = "none"
+    """What ``head.loss`` / ``head_loss`` return: "none" the per-token loss ``[s, b]``, "sum", or "mean" (over the
+    non-ignored tokens, over sum_t w_{y_t} with ``ce_weight``; the z-loss part over the count), as
+    ``linear_cross_entropy``'s. A model takes "none" only: Megatron's loss function reduces the per-token loss
+    itself (loss mask, token counts over data / context parallelism)."""
+    return_z_loss: bool = False
+    """``head.loss`` / ``head_loss`` return (loss, z_loss), the z-loss part reduced like the loss (already inside
+    it: for logging). A model takes False only: its forward hands Megatron's loss function one loss tensor."""
     memory_budget_mib: Optional[float] = None
     """Working memory of the chunk loop (the vocabulary chunk is chosen to fit it); None: 16 MiB on CPUs, on GPUs
     1/8 of the free memory rounded down to a power of two, 1 to 4 GiB (``ops.default_memory_budget``)."""
@@ -69,6 +78,23 @@ class FusedLossConfig:
 
     def __post_init__(self):
         self.loss_spec()  # every loss option checked here, in one line (ConfigError)
+        LossSpec(reduction=self.reduction)
+        if not isinstance(self.return_z_loss, bool):
+            raise ConfigError(f"return_z_loss must be True or False, got {self.return_z_loss!r}.")
+
+    def check_model_path(self, vocab_size: Optional[int] = None) -> None:
+        """Refuse (HeadConfigError, one line) what a model's fused forward cannot honour: a reduction (Megatron's
+        loss function reduces the per-token loss with its loss mask), ``return_z_loss`` (the forward returns one
+        tensor), class weights without one per real class (``vocab_size``)."""
+        if self.reduction != "none":
+            raise HeadConfigError(f"reduction={self.reduction!r} in a model: its forward returns the per-token loss, "
+                                  f"which Megatron's loss function masks and reduces itself; use reduction='none'")
+        if self.return_z_loss:
+            raise HeadConfigError("return_z_loss=True in a model: its forward hands Megatron's loss function one "
+                                  "loss tensor (the z-loss inside it); call head.loss(...) to get the z-loss apart")
+        if vocab_size is not None and self.ce_weight is not None and len(self.ce_weight) != vocab_size:
+            raise HeadConfigError(f"ce_weight has {len(self.ce_weight)} class weights, the model's vocabulary "
+                                  f"{vocab_size} real classes: give one weight per class")
 
     def loss_spec(self, logit_scale: float = 1.0, softcap: Optional[float] = None) -> LossSpec:
         """The :class:`~megatron_bottleneck.base.loss_spec.LossSpec` of these options (per-token reduction), with
@@ -83,6 +109,20 @@ class FusedLossConfig:
                                   z_loss_weight=float(self.z_loss_weight), logit_scale=float(logit_scale),
                                   softcap=key[4], ce_weight=None if self.ce_weight is None else tuple(self.ce_weight))
         return cache[key]
+
+
+def reduced_loss(loss: torch.Tensor, z_loss: torch.Tensor, labels: torch.Tensor, config: FusedLossConfig,
+                 vocab_size: int):
+    """The per-token loss and z-loss part ``[s, b]`` reduced by ``config.reduction`` (``reduce_token_loss``,
+    the op's reductions); (loss, z_loss) with ``config.return_z_loss``, else the loss. On the device."""
+    if config.reduction != "none":
+        spec = config.loss_spec().with_(reduction=config.reduction)
+        y = labels.reshape(-1)
+        valid = y != spec.ignore_index
+        w = class_weights(spec, vocab_size, loss.device)
+        loss, z_loss = reduce_token_loss(loss.reshape(-1), z_loss.reshape(-1), valid, target_weights(w, y, valid),
+                                         spec, w is not None)
+    return (loss, z_loss) if config.return_z_loss else loss
 
 
 def model_softcap(config) -> Optional[float]:
@@ -185,6 +225,10 @@ class FusedHeadMixin:
     def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def loss_bias(self, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """This rank's shard ``[V_local]`` of a bias the head adds to its logits, None when it has none."""
+        return None
+
     def check_loss_spec(self, spec: LossSpec) -> None:
         """Refuse (HeadConfigError, one line) loss options this head cannot honour; every option by default."""
 
@@ -226,7 +270,8 @@ class FusedHeadMixin:
         over F = ``loss_weight(weight)`` in vocab chunks (online log-sum-exp, recomputing backward; max and
         sum-exp all-reduced over TP; rows at global index >= ``vocab_size`` excluded). Gradients reach every
         parameter and ``hidden`` as through the unfused forward + cross-entropy. With ``stats``, the pass is
-        kept in ``last_loss``.
+        kept in ``last_loss`` (per token). ``config.reduction`` / ``config.return_z_loss``: see
+        :func:`reduced_loss`. A bias of the head (``loss_bias``) is added to the logits before the cap.
         """
         config = config or FusedLossConfig()
         spec = config.loss_spec(logit_scale)
@@ -241,16 +286,20 @@ class FusedHeadMixin:
         if logit_scale != 1.0:
             u = u * logit_scale
         start = get_pg_rank(self.tp_group) * f.shape[0]
+        bias = self.loss_bias(weight)
+        if bias is not None and logit_scale != 1.0:
+            bias = bias * logit_scale  # MuP multiplies the biased logits
         budget = None if config.memory_budget_mib is None else int(config.memory_budget_mib * 2 ** 20)
-        loss = linear_cross_entropy(
+        loss, zl = linear_cross_entropy(
             u, f, labels, tp_group=self.tp_group, vocab_start=start, vocab_size=self.vocab_size,
             loss_spec=config.loss_spec(1.0), memory_budget_bytes=budget, fp8=config.fp8, stats=stats,
-            check_labels=False, kernel=config.kernel,
+            check_labels=False, kernel=config.kernel, bias=bias, return_z_loss=True,
             weight_grad_into_main_grad=weight_grad_into_main_grad)
         if stats is not None:
             mix = self.loss_mix()
             self.last_loss = FusedLossRecord(loss=loss, stats=stats, input=u.detach(), weight=f.detach(),
                                              mix=None if mix is None else mix.detach(), labels=labels,
                                              vocab_start=start, vocab_size=self.vocab_size,
-                                             logit_scale=float(logit_scale))
-        return loss
+                                             logit_scale=float(logit_scale),
+                                             bias=None if bias is None else bias.detach())  # x logit_scale
+        return reduced_loss(loss, zl, labels, config, self.vocab_size)

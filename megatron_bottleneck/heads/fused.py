@@ -89,11 +89,19 @@ class DenseOutputLayer(FusedHeadMixin, ColumnParallelLinear):
     def loss_weight(self, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return self.weight if weight is None else weight
 
+    def loss_bias(self, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The layer's bias shard ``[V_local]`` when its forward adds it (``bias=True``, not ``skip_bias_add``;
+        Megatron's GPT / Mamba output layers have none), detached with a detached weight (MTP)."""
+        if getattr(self, "bias", None) is None or self.skip_bias_add:
+            return None
+        return self.bias.detach() if self.params_detached else self.bias
+
     def probe_view(self, weight: Optional[torch.Tensor] = None) -> HeadView:
-        """F = W (this rank's shard), M = I."""
+        """F = W (this rank's shard), M = I; the model config's final-logit softcap, which the unfused forward
+        applies (:meth:`logits_forward`)."""
         w = (self.weight if weight is None else weight).detach()
         return HeadView(basis=w, mix=None, vocab_start=get_pg_rank(self.tp_group) * w.shape[0],
-                        vocab_size=self.vocab_size)
+                        vocab_size=self.vocab_size, softcap=model_softcap(getattr(self, "config", None)))
 
 
 def as_lm_head(layer, vocab_size: Optional[int] = None):
@@ -220,7 +228,7 @@ def enable_fused_loss(model, config: Optional[FusedLossConfig] = None):
         if head is None or inner is None:
             continue
         check_fusable(inner.config)
-        as_lm_head(head)
+        config.check_model_path(as_lm_head(head).vocab_size)
         inner.__class__ = fused_model_class(type(inner))
         cap = model_softcap(inner.config)  # Megatron-Bridge's Gemma: final_logit_softcapping, unless set here
         inner.fused_loss_config = replace(config, softcap=cap) if cap and config.softcap is None else config

@@ -30,7 +30,7 @@ from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext
 from ..base.tp_autograd import softmax_dtype, tp_log_softmax
 from ..ops import linear_cross_entropy
-from .contract import FusedLossConfig, tp_region_input
+from .contract import FusedLossConfig, reduced_loss, tp_region_input
 from .vocab_parallel import VocabParallelHead, vocab_parallel_nll
 
 __all__ = ["MixtureOfSoftmaxesOptions", "MixtureOfSoftmaxesHead"]
@@ -101,7 +101,8 @@ class MixtureOfSoftmaxesHead(VocabParallelHead):
             vocab_size=self.vocab_size, memory_budget_bytes=budget, check_labels=False, kernel=config.kernel,
             ) for j in range(self.k)], dim=-1)  # [s, b, K]; W's gradient summed by autograd over the K passes
         loss = -torch.logsumexp(log_pi.float() - ce, dim=-1)
-        return torch.where(labels != -100, loss, loss.new_zeros(()))
+        loss = torch.where(labels != -100, loss, loss.new_zeros(()))
+        return reduced_loss(loss, torch.zeros_like(loss), labels, config, self.vocab_size)
 
     def materialised_loss(self, hidden, labels, weight=None, label_smoothing: float = 0.0, spec=None):
         """The materialised loss whatever ``fused`` says (tests compare it with the fused one)."""

@@ -10,15 +10,15 @@ changes per token): it gives ``log_prob_fn`` and the linear probe refuses it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..base.errors import HeadConfigError
-from ..base.head import HeadBuildContext
-from ..base.tp_autograd import tp_log_softmax
+from ..base.head import HeadBuildContext, HeadLogProb
+from ..base.tp_autograd import tp_copy, tp_log_softmax
 from .contract import FusedHeadMixin, tp_region_input
 from .vocab_parallel import VocabParallelHead
 
@@ -65,6 +65,17 @@ class StackedHead(VocabParallelHead):
 
     def sharded_part(self, p, x):
         return tp_log_softmax(torch.matmul(x, self.weight_rows(p).t()), self.tp_group)
+
+    def log_prob_fn(self) -> HeadLogProb:
+        """VocabParallelHead's, with ``logits_fn`` z = W psi(h) (this rank's real columns): the general probe takes
+        G = dL/dz, the z-loss included."""
+        lp = super().log_prob_fn()
+
+        def logits(p: Dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+            (x,) = [tp_copy(v, self.tp_group) for v in self.replicated_part(p, h)]
+            return torch.matmul(x, self.weight_rows(p).t())
+
+        return replace(lp, logits_fn=logits)
 
     # linear in W given psi(h): the fused loss of the dense head over psi(h)
     def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:

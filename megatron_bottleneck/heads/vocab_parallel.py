@@ -46,7 +46,7 @@ from ..base.groups import default_tp_group
 from ..base.head import HeadBuildContext, HeadLogProb
 from ..base.loss_spec import LossSpec, log_prob_token_loss
 from ..base.tp_autograd import tp_copy, tp_reduce_sum
-from .contract import FusedHeadMixin, FusedLossConfig, tp_region_input
+from .contract import FusedHeadMixin, FusedLossConfig, reduced_loss, tp_region_input
 from .shards import VocabSharded
 
 __all__ = ["VocabParallelHead", "vocab_parallel_nll"]
@@ -207,8 +207,9 @@ class VocabParallelHead(FusedHeadMixin, VocabSharded, torch.nn.Module):
         """Materialised: -log p(y) ``[s, b]`` float32 from u ``[s, b, V/tp]`` (this head has no fused loss)."""
         config = config or FusedLossConfig()
         self.check_loss_options(config, logit_scale)
-        return vocab_parallel_nll(self.log_probs(hidden, weight), labels, self.vocab_start, self.vocab_size,
+        loss = vocab_parallel_nll(self.log_probs(hidden, weight), labels, self.vocab_start, self.vocab_size,
                                   self.tp_group, spec=config.loss_spec())
+        return reduced_loss(loss, torch.zeros_like(loss), labels, config, self.vocab_size)
 
     def log_prob_fn(self) -> HeadLogProb:
         """The general probe's view (:class:`~megatron_bottleneck.base.head.HeadLogProb`): fn(p, h [T, D]) =

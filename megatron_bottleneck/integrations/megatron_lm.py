@@ -29,6 +29,7 @@ import atexit
 import functools
 import importlib
 import inspect
+import math
 import os
 import runpy
 import sys
@@ -115,6 +116,15 @@ def add_arguments(parser):
                         "(logits returned without labels stay uncapped); needs --lm-head-fused-loss.")
     g.add_argument("--lm-head-z-loss-weight", type=float, default=0.0,
                    help="Fused loss: z-loss weight w, adds w lse^2 per token; needs --lm-head-fused-loss.")
+    g.add_argument("--lm-head-label-smoothing", type=float, default=0.0,
+                   help="Fused loss: label smoothing alpha in [0, 1) (Megatron-LM's cross-entropy has none); needs "
+                        "--lm-head-fused-loss.")
+    g.add_argument("--lm-head-smoothing-convention", choices=("megatron", "torch"), default="megatron",
+                   help="megatron: eps = alpha V / (V - 1), 1 - alpha on the label (Megatron-Core's); torch: eps = "
+                        "alpha (torch's, Liger-Kernel's).")
+    g.add_argument("--lm-head-class-weights", type=str, default=None,
+                   help="Fused loss: a file of V class weights >= 0 (whitespace-separated numbers, or a 1-D tensor "
+                        "saved by torch.save as .pt): the per-token loss carries w_y; needs --lm-head-fused-loss.")
     g.add_argument("--probe-interval", type=int, default=0,
                    help="Gradient-probe cheap figures every N steps (0: probe off).")
     g.add_argument("--probe-update-interval", type=int, default=0,
@@ -145,6 +155,9 @@ def _option_parser():
     p.add_argument("--lm-head-fused-loss", action="store_true")
     p.add_argument("--lm-head-softcap", type=str, default=None)
     p.add_argument("--lm-head-z-loss-weight", type=str, default=None)
+    p.add_argument("--lm-head-label-smoothing", type=str, default=None)
+    p.add_argument("--lm-head-smoothing-convention", type=str, default=None)
+    p.add_argument("--lm-head-class-weights", type=str, default=None)
     for name, default in (("--probe-interval", "0"), ("--probe-update-interval", "0"),
                           ("--probe-rank-interval", "0"), ("--probe-rank-token-budget", "2048"),
                           ("--probe-general-tokens", "256"), ("--probe-general-iterations", "32")):
@@ -174,10 +187,20 @@ def _int(args, name: str, minimum: Optional[int] = None) -> Optional[int]:
 
 
 def _fused_loss_config(args) -> FusedLossConfig:
-    """The fused loss's options from ``--lm-head-softcap`` / ``--lm-head-z-loss-weight`` (one-line HeadConfigError
-    for a bad value, or for either without ``--lm-head-fused-loss``)."""
+    """The fused loss's options from ``--lm-head-softcap`` / ``--lm-head-z-loss-weight`` /
+    ``--lm-head-label-smoothing`` / ``--lm-head-smoothing-convention`` / ``--lm-head-class-weights`` (one-line
+    HeadConfigError for a bad value, or for any of them without ``--lm-head-fused-loss``)."""
     values = {}
-    for flag, key in (("--lm-head-softcap", "softcap"), ("--lm-head-z-loss-weight", "z_loss_weight")):
+    fused = getattr(args, "lm_head_fused_loss", False)
+
+    def needs_fused(flag):
+        if not fused:
+            raise HeadConfigError(f"{flag} is an option of the fused head loss: add --lm-head-fused-loss")
+
+    for flag, key, low, bound in (("--lm-head-softcap", "softcap", "> 0", lambda v: v > 0),
+                                  ("--lm-head-z-loss-weight", "z_loss_weight", ">= 0", lambda v: v >= 0),
+                                  ("--lm-head-label-smoothing", "label_smoothing", "in [0, 1)",
+                                   lambda v: 0 <= v < 1)):
         raw = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if raw is None:
             continue
@@ -185,13 +208,47 @@ def _fused_loss_config(args) -> FusedLossConfig:
             value = float(raw)
         except ValueError:
             raise HeadConfigError(f"{flag} takes a number, got {raw!r}") from None
-        ok = value > 0 if key == "softcap" else value >= 0
-        if not ok:
-            raise HeadConfigError(f"{flag} must be {'> 0' if key == 'softcap' else '>= 0'}, got {value:g}")
-        if value and not getattr(args, "lm_head_fused_loss", False):
-            raise HeadConfigError(f"{flag} is an option of the fused head loss: add --lm-head-fused-loss")
+        if not bound(value):
+            raise HeadConfigError(f"{flag} must be {low}, got {value:g}")
+        if value:
+            needs_fused(flag)
         values[key] = value
+    convention = getattr(args, "lm_head_smoothing_convention", None)
+    if convention is not None:
+        if convention not in ("megatron", "torch"):
+            raise HeadConfigError(f"--lm-head-smoothing-convention {convention!r}: use megatron (eps = alpha V / "
+                                  f"(V - 1), Megatron-Core's) or torch (eps = alpha)")
+        if convention != "megatron":
+            needs_fused("--lm-head-smoothing-convention")
+        values["smoothing_convention"] = convention
+    path = getattr(args, "lm_head_class_weights", None)
+    if path is not None:
+        needs_fused("--lm-head-class-weights")
+        values["ce_weight"] = read_class_weights(path)
     return FusedLossConfig(**values)
+
+
+def read_class_weights(path: str) -> tuple:
+    """V class weights from ``path`` (``--lm-head-class-weights``): a 1-D tensor saved by ``torch.save`` (``.pt``,
+    ``.pth``) or whitespace-separated numbers; finite and >= 0. One-line HeadConfigError otherwise (the count is
+    checked against the head's vocabulary when the head is installed)."""
+    flag = f"--lm-head-class-weights {path}"
+    if not os.path.isfile(path):
+        raise HeadConfigError(f"{flag}: no such file")
+    try:
+        if path.endswith((".pt", ".pth")):
+            t = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(t, torch.Tensor) and t.dim() == 1):
+                raise ValueError("not a 1-D tensor")
+            w = tuple(float(v) for v in t.double().tolist())
+        else:
+            with open(path) as f:
+                w = tuple(float(v) for v in f.read().split())
+    except (ValueError, RuntimeError, OSError, EOFError) as exc:
+        raise HeadConfigError(f"{flag}: not a list of numbers or a 1-D tensor ({str(exc).splitlines()[0]})") from None
+    if len(w) < 2 or not all(math.isfinite(v) and v >= 0 for v in w):
+        raise HeadConfigError(f"{flag}: class weights must be at least 2 finite numbers >= 0 (one per class)")
+    return w
 
 
 def check_arguments(argv: List[str], cpu: Optional[bool] = None) -> List[str]:

@@ -114,5 +114,7 @@ def finish_head(model, head, fused_from_head: bool, post_process: bool, real_voc
     if post_process and (real_vocab_size is not None or fused_loss):
         as_lm_head(model.output_layer, real_vocab_size)
     if fused_loss:
-        model.fused_loss_config = fused_loss if isinstance(fused_loss, FusedLossConfig) else FusedLossConfig()
+        config = fused_loss if isinstance(fused_loss, FusedLossConfig) else FusedLossConfig()
+        config.check_model_path(model.output_layer.vocab_size if post_process else None)
+        model.fused_loss_config = config
     return model

@@ -489,13 +489,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w_full = class_weights(spec, vocab_size, u.device)
         w_local = None if w_full is None else w_full[vocab_start:vocab_start + n_real]
         want_p2, want_sum = stats is not None, s > 0
-        use_triton = (triton_lce.should_use(u, q, cfg["kernel"]) and w_full is None and bias is None
-                      and not (want_p2 and cap is not None))
+        use_triton = (triton_lce.should_use(u, q, cfg["kernel"])
+                      and not (want_p2 and (cap is not None or w_full is not None)))
 
         valid, tgt = _local_targets(labels, spec.ignore_index, vocab_start, n_real)
         moments = {} if want_p2 else None
         if use_triton:
-            lse, lse2, z_y, sum_z = triton_lce.forward_chunks(u, weight, n_real, want_p2, tgt, want_sum, softcap=cap)
+            lse, lse2, z_y, sum_z = triton_lce.forward_chunks(u, weight, n_real, want_p2, tgt, want_sum, softcap=cap,
+                                                              bias=bias, class_weights=w_local)
             if want_p2:
                 moments.update(lspw=lse.clone(), s_ww=torch.full_like(lse, float(n_real)))
         else:
@@ -573,7 +574,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w, direct = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), False
         if ctx.use_triton:
             triton_lce.backward_chunks(u, weight, n_real, lse, coef, grad_u, grad_w, tgt, b, e, chunk,
-                                       softcap=spec.softcap)
+                                       softcap=spec.softcap, bias=bias, class_weights=w_local, grad_bias=grad_b)
         else:
             _backward_chunks(u, weight, n_real, chunk, lse, coef, q, grad_u, grad_w, tgt, b, e,
                              fp32_out=cfg["plan"].fp32_output_mm, cap=spec.softcap, w_local=w_local, bias=bias,
@@ -726,7 +727,7 @@ def linear_cross_entropy(
             tensors under TRITON_INTERPRET=1) or "auto" (Triton for CUDA float32 / bfloat16 / float16
             tensors when Triton imports, else torch); None (default): the environment variable
             MB_FUSED_KERNEL when set and not empty, else "torch" (an explicit argument wins over the
-            environment). fp8, ``ce_weight``, ``bias`` and statistics under a softcap always run the torch
+            environment). fp8, and statistics under a softcap or with ``ce_weight``, always run the torch
             loops. Both are deterministic (no atomics; fixed summation orders).
         weight_grad_into_main_grad: when True and ``weight.main_grad`` exists (Megatron DDP with
             gradient_accumulation_fusion), dL/dF (float32) is added into ``weight.main_grad`` (directly

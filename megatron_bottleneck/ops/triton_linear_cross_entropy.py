@@ -22,7 +22,8 @@ Backward, :func:`backward_chunks` (adds to grad_u [T, k] and grad_w[:n_real] [n_
     grad_u += G @ F[:n_real],                         grad_w[:n_real] += G^T @ u
 
 (coef may be negative or 0; the one-hot term b only where tgt_t is the column; e the smoothing term,
-optional). The vocabulary is walked in chunks of C rows (``chunk``: the torch loop's chunk, sized by the
+optional, e_t w_i with class weights w; z is u F^T + bias with a bias, before the cap, and grad_bias += sum_t G
+from float32 per-token-block column sums). The vocabulary is walked in chunks of C rows (``chunk``: the torch loop's chunk, sized by the
 op's memory budget for two float32 [T, C] tensors); per chunk [v0, v0 + C), three launches, no atomics:
 
 1. ``_grad_logits_kernel``, grid (T / BT, C / BV): recomputes the logit tile z = u_t-block F_v-tile^T
@@ -272,8 +273,9 @@ if triton is not None:
         return z
 
     @triton.jit
-    def _lse_fwd_kernel(u_ptr, w_ptr, tgt_ptr, lse_ptr, lse2_ptr, zy_ptr, sz_ptr, T, K, n_real, n_split,
-                        s_ut, s_wv, cap, WANT_P2: tl.constexpr, WANT_SUM: tl.constexpr, HAS_CAP: tl.constexpr,
+    def _lse_fwd_kernel(u_ptr, w_ptr, tgt_ptr, lse_ptr, lse2_ptr, zy_ptr, sz_ptr, bias_ptr, cw_ptr, T, K, n_real,
+                        n_split, s_ut, s_wv, cap, WANT_P2: tl.constexpr, WANT_SUM: tl.constexpr,
+                        HAS_CAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr,
                         PREC: tl.constexpr, UP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                         BK: tl.constexpr):
         pid_t = tl.program_id(0)
@@ -293,11 +295,17 @@ if triton is not None:
             mask_v = offs_v < n_real
             w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * s_wv
             z = _logit_tile(u_rows, w_cols, mask_t, mask_v, K, PREC, UP, BT, BV, BK)
+            if HAS_BIAS:  # a = u F^T + bias, before the cap
+                z += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
             if HAS_CAP:  # final-logit softcapping, x = c tanh(z / c)
                 z = cap * _tanh(z / cap)
             zy += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)  # tgt < n_real
             if WANT_SUM:
-                sz += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+                if HAS_W:  # sum_i w_i x_i (class weights)
+                    wv = tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                    sz += tl.sum(tl.where(mask_v[None, :], z * wv[None, :], 0.0), axis=1)
+                else:
+                    sz += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
             z = tl.where(mask_v[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             e = tl.exp(z - m_new[:, None])
@@ -315,11 +323,13 @@ if triton is not None:
             tl.store(sz_ptr + out, sz, mask=mask_t)
 
     @triton.jit
-    def _grad_logits_kernel(u_ptr, w_ptr, lse_ptr, coef_ptr, tgt_ptr, b_ptr, e_ptr, g_ptr, T, K, v0, vc,
-                            s_ut, s_wv, s_gt, cap, HAS_E: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
+    def _grad_logits_kernel(u_ptr, w_ptr, lse_ptr, coef_ptr, tgt_ptr, b_ptr, e_ptr, g_ptr, bias_ptr, cw_ptr, gb_ptr,
+                            T, K, v0, vc, s_ut, s_wv, s_gt, cap, HAS_E: tl.constexpr, HAS_CAP: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr,
                             UP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-        """Gc[t, c] = G[t, v0 + c] for the chunk's columns c < vc (w_ptr points at row v0), rounded to
-        Gc's dtype; zeros for token blocks without an active token."""
+        """Gc[t, c] = G[t, v0 + c] for the chunk's columns c < vc (w_ptr, bias_ptr, cw_ptr point at row v0),
+        rounded to Gc's dtype; zeros for token blocks without an active token. HAS_BIAS: also the float32 column
+        sums of the tile's G into gb[pid_t, c] (the bias gradient's partial sums, summed over pid_t by torch)."""
         pid_t = tl.program_id(0)
         pid_v = tl.program_id(1)
         offs_t = pid_t * BT + tl.arange(0, BT)
@@ -329,6 +339,7 @@ if triton is not None:
         t64 = offs_t.to(tl.int64)
         g_out = g_ptr + t64[:, None] * s_gt + offs_c[None, :]
         mask_g = mask_t[:, None] & mask_c[None, :]
+        gb_out = gb_ptr + pid_t * vc + offs_c
         coef = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
         bt = tl.load(b_ptr + offs_t, mask=mask_t, other=0.0)
         act = tl.abs(coef) + tl.abs(bt)
@@ -336,11 +347,13 @@ if triton is not None:
             et = tl.load(e_ptr + offs_t, mask=mask_t, other=0.0)
             act += tl.abs(et)
         if tl.max(act, axis=0) > 0:
-            lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
+            lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=float("inf"))  # rows t >= T: exp(z - lse) = 0
             tgt = tl.load(tgt_ptr + offs_t, mask=mask_t, other=-1)
             u_rows = u_ptr + t64[:, None] * s_ut
             w_cols = w_ptr + offs_c.to(tl.int64)[None, :] * s_wv
             z = _logit_tile(u_rows, w_cols, mask_t, mask_c, K, PREC, UP, BT, BV, BK)
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
             if HAS_CAP:
                 th = _tanh(z / cap)
                 z = cap * th
@@ -348,14 +361,22 @@ if triton is not None:
             p = coef[:, None] * tl.exp(z - lse[:, None])
             p -= tl.where((offs_c + v0)[None, :] == tgt[:, None], bt[:, None], 0.0)
             if HAS_E:
-                p -= et[:, None]
+                if HAS_W:  # the smoothing term carries the class weight: e_t w_i
+                    wc = tl.load(cw_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                    p -= et[:, None] * wc[None, :]
+                else:
+                    p -= et[:, None]
             if HAS_CAP:  # through the cap: dx/dz = 1 - tanh^2
                 p = p * (1.0 - th * th)
+            if HAS_BIAS:  # dL/dbias = sum_t G, float32, before the rounding (rows t >= T: G = 0, see lse)
+                tl.store(gb_out, tl.sum(p, axis=0), mask=mask_c)
             if UP:  # interpreter: round to nearest as a GPU's cast does (the interpreter's truncates)
                 p = _round_bf16(p)
             tl.store(g_out, p.to(g_ptr.dtype.element_ty), mask=mask_g)
         else:
             tl.store(g_out, tl.zeros((BT, BV), g_ptr.dtype.element_ty), mask=mask_g)
+            if HAS_BIAS:
+                tl.store(gb_out, tl.zeros((BV,), tl.float32), mask=mask_c)
 
     @triton.jit
     def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, N, KR, s_am, s_ak, s_bk, s_cm,
@@ -391,6 +412,13 @@ if triton is not None:
         tl.store(c_ptrs, tl.load(c_ptrs, mask=mask_c, other=0.0) + acc, mask=mask_c)
 
 
+def grad_logits_block_n(cfg: TileConfig, extras: bool) -> int:
+    """BV of ``_grad_logits_kernel``: the config's, halved for the bias / class-weight variant (HAS_BIAS or
+    HAS_W) of a tile over 8192 elements (16-bit on sm90 / sm100, 128 x 128: the bias gradient's column sums and
+    the weights' tile spilled 80-120 B on sm_90a with the cap; 128 x 64 spills none, ptxas -v)."""
+    return cfg.block_n // 2 if extras and cfg.block_m * cfg.block_n > 8192 else cfg.block_n
+
+
 def _prepare(u: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(u, weight) with unit stride along k, as the kernels read them (a copy only for a strided view:
     a transposed u; never for a parameter)."""
@@ -415,13 +443,16 @@ def _no_target(t: int, device) -> torch.Tensor:
 
 
 def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: bool,
-                   tgt: Optional[torch.Tensor] = None, want_sum: bool = False, softcap: Optional[float] = None):
+                   tgt: Optional[torch.Tensor] = None, want_sum: bool = False, softcap: Optional[float] = None,
+                   bias: Optional[torch.Tensor] = None, class_weights: Optional[torch.Tensor] = None):
     """(lse [T], lse2 [T] or None, z_y [T], sum_z [T] or None), float32, over rows [0, n_real) of weight.
 
     tgt [T]: the local row of each token's target, -1 where it is not a real row here (None: all -1);
     z_y = z_{t, tgt_t} (0 for -1). lse / lse2 are -inf where n_real == 0. See the module docstring.
     softcap: c (None: none): every quantity is of the capped logits x = c tanh(z / c) (lse2 then is NOT the
-    probe's d-weighted sum: the op runs the torch loop when it needs statistics under a cap)."""
+    probe's d-weighted sum: the op runs the torch loop when it needs statistics under a cap). bias [>= n_real]:
+    added to the logits before the cap (a = u F^T + bias). class_weights [n_real] float32: sum_z is then
+    sum_i w_i x_i (lse2 stays unweighted: the op runs the torch loop for statistics with class weights)."""
     u, weight = _prepare(u, weight)
     t, k = u.shape
     z_y = torch.zeros(t, dtype=torch.float32, device=u.device)
@@ -438,10 +469,12 @@ def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: 
     zy = torch.empty_like(lse)
     sz = torch.empty_like(lse) if want_sum else zy
     prec, up = _precision(u)
+    bias_c = lse if bias is None else bias.contiguous()
+    cw = lse if class_weights is None else class_weights.to(torch.float32).contiguous()
     _lse_fwd_kernel[(t_blocks, n_split)](
-        u, weight, tgt, lse, lse2, zy, sz, t, k, n_real, n_split, u.stride(0), weight.stride(0),
+        u, weight, tgt, lse, lse2, zy, sz, bias_c, cw, t, k, n_real, n_split, u.stride(0), weight.stride(0),
         float(softcap or 1.0), WANT_P2=bool(want_p2), WANT_SUM=bool(want_sum), HAS_CAP=softcap is not None,
-        PREC=prec, UP=up, BT=cfg.block_m,
+        HAS_BIAS=bias is not None, HAS_W=class_weights is not None, PREC=prec, UP=up, BT=cfg.block_m,
         BV=cfg.block_n, BK=cfg.block_k, **opts)
     if n_split == 1:
         return lse[0], (lse2[0] if want_p2 else None), zy[0], (sz[0] if want_sum else None)
@@ -462,13 +495,16 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, prec, up) -> None
 def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: torch.Tensor, coef: torch.Tensor,
                     grad_u: torch.Tensor, grad_w: torch.Tensor, tgt: Optional[torch.Tensor] = None,
                     b: Optional[torch.Tensor] = None, e: Optional[torch.Tensor] = None,
-                    chunk: Optional[int] = None, softcap: Optional[float] = None) -> None:
+                    chunk: Optional[int] = None, softcap: Optional[float] = None, bias: Optional[torch.Tensor] = None,
+                    class_weights: Optional[torch.Tensor] = None, grad_bias: Optional[torch.Tensor] = None) -> None:
     """grad_u [T, k] += G F[:n_real]; grad_w[:n_real] += G^T u (both float32), with
     G = coef exp(z - lse) - b [i = tgt] - e formed in float32 in the kernel (b, e [T]; None: 0).
 
     chunk: vocab rows per pass (None: all n_real); a [T, chunk] buffer of u's dtype holds G rounded to
     u's dtype. Three launches per chunk, no atomics (see the module docstring). softcap: c (None: none):
-    G = (coef exp(x - lse) - b [i = tgt] - e) (1 - (x / c)^2) with x = c tanh(z / c)."""
+    G = (coef exp(x - lse) - b [i = tgt] - e) (1 - (x / c)^2) with x = c tanh(z / c). bias [>= n_real]: added to
+    the logits before the cap; grad_bias [>= n_real] float32 += sum_t G (float32 partial sums per token block,
+    summed in a fixed order: deterministic). class_weights [n_real]: the smoothing term is e_t w_i."""
     u, weight = _prepare(u, weight)
     t, k = u.shape
     if n_real == 0 or t == 0:
@@ -491,13 +527,24 @@ def backward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, lse: tor
     c = n_real if chunk is None else max(1, min(int(chunk), n_real))
     c = min(-(-c // 16) * 16, -(-n_real // 16) * 16)  # a multiple of 16: aligned rows of the buffer
     g = torch.empty((t, c), dtype=u.dtype, device=u.device)
+    t_blocks = triton.cdiv(t, cfg.block_m)
+    has_bias = bias is not None
+    if has_bias and (grad_bias is None or grad_bias.dtype != torch.float32):
+        raise ValueError("a bias needs grad_bias, a float32 [>= n_real] buffer.")
+    gb = torch.empty((t_blocks, c), dtype=torch.float32, device=u.device) if has_bias else lse
+    cw = None if class_weights is None else class_weights.to(torch.float32).contiguous()
+    bv = grad_logits_block_n(cfg, has_bias or cw is not None)
     for v0 in range(0, n_real, c):
         vc = min(c, n_real - v0)
         w_c = weight[v0:v0 + vc]
-        _grad_logits_kernel[(triton.cdiv(t, cfg.block_m), triton.cdiv(vc, cfg.block_n))](
-            u, w_c, lse, coef, tgt, b, e, g, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0),
-            float(softcap or 1.0), HAS_E=has_e, HAS_CAP=softcap is not None, PREC=prec, UP=up, BT=cfg.block_m,
-            BV=cfg.block_n, BK=cfg.block_k, **opts)
+        bias_c = bias[v0:v0 + vc] if has_bias else lse
+        cw_c = cw[v0:v0 + vc] if cw is not None else lse
+        _grad_logits_kernel[(t_blocks, triton.cdiv(vc, bv))](
+            u, w_c, lse, coef, tgt, b, e, g, bias_c, cw_c, gb, t, k, v0, vc, u.stride(0), w_c.stride(0), g.stride(0),
+            float(softcap or 1.0), HAS_E=has_e, HAS_CAP=softcap is not None, HAS_BIAS=has_bias,
+            HAS_W=cw is not None, PREC=prec, UP=up, BT=cfg.block_m, BV=bv, BK=cfg.block_k, **opts)
+        if has_bias:
+            grad_bias[v0:v0 + vc] += gb.view(-1)[:t_blocks * vc].view(t_blocks, vc).sum(0)  # rows of vc
         g_c = g[:, :vc]
         _mm_acc(g_c, w_c, grad_u, prec, up)  # dU pass: grad_u += Gc F_c
         _mm_acc(g_c.t(), u, grad_w[v0:v0 + vc], prec, up)  # dW pass: grad_w[chunk] += Gc^T u
@@ -570,23 +617,25 @@ def inspect_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, capa
             "shared_bytes": int(k.metadata.shared)}
 
 
-def _compile_specs(dt: str, cap: bool = False):
+def _compile_specs(dt: str, cap: bool = False, extras: bool = False):
     """The kernels as :func:`forward_chunks` / :func:`backward_chunks` launch them for contiguous inputs of
     dtype ``dt`` ("fp32" | "bf16" | "fp16") at realistic sizes (T, k, V_local and the chunk multiples of
     16): [(report name, config kernel, fn, signature, constexprs, divisible)]. ``cap``: only the softcap
-    variants (HAS_CAP) of the two logit kernels. The unit strides along k
+    variants (HAS_CAP) of the two logit kernels; ``extras``: only their bias + class-weight variants (HAS_BIAS,
+    HAS_W; with ``cap`` as well, all three). The unit strides along k
     are built into the kernels; the dU / dW GEMMs read Gc row- / column-major (Triton specializes the
     stride 1 at a launch, as here)."""
     x, f32 = "*" + dt, "*fp32"
     prec = "ieee" if dt == "fp32" else None
-    fwd_sig = dict(u_ptr=x, w_ptr=x, tgt_ptr="*i64", lse_ptr=f32, lse2_ptr=f32, zy_ptr=f32, sz_ptr=f32, T="i32",
-                   K="i32", n_real="i32", n_split="i32", s_ut="i32", s_wv="i32", cap="fp32")
-    fwd_const = dict(WANT_P2=True, WANT_SUM=True, HAS_CAP=cap, PREC=prec, UP=False)
+    fwd_sig = dict(u_ptr=x, w_ptr=x, tgt_ptr="*i64", lse_ptr=f32, lse2_ptr=f32, zy_ptr=f32, sz_ptr=f32, bias_ptr=x,
+                   cw_ptr=f32, T="i32", K="i32", n_real="i32", n_split="i32", s_ut="i32", s_wv="i32", cap="fp32")
+    fwd_const = dict(WANT_P2=True, WANT_SUM=True, HAS_CAP=cap, HAS_BIAS=extras, HAS_W=extras, PREC=prec, UP=False)
     fwd_div = ("u_ptr", "w_ptr", "tgt_ptr", "lse_ptr", "lse2_ptr", "zy_ptr", "sz_ptr", "T", "K", "n_real", "s_ut",
                "s_wv")
     gl_sig = dict(u_ptr=x, w_ptr=x, lse_ptr=f32, coef_ptr=f32, tgt_ptr="*i64", b_ptr=f32, e_ptr=f32, g_ptr=x,
-                  T="i32", K="i32", v0="i32", vc="i32", s_ut="i32", s_wv="i32", s_gt="i32", cap="fp32")
-    gl_const = dict(HAS_E=True, HAS_CAP=cap, PREC=prec, UP=False)
+                  bias_ptr=x, cw_ptr=f32, gb_ptr=f32, T="i32", K="i32", v0="i32", vc="i32", s_ut="i32", s_wv="i32",
+                  s_gt="i32", cap="fp32")
+    gl_const = dict(HAS_E=True, HAS_CAP=cap, HAS_BIAS=extras, HAS_W=extras, PREC=prec, UP=False)
     gl_div = ("u_ptr", "w_ptr", "lse_ptr", "coef_ptr", "tgt_ptr", "b_ptr", "e_ptr", "g_ptr", "T", "K", "v0", "vc",
               "s_ut", "s_wv", "s_gt")
     mm_sig = dict(a_ptr=x, b_ptr=x, c_ptr=f32, M="i32", N="i32", KR="i32", s_am="i32", s_ak="i32", s_bk="i32",
@@ -596,7 +645,7 @@ def _compile_specs(dt: str, cap: bool = False):
     mm_const = dict(PREC=prec, UP=False, GROUP_M=8)
     logit_kernels = [("lse_fwd", "lse_fwd", _lse_fwd_kernel, fwd_sig, fwd_const, fwd_div),
                      ("grad_logits", "grad_logits", _grad_logits_kernel, gl_sig, gl_const, gl_div)]
-    if cap:  # the GEMM kernels have no cap variant
+    if cap or extras:  # the GEMM kernels have no cap / bias / class-weight variant
         return logit_kernels
     return [*logit_kernels,
             ("mm_acc dU (Gc @ F)", "mm_acc", _mm_acc_kernel, du_sig, dict(mm_const, s_ak=1), mm_div + ("s_am",)),
@@ -604,10 +653,11 @@ def _compile_specs(dt: str, cap: bool = False):
 
 
 def compile_resources(dtypes=("bf16", "fp16", "fp32"), archs=tuple(ARCHS), configs=None,
-                      softcap: bool = False) -> List[dict]:
+                      softcap: bool = False, extras: bool = False) -> List[dict]:
     """Every kernel of this module compiled at its shipped configuration (or ``configs``, a dict like
     :data:`CONFIGS`) for each arch of :data:`ARCHS` and input dtype, without a GPU: one row per kernel x
-    dtype x arch (``softcap``: the two logit kernels' softcap variants only), :func:`inspect_kernel`'s figures
+    dtype x arch (``softcap`` / ``extras``: the two logit kernels' softcap / bias + class-weight variants only),
+    :func:`inspect_kernel`'s figures
     plus "kernel", "dtype", "shared_limit" (the family's,
     :data:`SHARED_LIMIT`) and the configuration (block_m, block_n, block_k, num_warps, num_stages)."""
     reason = compile_unavailable()
@@ -616,14 +666,15 @@ def compile_resources(dtypes=("bf16", "fp16", "fp32"), archs=tuple(ARCHS), confi
     configs = CONFIGS if configs is None else configs
     rows = []
     for dt in dtypes:
-        for name, cfg_name, fn, sig, const, div in _compile_specs(dt, softcap):
+        for name, cfg_name, fn, sig, const, div in _compile_specs(dt, softcap, extras):
             for arch in archs:
                 cap, fam = ARCHS[arch]
                 cfg = configs[(cfg_name, dt, fam)]
+                bv = grad_logits_block_n(cfg, extras) if cfg_name == "grad_logits" else cfg.block_n
                 tiles = ({"BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k} if cfg_name == "mm_acc" else
-                         {"BT": cfg.block_m, "BV": cfg.block_n, "BK": cfg.block_k})
+                         {"BT": cfg.block_m, "BV": bv, "BK": cfg.block_k})
                 info = inspect_kernel(fn, {**sig, **{t: "constexpr" for t in (*const, *tiles)}},
                                       {**const, **tiles}, div, cap, cfg.num_warps, cfg.num_stages)
                 rows.append({"kernel": name, "dtype": dt, "arch": arch, **info, "shared_limit": SHARED_LIMIT[fam],
-                             **dataclasses.asdict(cfg)})
+                             **dataclasses.asdict(cfg), **({"block_n": bv} if cfg_name != "mm_acc" else {})})
     return rows

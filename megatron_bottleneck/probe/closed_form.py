@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron.core.utils import get_pg_size
 
 from ..base.head import HeadView, head_view, is_lm_head
+from ..base.loss_spec import softcap_slope
 from ..ops.linear_cross_entropy import logit_grad_rows, slice_rows
 from .spectrum import GramAccumulator
 from .stats import StepAccumulator
@@ -109,6 +110,10 @@ class ClosedFormStrategy:
         if watch_hidden:
             hidden.register_hook(lambda dh: self._on_hidden_grad(dh, mb))
         host._try(self._prepare, module, kwargs.get("weight"), mb, plan, sp, watch_hidden)
+        if not fused and mb.view is not None and mb.view.softcap is not None:
+            # a copy: Megatron's cross-entropy subtracts the row max from its input in place (one logit-sized
+            # tensor on a probed unfused step of a capped head, released by the hook)
+            mb.capped = output.detach().clone()
 
     def _prepare(self, module, weight, mb: MicroBatch, plan: Plan, sp: bool, watch_hidden: bool) -> None:
         mb.view = self._view(module, weight)
@@ -121,12 +126,16 @@ class ClosedFormStrategy:
                                           padding=False)
 
     def _on_output_grad(self, grad, mb: MicroBatch, sp: bool) -> None:
-        """dL/dlogits (unfused: G's vocab shard [s, b, V/tp]) or dL/dloss_t (fused: [s, b])."""
+        """dL/dlogits (unfused: G's vocab shard [s, b, V/tp], taken through a softcapped head's cap to its linear
+        logits, where the fused path takes it) or dL/dloss_t (fused: [s, b])."""
         host = self.host
         with host._timed():
             if mb.fused:
                 host._try(self._fused_output_grad, grad, mb)
             else:
+                if mb.capped is not None:  # G at the linear logits z, through the cap (as the fused path's)
+                    grad = grad.float() * softcap_slope(mb.capped.float(), mb.view.softcap)
+                    mb.capped = None
                 e = host._try(self._unfused_output_grad, grad, mb)
                 if self.shape.padded and mb.watch_hidden:
                     # padding correction: every TP rank enters this one collective, zeros if it failed
@@ -160,7 +169,7 @@ class ClosedFormStrategy:
         st = rec.stats
         g = logit_grad_rows(rec.input.reshape(-1, rec.input.shape[-1])[:n], rec.weight, rec.labels.reshape(-1)[:n],
                             st.lse.reshape(-1)[:n], grad_out.reshape(-1)[:n], vocab_start=rec.vocab_start,
-                            vocab_size=rec.vocab_size, loss_spec=st.loss_spec())
+                            vocab_size=rec.vocab_size, loss_spec=st.loss_spec(), bias=rec.bias)
         if self._slice is not None:
             self._slice.add_logit_grad(g, mb.view, mb.full_hidden.reshape(-1, mb.full_hidden.shape[-1])[:n],
                                        padding=False)

@@ -167,7 +167,8 @@ SUM_NAMES = ("visible", "grad_sq", "residual_max", "update_inner", "update_sq", 
 
 def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_size: int,
                scale: Optional[Tensor] = None, label_smoothing: float = 0.0, logit_scale: float = 1.0,
-               tp_group=None, normalised: bool = False, loss_spec: Optional[LossSpec] = None) -> Tensor:
+               tp_group=None, normalised: bool = False, loss_spec: Optional[LossSpec] = None,
+               logits: bool = False, lse: Optional[Tensor] = None) -> Tensor:
     """This rank's columns of the logit gradient ``g_t = w_t (A_t p_t - B_t onehot(y_t) - E_t w)``, float64
     ``[T, n_valid]``, from the effective log-probabilities u ``[T, n_valid]`` (p = exp u, normalised over every
     shard) and global labels ``[T]``: the one formula of :func:`megatron_bottleneck.base.loss_spec.
@@ -179,12 +180,24 @@ def logit_grad(u: Tensor, labels: Tensor, vocab_start: int, n_valid: int, vocab_
     ``logit_scale`` c != 1 (MuP's output multiplier, applied by the model to the head's output u): the loss
     is the cross-entropy of c u, so p = softmax(c u) (normalised over every shard of ``tp_group``: one MAX
     and one SUM all-reduce, every rank calls it) and the gradient at u itself is c times that at c u.
-    ``normalised=True``: ``u`` is already log softmax(c u) (the caller ran those collectives), no collective here."""
+    ``normalised=True``: ``u`` is already log softmax(c u) (the caller ran those collectives), no collective here.
+
+    ``logits=True``: u is a head's logits a (``HeadLogProb.logits_fn``), not normalised: p = softmax(c a) and
+    lse = logsumexp(c a) over every shard (collectives), and G = dL/da with the spec's z-loss term 2 zeta lse p.
+    With ``normalised=True`` the caller passes u = log softmax(c a) and ``lse`` (``[T]``) itself."""
     spec = loss_spec if loss_spec is not None else LossSpec(label_smoothing=label_smoothing)
-    if logit_scale != 1.0 and not normalised:
-        u = tp_log_softmax(u.detach().double() * logit_scale, tp_group)
-    g = log_prob_logit_grad(u.reshape(-1, n_valid), labels, spec, vocab_start, vocab_size, scale)
+    if (logit_scale != 1.0 or logits) and not normalised:
+        x = u.detach().double() * logit_scale
+        u = tp_log_softmax(x, tp_group)
+        lse = logsumexp_of(x, u) if logits else None
+    g = log_prob_logit_grad(u.reshape(-1, n_valid), labels, spec, vocab_start, vocab_size, scale, lse=lse)
     return g * logit_scale if logit_scale != 1.0 else g
+
+
+def logsumexp_of(x: Tensor, logp: Tensor) -> Tensor:
+    """lse_t ``[T]`` of logits x ``[T, n]`` from their log-softmax logp (x - logp is lse in every column; this
+    rank's first column: no collective; 0 on a rank without columns, whose G is empty)."""
+    return (x - logp)[:, :1].sum(-1)
 
 
 def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -222,23 +235,29 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     reduce = functools.partial(tp_reduce_sum, group=log_prob.tp_group)
 
+    logits = getattr(log_prob, "logits_fn", None) is not None  # G at the head's logits (HeadLogProb.logits_fn), z-loss included
+    fn = log_prob.logits_fn if logits else log_prob.fn
+
     def u_of_h(hh):
-        return log_prob.fn(params, hh)
+        return fn(params, hh)
 
     with torch.enable_grad():  # also inside a backward hook (where autograd runs with grad mode off)
         u, vjp_h = tfunc.vjp(u_of_h, h)
         like = functools.partial(torch.zeros, u.shape, dtype=torch.float64, device=u.device)
+        lp, lse = u, None
+        scaled = logit_scale if grad is None else 1.0  # the unfused cotangent is at the head's output already
+        if scaled != 1.0 or logits:  # softmax(c u): its collectives entered on every rank, zeros after a failure
+            x = _guarded(errors, lambda: u.detach().double() * scaled, like)
+            lp = tp_log_softmax(x, log_prob.tp_group)
+            if logits:
+                lse = _guarded(errors, lambda: logsumexp_of(x, lp), lambda: x.new_zeros(x.shape[0]))
         if grad is None:
-            lp = u
-            if logit_scale != 1.0:  # softmax(c u): its collectives entered on every rank, zeros after a failure
-                lp = tp_log_softmax(_guarded(errors, lambda: u.detach().double() * logit_scale, like),
-                                    log_prob.tp_group)
             g = _guarded(errors, lambda: logit_grad(lp, labels, log_prob.vocab_start, log_prob.n_valid,
                                                     log_prob.vocab_size, scale, label_smoothing, logit_scale,
-                                                    normalised=True, loss_spec=loss_spec), like)
+                                                    normalised=True, loss_spec=loss_spec, lse=lse), like)
         else:  # the logit gradient with the same J^T c: c - p sum_i c_i (c itself when c = w (p - q))
             c = _guarded(errors, lambda: grad.detach().reshape(-1, u.shape[-1]).double(), like)
-            g = c - u.detach().double().exp() * reduce(c.sum(-1, keepdim=True))
+            g = c - lp.detach().double().exp() * reduce(c.sum(-1, keepdim=True))
         g2 = reduce(g.square().sum().reshape(1)).reshape(())
         dh = vjp_h(g.to(u.dtype))[0]
 
@@ -260,9 +279,9 @@ def head_sums(log_prob, hidden: Tensor, grad: Optional[Tensor] = None, labels: O
         inner = du2 = zero
         if update:
             # dtheta = J_theta^T G (this rank's shard for sharded params; full for replicated ones).
-            _, vjp_p = tfunc.vjp(lambda p: log_prob.fn(p, h), params)
+            _, vjp_p = tfunc.vjp(lambda p: fn(p, h), params)
             dtheta = vjp_p(g.to(u.dtype))[0]
-            _, du = tfunc.jvp(lambda hh, p: log_prob.fn(p, hh), (h, params), (dh.to(h.dtype), dtheta))
+            _, du = tfunc.jvp(lambda hh, p: fn(p, hh), (h, params), (dh.to(h.dtype), dtheta))
             du = du.double()
             du = du - reduce(du.sum(-1, keepdim=True)) / log_prob.vocab_size
             inner = reduce((g * du).sum().reshape(1)).reshape(())

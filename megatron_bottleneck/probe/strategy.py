@@ -81,6 +81,7 @@ class MicroBatch:
     record: Any = None  # closed form: the fused pass's record; CG: this micro-batch's token sample
     pending: int = 2
     opened: int = 0
+    capped: Optional[torch.Tensor] = None  # closed form, unfused head with a softcap: its output x = c tanh(z / c)
 
 
 @dataclass

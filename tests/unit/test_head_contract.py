@@ -30,6 +30,11 @@ def test_both_heads_implement_the_contract(megatron_one_rank):
 def test_fused_model_is_a_class_not_an_instance_patch(megatron_one_rank):
     model = _model(megatron_one_rank, 8)
     cls = type(model)
+    for bad, message in ((dict(reduction="mean"), "reduction='mean' in a model"),
+                         (dict(return_z_loss=True), "return_z_loss=True in a model"),
+                         (dict(ce_weight=(1.0, 2.0)), "ce_weight has 2 class weights, the model's vocabulary")):
+        with pytest.raises(mb.HeadConfigError, match=re.escape(message)):  # Megatron's loss function reduces
+            H.enable_fused_loss(model, H.FusedLossConfig(**bad))
     enable_fused = H.enable_fused_loss(model)
     assert isinstance(enable_fused, H.FusedLossModel) and type(model).__name__ == "FusedLossGPTModel"
     assert "forward" not in vars(model) and "compute_language_model_loss" not in vars(model)
@@ -138,24 +143,33 @@ def _probed_step(model, fused: bool, update: bool):
     return figures
 
 
-@pytest.mark.parametrize("head", [8, None, "stacked:width=48,activation=tanh"], ids=["low_rank", "dense", "stacked"])
+@pytest.mark.parametrize("head", [8, None, "stacked:width=48,activation=tanh", "softcap"],
+                         ids=["low_rank", "dense", "stacked", "dense-softcap"])
 def test_mup_fused_and_unfused_probe_figures_are_equal(megatron_one_rank, head):
     """MuP multiplies the head's logits z by c = mup_output_mult after the head (megatron-core 0.19), and the
     fused loss folds c into its input, so its hooked dL/dH carries c: the fused probe takes G = c dL/d(c z) (the
     gradient at z, what the unfused probe hooks) in ||G||^2 and in the update slice, the general probe (stacked
     head) p = softmax(c u) and G = c w (p - q). Fused and unfused figures then agree (1e-5); before, ||G||^2
-    lacked the c^2 that the visible energy (from dL/dH) carried, so the fused destroyed ratio differed."""
+    lacked the c^2 that the visible energy (from dL/dH) carried, so the fused destroyed ratio differed.
+
+    dense-softcap (no MuP; Gemma's final_logit_softcapping c on the config, the unfused DenseOutputLayer outputs
+    c tanh(z / c)): both paths take G at z through the cap; before, the unfused probe took dL/dx at the capped
+    output and its figures differed from the fused ones."""
     cfg = support.config()
-    if not hasattr(cfg, "use_mup"):
+    if head == "softcap":
+        cfg.final_logit_softcapping, head = 0.5, None  # small: the cap bends this tiny model's logits
+    elif not hasattr(cfg, "use_mup"):
         from importlib.metadata import version
 
         pytest.skip(f"megatron-core {version('megatron-core')} has no MuP (TransformerConfig.use_mup, added after "
                     f"0.16; the 3.12 lane's 0.19 runs this test)")
-    cfg = support.config(use_mup=True, mup_base_hidden_size=support.HIDDEN // 2)
-    assert cfg.mup_output_mult != 1.0
+    else:
+        cfg = support.config(use_mup=True, mup_base_hidden_size=support.HIDDEN // 2)
+        assert cfg.mup_output_mult != 1.0
     kw = {"head_rank": head} if not isinstance(head, str) else {"head": head}
     torch.manual_seed(0)
     model = mb.build_gpt_model(cfg, support.VOCAB, support.SEQ, **kw)
+    H.as_lm_head(model.output_layer)  # the unfused dense head caps its logits as Bridge's Gemma output layer does
     general = isinstance(head, str)
     unfused = _probed_step(model, False, update=True)
     fused = _probed_step(model, True, update=True)

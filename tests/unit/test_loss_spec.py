@@ -187,6 +187,13 @@ def test_loss_mean_of_per_token_output_counts_ignored_tokens():
     (lambda: LossSpec(ce_weight=(1.0, -1.0)), r"ce_weight must hold finite non-negative class weights"),
     (lambda: LossSpec(z_loss_weight=-1), r"z_loss_weight must be >= 0"),
     (lambda: mb.heads.FusedLossConfig(softcap=-2), r"softcap must be a positive number"),
+    (lambda: mb.heads.FusedLossConfig(reduction="avg"), r"reduction must be 'none', 'sum' or 'mean', got 'avg'"),
+    (lambda: mb.heads.FusedLossConfig(return_z_loss="yes"), r"return_z_loss must be True or False, got 'yes'"),
+    (lambda: mb.heads.FusedLossConfig(reduction="mean").check_model_path(), r"reduction='mean' in a model: its "
+                                                                            r"forward returns the per-token loss"),
+    (lambda: mb.heads.FusedLossConfig(return_z_loss=True).check_model_path(), r"return_z_loss=True in a model"),
+    (lambda: mb.heads.FusedLossConfig(ce_weight=(1.0, 2.0)).check_model_path(5), r"ce_weight has 2 class weights, "
+                                                                                  r"the model's vocabulary 5"),
     (lambda: linear_cross_entropy(torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, dtype=torch.long),
                                   ce_weight=torch.ones(4)), r"ce_weight has 4 entries, the vocabulary 5"),
     (lambda: linear_cross_entropy(torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, dtype=torch.long),
@@ -225,6 +232,8 @@ def test_probe_grad_equals_autograd_for_every_head_and_option_tp1():
         torch.testing.assert_close(got.double(), want.double(), rtol=2e-5, atol=2e-6, msg=label)
     refused = {label.split(" m=")[0] for label, _ in refusals}
     assert "sigsoftmax softcap" in refused and "mos:k=3 ce_weight" in refused and "dense softcap" not in refused
+    assert {"decoupled:width=12 z-loss", "stacked:width=12,activation=tanh z-loss"}.isdisjoint(refused)
+    assert any(label.startswith("decoupled:width=12 z-loss m=0.5") for label, _, _ in checks)
     for label, message in refusals:
         assert "\n" not in message and message, label
         if "softcap" in label.split()[1:]:

@@ -24,6 +24,13 @@ BASE = ["--hidden-size", "64", "--train-iters", "10", "--global-batch-size", "4"
     (["--lm-head-fused-loss", "--lm-head-softcap", "0"], "--lm-head-softcap must be > 0, got 0"),
     (["--lm-head-fused-loss", "--lm-head-z-loss-weight", "x"], "--lm-head-z-loss-weight takes a number, got 'x'"),
     (["--lm-head-fused-loss", "--lm-head-z-loss-weight", "-1"], "--lm-head-z-loss-weight must be >= 0, got -1"),
+    (["--lm-head-label-smoothing", "0.1"], "--lm-head-label-smoothing is an option of the fused head loss"),
+    (["--lm-head-fused-loss", "--lm-head-label-smoothing", "1"], "--lm-head-label-smoothing must be in [0, 1), got 1"),
+    (["--lm-head-fused-loss", "--lm-head-smoothing-convention", "liger"], "--lm-head-smoothing-convention 'liger': "
+                                                                           "use megatron"),
+    (["--lm-head-class-weights", "/nonexistent/w.txt"], "--lm-head-class-weights is an option of the fused head"),
+    (["--lm-head-fused-loss", "--lm-head-class-weights", "/nonexistent/w.txt"],
+     "--lm-head-class-weights /nonexistent/w.txt: no such file"),
 ])
 def test_a_bad_flag_is_one_line(flags, message):
     with pytest.raises(HeadConfigError) as e:
@@ -39,6 +46,32 @@ def test_fused_loss_options_reach_the_fused_loss_config():
     cfg = _fused_loss_config(args)
     assert (cfg.softcap, cfg.z_loss_weight) == (30.0, 1e-4)
     assert check_arguments(BASE + ["--lm-head-fused-loss", "--lm-head-softcap", "30"])[-1].startswith("head: ")
+
+
+def test_class_weights_and_smoothing_flags_reach_the_fused_loss_config(tmp_path):
+    """--lm-head-class-weights reads a text file or a torch.save'd 1-D tensor (a bad one is one line);
+    --lm-head-label-smoothing / --lm-head-smoothing-convention land in FusedLossConfig, whose LossSpec gives
+    Megatron's eps = alpha V / (V - 1) or torch's alpha."""
+    import torch
+
+    from megatron_bottleneck.integrations.megatron_lm import _fused_loss_config, _option_parser
+
+    text, pt, bad = tmp_path / "w.txt", tmp_path / "w.pt", tmp_path / "bad.txt"
+    text.write_text("1 0.5\n2 0\n")
+    torch.save(torch.tensor([1.0, 0.5, 2.0, 0.0]), pt)
+    bad.write_text("1 -2 3")
+    for path in (text, pt):
+        args, _ = _option_parser().parse_known_args(BASE + [
+            "--lm-head-fused-loss", "--lm-head-class-weights", str(path), "--lm-head-label-smoothing", "0.1",
+            "--lm-head-smoothing-convention", "torch"])
+        cfg = _fused_loss_config(args)
+        assert cfg.ce_weight == (1.0, 0.5, 2.0, 0.0) and cfg.label_smoothing == 0.1
+        assert cfg.loss_spec().smoothing(11) == pytest.approx(0.1)
+    args.lm_head_smoothing_convention = "megatron"
+    assert _fused_loss_config(args).loss_spec().smoothing(11) == pytest.approx(0.11)
+    with pytest.raises(HeadConfigError) as e:
+        check_arguments(BASE + ["--lm-head-fused-loss", "--lm-head-class-weights", str(bad)])
+    assert str(e.value).endswith("class weights must be at least 2 finite numbers >= 0 (one per class)")
 
 
 def test_tied_embeddings_with_a_low_rank_head_are_refused():

@@ -116,14 +116,15 @@ def test_triton_kernels_compile_for_sm80_sm90a_sm100a_without_spills():
             assert r["spill_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{where}: {r['spill_bytes']} B spilled"
 
 
-def test_softcap_kernels_compile_for_sm90a_without_spills():
-    """The softcap variants (HAS_CAP: x = c tanh(z / c) in the forward tile, the cap's slope in the logit
-    gradient) of the two logit kernels, bf16 inputs, compiled for sm_90a without a GPU: the cap's extra
-    registers still spill nothing, shared memory within the family's limit. Two compiles."""
+def test_softcap_bias_class_weight_kernels_compile_for_sm90a_without_spills():
+    """The two logit kernels with every option on (HAS_CAP: x = c tanh(z / c) in the forward tile, the cap's
+    slope in the logit gradient; HAS_BIAS: the bias tile, the bias gradient's column sums; HAS_W: the class
+    weights in the smoothing sum and term), bf16 inputs, compiled for sm_90a without a GPU: the extra registers
+    still spill nothing (ptxas -v), shared memory within the family's limit. Two compiles."""
     reason = tk.compile_unavailable()
     if reason:
         pytest.skip(f"cannot compile Triton kernels for NVIDIA GPUs here: {reason}")
-    rows = tk.compile_resources(dtypes=("bf16",), archs=("sm_90a",), softcap=True)
+    rows = tk.compile_resources(dtypes=("bf16",), archs=("sm_90a",), softcap=True, extras=True)
     assert {r["kernel"] for r in rows} == {"lse_fwd", "grad_logits"}
     for r in rows:
         assert r["target"] == "sm_90a" and 0 < r["registers"] <= 255, r

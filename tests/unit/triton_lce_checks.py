@@ -97,9 +97,12 @@ def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, chunk=
             _close("grad_w vs torch", gw, gw2, 1e-4)
 
 
-def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, chunk_size=None, **kw):
+def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, chunk_size=None, bias=False, ce_weight=False,
+                 **kw):
     """linear_cross_entropy on the Triton path (float32) against the float64 reference and the torch path
-    (both with ``chunk_size`` vocab rows per chunk, None: the op's choice)."""
+    (both with ``chunk_size`` vocab rows per chunk, None: the op's choice). ``bias`` / ``ce_weight``: a random
+    logit bias [V_rows] / class weights [V] (the reference then torch's cross-entropy of u W^T + bias,
+    tests/support_loss.reference_loss)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(t, k, generator=gen, dtype=torch.float64)
     w = torch.randn(v_rows, k, generator=gen, dtype=torch.float64) / k**0.25
@@ -107,26 +110,37 @@ def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, chunk_size
     if ignore_every:
         y[::ignore_every] = -100
     g = torch.rand(t, generator=gen, dtype=torch.float64)
+    b = torch.randn(v_rows, generator=gen, dtype=torch.float64) if bias else None
+    cw = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.5 if ce_weight else None
     u, w, y, g = u.to(device), w.to(device), y.to(device), g.to(device)
 
     u64, w64 = u.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = linear_cross_entropy_reference(u64, w64, y, vocab_size=vocab, **kw)
+    b64 = None if b is None else b.to(device).requires_grad_()
+    if b is None and cw is None:
+        ref = linear_cross_entropy_reference(u64, w64, y, vocab_size=vocab, **kw)
+    else:
+        from tests.support_loss import reference_loss
+
+        a = u64 @ w64.t() + (0.0 if b64 is None else b64)
+        ref = reference_loss(a[:, :vocab], y, dict(kw, ce_weight=None if cw is None else tuple(cw.tolist())))
     (ref.double() * g).sum().backward()
+    extra = {"ce_weight": None if cw is None else cw.float().to(device)}
 
     outs = {}
     env = os.environ.pop("MB_FUSED_KERNEL", None)  # the kernel argument chooses here
     for mode in ("triton", "torch"):
         u32, w32 = u.float().requires_grad_(), w.float().requires_grad_()
+        b32 = None if b64 is None else b64.detach().float().requires_grad_()
         assert tk.should_use(u32, None, mode) == (mode == "triton")
-        # statistics under a softcap run the torch loop (HeadLossStats' d-weighted sums): none there
-        stats = HeadLossStats() if kw.get("softcap") is None else None
+        # statistics under a softcap or with class weights run the torch loop (d- / w-weighted sums): none there
+        stats = HeadLossStats() if kw.get("softcap") is None and cw is None else None
         out = linear_cross_entropy(u32, w32, y, vocab_size=vocab, stats=stats, kernel=mode, chunk_size=chunk_size,
-                                   **kw)
+                                   bias=b32, **extra, **kw)
         (out * g.float()).sum().backward()
-        outs[mode] = (out, u32.grad, w32.grad, None if stats is None else stats.sum_p2)
+        outs[mode] = (out, u32.grad, w32.grad, None if stats is None else stats.sum_p2, None if b32 is None else b32.grad)
     if env is not None:
         os.environ["MB_FUSED_KERNEL"] = env
-    out, du, dw, p2 = outs["triton"]
+    out, du, dw, p2, db = outs["triton"]
     _close("loss", out, ref, 1e-5)
     _close("du", du, u64.grad, 1e-4)
     _close("dw", dw, w64.grad, 1e-4)
@@ -136,6 +150,9 @@ def check_public(device, t, k, v_rows, vocab, ignore_every=0, seed=0, chunk_size
     _close("dw vs torch", dw, outs["torch"][2], 1e-4)
     if p2 is not None:
         _close("sum_p2 vs torch", p2, outs["torch"][3], 1e-4)
+    if db is not None:
+        _close("dbias", db, b64.grad, 1e-4)
+        _close("dbias vs torch", db, outs["torch"][4], 1e-4)
 
 
 def check_bf16_accuracy(device, t, k, v_rows, vocab, ignore_every=0, seed=0, **kw):
@@ -177,9 +194,11 @@ ACCURACY_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
 PUBLIC_CASES = [  # (T, k, V_rows, vocab, ignore_every, kwargs)
     (50, 24, 300, 300, 0, {}),
     (50, 40, 300, 280, 4, dict(label_smoothing=0.1, z_loss_weight=1e-3)),
-    (64, 24, 140, 130, 3, dict(label_smoothing=0.2, chunk_size=48)),  # the backward in 3 vocab chunks
-    # final-logit softcapping (Gemma), smoothing and z-loss on the capped logits; logits up to ~|10| reach the cap
-    (50, 24, 140, 130, 4, dict(softcap=3.0, label_smoothing=0.1, z_loss_weight=1e-3, chunk_size=48)),
+    (64, 24, 140, 130, 3, dict(label_smoothing=0.2, chunk_size=48, bias=True)),  # 3 vocab chunks; a bias, stats
+    # final-logit softcapping (Gemma), smoothing and z-loss on the capped logits; logits up to ~|10| reach the cap;
+    # a bias (before the cap) and class weights (torch's smoothing convention: the weighted uniform term)
+    (50, 24, 140, 130, 4, dict(softcap=3.0, label_smoothing=0.1, z_loss_weight=1e-3, chunk_size=48, bias=True,
+                               ce_weight=True, smoothing_convention="torch")),
 ]
 
 
