@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -175,18 +175,17 @@ def _inference_mode_active() -> bool:
     return InferenceMode is not None and bool(InferenceMode.is_active())
 
 
-_FUSED_CLASSES: Dict[type, type] = {}
-
-
 def fused_model_class(cls: type) -> type:
-    """``FusedLoss<cls>``: the subclass of a Megatron language-model class with :class:`FusedLossModel` first
-    (one per class, cached), e.g. ``fused_model_class(GPTModel)(config=..., ...)``."""
+    """``FusedLoss<cls>``: the subclass of a Megatron language-model class with :class:`FusedLossModel` first,
+    e.g. ``fused_model_class(GPTModel)(config=..., ...)``. One per class: an existing one is found among
+    ``FusedLossModel.__subclasses__()`` (Python's own record of the subclasses; no cache of ours)."""
     if issubclass(cls, FusedLossModel):
         return cls
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"FusedLoss{cls.__name__}", (FusedLossModel, cls),
-                                   {"__module__": __name__, "__doc__": f"{cls.__name__} with the fused head loss."})
-    return _FUSED_CLASSES[cls]
+    for sub in FusedLossModel.__subclasses__():
+        if sub.__bases__ == (FusedLossModel, cls):
+            return sub
+    return type(f"FusedLoss{cls.__name__}", (FusedLossModel, cls),
+                {"__module__": __name__, "__doc__": f"{cls.__name__} with the fused head loss."})
 
 
 def _language_module(chunk):
