@@ -43,7 +43,7 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from ..base.errors import ConfigError, HeadConfigError
 from ..base.head import HeadConfig, parse_head_options
 from ..base.quiet import quiet_megatron_warnings
-from ..heads.fused import FusedLossConfig, enable_fused_loss
+from ..heads.model_loss import FusedLossConfig, enable_fused_loss
 from ..heads import registered_heads
 from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head, refuse_from_dense_before_load
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
