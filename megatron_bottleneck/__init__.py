@@ -33,8 +33,8 @@ _LAZY = {
     # heads and models
     "LowRankOutputLayer": "heads.low_rank", "LowRankHeadConfig": "heads.install",
     "install_low_rank_head": "heads.install", "low_rank_head_hook": "heads.install",
-    "enable_fused_loss": "heads.fused", "disable_fused_loss": "heads.fused", "fused_loss_hook": "heads.fused", "FusedLossConfig": "heads.contract",
-    "DenseOutputLayer": "heads.fused", "as_lm_head": "heads.fused",
+    "enable_fused_loss": "heads.model_loss", "disable_fused_loss": "heads.model_loss", "fused_loss_hook": "heads.model_loss", "FusedLossConfig": "heads.contract",
+    "DenseOutputLayer": "heads.model_loss", "as_lm_head": "heads.model_loss",
     # head plug-ins (the registry lives in base; "heads" registers the built-in kinds on import)
     "register_head": "heads", "get_head_builder": "heads", "registered_heads": "heads", "HeadConfig": "heads",
     "HeadSpec": "base.head", "HeadRegistry": "base.head", "HEADS": "base.head",
@@ -90,8 +90,8 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .base.loss import FusedLossRecord, HeadLossStats, LossRequest  # noqa: F401
     from .base.loss_spec import LossSpec  # noqa: F401
     from .heads.contract import FusedLossConfig  # noqa: F401
-    from .heads.fused import (DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss,  # noqa: F401
-                              fused_loss_hook)
+    from .heads.model_loss import (DenseOutputLayer, as_lm_head, disable_fused_loss, enable_fused_loss,  # noqa: F401
+                                   fused_loss_hook)
     from .base.sinks import MetricsLogger, read_jsonl  # noqa: F401
     from .base.head import (HeadBuildContext, HeadConfig, HeadLogProb, LinearHead, NonLinearHead,  # noqa: F401
                             check_head, get_head_builder, register_head, registered_heads)

@@ -352,6 +352,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from .integrations.bridge import mark_old_nvrx_absent  # megatron-core free
+
+    mark_old_nvrx_absent()  # before megatron-core's first import (nvidia-resiliency-ext 0.4.1 breaks it)
     args = parse_args(argv)
     quiet_megatron_warnings("ignore")  # they concern the ranks, which show each once
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

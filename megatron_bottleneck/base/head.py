@@ -6,13 +6,13 @@ runtime_gather_output=None) -> (logits, bias)``) whose logits are linear in its 
 ``[s, b, V/tp]`` = H W_local^T, vocab-parallel over the tensor-parallel group. What the rest of the package
 reads of it is the typed protocol :class:`LMHead`:
 
-* ``probe_view(weight=None) -> HeadView``: a basis factor F of col(W) (the local vocab shard) and a mix M with
-  W = F M, plus the real vocabulary, for the probe's exact figures;
+* ``probe_view(weight=None) -> HeadView``: a factor F (the local vocab shard) and a mix M with W = F M, plus the
+  real vocabulary, for the probe's exact figures;
 * ``vocab_size``: the real (unpadded) vocabulary V; rows at global index >= V are Megatron's padding;
 * ``loss(hidden, labels, weight=None, *, config=None, stats=None, logit_scale=1.0) -> [s, b]``: the per-token
   cross-entropy fused with the head (no ``[s, b, V/tp]`` logits), through ``megatron_bottleneck.ops``;
-* ``loss_request`` (:class:`~megatron_bottleneck.base.loss.LossRequest`): what its next forward with labels
-  must produce (the logits, or the fused loss and a record of it), set by a reader before the forward;
+* ``loss_request`` (:class:`~megatron_bottleneck.base.loss.LossRequest`): whether its next forward with labels
+  keeps a record of the fused loss, set by a reader before the forward;
 * ``last_loss`` (:class:`~megatron_bottleneck.base.loss.FusedLossRecord` or None): its last fused pass's
   per-token statistics and inputs, kept when ``loss_request.record`` was set;
 * ``tp_group`` and ``sequence_parallel`` as on Megatron's ``ColumnParallelLinear``.
@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Prot
 
 import torch
 
+from .deprecation import warn_deprecated
 from .errors import HeadConfigError
 from .groups import group_rank, group_size
 from .loss import FusedLossRecord, LossRequest
@@ -58,26 +59,48 @@ __all__ = ["HeadView", "LMHead", "LinearHead", "NonLinearHead", "HeadLogProb", "
            "refuse_nonlinear", "parse_head_options"]
 
 
-@dataclass
+@dataclass(init=False)
 class HeadView:
-    """A head on this TP rank, as the probe sees it: ``col(W) = col(basis)`` and ``W = basis @ mix``.
+    """A head on this TP rank, as the probe sees it: ``W = factor @ mix`` (so col(W) lies in col(factor)).
 
-    basis: F, the local vocab shard, ``(V_local, k)``. mix: M, ``(k, D)``, replicated over TP; None stands
-    for the identity (dense head, k = D). vocab_start: global vocabulary index of basis row 0.
+    factor: F, the local vocab shard, ``(V_local, k)`` (a factor of W, not a basis: its columns need not be
+    independent, nor span only col(W) when M is rank-deficient). mix: M, ``(k, D)``, replicated over TP; None
+    stands for the identity (dense head, F = W, k = D). vocab_start: global vocabulary index of F's row 0.
     vocab_size: the real (unpadded) V; rows at global index >= vocab_size are padding. softcap: c when the head
     outputs x = c tanh(z / c) of its linear logits z = F M h (Gemma's final-logit softcapping), else None: the
     probe takes G at z, through the cap (dL/dz = dL/dx (1 - (x / c)^2)), on the unfused path as the fused one.
+
+    ``basis`` (attribute and keyword) is the deprecated name of ``factor``.
     """
 
-    basis: torch.Tensor
+    factor: torch.Tensor
     mix: Optional[torch.Tensor]
     vocab_start: int
     vocab_size: int
     softcap: Optional[float] = None
 
+    def __init__(self, factor: Optional[torch.Tensor] = None, mix: Optional[torch.Tensor] = None,
+                 vocab_start: int = 0, vocab_size: int = 0, softcap: Optional[float] = None, *,
+                 basis: Optional[torch.Tensor] = None):
+        if basis is not None:
+            if factor is not None:
+                raise TypeError("HeadView takes factor= (basis= is its deprecated name), not both")
+            warn_deprecated("HeadView(basis=)", "HeadView(factor=)")
+            factor = basis
+        if factor is None:
+            raise TypeError("HeadView needs factor= (F, the local vocab shard of W = F M)")
+        self.factor, self.mix, self.vocab_start, self.vocab_size = factor, mix, vocab_start, vocab_size
+        self.softcap = softcap
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """Deprecated name of :attr:`factor`."""
+        warn_deprecated("HeadView.basis", "HeadView.factor")
+        return self.factor
+
     def valid_rows(self) -> int:
-        """Rows of ``basis`` that are real vocabulary (the rest is Megatron's padding)."""
-        return int(max(0, min(self.basis.shape[0], self.vocab_size - self.vocab_start)))
+        """Rows of ``factor`` that are real vocabulary (the rest is Megatron's padding)."""
+        return int(max(0, min(self.factor.shape[0], self.vocab_size - self.vocab_start)))
 
 
 @runtime_checkable
@@ -197,10 +220,10 @@ def head_view(head, weight: Optional[torch.Tensor] = None, vocab_size: Optional[
         group = getattr(head, "tp_group", None)
         rank, size = group_rank(group), group_size(group)
         rows = w.shape[0]
-        view = HeadView(basis=w.detach(), mix=None, vocab_start=rank * rows,
+        view = HeadView(factor=w.detach(), mix=None, vocab_start=rank * rows,
                         vocab_size=int(getattr(head, "output_size", rows * size)))
     if vocab_size is not None:
-        view = HeadView(view.basis, view.mix, view.vocab_start, int(vocab_size), view.softcap)
+        view = HeadView(view.factor, view.mix, view.vocab_start, int(vocab_size), view.softcap)
     return view
 
 

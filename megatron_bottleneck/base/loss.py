@@ -95,14 +95,11 @@ class HeadLossStats:
 
 @dataclass
 class LossRequest:
-    """What a head's next forward with labels should produce (a fused head reads it on every forward).
+    """What a head's next forward with labels should keep (a fused head reads it on every forward).
 
-    logits: build the logits and let the model's own cross-entropy run (the unfused path) this forward, for a
-    measurement that needs the full [s, b, V/tp] logit gradient. Costs the memory the fused loss saves.
     record: keep a :class:`FusedLossRecord` of the fused pass in ``head.last_loss`` (statistics + inputs).
     """
 
-    logits: bool = False
     record: bool = False
 
 

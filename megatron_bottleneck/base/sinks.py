@@ -15,13 +15,12 @@ from typing import Dict, Optional
 
 __all__ = ["MetricsLogger", "read_jsonl"]
 
-_WARNED = set()
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def _warn_once(message: str) -> None:
+    """A RuntimeWarning; Python's warning filter (action "default") shows a given message once per calling
+    location, so ``message`` names no path: no registry of ours."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class MetricsLogger:
@@ -53,16 +52,16 @@ class MetricsLogger:
             try:  # optional dependency
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                _warn_once("tensorboard", "TensorBoard logging is off: the tensorboard package is not installed "
-                           f"(pip install tensorboard); figures still go to {self.path}.")
+                _warn_once("TensorBoard logging is off: the tensorboard package is not installed "
+                           "(pip install tensorboard); figures still go to the JSONL file.")
             else:
                 self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
         if wandb_project and self._wandb is None:
             try:  # optional dependency
                 import wandb
             except ImportError:
-                _warn_once("wandb", f"W&B logging is off: the wandb package is not installed (pip install wandb); "
-                           f"figures still go to {self.path}.")
+                _warn_once("W&B logging is off: the wandb package is not installed (pip install wandb); "
+                           "figures still go to the JSONL file.")
             else:
                 self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, reinit=True)
 

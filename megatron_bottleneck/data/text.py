@@ -90,9 +90,6 @@ def train_tokenizer(input_files: Sequence[str], vocab_size: int, model_prefix: s
     return model_prefix + ".model"
 
 
-_PROCESSOR = None
-
-
 EOD_TOKENS = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
@@ -125,13 +122,24 @@ class _Tokenizer:
         return [e.ids for e in self.hf.encode_batch(docs, add_special_tokens=False)]
 
 
-def _init_worker(model_file: str, eod_token: Optional[str] = None) -> None:
-    global _PROCESSOR
-    _PROCESSOR = _Tokenizer(model_file, eod_token)
+def _encode_with(tokenizer: _Tokenizer, docs: List[str]) -> List[List[int]]:
+    """Each document's ids, then the EOD id."""
+    return [ids + [tokenizer.eod] for ids in tokenizer.encode(docs)]
 
 
-def _encode(docs: List[str]) -> List[List[int]]:
-    return [ids + [_PROCESSOR.eod] for ids in _PROCESSOR.encode(docs)]
+class _Worker:
+    """A tokenising worker process's state (``ProcessPoolExecutor`` initializer): its one tokenizer, made at the
+    worker's start and kept on this class in that spawned process only (the calling process never sets it)."""
+
+    tokenizer: Optional[_Tokenizer] = None
+
+    @staticmethod
+    def start(model_file: str, eod_token: Optional[str] = None) -> None:
+        _Worker.tokenizer = _Tokenizer(model_file, eod_token)
+
+    @staticmethod
+    def encode(docs: List[str]) -> List[List[int]]:
+        return _encode_with(_Worker.tokenizer, docs)
 
 
 def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_prefix: str, workers: int = 1,
@@ -149,8 +157,8 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
     if not os.path.isfile(model_file):
         raise DataError(f"tokenizer model {model_file!r} not found (train one with train_tokenizer, or pass a "
                         "HuggingFace tokenizer.json)")
-    _init_worker(model_file, eod_token)
-    vocab = _PROCESSOR.vocab_size
+    tokenizer = _Tokenizer(model_file, eod_token)
+    vocab = tokenizer.vocab_size
     docs = [d for p in files for d in read_documents(p, text_key) if d.strip()]
     if not docs:
         raise DataError(f"no text in {list(files)}: the files are empty")
@@ -162,8 +170,8 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
     if workers > 1:
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(model_file, eod_token)) as pool:
-                for encoded in pool.map(_encode, chunks):  # in order
+                                     initializer=_Worker.start, initargs=(model_file, eod_token)) as pool:
+                for encoded in pool.map(_Worker.encode, chunks):  # in order
                     tokens += _add(builder, encoded, dtype)
         except BrokenProcessPool:
             raise DataError(f"tokenize_to_indexed: its {workers} worker processes could not start. Spawned workers "
@@ -171,7 +179,7 @@ def tokenize_to_indexed(input_files: Sequence[str], model_file: str, output_pref
                             "\"__main__\":` guard (not from standard input), or pass workers=1.") from None
     else:
         for chunk in chunks:
-            tokens += _add(builder, _encode(chunk), dtype)
+            tokens += _add(builder, _encode_with(tokenizer, chunk), dtype)
     builder.finalize(output_prefix + ".idx")
     record_tokenizer(output_prefix, model_file, eod_token)
     return {"documents": len(docs), "tokens": tokens, "vocab_size": vocab, "prefix": output_prefix}

@@ -26,7 +26,7 @@ from megatron.core.utils import get_pg_size
 from ..base.groups import default_tp_group
 from ..base.head import HEADS, HeadBuildContext, HeadRegistry, register_head
 from .cost import BUILTIN_COSTS
-from .fused import DenseOutputLayer, as_lm_head
+from .model_loss import DenseOutputLayer, as_lm_head
 from .low_rank import LowRankOutputLayer, validate_head_shape
 from .mfs import MultiFacetHead, MultiFacetOptions
 from .mixtape import MixtapeHead, MixtapeOptions

@@ -1,19 +1,22 @@
-"""The fused forward shared by every head that implements :class:`megatron_bottleneck.base.head.LMHead`.
+"""The head contract's shared forward, and the loss of heads whose logits are linear in a weight.
 
-A head class mixes in :class:`FusedHeadMixin` (first in its bases) and defines four things:
+A head class mixes in :class:`HeadContractMixin` (first in its bases) for ``forward`` (the head's loss while a
+:class:`LossContext` is set on the head by the fused model, else ``logits_forward``), ``loss_request`` and
+``last_loss``, and defines ``logits_forward(input_, weight, runtime_gather_output) -> (logits, bias)`` (its unfused
+forward: Megatron's output-layer contract, logits ``[s, b, V/tp]``), ``loss(...)``, ``probe_view(weight) ->
+HeadView`` and the attributes ``tp_group``, ``sequence_parallel``, ``vocab_size``.
 
-* ``logits_forward(input_, weight, runtime_gather_output) -> (logits, bias)``: its unfused forward (Megatron's
-  output-layer contract; logits ``[s, b, V/tp]``);
-* ``loss_input(hidden) -> u``: the fused op's input ``[s, b, k]`` over the full sequence, in the TP region
-  (copied into it, or all-gathered under sequence parallelism), so that dL/du is reduced over the vocab shards
-  by the region's backward, exactly as for the unfused head;
-* ``loss_weight(weight) -> F``: this rank's vocab shard ``[V_local, k]`` of the factor multiplying u;
-* ``probe_view(weight) -> HeadView``, and the attributes ``tp_group``, ``sequence_parallel``, ``vocab_size``.
+A head whose logits are z = u F^T for an input u and a vocab-sharded factor F (dense, low-rank, stacked) mixes in
+:class:`LinearLossMixin` instead: its ``loss`` runs :func:`megatron_bottleneck.ops.linear_cross_entropy` (the
+``[s, b, V/tp]`` logits never built) over
 
-The mixin then provides ``forward`` (the fused loss while a :class:`LossContext` is set on the head by the
-fused model, else ``logits_forward``), ``loss`` (through :func:`megatron_bottleneck.ops.linear_cross_entropy`),
-``loss_request`` and ``last_loss``. :class:`LossContext` is set only by
-:class:`megatron_bottleneck.heads.fused.FusedLossModel` for the duration of one model forward with labels.
+* ``loss_input(hidden) -> u``: ``[s, b, k]`` over the full sequence, in the TP region (copied into it, or
+  all-gathered under sequence parallelism), so that dL/du is reduced over the vocab shards by the region's
+  backward, exactly as for the unfused head;
+* ``loss_weight(weight) -> F``: this rank's vocab shard ``[V_local, k]`` of the factor multiplying u.
+
+:class:`LossContext` is set only by :class:`megatron_bottleneck.heads.model_loss.FusedLossModel` for the duration of
+one model forward with labels. ``FusedHeadMixin`` is the deprecated name of :class:`LinearLossMixin`.
 """
 from __future__ import annotations
 
@@ -27,13 +30,14 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from ..base.deprecation import deprecated_attribute
 from ..base.errors import ConfigError, HeadConfigError
 from ..base.loss import FusedLossRecord, HeadLossStats, LossRequest
 from ..base.loss_spec import LossSpec, class_weights, reduce_token_loss, target_weights
 from ..ops import linear_cross_entropy
 
-__all__ = ["FusedLossConfig", "LossContext", "FusedHeadMixin", "tp_region_input", "model_softcap", "detached_alias",
-           "reduced_loss"]
+__all__ = ["FusedLossConfig", "LossContext", "HeadContractMixin", "LinearLossMixin", "tp_region_input",
+           "model_softcap", "detached_alias", "reduced_loss"]
 
 
 @dataclass
@@ -199,8 +203,10 @@ def detached_alias(weight: Optional[torch.Tensor], own: Optional[torch.Tensor]) 
             and weight.shape == own.shape and weight.data_ptr() == own.data_ptr())
 
 
-class FusedHeadMixin:
-    """Fused forward, ``loss``, ``loss_request`` and ``last_loss`` for a head class (see the module docstring).
+class HeadContractMixin:
+    """The head contract's ``forward`` (the loss while a :class:`LossContext` is set, else the logits),
+    ``loss_request`` and ``last_loss`` for a head class; the class gives ``logits_forward`` and ``loss`` (see the
+    module docstring).
 
     ``params_detached``: True for the duration of a forward given ``weight=`` a detached alias of the head's own
     ``weight`` (:func:`detached_alias`, Megatron's ``mtp_detach_heads``): the head then reads every parameter
@@ -219,10 +225,9 @@ class FusedHeadMixin:
     def logits_forward(self, input_, weight=None, runtime_gather_output=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+             config: Optional[FusedLossConfig] = None, stats: Optional[HeadLossStats] = None,
+             logit_scale: float = 1.0, weight_grad_into_main_grad: bool = False) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def loss_bias(self, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -231,10 +236,6 @@ class FusedHeadMixin:
 
     def check_loss_spec(self, spec: LossSpec) -> None:
         """Refuse (HeadConfigError, one line) loss options this head cannot honour; every option by default."""
-
-    def loss_mix(self) -> Optional[torch.Tensor]:
-        """M with W = F M (``[k, D]``), None when F is W itself."""
-        return None
 
     # the contract ------------------------------------------------------------------------------------
     def forward(self, input_, weight=None, runtime_gather_output=None):
@@ -249,7 +250,7 @@ class FusedHeadMixin:
     def _contract_forward(self, input_, weight, runtime_gather_output):
         ctx = self.loss_context
         labels = None if ctx is None else ctx.next_call()
-        if ctx is None or self.loss_request.logits:
+        if ctx is None:
             return self.logits_forward(input_, weight, runtime_gather_output)
         stats = HeadLossStats() if self.loss_request.record else None
         into_main = ctx.config.weight_grad_into_main_grad
@@ -259,6 +260,23 @@ class FusedHeadMixin:
                          weight_grad_into_main_grad=bool(into_main))
         ctx.output = loss if ctx.depth == 0 else loss.unsqueeze(-1)  # an MTP depth's: [s, b, 1] (see LossContext)
         return ctx.output, None
+
+
+class LinearLossMixin(HeadContractMixin):
+    """:class:`HeadContractMixin` with the ``loss`` of a head whose logits are z = u F^T, u = ``loss_input(hidden)``
+    and F = ``loss_weight(weight)`` (see the module docstring): the logits are never built.
+
+    ``FusedHeadMixin`` (deprecated) is this class."""
+
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_mix(self) -> Optional[torch.Tensor]:
+        """M with W = F M (``[k, D]``), None when F is W itself."""
+        return None
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
              config: Optional[FusedLossConfig] = None, stats: Optional[HeadLossStats] = None,
@@ -303,3 +321,7 @@ class FusedHeadMixin:
                                              logit_scale=float(logit_scale),
                                              bias=None if bias is None else bias.detach())  # x logit_scale
         return reduced_loss(loss, zl, labels, config, self.vocab_size)
+
+
+__getattr__ = deprecated_attribute(__name__, {"FusedHeadMixin": ("megatron_bottleneck.heads.contract.LinearLossMixin",
+                                                                 lambda: LinearLossMixin)})

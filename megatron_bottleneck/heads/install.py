@@ -19,7 +19,7 @@ Two entry points, one mechanism (:func:`install_head`):
 Multi-token prediction: the MTP depths call ``model.output_layer`` (Megatron shares the output layer across
 depths), so the installed head is shared by every depth as Megatron's dense head is; Megatron's
 ``mtp_detach_heads`` (megatron-core >= 0.19) hands it ``output_layer.weight.detach()``, upon which every head reads
-all its parameters detached (``FusedHeadMixin.params_detached``): the MTP losses train none of them.
+all its parameters detached (``HeadContractMixin.params_detached``): the MTP losses train none of them.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from megatron.core.distributed import DistributedDataParallel
 
 from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext, HeadConfig, check_head, get_head_spec, is_lm_head
-from .fused import FusedLossConfig, as_lm_head, enable_fused_loss
+from .model_loss import FusedLossConfig, as_lm_head, enable_fused_loss
 from .low_rank import INIT_METHODS
 
 __all__ = ["LowRankHeadConfig", "install_low_rank_head", "low_rank_head_hook", "install_head", "head_hook",

@@ -49,7 +49,7 @@ from ..base.device import communicator_device
 from ..base.errors import HeadConfigError
 from ..base.groups import default_tp_group
 from ..base.head import HeadView
-from .contract import FusedHeadMixin, tp_region_input
+from .contract import LinearLossMixin, tp_region_input
 from .shards import VocabSharded
 
 INIT_METHODS = ("balanced", "orthogonal", "from_dense")
@@ -57,7 +57,7 @@ ROW_BLOCK = 8192
 """Rows of a dense shard converted to float64 at a time by :func:`dense_gram` and ``from_dense``."""
 
 
-class LowRankOutputLayer(FusedHeadMixin, VocabSharded, torch.nn.Module):
+class LowRankOutputLayer(LinearLossMixin, VocabSharded, torch.nn.Module):
     """Drop-in replacement for ``GPTModel.output_layer`` with W = A B of rank ``rank``.
 
     Contract of Megatron's ``ColumnParallelLinear`` head: ``forward(input_, weight=None,
@@ -177,7 +177,7 @@ class LowRankOutputLayer(FusedHeadMixin, VocabSharded, torch.nn.Module):
         projected = torch.matmul(input_, b.t())  # [s(/tp), b, r]
         return tp_region_input(projected, self.tp_group, self.sequence_parallel)
 
-    # the fused loss's part of the head contract (FusedHeadMixin)
+    # the fused loss's part of the head contract (LinearLossMixin)
     def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.project(hidden)
 
@@ -192,7 +192,7 @@ class LowRankOutputLayer(FusedHeadMixin, VocabSharded, torch.nn.Module):
         """For the gradient probe: col(W) = col(A) (B has full rank r), W = A B."""
         a = (self.weight if weight is None else weight).detach()
         return HeadView(
-            basis=a,
+            factor=a,
             mix=self.input_proj.detach(),
             vocab_start=get_pg_rank(self.tp_group) * self.output_size_per_partition,
             vocab_size=self.vocab_size,

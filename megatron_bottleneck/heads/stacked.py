@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..base.errors import HeadConfigError
 from ..base.head import HeadBuildContext, HeadLogProb
 from ..base.tp_autograd import tp_copy, tp_log_softmax
-from .contract import FusedHeadMixin, tp_region_input
+from .contract import LinearLossMixin, tp_region_input
 from .vocab_parallel import VocabParallelHead
 
 __all__ = ["StackedOptions", "StackedHead"]
@@ -43,8 +43,9 @@ class StackedOptions:
             raise HeadConfigError(f"width must be an integer >= 1 (D' >= D), got {self.width!r}")
 
 
-class StackedHead(VocabParallelHead):
-    """The ``stacked`` head (module docstring): fused loss over u = psi(h) and W's shard."""
+class StackedHead(LinearLossMixin, VocabParallelHead):
+    """The ``stacked`` head (module docstring): fused loss over u = psi(h) and W's shard (:class:`LinearLossMixin`'s
+    ``loss``, first in the MRO; the rest from :class:`VocabParallelHead`)."""
 
     def __init__(self, ctx: HeadBuildContext, options: StackedOptions, init_std: Optional[float] = None):
         width = options.width or 2 * ctx.hidden_size
@@ -83,5 +84,3 @@ class StackedHead(VocabParallelHead):
 
     def loss_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
         return self._params(weight)["weight"]
-
-    loss = FusedHeadMixin.loss

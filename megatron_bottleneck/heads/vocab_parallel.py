@@ -46,7 +46,7 @@ from ..base.groups import default_tp_group
 from ..base.head import HeadBuildContext, HeadLogProb
 from ..base.loss_spec import LossSpec, log_prob_token_loss
 from ..base.tp_autograd import tp_copy, tp_reduce_sum
-from .contract import FusedHeadMixin, FusedLossConfig, reduced_loss, tp_region_input
+from .contract import FusedLossConfig, HeadContractMixin, reduced_loss, tp_region_input
 from .shards import VocabSharded
 
 __all__ = ["VocabParallelHead", "vocab_parallel_nll"]
@@ -66,7 +66,7 @@ def vocab_parallel_nll(u: torch.Tensor, labels: torch.Tensor, vocab_start: int, 
                                reduce=functools.partial(tp_reduce_sum, group=tp_group))
 
 
-class VocabParallelHead(FusedHeadMixin, VocabSharded, torch.nn.Module):
+class VocabParallelHead(HeadContractMixin, VocabSharded, torch.nn.Module):
     """Base of a vocab-parallel head given by ``replicated_part`` / ``sharded_part`` (see the module docstring).
 
     Attributes as Megatron's ``ColumnParallelLinear`` head: ``weight`` W ``[V/tp, width]`` (vocab-sharded,

@@ -17,7 +17,7 @@ state-first detection working), not ``probe.integrations.wrap_forward_step``.
 
 Installing Bridge 0.6.2 without Transformer Engine (CPU; README "Megatron-Bridge"): ``pip install --no-deps
 megatron-bridge==0.6.2`` and its pure-Python dependencies (``nvidia-resiliency-ext`` resolves to 0.4.1 on Python
-3.12, which has no ``__version__`` and breaks ``import megatron.core``: see :func:`mark_old_nvrx_absent`).
+3.12, which has no ``__version__`` and breaks ``import megatron.core``: call :func:`mark_old_nvrx_absent` first).
 :func:`prepare_bridge_import` then makes
 ``import megatron.bridge`` work without TE: :func:`megatron_bottleneck.enable_cpu_mode` calls it (before applying
 its Bridge patches, :mod:`.bridge_cpu`) and so does ``ProbeCallback``; otherwise call it before importing Bridge.
@@ -35,7 +35,6 @@ from packaging.version import Version
 
 __all__ = ["ProbeCallback", "make_probe_callback_class", "prepare_bridge_import", "mark_old_nvrx_absent"]
 
-_CLASS = None
 _NVRX_ASYNC = "nvidia_resiliency_ext.checkpointing.async_ckpt.core"
 
 
@@ -81,8 +80,11 @@ def _findable(name: str) -> bool:
 def mark_old_nvrx_absent() -> None:
     """With nvidia-resiliency-ext < 0.7 installed (0.4.1 is what Bridge's requirements bring on Python 3.12), mark
     its async-checkpoint module absent, as megatron-core expects of a missing one: 0.4.1 has no ``__version__``,
-    and megatron-core reading it breaks ``import megatron.core``. Needed before megatron-core is first imported;
-    ``megatron_bottleneck.integrations`` calls it on import."""
+    and megatron-core reading it breaks ``import megatron.core``. Needed before megatron-core is first imported:
+    our entry points call it first (the ``megatron-bottleneck`` command, ``python -m megatron_bottleneck.megatron_lm``,
+    :func:`~megatron_bottleneck.launch`'s fork server, :func:`prepare_bridge_import`); a script of your own calls
+    it before importing megatron-core (importing this module does not import megatron-core). Nothing changes at
+    import of any of our modules."""
     if _NVRX_ASYNC not in sys.modules and _old_nvrx():
         sys.modules[_NVRX_ASYNC] = None
 
@@ -119,10 +121,8 @@ def prepare_bridge_import() -> None:
 
 
 def make_probe_callback_class():
-    """The ``ProbeCallback`` class, subclassing ``megatron.bridge.training.callbacks.Callback``."""
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
+    """The ``ProbeCallback`` class, subclassing ``megatron.bridge.training.callbacks.Callback``: made at the first
+    call, then found among ``Callback.__subclasses__()`` (Python's own record; no cache of ours)."""
     try:
         if _findable("megatron.bridge"):
             prepare_bridge_import()
@@ -131,6 +131,9 @@ def make_probe_callback_class():
         raise ImportError(
             f"ProbeCallback needs Megatron-Bridge (megatron.bridge.training.callbacks): {exc}"
         ) from None
+    for sub in Callback.__subclasses__():
+        if sub.__module__ == __name__ and sub.__name__ == "ProbeCallback":
+            return sub
 
     class ProbeCallback(Callback):
         """Attach a :class:`~megatron_bottleneck.probe.GradientProbe` for a Bridge ``pretrain``.
@@ -162,8 +165,7 @@ def make_probe_callback_class():
         def on_train_end(self, context) -> None:
             self.probe.remove()
 
-    _CLASS = ProbeCallback
-    return _CLASS
+    return ProbeCallback
 
 
 def __getattr__(name: str) -> Any:

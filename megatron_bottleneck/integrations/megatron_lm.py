@@ -35,7 +35,7 @@ import runpy
 import sys
 import time
 from importlib.metadata import version
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 import torch
 from megatron.core import parallel_state as ps
@@ -44,7 +44,7 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from ..base.errors import ConfigError, HeadConfigError
 from ..base.head import HeadConfig, parse_head_options
 from ..base.quiet import quiet_megatron_warnings
-from ..heads.fused import FusedLossConfig, enable_fused_loss
+from ..heads.model_loss import FusedLossConfig, enable_fused_loss
 from ..heads import registered_heads
 from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_head, refuse_from_dense_before_load
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
@@ -64,6 +64,9 @@ __all__ = [
     "wrap_forward_step",
     "install_head_from_args",
     "get_probe",
+    "MegatronLMIntegration",
+    "integration_of",
+    "patched_integration",
     "real_vocab_size",
     "patch",
     "main",
@@ -381,24 +384,6 @@ def head_config_from_args(args, rank: Optional[int] = None) -> Optional[HeadConf
     return head
 
 
-_CHECKED = False
-
-
-def _check_command_line(cpu: Optional[bool] = None) -> None:
-    """:func:`check_arguments` on this process's command line, once: an error is one line (rank 0) and exit
-    status 2 on every rank, before Megatron-LM parses anything."""
-    global _CHECKED
-    if _CHECKED:
-        return
-    _CHECKED = True
-    try:
-        lines = check_arguments(sys.argv[1:], cpu)
-    except (HeadConfigError, ConfigError) as exc:
-        _exit_one_line(exc, _rank() == 0)
-    for i, line in enumerate(lines):
-        _print0(line if i == len(lines) - 1 else f"warning: {line}")
-
-
 def extra_args_provider(other: Optional[Callable] = None) -> Callable:
     """``add_arguments`` chained after another ``extra_args_provider`` (or alone for None)."""
     if other is None or getattr(other, _WRAPPED, False):
@@ -443,14 +428,11 @@ def _exit_one_line(exc: BaseException, prints: bool) -> None:
     raise SystemExit(2) from None
 
 
-_HEAD_LOGGED = False
-
-
-def install_head_from_args(models, args=None):
+def install_head_from_args(models, args=None, integration: Optional["MegatronLMIntegration"] = None):
     """Install the head from ``--lm-head-type``/``--lm-head-options`` (any registered kind) or the low-rank head
-    from ``--lm-head-rank``/``--lm-head-init`` on every model (chunk) that has an output layer, and the fused head + loss with ``--lm-head-fused-loss``; a model or a list
-    of models; returns what it was given."""
-    global _HEAD_LOGGED
+    from ``--lm-head-rank``/``--lm-head-init`` on every model (chunk) that has an output layer, and the fused head +
+    loss with ``--lm-head-fused-loss``; a model or a list of models; returns what it was given. ``integration``:
+    the :class:`MegatronLMIntegration` whose head line is printed once (default: see :func:`integration_of`)."""
     args = _get_args() if args is None else args
     rank = getattr(args, "lm_head_rank", None)
     fused = getattr(args, "lm_head_fused_loss", False)
@@ -465,10 +447,7 @@ def install_head_from_args(models, args=None):
                 enable_fused_loss(models, _fused_loss_config(args))
         except HeadConfigError as exc:
             _fail(exc)
-        if not _HEAD_LOGGED:
-            _HEAD_LOGGED = True
-            if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-                print(f"{PREFIX} installed the LM head {head_config} on the output layer", flush=True)
+        integration_of(integration).log_head(f"installed the LM head {head_config} on the output layer")
         return models
     if kind == "low_rank" and not rank:
         rank = head_config_from_args(args).resolved_options().r
@@ -495,45 +474,13 @@ def install_head_from_args(models, args=None):
             enable_fused_loss(models, _fused_loss_config(args))
         except HeadConfigError as exc:
             _fail(exc)
-    if installed and not _HEAD_LOGGED:
-        _HEAD_LOGGED = True
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-            print(f"{PREFIX} installed a rank-{head.rank} low-rank LM head (init={head.init}) "
-                  f"on the output layer", flush=True)
-    return models
-
-
-def wrap_model_provider(model_provider: Callable) -> Callable:
-    """A model provider that builds the user's model, then installs the low-rank head from the
-    parsed arguments (each virtual-pipeline chunk is its own provider call). Idempotent."""
-    if getattr(model_provider, _WRAPPED, False):
-        return model_provider
-
-    @functools.wraps(model_provider)
-    def provider(*args, **kwargs):
-        return install_head_from_args(model_provider(*args, **kwargs))
-
-    setattr(provider, _WRAPPED, True)
-    return provider
-
-
-def _pre_wrap_hook(models: List) -> List:
-    install_head_from_args(models)
+    if installed:
+        integration_of(integration).log_head(f"installed a rank-{head.rank} low-rank LM head (init={head.init}) "
+                                             f"on the output layer")
     return models
 
 
 # ------------------------------------------------------------------------------------ probe
-_PROBE: Any = None
-_PROBE_MADE = False
-_WARNED: set = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        _print0(f"warning: {msg}")
-
-
 def real_vocab_size(args=None) -> Optional[int]:
     """The unpadded vocabulary: the tokenizer's ``vocab_size`` (what Megatron-LM pads to
     ``args.padded_vocab_size``), else ``args.vocab_size``."""
@@ -571,60 +518,201 @@ def _to_megatron_writers(step: int, figures) -> None:
         wb.log(scalars, step)
 
 
-def get_probe():
-    """The run's :class:`GradientProbe` (built at the first call, after Megatron-LM has parsed its
-    arguments and loaded the checkpoint), or None when ``--probe-*-interval`` are all 0."""
-    global _PROBE, _PROBE_MADE
-    if _PROBE_MADE:
-        return _PROBE
-    _PROBE_MADE = True
-    args = _get_args()
-    intervals = [getattr(args, k, 0) or 0 for k in ("probe_interval", "probe_update_interval",
-                                                     "probe_rank_interval")]
-    if not any(intervals):
-        return None
-    log_dir = getattr(args, "probe_log_dir", None)
-    own_tb = False
-    if not getattr(args, "tensorboard_dir", None) and log_dir:
-        own_tb = _tensorboard_importable()
-        if not own_tb:
-            _warn_once("tb", "tensorboard is not installed: probe figures go to "
-                             f"{os.path.join(log_dir, 'probe.jsonl')} only")
-    vocab = real_vocab_size(args)
-    cfg = ProbeConfig(interval=intervals[0], update_interval=intervals[1], rank_interval=intervals[2],
-                      rank_token_budget=args.probe_rank_token_budget, vocab_size=vocab,
-                      general_tokens=getattr(args, "probe_general_tokens", 256),
-                      general_iterations=getattr(args, "probe_general_iterations", 32),
-                      log_dir=log_dir, tensorboard=own_tb)
-    probe = GradientProbe(cfg)
-    probe.step = int(getattr(args, "iteration", 0) or 0)
-    probe.on_record(_to_megatron_writers)
-    atexit.register(_finish_probe)  # the last step's figures when nobody wrapped Megatron-LM's train_step
-    _print0(f"gradient probe on (interval={cfg.interval}, update_interval={cfg.update_interval}, "
-            f"rank_interval={cfg.rank_interval}; vocabulary {vocab}, padded "
-            f"{getattr(args, 'padded_vocab_size', None)}; starting at step {probe.step})")
-    _PROBE = probe
-    return probe
+# ------------------------------------------------------------------------------ integration
+class MegatronLMIntegration:
+    """The Megatron-LM integration's state in one process: whether the command line was checked, whether the
+    head line was printed, the run's :class:`GradientProbe` (built once, at the first :meth:`get_probe`) and the
+    warnings given once.
+
+    :func:`patch` creates the process's one and keeps it on the Megatron-LM ``pretrain`` it wraps (so a second
+    ``patch()`` returns it, and :func:`integration_of` finds it); for the explicit wrapping create one and pass it
+    to :func:`wrap_model_provider`, :func:`wrap_forward_step` and :func:`install_head_from_args` (or call its
+    methods of the same names)."""
+
+    def __init__(self) -> None:
+        self.command_line_checked = False
+        self.head_logged = False
+        self.probe: Optional[GradientProbe] = None
+        self.probe_made = False
+        self.warned: Set[str] = set()
+
+    # -- command line and head
+    def check_command_line(self, cpu: Optional[bool] = None) -> None:
+        """:func:`check_arguments` on this process's command line, once: an error is one line (rank 0) and exit
+        status 2 on every rank, before Megatron-LM parses anything."""
+        if self.command_line_checked:
+            return
+        self.command_line_checked = True
+        try:
+            lines = check_arguments(sys.argv[1:], cpu)
+        except (HeadConfigError, ConfigError) as exc:
+            _exit_one_line(exc, _rank() == 0)
+        for i, line in enumerate(lines):
+            _print0(line if i == len(lines) - 1 else f"warning: {line}")
+
+    def log_head(self, message: str) -> None:
+        """``message`` printed once per process, by the first tensor- and data-parallel rank."""
+        if self.head_logged:
+            return
+        self.head_logged = True
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            print(f"{PREFIX} {message}", flush=True)
+
+    def install_head_from_args(self, models, args=None):
+        """:func:`install_head_from_args` with this state (a Megatron pre-wrap hook)."""
+        return install_head_from_args(models, args, integration=self)
+
+    def wrap_model_provider(self, model_provider: Callable) -> Callable:
+        """A model provider that builds the user's model, then installs the head from the parsed arguments (each
+        virtual-pipeline chunk is its own provider call). Idempotent."""
+        if getattr(model_provider, _WRAPPED, False):
+            return model_provider
+
+        @functools.wraps(model_provider)
+        def provider(*args, **kwargs):
+            return self.install_head_from_args(model_provider(*args, **kwargs))
+
+        setattr(provider, _WRAPPED, True)
+        return provider
+
+    # -- probe
+    def warn_once(self, key: str, msg: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            _print0(f"warning: {msg}")
+
+    def get_probe(self) -> Optional[GradientProbe]:
+        """The run's :class:`GradientProbe` (built at the first call, after Megatron-LM has parsed its arguments
+        and loaded the checkpoint), or None when ``--probe-*-interval`` are all 0."""
+        if self.probe_made:
+            return self.probe
+        self.probe_made = True
+        args = _get_args()
+        intervals = [getattr(args, k, 0) or 0 for k in ("probe_interval", "probe_update_interval",
+                                                         "probe_rank_interval")]
+        if not any(intervals):
+            return None
+        log_dir = getattr(args, "probe_log_dir", None)
+        own_tb = False
+        if not getattr(args, "tensorboard_dir", None) and log_dir:
+            own_tb = _tensorboard_importable()
+            if not own_tb:
+                self.warn_once("tb", "tensorboard is not installed: probe figures go to "
+                                     f"{os.path.join(log_dir, 'probe.jsonl')} only")
+        vocab = real_vocab_size(args)
+        cfg = ProbeConfig(interval=intervals[0], update_interval=intervals[1], rank_interval=intervals[2],
+                          rank_token_budget=args.probe_rank_token_budget, vocab_size=vocab,
+                          general_tokens=getattr(args, "probe_general_tokens", 256),
+                          general_iterations=getattr(args, "probe_general_iterations", 32),
+                          log_dir=log_dir, tensorboard=own_tb)
+        probe = GradientProbe(cfg)
+        probe.step = int(getattr(args, "iteration", 0) or 0)
+        probe.on_record(_to_megatron_writers)
+        atexit.register(self.finish_probe)  # the last step's figures when nobody wrapped Megatron-LM's train_step
+        _print0(f"gradient probe on (interval={cfg.interval}, update_interval={cfg.update_interval}, "
+                f"rank_interval={cfg.rank_interval}; vocabulary {vocab}, padded "
+                f"{getattr(args, 'padded_vocab_size', None)}; starting at step {probe.step})")
+        self.probe = probe
+        return probe
+
+    def finish_probe(self) -> None:
+        """At exit: the probe's pending step (``end_step``) and its logs closed; a failure is one warning line."""
+        if self.probe is None:
+            return
+        try:
+            self.probe.remove()
+        except Exception as exc:  # e.g. the process group is already gone
+            _print0(f"warning: the probe's last step was not recorded ({type(exc).__name__}: {exc})")
+
+    def wrap_forward_step(self, forward_step: Callable) -> Callable:
+        """Megatron-LM ``forward_step`` that attaches this run's probe (from the arguments) to the model it is
+        given. Idempotent; a no-op when the probe is off."""
+        if getattr(forward_step, _WRAPPED, False):
+            return forward_step
+        wrapped = _wrap_forward_step(forward_step, self.get_probe)
+        setattr(wrapped, _WRAPPED, True)
+        return wrapped
+
+    def probe_train_step(self, train_step: Callable) -> Callable:
+        """Megatron-LM's ``train_step`` as the probe's step: :meth:`~GradientProbe.begin_step` with this step's
+        micro-batch count (Megatron's ``get_num_microbatches()``, read afresh: the training loop has updated it for
+        batch-size ramp-up before calling ``train_step``), then the step, then :meth:`~GradientProbe.end_step` (its
+        one reduction and host transfer, after the schedule). Idempotent."""
+        if getattr(train_step, _WRAPPED, False):
+            return train_step
+
+        @functools.wraps(train_step)
+        def wrapped(*args, **kwargs):
+            probe = self.get_probe()  # arguments parsed and checkpoint loaded by now: what the forward step builds
+            if probe is not None:
+                probe.begin_step(get_num_microbatches())
+            out = train_step(*args, **kwargs)
+            if probe is not None:
+                probe.end_step()
+            return out
+
+        setattr(wrapped, _WRAPPED, True)
+        return wrapped
+
+    # -- patch
+    def edit_pretrain_arguments(self, sig: inspect.Signature, a: dict, cpu: bool = False) -> None:
+        """Megatron-LM's ``pretrain``: the model provider (core_v0.16) or the config's pre-wrap hooks (core_v0.19)
+        install the head; the forward step gets the probe; the extra-arguments provider our options; in CPU mode a
+        hybrid model config without a stack spec gets the local one (:func:`_use_local_hybrid_spec`)."""
+        self.check_command_line(cpu)
+        if a.get("model_provider") is not None:
+            a["model_provider"] = self.wrap_model_provider(a["model_provider"])
+        cfg = a.get("cfg_container")
+        model_cfg = getattr(cfg, "model", None) if cfg is not None else None
+        if model_cfg is not None and cpu:
+            _use_local_hybrid_spec(model_cfg)
+        if model_cfg is not None and hasattr(model_cfg, "pre_wrap_hooks"):
+            if self.install_head_from_args not in model_cfg.pre_wrap_hooks:
+                model_cfg.pre_wrap_hooks.append(self.install_head_from_args)
+        if a.get("forward_step_func") is not None:
+            a["forward_step_func"] = self.wrap_forward_step(a["forward_step_func"])
+        if "extra_args_provider" in sig.parameters:
+            a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
+
+    def edit_parse_arguments(self, _sig: inspect.Signature, a: dict, cpu: bool = False) -> None:
+        """``parse_and_validate_args``: our options chained onto the caller's extra-arguments provider."""
+        self.check_command_line(cpu)
+        a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
 
 
-def _finish_probe() -> None:
-    """At exit: the probe's pending step (``end_step``) and its logs closed; a failure is one warning line."""
-    if _PROBE is None:
-        return
-    try:
-        _PROBE.remove()
-    except Exception as exc:  # e.g. the process group is already gone
-        _print0(f"warning: the probe's last step was not recorded ({type(exc).__name__}: {exc})")
+_INTEGRATION = "__megatron_bottleneck_integration__"
 
 
-def wrap_forward_step(forward_step: Callable) -> Callable:
-    """Megatron-LM ``forward_step`` that attaches the run's probe (from the arguments) to the
-    model it is given. Idempotent; a no-op when the probe is off."""
-    if getattr(forward_step, _WRAPPED, False):
-        return forward_step
-    wrapped = _wrap_forward_step(forward_step, get_probe)
-    setattr(wrapped, _WRAPPED, True)
-    return wrapped
+def patched_integration() -> Optional[MegatronLMIntegration]:
+    """The :class:`MegatronLMIntegration` that :func:`patch` created in this process (kept on the
+    ``megatron.training.training.pretrain`` it wrapped), None before ``patch()``."""
+    training = sys.modules.get("megatron.training.training")
+    return getattr(getattr(training, "pretrain", None), _INTEGRATION, None)
+
+
+def integration_of(integration: Optional[MegatronLMIntegration] = None) -> MegatronLMIntegration:
+    """``integration`` itself; None: the one :func:`patch` created (:func:`patched_integration`), else a new one."""
+    if integration is not None:
+        return integration
+    return patched_integration() or MegatronLMIntegration()
+
+
+def wrap_model_provider(model_provider: Callable, integration: Optional[MegatronLMIntegration] = None) -> Callable:
+    """:meth:`MegatronLMIntegration.wrap_model_provider` of ``integration`` (default: :func:`integration_of`)."""
+    return integration_of(integration).wrap_model_provider(model_provider)
+
+
+def get_probe(integration: Optional[MegatronLMIntegration] = None):
+    """The run's :class:`GradientProbe` (:meth:`MegatronLMIntegration.get_probe` of ``integration``, default: the
+    one :func:`patch` created), or None when ``--probe-*-interval`` are all 0."""
+    return integration_of(integration).get_probe()
+
+
+def wrap_forward_step(forward_step: Callable, integration: Optional[MegatronLMIntegration] = None) -> Callable:
+    """Megatron-LM ``forward_step`` that attaches the run's probe (from the arguments) to the model it is given
+    (:meth:`MegatronLMIntegration.wrap_forward_step` of ``integration``, default: :func:`integration_of`).
+    Idempotent; a no-op when the probe is off."""
+    return integration_of(integration).wrap_forward_step(forward_step)
 
 
 # ------------------------------------------------------------------------------------ patch
@@ -663,65 +751,15 @@ def _use_local_hybrid_spec(model_cfg) -> None:
             f"{' '.join(LOCAL_HYBRID_SPEC)}; Megatron's default hybrid_stack_spec needs Transformer Engine)")
 
 
-def _edit_pretrain_arguments(sig: inspect.Signature, a: dict, cpu: bool = False) -> None:
-    """Megatron-LM's ``pretrain``: the model provider (core_v0.16) or the config's pre-wrap hooks (core_v0.19)
-    install the head; the forward step gets the probe; the extra-arguments provider our options; in CPU mode a
-    hybrid model config without a stack spec gets the local one (:func:`_use_local_hybrid_spec`)."""
-    _check_command_line(cpu)
-    if a.get("model_provider") is not None:
-        a["model_provider"] = wrap_model_provider(a["model_provider"])
-    cfg = a.get("cfg_container")
-    model_cfg = getattr(cfg, "model", None) if cfg is not None else None
-    if model_cfg is not None and cpu:
-        _use_local_hybrid_spec(model_cfg)
-    if model_cfg is not None and hasattr(model_cfg, "pre_wrap_hooks"):
-        if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
-            model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
-    if a.get("forward_step_func") is not None:
-        a["forward_step_func"] = wrap_forward_step(a["forward_step_func"])
-    if "extra_args_provider" in sig.parameters:
-        a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
-
-
-def _probe_train_step(train_step: Callable) -> Callable:
-    """Megatron-LM's ``train_step`` as the probe's step: :meth:`~GradientProbe.begin_step` with this step's
-    micro-batch count (Megatron's ``get_num_microbatches()``, read afresh: the training loop has updated it for
-    batch-size ramp-up before calling ``train_step``), then the step, then :meth:`~GradientProbe.end_step` (its
-    one reduction and host transfer, after the schedule). Idempotent."""
-    if getattr(train_step, _WRAPPED, False):
-        return train_step
-
-    @functools.wraps(train_step)
-    def wrapped(*args, **kwargs):
-        probe = get_probe()  # arguments parsed and checkpoint loaded by now: what the forward step would build
-        if probe is not None:
-            probe.begin_step(get_num_microbatches())
-        out = train_step(*args, **kwargs)
-        if probe is not None:
-            probe.end_step()
-        return out
-
-    setattr(wrapped, _WRAPPED, True)
-    return wrapped
-
-
-def _edit_parse_arguments(_sig: inspect.Signature, a: dict, cpu: bool = False) -> None:
-    """``parse_and_validate_args``: our options chained onto the caller's extra-arguments provider."""
-    _check_command_line(cpu)
-    a["extra_args_provider"] = extra_args_provider(a.get("extra_args_provider"))
-
-
-_PATCHED = False
-
-
-def patch(cpu: Optional[bool] = None) -> None:
+def patch(cpu: Optional[bool] = None) -> MegatronLMIntegration:
     """Wrap Megatron-LM's ``pretrain`` (and, for core_v0.19, ``parse_and_validate_args``) so a
-    ``pretrain_gpt.py`` gets the head, the probe and their arguments. Idempotent. ``cpu=None``:
-    enable the CPU mode and the training CPU patches when CUDA is not available.
-    Call it before the script runs ``from megatron.training import pretrain``."""
-    global _PATCHED
-    if _PATCHED:
-        return
+    ``pretrain_gpt.py`` gets the head, the probe and their arguments; returns the process's
+    :class:`MegatronLMIntegration` (created here, kept on the wrapped ``pretrain``). Idempotent: a second call
+    returns the first one's. ``cpu=None``: enable the CPU mode and the training CPU patches when CUDA is not
+    available. Call it before the script runs ``from megatron.training import pretrain``."""
+    existing = patched_integration()
+    if existing is not None:
+        return existing
     if cpu is None:
         cpu = not torch.cuda.is_available()
     done = []
@@ -735,21 +773,24 @@ def patch(cpu: Optional[bool] = None) -> None:
     if not hasattr(mtt, "pretrain"):
         raise RuntimeError(f"{PREFIX} megatron.training.training.pretrain not found; this "
                            "Megatron-LM version is not supported.")
-    wrapped = _wrap_arguments(mtt.pretrain, functools.partial(_edit_pretrain_arguments, cpu=cpu))
+    integration = MegatronLMIntegration()
+    wrapped = _wrap_arguments(mtt.pretrain, functools.partial(integration.edit_pretrain_arguments, cpu=cpu))
+    setattr(wrapped, _INTEGRATION, integration)
     mtt.pretrain = wrapped
     if hasattr(mt, "pretrain"):
         mt.pretrain = wrapped
     done.append("megatron.training.pretrain")
     if hasattr(mtt, "train_step"):
-        mtt.train_step = _probe_train_step(mtt.train_step)
+        mtt.train_step = integration.probe_train_step(mtt.train_step)
         done.append("megatron.training.training.train_step (probe step begin / end)")
     arguments = importlib.import_module("megatron.training.arguments")
     if hasattr(arguments, "parse_and_validate_args"):
         parse = arguments.parse_and_validate_args
-        arguments.parse_and_validate_args = _wrap_arguments(parse, functools.partial(_edit_parse_arguments, cpu=cpu))
+        arguments.parse_and_validate_args = _wrap_arguments(
+            parse, functools.partial(integration.edit_parse_arguments, cpu=cpu))
         done.append("megatron.training.arguments.parse_and_validate_args")
-    _PATCHED = True
     _print0("patched " + ", ".join(done))
+    return integration
 
 
 # ------------------------------------------------------------------------------------- main

@@ -228,7 +228,7 @@ def measure_loaded(model: LoadedModel, cfg: MeasureConfig) -> Optional[Dict]:
     view, bias = model.view, model.bias
     n_real = view.valid_rows()
     dev = model.device
-    f = view.basis[:n_real].to(dev)
+    f = view.factor[:n_real].to(dev)
     mix = None if view.mix is None else view.mix.to(dev)
     b = None if bias is None else bias[:n_real].to(dev, f.dtype)
     acc = StepAccumulator(padding=False)

@@ -70,7 +70,7 @@ class LoadedModel:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.view.basis.shape[1] if self.view.mix is None else self.view.mix.shape[1])
+        return int(self.view.factor.shape[1] if self.view.mix is None else self.view.mix.shape[1])
 
 
 def _capture(head: torch.nn.Module, store: dict):
@@ -222,7 +222,7 @@ def load_hf_model(name: str, revision: Optional[str] = None, dtype: str = "auto"
     work = torch.float64 if tdtype == torch.float64 else torch.float32
     basis = head.weight.detach().to(work) * scale
     bias = None if head.bias is None else head.bias.detach().to(work) * scale
-    view = HeadView(basis=basis, mix=None, vocab_start=0, vocab_size=int(head.out_features))
+    view = HeadView(factor=basis, mix=None, vocab_start=0, vocab_size=int(head.out_features))
     store: dict = {}
     _capture(head, store)
 
@@ -298,8 +298,8 @@ def _megatron_core_model(model, name: str, device: torch.device, vocab_size: int
     # a first forward to read the head's weight argument (tied embeddings pass it to the head)
     hidden(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
     view = head_view(head, weight=store.get("weight"), vocab_size=vocab_size)
-    work = torch.float64 if view.basis.dtype == torch.float64 else torch.float32
-    view = HeadView(view.basis.detach().to(work), None if view.mix is None else view.mix.detach().to(work),
+    work = torch.float64 if view.factor.dtype == torch.float64 else torch.float32
+    view = HeadView(view.factor.detach().to(work), None if view.mix is None else view.mix.detach().to(work),
                     view.vocab_start, view.vocab_size)
     return LoadedModel(name=name, hidden=hidden, view=view, bias=None, tokenize=tokenize, max_length=seq,
                        device=device, kind=kind, eod=eod, dtype=next(model.parameters()).dtype)

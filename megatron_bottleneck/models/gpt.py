@@ -8,7 +8,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from ..heads.fused import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
+from ..heads.model_loss import FusedLossConfig, as_lm_head, check_fusable, fused_model_class
 from ..base.head import HeadConfig
 from ..heads.install import (LowRankHeadConfig, as_head_config, install_head, refuse_from_dense_before_load,
                              require_transformer_engine_for_fp8)

@@ -39,7 +39,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..base.errors import ConfigError
 from ..base.head import HeadConfig
-from ..heads.fused import FusedLossConfig, check_fusable, fused_model_class
+from ..heads.model_loss import FusedLossConfig, check_fusable, fused_model_class
 from ..heads.install import LowRankHeadConfig, require_transformer_engine, require_transformer_engine_for_fp8
 from .gpt import finish_head, prepare_head, stage_ends
 from .llama import SequenceParallelNorm

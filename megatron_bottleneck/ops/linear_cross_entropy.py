@@ -495,8 +495,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid, tgt = _local_targets(labels, spec.ignore_index, vocab_start, n_real)
         moments = {} if want_p2 else None
         if use_triton:
-            lse, lse2, z_y, sum_z = triton_lce.forward_chunks(u, weight, n_real, want_p2, tgt, want_sum, softcap=cap,
-                                                              bias=bias, class_weights=w_local)
+            lse, lse2, z_y, sum_z = triton_lce.forward_stats(u, weight, n_real, want_p2, tgt, want_sum, softcap=cap,
+                                                             bias=bias, class_weights=w_local)
             if want_p2:
                 moments.update(lspw=lse.clone(), s_ww=torch.full_like(lse, float(n_real)))
         else:

@@ -5,7 +5,7 @@ Shapes: u [T, k] (head input), weight [V_local, k] (this rank's vocab shard F), 
 fp32, no TF32: matches torch fp32 to ~1e-6), bfloat16 and float16 (tensor-core dots, float32
 accumulation; the logits stay float32, as in the torch loop on CUDA, where a CPU's 16-bit mm rounds them).
 
-Forward, :func:`forward_chunks` (u, F, n_real, tgt -> lse, lse2 or None, z_y, sum_z or None, [T] float32)::
+Forward, :func:`forward_stats` (u, F, n_real, tgt -> lse, lse2 or None, z_y, sum_z or None, [T] float32)::
 
     lse_t = log sum_{i < n_real} exp(z_ti),      lse2_t = log sum_{i < n_real} exp(2 z_ti)
     z_y_t = z_{t, tgt_t} (0 where tgt_t = -1),   sum_z_t = sum_{i < n_real} z_ti
@@ -442,9 +442,9 @@ def _no_target(t: int, device) -> torch.Tensor:
     return torch.full((t,), -1, dtype=torch.long, device=device)
 
 
-def forward_chunks(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: bool,
-                   tgt: Optional[torch.Tensor] = None, want_sum: bool = False, softcap: Optional[float] = None,
-                   bias: Optional[torch.Tensor] = None, class_weights: Optional[torch.Tensor] = None):
+def forward_stats(u: torch.Tensor, weight: torch.Tensor, n_real: int, want_p2: bool,
+                  tgt: Optional[torch.Tensor] = None, want_sum: bool = False, softcap: Optional[float] = None,
+                  bias: Optional[torch.Tensor] = None, class_weights: Optional[torch.Tensor] = None):
     """(lse [T], lse2 [T] or None, z_y [T], sum_z [T] or None), float32, over rows [0, n_real) of weight.
 
     tgt [T]: the local row of each token's target, -1 where it is not a real row here (None: all -1);
@@ -618,7 +618,7 @@ def inspect_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, capa
 
 
 def _compile_specs(dt: str, cap: bool = False, extras: bool = False):
-    """The kernels as :func:`forward_chunks` / :func:`backward_chunks` launch them for contiguous inputs of
+    """The kernels as :func:`forward_stats` / :func:`backward_chunks` launch them for contiguous inputs of
     dtype ``dt`` ("fp32" | "bf16" | "fp16") at realistic sizes (T, k, V_local and the chunk multiples of
     16): [(report name, config kernel, fn, signature, constexprs, divisible)]. ``cap``: only the softcap
     variants (HAS_CAP) of the two logit kernels; ``extras``: only their bias + class-weight variants (HAS_BIAS,

@@ -65,7 +65,7 @@ class ClosedFormStrategy:
 
     def measure_shape(self, head, weight) -> Shape:
         view = self._view(head, weight)
-        k, v_local = view.basis.shape[1], view.basis.shape[0]
+        k, v_local = view.factor.shape[1], view.factor.shape[0]
         d = k if view.mix is None else view.mix.shape[1]
         self.shape = Shape(k=k, d=d, r=None if view.mix is None else view.mix.shape[0], v_local=v_local,
                            padded=view.vocab_size < get_pg_size(self.host.tp_group) * v_local)

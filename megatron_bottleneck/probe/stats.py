@@ -182,7 +182,7 @@ class StepAccumulator:
     def padded(self, view: HeadView) -> bool:
         """Whether the gradients of ``view`` carry padded columns this accumulator must correct for (the same
         answer on every TP rank: the padded size is rows x tp)."""
-        return self.padding and view.vocab_size < get_pg_size(self.tp_group) * view.basis.shape[0]
+        return self.padding and view.vocab_size < get_pg_size(self.tp_group) * view.factor.shape[0]
 
     def add_logit_grad(self, grad: torch.Tensor, view: HeadView, hidden_full: Optional[torch.Tensor] = None,
                        padding: bool = True) -> None:
@@ -268,9 +268,9 @@ class StepAccumulator:
         rank's padded vocabulary columns added to dH is E M."""
         g_all = grad.reshape(-1, grad.shape[-1])
         n = view.valid_rows()
-        e = torch.zeros(g_all.shape[0], view.basis.shape[1], dtype=torch.float32, device=g_all.device)
+        e = torch.zeros(g_all.shape[0], view.factor.shape[1], dtype=torch.float32, device=g_all.device)
         if g_all.shape[1] > n:
-            torch.mm(g_all[:, n:].float(), view.basis[n:].float(), out=e)
+            torch.mm(g_all[:, n:].float(), view.factor[n:].float(), out=e)
         return e
 
     @staticmethod
@@ -310,8 +310,8 @@ class StepAccumulator:
         """(k, d, reduced rank or None) of the payload this accumulator builds."""
         view = self.view
         mix = view.mix
-        d = view.basis.shape[1] if mix is None else mix.shape[1]
-        return view.basis.shape[1], d, (mix.shape[0] if self._reduced() else None)
+        d = view.factor.shape[1] if mix is None else mix.shape[1]
+        return view.factor.shape[1], d, (mix.shape[0] if self._reduced() else None)
 
     def ready(self) -> bool:
         return self.view is not None and (self.k is not None or self.k_red is not None)
@@ -327,7 +327,7 @@ class StepAccumulator:
         k_part = self.k if self.k_red is None else torch.cat([self.k_red.reshape(-1), self.trk.reshape(1)])
         device = k_part.device
         n = view.valid_rows()
-        f = view.basis[:n].to(_work_dtype(view.basis))
+        f = view.factor[:n].to(_work_dtype(view.factor))
         ftf = (f.t() @ f).double() * weight_share  # k x k: V k^2 flops, the largest product of a cheap step
         own = 1.0 if (self.sequence_parallel or get_pg_rank(self.tp_group) == 0) else 0.0
         parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * k_part.reshape(-1)]
@@ -359,7 +359,7 @@ class StepAccumulator:
         if reduced is not None:  # everything in span(Q): W Q = F (M Q), an r x r problem
             mix = mix @ self.q.double().to(ftf.device)
             # float32 factors put noise of ~eps * lambda_max into F^T F: keep it out of the (r x r) rank
-            rtol = max(PINV_RTOL, 8 * reduced * torch.finfo(view.basis.dtype).eps)
+            rtol = max(PINV_RTOL, 8 * reduced * torch.finfo(view.factor.dtype).eps)
         wtw = ftf if mix is None else mix.t() @ ftf @ mix
         vis2, head_rank, wtw_pinv, ok = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets), rtol=rtol)
         self._fallback = (k, wtw, rtol)

@@ -51,7 +51,7 @@ class ModelSection:
     """The head kind's options, e.g. ``{k: 4}`` for mos (README "Head designs"); low_rank takes r from
     head_rank and init from head_init when not given here."""
     fused_loss: bool = False
-    """Head and cross-entropy fused: no T x V logits (dense or low-rank head; see heads/fused.py)."""
+    """Head and cross-entropy fused: no T x V logits (dense or low-rank head; see heads/model_loss.py)."""
     head_fp8: Optional[Literal["e4m3"]] = None
     """With fused_loss: the head's GEMMs in FP8 (e4m3 forward, e5m2 gradients, torch._scaled_mm); tokens per
     micro-batch and the head's input width must be multiples of 16."""

@@ -14,6 +14,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
                                 or importlib.util.find_spec("megatron.bridge") is None,
                                 reason="Megatron-Bridge is not installed (the CI lane 'bridge' installs it)")
 
+from megatron_bottleneck.integrations.bridge import mark_old_nvrx_absent  # noqa: E402 (imports no megatron-core)
+
+mark_old_nvrx_absent()  # this lane's nvidia-resiliency-ext 0.4.1: before this process first imports megatron-core
+
 VOCAB = 500  # padded to 512 for the model (TP=1 and TP=2 alike); the probe uses 500
 RANK = 16
 ITERS = 2

@@ -35,7 +35,7 @@ def test_row_sq_norms_are_float64_accurate_where_float32_sums_are_not():
     acc = StepAccumulator(padding=False)
     from megatron_bottleneck.base.head import HeadView
 
-    acc.add_logit_grad(g, HeadView(basis=torch.zeros(49152, 4), mix=None, vocab_start=0, vocab_size=49152))
+    acc.add_logit_grad(g, HeadView(factor=torch.zeros(49152, 4), mix=None, vocab_start=0, vocab_size=49152))
     assert float(acc.g2 / exact) == pytest.approx(1.0, abs=2e-7)
 
 

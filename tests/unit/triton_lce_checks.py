@@ -34,7 +34,7 @@ def _close(name, a, b, tol):
 
 
 def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, chunk=None, seed=0):
-    """forward_chunks / backward_chunks (vocab chunks of ``chunk`` rows, None: one) against float64 math
+    """forward_stats / backward_chunks (vocab chunks of ``chunk`` rows, None: one) against float64 math
     (and the torch loops in float32); the backward twice, bitwise equal (no atomics)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(k, t, generator=gen).t() if transposed_u else torch.randn(t, k, generator=gen)
@@ -51,7 +51,7 @@ def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, chunk=
     e = 0.01 * coef
     coef, tgt, b, e = coef.to(device), tgt.to(device), b.to(device), e.to(device)
 
-    lse, lse2, z_y, sum_z = tk.forward_chunks(u, w, n_real, True, tgt, True)
+    lse, lse2, z_y, sum_z = tk.forward_stats(u, w, n_real, True, tgt, True)
     z = u.double() @ w[:n_real].double().t()
     ref_lse, ref_lse2 = torch.logsumexp(z, 1), torch.logsumexp(2 * z, 1)
     if n_real == 0:
@@ -63,7 +63,7 @@ def check_chunks(device, dtype, t, k, v_rows, n_real, transposed_u=False, chunk=
     ref_zy = torch.where(tgt >= 0, z.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1), 0.0)
     _close("z_y", z_y, ref_zy, 1e-5)
     _close("sum_z", sum_z, z.sum(1), 1e-5)
-    assert tk.forward_chunks(u, w, n_real, False)[1] is None
+    assert tk.forward_stats(u, w, n_real, False)[1] is None
 
     onehot = torch.zeros_like(z)
     onehot[tgt >= 0, tgt[tgt >= 0]] = 1.0
