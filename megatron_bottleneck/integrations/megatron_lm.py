@@ -814,6 +814,41 @@ def _require_hybrid(script: str) -> None:
         raise SystemExit(2) from None
 
 
+def _flag_value(argv: List[str], flag: str) -> Optional[str]:
+    """The value of ``flag`` in an argument list (``--flag V`` or ``--flag=V``; the last one wins), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def start_checkpoint_results_queue(argv: List[str]) -> bool:
+    """Start megatron-core's checkpoint-writer results queue now, while ``__main__`` is this runner.
+
+    megatron-core's torch_dist writer (``FileSystemWriterAsync``) creates, at a run's first save, a
+    ``multiprocessing`` Manager in a *spawn* context; a spawned process re-imports the parent's ``__main__``.
+    During ``runpy.run_path`` that is the training script, so the Manager process imports ``pretrain_gpt.py``
+    and all of ``megatron.training`` once more (measured: the first save of a 2-rank CPU run, 20 s, of which
+    the save itself is a fraction; minutes on a loaded machine). Started here, before the script runs, the spawned
+    process imports nothing (multiprocessing skips a ``-m package.__main__`` entry point). The queue is
+    megatron-core's own (its module caches it), so the first save finds it. Only when the run saves in torch_dist
+    format (``--save`` given; ``--ckpt-format`` torch_dist, the default): returns whether it started one."""
+    if _flag_value(argv, "--save") is None or (_flag_value(argv, "--ckpt-format") or "torch_dist") != "torch_dist":
+        return False
+    try:
+        fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    except ImportError:
+        return False
+    start = getattr(fs, "get_write_results_queue", None) or getattr(fs, "_get_write_results_queue", None)
+    if start is None:  # another megatron-core: it starts its queue itself, as before
+        return False
+    start()
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Run an unchanged Megatron-LM training script with :func:`patch` applied."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -837,5 +872,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     if script_dir not in sys.path:
         sys.path.insert(0, script_dir)
     patch(cpu=cpu)
+    start_checkpoint_results_queue(rest)
     sys.argv = [script] + rest
     runpy.run_path(script, run_name="__main__")
