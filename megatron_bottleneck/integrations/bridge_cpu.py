@@ -12,10 +12,8 @@ from __future__ import annotations
 import importlib.util
 from typing import List
 
-import torch
-
-from .megatron_training_cpu import (_no_cuda, _null_streams, _one_fake_device, _under_on_cpu, _wrapping,
-                                    skip_built_helpers)
+from .megatron_training_cpu import (JIT_WARMUP_WHY, _no_cuda, _null_streams, _one_fake_device, _under_on_cpu,
+                                    _wrapping, skip_built_helpers, skip_jit_warmup)
 from .patching import Patch
 
 __all__ = ["bridge_patches"]
@@ -43,12 +41,9 @@ def bridge_patches() -> List[Patch]:
         "with torch.cuda.device_count() == 0 the tensor-parallel RNG tracker is never seeded (attention's "
         "tracker.fork() then fails); CPU mode keeps its state on a CPU generator"))
 
-    # 3. _warmup_jit_function draws torch.rand(..., device="cuda") with TP-dependent shapes.
+    # 3. _warmup_jit_function compiles GPU fusions on tensors drawn with device="cuda" (skip_jit_warmup).
     patches.append(Patch(
-        "megatron.bridge.training.initialize", "_warmup_jit_function",
-        _under_on_cpu(lambda: torch.random.fork_rng(devices=[])),
-        "_warmup_jit_function() draws TP-dependent random tensors from the CPU generator on CPU: run under "
-        "torch.random.fork_rng(devices=[]) so TP=1 and TP=2 build the same weights"))
+        "megatron.bridge.training.initialize", "_warmup_jit_function", _wrapping(skip_jit_warmup), JIT_WARMUP_WHY))
 
     # 4. Bridge's initialize imported compile_helpers by name (the core set patches megatron.core's own name).
     patches.append(Patch(

@@ -50,6 +50,7 @@ from ..heads.install import LowRankHeadConfig, install_head, install_low_rank_he
 from ..heads.low_rank import INIT_METHODS, LowRankOutputLayer
 from ..models.hybrid import LOCAL_HYBRID_STACK_SPEC, require_hybrid_model
 from ..probe.probe import GradientProbe, ProbeConfig
+from .checkpoint_writer import start_writer_helpers
 from .cpu import enable_cpu_mode
 from .forward_step import wrap_forward_step as _wrap_forward_step
 from .launch import free_port
@@ -826,27 +827,13 @@ def _flag_value(argv: List[str], flag: str) -> Optional[str]:
 
 
 def start_checkpoint_results_queue(argv: List[str]) -> bool:
-    """Start megatron-core's checkpoint-writer results queue now, while ``__main__`` is this runner.
-
-    megatron-core's torch_dist writer (``FileSystemWriterAsync``) creates, at a run's first save, a
-    ``multiprocessing`` Manager in a *spawn* context; a spawned process re-imports the parent's ``__main__``.
-    During ``runpy.run_path`` that is the training script, so the Manager process imports ``pretrain_gpt.py``
-    and all of ``megatron.training`` once more (measured: the first save of a 2-rank CPU run, 20 s, of which
-    the save itself is a fraction; minutes on a loaded machine). Started here, before the script runs, the spawned
-    process imports nothing (multiprocessing skips a ``-m package.__main__`` entry point). The queue is
-    megatron-core's own (its module caches it), so the first save finds it. Only when the run saves in torch_dist
-    format (``--save`` given; ``--ckpt-format`` torch_dist, the default): returns whether it started one."""
+    """:func:`~megatron_bottleneck.integrations.checkpoint_writer.start_writer_helpers` before the training script
+    runs, when the run saves in torch_dist format (``--save`` given; ``--ckpt-format`` torch_dist, the default):
+    the first save then does not import the script again in a spawned process, and a preemption signal does not
+    kill the writer's helper mid-save. Returns whether it started one."""
     if _flag_value(argv, "--save") is None or (_flag_value(argv, "--ckpt-format") or "torch_dist") != "torch_dist":
         return False
-    try:
-        fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
-    except ImportError:
-        return False
-    start = getattr(fs, "get_write_results_queue", None) or getattr(fs, "_get_write_results_queue", None)
-    if start is None:  # another megatron-core: it starts its queue itself, as before
-        return False
-    start()
-    return True
+    return start_writer_helpers()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

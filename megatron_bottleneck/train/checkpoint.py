@@ -28,15 +28,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import threading
 from importlib.metadata import version as installed_version
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, TemporalAsyncCaller
 
@@ -303,25 +300,6 @@ def _load_optimizer(optimizer, state: Dict, fmt: Optional[str]) -> None:
         for sub in subs:
             del sub._set_main_param_and_optimizer_states  # the class's method again
     _restore_adam_steps(optimizer)
-
-
-def start_writer_helpers() -> None:
-    """Start the helper process megatron-core's checkpoint writer uses (a multiprocessing manager, made at the
-    first save) now, with SIGUSR1 and SIGTERM ignored so that it inherits that: a preemption signal sent to
-    every process of the job (Slurm, or torchrun forwarding it) would otherwise kill it in the middle of the
-    very save the signal asked for (EOFError). Call it before training, from the main thread."""
-    make = getattr(filesystem_async, "get_write_results_queue", None) or getattr(  # 0.19 / 0.16
-        filesystem_async, "_get_write_results_queue", None)
-    if make is None or getattr(filesystem_async, "_results_queue", None) is not None:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        make()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _async_save_api():

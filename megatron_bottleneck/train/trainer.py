@@ -31,13 +31,14 @@ from ..base.device import DeviceChoice, choose_device
 from ..base.sinks import MetricsLogger
 from ..data import IdTokenizer, batches, build_gpt_datasets
 from ..heads import FusedLossConfig
+from ..integrations.checkpoint_writer import start_writer_helpers
 from ..integrations.launch import init_process, launch
 from ..integrations.parallel import initialize_parallel
 from ..integrations.schedule import StepResult, forward_backward, sync_params
 from ..models import build_gpt_model, build_hybrid_model, llama_config
 from ..probe import GradientProbe, ProbeConfig
 from .checkpoint import (PER_RANK, CheckpointWriter, check_layout, check_optimizer_format, latest_checkpoint,
-                         load_checkpoint, read_saved_state, save_checkpoint, start_writer_helpers)
+                         load_checkpoint, read_saved_state, save_checkpoint)
 from .config import TrainConfig, fused_wgrad_available
 from .lr_schedule import (build_scheduler, check_schedule, restore_schedule, schedule_changes,
                           set_group_learning_rates, warmup_warning)

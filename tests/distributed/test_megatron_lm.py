@@ -424,6 +424,24 @@ def test_cpu_mode_patches_megatron_training_and_undoes_it(monkeypatch):
         assert getattr(importlib.import_module(p.module), p.attr) is originals[p.target]
 
 
+def test_cpu_mode_skips_the_jit_warmup_only_without_cuda(monkeypatch):
+    """The warmup compiles GPU fusions (and reads Megatron's global args): on CPU the patched function returns
+    without calling it; with CUDA (faked) it is the original, which here fails on the unset args."""
+    monkeypatch.syspath_prepend(MLM)
+    import importlib
+
+    import megatron_bottleneck as mb
+
+    initialize = importlib.import_module("megatron.training.initialize")
+    with pytest.raises(AssertionError, match="args"):
+        initialize._warmup_jit_function()  # unpatched: Megatron's global args are not initialized
+    with mb.cpu_mode():
+        assert initialize._warmup_jit_function() is None
+        monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+        with pytest.raises(AssertionError, match="args"):
+            initialize._warmup_jit_function()
+
+
 # ------------------------------------------------------------------ measure on the saved checkpoint
 def _dcp_tensors(iter_dir, names):
     """The named global tensors of a torch_dist checkpoint, read with torch's own DCP reader (no megatron)."""
