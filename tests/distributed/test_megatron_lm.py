@@ -266,6 +266,9 @@ import os
 with open(os.environ["IMPORT_LOG"], "a") as f:  # every import of this script: __main__, or __mp_main__ in a spawn
     f.write(__name__ + "\\n")
 if __name__ == "__main__":  # what megatron-core's torch_dist writer does at a run's first save
+    if os.environ.get("START_HELPERS"):  # what the trainer does before training
+        from megatron_bottleneck.integrations.checkpoint_writer import start_writer_helpers
+        assert start_writer_helpers()
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fs
     get = getattr(fs, "get_write_results_queue", None) or fs._get_write_results_queue
     get().put(1)
@@ -275,12 +278,14 @@ if __name__ == "__main__":  # what megatron-core's torch_dist writer does at a r
 def test_the_first_save_does_not_import_the_training_script_again(tmp_path):
     """megatron-core's torch_dist writer starts a spawn-context Manager at the first save; a spawned process
     re-imports ``__main__``. Run directly, the script is imported twice; through the runner with ``--save`` the
-    queue is already started (before the script ran) and the script is imported once."""
+    queue is already started (before the script ran) and the script is imported once; so with the trainer's
+    ``start_writer_helpers()`` called in the script."""
     script = tmp_path / "train.py"
     script.write_text(FAKE_TRAINING_SCRIPT)
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, MLM]), OMP_NUM_THREADS="1")
     e.pop("WORLD_SIZE", None)
     runs = {"direct": [sys.executable, str(script)],
+            "direct, helpers started": [sys.executable, str(script)],
             "runner": [sys.executable, "-m", "megatron_bottleneck.megatron_lm", str(script), "--save",
                        str(tmp_path / "ckpt")],
             "runner, torch format": [sys.executable, "-m", "megatron_bottleneck.megatron_lm", str(script), "--save",
@@ -288,10 +293,12 @@ def test_the_first_save_does_not_import_the_training_script_again(tmp_path):
     imports = {}
     for name, cmd in runs.items():
         e["IMPORT_LOG"] = str(tmp_path / f"{len(imports)}.log")
+        e["START_HELPERS"] = "1" if "helpers started" in name else ""
         p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, (name, p.stderr[-3000:])
         imports[name] = sorted(open(e["IMPORT_LOG"]).read().split())
-    assert imports == {"direct": ["__main__", "__mp_main__"], "runner": ["__main__"],
+    assert imports == {"direct": ["__main__", "__mp_main__"], "direct, helpers started": ["__main__"],
+                       "runner": ["__main__"],
                        "runner, torch format": ["__main__", "__mp_main__"]}  # no queue started: not torch_dist
 
 
