@@ -58,6 +58,16 @@ def _model(path: str):
     return chunk
 
 
+def _compare_optimizer_state(loaded, source):
+    """The converted checkpoint's optimizer state (``loaded``) against the dense run's (``source``, head excluded):
+    {name: (main weight, exp_avg, exp_avg_sq, step)} each."""
+    return {"names": sorted(loaded), "source_names": sorted(source),
+            "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max()) for k in source for j in range(3)),
+            "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
+            "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items() if k not in source},
+            "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
+
+
 def _optimizer_state(trainer) -> Dict:
     """``{name: (main, exp_avg, exp_avg_sq, step)}`` of this rank's parameters in the trainer's optimizer (loaded)."""
     from megatron_bottleneck.train.checkpoint import adam_state
@@ -106,13 +116,7 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: 
     with contextlib.redirect_stdout(console):
         trainer = Trainer(cfg)
     loaded = _optimizer_state(trainer)
-    out["optimizer"] = {"names": sorted(loaded), "source_names": sorted(source),
-                        "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max())
-                                             for k in source for j in range(3)),
-                        "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
-                        "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items()
-                                 if k not in source},
-                        "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
+    out["optimizer"] = _compare_optimizer_state(loaded, source)
     # the converted checkpoint loaded independently (a plain model, the trainer's TP=2) on the first resumed step's
     # micro-batches: the step's loss, taken before its update
     _, (ref,) = build_models(TrainConfig.load(os.path.join(converted[r], "config.yaml")))
@@ -142,13 +146,7 @@ def check_and_resume(dense_path: str, converted: Dict[int, str], full_rank_out: 
     _convert_rank(os.path.join(nodist, "dense", "iter_0000002"), 4, f"{nodist}/r4")
     loaded = _optimizer_state(Trainer(TrainConfig.load(f"{nodist}/r4/iter_0000002/config.yaml",
                                                        [f"logging.dir={nodist}/r4_logs"])))
-    out["nodist"] = {"names": sorted(loaded), "source_names": sorted(source),
-                     "kept_max_diff": max(float((loaded[k][j] - source[k][j]).abs().max())
-                                          for k in source for j in range(3)),
-                     "kept_steps": sorted({loaded[k][3] for k in source} | {source[k][3] for k in source}),
-                     "head": {k: [float(t.abs().max()) for t in v[1:3]] + [v[3]] for k, v in loaded.items()
-                              if k not in source},
-                     "moments_nonzero": min(float(source[k][1].abs().max()) for k in source)}
+    out["nodist"] = _compare_optimizer_state(loaded, source)
     out["all_sums"] = [None] * dist.get_world_size()
     dist.all_gather_object(out["all_sums"], sums)
     return out if dist.get_rank() == 0 else None
