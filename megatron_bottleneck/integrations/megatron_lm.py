@@ -171,6 +171,8 @@ def _option_parser():
     p.add_argument("--hybrid-layer-pattern", type=str, default=None)
     p.add_argument("--spec", type=str, nargs="*", default=None)
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
+    p.add_argument("--save", type=str, default=None)
+    p.add_argument("--ckpt-format", type=str, default="torch_dist")
     for name in ("--hidden-size", "--train-iters", "--global-batch-size", "--seq-length",
                  "--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
         p.add_argument(name, type=str, default=None)
@@ -815,23 +817,13 @@ def _require_hybrid(script: str) -> None:
         raise SystemExit(2) from None
 
 
-def _flag_value(argv: List[str], flag: str) -> Optional[str]:
-    """The value of ``flag`` in an argument list (``--flag V`` or ``--flag=V``; the last one wins), or None."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
 def start_checkpoint_results_queue(argv: List[str]) -> bool:
     """:func:`~megatron_bottleneck.integrations.checkpoint_writer.start_writer_helpers` before the training script
     runs, when the run saves in torch_dist format (``--save`` given; ``--ckpt-format`` torch_dist, the default):
     the first save then does not import the script again in a spawned process, and a preemption signal does not
     kill the writer's helper mid-save. Returns whether it started one."""
-    if _flag_value(argv, "--save") is None or (_flag_value(argv, "--ckpt-format") or "torch_dist") != "torch_dist":
+    args, _ = _option_parser().parse_known_args(argv)
+    if args.save is None or args.ckpt_format != "torch_dist":
         return False
     return start_writer_helpers()
 
