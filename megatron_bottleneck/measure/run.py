@@ -14,7 +14,7 @@ exactly as the gradient probe defines them: the sums go through the probe's own
 the rank of G against tokens through its :class:`~megatron_bottleneck.probe.spectrum.GramAccumulator` (the
 first ``rank_budget`` tokens, float64 Gram, numerical rank with its tolerance, effective rank, components for
 70 / 90 / 99 / 99.9 % of the energy). Per document d: r_d from the same sums over its own tokens
-(:func:`~megatron_bottleneck.probe.stats.token_visible_energy`); reported as mean, std and quantiles.
+(:func:`~megatron_bottleneck.probe.linalg.token_visible_energy`); reported as mean, std and quantiles.
 
 Memory: the backbone runs on ``batch_size`` documents at a time; the head's logits are formed per chunk of S
 tokens with S x V float32 within ``memory_budget_bytes`` (:func:`~megatron_bottleneck.ops.slice_rows`), so
@@ -45,7 +45,8 @@ from ..base.errors import ConfigError, DataError
 from ..integrations.launch import launch
 from ..ops import slice_rows
 from ..probe.spectrum import GramAccumulator
-from ..probe.stats import StepAccumulator, isotropic_baseline, pinv_psd, row_sq_norms, token_visible_energy
+from ..probe.linalg import isotropic_baseline, pinv_psd, row_sq_norms, token_visible_energy
+from ..probe.stats import StepAccumulator
 from ..train.trainer import init_distributed
 from .documents import load_documents, shard
 from .megatron_lm_checkpoint import check_megatron_lm_checkpoint

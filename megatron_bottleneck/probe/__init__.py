@@ -10,7 +10,8 @@ math in :mod:`.general`: the visible energy through any head's per-token Jacobia
 from .general import CGResult, centred_gram_matvec, visible_energy_cg
 from .probe import GradientProbe, ProbeConfig, head_view
 from .spectrum import GramAccumulator, rank_curve, rank_figures
-from .stats import StepAccumulator, isotropic_baseline
+from .linalg import isotropic_baseline
+from .stats import StepAccumulator
 
 __all__ = ["GradientProbe", "ProbeConfig", "StepAccumulator", "GramAccumulator", "rank_figures", "rank_curve",
            "isotropic_baseline", "head_view", "CGResult", "centred_gram_matvec", "visible_energy_cg"]

@@ -18,15 +18,12 @@ disagrees with the schedule is a failure, the same on every TP rank: the step cl
 probe switches off everywhere (``last_error``), never a hang. A loop that calls no ``begin_step`` gets a step
 opened by its first head forward, of ``watch``'s ``num_microbatches``.
 
-:meth:`GradientProbe.end_step` does one SUM all-reduce over the head's TP group of everything (with a failure
-flag), the figures on the device, and one transfer to the host: the probe's only host synchronisation, once per
-recorded step (the next step's first forward, or :meth:`remove`, calls it if nobody did).
-
-Failing together: an exception in any rank's probe code is caught there (``_try``; training never stops for it);
-that rank still enters every collective, with zeros and its flag set (the collectives follow from shapes and the
-plan alone: the strategies' contract), so at ``end_step`` every rank of the TP group learns of it from the same
-reduction and switches off (``_disable``). A failure in the figures after the reduction is agreed in a one-value
-all-reduce before the host transfer, the failing rank having entered the strategy's matching collectives.
+End of step and failing together (:mod:`.reduction`): :meth:`GradientProbe.end_step` does one SUM all-reduce over
+the head's TP group (a failure flag first) and one host transfer, once per recorded step (the next step's first
+forward, or :meth:`remove`, calls it if nobody did). An exception in any rank's probe code is caught there
+(``_try``; training never stops for it); that rank still enters every collective, with zeros and its flag set (the
+strategies' contract: collectives follow from shapes and the plan alone), so every rank of the group learns of it
+from the same reduction and switches off (``_disable``).
 
 Reporting: the figures describe the micro-batches of data-parallel rank 0 and are logged by rank 0 of its
 tensor-parallel group among the ranks of data x context parallel rank 0 (``is_reporter``).
@@ -39,7 +36,6 @@ from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.utils import get_pg_rank, get_pg_size
 
@@ -51,6 +47,7 @@ from .cg import CGStrategy
 from .closed_form import ClosedFormStrategy
 from .config import ProbeConfig
 from .mtp import MTPSelector
+from .reduction import reduce_step
 from .strategy import ClosedStep, MicroBatch, Plan, ProbeStrategy
 
 log = logging.getLogger(__name__)
@@ -380,36 +377,14 @@ class GradientProbe:
         if closed is None:
             return None
         with self._timed():
-            device, total = self._device(), sum(closed.sizes)
-            failed = closed.payload is None or self._failed is not None
-            if not failed and closed.payload.numel() != total:  # a layout bug: a failure, never a size mismatch
-                self._failed = RuntimeError(f"probe payload has {closed.payload.numel()} values, expected {total}")
-                failed = True
-            flat = torch.zeros(1 + total, dtype=torch.float64, device=device)  # the failure flag first
-            if failed:
-                flat[0] = 1.0
-            else:
-                flat[1:] = closed.payload.to(device)
-            if get_pg_size(self.tp_group) > 1:
-                dist.all_reduce(flat, group=self.tp_group)
-            figures = None if failed else self._try(self._device_figures, closed, flat)
-            if figures is None:
-                self._strategy.matching_collectives(closed)
-                names, values = [], flat[:1]
-            else:
-                names, values = figures
-            if get_pg_size(self.tp_group) > 1:
-                # a failure after the reduction (the figures) on one rank: every rank of the group learns of it
-                late = torch.full((1,), 1.0 if figures is None and not failed else 0.0, dtype=torch.float64,
-                                  device=device)
-                dist.all_reduce(late, group=self.tp_group)
-                values = torch.cat([values[:1] + late.to(values.device), values[1:]])
-            host = values.cpu()  # the probe's one host synchronisation of the step
+            names, host, error = reduce_step(closed, self._strategy, self.tp_group, self._device(),
+                                             failed_before=self._failed is not None)
+            self._failed = self._failed or error
             if float(host[0]) > 0 or self._failed is not None:
                 self._disable(self._failed or RuntimeError("the probe failed on another tensor-parallel rank"))
                 return None
             try:
-                out = self._host_figures(closed, names, host)
+                out = self._strategy.host_figures(closed, names, host)
             except Exception as exc:  # after the sync, on this rank only: the next step's reduction tells every
                 self._failed = exc  # rank (the flag), so all switch off together; this step's record is dropped
                 return None
@@ -424,14 +399,6 @@ class GradientProbe:
         head = self._head
         p = next(head.parameters(), None) if head is not None else None
         return p.device if p is not None else torch.device("cpu")
-
-    def _device_figures(self, closed: ClosedStep, flat: torch.Tensor):
-        """(names, one flat tensor): the flag, the strategy's scalar figures, then its tail (a Gram's eigenvalues)."""
-        names, vec = self._strategy.device_figures(closed, flat[1:])
-        return ["_flag"] + names, torch.cat([flat[:1], vec.to(flat.device)])
-
-    def _host_figures(self, closed: ClosedStep, names: List[str], host: torch.Tensor) -> Dict:
-        return self._strategy.host_figures(closed, names, host)
 
     def _record(self, step: int, figures: Dict[str, float]) -> None:
         self.history.append({"step": step, **figures})

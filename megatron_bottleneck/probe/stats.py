@@ -54,90 +54,8 @@ import torch.distributed as dist
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..base.head import HeadView
-
-PINV_RTOL = 1e-10
-
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    """Dtype of the per-micro-batch products: float64 on GPUs (cheap there, and immune to TF32),
-    float32 on CPUs (float64 halves CPU matmul speed; the products' relative error stays ~1e-6)."""
-    return torch.float64 if t.is_cuda else torch.float32
-
-
-ROW_BLOCK = 512
-"""Columns per float32 partial sum in :func:`row_sq_norms`."""
-
-
-def row_sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """``||g_t||^2`` per row of ``g`` [T, n] as float64 [T]: float32 squared norms of blocks of :data:`ROW_BLOCK`
-    columns (strided views, no copy), summed in float64.
-
-    Error: each block's float32 reduction is off by at most ~``ROW_BLOCK`` u32 (u32 = 2^-24) relative and typically
-    by far less; the float64 sum over the n / ROW_BLOCK blocks adds ~n / ROW_BLOCK u64. Measured on a softmax - onehot
-    chunk of 682 x 49,152 (CPU): 8e-8 relative, where one float32 norm per row is off by 1e-6 and one float32 norm
-    over the whole chunk by 1e-4 (CPU reductions accumulate in a few sequential lanes). A float64 input is reduced
-    in float64."""
-    if g.dtype == torch.float64:
-        return torch.linalg.vector_norm(g, dim=1).square()
-    t, n = g.shape
-    nb = n // ROW_BLOCK
-    out = torch.zeros(t, dtype=torch.float64, device=g.device)
-    if nb and g.stride(1) == 1:
-        blocks = g.as_strided((t, nb, ROW_BLOCK), (g.stride(0), ROW_BLOCK, 1))
-        out += torch.linalg.vector_norm(blocks, dim=2, dtype=torch.float32).double().square().sum(1)
-    else:
-        nb = 0
-    if nb * ROW_BLOCK < n:
-        out += torch.linalg.vector_norm(g[:, nb * ROW_BLOCK:], dim=1, dtype=torch.float32).double().square()
-    return out
-
-
-def pinv_psd(a: torch.Tensor, rtol: float = PINV_RTOL):
-    """Pseudo-inverse and numerical rank (a 0-dim tensor) of a symmetric PSD matrix (float64 eigh)."""
-    vals, vecs = torch.linalg.eigh(a.double())
-    cut = vals.max().clamp(min=0) * rtol
-    keep = (vals > cut).double()
-    inv = (vecs * (keep / torch.where(keep > 0, vals, torch.ones_like(vals)))) @ vecs.t()
-    return inv, keep.sum()
-
-
-def _cholesky_ok(chol, info, rtol):
-    diag = chol.diagonal() ** 2
-    return (info == 0) & (diag.min() > rtol * diag.max())
-
-
-def _visible_energy(k, ftf, mix, wtw, need_pinv: bool = False, rtol: float = PINV_RTOL):
-    """||G Q Q^T||^2 = tr(K (W^T W)^+), the head rank, (W^T W)^+ (or None) and whether the fast path held,
-    all as device tensors (no host sync).
-
-    Fast path, F and M of full rank k: with G F = dH M^T (M M^T)^-1 the trace lives in k x k,
-    tr(S M K M^T S (F^T F)^-1) with S = (M M^T)^-1 (M = I for a dense head), by Cholesky; its ``ok`` flag is
-    False when a factor is numerically singular (condition beyond 1/rtol), and the caller then takes
-    :func:`_visible_energy_pinv`. With ``need_pinv`` the eigen-pseudo-inverse of W^T W is used directly.
-    """
-    if need_pinv:
-        return _visible_energy_pinv(k, wtw, rtol) + (torch.ones((), dtype=torch.bool, device=k.device),)
-    kk = ftf.shape[0]
-    chol, info = torch.linalg.cholesky_ex(ftf)
-    ok = _cholesky_ok(chol, info, rtol)
-    k_basis = k
-    if mix is not None:
-        mchol, minfo = torch.linalg.cholesky_ex(mix @ mix.t())
-        ok = ok & _cholesky_ok(mchol, minfo, rtol)
-        s = torch.cholesky_inverse(mchol)
-        k_basis = s @ (mix @ k @ mix.t()) @ s
-    vis2 = torch.cholesky_solve(k_basis, chol).diagonal().sum()
-    return vis2, torch.tensor(float(kk), dtype=torch.float64, device=k.device), None, ok
-
-
-def _visible_energy_pinv(k, wtw, rtol: float = PINV_RTOL):
-    pinv, rank = pinv_psd(wtw, rtol)
-    return (k * pinv).sum(), rank, pinv
-
-
-def isotropic_baseline(head_rank: int, vocab_size: int) -> float:
-    """Destroyed ratio of an isotropic gradient against a random rank-``head_rank`` subspace."""
-    return max(0.0, 1.0 - head_rank / max(vocab_size - 1, 1)) ** 0.5
+from .linalg import (PINV_RTOL, isotropic_baseline, iter_split, row_sq_norms, token_visible_energy,
+                     visible_energy, visible_energy_pinv, work_dtype)
 
 
 FIGURE_KEYS = ("grad_norm", "hidden_grad_norm", "destroyed_ratio", "visible_cosine", "isotropic_baseline",
@@ -206,7 +124,7 @@ class StepAccumulator:
             e = self.padding_local(grad, view)
             self.push_padding(self.reduce_padding(e, self.tp_group, self.sequence_parallel))
         if self.update:
-            dt = _work_dtype(g)
+            dt = work_dtype(g)
             h = hidden_full.reshape(-1, hidden_full.shape[-1]).to(dt)
             p = h.t() @ g.to(dt)  # D x V_valid
             self.p = p.double() if self.p is None else self.p + p.double()
@@ -227,7 +145,7 @@ class StepAccumulator:
 
     def add_hidden_grad(self, hidden_grad: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> None:
         """hidden_grad: dL/dH at the head input, [s(/tp), b, D]; hidden: H of the same shape (update)."""
-        dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).to(_work_dtype(hidden_grad))
+        dh = hidden_grad.reshape(-1, hidden_grad.shape[-1]).to(work_dtype(hidden_grad))
         self.tokens += dh.shape[0]
         if self.pad_corrections:  # remove the padded columns' share: dH_real = dH - E M
             e = self.pad_corrections.pop(0).to(dh.dtype)
@@ -327,7 +245,7 @@ class StepAccumulator:
         k_part = self.k if self.k_red is None else torch.cat([self.k_red.reshape(-1), self.trk.reshape(1)])
         device = k_part.device
         n = view.valid_rows()
-        f = view.factor[:n].to(_work_dtype(view.factor))
+        f = view.factor[:n].to(work_dtype(view.factor))
         ftf = (f.t() @ f).double() * weight_share  # k x k: V k^2 flops, the largest product of a cheap step
         own = 1.0 if (self.sequence_parallel or get_pg_rank(self.tp_group) == 0) else 0.0
         parts = [self.g2.reshape(1).to(device), ftf.reshape(-1).to(device), own * k_part.reshape(-1)]
@@ -361,7 +279,7 @@ class StepAccumulator:
             # float32 factors put noise of ~eps * lambda_max into F^T F: keep it out of the (r x r) rank
             rtol = max(PINV_RTOL, 8 * reduced * torch.finfo(view.factor.dtype).eps)
         wtw = ftf if mix is None else mix.t() @ ftf @ mix
-        vis2, head_rank, wtw_pinv, ok = _visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets), rtol=rtol)
+        vis2, head_rank, wtw_pinv, ok = visible_energy(k, ftf, mix, wtw, need_pinv=bool(self.num_buckets), rtol=rtol)
         self._fallback = (k, wtw, rtol)
         out = self._from_energy(g2, trk, vis2, head_rank)
         out["_ok"], out["_finite"] = ok.double(), torch.isfinite(flat).all().double()
@@ -397,7 +315,7 @@ class StepAccumulator:
             return out
         if not values.pop("_ok") >= 1.0:  # numerically singular F^T F or M M^T: the eigen-pseudo-inverse
             k, wtw, rtol = self._fallback
-            vis2, rank, _ = _visible_energy_pinv(k, wtw, rtol)
+            vis2, rank, _ = visible_energy_pinv(k, wtw, rtol)
             vis2, rank = torch.stack([vis2, rank]).tolist()
             g2 = values["_g2"]
             ratio2 = min(max(1.0 - vis2 / g2, 0.0), 1.0) if g2 > 0 else nan
@@ -439,22 +357,3 @@ class StepAccumulator:
             dist.all_reduce(acc, group=tp_group)
             self.buckets_reduced = True
         return acc
-
-
-def token_visible_energy(dh: torch.Tensor, wtw_pinv: torch.Tensor) -> torch.Tensor:
-    """Per-token ||P g_t||^2 = dh_t (W^T W)^+ dh_t^T ``[T]`` float64 from dh ``[T, D]`` = G W and the float64
-    pseudo-inverse of W^T W (``pinv_psd``): the visible energy of each token's logit gradient."""
-    dh = dh.double()
-    return ((dh @ wtw_pinv.to(dh.device, torch.float64)) * dh).sum(dim=1)
-
-
-def iter_split(flat: torch.Tensor):
-    """Consume a flat tensor in pieces: ``take = iter_split(x); a = take(3); b = take(4)``."""
-    pos = [0]
-
-    def take(n: int) -> torch.Tensor:
-        out = flat[pos[0] : pos[0] + n]
-        pos[0] += n
-        return out
-
-    return take

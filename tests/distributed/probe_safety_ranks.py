@@ -185,12 +185,12 @@ the next step's reduction.)"""
 @contextlib.contextmanager
 def _fault(stage: Optional[str], when):
     """Make the probe's work at ``stage`` raise ProbeFault while ``when()`` holds (None: no fault)."""
-    from megatron_bottleneck.probe import cg, general, probe as probe_module
+    from megatron_bottleneck.probe import cg, general
 
     target = {"forward": (cg.CGStrategy, "_take_sample"),
               "backward": (cg.CGStrategy, "_keep_grad"),
               "cg": (general, "_dot"), "end": (cg, "figures_from_sums"),
-              "host": (probe_module.GradientProbe, "_host_figures"), None: None}[stage]
+              "host": (cg.CGStrategy, "host_figures"), None: None}[stage]
     if target is None:
         yield
         return

@@ -104,7 +104,7 @@ def test_import_is_light_and_changes_nothing():
     assert "VERSION = re.search" in setup and out.stdout.strip()  # one place for the version
 
 
-@pytest.mark.parametrize("name", ["probe/stats.py", "probe/spectrum.py", "heads/low_rank.py"])
+@pytest.mark.parametrize("name", ["probe/stats.py", "probe/linalg.py", "probe/spectrum.py", "heads/low_rank.py"])
 def test_heads_and_probe_do_not_import_each_other(name):
     text = (PKG / name).read_text()
     other = "probe" if name.startswith("heads") else "heads"

@@ -10,7 +10,8 @@ import torch
 
 from megatron_bottleneck.measure.run import CPU_DOCUMENTS, MeasureConfig, plan_line
 from megatron_bottleneck.measure.sources import LoadedModel
-from megatron_bottleneck.probe.stats import ROW_BLOCK, StepAccumulator, row_sq_norms
+from megatron_bottleneck.probe.linalg import ROW_BLOCK, row_sq_norms
+from megatron_bottleneck.probe.stats import StepAccumulator
 
 transformers = pytest.importorskip("transformers", reason="measure's HuggingFace path needs transformers ([hf])")
 
