@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [OUTDIR]        # from the repository root, megatron-bottleneck installed
 #
 # 1. the GPU-only tests: the Triton kernels against the torch loops and a float64 reference, bitwise
-#    reproducible backward (tests/unit/test_ops_triton.py, which also compiles them for sm_80/sm_90a/sm_100a:
+#    reproducible backward (tests/kernels/test_ops_triton_kernels.py, which also compiles them for sm_80/sm_90a/sm_100a:
 #    0 spills for 16-bit inputs), the FP8 backbone through Transformer Engine (skipped without TE), the torch
 #    loop's float32-output GEMMs against their CPU emulation (test_gpu_fp32_output_gemms_equal_their_cpu_emulation);
 #    bench/triton_resources.py: registers / spills / shared memory of every Triton kernel as shipped;
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 python -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu_check: no CUDA GPU visible'); print(torch.__version__, torch.cuda.get_device_name())" \
     >"$out/device.txt" || exit 1
 cat "$out/device.txt"
-python -m pytest -q -rs tests/unit/test_ops_triton.py tests/distributed/test_fp8_backbone.py \
+python -m pytest -q -rs tests/kernels/test_ops_triton_kernels.py tests/unit/test_ops_triton.py tests/distributed/test_fp8_backbone.py \
     tests/unit/test_ops_linear_cross_entropy.py -k "triton or fp8 or gpu" 2>&1 | tee "$out/gpu_tests.txt"
 python bench/triton_resources.py --json "$out/triton_resources.json" 2>&1 | tee "$out/triton_resources.txt"
 python bench/head_loss.py --T 8192 --D 2048 --V 131072 --ranks 128,512,2048 --reps 5 \

@@ -1,8 +1,11 @@
 """Fixtures shared by the test modules.
 
-Single-process tests live in ``tests/unit``, multi-process ones (gloo ranks on 127.0.0.1 through
-``megatron_bottleneck.launch``) in ``tests/distributed``. Functions run on ranks must be importable: they
-sit in the test modules themselves or in ``tests/support.py``.
+Where a test lives says what it starts: ``tests/unit`` runs in this process only (no rank, no subprocess, no
+compiler: the quick tier); ``tests/distributed`` starts processes (gloo ranks on 127.0.0.1 through
+``megatron_bottleneck.launch``, torchrun, the CLI, worker pools, Megatron-LM's tools); ``tests/kernels``
+compiles and interprets the Triton kernels; ``tests/slurm``, ``tests/pretrained`` and ``tests/bridge`` need a
+local Slurm, a pretrained model and Megatron-Bridge. Functions run on ranks must be importable: they sit in the
+test modules themselves or in ``tests/support.py``.
 
 Test tiers: ``pytest tests/unit`` is the quick tier; every test also carries one area marker (``AREAS``
 below, by the file's name), so ``pytest -m heads`` runs everything about heads, unit and distributed. A test

@@ -59,7 +59,7 @@ Configurations (:func:`tile_config`): per kernel, input dtype and GPU family, ch
 sm_86 / sm_89 / sm_120 have 99 KB per block, sm_80 163 KB: the family is sized to 99 KB), "sm90" (227 KB),
 "sm100" (227 KB). ``bench/triton_resources.py`` (through :func:`compile_resources`) compiles every kernel
 at these configurations for sm_80, sm_90a and sm_100a without a GPU and reports registers, spills and
-shared memory; tests/unit/test_ops_triton.py asserts 0 spills for 16-bit inputs and the limits.
+shared memory; tests/kernels/test_ops_triton_kernels.py asserts 0 spills for 16-bit inputs and the limits.
 
 Choosing this path: :func:`resolve_kernel` gives the mode ("torch" | "triton" | "auto"): the environment
 variable ``MB_FUSED_KERNEL`` when it is set and not empty, else the op's ``kernel`` argument (default
@@ -198,7 +198,7 @@ def should_use(u: torch.Tensor, q, kernel: Optional[str] = None) -> bool:
     None) or other dtypes than float32 / bfloat16 / float16. "torch" -> False; "triton" -> True
     (ValueError if Triton or CUDA is missing; CPU tensors are fine under TRITON_INTERPRET=1); "auto" ->
     True on CUDA when Triton is available. The op's default is "torch" until the kernels' GPU test
-    (tests/unit/test_ops_triton.py::test_triton_kernels_on_gpu) has passed on a GPU: they are verified
+    (tests/kernels/test_ops_triton_kernels.py::test_triton_kernels_on_gpu) has passed on a GPU: they are verified
     on CPU through Triton's interpreter only.
     """
     mode = resolve_kernel(kernel)

@@ -2,8 +2,6 @@
 means), with CUDA availability faked; a GPU asked for and absent is one error line through the real command line;
 CPU mode hides visible GPUs; launch() refuses a GPU layout that is not there before any rank starts."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -145,42 +143,46 @@ def test_launch_refuses_missing_gpus_before_any_rank_starts(gpus):
 
 
 # ------------------------------------------------------------------------------------------ the command line
-def _cli(*args, cwd):
-    """The real command line in a fresh process that sees no GPU (whatever this machine has)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MB_CPU")}
-    env.update(CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "megatron_bottleneck.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+def _cli(gpus, monkeypatch, capsys, *args):
+    """The real command line's ``main`` on a machine that sees no GPU (whatever this one has): (exit code, stderr)."""
+    from megatron_bottleneck.cli import main
+
+    gpus(0)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert "error" not in out
+    return code, err
 
 
-def _one_error_line(proc, expected: str) -> None:
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert lines == [expected], proc.stderr[-3000:]  # one line, no traceback
-    assert "error" not in proc.stdout
+def _one_error_line(result, expected: str) -> None:
+    code, err = result
+    assert code == 2, err[-3000:]
+    assert err.splitlines() == [expected], err[-3000:]  # one line, no traceback
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
-def test_measure_on_a_gpu_that_is_not_there_is_one_line(tmp_path, device):
+def test_measure_on_a_gpu_that_is_not_there_is_one_line(tmp_path, device, gpus, monkeypatch, capsys):
     (tmp_path / "docs.txt").write_text("a document\n")
-    proc = _cli("measure", str(tmp_path), "--data", str(tmp_path / "docs.txt"), "--out", str(tmp_path / "out"),
-                "--device", device, cwd=tmp_path)
-    _one_error_line(proc, f"error: --device {device} but this machine sees no CUDA GPU: run where a GPU is visible "
+    res = _cli(gpus, monkeypatch, capsys, "measure", str(tmp_path), "--data", str(tmp_path / "docs.txt"), "--out",
+               str(tmp_path / "out"), "--device", device)
+    _one_error_line(res, f"error: --device {device} but this machine sees no CUDA GPU: run where a GPU is visible "
                           "(check CUDA_VISIBLE_DEVICES, nvidia-smi), or use --device cpu")
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_on_a_gpu_that_is_not_there_is_one_line(tmp_path):
-    proc = _cli("eval", str(tmp_path), "--device", "cuda:0", cwd=tmp_path)
-    _one_error_line(proc, "error: --device cuda:0 but this machine sees no CUDA GPU: run where a GPU is visible "
+def test_eval_on_a_gpu_that_is_not_there_is_one_line(tmp_path, gpus, monkeypatch, capsys):
+    res = _cli(gpus, monkeypatch, capsys, "eval", str(tmp_path), "--device", "cuda:0")
+    _one_error_line(res, "error: --device cuda:0 but this machine sees no CUDA GPU: run where a GPU is visible "
                           "(check CUDA_VISIBLE_DEVICES, nvidia-smi), or use --device cpu")
 
 
-def test_bench_train_on_gpus_that_are_not_there_is_one_line(tmp_path):
-    proc = _cli("bench-train", os.path.join(ROOT, "examples", "cpu_demo.yaml"), "train.device=cuda", "data.mock=true",
-                "--steps", "1", cwd=tmp_path)
-    _one_error_line(proc, "error: train.device=cuda but this machine sees no CUDA GPU: run where a GPU is visible "
+def test_bench_train_on_gpus_that_are_not_there_is_one_line(tmp_path, gpus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    res = _cli(gpus, monkeypatch, capsys, "bench-train", os.path.join(ROOT, "examples", "cpu_demo.yaml"),
+               "train.device=cuda", "data.mock=true", "--steps", "1")
+    _one_error_line(res, "error: train.device=cuda but this machine sees no CUDA GPU: run where a GPU is visible "
                           "(check CUDA_VISIBLE_DEVICES, nvidia-smi), or use train.device=cpu")
 
 

@@ -2,7 +2,6 @@
 device in ``measure.json``, the plan line, the float64 per-row sums of ||G||^2 and the rank plot. The GGUF path
 on a real pretrained model: tests/pretrained/test_smollm2.py."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -96,12 +95,11 @@ def test_a_folder_that_is_neither_hf_nor_gguf_is_one_line(tmp_path, token_docs, 
     assert "no such GGUF file" in line
 
 
-def test_a_gguf_without_its_extras_is_one_line(tmp_path, token_docs):  # noqa: F811
+def test_a_gguf_without_its_extras_is_one_line(tmp_path, token_docs, monkeypatch, capsys):  # noqa: F811
     fake = tmp_path / "m.gguf"
     fake.write_bytes(b"GGUF")
-    code = ("import sys; sys.modules['gguf'] = None; from megatron_bottleneck.cli import main; "
-            f"sys.exit(main(['measure', {str(fake)!r}, '--data', {token_docs!r}, '--out', {str(tmp_path)!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    monkeypatch.setitem(sys.modules, "gguf", None)  # gguf not installed
+    assert main(["measure", str(fake), "--data", token_docs, "--out", str(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
     assert "is a GGUF file; reading it needs gguf" in err[0] and "megatron-bottleneck[hf]" in err[0]

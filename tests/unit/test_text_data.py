@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer and multi-process tokenisation into a Megatron indexed dataset."""
+"""Text data: bad input to the tokenizer trainer and the document reader (the tokenizers themselves and the
+multi-process tokenisation: tests/distributed/test_text_data_workers.py)."""
 import json
 import random
 
@@ -7,7 +8,7 @@ import pytest
 spm = pytest.importorskip("sentencepiece")
 
 from megatron_bottleneck.base.errors import DataError  # noqa: E402
-from megatron_bottleneck.data.text import read_documents, tokenize_to_indexed, train_tokenizer  # noqa: E402
+from megatron_bottleneck.data.text import read_documents, train_tokenizer  # noqa: E402
 
 WORDS = ("gradient bottleneck softmax vocabulary hidden rank head logit token model train learn "
          "the a of to and in is was for on with as by at from").split()
@@ -18,26 +19,6 @@ def corpus(path, docs=300, seed=0):
     paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(docs)]
     path.write_text("\n\n".join(paras) + "\n")
     return paras
-
-
-def test_tokenizer_round_trip_and_parallel_tokenisation(tmp_path):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    paras = corpus(tmp_path / "a.txt")
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paras[:50]) + "\n")
-    model = train_tokenizer([str(tmp_path / "a.txt")], 120, str(tmp_path / "tok" / "sp"))
-    sp = spm.SentencePieceProcessor(model_file=model)
-    for p in paras[:20]:
-        assert sp.decode(sp.encode(p)) == p
-    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
-    one = tokenize_to_indexed(files, model, str(tmp_path / "one"), workers=1, chunk_size=16)
-    two = tokenize_to_indexed(files, model, str(tmp_path / "two"), workers=2, chunk_size=16)
-    assert one["documents"] == two["documents"] == 350
-    assert open(tmp_path / "one.bin", "rb").read() == open(tmp_path / "two.bin", "rb").read()
-    ds = IndexedDataset(str(tmp_path / "two"))
-    assert len(ds) == 350
-    assert list(ds[3]) == sp.encode(paras[3]) + [sp.eos_id()]
-    assert sp.decode(list(ds[320][:-1])) == paras[20]  # jsonl documents follow the txt ones, in order
 
 
 def test_bad_text_input_is_explained(tmp_path):
@@ -56,23 +37,3 @@ def test_bad_text_input_is_explained(tmp_path):
     bad.write_text(json.dumps({"content": "hello"}) + "\n")
     with pytest.raises(DataError, match="no 'text' key"):
         list(read_documents(str(bad)))
-
-
-def test_huggingface_tokenizer_json(tmp_path):
-    """A HuggingFace tokenizer.json (the tokenizers package) tokenises to the same indexed format."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    paras = corpus(tmp_path / "a.txt", docs=120)
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.train([str(tmp_path / "a.txt")], tokenizers.trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "</s>"]))
-    path = str(tmp_path / "tokenizer.json")
-    tok.save(path)
-    out = tokenize_to_indexed([str(tmp_path / "a.txt")], path, str(tmp_path / "hf"), workers=2, chunk_size=16)
-    eod = tok.token_to_id("</s>")
-    assert out["documents"] == 120 and out["vocab_size"] == tok.get_vocab_size()
-    ds = IndexedDataset(str(tmp_path / "hf"))
-    assert list(ds[5]) == tok.encode(paras[5], add_special_tokens=False).ids + [eod]
-    with pytest.raises(DataError, match=r"no end-of-document token among \['<eod>'\]; pass eod_token="):
-        tokenize_to_indexed([str(tmp_path / "a.txt")], path, str(tmp_path / "x"), eod_token="<eod>")

@@ -1,7 +1,7 @@
 """Checks of the Triton LCE kernels against the torch loops and the float64 reference.
 
-Run as ``python -m tests.unit.triton_lce_checks`` under TRITON_INTERPRET=1 (CPU, tiny shapes) by
-``test_ops_triton.py``; its GPU test imports the same functions and runs them on CUDA at bigger shapes.
+Run as ``python -m tests.kernels.triton_lce_checks`` under TRITON_INTERPRET=1 (CPU, tiny shapes) by
+``test_ops_triton_kernels.py``; its GPU test imports the same functions and runs them on CUDA at bigger shapes.
 Tolerances (max-abs error relative to the reference's max-abs): float32 against the float64 math of the
 same inputs, lse 1e-5, gradients 1e-4 (loss 1e-5 through the public op); bfloat16 / float16 inputs: lse
 1e-5 (float32 accumulation of exact products), gradients 2e-2 / 5e-3 (G is rounded to the input dtype
