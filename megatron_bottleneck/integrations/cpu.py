@@ -43,7 +43,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from megatron.core.pipeline_parallel import p2p_communication
@@ -56,7 +56,7 @@ from .bridge_cpu import bridge_patches
 from .megatron_training_cpu import training_patches
 from .patching import Patch
 
-__all__ = ["enable_cpu_mode", "disable_cpu_mode", "cpu_mode", "is_cpu_mode", "cpu_mode_patches", "Patch",
+__all__ = ["enable_cpu_mode", "disable_cpu_mode", "cpu_mode", "is_cpu_mode", "cpu_mode_patches", "Patch", "CpuMode",
            "register_patch_set"]
 
 log = logging.getLogger("megatron_bottleneck")
@@ -183,21 +183,10 @@ CORE_PATCHES: Tuple[Patch, ...] = (
 )
 
 # name -> (package that must be findable for the set to apply, () -> patches, () -> None run before importing it)
-_PATCH_SETS: dict = {"megatron-lm": ("megatron.training", training_patches, None),
-                     "megatron-bridge": ("megatron.bridge", bridge_patches, prepare_bridge_import)}
-
-
-def register_patch_set(name: str, package: str, patches: Callable[[], List[Patch]],
-                       prepare: Optional[Callable[[], None]] = None) -> None:
-    """Add patches applied by :func:`enable_cpu_mode` whenever ``package`` is installed (Megatron-LM's
-    ``megatron.training`` and Megatron-Bridge's ``megatron.bridge`` use this); ``prepare()``, if given, runs
-    before the package is imported. A set registered while CPU mode is on applies at the next enable."""
-    _PATCH_SETS[name] = (package, patches, prepare)
-
-
-# ---------------------------------------------------------------------------------------- state
-_APPLIED: List[Tuple[Patch, Any, Any]] = []  # (patch, owner, original)
-_MODE: Optional[TorchFunctionMode] = None
+DEFAULT_PATCH_SETS: Dict[str, Tuple[str, Callable[[], List[Patch]], Optional[Callable[[], None]]]] = {
+    "megatron-lm": ("megatron.training", training_patches, None),
+    "megatron-bridge": ("megatron.bridge", bridge_patches, prepare_bridge_import),
+}
 
 
 def _megatron_version() -> str:
@@ -225,29 +214,93 @@ def _resolve(patch: Patch) -> Tuple[Any, str, Any]:
     return owner, name, getattr(owner, name)
 
 
-def _active_patches() -> List[Patch]:
-    patches = list(CORE_PATCHES)
-    for package, make, prepare in _PATCH_SETS.values():
-        try:
-            if importlib.util.find_spec(package) is None:
+class CpuMode:
+    """CPU mode of one process: its patch sets, the originals it replaced and its device redirection.
+
+    What it patches (torch.cuda, megatron-core's modules) belongs to the whole process, so a process has one,
+    :data:`CPU_MODE`, which :func:`enable_cpu_mode`, :func:`disable_cpu_mode`, :func:`cpu_mode`,
+    :func:`is_cpu_mode`, :func:`cpu_mode_patches` and :func:`register_patch_set` act on.
+
+    Fields: ``patch_sets`` (name -> (package, () -> patches, prepare or None): applied when the package is
+    installed), ``applied`` ((patch, owner, original) in the order applied), ``mode`` (the device redirection while
+    on, else None)."""
+
+    def __init__(self, patch_sets: Optional[Dict] = None):
+        self.patch_sets: Dict = dict(DEFAULT_PATCH_SETS if patch_sets is None else patch_sets)
+        self.applied: List[Tuple[Patch, Any, Any]] = []
+        self.mode: Optional[TorchFunctionMode] = None
+
+    @property
+    def on(self) -> bool:
+        return self.mode is not None
+
+    def register_patch_set(self, name: str, package: str, patches: Callable[[], List[Patch]],
+                           prepare: Optional[Callable[[], None]] = None) -> None:
+        """See :func:`register_patch_set`."""
+        self.patch_sets[name] = (package, patches, prepare)
+
+    def active_patches(self) -> List[Patch]:
+        """The core patches, then each patch set whose package is installed (importing it, after its prepare)."""
+        patches = list(CORE_PATCHES)
+        for package, make, prepare in self.patch_sets.values():
+            try:
+                if importlib.util.find_spec(package) is None:
+                    continue
+            except (ImportError, ValueError):  # its parent package is absent (or a module without a spec)
                 continue
-        except (ImportError, ValueError):  # its parent package is absent (or a module without a spec)
-            continue
-        if prepare is not None:
-            prepare()
-        importlib.import_module(package)
-        patches.extend(make())
-    return patches
+            if prepare is not None:
+                prepare()
+            importlib.import_module(package)
+            patches.extend(make())
+        return patches
+
+    def enable(self) -> None:
+        """See :func:`enable_cpu_mode`."""
+        if self.mode is not None:
+            return
+        patches = self.active_patches()
+        resolved = [(p, *_resolve(p)) for p in patches]  # all checked before anything changes
+        for patch, owner, name, original in resolved:
+            setattr(owner, name, patch.make(original))
+            self.applied.append((patch, owner, original))
+        _SHADOW.manual_seed(0)
+        self.mode = _CudaToCpu()
+        self.mode.__enter__()
+        log.info("CPU mode on: %d redirections (%s) and device='cuda' -> CPU", len(self.applied),
+                 ", ".join(p.target for p in patches))
+
+    def disable(self) -> None:
+        """See :func:`disable_cpu_mode`."""
+        if self.mode is None:
+            return
+        while self.applied:
+            patch, owner, original = self.applied.pop()
+            setattr(owner, patch.attr.rsplit(".", 1)[-1], original)
+        self.mode.__exit__(None, None, None)
+        self.mode = None
+        log.info("CPU mode off: originals restored")
+
+
+CPU_MODE = CpuMode()
+"""This process's CPU mode (the module functions below act on it)."""
+
+
+def register_patch_set(name: str, package: str, patches: Callable[[], List[Patch]],
+                       prepare: Optional[Callable[[], None]] = None) -> None:
+    """Add patches applied by :func:`enable_cpu_mode` whenever ``package`` is installed (Megatron-LM's
+    ``megatron.training`` and Megatron-Bridge's ``megatron.bridge`` use this); ``prepare()``, if given, runs
+    before the package is imported. A set registered while CPU mode is on applies at the next enable."""
+    CPU_MODE.register_patch_set(name, package, patches, prepare)
 
 
 def is_cpu_mode() -> bool:
     """True while CPU mode is on in this process."""
-    return _MODE is not None
+    return CPU_MODE.on
 
 
 def cpu_mode_patches() -> List[str]:
     """The targets patched now, as ``module.attribute`` strings (empty when CPU mode is off)."""
-    return [patch.target for patch, _owner, _orig in _APPLIED]
+    return [patch.target for patch, _owner, _orig in CPU_MODE.applied]
 
 
 def enable_cpu_mode() -> None:
@@ -258,32 +311,12 @@ def enable_cpu_mode() -> None:
     and Megatron configs with ``use_cpu_initialization=True`` (so every TP size draws the same weights).
     Raises :class:`CpuModeError`, changing nothing, when a target is missing in the installed version.
     """
-    global _MODE
-    if _MODE is not None:
-        return
-    patches = _active_patches()
-    resolved = [(p, *_resolve(p)) for p in patches]  # all checked before anything changes
-    for patch, owner, name, original in resolved:
-        setattr(owner, name, patch.make(original))
-        _APPLIED.append((patch, owner, original))
-    _SHADOW.manual_seed(0)
-    _MODE = _CudaToCpu()
-    _MODE.__enter__()
-    log.info("CPU mode on: %d redirections (%s) and device='cuda' -> CPU", len(_APPLIED),
-             ", ".join(p.target for p in patches))
+    CPU_MODE.enable()
 
 
 def disable_cpu_mode() -> None:
     """Undo :func:`enable_cpu_mode`: put every original back and leave the device redirection."""
-    global _MODE
-    if _MODE is None:
-        return
-    while _APPLIED:
-        patch, owner, original = _APPLIED.pop()
-        setattr(owner, patch.attr.rsplit(".", 1)[-1], original)
-    _MODE.__exit__(None, None, None)
-    _MODE = None
-    log.info("CPU mode off: originals restored")
+    CPU_MODE.disable()
 
 
 @contextlib.contextmanager

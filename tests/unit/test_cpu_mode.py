@@ -71,7 +71,7 @@ def test_a_missing_target_raises_naming_it_and_changes_nothing(monkeypatch):
 
 
 def test_patch_sets_apply_only_when_their_package_imports(monkeypatch):
-    monkeypatch.setattr(cpu, "_PATCH_SETS", {})
+    monkeypatch.setattr(cpu.CPU_MODE, "patch_sets", {})
     cpu.register_patch_set("absent", "a_package_that_is_not_installed", lambda: [])
     cpu.register_patch_set("json", "json", lambda: [cpu.Patch("json", "dumps", lambda orig: lambda *a, **k: "patched",
                                                               "test")])
