@@ -1,8 +1,9 @@
 """Fixtures shared by the test modules.
 
-Where a test lives says what it starts: ``tests/unit`` runs in this process (no rank, no worker, no compiler; a
-fresh interpreter only to check what importing does: the quick tier); ``tests/distributed`` starts processes (gloo ranks on 127.0.0.1 through
-``megatron_bottleneck.launch``, torchrun, the CLI, worker pools, Megatron-LM's tools); ``tests/kernels``
+Where a test lives says what it starts: ``tests/unit`` runs in this process (no rank, no worker, no compiler;
+one fresh interpreter checks what importing does: the quick tier); ``tests/distributed`` starts processes (gloo
+ranks on 127.0.0.1 through ``megatron_bottleneck.launch``, torchrun, the CLI, worker pools and forked checkpoint
+writers, Megatron-LM's tools); ``tests/kernels``
 compiles and interprets the Triton kernels; ``tests/slurm``, ``tests/pretrained`` and ``tests/bridge`` need a
 local Slurm, a pretrained model and Megatron-Bridge. Functions run on ranks must be importable: they sit in the
 test modules themselves or in ``tests/support.py``.

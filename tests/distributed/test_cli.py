@@ -152,3 +152,23 @@ def test_torchrun_without_a_gpu_stops_in_one_line_unless_cpu_is_asked_for(tmp_pa
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished at step 1" in proc.stdout
+
+
+@pytest.mark.parametrize("extra", ["transformers", "gguf"])
+def test_measure_without_an_hf_extra_imports_and_stops_in_one_line(tmp_path, extra):
+    """A fresh interpreter where the extra is not importable from the start (hidden before megatron_bottleneck is
+    imported): nothing on the CLI's import path needs it, and `measure` says what to install in one line.
+    (tests/unit/test_measure*.py check the same lines in process.)"""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"tokens": [1, 2, 3, 4]}) for _ in range(3)) + "\n")
+    model = "gpt2"
+    if extra == "gguf":
+        model = str(tmp_path / "m.gguf")
+        (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    code = (f"import sys; sys.modules[{extra!r}] = None; from megatron_bottleneck.cli import main; "
+            f"sys.exit(main(['measure', {model!r}, '--data', {str(docs)!r}, '--out', {str(tmp_path / 'out')!r}]))")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "megatron-bottleneck[hf]" in errors[0]
+    assert ("needs transformers" if extra == "transformers" else "is a GGUF file; reading it needs gguf") in errors[0]

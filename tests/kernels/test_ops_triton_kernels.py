@@ -73,9 +73,9 @@ def test_module_imports_without_triton():
 def test_triton_kernels_compile_for_sm80_sm90a_sm100a_without_spills():
     """Every kernel at its shipped configurations, compiled by Triton for sm_80, sm_90a and sm_100a without a
     GPU and read back with the wheel's ptxas -v: 0 spill bytes for 16-bit inputs, shared memory within the
-    family's limit (sm80 family: 99 KB, as sm_86 / sm_89). Cold, the 36 compiles took 5-8 minutes on two
-    shared cores (1 minute with Triton's cache warm; bench/triton_resources.py fills the same cache, whose key
-    includes the kernels' source lines)."""
+    family's limit (sm80 family: 99 KB, as sm_86 / sm_89). Cold, the 36 compiles took 23 s on a quiet 2-core
+    machine (2026-12-04; 5-8 minutes on two shared cores of a slower one); warm, a few seconds
+    (bench/triton_resources.py fills the same cache, whose key includes the kernels' source lines)."""
     reason = tk.compile_unavailable()
     if reason:
         pytest.skip(f"cannot compile Triton kernels for NVIDIA GPUs here: {reason}")
